@@ -1,0 +1,223 @@
+"""Prompt checkpoints: our safetensors format, and CoOp / official Nemesis (Dassl) files.
+
+Our format is one `.safetensors` file: tensor `ctx` (fp32) and, in the header metadata under key
+`nemesis`, a JSON object describing the prompt (PEFT's config + tensors habit, in one file).
+Dassl files are `torch.save` pickles read through `nemesis.unpickle`'s restricted unpickler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from . import __version__
+from .atomic import atomic_path
+from .constants import (
+    CTX_TENSOR,
+    DASSL_BEST_FILE,
+    DASSL_FILE_PREFIX,
+    DASSL_PROMPT_FOLDER,
+    METADATA_KEY,
+    PROMPT_FORMAT_VERSION,
+    RUN_PROMPT,
+)
+from .errors import NemesisError
+from .unpickle import PickledObject, load_torch_file
+
+
+@dataclass
+class PromptMetadata:
+    """What a prompt file says about itself. Dassl files carry none of it: the user names model and data."""
+
+    format_version: int = PROMPT_FORMAT_VERSION
+    model: str | None = None
+    pretrained: str | None = None
+    weights_id: str | None = None
+    text_width: int | None = None
+    n_ctx: int | None = None
+    class_specific: bool = False
+    class_position: str = "end"
+    ctx_init: str | None = None
+    classnames: list[str] | None = None
+    dataset: str | None = None
+    shots: int | None = None
+    seed: int | None = None
+    subsample: str = "all"
+    method: str = "unknown"
+    method_config: dict[str, Any] = field(default_factory=dict)
+    epoch: int | None = None
+    source_format: str = "nemesis"  # "nemesis" or "dassl"
+    toolkit_version: str = __version__
+
+    @classmethod
+    def from_json(cls, text: str, origin: str) -> PromptMetadata:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise NemesisError(f"{origin}: metadata is not valid JSON ({error})") from error
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            warnings.warn(f"{origin}: ignoring unknown metadata keys {unknown}", stacklevel=3)
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+@dataclass
+class PromptCheckpoint:
+    ctx: torch.Tensor  # fp32, [M, W] unified or [n_cls, M, W] class-specific
+    metadata: PromptMetadata
+    path: Path | None = None
+
+    @property
+    def class_specific(self) -> bool:
+        return self.ctx.dim() == 3
+
+    def check_compatible(self, text_width: int, model: str, n_classes: int | None = None) -> None:
+        """Refuse a checkpoint that cannot run on `model` (width) or on `n_classes` classes."""
+        if self.ctx.shape[-1] != text_width:
+            raise NemesisError(
+                f"{self.path}: ctx width {self.ctx.shape[-1]} does not match the text width {text_width} "
+                f"of model '{model}'; name the model the prompt was trained with (--model)"
+            )
+        if n_classes is not None and self.class_specific and self.ctx.shape[0] != n_classes:
+            raise NemesisError(
+                f"{self.path}: class-specific ctx has {self.ctx.shape[0]} classes but the dataset has {n_classes}"
+            )
+
+
+def _checked(ctx: torch.Tensor, origin: str) -> torch.Tensor:
+    if ctx.dim() not in (2, 3):
+        raise NemesisError(f"{origin}: ctx has shape {tuple(ctx.shape)}; expected [M, W] or [n_cls, M, W]")
+    ctx = ctx.detach().to(torch.float32)  # fp16 Dassl ctx is read as fp32
+    if not torch.isfinite(ctx).all():
+        raise NemesisError(f"{origin}: ctx contains NaN or Inf values")
+    return ctx.contiguous()
+
+
+def save_prompt(path: str | os.PathLike, ctx: torch.Tensor, metadata: PromptMetadata) -> Path:
+    """Write ctx and its metadata as one safetensors file, atomically."""
+    path = Path(path)
+    ctx = _checked(ctx.cpu(), str(path))
+    metadata.n_ctx = ctx.shape[-2]
+    metadata.text_width = ctx.shape[-1]
+    metadata.class_specific = ctx.dim() == 3
+    with atomic_path(path) as temporary:
+        save_file({CTX_TENSOR: ctx}, str(temporary), metadata={METADATA_KEY: json.dumps(asdict(metadata))})
+    return path
+
+
+def load_prompt(path: str | os.PathLike) -> PromptCheckpoint:
+    """Read one of our safetensors prompt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise NemesisError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = file.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise NemesisError(f"{path} is not a safetensors prompt checkpoint ({error})") from error
+    if CTX_TENSOR not in tensors:
+        raise NemesisError(f"{path} holds no '{CTX_TENSOR}' tensor; it is not a prompt checkpoint")
+    metadata = PromptMetadata.from_json(header[METADATA_KEY], str(path)) if METADATA_KEY in header else PromptMetadata()
+    return PromptCheckpoint(_checked(tensors[CTX_TENSOR], str(path)), metadata, path)
+
+
+# --- Dassl (CoOp / official Nemesis) ----------------------------------------------------------
+
+
+def _dassl_epoch(path: Path) -> int | None:
+    match = re.fullmatch(re.escape(DASSL_FILE_PREFIX) + r"(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
+    """The checkpoint file inside a Dassl run or `prompt_learner/` folder: `epoch`, else the latest."""
+    folder = path / DASSL_PROMPT_FOLDER if (path / DASSL_PROMPT_FOLDER).is_dir() else path
+    if epoch is not None:
+        candidate = folder / f"{DASSL_FILE_PREFIX}{epoch}"
+        if not candidate.is_file():
+            raise NemesisError(f"no checkpoint for epoch {epoch} in {folder} (expected {candidate.name})")
+        return candidate
+    numbered = [(e, p) for p in folder.glob(f"{DASSL_FILE_PREFIX}*") if (e := _dassl_epoch(p)) is not None]
+    if numbered:
+        return max(numbered)[1]
+    if (folder / DASSL_BEST_FILE).is_file():
+        return folder / DASSL_BEST_FILE
+    raise NemesisError(
+        f"no prompt checkpoint in {path} (looked for {DASSL_FILE_PREFIX}<epoch> or {DASSL_BEST_FILE})"
+    )
+
+
+def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
+    """Read a Dassl checkpoint file: `state_dict["ctx"]`; buffers and optimiser state are ignored."""
+    path = Path(path)
+    content = load_torch_file(path)
+    state = content.get("state_dict") if isinstance(content, dict) else None
+    if (
+        not isinstance(state, dict)
+        or CTX_TENSOR not in state
+        or not isinstance(state[CTX_TENSOR], torch.Tensor)
+    ):
+        raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
+    epoch = content.get("epoch")
+    metadata = PromptMetadata(
+        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, PickledObject) else None,
+        source_format="dassl",
+    )
+    return PromptCheckpoint(_checked(state[CTX_TENSOR], str(path)), metadata, path)
+
+
+def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch: int | None = None) -> Path:
+    """Write `<out_dir>/prompt_learner/model.pth.tar-<E>` so CoOp's `load_model` reads the prompt.
+
+    Only tensors and plain values are saved, so the file also loads with `torch.load(weights_only=True)`.
+    """
+    epoch = epoch if epoch is not None else (checkpoint.metadata.epoch or 0)
+    folder = Path(out_dir) / DASSL_PROMPT_FOLDER
+    if not Path(out_dir).is_dir():
+        raise NemesisError(f"output folder {out_dir} does not exist; create it first")
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{DASSL_FILE_PREFIX}{epoch}"
+    content = {
+        "state_dict": {CTX_TENSOR: checkpoint.ctx.clone()},
+        "epoch": epoch,
+        "optimizer": None,
+        "scheduler": None,
+        "val_result": None,
+    }
+    with atomic_path(target) as temporary:
+        torch.save(content, temporary)
+    return target
+
+
+# --- any format ---------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike, epoch: int | None = None) -> PromptCheckpoint:
+    """Load a prompt from any accepted place: our file or run folder, a Dassl file, `prompt_learner/`
+    folder or run folder (latest epoch unless `epoch` is named)."""
+    path = Path(path)
+    if not path.exists():
+        raise NemesisError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        if epoch is None and (path / RUN_PROMPT).is_file():
+            return load_prompt(path / RUN_PROMPT)
+        if epoch is not None and (path / "checkpoints" / f"epoch-{epoch:04d}.safetensors").is_file():
+            return load_prompt(path / "checkpoints" / f"epoch-{epoch:04d}.safetensors")
+        return load_dassl(find_dassl_file(path, epoch))
+    with open(path, "rb") as file:
+        magic = file.read(9)
+    # safetensors files start with an 8-byte header length then a JSON object
+    if len(magic) == 9 and magic[8:9] == b"{":
+        return load_prompt(path)
+    return load_dassl(path)

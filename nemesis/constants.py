@@ -1,0 +1,34 @@
+"""Fixed names shared by writers and readers: file names, metadata keys, defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Prompt checkpoints: safetensors tensor name and the header metadata key holding our JSON.
+CTX_TENSOR = "ctx"
+METADATA_KEY = "nemesis"
+PROMPT_FORMAT_VERSION = 1
+
+# Run folder (`nemesis train --out DIR`).
+RUN_CONFIG = "config.json"
+RUN_PROMPT = "prompt.safetensors"
+RUN_CHECKPOINTS = "checkpoints"
+RUN_METRICS = "metrics.jsonl"
+RUN_LOG = "log.txt"
+
+# Dassl (CoOp / official Nemesis) checkpoint layout.
+DASSL_PROMPT_FOLDER = "prompt_learner"
+DASSL_FILE_PREFIX = "model.pth.tar-"
+DASSL_BEST_FILE = "model-best.pth.tar"
+
+# Weights identity of a model built with random weights (seeded, so it is reproducible).
+RANDOM_WEIGHTS = "random-seed0"
+
+
+def cache_root() -> Path:
+    """The user's cache folder for the toolkit: $NEMESIS_CACHE, else ~/.cache/nemesis."""
+    configured = os.environ.get("NEMESIS_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nemesis"

@@ -1,0 +1,229 @@
+"""CoOp's prompt learner on open_clip: learnable context vectors around each class name.
+
+Prompt = [SOS] ctx_1..ctx_M [class tokens] [.] [EOT] (class position `end`), or with the class
+name in the middle of the context or in front of it. Only `ctx` is a parameter; the token
+embeddings of everything else are frozen buffers, and the CLIP tower is driven by `TextEncoder`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone
+from .errors import NemesisError
+from .text_encoder import TextEncoder
+
+PLACEHOLDER = "X"  # CoOp's stand-in word for context positions before their embeddings are swapped in
+DEFAULT_CHUNK_SIZE = 256  # prompts per text pass: bounds memory for 1000-class datasets and sweeps
+
+
+class ClassPosition(str, Enum):
+    end = "end"
+    middle = "middle"
+    front = "front"
+
+
+class PromptLearner(nn.Module):
+    """Learnable context `ctx` ([M, W] unified, or [n_cls, M, W] class-specific) and its text features."""
+
+    def __init__(
+        self,
+        clip: Backbone,
+        classnames: list[str],
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_specific: bool = False,
+        class_position: ClassPosition | str = "end",
+        seed: int = 0,
+        ctx: torch.Tensor | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__()
+        if not classnames:
+            raise NemesisError("no class names given")
+        try:
+            class_position = ClassPosition(class_position)
+        except ValueError:
+            choices = ", ".join(p.value for p in ClassPosition)
+            raise NemesisError(
+                f"unknown class position '{class_position}'; choose one of {choices}"
+            ) from None
+        self.clip = clip
+        self.encoder = TextEncoder(clip.model, clip.name, clip.tokenizer)
+        self.classnames = [name.replace("_", " ") for name in classnames]
+        self.class_specific = class_specific
+        self.class_position = class_position
+        self.ctx_init = ctx_init
+        self.chunk_size = chunk_size
+
+        init_tokens = self._words(ctx_init) if ctx_init else None
+        if init_tokens is not None:
+            n_ctx = len(init_tokens)
+        if ctx is not None:
+            n_ctx = ctx.shape[-2]
+        if n_ctx < 1:
+            raise NemesisError(f"n_ctx must be at least 1, got {n_ctx}")
+        self.n_ctx = n_ctx
+        if ctx is None:
+            ctx = self._initial_ctx(init_tokens, seed)
+        self.ctx = nn.Parameter(self._checked_ctx(ctx))
+
+        token_ids, ctx_index = self._layout()
+        device = self.encoder.token_embedding.weight.device
+        self.register_buffer("token_ids", token_ids.to(device), persistent=False)  # [n_cls, L]
+        self.register_buffer("ctx_index", ctx_index.to(device), persistent=False)  # [n_cls, M]
+        self.register_buffer("pool_index", self.encoder.pool_index(token_ids).to(device), persistent=False)
+        with torch.no_grad():
+            frozen = self.encoder.token_embedding(self.token_ids)  # [n_cls, L, W]
+        self.register_buffer("frozen_embeddings", frozen.float(), persistent=False)
+
+    # --- construction -------------------------------------------------------------------------
+
+    def _words(self, text: str) -> list[int]:
+        return list(self.clip.tokenizer.encode(text))
+
+    def _initial_ctx(self, init_tokens: list[int] | None, seed: int) -> torch.Tensor:
+        width = self.encoder.width
+        if init_tokens is not None:
+            weight = self.encoder.token_embedding.weight
+            with torch.no_grad():
+                ctx = weight[torch.tensor(init_tokens, device=weight.device)].detach().float().cpu()  # [M, W]
+            if self.class_specific:
+                ctx = ctx.expand(len(self.classnames), -1, -1).clone()  # [n_cls, M, W]
+            return ctx
+        shape = (len(self.classnames), self.n_ctx, width) if self.class_specific else (self.n_ctx, width)
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(shape, generator=generator) * 0.02  # N(0, 0.02^2), CoOp's init
+
+    def _checked_ctx(self, ctx: torch.Tensor) -> torch.Tensor:
+        ctx = ctx.detach().float().clone().to(self.encoder.token_embedding.weight.device)
+        width = self.encoder.width
+        if ctx.shape[-1] != width:
+            raise NemesisError(
+                f"ctx width {ctx.shape[-1]} does not match the text width {width} of model '{self.clip.name}'"
+            )
+        expected_dims = 3 if self.class_specific else 2
+        if ctx.dim() != expected_dims:
+            kind = "class-specific [n_cls, M, W]" if self.class_specific else "unified [M, W]"
+            raise NemesisError(f"ctx of shape {tuple(ctx.shape)} is not {kind}")
+        if self.class_specific and ctx.shape[0] != len(self.classnames):
+            raise NemesisError(
+                f"class-specific ctx has {ctx.shape[0]} classes but {len(self.classnames)} class names were given"
+            )
+        if not torch.isfinite(ctx).all():
+            raise NemesisError("ctx contains NaN or Inf values")
+        return ctx
+
+    def _layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of every class's templated prompt and where its context vectors go."""
+        m = self.n_ctx
+        half = m // 2
+        rows, index_rows = [], []
+        context_length = self.encoder.tower.positional_embedding.shape[0]
+        for name in self.classnames:
+            n_name = len(self._words(name))
+            if self.class_position is ClassPosition.end:
+                text = " ".join([PLACEHOLDER] * m + [name]) + "."
+                positions = list(range(1, 1 + m))
+            elif self.class_position is ClassPosition.middle:
+                text = " ".join([PLACEHOLDER] * half + [name] + [PLACEHOLDER] * (m - half)) + "."
+                positions = list(range(1, 1 + half)) + list(range(1 + half + n_name, 1 + m + n_name))
+            else:
+                text = " ".join([name] + [PLACEHOLDER] * m) + "."
+                positions = list(range(1 + n_name, 1 + n_name + m))
+            ids = self.clip.tokenizer([text])[0]
+            if m + n_name + 3 > context_length:
+                raise NemesisError(
+                    f"prompt for class '{name}' with {m} context tokens exceeds the context length {context_length}"
+                )
+            placeholder_id = self._words(PLACEHOLDER)[0]
+            assert all(int(ids[p]) == placeholder_id for p in positions), (
+                f"context layout broken for '{name}'"
+            )
+            rows.append(ids)
+            index_rows.append(torch.tensor(positions))
+        return torch.stack(rows), torch.stack(index_rows)
+
+    # --- features -----------------------------------------------------------------------------
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classnames)
+
+    def prompt_embeddings(self, ctx: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [R, L, W] of the prompts of `classes` [R] with context `ctx` ([R, M, W])."""
+        base = self.frozen_embeddings[classes]  # [R, L, W]
+        index = self.ctx_index[classes].unsqueeze(-1).expand(-1, -1, base.shape[-1])  # [R, M, W]
+        return base.scatter(1, index, ctx.to(base.dtype))
+
+    def encode(self, ctx_variants: torch.Tensor, cut: bool = True) -> torch.Tensor:
+        """Text features [K, n_cls, D] for K context variants ([K, M, W], or [K, n_cls, M, W] class-specific).
+
+        All K * n_cls prompts go through the text tower in chunks of `chunk_size`, each chunk cut
+        after its last end-of-text token.
+        """
+        n_variants, n_classes = ctx_variants.shape[0], self.n_classes
+        if not self.class_specific:
+            ctx_variants = ctx_variants.unsqueeze(1).expand(-1, n_classes, -1, -1)  # [K, n_cls, M, W]
+        ctx_rows = ctx_variants.reshape(n_variants * n_classes, self.n_ctx, -1)  # [K * n_cls, M, W]
+        class_rows = torch.arange(n_classes, device=ctx_rows.device).repeat(n_variants)  # [K * n_cls]
+        chunks = []
+        for start in range(0, ctx_rows.shape[0], self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            embeddings = self.prompt_embeddings(ctx_rows[rows], class_rows[rows])
+            chunks.append(self.encoder(embeddings, self.pool_index[class_rows[rows]], cut=cut))
+        return torch.cat(chunks).reshape(n_variants, n_classes, -1)  # [K, n_cls, D]
+
+    def text_features(self, cut: bool = True) -> torch.Tensor:
+        """Projected, unnormalised text features [n_cls, D] of the current prompt, like `encode_text`."""
+        return self.encode(self.ctx.unsqueeze(0), cut=cut)[0]
+
+    def for_classnames(self, classnames: list[str]) -> PromptLearner:
+        """The same context for other class names (base-to-new, domain shift)."""
+        if self.class_specific and len(classnames) != self.n_classes:
+            raise NemesisError(
+                f"class-specific ctx has {self.n_classes} classes; it cannot serve {len(classnames)} other classes"
+            )
+        return PromptLearner(
+            self.clip,
+            classnames,
+            class_specific=self.class_specific,
+            class_position=self.class_position,
+            ctx=self.ctx.detach(),
+            ctx_init=None,
+            chunk_size=self.chunk_size,
+        )
+
+    def norms(self, p: float = 2.0) -> torch.Tensor:
+        """Per-position norms [M]; class-specific ctx: mean over classes (DESIGN section 5)."""
+        return position_norms(self.ctx, p)
+
+
+def position_norms(ctx: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """||ctx_j||_p for each position j [M]; for class-specific ctx [n_cls, M, W] the class mean."""
+    norms = torch.linalg.vector_norm(ctx, ord=p, dim=-1)  # [M] or [n_cls, M]
+    return norms if norms.dim() == 1 else norms.mean(dim=0)
+
+
+class PromptedCLIP(nn.Module):
+    """Classifies image features with the learner's prompts: logit_scale * cos(image, text)."""
+
+    def __init__(self, learner: PromptLearner) -> None:
+        super().__init__()
+        self.learner = learner
+        self.logit_scale = learner.clip.model.logit_scale
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [N, n_cls] for image features [N, D]."""
+        if text_features is None:
+            text_features = self.learner.text_features()
+        image = F.normalize(image_features.float(), dim=-1)
+        text = F.normalize(text_features.float(), dim=-1)
+        return self.logit_scale.exp().float() * image @ text.T
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.logits(image_features)

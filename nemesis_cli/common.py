@@ -1,0 +1,34 @@
+"""What every command shares: turning user errors into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from nemesis.errors import NemesisError
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def fail(message: str) -> typer.Exit:
+    """Print `message` as the one error line and return the exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def reports_errors(command: Command) -> Command:
+    """Decorate a command so bad input ends with one line and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except NemesisError as error:
+            raise fail(str(error)) from None
+        except FileNotFoundError as error:
+            raise fail(f"file not found: {error.filename or error}") from None
+
+    return wrapper  # type: ignore[return-value]

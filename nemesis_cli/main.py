@@ -1,0 +1,16 @@
+"""The `nemesis` application: one typer app, each command group in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from . import prompt
+
+app = typer.Typer(
+    name="nemesis",
+    help="Soft prompts for CLIP-like models: train CoOp/Nemesis prompts, corrupt them, measure the Low-Norm Effect.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(prompt.app, name="prompt")

@@ -1,0 +1,74 @@
+"""`nemesis prompt ...`: inspect and convert prompt checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from nemesis.backbone import text_width
+from nemesis.checkpoint import export_dassl, load_checkpoint
+from nemesis.prompt_learner import position_norms
+
+from .common import reports_errors
+
+app = typer.Typer(help="Inspect and convert prompt checkpoints.", no_args_is_help=True)
+
+CheckpointArgument = Annotated[
+    Path,
+    typer.Argument(help="Our .safetensors prompt or run folder, or a CoOp/Nemesis (Dassl) file or folder."),
+]
+EpochOption = Annotated[int | None, typer.Option(help="Epoch of a Dassl folder (default: the latest).")]
+
+
+@app.command()
+@reports_errors
+def info(
+    checkpoint: CheckpointArgument,
+    epoch: EpochOption = None,
+    model: Annotated[
+        str | None, typer.Option(help="Check the prompt fits this open_clip model's text width.")
+    ] = None,
+) -> None:
+    """Show a checkpoint's metadata, ctx shape and per-position norms.
+
+    Example: nemesis prompt info output/oxford_pets/CoOp/rn50_16shots/nctx16_cscFalse_ctpend/seed1 --model RN50
+    """
+    prompt = load_checkpoint(checkpoint, epoch)
+    if model is not None:
+        prompt.check_compatible(text_width(model), model)
+    console = Console()
+    console.print(f"[bold]{prompt.path}[/bold]")
+    console.print(
+        f"ctx shape {tuple(prompt.ctx.shape)}, {'class-specific' if prompt.class_specific else 'unified'}"
+    )
+    metadata = Table(show_header=False, box=None)
+    for key, value in vars(prompt.metadata).items():
+        if key == "classnames" and value:
+            value = f"{len(value)}: {', '.join(value[:8])}{' ...' if len(value) > 8 else ''}"
+        metadata.add_row(key, str(value))
+    console.print(metadata)
+    norms = Table("position", "L2 norm", title="per-position norms")
+    for position, norm in enumerate(position_norms(prompt.ctx).tolist()):
+        norms.add_row(str(position), f"{norm:.4f}")
+    console.print(norms)
+
+
+@app.command("export-dassl")
+@reports_errors
+def export(
+    checkpoint: CheckpointArgument,
+    out: Annotated[Path, typer.Option(help="Run folder to write prompt_learner/model.pth.tar-<E> into.")],
+    epoch: Annotated[
+        int | None, typer.Option(help="Epoch number in the file name (default: the prompt's).")
+    ] = None,
+) -> None:
+    """Write a prompt in CoOp's layout so CoOp's own tools can load it.
+
+    Example: nemesis prompt export-dassl runs/pets-16/prompt.safetensors --out coop_output/pets/seed1
+    """
+    target = export_dassl(load_checkpoint(checkpoint), out, epoch)
+    typer.echo(f"wrote {target}")

@@ -1,0 +1,64 @@
+"""Backbone loading: names, weights identities and offline failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemesis.backbone import load_clip, text_width
+from nemesis.errors import NemesisError
+
+
+def test_tiny_is_registered_frozen_and_reproducible():
+    first, second = load_clip("tiny"), load_clip("tiny")
+    assert first.weights_id == second.weights_id == "random-seed0"
+    assert not first.model.training
+    assert all(not parameter.requires_grad for parameter in first.model.parameters())
+    for (name, a), (_, b) in zip(
+        first.model.state_dict().items(), second.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert first.image_size == 28 and text_width("tiny") == 64
+
+
+def test_local_weights_file_is_identified_by_content(tmp_path):
+    model = load_clip("tiny").model
+    path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), path)
+    loaded = load_clip("tiny", str(path))
+    assert loaded.weights_id.startswith("sha256:")
+    state = model.state_dict()
+    state["logit_scale"] = state["logit_scale"] + 1
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    assert load_clip("tiny", str(other)).weights_id != loaded.weights_id
+
+
+def test_unknown_model_names_alternatives():
+    with pytest.raises(NemesisError, match=r"unknown model 'ViT-B-33'.*ViT-B-32"):
+        load_clip("ViT-B-33")
+
+
+def test_unknown_tag_lists_known_tags():
+    with pytest.raises(NemesisError, match=r"unknown pretrained tag 'nope'.*openai"):
+        load_clip("RN50", "nope")
+
+
+def test_offline_tag_says_how_to_supply_a_file():
+    with pytest.raises(NemesisError, match=r"not available offline.*--pretrained PATH"):
+        load_clip("RN50", "openai")
+
+
+def test_missing_weights_file():
+    with pytest.raises(NemesisError, match="weights file not found"):
+        load_clip("tiny", "/no/such/weights.pt")
+
+
+def test_text_tower_without_clip_layout_is_refused():
+    from nemesis.prompt_learner import PromptLearner
+
+    # An open_clip model whose tokenizer is not CLIP's (Hugging Face tokenizer, no start token)
+    clip = load_clip("tiny")
+    clip.tokenizer = object()
+    with pytest.raises(NemesisError, match="no CLIP-style text tower"):
+        PromptLearner(clip, ["a", "b"])

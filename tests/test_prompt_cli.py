@@ -1,0 +1,62 @@
+"""`nemesis prompt info` and `export-dassl` through typer's runner: output and exit codes."""
+
+from __future__ import annotations
+
+import torch
+from typer.testing import CliRunner
+
+from nemesis.checkpoint import PromptMetadata, save_prompt
+from nemesis_cli.main import app
+
+from .test_checkpoint import write_dassl_checkpoint
+
+runner = CliRunner()
+
+
+def test_info_shows_metadata_and_norms(tmp_path):
+    ctx = torch.zeros(3, 64)
+    ctx[1, 0] = 2.5
+    path = save_prompt(tmp_path / "p.safetensors", ctx, PromptMetadata(model="tiny", dataset="fashion_mnist"))
+    result = runner.invoke(app, ["prompt", "info", str(path), "--model", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "fashion_mnist" in result.output and "2.5000" in result.output and "(3, 64)" in result.output
+
+
+def test_info_reads_dassl_folders(tmp_path):
+    write_dassl_checkpoint(tmp_path / "run", (torch.ones(16, 512)).half(), epoch=10)
+    result = runner.invoke(app, ["prompt", "info", str(tmp_path / "run"), "--model", "RN50"])
+    assert result.exit_code == 0, result.output
+    assert "dassl" in result.output and "22.6274" in result.output  # sqrt(512)
+
+
+def _fails_with_one_line(args, expected):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.output
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    _fails_with_one_line(["prompt", "info", str(tmp_path / "missing.pth")], "not found")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    _fails_with_one_line(["prompt", "info", str(tmp_path / "notes.txt")], "not a torch checkpoint")
+    write_dassl_checkpoint(tmp_path / "run", torch.zeros(16, 512), epoch=1)
+    _fails_with_one_line(
+        ["prompt", "info", str(tmp_path / "run"), "--model", "tiny"], "does not match the text width"
+    )
+    _fails_with_one_line(["prompt", "info", str(tmp_path / "run"), "--model", "ViT-B-33"], "unknown model")
+    torch.save({"state_dict": {"ctx": torch.full((4, 512), float("nan"))}}, tmp_path / "nan.pth")
+    _fails_with_one_line(["prompt", "info", str(tmp_path / "nan.pth")], "NaN or Inf")
+
+
+def test_export_dassl_into_missing_folder_writes_nothing(tmp_path):
+    path = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata())
+    _fails_with_one_line(
+        ["prompt", "export-dassl", str(path), "--out", str(tmp_path / "nope")], "does not exist"
+    )
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "out").mkdir()
+    result = runner.invoke(
+        app, ["prompt", "export-dassl", str(path), "--out", str(tmp_path / "out"), "--epoch", "3"]
+    )
+    assert result.exit_code == 0 and (tmp_path / "out/prompt_learner/model.pth.tar-3").is_file()
