@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,10 +91,19 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     if pretrained not in tags:
         known = ", ".join(tags) if tags else "none"
         raise NemesisError(
-            f"unknown pretrained tag '{pretrained}' for {name} (known tags: {known}); "
-            "or pass a local weights file"
+            f"unknown pretrained tag '{pretrained}' for {name} (known tags: {known}); or pass a local weights file"
         )
     return pretrained
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """open_clip logs a warning for deliberate random weights; our errors say what matters."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def load_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Backbone:
@@ -104,7 +116,7 @@ def load_clip(name: str, pretrained: str | None = None, device: str | torch.devi
     resolved = _resolve_pretrained(name, pretrained)
     weights_id = _weights_identity(name, resolved)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_logging():
             torch.manual_seed(0)
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=resolved)
     except NemesisError:

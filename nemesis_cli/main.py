@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import prompt
+from . import data, evaluate, prompt
 
 app = typer.Typer(
     name="nemesis",
@@ -14,3 +14,5 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(prompt.app, name="prompt")
+app.command("eval")(evaluate.eval_command)
+app.add_typer(data.app, name="data", help="Check CoOp-format data folders.")

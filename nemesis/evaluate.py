@@ -1,0 +1,204 @@
+"""Evaluating prompt checkpoints from cached test features: accuracy, macro-F1, CoOp's result block.
+
+`prepare_evaluation` resolves what a checkpoint is (model, dataset, classes; user-given values
+override the file's metadata), loads the backbone once per (model, weights), and reads the test
+features from the feature cache. `predictions` classifies those features with any batch of ctx
+variants in chunked text passes; evaluation and the corruption sweep both go through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .atomic import write_text_atomic
+from .backbone import Backbone, load_clip, text_width
+from .checkpoint import PromptCheckpoint
+from .datasets import Dataset, load_dataset
+from .errors import NemesisError
+from .feature_cache import encode_split
+from .prompt_learner import PromptLearner
+
+
+@dataclass
+class EvaluationSetup:
+    backbone: Backbone
+    dataset: Dataset
+    learner: PromptLearner  # the checkpoint's ctx with the evaluated dataset's class names
+    features: torch.Tensor  # cached test image features [N, D]
+    labels: torch.Tensor  # [N]
+    source: dict[str, Any]  # checkpoint, model, pretrained, dataset, train_dataset, shots, seed, subsample, method...
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """fp16 autocast on CUDA (CoOp runs CLIP in fp16), nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def resolve_source(
+    checkpoint: PromptCheckpoint,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    dataset: str | None = None,
+    shots: int | None = None,
+    seed: int | None = None,
+    subsample: str | None = None,
+) -> dict[str, Any]:
+    """What the checkpoint is and what it is evaluated on: named values win over the file's metadata."""
+    metadata = checkpoint.metadata
+    model = model or metadata.model
+    if model is None:
+        raise NemesisError(f"{checkpoint.path}: the checkpoint does not name its model; pass --model (e.g. RN50)")
+    dataset = dataset or metadata.dataset
+    if dataset is None:
+        raise NemesisError(f"{checkpoint.path}: the checkpoint does not name its dataset; pass --dataset")
+    if pretrained is None and model == metadata.model:
+        pretrained = metadata.pretrained
+    return {
+        "checkpoint": str(checkpoint.path),
+        "model": model,
+        "pretrained": pretrained,
+        "dataset": dataset,
+        "train_dataset": metadata.dataset or dataset,
+        "shots": shots if shots is not None else metadata.shots,
+        "seed": seed if seed is not None else metadata.seed,
+        "subsample": subsample or metadata.subsample or "all",
+        "method": metadata.method,
+        "method_config": metadata.method_config,
+        "epoch": metadata.epoch,
+    }
+
+
+def prepare_evaluation(
+    checkpoint: PromptCheckpoint,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    dataset: str | None = None,
+    root: str | os.PathLike | None = None,
+    shots: int | None = None,
+    seed: int | None = None,
+    subsample: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    progress: bool = True,
+) -> EvaluationSetup:
+    """Everything needed to classify the test split with `checkpoint`'s prompt.
+
+    Checks that can fail cheaply (model name, ctx width, class count) run before the backbone is
+    built or any image is encoded, so bad input writes nothing to the cache.
+    """
+    source = resolve_source(
+        checkpoint, model=model, pretrained=pretrained, dataset=dataset, shots=shots, seed=seed, subsample=subsample
+    )
+    checkpoint.check_compatible(text_width(source["model"]), source["model"])
+    data = load_dataset(source["dataset"], root, subsample=source["subsample"])
+    checkpoint.check_compatible(text_width(source["model"]), source["model"], len(data.classnames))
+    device = device or default_device()
+    backbones = {} if backbones is None else backbones
+    key = (source["model"], source["pretrained"])
+    if key not in backbones:
+        backbones[key] = load_clip(source["model"], source["pretrained"], device=device)
+    backbone = backbones[key]
+    metadata = checkpoint.metadata
+    learner = PromptLearner(
+        backbone,
+        data.classnames,
+        ctx=checkpoint.ctx,
+        class_specific=checkpoint.class_specific,
+        class_position=metadata.class_position,
+    )
+    features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device, progress=progress)
+    return EvaluationSetup(backbone, data, learner, features.to(device), labels.to(device), source)
+
+
+def predictions(
+    learner: PromptLearner, features: torch.Tensor, ctx_variants: torch.Tensor, variants_per_pass: int = 32
+) -> torch.Tensor:
+    """Predicted labels [K, N] of image features [N, D] under K ctx variants, without autograd.
+
+    The logit scale is left out: a positive factor does not change the arg-max.
+    """
+    device = features.device
+    images = F.normalize(features.float(), dim=-1)  # [N, D]
+    rows = []
+    with torch.inference_mode(), autocast_for(device):
+        for start in range(0, ctx_variants.shape[0], variants_per_pass):
+            chunk = ctx_variants[start : start + variants_per_pass].to(device)
+            text = F.normalize(learner.encode(chunk).float(), dim=-1)  # [k, n_cls, D]
+            rows.extend((images @ variant.T).argmax(dim=-1) for variant in text)  # each [N]
+    return torch.stack(rows)
+
+
+def macro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Macro-F1 in percent over the classes present in `labels` (Dassl's evaluator does the same)."""
+    scores = []
+    for label in torch.unique(labels):
+        true_positive = ((predicted == label) & (labels == label)).sum().item()
+        false_positive = ((predicted == label) & (labels != label)).sum().item()
+        false_negative = ((predicted != label) & (labels == label)).sum().item()
+        denominator = 2 * true_positive + false_positive + false_negative
+        scores.append(2 * true_positive / denominator if denominator else 0.0)
+    return 100.0 * sum(scores) / len(scores)
+
+
+def coop_result_block(total: int, correct: int, macro_f1_percent: float) -> str:
+    """The result lines CoOp prints after testing, so existing parsing scripts keep working."""
+    accuracy = 100.0 * correct / total
+    return (
+        "=> result\n"
+        f"* total: {total:,}\n"
+        f"* correct: {correct:,}\n"
+        f"* accuracy: {accuracy:.1f}%\n"
+        f"* error: {100.0 - accuracy:.1f}%\n"
+        f"* macro_f1: {macro_f1_percent:.1f}%"
+    )
+
+
+@dataclass
+class EvaluationResult:
+    n: int
+    correct: int
+    accuracy: float  # percent
+    macro_f1: float  # percent
+    source: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        """One JSON Lines row of `nemesis eval --out` (the analysis package reads these)."""
+        return {"kind": "eval", **self.source, "n": self.n, "accuracy": self.accuracy, "macro_f1": self.macro_f1}
+
+    def result_block(self) -> str:
+        return coop_result_block(self.n, self.correct, self.macro_f1)
+
+
+def evaluate(checkpoint: PromptCheckpoint, **options: Any) -> EvaluationResult:
+    """Test accuracy and macro-F1 of a checkpoint; `options` are those of `prepare_evaluation`."""
+    setup = prepare_evaluation(checkpoint, **options)
+    predicted = predictions(setup.learner, setup.features, setup.learner.ctx.detach().unsqueeze(0))[0]
+    correct = int((predicted == setup.labels).sum())
+    n = int(setup.labels.numel())
+    return EvaluationResult(n, correct, 100.0 * correct / n, macro_f1(predicted, setup.labels), setup.source)
+
+
+def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Add one row to a JSON Lines file: the whole file is rewritten atomically with the new line."""
+    path = Path(path)
+    existing = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if existing and not existing.endswith("\n"):
+        existing += "\n"
+    write_text_atomic(path, existing + json.dumps(record) + "\n")

@@ -1,0 +1,334 @@
+"""The image-feature cache: each split is encoded by the frozen image tower once, then read from disk.
+
+A cache entry is one safetensors file holding `features` [N, D] (float32, not normalised) and
+`labels` [N] (int64). Its key is the sha256 of everything that decides the numbers: model name,
+weights identity, preprocessing, precision, dataset, split, the exact sample list, and for
+augmented training views the view index and seed. Any change gives a new key, never a stale hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torchvision.transforms import InterpolationMode
+
+from .atomic import atomic_path
+from .constants import cache_root
+from .datasets import Dataset, Sample, missing_files
+from .errors import NemesisError
+
+FEATURES = "features"
+LABELS = "labels"
+CACHE_FORMAT_VERSION = 1
+# CoOp's train augmentation: RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+FLIP_PROBABILITY = 0.5
+
+# Images pushed through the image encoder by this process; tests assert a cache hit encodes none.
+encoded_images = 0
+
+# Turns an image and its position in the sample list into tensors [V, 3, H, W], one per view.
+ImageTransform = Callable[[Image.Image, int], torch.Tensor]
+
+
+def default_cache_dir() -> Path:
+    """$NEMESIS_CACHE/features, else ~/.cache/nemesis/features."""
+    return cache_root() / "features"
+
+
+def _precision(device: torch.device) -> str:
+    return "amp-fp16" if device.type == "cuda" else "fp32"
+
+
+def feature_key(
+    backbone,
+    dataset_name: str,
+    split: str,
+    samples: list[Sample],
+    preprocessing: str,
+    precision: str,
+    view: int | None = None,
+    seed: int | None = None,
+) -> str:
+    """sha256 over everything that decides the cached numbers."""
+    material = {
+        "version": CACHE_FORMAT_VERSION,
+        "model": backbone.name,
+        "weights": backbone.weights_id,
+        "preprocessing": preprocessing,
+        "precision": precision,
+        "dataset": dataset_name,
+        "split": split,
+        "view": view,
+        "seed": seed,
+        "samples": [[sample.path, sample.label] for sample in samples],
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def cache_file(cache_dir: Path, dataset_name: str, split: str, key: str, view: int | None = None) -> Path:
+    view_part = "" if view is None else f"-view{view}"
+    return cache_dir / f"{dataset_name}-{split}{view_part}-{key}.safetensors"
+
+
+def _read_entry(path: Path, samples: list[Sample]) -> torch.Tensor | None:
+    """Cached features of `path`, or None when absent or unreadable (then they are encoded again)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    features, labels = tensors.get(FEATURES), tensors.get(LABELS)
+    expected = torch.tensor([sample.label for sample in samples], dtype=torch.int64)
+    if features is None or labels is None or len(features) != len(samples) or not torch.equal(labels, expected):
+        return None
+    return features
+
+
+def _write_entry(path: Path, features: torch.Tensor, samples: list[Sample], summary: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = torch.tensor([sample.label for sample in samples], dtype=torch.int64)
+    tensors = {FEATURES: features.float().contiguous(), LABELS: labels}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"nemesis": json.dumps(summary)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+class _ImageList(torch.utils.data.Dataset):
+    def __init__(self, dataset: Dataset, samples: list[Sample], transform: ImageTransform) -> None:
+        self.dataset = dataset
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(self.dataset.open_image(self.samples[index]), index)
+
+
+def _check_images(dataset: Dataset, samples: list[Sample]) -> None:
+    if dataset.image_loader is not None:
+        return
+    missing = missing_files(samples)
+    if missing:
+        shown = ", ".join(missing[:3])
+        raise NemesisError(
+            f"{len(missing)} image files of '{dataset.name}' are missing ({shown}, ...); "
+            f"`nemesis data check --dataset {dataset.name}` lists them"
+        )
+
+
+def _model_device(backbone) -> torch.device:
+    return next(backbone.model.parameters()).device
+
+
+def _encode(
+    backbone,
+    dataset: Dataset,
+    samples: list[Sample],
+    transform: ImageTransform,
+    views: int,
+    description: str,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int | None,
+    progress: bool,
+) -> torch.Tensor:
+    """Features [views, N, D] of `samples`, each image transformed into `views` tensors."""
+    global encoded_images
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    loader = torch.utils.data.DataLoader(
+        _ImageList(dataset, samples, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    chunks = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task(description, total=len(samples))
+        # Evaluation only: no autograd, and half precision on the GPU.
+        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
+            for images in loader:  # [B, V, 3, H, W]
+                batch, n_views = images.shape[:2]
+                flat = images.flatten(0, 1).to(device, non_blocking=True)  # [B * V, 3, H, W]
+                features = backbone.model.encode_image(flat).float().cpu()  # [B * V, D]
+                chunks.append(features.view(batch, n_views, -1))  # [B, V, D]
+                encoded_images += batch * n_views
+                bar.advance(task, batch)
+    dim = chunks[0].shape[-1] if chunks else 0
+    features = torch.cat(chunks) if chunks else torch.zeros(0, views, dim)  # [N, V, D]
+    return features.transpose(0, 1).contiguous()  # [V, N, D]
+
+
+def _labels(samples: list[Sample]) -> torch.Tensor:
+    return torch.tensor([sample.label for sample in samples], dtype=torch.int64)
+
+
+def encode_split(
+    backbone,
+    dataset: Dataset,
+    split: str,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    num_workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [N, D] (float32, unnormalised) and labels [N] of a split, encoded once then cached.
+
+    The images go through the backbone's own test preprocessing. Missing image files raise a
+    NemesisError before anything is encoded or written.
+    """
+    samples = dataset.split(split)
+    device = torch.device(device) if device is not None else _model_device(backbone)
+    preprocessing = repr(backbone.preprocess)
+    key = feature_key(backbone, dataset.name, split, samples, preprocessing, _precision(device))
+    path = cache_file(Path(cache_dir) if cache_dir else default_cache_dir(), dataset.name, split, key)
+    cached = _read_entry(path, samples)
+    if cached is not None:
+        return cached, _labels(samples)
+    _check_images(dataset, samples)
+
+    transform = _TestTransform(backbone.preprocess)
+    description = f"encoding {dataset.name} {split}"
+    features = _encode(backbone, dataset, samples, transform, 1, description, batch_size, device, num_workers, progress)
+    summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name, "split": split}
+    _write_entry(path, features[0], samples, summary)
+    return features[0], _labels(samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmented training views
+
+
+def _crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering 8-100% of the area, aspect 3/4-4/3."""
+    area = width * height
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_width = round(math.sqrt(target_area * aspect))
+        crop_height = round(math.sqrt(target_area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            return rng.randint(0, height - crop_height), rng.randint(0, width - crop_width), crop_height, crop_width
+    # No fitting box drawn: the largest central crop with an allowed aspect.
+    aspect = min(max(width / height, CROP_RATIO[0]), CROP_RATIO[1])
+    crop_width = min(width, round(height * aspect))
+    crop_height = min(height, round(crop_width / aspect))
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def train_augmentation_description(backbone) -> str:
+    return (
+        f"coop-train(RandomResizedCrop({backbone.image_size}, scale={CROP_SCALE}, ratio=(3/4, 4/3), bicubic), "
+        f"HorizontalFlip({FLIP_PROBABILITY}), Normalize(mean={tuple(backbone.image_mean)}, "
+        f"std={tuple(backbone.image_std)}))"
+    )
+
+
+def augment(
+    image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...], rng: random.Random
+) -> torch.Tensor:
+    """CoOp's train augmentation of one image with the random numbers of `rng`: tensor [3, size, size]."""
+    top, left, height, width = _crop_box(image.width, image.height, rng)
+    image = TF.resized_crop(image, top, left, height, width, [size, size], InterpolationMode.BICUBIC, antialias=True)
+    if rng.random() < FLIP_PROBABILITY:
+        image = TF.hflip(image)
+    return TF.normalize(TF.to_tensor(image), list(mean), list(std))
+
+
+def view_rng(seed: int, view: int, index: int) -> random.Random:
+    """The random numbers of one image in one view: fixed by (seed, view, position), not by batching."""
+    return random.Random(f"{seed}:{view}:{index}")
+
+
+# Transforms are small classes, not closures, so DataLoader workers can receive them.
+class _TestTransform:
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
+        return self.preprocess(image).unsqueeze(0)  # [1, 3, H, W]
+
+
+class _ViewTransform:
+    def __init__(self, size: int, mean: tuple, std: tuple, views: list[int], seed: int) -> None:
+        self.size, self.mean, self.std, self.views, self.seed = size, mean, std, views, seed
+
+    def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
+        return torch.stack(  # [V, 3, size, size]
+            [augment(image, self.size, self.mean, self.std, view_rng(self.seed, view, index)) for view in self.views]
+        )
+
+
+def encode_train_views(
+    backbone,
+    dataset: Dataset,
+    views: int,
+    seed: int = 0,
+    split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    num_workers: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [views, N, D] of `views` augmented copies of each image, and labels [N].
+
+    Each view is cached on its own (its key holds the view index and seed), so asking for more
+    views later encodes only the new ones. Images are opened once for all missing views.
+    """
+    if views < 1:
+        raise NemesisError(f"views must be at least 1 (got {views})")
+    samples = dataset.split(split)
+    device = torch.device(device) if device is not None else _model_device(backbone)
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    preprocessing = train_augmentation_description(backbone)
+    precision = _precision(device)
+    paths = [
+        cache_file(
+            folder,
+            dataset.name,
+            split,
+            feature_key(backbone, dataset.name, split, samples, preprocessing, precision, view, seed),
+            view,
+        )
+        for view in range(views)
+    ]
+    found = {view: _read_entry(path, samples) for view, path in enumerate(paths)}
+    todo = [view for view, features in found.items() if features is None]
+    if todo:
+        _check_images(dataset, samples)
+
+        transform = _ViewTransform(backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed)
+        description = f"encoding {dataset.name} {split} x{len(todo)} views"
+        encoded = _encode(
+            backbone, dataset, samples, transform, len(todo), description, batch_size, device, num_workers, progress
+        )
+        for position, view in enumerate(todo):
+            summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name,
+                       "split": split, "view": view, "seed": seed}  # fmt: skip
+            _write_entry(paths[view], encoded[position], samples, summary)
+            found[view] = encoded[position]
+    return torch.stack([found[view] for view in range(views)]), _labels(samples)  # [V, N, D]

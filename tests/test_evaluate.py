@@ -1,0 +1,121 @@
+"""`nemesis eval`: I3 (cached features give the live accuracy), cache reuse, result block, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nemesis import feature_cache
+from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
+from nemesis.datasets import load_dataset
+from nemesis.evaluate import coop_result_block, evaluate, macro_f1
+from nemesis.prompt_learner import PromptedCLIP, PromptLearner
+from nemesis.testing import make_coop_folder
+from nemesis_cli.main import app
+
+from .conftest import cached_backbone
+from .test_checkpoint import write_dassl_checkpoint
+
+runner = CliRunner()
+CLASSES = ["red square", "green circle", "blue star", "yellow moon"]
+
+
+@pytest.fixture
+def pets_root(tmp_path):
+    make_coop_folder(tmp_path / "data", "oxford_pets", classnames=CLASSES, per_class=(2, 1, 6))
+    return tmp_path / "data"
+
+
+def _prompt(tmp_path, ctx=None, **metadata):
+    ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.5 if ctx is None else ctx
+    values = {"model": "tiny", "dataset": "oxford_pets", "classnames": CLASSES} | metadata
+    return save_prompt(tmp_path / "prompt.safetensors", ctx, PromptMetadata(**values))
+
+
+def test_cached_accuracy_equals_live_encoding(tmp_path, pets_root):
+    checkpoint = load_checkpoint(_prompt(tmp_path))
+    cache = tmp_path / "cache"
+    result = evaluate(checkpoint, root=pets_root, cache_dir=cache, device="cpu", progress=False)
+
+    clip = cached_backbone("tiny")
+    data = load_dataset("oxford_pets", pets_root)
+    with torch.no_grad():
+        images = torch.stack([clip.preprocess(data.open_image(sample)) for sample in data.test])
+        live_features = clip.model.encode_image(images)
+        learner = PromptLearner(clip, data.classnames, ctx=checkpoint.ctx)
+        live = PromptedCLIP(learner).logits(live_features).argmax(dim=-1)
+    labels = torch.tensor([sample.label for sample in data.test])
+    assert result.n == len(data.test) == 24
+    assert result.correct == int((live == labels).sum())
+    assert result.accuracy == pytest.approx(100.0 * result.correct / result.n)
+
+
+def test_second_run_encodes_no_image(tmp_path, pets_root):
+    path = _prompt(tmp_path)
+    args = ["eval", str(path), "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    encoded = feature_cache.encoded_images
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert feature_cache.encoded_images == encoded
+    assert "* accuracy:" in second.output and "* macro_f1:" in second.output
+    assert first.output.splitlines()[-5:] == second.output.splitlines()[-5:]
+
+
+def test_dassl_checkpoint_named_model_and_record(tmp_path, pets_root):
+    write_dassl_checkpoint(tmp_path / "seed1", torch.randn(16, 64) * 0.02, epoch=5)
+    out = tmp_path / "eval.jsonl"
+    args = ["eval", str(tmp_path / "seed1"), "--model", "tiny", "--dataset", "oxford_pets", "--root", str(pets_root)]
+    args += ["--shots", "16", "--seed", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    for _ in range(2):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and records[0]["kind"] == "eval"
+    assert records[0]["shots"] == 16 and records[0]["seed"] == 1 and records[0]["n"] == 24
+
+
+def test_macro_f1_and_result_block():
+    labels = torch.tensor([0, 0, 1, 1])
+    predicted = torch.tensor([0, 1, 1, 1])
+    # class 0: tp 1, fn 1 -> 2/3; class 1: tp 2, fp 1 -> 4/5
+    assert macro_f1(predicted, labels) == pytest.approx(100 * (2 / 3 + 4 / 5) / 2)
+    block = coop_result_block(3669, 3283, 89.25)
+    assert block.splitlines() == [
+        "=> result",
+        "* total: 3,669",
+        "* correct: 3,283",
+        "* accuracy: 89.5%",
+        "* error: 10.5%",
+        "* macro_f1: 89.2%",
+    ]
+
+
+def _fails_with_one_line(args, expected, cache):
+    result = runner.invoke(app, [*args, "--cache-dir", str(cache)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+
+
+def test_bad_input_writes_nothing(tmp_path, pets_root):
+    cache = tmp_path / "cache"
+    path = _prompt(tmp_path)
+    _fails_with_one_line(["eval", str(path), "--root", str(tmp_path / "nowhere")], "oxford_pets", cache)
+    _fails_with_one_line(
+        ["eval", str(path), "--root", str(pets_root), "--dataset", "oxford_petz"], "oxford_petz", cache
+    )
+    specific = save_prompt(tmp_path / "specific.safetensors", torch.zeros(3, 4, 64), PromptMetadata(model="tiny"))
+    args = ["eval", str(specific), "--root", str(pets_root), "--dataset", "oxford_pets"]
+    _fails_with_one_line(args, "class-specific ctx has 3 classes", cache)
+    # a partial dataset: one test image deleted
+    next((pets_root / "oxford_pets" / "images").rglob("*.png")).unlink()
+    _fails_with_one_line(["eval", str(path), "--root", str(pets_root)], "missing", cache)
+    _fails_with_one_line(
+        ["eval", str(path), "--root", str(pets_root), "--out", str(tmp_path / "no/x.jsonl")], "does not exist", cache
+    )
