@@ -1,28 +1,38 @@
-"""Nemesis toolkit core: backbones, prompt learner, text encoding and prompt checkpoints."""
+"""Nemesis toolkit core: backbones, prompt learner, text encoding, data, feature cache, checkpoints.
+
+The public names below are imported on first use, so light modules such as `nemesis.errors`
+(used by `analysis`, which needs no model) do not pull in torch and open_clip.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .backbone import Backbone, load_clip
-from .checkpoint import (
-    PromptCheckpoint,
-    PromptMetadata,
-    export_dassl,
-    load_checkpoint,
-    save_prompt,
-)
-from .errors import NemesisError
-from .prompt_learner import PromptedCLIP, PromptLearner, position_norms
+_PUBLIC = {
+    "Backbone": "backbone",
+    "load_clip": "backbone",
+    "PromptCheckpoint": "checkpoint",
+    "PromptMetadata": "checkpoint",
+    "export_dassl": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_prompt": "checkpoint",
+    "Dataset": "datasets",
+    "Sample": "datasets",
+    "load_dataset": "datasets",
+    "NemesisError": "errors",
+    "encode_split": "feature_cache",
+    "PromptLearner": "prompt_learner",
+    "PromptedCLIP": "prompt_learner",
+    "position_norms": "prompt_learner",
+}
 
-__all__ = [
-    "Backbone",
-    "NemesisError",
-    "PromptCheckpoint",
-    "PromptLearner",
-    "PromptMetadata",
-    "PromptedCLIP",
-    "export_dassl",
-    "load_checkpoint",
-    "load_clip",
-    "position_norms",
-    "save_prompt",
-]
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'nemesis' has no attribute '{name}'")
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import data, evaluate, prompt
+from . import analysis_commands, data, evaluate, prompt
 
 app = typer.Typer(
     name="nemesis",
@@ -16,3 +16,6 @@ app = typer.Typer(
 app.add_typer(prompt.app, name="prompt")
 app.command("eval")(evaluate.eval_command)
 app.add_typer(data.app, name="data", help="Check CoOp-format data folders.")
+app.command("plot-frequency")(analysis_commands.plot_frequency)
+app.command("plot-norms")(analysis_commands.plot_norms)
+app.command("report")(analysis_commands.report)

@@ -1,0 +1,96 @@
+"""Names people read: method labels for tables and legends, paper names of datasets, shot labels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+# CoOp's dataset keys -> the names the paper prints.
+DATASET_NAMES = {
+    "oxford_pets": "OxfordPets",
+    "food101": "Food101",
+    "imagenet": "ImageNet",
+    "stanford_cars": "StanfordCars",
+    "caltech101": "Caltech101",
+    "dtd": "DTD",
+    "sun397": "SUN397",
+    "ucf101": "UCF101",
+    "fgvc_aircraft": "FGVCAircraft",
+    "eurosat": "EuroSAT",
+    "oxford_flowers": "Flowers102",
+    "imagenetv2": "ImageNet-V2",
+    "imagenet_sketch": "ImageNet-Sketch",
+    "imagenet_a": "ImageNet-A",
+    "imagenet_r": "ImageNet-R",
+    "fashion_mnist": "Fashion-MNIST",
+}
+
+# The 11 datasets the paper averages over, in the order of its LNE figure.
+PAPER_DATASETS = (
+    "oxford_pets",
+    "food101",
+    "imagenet",
+    "stanford_cars",
+    "caltech101",
+    "dtd",
+    "sun397",
+    "ucf101",
+    "fgvc_aircraft",
+    "eurosat",
+    "oxford_flowers",
+)
+
+# Target datasets of the domain-generalisation setting, in the paper's column order.
+IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+MISSING_LABEL = "n/a"
+
+
+def dataset_name(key: Any) -> str:
+    """The paper's name for a CoOp dataset key; unknown keys are shown as they are."""
+    if key is None or (isinstance(key, float) and pd.isna(key)):
+        return MISSING_LABEL
+    return DATASET_NAMES.get(str(key), str(key))
+
+
+def format_number(value: float) -> str:
+    """1.0 -> "1", 10.0 -> "10", 0.5 -> "0.5": hyper-parameters without a trailing .0."""
+    return f"{float(value):g}"
+
+
+def method_label(method: str | None, beta: float | None = None, weight: float | None = None) -> str:
+    """The label of a method in tables and legends.
+
+    coop -> "CoOp"; nemesis with beta 1 -> "CoOp+Nemesis (PEN, w=<weight>)", beta 0 -> PAN,
+    any other beta -> "CoOp+Nemesis (PEN+PAN, beta=<beta>, w=<weight>)".
+    """
+    if method is None or (isinstance(method, float) and pd.isna(method)):
+        return "unknown"
+    method = str(method).lower()
+    if method == "coop":
+        return "CoOp"
+    if method != "nemesis":
+        return method
+    if beta is None or weight is None:
+        return "CoOp+Nemesis"
+    weight_text = format_number(weight)
+    if float(beta) == 1.0:
+        return f"CoOp+Nemesis (PEN, w={weight_text})"
+    if float(beta) == 0.0:
+        return f"CoOp+Nemesis (PAN, w={weight_text})"
+    return f"CoOp+Nemesis (PEN+PAN, beta={format_number(beta)}, w={weight_text})"
+
+
+def method_label_from_config(config: Mapping[str, Any]) -> str:
+    """The method label of a run from its `config.json` (method plus the `nemesis` block)."""
+    nemesis = config.get("nemesis") or {}
+    return method_label(config.get("method"), nemesis.get("beta"), nemesis.get("weight"))
+
+
+def shots_label(shots: Any) -> str:
+    """Shots per class as an axis or column label: 16 -> "16", missing -> "n/a"."""
+    if shots is None or pd.isna(shots):
+        return MISSING_LABEL
+    return str(int(shots))

@@ -1,0 +1,249 @@
+"""The Low-Norm Effect: which corrupted cells shrink the norm and gain accuracy, and how often.
+
+Definitions (DESIGN section 5): a cell *reduces* the norm when the corrupted position's norm is
+lower after than before, *increases* it when higher. The LNE occurs in a reducing cell when its
+accuracy change exceeds the margin; the significance-aware mode also asks the exact McNemar test
+on paired per-sample correctness for p < alpha. Frequency of a group = number of occurrences;
+rate = occurrences / reducing cells. The companion: share of increasing cells that lose accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from nemesis.errors import NemesisError
+
+from .results import ORIGINAL_OP, SOURCE_COLUMN, read_correctness
+
+DEFAULT_BY = ("dataset", "shots")
+DEFAULT_ALPHA = 0.05
+# Accuracy changes smaller than this (percentage points) are float noise, not a change.
+CHANGE_TOLERANCE = 1e-9
+
+# Columns the paired test adds: samples the corrupted cell gets right where the original was
+# wrong (gained) and the reverse (lost), and the exact McNemar p-value.
+GAINED, LOST, P_VALUE = "gained", "lost", "p_value"
+
+
+def parse_by(by: str | Sequence[str]) -> list[str]:
+    """ "dataset,shots" or ["dataset", "shots"] -> ["dataset", "shots"]."""
+    columns = [part.strip() for part in by.split(",")] if isinstance(by, str) else [str(part) for part in by]
+    columns = [column for column in columns if column]
+    if not columns:
+        raise NemesisError("--by names no column; pass e.g. --by dataset,shots or --by position")
+    return columns
+
+
+def check_by(cells: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    """Make sure every grouping column exists and holds at least one value among the corrupted cells."""
+    columns = parse_by(by)
+    unknown = [column for column in columns if column not in cells.columns]
+    if unknown:
+        raise NemesisError(
+            f"--by column {unknown[0]!r} is not in the results; available: {', '.join(map(str, cells.columns))}"
+        )
+    corrupted = corrupted_cells(cells)
+    if corrupted.empty:
+        raise NemesisError("the results hold no corrupted cells; run `nemesis corrupt` with a non-empty grid")
+    for column in columns:
+        if corrupted[column].isna().all():
+            raise NemesisError(f"--by column {column!r} has no values in the corrupted cells; group by another column")
+    return columns
+
+
+def corrupted_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """The rows that corrupt something (every op except `original`)."""
+    return cells[cells["op"] != ORIGINAL_OP]
+
+
+def mark_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """A copy with boolean columns `reduces` and `increases` (both False for original rows)."""
+    marked = cells.copy()
+    corrupted = marked["op"] != ORIGINAL_OP
+    # NaN norms compare False on both sides, so original rows are neither.
+    marked["reduces"] = corrupted & (marked["norm_after"] < marked["norm_before"])
+    marked["increases"] = corrupted & (marked["norm_after"] > marked["norm_before"])
+    return marked
+
+
+def mcnemar_exact_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs.
+
+    p = min(1, 2 * P[X <= min(b, c)]) with X ~ Binomial(b + c, 1/2); p = 1 without discordant pairs.
+    """
+    gained, lost = int(gained), int(lost)
+    if gained < 0 or lost < 0:
+        raise ValueError(f"discordant counts must be >= 0, got gained={gained}, lost={lost}")
+    trials = gained + lost
+    if trials == 0:
+        return 1.0
+    smaller = min(gained, lost)
+    # Sum the binomial terms in log space: exact integers would get slow for large test sets.
+    k = np.arange(smaller + 1)
+    log_terms = (
+        math.lgamma(trials + 1)
+        - np.array([math.lgamma(value + 1) + math.lgamma(trials - value + 1) for value in k])
+        - trials * math.log(2.0)
+    )
+    peak = log_terms.max()
+    log_cdf = peak + math.log(float(np.exp(log_terms - peak).sum()))
+    return float(min(1.0, 2.0 * math.exp(log_cdf)))
+
+
+def _original_rows(cells: pd.DataFrame) -> dict[tuple, str]:
+    """(results file, checkpoint, model, dataset) -> cell_id of that checkpoint's original row."""
+    key_columns = [SOURCE_COLUMN, "checkpoint", "model", "dataset"]
+    originals = cells[cells["op"] == ORIGINAL_OP]
+    return {tuple(row[:-1]): row[-1] for row in originals[[*key_columns, "cell_id"]].itertuples(index=False)}
+
+
+def add_mcnemar(cells: pd.DataFrame) -> pd.DataFrame:
+    """A copy with `gained`, `lost` and `p_value` for every corrupted cell (NaN for original rows).
+
+    Frames that already hold `gained` and `lost` are only given p-values; otherwise the counts
+    come from the per-sample correctness file beside each results table.
+    """
+    marked = cells.copy()
+    corrupted = marked["op"] != ORIGINAL_OP
+    if GAINED not in marked or LOST not in marked:
+        if SOURCE_COLUMN not in marked:
+            raise NemesisError("the significance test needs per-sample correctness; load the results with load_sweeps")
+        originals = _original_rows(marked)
+        gained = pd.Series(np.nan, index=marked.index)
+        lost = pd.Series(np.nan, index=marked.index)
+        for results_file, group in marked[corrupted].groupby(SOURCE_COLUMN, sort=False):
+            correctness = read_correctness(results_file)
+            for index, row in group.iterrows():
+                key = (results_file, row["checkpoint"], row["model"], row["dataset"])
+                if key not in originals:
+                    raise NemesisError(
+                        f"{results_file}: checkpoint {row['checkpoint']} has no original row to pair cell "
+                        f"{row['cell_id']} with; rerun the sweep"
+                    )
+                before = _correctness_of(correctness, originals[key], results_file)
+                after = _correctness_of(correctness, row["cell_id"], results_file)
+                if before.shape != after.shape:
+                    raise NemesisError(
+                        f"{results_file}: cell {row['cell_id']} has {after.size} samples but its original "
+                        f"has {before.size}; the pairs must cover the same test samples"
+                    )
+                gained[index] = int(np.count_nonzero(after & ~before))
+                lost[index] = int(np.count_nonzero(before & ~after))
+        marked[GAINED], marked[LOST] = gained, lost
+    p_values = [
+        mcnemar_exact_p(g, lo) if is_corrupted and not (pd.isna(g) or pd.isna(lo)) else np.nan
+        for g, lo, is_corrupted in zip(marked[GAINED], marked[LOST], corrupted, strict=True)
+    ]
+    marked[P_VALUE] = p_values
+    return marked
+
+
+def _correctness_of(correctness: dict[str, np.ndarray], cell_id: str, results_file: str) -> np.ndarray:
+    if cell_id not in correctness:
+        raise NemesisError(f"cell {cell_id} of {results_file} is missing from its per-sample correctness file")
+    return correctness[cell_id]
+
+
+def mark_occurrences(
+    cells: pd.DataFrame,
+    margin: float = 0.0,
+    significant: bool = False,
+    alpha: float = DEFAULT_ALPHA,
+) -> pd.DataFrame:
+    """A copy with `reduces`, `increases`, `lne` (an occurrence) and `degrades` (increasing, lower accuracy).
+
+    With `significant`, an occurrence also needs the exact McNemar p-value below `alpha`.
+    """
+    if margin < 0:
+        raise NemesisError(f"--margin must be >= 0 percentage points, got {margin}")
+    if not 0 < alpha <= 1:
+        raise NemesisError(f"--alpha must be in (0, 1], got {alpha}")
+    marked = mark_cells(cells)
+    marked["lne"] = marked["reduces"] & (marked["delta_acc"] > margin + CHANGE_TOLERANCE)
+    if significant:
+        marked = add_mcnemar(marked)
+        marked["lne"] = marked["lne"] & (marked[P_VALUE] < alpha)
+    marked["degrades"] = marked["increases"] & (marked["delta_acc"] < -CHANGE_TOLERANCE)
+    return marked
+
+
+FREQUENCY_COLUMNS = (
+    "cells",
+    "reducing",
+    "frequency",
+    "rate",
+    "increasing",
+    "degrading",
+    "degradation_rate",
+)
+
+
+def lne_frequency(
+    cells: pd.DataFrame,
+    by: str | Sequence[str] = DEFAULT_BY,
+    margin: float = 0.0,
+    significant: bool = False,
+    alpha: float = DEFAULT_ALPHA,
+) -> pd.DataFrame:
+    """LNE frequency per group, summed over everything not in `by` (seeds, positions, settings).
+
+    Columns: the `by` columns, then cells (corrupted cells), reducing (norm-reducing cells),
+    frequency (occurrences), rate (frequency / reducing; NaN without reducing cells), increasing,
+    degrading (increasing cells with lower accuracy) and degradation_rate (degrading / increasing).
+    """
+    columns = check_by(cells, by)
+    marked = corrupted_cells(mark_occurrences(cells, margin, significant, alpha))
+    table = (
+        marked.groupby(columns, dropna=False, sort=True)
+        .agg(
+            cells=("cell_id", "size"),
+            reducing=("reduces", "sum"),
+            frequency=("lne", "sum"),
+            increasing=("increases", "sum"),
+            degrading=("degrades", "sum"),
+        )
+        .reset_index()
+    )
+    for column in ("cells", "reducing", "frequency", "increasing", "degrading"):
+        table[column] = table[column].astype("int64")
+    table["rate"] = _ratio(table["frequency"], table["reducing"])
+    table["degradation_rate"] = _ratio(table["degrading"], table["increasing"])
+    return table[[*columns, *FREQUENCY_COLUMNS]]
+
+
+def _ratio(numerator: pd.Series, denominator: pd.Series) -> pd.Series:
+    return (numerator / denominator.where(denominator > 0)).astype(float)
+
+
+def require_rates(table: pd.DataFrame, by: Sequence[str], column: str = "rate") -> None:
+    """Fail naming the first group whose rate is undefined (no reducing or increasing cells)."""
+    undefined = table[table[column].isna()]
+    if undefined.empty:
+        return
+    first = undefined.iloc[0]
+    group = ", ".join(f"{name}={first[name]}" for name in parse_by(by))
+    kind = "norm-reducing" if column == "rate" else "norm-increasing"
+    raise NemesisError(
+        f"group {group} has no {kind} cells, so its rate is undefined; plot the frequency instead or regroup with --by"
+    )
+
+
+def mean_change_by_position(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """op -> position x factor frame of the mean accuracy change (delta_acc) over everything else."""
+    corrupted = corrupted_cells(cells)
+    if corrupted.empty:
+        raise NemesisError("the results hold no corrupted cells; run `nemesis corrupt` with a non-empty grid")
+    if corrupted["position"].isna().all():
+        raise NemesisError("--by position: the corrupted cells carry no position")
+    maps = {}
+    for op, group in corrupted.groupby("op", sort=True):
+        maps[str(op)] = (
+            group.pivot_table(index="position", columns="factor", values="delta_acc", aggfunc="mean", dropna=False)
+            .sort_index(axis=0)
+            .sort_index(axis=1)
+        )
+    return maps

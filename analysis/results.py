@@ -1,0 +1,439 @@
+"""Reading what the other commands write into tidy pandas frames.
+
+Three kinds of input: sweep tables (`nemesis corrupt`, one row per cell, with per-sample
+correctness beside them), training run folders (`nemesis train --out DIR`) and evaluation
+records (`nemesis eval --out FILE.jsonl`). Files of another schema fail with a NemesisError
+naming what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from nemesis.errors import NemesisError
+
+from .labels import method_label, method_label_from_config
+
+# Sweep table: one row per cell; the column order is the writer's.
+SWEEP_COLUMNS = (
+    "cell_id",
+    "checkpoint",
+    "model",
+    "dataset",
+    "shots",
+    "seed",
+    "method",
+    "op",
+    "position",
+    "factor",
+    "noise_seed",
+    "n",
+    "correct",
+    "accuracy",
+    "delta_acc",
+    "norm_before",
+    "norm_after",
+)
+SWEEP_INTEGER_COLUMNS = ("shots", "seed", "position", "noise_seed")
+SWEEP_FLOAT_COLUMNS = ("factor", "accuracy", "delta_acc", "norm_before", "norm_after")
+SWEEP_TEXT_COLUMNS = ("cell_id", "checkpoint", "model", "dataset", "method", "op")
+SWEEP_SUFFIXES = (".parquet", ".csv")
+CORRECTNESS_COLUMNS = ("cell_id", "correct")
+# `X.parquet` / `X.csv` keep their per-sample correctness in `X.correct.parquet`.
+CORRECTNESS_SUFFIX = ".correct.parquet"
+ORIGINAL_OP = "original"
+
+# Column added by the loader: which file a row came from (cell ids are unique within a file).
+SOURCE_COLUMN = "results_file"
+
+# Run folder files.
+RUN_CONFIG = "config.json"
+RUN_METRICS = "metrics.jsonl"
+RUN_REQUIRED_CONFIG_KEYS = ("dataset", "method")
+
+# Evaluation records.
+EVAL_SUFFIX = ".jsonl"
+EVAL_KIND = "eval"
+EVAL_COLUMNS = (
+    "checkpoint",
+    "model",
+    "dataset",
+    "train_dataset",
+    "subsample",
+    "shots",
+    "seed",
+    "method",
+    "n",
+    "accuracy",
+)
+EVAL_OPTIONAL_COLUMNS = ("pretrained", "method_label", "macro_f1")
+
+
+@dataclass
+class Run:
+    """One training run folder: its resolved config and its metrics, split by row kind."""
+
+    path: Path
+    config: dict[str, Any]
+    epochs: pd.DataFrame  # one row per epoch: epoch, test_acc, norms, mean_norm, fro_norm
+    steps: pd.DataFrame  # one row per logged step: epoch, step, lr, ce_loss, norm_loss, ...
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        return method_label_from_config(self.config)
+
+    @property
+    def final_test_acc(self) -> float:
+        """The last epoch row's non-null test accuracy (NaN if the run never evaluated)."""
+        if self.epochs.empty or "test_acc" not in self.epochs:
+            return float("nan")
+        evaluated = self.epochs["test_acc"].dropna()
+        return float(evaluated.iloc[-1]) if len(evaluated) else float("nan")
+
+
+@dataclass
+class Inputs:
+    """Everything `nemesis report` was given, sorted by kind."""
+
+    cells: pd.DataFrame | None = None
+    runs: list[Run] = field(default_factory=list)
+    evals: pd.DataFrame | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.cells is None and not self.runs and self.evals is None
+
+
+# ----------------------------------------------------------------------------- finding files
+
+
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (path / RUN_CONFIG).is_file()
+
+
+def _is_sweep_file(path: Path) -> bool:
+    return path.suffix.lower() in SWEEP_SUFFIXES and not path.name.endswith(CORRECTNESS_SUFFIX)
+
+
+def _walk(folder: Path) -> Iterable[Path]:
+    """Run folders, sweep tables (.parquet) and eval records (.jsonl) under `folder`.
+
+    Run folders are not entered (their metrics.jsonl is not an eval file). CSV files are only
+    read when named, so tables a report wrote into the same tree are not mistaken for sweeps.
+    """
+    for root, folders, files in os.walk(folder):
+        root_path = Path(root)
+        kept = []
+        for name in sorted(folders):
+            if name.startswith("."):
+                continue
+            if _is_run_folder(root_path / name):
+                yield root_path / name
+            else:
+                kept.append(name)
+        folders[:] = kept
+        for name in sorted(files):
+            path = root_path / name
+            if name.startswith("."):
+                continue
+            if (path.suffix == ".parquet" and _is_sweep_file(path)) or path.suffix == EVAL_SUFFIX:
+                yield path
+
+
+def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]:
+    """(path, named) pairs: named files and run folders as they are, other folders searched.
+
+    `named` tells whether the user named the path (a wrong kind is then an error) or a folder
+    search found it (a loader skips kinds it does not read). Duplicates are dropped.
+    """
+    found: list[tuple[Path, bool]] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise NemesisError(f"no such file or folder: {path}")
+        if path.is_dir() and not _is_run_folder(path):
+            found.extend((child, False) for child in _walk(path))
+        else:
+            found.append((path, True))
+    unique: dict[Path, tuple[Path, bool]] = {}
+    for path, named in found:
+        unique.setdefault(path.resolve(), (path, named))
+    return list(unique.values())
+
+
+# ----------------------------------------------------------------------------- sweep tables
+
+
+def _missing(columns: Iterable[str], required: Iterable[str]) -> list[str]:
+    present = set(columns)
+    return [column for column in required if column not in present]
+
+
+def read_sweep(path: str | os.PathLike) -> pd.DataFrame:
+    """One sweep table (.parquet or .csv), checked and with normalised dtypes."""
+    path = Path(path)
+    if not _is_sweep_file(path):
+        raise NemesisError(f"{path} is not a sweep table; pass the .parquet or .csv `nemesis corrupt` wrote")
+    try:
+        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    except (OSError, ValueError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise NemesisError(f"cannot read sweep table {path}: {first_line}") from error
+    missing = _missing(frame.columns, SWEEP_COLUMNS)
+    if missing:
+        raise NemesisError(
+            f"{path} is not a sweep results table: missing columns {', '.join(missing)}; "
+            "pass the table `nemesis corrupt` wrote"
+        )
+    if frame["cell_id"].duplicated().any():
+        duplicate = frame.loc[frame["cell_id"].duplicated(), "cell_id"].iloc[0]
+        raise NemesisError(f"{path}: cell_id {duplicate!r} appears twice; each cell must have one row")
+    try:
+        for column in SWEEP_INTEGER_COLUMNS:
+            frame[column] = pd.to_numeric(frame[column]).astype("Int64")
+        for column in SWEEP_FLOAT_COLUMNS:
+            frame[column] = pd.to_numeric(frame[column]).astype(float)
+        for column in ("n", "correct"):
+            frame[column] = pd.to_numeric(frame[column]).astype("int64")
+    except (TypeError, ValueError) as error:
+        raise NemesisError(f"{path}: a numeric column holds other values ({error}); is this a sweep table?") from error
+    for column in SWEEP_TEXT_COLUMNS:
+        frame[column] = frame[column].astype(str)
+    frame[SOURCE_COLUMN] = str(path)
+    return frame
+
+
+def load_sweeps(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """All sweep tables among `paths` (tables, or folders searched for .parquet) as one frame."""
+    files = []
+    for path, named in _expand(paths):
+        if _is_sweep_file(path):
+            files.append(path)
+        elif named:
+            raise NemesisError(f"{path} is not a sweep table; pass .parquet or .csv results of `nemesis corrupt`")
+    if not files:
+        raise NemesisError("no sweep result files found; pass the .parquet tables `nemesis corrupt` wrote")
+    return pd.concat([read_sweep(path) for path in files], ignore_index=True)
+
+
+def correctness_path(results_file: str | os.PathLike) -> Path:
+    """Where the per-sample correctness of a sweep table lives: X.parquet or X.csv -> X.correct.parquet."""
+    path = Path(results_file)
+    return path.with_name(path.stem + CORRECTNESS_SUFFIX)
+
+
+def read_correctness(results_file: str | os.PathLike) -> dict[str, np.ndarray]:
+    """cell_id -> per-sample correctness [n] (bool) for one sweep table."""
+    path = correctness_path(results_file)
+    if not path.is_file():
+        raise NemesisError(
+            f"per-sample correctness {path} not found; the significance test needs it beside {results_file}"
+        )
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as error:
+        raise NemesisError(f"cannot read per-sample correctness {path}: {type(error).__name__}") from error
+    missing = _missing(frame.columns, CORRECTNESS_COLUMNS)
+    if missing:
+        raise NemesisError(f"{path} is not a per-sample correctness file: missing columns {', '.join(missing)}")
+    return {
+        str(cell_id): np.asarray(correct, dtype=bool)
+        for cell_id, correct in zip(frame["cell_id"], frame["correct"], strict=True)
+    }
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise NemesisError(f"{path} line {number} is not JSON ({error.msg})") from error
+            if not isinstance(row, dict):
+                raise NemesisError(f"{path} line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """One run folder written by `nemesis train --out DIR`."""
+    path = Path(path)
+    config_file, metrics_file = path / RUN_CONFIG, path / RUN_METRICS
+    if not config_file.is_file():
+        raise NemesisError(f"{path} is not a run folder: {RUN_CONFIG} not found")
+    if not metrics_file.is_file():
+        raise NemesisError(f"run folder {path} has no {RUN_METRICS}; did training start?")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise NemesisError(f"{config_file} is not JSON ({error.msg})") from error
+    if not isinstance(config, dict):
+        raise NemesisError(f"{config_file} is not a JSON object")
+    missing = _missing(config, RUN_REQUIRED_CONFIG_KEYS)
+    if missing:
+        raise NemesisError(f"{config_file} lacks keys {', '.join(missing)}; is this a `nemesis train` run?")
+    rows = _read_jsonl(metrics_file)
+    epochs = pd.DataFrame([row for row in rows if row.get("kind") == "epoch"])
+    steps = pd.DataFrame([row for row in rows if row.get("kind") == "step"])
+    if not epochs.empty:
+        if "epoch" not in epochs:
+            raise NemesisError(f"{metrics_file}: epoch rows lack the 'epoch' key")
+        for column in ("test_acc", "mean_norm", "fro_norm"):
+            epochs[column] = pd.to_numeric(epochs[column], errors="coerce") if column in epochs else np.nan
+        epochs = epochs.sort_values("epoch", kind="stable").reset_index(drop=True)
+    return Run(path=path, config=config, epochs=epochs, steps=steps)
+
+
+def load_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
+    """All run folders among `paths` (run folders, or folders holding run folders)."""
+    folders = []
+    for path, named in _expand(paths):
+        if _is_run_folder(path):
+            folders.append(path)
+        elif named:
+            raise NemesisError(f"{path} is not a run folder; pass folders written by `nemesis train --out DIR`")
+    if not folders:
+        raise NemesisError("no run folders found; pass folders written by `nemesis train --out DIR`")
+    return [read_run(folder) for folder in folders]
+
+
+RUN_SUMMARY_COLUMNS = (
+    "run",
+    "name",
+    "model",
+    "dataset",
+    "subsample",
+    "shots",
+    "seed",
+    "method",
+    "method_label",
+    "epochs",
+    "test_acc",
+)
+
+
+def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per run: identity, method label and final test accuracy."""
+    rows = [
+        {
+            "run": str(run.path),
+            "name": run.name,
+            "model": run.config.get("model"),
+            "dataset": run.config.get("dataset"),
+            "subsample": run.config.get("subsample") or "all",
+            "shots": run.config.get("shots"),
+            "seed": run.config.get("seed"),
+            "method": run.config.get("method"),
+            "method_label": run.label,
+            "epochs": len(run.epochs),
+            "test_acc": run.final_test_acc,
+        }
+        for run in runs
+    ]
+    frame = pd.DataFrame(rows, columns=list(RUN_SUMMARY_COLUMNS))
+    for column in ("shots", "seed"):
+        frame[column] = pd.to_numeric(frame[column]).astype("Int64")
+    frame["test_acc"] = frame["test_acc"].astype(float)
+    return frame
+
+
+# ----------------------------------------------------------------------------- evaluation records
+
+
+def read_evals(path: str | os.PathLike) -> pd.DataFrame:
+    """The `kind == "eval"` records of one JSON Lines file written by `nemesis eval --out`."""
+    path = Path(path)
+    rows = [row for row in _read_jsonl(path) if row.get("kind") == EVAL_KIND]
+    if not rows:
+        raise NemesisError(
+            f"{path} holds no evaluation records (rows with kind 'eval'); pass files `nemesis eval --out` wrote"
+        )
+    frame = pd.DataFrame(rows)
+    missing = _missing(frame.columns, EVAL_COLUMNS)
+    if missing:
+        raise NemesisError(f"{path}: evaluation records lack keys {', '.join(missing)}")
+    for column in EVAL_OPTIONAL_COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    for column in ("shots", "seed"):
+        frame[column] = pd.to_numeric(frame[column]).astype("Int64")
+    frame["accuracy"] = pd.to_numeric(frame["accuracy"]).astype(float)
+    frame["subsample"] = frame["subsample"].fillna("all")
+    frame["method"] = frame["method"].fillna("unknown")
+    frame["train_dataset"] = frame["train_dataset"].fillna(frame["dataset"])
+    for column in ("checkpoint", "model", "dataset", "train_dataset", "method"):
+        frame[column] = frame[column].astype(str)
+    # Records carry their label; where a writer left it out, build it from the method and its
+    # hyper-parameters (`method_config`: beta, weight) when the record has them.
+    configs = frame["method_config"] if "method_config" in frame else pd.Series(None, index=frame.index)
+    fallback = pd.Series(
+        [method_label(method, *_beta_weight(config)) for method, config in zip(frame["method"], configs, strict=True)],
+        index=frame.index,
+    )
+    frame["method_label"] = frame["method_label"].where(frame["method_label"].notna(), fallback)
+    frame[SOURCE_COLUMN] = str(path)
+    return frame
+
+
+def _beta_weight(config: Any) -> tuple[float | None, float | None]:
+    if not isinstance(config, dict):
+        return None, None
+    return config.get("beta"), config.get("weight")
+
+
+def load_evals(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """All evaluation records among `paths` (.jsonl files, or folders searched for them)."""
+    files = []
+    for path, named in _expand(paths):
+        if path.suffix == EVAL_SUFFIX and path.is_file():
+            files.append(path)
+        elif named:
+            raise NemesisError(f"{path} is not an evaluation file; pass the .jsonl `nemesis eval --out` wrote")
+    if not files:
+        raise NemesisError("no evaluation records found; pass the .jsonl files `nemesis eval --out` wrote")
+    return pd.concat([read_evals(path) for path in files], ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- everything
+
+
+def load_inputs(paths: Sequence[str | os.PathLike]) -> Inputs:
+    """Sort `paths` into sweep tables, run folders and evaluation records and load each."""
+    if not paths:
+        raise NemesisError("no inputs given; pass run folders, sweep tables (.parquet/.csv) or eval records (.jsonl)")
+    sweeps, runs, evals = [], [], []
+    for path, _named in _expand(paths):
+        if _is_run_folder(path):
+            runs.append(read_run(path))
+        elif _is_sweep_file(path):
+            sweeps.append(read_sweep(path))
+        elif path.suffix == EVAL_SUFFIX and path.is_file():
+            evals.append(read_evals(path))
+        else:
+            raise NemesisError(f"{path}: not a run folder, sweep table (.parquet/.csv) or eval records (.jsonl)")
+    inputs = Inputs(
+        cells=pd.concat(sweeps, ignore_index=True) if sweeps else None,
+        runs=runs,
+        evals=pd.concat(evals, ignore_index=True) if evals else None,
+    )
+    if inputs.empty:
+        raise NemesisError("no result files found in the inputs; pass run folders, sweep tables or eval records")
+    return inputs

@@ -1,0 +1,492 @@
+"""Report tables: few-shot, base-to-new, domain generalisation and LNE frequency.
+
+Each builder returns a `Table`: `data` is the tidy numeric frame written as CSV, `display` the
+formatted frame written as Markdown and LaTeX. Means are over seeds; std is the sample std
+(ddof=1) and is left blank (NaN in the CSV, no "±" in the display) for a single seed. Rows taken
+from the paper are marked "[paper]" in the display and `origin == "paper"` in the CSV.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nemesis.atomic import write_text_atomic
+from nemesis.errors import NemesisError
+
+from . import paper_numbers
+from .labels import IMAGENET_VARIANTS, MISSING_LABEL, PAPER_DATASETS, dataset_name, shots_label
+from .low_norm_effect import DEFAULT_ALPHA, DEFAULT_BY, lne_frequency, parse_by
+from .results import Run, runs_frame
+
+AVERAGE = "Average"
+PAPER_MARK = " [paper]"
+OURS, PAPER = "ours", "paper"
+TABLE_SUFFIXES = (".md", ".csv", ".tex")
+
+
+@dataclass
+class Table:
+    """One report table in two shapes: numeric data (CSV) and formatted display (Markdown, LaTeX)."""
+
+    name: str  # file stem
+    title: str
+    data: pd.DataFrame
+    display: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """H = 2 * base * new / (base + new); 0 when both are 0."""
+    if base + new == 0:
+        return 0.0
+    return 2.0 * base * new / (base + new)
+
+
+def format_mean_std(mean: float, std: float) -> str:
+    """ "73.10 ± 0.52"; a NaN std (one seed) shows the mean alone; a NaN mean shows nothing."""
+    if mean is None or pd.isna(mean):
+        return ""
+    if std is None or pd.isna(std):
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def _mean_std(values: pd.Series) -> pd.Series:
+    values = values.dropna()
+    std = float(values.std(ddof=1)) if len(values) > 1 else np.nan
+    return pd.Series({"mean": float(values.mean()) if len(values) else np.nan, "std": std, "seeds": len(values)})
+
+
+def _method_order(label: str) -> tuple:
+    # CoOp first, as the paper's tables do, then the Nemesis variants alphabetically.
+    return (label != "CoOp", label)
+
+
+def _dataset_order(key: str) -> tuple:
+    order = [*PAPER_DATASETS, *IMAGENET_VARIANTS]
+    return (order.index(key) if key in order else len(order), str(key))
+
+
+def _show_model(frame: pd.DataFrame) -> bool:
+    return "model" in frame and frame["model"].nunique(dropna=False) > 1
+
+
+def _row_sort(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    def key(series: pd.Series) -> pd.Series:
+        if series.name == "method":
+            return series.map(_method_order)
+        if series.name in ("dataset", "source", "target"):
+            return series.map(lambda value: (value == AVERAGE, _dataset_order(value)))
+        return series
+
+    return frame.sort_values(list(columns), key=key, kind="stable", na_position="last").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- few-shot
+
+
+FEW_SHOT_RESULT_COLUMNS = ("model", "method", "dataset", "shots", "seed", "accuracy", "source")
+
+
+def few_shot_results(runs: Sequence[Run] = (), evals: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One accuracy per trained prompt: runs' final test accuracy, plus eval records of the
+    prompt's own dataset (subsample "all") for checkpoints outside the given run folders."""
+    rows = []
+    summary = runs_frame(runs)
+    summary = summary[(summary["subsample"] == "all") & summary["test_acc"].notna()]
+    for row in summary.itertuples(index=False):
+        rows.append((row.model, row.method_label, row.dataset, row.shots, row.seed, row.test_acc, row.run))
+    if evals is not None:
+        run_folders = [run.path.resolve() for run in runs]
+        own = evals[(evals["subsample"] == "all") & (evals["dataset"] == evals["train_dataset"])]
+        # A checkpoint evaluated twice counts once: its latest record.
+        own = own.drop_duplicates(subset=["checkpoint", "model", "dataset"], keep="last")
+        for row in own.itertuples(index=False):
+            checkpoint = Path(row.checkpoint).resolve()
+            if any(folder == checkpoint or folder in checkpoint.parents for folder in run_folders):
+                continue
+            rows.append((row.model, row.method_label, row.dataset, row.shots, row.seed, row.accuracy, row.checkpoint))
+    frame = pd.DataFrame(rows, columns=list(FEW_SHOT_RESULT_COLUMNS))
+    frame["shots"] = pd.to_numeric(frame["shots"]).astype("Int64")
+    frame["accuracy"] = frame["accuracy"].astype(float)
+    return frame
+
+
+def _average_over_datasets(group: pd.DataFrame, datasets: Sequence[str]) -> pd.Series:
+    """Average of the per-dataset means; its std is over per-seed averages when every dataset has
+    the same seeds (NaN otherwise). NaN when one of `datasets` is missing for this row."""
+    present = set(group["dataset"])
+    if any(dataset not in present for dataset in datasets):
+        return pd.Series({"mean": np.nan, "std": np.nan, "seeds": 0})
+    mean = float(group.groupby("dataset")["accuracy"].mean().mean())
+    by_seed = group.pivot_table(index="seed", columns="dataset", values="accuracy", aggfunc="mean")
+    seed_sets = {frozenset(group.loc[group["dataset"] == dataset, "seed"].dropna()) for dataset in datasets}
+    std, seeds = np.nan, 0
+    if len(seed_sets) == 1 and not by_seed.isna().any().any():
+        seeds = len(by_seed)
+        if seeds > 1:
+            std = float(by_seed.mean(axis=1).std(ddof=1))
+    return pd.Series({"mean": mean, "std": std, "seeds": seeds})
+
+
+def few_shot_table(results: pd.DataFrame, paper: bool = True) -> Table:
+    """Method x shots x dataset, mean ± std over seeds, plus the average over datasets."""
+    if results.empty:
+        raise NemesisError(
+            "no few-shot results: no run reached an evaluated epoch and no eval record is of its own dataset"
+        )
+    keys = ["model", "method", "shots"]
+    results = results.assign(model=results["model"].fillna(MISSING_LABEL))
+    datasets = sorted(results["dataset"].unique(), key=_dataset_order)
+    per_dataset = results.groupby([*keys, "dataset"], dropna=False)["accuracy"].apply(_mean_std).unstack().reset_index()
+    # A row's average covers every dataset its model has at its shots, or is left blank.
+    expected = results.groupby(["model", "shots"], dropna=False)["dataset"].agg(set).to_dict()
+    averages = pd.DataFrame(
+        [
+            {
+                **dict(zip(keys, key, strict=True)),
+                "dataset": AVERAGE,
+                **_average_over_datasets(group, sorted(expected[(key[0], key[2])])).to_dict(),
+            }
+            for key, group in results.groupby(keys, dropna=False)
+        ]
+    )
+    data = pd.concat([per_dataset, averages], ignore_index=True)
+    data.insert(0, "origin", OURS)
+    data["seeds"] = data["seeds"].astype(int)
+    data = _row_sort(data, [*keys, "dataset"])
+
+    show_model = _show_model(results)
+    label_columns = (["Model"] if show_model else []) + ["Method", "Shots"]
+    value_columns = [dataset_name(dataset) for dataset in datasets] + [AVERAGE]
+    display_rows = []
+    for (model, method, shots), group in data.groupby(keys, dropna=False, sort=False):
+        row = {"Model": model, "Method": method, "Shots": shots_label(shots)}
+        for item in group.itertuples(index=False):
+            name = AVERAGE if item.dataset == AVERAGE else dataset_name(item.dataset)
+            row[name] = format_mean_std(item.mean, item.std)
+        display_rows.append(row)
+    notes = [
+        "mean ± sample std (ddof=1) over seeds; one seed: mean only.",
+        "Average: mean over the datasets of the row's model and shots (blank if the row lacks one);"
+        " its std is over per-seed averages.",
+    ]
+    if paper and set(datasets) == set(PAPER_DATASETS):
+        shots_present = set(results["shots"].dropna().astype(int))
+        paper_rows = []
+        for method, values in paper_numbers.FEW_SHOT_AVERAGE.items():
+            for shots, value in values.items():
+                if shots in shots_present:
+                    paper_rows.append(
+                        {"origin": PAPER, "method": method, "shots": shots, "dataset": AVERAGE, "mean": value}
+                    )
+                    display_rows.append({"Method": method + PAPER_MARK, "Shots": str(shots), AVERAGE: f"~{value:.1f}"})
+        data = pd.concat([data, pd.DataFrame(paper_rows)], ignore_index=True)
+        notes.append("[paper] rows: the published 11-dataset averages, read off a plot (~ +-0.5).")
+    display = pd.DataFrame(display_rows).reindex(columns=label_columns + value_columns).fillna("")
+    data = _integers(data, ["shots", "seeds"])
+    return Table("few_shot", "Few-shot classification accuracy (%)", data, display, notes)
+
+
+def few_shot_averages(table: Table) -> pd.DataFrame:
+    """The average-over-datasets rows of our results (for the few-shot curve)."""
+    data = table.data
+    return data[(data["origin"] == OURS) & (data["dataset"] == AVERAGE)].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- base-to-new
+
+
+def base_to_new_results(evals: pd.DataFrame) -> pd.DataFrame:
+    """One row per checkpoint evaluated on both its base and its new classes."""
+    keys = ["checkpoint", "model", "dataset"]
+    split = evals[evals["subsample"].isin(["base", "new"])]
+    split = split.drop_duplicates(subset=[*keys, "subsample"], keep="last")
+    pairs = split.pivot_table(index=keys, columns="subsample", values="accuracy", aggfunc="last")
+    if "base" not in pairs or "new" not in pairs:
+        return pd.DataFrame(columns=[*keys, "method", "shots", "seed", "base", "new"])
+    pairs = pairs.dropna(subset=["base", "new"]).reset_index()
+    identity = split.drop_duplicates(subset=keys, keep="last")[[*keys, "method_label", "shots", "seed"]]
+    pairs = pairs.merge(identity, on=keys, how="left").rename(columns={"method_label": "method"})
+    return pairs[[*keys, "method", "shots", "seed", "base", "new"]]
+
+
+def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
+    """Base, new and harmonic mean H per method and dataset, plus the average over datasets.
+
+    Base and new are means over seeds; H is the harmonic mean of those means (the average row:
+    of the average base and new), as CoCoOp reports it.
+    """
+    pairs = base_to_new_results(evals)
+    if pairs.empty:
+        raise NemesisError(
+            "no checkpoint was evaluated on both its base and its new classes; "
+            "run `nemesis eval` with --subsample base and new"
+        )
+    keys = ["model", "method", "shots"]
+    datasets = sorted(pairs["dataset"].unique(), key=_dataset_order)
+    per_dataset = (
+        pairs.groupby([*keys, "dataset"], dropna=False)
+        .agg(base=("base", "mean"), new=("new", "mean"), seeds=("base", "size"))
+        .reset_index()
+    )
+    rows = []
+    for key, group in per_dataset.groupby(keys, dropna=False, sort=False):
+        complete = set(group["dataset"]) == set(datasets)
+        rows.append(
+            {
+                **dict(zip(keys, key, strict=True)),
+                "dataset": AVERAGE,
+                "base": group["base"].mean() if complete else np.nan,
+                "new": group["new"].mean() if complete else np.nan,
+                "seeds": int(group["seeds"].min()) if complete else 0,
+            }
+        )
+    data = pd.concat([per_dataset, pd.DataFrame(rows)], ignore_index=True)
+    data["H"] = [
+        harmonic_mean(base, new) if not (pd.isna(base) or pd.isna(new)) else np.nan
+        for base, new in zip(data["base"], data["new"], strict=True)
+    ]
+    data.insert(0, "origin", OURS)
+    data = _row_sort(data, [*keys, "dataset"])
+    notes = ["base and new: mean over seeds; H = 2*base*new/(base+new) of those means."]
+    if paper and set(datasets) == set(PAPER_DATASETS):
+        paper_rows = [
+            {"origin": PAPER, "method": method, "dataset": AVERAGE, "base": base, "new": new, "H": h}
+            for method, (base, new, h) in paper_numbers.BASE_TO_NEW_AVERAGE.items()
+        ]
+        data = pd.concat([data, pd.DataFrame(paper_rows)], ignore_index=True)
+        notes.append("[paper] rows: the published CoCoOp-based averages over the 11 datasets.")
+    show_model = _show_model(pairs)
+    display = pd.DataFrame(
+        {
+            **({"Model": data["model"].fillna("")} if show_model else {}),
+            "Method": [
+                method + (PAPER_MARK if origin == PAPER else "")
+                for method, origin in zip(data["method"], data["origin"], strict=True)
+            ],
+            "Shots": [
+                shots_label(shots) if origin == OURS else ""
+                for shots, origin in zip(data["shots"], data["origin"], strict=True)
+            ],
+            "Dataset": [AVERAGE if dataset == AVERAGE else dataset_name(dataset) for dataset in data["dataset"]],
+            "Base": [_number(value) for value in data["base"]],
+            "New": [_number(value) for value in data["new"]],
+            "H": [_number(value) for value in data["H"]],
+        }
+    )
+    data = _integers(data, ["shots", "seeds"])
+    return Table("base_to_new", "Base-to-new generalisation accuracy (%)", data, display, notes)
+
+
+def _integers(data: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Count columns as nullable integers (paper rows leave them empty)."""
+    for column in columns:
+        if column in data:
+            data[column] = pd.to_numeric(data[column]).round().astype("Int64")
+    return data
+
+
+def _number(value: float) -> str:
+    return "" if value is None or pd.isna(value) else f"{value:.2f}"
+
+
+# ----------------------------------------------------------------------------- domain generalisation
+
+
+def domain_generalization_results(evals: pd.DataFrame) -> pd.DataFrame:
+    """Records of checkpoints (subsample "all") evaluated on at least one dataset besides their own."""
+    records = evals[evals["subsample"] == "all"].drop_duplicates(subset=["checkpoint", "model", "dataset"], keep="last")
+    crossed = records[records["dataset"] != records["train_dataset"]][["checkpoint", "model"]].drop_duplicates()
+    selected = records.merge(crossed, on=["checkpoint", "model"])
+    selected = selected.drop(columns="method")  # the label names the method in tables
+    return selected.rename(columns={"train_dataset": "source", "dataset": "target", "method_label": "method"})[
+        ["checkpoint", "model", "method", "shots", "seed", "source", "target", "accuracy"]
+    ]
+
+
+def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Table:
+    """Source and target datasets per method: mean ± std over seeds of each evaluation."""
+    records = domain_generalization_results(evals)
+    if records.empty:
+        raise NemesisError(
+            "no checkpoint was evaluated on a dataset besides its own; run `nemesis eval` on the target datasets"
+        )
+    keys = ["model", "method", "shots", "source"]
+    data = records.groupby([*keys, "target"], dropna=False)["accuracy"].apply(_mean_std).unstack().reset_index()
+    data["seeds"] = data["seeds"].astype(int)
+    data.insert(0, "origin", OURS)
+    data = _row_sort(data, [*keys, "target"])
+    sources = sorted(records["source"].unique(), key=_dataset_order)
+    targets = sorted(set(records["target"]) - set(sources), key=_dataset_order)
+    columns = [*sources, *targets]
+    show_model = _show_model(records)
+    display_rows = []
+    for (model, method, shots, source), group in data.groupby(keys, dropna=False, sort=False):
+        row = {"Model": model, "Method": method, "Shots": shots_label(shots), "Source": dataset_name(source)}
+        for item in group.itertuples(index=False):
+            row[dataset_name(item.target)] = format_mean_std(item.mean, item.std)
+        display_rows.append(row)
+    notes = ["mean ± sample std (ddof=1) over seeds; one seed: mean only."]
+    setting = paper_numbers.DOMAIN_GENERALIZATION_SETTING
+    if paper and setting["source"] in sources:
+        paper_rows = []
+        for method, values in paper_numbers.DOMAIN_GENERALIZATION.items():
+            row = {"Model": setting["model"], "Method": method + PAPER_MARK, "Shots": str(setting["shots"])}
+            row["Source"] = dataset_name(setting["source"])
+            for target, value in values.items():
+                row[dataset_name(target)] = f"{value:.2f}"
+                paper_rows.append(
+                    {
+                        "origin": PAPER,
+                        "model": setting["model"],
+                        "method": method,
+                        "shots": setting["shots"],
+                        "source": setting["source"],
+                        "target": target,
+                        "mean": value,
+                    }
+                )
+            display_rows.append(row)
+        data = pd.concat([data, pd.DataFrame(paper_rows)], ignore_index=True)
+        notes.append("[paper] rows: the published numbers (RN50, 16 shots, source ImageNet).")
+    label_columns = (["Model"] if show_model else []) + ["Method", "Shots", "Source"]
+    display = pd.DataFrame(display_rows).reindex(columns=label_columns + [dataset_name(c) for c in columns])
+    data = _integers(data, ["shots", "seeds"])
+    return Table("domain_generalization", "Domain generalisation accuracy (%)", data, display.fillna(""), notes)
+
+
+# ----------------------------------------------------------------------------- LNE frequency
+
+
+def lne_frequency_table(
+    cells: pd.DataFrame,
+    by: str | Sequence[str] = DEFAULT_BY,
+    margin: float = 0.0,
+    significant: bool = False,
+    alpha: float = DEFAULT_ALPHA,
+    paper: bool = True,
+) -> Table:
+    """LNE frequency (occurrences) and rate per group; by dataset x shots it is laid out as the
+    paper's figure: one row per dataset, one column per shots value, "frequency (rate)"."""
+    columns = parse_by(by)
+    frequency = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
+    data = frequency.copy()
+    data.insert(0, "origin", OURS)
+    criterion = f"accuracy change > {margin:g} pp" + (f" and exact McNemar p < {alpha:g}" if significant else "")
+    notes = [
+        f"An occurrence: a norm-reducing cell with {criterion}. Cell: frequency (rate = frequency / reducing cells)."
+    ]
+    if columns != ["dataset", "shots"]:
+        display = frequency.copy()
+        display["rate"] = [_percent(value) for value in display["rate"]]
+        display["degradation_rate"] = [_percent(value) for value in display["degradation_rate"]]
+        return Table("lne_frequency", "Low-Norm Effect frequency", data, display.astype(str), notes)
+
+    datasets = sorted(frequency["dataset"].unique(), key=_dataset_order)
+    shots_values = sorted(frequency["shots"].dropna().unique()) + ([pd.NA] if frequency["shots"].isna().any() else [])
+    display_rows = []
+    for dataset in datasets:
+        row = {"Dataset": dataset_name(dataset)}
+        for item in frequency[frequency["dataset"] == dataset].itertuples(index=False):
+            row[shots_label(item.shots)] = f"{item.frequency} ({_percent(item.rate)})"
+        display_rows.append(row)
+    if paper:
+        paper_rows = []
+        present_shots = {int(value) for value in frequency["shots"].dropna()}
+        for dataset in datasets:
+            values = paper_numbers.LNE_FREQUENCY.get(dataset)
+            if values is None:
+                continue
+            row = {"Dataset": dataset_name(dataset) + PAPER_MARK}
+            for shots, value in values.items():
+                if shots in present_shots:
+                    row[shots_label(shots)] = f"~{value}"
+                    paper_rows.append({"origin": PAPER, "dataset": dataset, "shots": shots, "frequency": value})
+            display_rows.append(row)
+        if paper_rows:
+            data = pd.concat([data, pd.DataFrame(paper_rows)], ignore_index=True)
+            data = _integers(data, ["shots", "cells", "reducing", "frequency", "increasing", "degrading"])
+            notes.append("[paper] rows: published frequencies read off a plot; what the paper counts is not stated.")
+    shot_columns = [shots_label(value) for value in shots_values]
+    display = pd.DataFrame(display_rows).reindex(columns=["Dataset", *shot_columns]).fillna("")
+    display = display.rename(columns={label: f"{label} shot{'' if label == '1' else 's'}" for label in shot_columns})
+    return Table("lne_frequency", "Low-Norm Effect frequency by dataset and shots", data, display, notes)
+
+
+def _percent(value: float) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _escape_markdown(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def to_markdown(table: Table) -> str:
+    """A pipe table with the title as a heading and the notes below."""
+    header = [_escape_markdown(column) for column in table.display.columns]
+    lines = [f"## {table.title}", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in table.display.itertuples(index=False):
+        lines.append("| " + " | ".join(_escape_markdown(value) for value in row) + " |")
+    lines.append("")
+    lines.extend(f"{note}  " for note in table.notes)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"$\sim$",
+    "^": r"\^{}",
+    "±": r"$\pm$",
+}
+
+
+def _escape_latex(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(character, character) for character in str(text))
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs}); title and notes as comments."""
+    columns = list(table.display.columns)
+    label_count = sum(1 for column in columns if column in ("Model", "Method", "Shots", "Dataset", "Source"))
+    alignment = "l" * max(label_count, 1) + "r" * (len(columns) - max(label_count, 1))
+    lines = [f"% {table.title}", *(f"% {note}" for note in table.notes)]
+    lines += [rf"\begin{{tabular}}{{{alignment}}}", r"\toprule"]
+    lines.append(" & ".join(_escape_latex(column) for column in columns) + r" \\")
+    lines.append(r"\midrule")
+    for row in table.display.itertuples(index=False):
+        lines.append(" & ".join(_escape_latex(value) for value in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def table_paths(table: Table, out_dir: str | os.PathLike) -> list[Path]:
+    return [Path(out_dir) / f"{table.name}{suffix}" for suffix in TABLE_SUFFIXES]
+
+
+def write_table(table: Table, out_dir: str | os.PathLike) -> list[Path]:
+    """Write TABLE.md, TABLE.csv and TABLE.tex into `out_dir`, each atomically."""
+    markdown, csv, latex = table_paths(table, out_dir)
+    write_text_atomic(markdown, to_markdown(table))
+    write_text_atomic(csv, table.data.to_csv(index=False))
+    write_text_atomic(latex, to_latex(table))
+    return [markdown, csv, latex]

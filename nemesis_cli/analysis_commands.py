@@ -1,0 +1,115 @@
+"""`nemesis plot-frequency`, `nemesis plot-norms`, `nemesis report`: wiring to `analysis`, no logic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import analysis
+from analysis.low_norm_effect import DEFAULT_ALPHA, parse_by
+
+from .common import reports_errors
+
+ResultsArgument = Annotated[
+    list[Path] | None,
+    typer.Argument(
+        help="Sweep tables (.parquet/.csv from `nemesis corrupt`) or folders searched for .parquet tables.",
+        show_default=False,
+    ),
+]
+FigureOption = Annotated[
+    Path, typer.Option("--out", help="Figure path; FIG, FIG.png or FIG.pdf all write FIG.png and FIG.pdf.")
+]
+MarginOption = Annotated[
+    float, typer.Option(help="An occurrence needs an accuracy gain above this many percentage points.")
+]
+SignificantOption = Annotated[
+    bool,
+    typer.Option("--significant", help="Also require the exact McNemar test on per-sample correctness: p < --alpha."),
+]
+AlphaOption = Annotated[float, typer.Option(help="Significance level of --significant.")]
+
+
+@reports_errors
+def plot_frequency(
+    results: ResultsArgument = None,
+    out: FigureOption = ...,
+    rate: Annotated[
+        bool, typer.Option("--rate", help="Plot occurrences / norm-reducing cells instead of the count.")
+    ] = False,
+    significant: SignificantOption = False,
+    alpha: AlphaOption = DEFAULT_ALPHA,
+    margin: MarginOption = 0.0,
+    by: Annotated[
+        str,
+        typer.Option(
+            help="Group columns, comma-separated: x axis = shots, one line per value of the others; "
+            "'position' draws a position x factor heat map of the mean accuracy change."
+        ),
+    ] = "dataset,shots",
+) -> None:
+    """Plot how often the Low-Norm Effect occurs, the paper's figure; print the frequency table.
+
+    Example: nemesis plot-frequency sweeps/ --out figures/lne_frequency --significant
+    """
+    cells = analysis.load_sweeps(results or [])
+    columns = parse_by(by)
+    table = analysis.lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
+    if columns == ["position"]:
+        figure = analysis.plot_position_heatmap(cells)
+    else:
+        figure = analysis.plot_frequency_table(
+            table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin
+        )
+    paths = analysis.save_figure(figure, out)
+    typer.echo(table.to_string(index=False))
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@reports_errors
+def plot_norms(
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Run folders of `nemesis train --out`, or folders holding them.", show_default=False),
+    ] = None,
+    out: FigureOption = ...,
+) -> None:
+    """Plot test accuracy and mean prompt norm against epoch, CoOp vs Nemesis, as in the paper.
+
+    Example: nemesis plot-norms runs/cars-coop runs/cars-nemesis --out figures/norms
+    """
+    loaded = analysis.load_runs(runs or [])
+    paths = analysis.save_figure(analysis.plot_norms(loaded), out)
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@reports_errors
+def report(
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Run folders, sweep tables (.parquet/.csv), eval records (.jsonl), or folders holding them.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the tables (.md, .csv, .tex) and figures.")] = ...,
+    margin: MarginOption = 0.0,
+    significant: SignificantOption = False,
+    alpha: AlphaOption = DEFAULT_ALPHA,
+    paper: Annotated[
+        bool, typer.Option("--paper/--no-paper", help="Add the paper's published numbers as [paper] rows.")
+    ] = True,
+) -> None:
+    """Write the few-shot, base-to-new, domain-generalisation and LNE frequency tables the inputs support.
+
+    Example: nemesis report runs/ sweeps/ evals.jsonl --out report/
+    """
+    built = analysis.build_report(
+        analysis.load_inputs(inputs or []), margin=margin, significant=significant, alpha=alpha, paper=paper
+    )
+    for path in analysis.write_report(built, out):
+        typer.echo(f"wrote {path}")

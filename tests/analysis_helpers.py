@@ -1,0 +1,194 @@
+"""Builders of the files `analysis` reads, with answers known by construction.
+
+Sweep tables come with per-sample correctness; a corrupted cell is described by how many samples
+it gains (wrong -> right) and loses (right -> wrong) against its checkpoint's original row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Cell:
+    """One corrupted cell: op, position, factor, norms, and samples gained / lost vs the original."""
+
+    op: str = "rescale"
+    position: int = 0
+    factor: float = 0.001
+    norm_before: float = 1.0
+    norm_after: float = 0.001
+    gained: int = 0
+    lost: int = 0
+
+
+def reducing(gained: int = 0, lost: int = 0, position: int = 0, factor: float = 0.001, op: str = "rescale") -> Cell:
+    return Cell(op=op, position=position, factor=factor, norm_after=0.5, gained=gained, lost=lost)
+
+
+def increasing(gained: int = 0, lost: int = 0, position: int = 0, factor: float = 5.0, op: str = "rescale") -> Cell:
+    return Cell(op=op, position=position, factor=factor, norm_after=5.0, gained=gained, lost=lost)
+
+
+def _flip(original: np.ndarray, gained: int, lost: int) -> np.ndarray:
+    after = original.copy()
+    wrong, right = np.flatnonzero(~original), np.flatnonzero(original)
+    assert gained <= len(wrong) and lost <= len(right), "not enough samples to flip"
+    after[wrong[:gained]] = True
+    after[right[len(right) - lost :]] = False
+    return after
+
+
+def checkpoint_rows(
+    checkpoint: str,
+    cells: list[Cell],
+    dataset: str = "oxford_pets",
+    shots: int | None = 1,
+    seed: int | None = 1,
+    n: int = 100,
+    correct: int = 50,
+    method: str = "coop",
+    model: str = "tiny",
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Rows of one checkpoint (its original row first) and their per-sample correctness."""
+    original = np.zeros(n, dtype=bool)
+    original[:correct] = True
+    base = {"checkpoint": checkpoint, "model": model, "dataset": dataset, "shots": shots, "seed": seed}
+    base["method"] = method
+    rows = [
+        {
+            "cell_id": f"{checkpoint}/original",
+            **base,
+            "op": "original",
+            "position": None,
+            "factor": np.nan,
+            "noise_seed": None,
+            "n": n,
+            "correct": correct,
+            "accuracy": 100.0 * correct / n,
+            "delta_acc": 0.0,
+            "norm_before": np.nan,
+            "norm_after": np.nan,
+        }
+    ]
+    correctness = {rows[0]["cell_id"]: original}
+    for number, cell in enumerate(cells):
+        after = _flip(original, cell.gained, cell.lost)
+        cell_id = f"{checkpoint}/{number}/{cell.op}/{cell.position}/{cell.factor:g}"
+        count = int(after.sum())
+        rows.append(
+            {
+                "cell_id": cell_id,
+                **base,
+                "op": cell.op,
+                "position": cell.position,
+                "factor": cell.factor,
+                "noise_seed": 0 if cell.op == "replace" else None,
+                "n": n,
+                "correct": count,
+                "accuracy": 100.0 * count / n,
+                "delta_acc": 100.0 * count / n - 100.0 * correct / n,
+                "norm_before": cell.norm_before,
+                "norm_after": cell.norm_after,
+            }
+        )
+        correctness[cell_id] = after
+    return rows, correctness
+
+
+def sweep_frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    for column in ("shots", "seed", "position", "noise_seed"):
+        frame[column] = pd.array(frame[column], dtype="Int64")
+    return frame
+
+
+def write_sweep(path: Path, parts: list[tuple[list[dict], dict[str, np.ndarray]]]) -> Path:
+    """Write the checkpoints' rows as a sweep table (.parquet or .csv) and X.correct.parquet beside it."""
+    rows = [row for part_rows, _ in parts for row in part_rows]
+    correctness = {cell_id: values for _, part_correctness in parts for cell_id, values in part_correctness.items()}
+    frame = sweep_frame(rows)
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
+    pd.DataFrame(
+        {"cell_id": list(correctness), "correct": [values.tolist() for values in correctness.values()]}
+    ).to_parquet(path.with_name(path.stem + ".correct.parquet"), index=False)
+    return path
+
+
+def write_run(
+    folder: Path,
+    test_accs: list[float | None],
+    mean_norms: list[float] | None = None,
+    dataset: str = "oxford_pets",
+    shots: int = 1,
+    seed: int = 1,
+    method: str = "coop",
+    beta: float = 1.0,
+    weight: float = 1.0,
+    model: str = "tiny",
+    subsample: str = "all",
+) -> Path:
+    """A run folder like `nemesis train --out` writes: config.json and metrics.jsonl (M = 4 positions)."""
+    folder.mkdir(parents=True)
+    nemesis = None
+    if method == "nemesis":
+        nemesis = {"beta": beta, "weight": weight, "norm": 2, "schedule": "logistic", "positions": 1}
+        nemesis["corrupt_weight"] = 0.5
+    config = {
+        "dataset": dataset,
+        "shots": shots,
+        "seed": seed,
+        "method": method,
+        "model": model,
+        "pretrained": "random-seed0",
+        "subsample": subsample,
+        "epochs": len(test_accs),
+        "nemesis": nemesis,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    mean_norms = mean_norms or [1.0 + 0.1 * epoch for epoch in range(len(test_accs))]
+    lines = []
+    for epoch, (accuracy, norm) in enumerate(zip(test_accs, mean_norms, strict=True)):
+        norms = [norm] * 4
+        step = {"kind": "step", "epoch": epoch, "step": epoch, "lr": 0.002, "ce_loss": 1.0, "norm_loss": 0.1}
+        step |= {"train_acc": 50.0, "norms": norms, "alpha": [0, 0, 0, 0]}
+        lines.append(step)
+        lines.append(
+            {"kind": "epoch", "epoch": epoch, "test_acc": accuracy, "norms": norms, "mean_norm": norm}
+            | {"fro_norm": 2 * norm}
+        )
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def eval_record(**overrides) -> dict:
+    record = {
+        "kind": "eval",
+        "checkpoint": "ckpt/a.safetensors",
+        "model": "tiny",
+        "pretrained": "random-seed0",
+        "dataset": "oxford_pets",
+        "train_dataset": "oxford_pets",
+        "subsample": "all",
+        "shots": 16,
+        "seed": 1,
+        "method": "coop",
+        "method_label": "CoOp",
+        "n": 100,
+        "accuracy": 50.0,
+        "macro_f1": 0.5,
+    }
+    return record | overrides
+
+
+def write_evals(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path

@@ -1,0 +1,147 @@
+"""`nemesis plot-frequency`, `plot-norms` and `report` through typer's runner on the whole app."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from nemesis_cli.main import app
+
+from .analysis_helpers import (
+    checkpoint_rows,
+    eval_record,
+    increasing,
+    reducing,
+    write_evals,
+    write_run,
+    write_sweep,
+)
+
+runner = CliRunner()
+
+
+def _sweeps(folder):
+    folder.mkdir()
+    parts = []
+    for dataset in ("oxford_pets", "food101"):
+        for shots in (1, 2):
+            cells = [reducing(gained=2), reducing(lost=1, position=1), increasing(lost=1, position=2)]
+            cells.append(reducing(gained=1, op="replace", factor=0.0, position=3))
+            parts.append(checkpoint_rows(f"{dataset}-{shots}", cells, dataset=dataset, shots=shots))
+    write_sweep(folder / "sweep.parquet", parts)
+    return folder
+
+
+def _runs(folder):
+    for seed in (1, 2):
+        write_run(folder / f"coop-{seed}", [50.0, 55.0 + seed], seed=seed)
+        write_run(folder / f"nemesis-{seed}", [50.0, 56.0 + seed], seed=seed, method="nemesis", beta=0.0)
+    return folder
+
+
+def _ok(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _fails_with_one_line(args, expected):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.output
+
+
+def _files(folder):
+    return sorted(path.name for path in folder.iterdir())
+
+
+@pytest.mark.parametrize("out", ["lne", "lne.png", "lne.pdf"])
+def test_plot_frequency_writes_png_and_pdf_and_prints_the_table(tmp_path, out):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    (tmp_path / "figures").mkdir()
+    output = _ok(["plot-frequency", str(sweeps), "--out", str(tmp_path / "figures" / out)])
+    assert _files(tmp_path / "figures") == ["lne.pdf", "lne.png"]
+    assert "frequency" in output and "oxford_pets" in output and "food101" in output
+
+
+@pytest.mark.parametrize(
+    "options", [["--rate"], ["--significant", "--alpha", "0.01"], ["--margin", "1.5"], ["--by", "position"]]
+)
+def test_plot_frequency_modes(tmp_path, options):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    output = _ok(["plot-frequency", str(sweeps / "sweep.parquet"), "--out", str(tmp_path / "fig"), *options])
+    assert (tmp_path / "fig.png").is_file() and (tmp_path / "fig.pdf").is_file()
+    assert "wrote" in output
+
+
+def test_plot_norms(tmp_path):
+    runs = _runs(tmp_path / "runs")
+    output = _ok(["plot-norms", str(runs / "coop-1"), str(runs / "nemesis-1"), "--out", str(tmp_path / "norms")])
+    assert "norms.png" in output and (tmp_path / "norms.pdf").is_file()
+
+
+def test_report_writes_every_supported_table(tmp_path):
+    runs = _runs(tmp_path / "runs")
+    sweeps = _sweeps(tmp_path / "sweeps")
+    records = [
+        eval_record(checkpoint="b2n", subsample="base", accuracy=80.0),
+        eval_record(checkpoint="b2n", subsample="new", accuracy=70.0),
+        eval_record(checkpoint="dg", dataset="imagenet", train_dataset="imagenet", accuracy=62.0),
+        eval_record(checkpoint="dg", dataset="imagenet_r", train_dataset="imagenet", accuracy=55.0),
+    ]
+    evals = write_evals(tmp_path / "evals.jsonl", records)
+    output = _ok(["report", str(runs), str(sweeps), str(evals), "--out", str(tmp_path / "report")])
+    expected = [
+        f"{name}.{suffix}"
+        for name in ("base_to_new", "domain_generalization", "few_shot", "lne_frequency")
+        for suffix in ("csv", "md", "tex")
+    ] + ["few_shot_curve.pdf", "few_shot_curve.png"]
+    assert _files(tmp_path / "report") == sorted(expected)
+    assert output.count("wrote") == len(expected)
+    few_shot = (tmp_path / "report" / "few_shot.md").read_text()
+    # The ImageNet source evaluation is a 16-shot result of its own; the 1-shot average covers OxfordPets.
+    assert "| Method | Shots | OxfordPets | ImageNet | Average |" in few_shot
+    assert "| CoOp | 1 | 56.50 ± 0.71 |  | 56.50 ± 0.71 |" in few_shot
+    assert "| CoOp | 16 |  | 62.00 | 62.00 |" in few_shot
+    assert "CoOp+Nemesis (PAN, w=1)" in few_shot
+
+
+def test_report_writes_only_what_the_inputs_support(tmp_path):
+    _ok(["report", str(_runs(tmp_path / "runs")), "--out", str(tmp_path / "report")])
+    assert _files(tmp_path / "report") == [
+        "few_shot.csv",
+        "few_shot.md",
+        "few_shot.tex",
+        "few_shot_curve.pdf",
+        "few_shot_curve.png",
+    ]
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    _fails_with_one_line(["plot-frequency", "--out", str(out / "fig")], "no sweep result files")
+    _fails_with_one_line(["plot-frequency", str(tmp_path / "missing.parquet"), "--out", str(out)], "no such file")
+    (tmp_path / "other.csv").write_text("name,value\na,1\n")
+    _fails_with_one_line(["plot-frequency", str(tmp_path / "other.csv"), "--out", str(out)], "missing columns")
+    _fails_with_one_line(["report", str(tmp_path / "other.csv"), "--out", str(out)], "missing columns cell_id")
+    _fails_with_one_line(["report", "--out", str(out)], "no inputs given")
+    (tmp_path / "empty").mkdir()
+    _fails_with_one_line(["report", str(tmp_path / "empty"), "--out", str(out)], "no result files found")
+    _fails_with_one_line(["plot-norms", str(tmp_path / "empty"), "--out", str(out)], "no run folders found")
+    write_run(tmp_path / "unevaluated" / "run", [None, None])
+    _fails_with_one_line(["report", str(tmp_path / "unevaluated"), "--out", str(out)], "support no report table")
+    assert not out.exists()
+
+
+def test_empty_groups_exit_2_and_write_nothing(tmp_path):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    write_sweep(sweeps / "a.parquet", [checkpoint_rows("a", [increasing(lost=1)], seed=None)])
+    fig = tmp_path / "fig"
+    _fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--rate"], "no norm-reducing cells")
+    _fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--by", "dataset,seed"], "no values")
+    _fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--by", "epoch"], "not in the results")
+    write_sweep(sweeps / "a.parquet", [checkpoint_rows("a", [])])
+    _fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "report")], "no corrupted cells")
+    assert _files(tmp_path) == ["sweeps"]

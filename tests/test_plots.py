@@ -1,0 +1,131 @@
+"""The figures as matplotlib objects: series per dataset / run, axis labels, both axes, files written."""
+
+from __future__ import annotations
+
+import pytest
+
+from analysis import (
+    load_runs,
+    plot_few_shot_curve,
+    plot_frequency,
+    plot_norms,
+    save_figure,
+)
+from analysis.plots import figure_paths
+from nemesis.errors import NemesisError
+
+from .analysis_helpers import checkpoint_rows, increasing, reducing, sweep_frame, write_run
+
+DATASETS = ("oxford_pets", "food101", "dtd")
+
+
+def _cells():
+    parts = []
+    for dataset in DATASETS:
+        for shots in (1, 2, 4, 8, 16):
+            cells = [reducing(gained=shots % 3, position=0), increasing(lost=1, position=1)]
+            cells.append(reducing(lost=1, position=1, op="replace", factor=0.0))
+            parts.append(checkpoint_rows(f"{dataset}-{shots}", cells, dataset=dataset, shots=shots))
+    return sweep_frame([row for rows, _ in parts for row in rows])
+
+
+def _renderer(figure):
+    figure.canvas.draw()
+    return figure.canvas.get_renderer()
+
+
+def test_frequency_figure_has_one_series_per_dataset():
+    figure = plot_frequency(_cells())
+    (axes,) = figure.axes
+    assert len(axes.get_lines()) == len(DATASETS)
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["1", "2", "4", "8", "16"]
+    assert axes.get_xlabel() == "shots per class"
+    assert "frequency" in axes.get_ylabel()
+    legend = axes.get_legend()
+    assert sorted(text.get_text() for text in legend.get_texts()) == ["DTD", "Food101", "OxfordPets"]
+    markers = {line.get_marker() for line in axes.get_lines()}
+    colours = {line.get_color() for line in axes.get_lines()}
+    assert len(markers) == len(colours) == len(DATASETS)
+    renderer = _renderer(figure)
+    # Legend outside the axes, to their right.
+    assert legend.get_window_extent(renderer).x0 >= axes.get_window_extent(renderer).x1
+    # Heights: each checkpoint gains shots % 3 (1 or 2) samples in one reducing cell: one occurrence.
+    pets = next(line for line in axes.get_lines() if line.get_label() == "OxfordPets")
+    assert list(pets.get_ydata()) == [1, 1, 1, 1, 1]
+
+
+def test_rate_figure_plots_rates():
+    figure = plot_frequency(_cells(), rate=True)
+    (axes,) = figure.axes
+    assert "rate" in axes.get_ylabel()
+    for line in axes.get_lines():
+        assert all(0 <= value <= 1 for value in line.get_ydata())
+        assert list(line.get_ydata()) == [0.5] * 5  # one occurrence of two reducing cells
+
+
+def test_position_heatmap_has_one_panel_per_op():
+    figure = plot_frequency(_cells(), by="position")
+    panels = [axes for axes in figure.axes if axes.get_title() in ("rescale", "replace")]
+    assert len(panels) == 2
+    for axes in panels:
+        assert axes.get_ylabel() == "position"
+        assert axes.get_xlabel().startswith("factor")
+
+
+def _runs(tmp_path):
+    write_run(tmp_path / "coop", [50.0, 55.0, 54.0], mean_norms=[0.8, 1.0, 1.05])
+    write_run(tmp_path / "nemesis", [50.0, 55.5, 56.0], mean_norms=[0.8, 0.95, 0.9], method="nemesis", weight=10.0)
+    write_run(tmp_path / "pan", [None, 52.0, None], method="nemesis", beta=0.0)
+    return load_runs([tmp_path])
+
+
+def test_norm_figure_has_both_axes_and_one_series_per_run(tmp_path):
+    runs = _runs(tmp_path)
+    figure = plot_norms(runs)
+    accuracy_axes, norm_axes = figure.axes
+    assert len(accuracy_axes.get_lines()) == len(norm_axes.get_lines()) == len(runs)
+    assert accuracy_axes.get_xlabel() == "epoch"
+    assert "accuracy" in accuracy_axes.get_ylabel()
+    assert "norm" in norm_axes.get_ylabel()
+    labels = [text.get_text() for text in accuracy_axes.get_legend().get_texts()]
+    assert {"CoOp", "CoOp+Nemesis (PEN, w=10)", "CoOp+Nemesis (PAN, w=1)"} <= set(labels)
+    # The PAN run evaluated once: its accuracy line has one point, its norm line three.
+    colours = [line.get_color() for line in norm_axes.get_lines()]
+    assert len(set(colours)) == len(runs)
+    assert sorted(len(line.get_xdata()) for line in accuracy_axes.get_lines()) == [1, 3, 3]
+
+
+def test_few_shot_curve_has_one_series_per_method():
+    import pandas as pd
+
+    averages = pd.DataFrame(
+        {
+            "method": ["CoOp"] * 3 + ["CoOp+Nemesis (PEN, w=1)"] * 3,
+            "shots": [1, 2, 4] * 2,
+            "mean": [60.0, 62.0, 66.0, 61.0, 63.0, 67.0],
+            "std": [1.0, 0.5, float("nan")] * 2,
+        }
+    )
+    figure = plot_few_shot_curve(averages)
+    (axes,) = figure.axes
+    assert len(axes.get_lines()) == 2
+    assert axes.get_xlabel() == "shots per class" and "accuracy" in axes.get_ylabel()
+
+
+@pytest.mark.parametrize("name", ["fig", "fig.png", "fig.pdf"])
+def test_save_writes_png_and_pdf(tmp_path, name):
+    paths = save_figure(plot_frequency(_cells()), tmp_path / name)
+    assert paths == [tmp_path / "fig.png", tmp_path / "fig.pdf"]
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "fig.pdf").read_bytes()[:5] == b"%PDF-"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fig.pdf", "fig.png"]  # no temporaries left
+
+
+def test_figure_paths_keep_other_dots():
+    assert [path.name for path in figure_paths("out/lne.v2")] == ["lne.v2.png", "lne.v2.pdf"]
+
+
+def test_save_into_missing_folder_writes_nothing(tmp_path):
+    with pytest.raises(NemesisError, match="does not exist"):
+        save_figure(plot_frequency(_cells()), tmp_path / "missing" / "fig")
+    assert not (tmp_path / "missing").exists()

@@ -1,0 +1,219 @@
+"""Report tables against hand-computed means, sample standard deviations and harmonic means."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from analysis import (
+    base_to_new_table,
+    domain_generalization_table,
+    few_shot_results,
+    few_shot_table,
+    harmonic_mean,
+    lne_frequency_table,
+    load_evals,
+    load_runs,
+    method_label,
+    write_table,
+)
+from analysis.tables import to_latex, to_markdown
+from nemesis.errors import NemesisError
+
+from .analysis_helpers import checkpoint_rows, eval_record, increasing, reducing, sweep_frame, write_evals, write_run
+
+# (dataset, shots) -> final test accuracy of seeds 1, 2, 3 (CoOp); Nemesis gets +1 everywhere.
+ACCURACIES = {
+    ("oxford_pets", 1): [60.0, 62.0, 67.0],
+    ("food101", 1): [70.0, 71.0, 72.0],
+    ("oxford_pets", 2): [65.0, 66.0, 70.0],
+    ("food101", 2): [75.0, 75.0, 75.0],
+}
+
+
+def _runs(tmp_path):
+    for (dataset, shots), values in ACCURACIES.items():
+        for seed, accuracy in enumerate(values, start=1):
+            # An evaluation-free last epoch: the final accuracy is the last non-null one.
+            identity = {"dataset": dataset, "shots": shots, "seed": seed}
+            write_run(tmp_path / f"coop-{dataset}-{shots}-{seed}", [10.0, accuracy, None], **identity)
+            write_run(
+                tmp_path / f"nemesis-{dataset}-{shots}-{seed}",
+                [10.0, accuracy + 1],
+                **identity,
+                method="nemesis",
+                weight=10.0,
+            )
+    return load_runs([tmp_path])
+
+
+def _cell(data: pd.DataFrame, method: str, shots: int, dataset: str) -> pd.Series:
+    rows = data[(data["method"] == method) & (data["shots"] == shots) & (data["dataset"] == dataset)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_method_labels():
+    assert method_label("coop") == "CoOp"
+    assert method_label("nemesis", beta=1.0, weight=1.0) == "CoOp+Nemesis (PEN, w=1)"
+    assert method_label("nemesis", beta=0.0, weight=10.0) == "CoOp+Nemesis (PAN, w=10)"
+    assert method_label("nemesis", beta=0.5, weight=0.5) == "CoOp+Nemesis (PEN+PAN, beta=0.5, w=0.5)"
+
+
+def test_few_shot_means_and_sample_std(tmp_path):
+    table = few_shot_table(few_shot_results(_runs(tmp_path)))
+    data = table.data
+    pets = _cell(data, "CoOp", 1, "oxford_pets")
+    # 60, 62, 67: mean 63; sample variance (9 + 1 + 16) / 2 = 13.
+    assert pets["mean"] == pytest.approx(63.0)
+    assert pets["std"] == pytest.approx(math.sqrt(13.0))
+    assert pets["seeds"] == 3
+    food = _cell(data, "CoOp", 2, "food101")
+    assert (food["mean"], food["std"]) == (75.0, 0.0)
+    assert _cell(data, "CoOp+Nemesis (PEN, w=10)", 1, "oxford_pets")["mean"] == pytest.approx(64.0)
+    # Average over datasets, 1 shot: per-seed averages 65, 66.5, 69.5 -> mean 67, variance 5.25.
+    average = _cell(data, "CoOp", 1, "Average")
+    assert average["mean"] == pytest.approx(67.0)
+    assert average["std"] == pytest.approx(math.sqrt(5.25))
+    display = table.display.set_index(["Method", "Shots"])
+    assert display.loc[("CoOp", "1"), "OxfordPets"] == f"63.00 ± {math.sqrt(13.0):.2f}"
+    assert display.loc[("CoOp", "1"), "Average"] == "67.00 ± 2.29"
+    assert list(table.display.columns) == ["Method", "Shots", "OxfordPets", "Food101", "Average"]
+
+
+def test_one_seed_has_a_blank_std(tmp_path):
+    write_run(tmp_path / "a", [55.5], dataset="dtd", shots=4, seed=1)
+    table = few_shot_table(few_shot_results(load_runs([tmp_path])))
+    row = _cell(table.data, "CoOp", 4, "dtd")
+    assert row["mean"] == 55.5 and pd.isna(row["std"])
+    assert table.display.loc[0, "DTD"] == "55.50"
+
+
+def test_few_shot_uses_own_dataset_evals_of_other_checkpoints(tmp_path):
+    runs = [*_runs(tmp_path / "runs")]
+    inside = str(runs[0].path / "prompt.safetensors")
+    evals = load_evals(
+        [
+            write_evals(
+                tmp_path / "e.jsonl",
+                [
+                    eval_record(checkpoint=inside, accuracy=1.0),  # already counted through its run
+                    eval_record(checkpoint="official/seed1", dataset="dtd", train_dataset="dtd", accuracy=40.0),
+                    eval_record(checkpoint="official/seed1", dataset="eurosat", train_dataset="dtd", accuracy=30.0),
+                ],
+            )
+        ]
+    )
+    results = few_shot_results(runs, evals)
+    assert len(results) == len(runs) + 1
+    assert results[results["dataset"] == "dtd"]["accuracy"].tolist() == [40.0]
+
+
+def test_harmonic_mean():
+    assert harmonic_mean(80.0, 70.0) == pytest.approx(2 * 80 * 70 / 150)
+    assert harmonic_mean(50.0, 50.0) == 50.0
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_base_to_new_table(tmp_path):
+    records = []
+    for dataset, seeds in {"oxford_pets": [(90, 60), (92, 62)], "dtd": [(70, 50), (72, 54)]}.items():
+        for seed, (base, new) in enumerate(seeds, start=1):
+            for subsample, accuracy in (("base", base), ("new", new)):
+                records.append(
+                    eval_record(
+                        checkpoint=f"{dataset}/{seed}",
+                        dataset=dataset,
+                        train_dataset=dataset,
+                        subsample=subsample,
+                        seed=seed,
+                        accuracy=accuracy,
+                    )
+                )
+    records.append(eval_record(checkpoint="lonely", subsample="base", accuracy=99.0))  # no new: left out
+    table = base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)]))
+    data = table.data.set_index("dataset")
+    assert (data.loc["oxford_pets", "base"], data.loc["oxford_pets", "new"]) == (91.0, 61.0)
+    assert data.loc["oxford_pets", "H"] == pytest.approx(harmonic_mean(91.0, 61.0))
+    assert (data.loc["dtd", "base"], data.loc["dtd", "new"]) == (71.0, 52.0)
+    assert (data.loc["Average", "base"], data.loc["Average", "new"]) == (81.0, 56.5)
+    assert data.loc["Average", "H"] == pytest.approx(harmonic_mean(81.0, 56.5))
+    assert set(table.display["Dataset"]) == {"OxfordPets", "DTD", "Average"}
+
+
+def test_domain_generalization_table(tmp_path):
+    records = []
+    for seed, shift in ((1, 0.0), (2, 2.0)):
+        for target, accuracy in (("imagenet", 62.0), ("imagenetv2", 55.0), ("imagenet_a", 22.0)):
+            records.append(
+                eval_record(
+                    checkpoint=f"in/{seed}",
+                    dataset=target,
+                    train_dataset="imagenet",
+                    seed=seed,
+                    accuracy=accuracy + shift,
+                    model="RN50",
+                )
+            )
+    table = domain_generalization_table(load_evals([write_evals(tmp_path / "dg.jsonl", records)]), paper=False)
+    data = table.data.set_index("target")
+    assert data.loc["imagenetv2", "mean"] == 56.0
+    assert data.loc["imagenetv2", "std"] == pytest.approx(math.sqrt(2.0))
+    assert list(table.display.columns) == ["Method", "Shots", "Source", "ImageNet", "ImageNet-V2", "ImageNet-A"]
+    assert table.display.loc[0, "ImageNet-V2"] == "56.00 ± 1.41"
+
+
+def test_paper_rows_are_labelled(tmp_path):
+    targets = ("imagenet", "imagenet_r")
+    records = [eval_record(checkpoint="c", dataset=target, train_dataset="imagenet") for target in targets]
+    table = domain_generalization_table(load_evals([write_evals(tmp_path / "dg.jsonl", records)]))
+    paper_methods = table.display[table.display["Method"].str.endswith("[paper]")]
+    assert len(paper_methods) > 0
+    assert set(table.data["origin"]) == {"ours", "paper"}
+    assert any("[paper]" in note for note in table.notes)
+
+
+def _cells():
+    parts = [
+        checkpoint_rows("p1", [reducing(gained=1), reducing(lost=1), increasing(lost=1)], shots=1),
+        checkpoint_rows("p2", [reducing(gained=1), reducing(gained=1)], shots=2),
+        checkpoint_rows("f1", [reducing(), increasing(gained=1)], dataset="fashion_mnist", shots=1),
+    ]
+    return sweep_frame([row for rows, _ in parts for row in rows])
+
+
+def test_lne_frequency_table():
+    table = lne_frequency_table(_cells(), paper=False)
+    assert list(table.display.columns) == ["Dataset", "1 shot", "2 shots"]
+    display = table.display.set_index("Dataset")
+    assert display.loc["OxfordPets", "1 shot"] == "1 (50.0%)"
+    assert display.loc["OxfordPets", "2 shots"] == "2 (100.0%)"
+    assert display.loc["Fashion-MNIST", "1 shot"] == "0 (0.0%)"
+    assert display.loc["Fashion-MNIST", "2 shots"] == ""
+    frequency = table.data.set_index(["dataset", "shots"])["frequency"]
+    assert frequency.to_dict() == {("fashion_mnist", 1): 0, ("oxford_pets", 1): 1, ("oxford_pets", 2): 2}
+
+
+def test_writers_produce_markdown_csv_and_latex(tmp_path):
+    table = lne_frequency_table(_cells())
+    markdown = to_markdown(table)
+    assert markdown.startswith("## Low-Norm Effect") and "| Dataset | 1 shot | 2 shots |" in markdown
+    assert "OxfordPets [paper]" in markdown  # reference rows, clearly marked
+    latex = to_latex(table)
+    assert r"\begin{tabular}{lrr}" in latex and r"50.0\%" in latex and r"\bottomrule" in latex
+    paths = write_table(table, tmp_path)
+    assert [path.name for path in paths] == ["lne_frequency.md", "lne_frequency.csv", "lne_frequency.tex"]
+    csv = pd.read_csv(tmp_path / "lne_frequency.csv")
+    assert {"origin", "dataset", "shots", "frequency", "rate"} <= set(csv.columns)
+
+
+def test_empty_inputs_fail_clearly(tmp_path):
+    with pytest.raises(NemesisError, match="no few-shot results"):
+        few_shot_table(few_shot_results([]))
+    records = [eval_record()]
+    with pytest.raises(NemesisError, match="base and its new"):
+        base_to_new_table(load_evals([write_evals(tmp_path / "e.jsonl", records)]))
+    with pytest.raises(NemesisError, match="besides its own"):
+        domain_generalization_table(load_evals([tmp_path / "e.jsonl"]))
