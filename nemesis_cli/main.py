@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import analysis_commands, data, evaluate, prompt
+from . import analysis_commands, corrupt, data, evaluate, prompt
 
 app = typer.Typer(
     name="nemesis",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.add_typer(prompt.app, name="prompt")
 app.command("eval")(evaluate.eval_command)
+app.command("corrupt")(corrupt.corrupt)
 app.add_typer(data.app, name="data", help="Check CoOp-format data folders.")
 app.command("plot-frequency")(analysis_commands.plot_frequency)
 app.command("plot-norms")(analysis_commands.plot_norms)

@@ -1,0 +1,251 @@
+"""The sweep: every cell of a grid on every checkpoint, at the cost of text passes alone.
+
+Per checkpoint: `prepare_evaluation` (cached test features; backbones reused across checkpoints),
+then the cells still missing from the results file are turned into ctx variants chunk by chunk
+and classified with `predictions` (batched, chunked text passes, one matrix product per variant).
+The checkpoint's rows are appended to the results file as soon as it is done. Nothing here keeps
+global state, so a future distributed rank can run any subset of inputs and cells.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from nemesis.backbone import Backbone
+from nemesis.datasets import FASHION_MNIST
+from nemesis.errors import NemesisError
+from nemesis.evaluate import EvaluationSetup, predictions, prepare_evaluation
+
+from .grid import Cell, Grid
+from .inputs import SweepInput
+from .operators import ORIGINAL, corrupted_variants, position_norm
+from .results import ResultsFile, accuracy_percent, cell_id
+
+VARIANTS_PER_PASS = 32  # ctx variants per text pass: bounds memory (n_cls prompts each)
+SUMMARY_CELLS = 5  # best and worst cells shown at the end
+
+
+@dataclass
+class CellOutcome:
+    """What evaluating a batch of cells on one checkpoint gives."""
+
+    correct: torch.Tensor  # [K, N] bool: sample i classified correctly under cell k
+    norms_before: list[float]  # [K] L2 norm of the corrupted position before (NaN for the original)
+    norms_after: list[float]  # [K] ... and after corruption
+
+
+def evaluate_cells(
+    setup: EvaluationSetup,
+    ctx: torch.Tensor,
+    cells: Sequence[Cell],
+    variants_per_pass: int = VARIANTS_PER_PASS,
+    on_chunk: Callable[[int], None] | None = None,
+) -> CellOutcome:
+    """Classify the cached test features under every cell's variant of `ctx`, `variants_per_pass` at a time.
+
+    Variants are built chunk by chunk, so memory holds one chunk of ctx copies at a time.
+    `on_chunk(k)` is called after each chunk of k cells (progress bars).
+    """
+    rows, before, after = [], [], []
+    labels = setup.labels
+    for start in range(0, len(cells), variants_per_pass):
+        chunk = list(cells[start : start + variants_per_pass])
+        variants = corrupted_variants(ctx, chunk)  # [k, M, W] or [k, n_cls, M, W]
+        predicted = predictions(setup.learner, setup.features, variants, variants_per_pass)  # [k, N]
+        rows.append((predicted == labels.to(predicted.device)).cpu())
+        for cell, variant in zip(chunk, variants, strict=True):
+            original = cell.op == ORIGINAL
+            before.append(math.nan if original else position_norm(ctx, cell.position))
+            after.append(math.nan if original else position_norm(variant, cell.position))
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    n = labels.numel()
+    correct = torch.cat(rows) if rows else torch.zeros(0, n, dtype=torch.bool)
+    return CellOutcome(correct, before, after)
+
+
+def cell_rows(
+    identity: dict[str, Any], cells: Sequence[Cell], outcome: CellOutcome, original_accuracy: float
+) -> list[dict[str, Any]]:
+    """Table rows (DESIGN section 6) for `cells`; delta_acc is against `original_accuracy`."""
+    rows = []
+    n = outcome.correct.shape[1]
+    for index, cell in enumerate(cells):
+        correct = int(outcome.correct[index].sum())
+        accuracy = accuracy_percent(correct, n)
+        rows.append(
+            {
+                "cell_id": cell_id(identity, cell),
+                "checkpoint": identity["checkpoint"],
+                "model": identity["model"],
+                "dataset": identity["dataset"],
+                "shots": identity["shots"],
+                "seed": identity["seed"],
+                "method": identity["method"],
+                "op": cell.op,
+                "position": cell.position,
+                "factor": math.nan if cell.factor is None else cell.factor,
+                "noise_seed": cell.noise_seed,
+                "n": n,
+                "correct": correct,
+                "accuracy": accuracy,
+                "delta_acc": 0.0 if cell.op == ORIGINAL else accuracy - original_accuracy,
+                "norm_before": outcome.norms_before[index],
+                "norm_after": outcome.norms_after[index],
+            }
+        )
+    return rows
+
+
+def check_sweep(
+    inputs: Sequence[SweepInput], grid: Grid, root: str | os.PathLike | None = None, device: str | None = None
+) -> None:
+    """Refuse before any work what would fail later: positions a checkpoint lacks, no --root, no CUDA."""
+    if not inputs:
+        raise NemesisError("no checkpoints given; pass checkpoint files, run folders or a CoOp output tree")
+    for item in inputs:
+        grid.check_positions(item.n_ctx, str(item.file))
+    needs_root = sorted({item.identity["dataset"] for item in inputs} - {FASHION_MNIST})
+    if needs_root and root is None:
+        raise NemesisError(f"dataset {', '.join(needs_root)} needs a data folder; pass --root DATA")
+    if root is not None and not os.path.isdir(root):
+        raise NemesisError(
+            f"data folder {root} does not exist; pass the folder holding the datasets with --root"
+        )
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise NemesisError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+
+
+# --- the sweep ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepSummary:
+    checkpoints: int  # checkpoints of the sweep
+    computed: int  # cells computed by this run
+    skipped: int  # cells found in the results file already
+    seconds: float
+    cells: pd.DataFrame  # every row of this sweep's cells (resumed ones included)
+
+    @property
+    def cells_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def corrupted(self) -> pd.DataFrame:
+        return self.cells[self.cells["op"] != ORIGINAL]
+
+    @property
+    def reducing(self) -> pd.DataFrame:
+        """Cells whose corrupted position's norm went down (DESIGN section 5)."""
+        corrupted = self.corrupted
+        return corrupted[corrupted["norm_after"] < corrupted["norm_before"]]
+
+    @property
+    def reducing_raised(self) -> int:
+        """Norm-reducing cells that raised accuracy: the Low-Norm Effect at margin 0."""
+        return int((self.reducing["delta_acc"] > 0).sum())
+
+    def best(self, count: int = SUMMARY_CELLS) -> pd.DataFrame:
+        return self.corrupted.sort_values(["delta_acc", "cell_id"], ascending=[False, True]).head(count)
+
+    def worst(self, count: int = SUMMARY_CELLS) -> pd.DataFrame:
+        return self.corrupted.sort_values(["delta_acc", "cell_id"], ascending=[True, True]).head(count)
+
+
+class _CellsPerSecond(ProgressColumn):
+    """Cells per second since the bar started (image encoding of each checkpoint included)."""
+
+    def render(self, task) -> Text:
+        elapsed = task.finished_time or task.elapsed
+        rate = f"{task.completed / elapsed:.1f}" if elapsed else "-"
+        return Text(f"{rate} cells/s", style="progress.data.speed")
+
+
+def _label(identity: dict[str, Any]) -> str:
+    parts = [identity["dataset"]]
+    parts += [f"{key} {identity[key]}" for key in ("shots", "seed") if identity.get(key) is not None]
+    return " ".join(str(part) for part in parts)
+
+
+def run_sweep(
+    inputs: Sequence[SweepInput],
+    grid: Grid,
+    results: ResultsFile,
+    *,
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    variants_per_pass: int = VARIANTS_PER_PASS,
+    progress: bool = True,
+    console: Console | None = None,
+) -> SweepSummary:
+    """Run `grid` on every input, appending each checkpoint's rows to `results` as soon as it is done.
+
+    Cells already in `results` (by cell_id) are skipped, so rerunning an interrupted sweep computes
+    only what is missing. `backbones` is reused across checkpoints (and across calls, if passed).
+    """
+    check_sweep(inputs, grid, root, device)
+    backbones = {} if backbones is None else backbones
+    done = results.cell_ids
+    plan = []  # (input, ids of all its cells, cells still missing)
+    for item in inputs:
+        cells = grid.cells(item.n_ctx)
+        ids = [cell_id(item.identity, cell) for cell in cells]
+        missing = [cell for cell, identifier in zip(cells, ids, strict=True) if identifier not in done]
+        plan.append((item, ids, missing))
+    total_missing = sum(len(missing) for _, _, missing in plan)
+    all_ids = [identifier for _, ids, _ in plan for identifier in ids]
+
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _CellsPerSecond(),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("corrupting", total=total_missing)
+        for item, _, missing in plan:
+            if not missing:
+                continue
+            bar.update(task, description=f"corrupting {_label(item.identity)}")
+            checkpoint = item.load()
+            setup = prepare_evaluation(
+                checkpoint,
+                **item.evaluation_options,
+                root=root,
+                cache_dir=cache_dir,
+                device=device,
+                backbones=backbones,
+                progress=progress,
+            )
+            outcome = evaluate_cells(
+                setup, checkpoint.ctx, missing, variants_per_pass, on_chunk=lambda k: bar.advance(task, k)
+            )
+            if missing[0].op == ORIGINAL:
+                original_accuracy = accuracy_percent(int(outcome.correct[0].sum()), outcome.correct.shape[1])
+            else:  # the original row was written by an earlier run of a smaller grid
+                original_accuracy = results.accuracy_of(cell_id(item.identity, Cell(ORIGINAL)))
+            rows = cell_rows(item.identity, missing, outcome, original_accuracy)
+            correctness = [row.numpy() for row in outcome.correct]
+            results.append(rows, correctness)
+    seconds = time.perf_counter() - start
+    table = results.table
+    cells = table[table["cell_id"].isin(set(all_ids))].reset_index(drop=True)
+    return SweepSummary(len(inputs), total_missing, len(all_ids) - total_missing, seconds, cells)

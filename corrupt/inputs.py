@@ -1,0 +1,205 @@
+"""Turning the paths given to `nemesis corrupt` into checkpoints with a resolved identity.
+
+Accepted: our `.safetensors` prompts and run folders (identity from their metadata), Dassl files,
+`prompt_learner/` folders and run folders, and whole CoOp output trees such as
+`output/<dataset>/<Trainer>/<cfg>_<K>shots/nctx16_cscFalse_ctpend/seed<S>/prompt_learner/...` or
+`output/base2new/train_base/<dataset>/shots_<K>/<Trainer>/<cfg>/seed<S>`, whose dataset, shots,
+seed and method are read from the path. Named flags (--model, --dataset, ...) win over both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nemesis.backbone import text_width
+from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
+from nemesis.constants import (
+    DASSL_BEST_FILE,
+    DASSL_FILE_PREFIX,
+    DASSL_PROMPT_FOLDER,
+    RUN_CHECKPOINTS,
+    RUN_PROMPT,
+)
+from nemesis.datasets import DATASET_NAMES, resolve_name
+from nemesis.errors import NemesisError
+from nemesis.evaluate import resolve_source
+
+_SHOTS_IN_CONFIG = re.compile(r"(?:^|_)(\d+)shots$")  # CoOp: <cfg>_<K>shots
+_SHOTS_FOLDER = re.compile(r"shots_(\d+)")  # base-to-new: shots_<K>
+_SEED_FOLDER = re.compile(r"seed(\d+)")
+BASE_TRAINING_FOLDER = "train_base"  # base-to-new runs train on the base classes
+UNKNOWN_METHOD = "unknown"
+
+
+@dataclass(frozen=True)
+class PathIdentity:
+    """What a CoOp output path says about the run inside it (None where it says nothing)."""
+
+    dataset: str | None = None
+    shots: int | None = None
+    seed: int | None = None
+    method: str = UNKNOWN_METHOD
+    subsample: str | None = None
+
+
+def identity_from_path(path: str | os.PathLike) -> PathIdentity:
+    """Dataset, shots, seed, method and class subset read from a CoOp output path (rightmost match wins)."""
+    parts = Path(path).absolute().parts
+    dataset_index = max((i for i, part in enumerate(parts) if part in DATASET_NAMES), default=None)
+    shots = seed = None
+    for part in parts:
+        if match := _SHOTS_IN_CONFIG.search(part) or _SHOTS_FOLDER.fullmatch(part):
+            shots = int(match.group(1))
+        if match := _SEED_FOLDER.fullmatch(part):
+            seed = int(match.group(1))
+    # The trainer folder follows the dataset folder (after `shots_<K>` in base-to-new trees).
+    below = parts[dataset_index + 1 :] if dataset_index is not None else parts
+    trainer = next((part for part in below if not _SHOTS_FOLDER.fullmatch(part)), "")
+    if any("nemesis" in part.lower() for part in below):
+        method = "nemesis"
+    elif trainer.lower() == "coop":
+        method = "coop"
+    else:
+        method = UNKNOWN_METHOD
+    return PathIdentity(
+        dataset=parts[dataset_index] if dataset_index is not None else None,
+        shots=shots,
+        seed=seed,
+        method=method,
+        subsample="base" if BASE_TRAINING_FOLDER in parts else None,
+    )
+
+
+# --- finding checkpoints ------------------------------------------------------------------------
+
+
+def _has_dassl_files(folder: Path) -> bool:
+    return folder.is_dir() and any(
+        child.name.startswith(DASSL_FILE_PREFIX) or child.name == DASSL_BEST_FILE
+        for child in folder.iterdir()
+    )
+
+
+def _is_checkpoint_folder(folder: Path) -> bool:
+    """Our run folder, a Dassl run folder or a Dassl `prompt_learner/` folder."""
+    return (
+        (folder / RUN_PROMPT).is_file()
+        or (folder / RUN_CHECKPOINTS).is_dir()
+        or _has_dassl_files(folder / DASSL_PROMPT_FOLDER)
+        or (folder.name == DASSL_PROMPT_FOLDER and _has_dassl_files(folder))
+    )
+
+
+def _checkpoint_folders_under(tree: Path) -> list[Path]:
+    found = []
+    for root, folders, _ in os.walk(tree):
+        folder = Path(root)
+        if _is_checkpoint_folder(folder):
+            found.append(folder)
+            folders[:] = []  # a run folder's own subfolders hold no further runs
+        else:
+            folders[:] = sorted(name for name in folders if not name.startswith("."))
+    return found
+
+
+def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Checkpoint files and run folders among `paths`; other folders are searched as output trees."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise NemesisError(f"checkpoint not found: {path}")
+        if path.is_file() or _is_checkpoint_folder(path):
+            found.append(path)
+            continue
+        under = _checkpoint_folders_under(path)
+        if not under:
+            raise NemesisError(
+                f"no prompt checkpoints under {path} (looked for prompt_learner/{DASSL_FILE_PREFIX}<E> "
+                f"and {RUN_PROMPT}); pass checkpoint files or run folders"
+            )
+        found.extend(under)
+    return found
+
+
+# --- resolving what each checkpoint is ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepInput:
+    """One checkpoint of a sweep: its file and what it is evaluated as."""
+
+    file: Path  # the checkpoint file itself (absolute)
+    identity: dict[str, Any]  # checkpoint, model, pretrained, dataset, shots, seed, subsample, method
+    n_ctx: int
+    class_specific: bool
+
+    @property
+    def evaluation_options(self) -> dict[str, Any]:
+        """Keyword arguments of `prepare_evaluation` that pin this identity."""
+        keys = ("model", "pretrained", "dataset", "shots", "seed", "subsample")
+        return {key: self.identity[key] for key in keys}
+
+    def load(self) -> PromptCheckpoint:
+        return load_checkpoint(self.file)
+
+
+def _resolve_one(
+    checkpoint: PromptCheckpoint, model: str | None, pretrained: str | None, dataset: str | None
+) -> dict[str, Any]:
+    metadata = checkpoint.metadata
+    from_path = identity_from_path(checkpoint.path)
+    # Named flags first, then the file's metadata, then the path (Dassl files have no metadata).
+    identity = resolve_source(
+        checkpoint,
+        model=model,
+        pretrained=pretrained,
+        dataset=dataset or (None if metadata.dataset else from_path.dataset),
+        shots=None if metadata.shots is not None else from_path.shots,
+        seed=None if metadata.seed is not None else from_path.seed,
+        subsample=None if metadata.source_format != "dassl" else from_path.subsample,
+    )
+    identity["dataset"] = resolve_name(identity["dataset"])
+    if identity["method"] in (None, UNKNOWN_METHOD):
+        identity["method"] = from_path.method
+    identity["checkpoint"] = str(checkpoint.path)
+    width = text_width(identity["model"])  # unknown model names fail here, before any work
+    checkpoint.check_compatible(width, identity["model"])
+    return {
+        key: identity[key]
+        for key in ("checkpoint", "model", "pretrained", "dataset", "shots", "seed", "subsample", "method")
+    }
+
+
+def resolve_inputs(
+    paths: Sequence[str | os.PathLike],
+    *,
+    epoch: int | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    dataset: str | None = None,
+) -> list[SweepInput]:
+    """Every checkpoint among `paths`, loaded once to check it and resolve its identity (no model is built).
+
+    Bad input (a missing file, an unknown model or dataset, a width that does not fit the model)
+    raises a NemesisError here, before any sweep work starts. The same file named twice counts once.
+    """
+    inputs: dict[Path, SweepInput] = {}
+    for location in find_checkpoints(paths):
+        checkpoint = load_checkpoint(location, epoch)
+        checkpoint.path = Path(checkpoint.path).absolute()
+        if checkpoint.path in inputs:
+            continue
+        identity = _resolve_one(checkpoint, model, pretrained, dataset)
+        inputs[checkpoint.path] = SweepInput(
+            file=checkpoint.path,
+            identity=identity,
+            n_ctx=checkpoint.ctx.shape[-2],
+            class_specific=checkpoint.class_specific,
+        )
+    return list(inputs.values())

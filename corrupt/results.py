@@ -1,0 +1,189 @@
+"""The sweep results table (DESIGN section 6) and the per-sample correctness stored beside it.
+
+`X.parquet` (or `X.csv`) holds one row per cell with exactly `COLUMNS`; `X.correct.parquet`
+holds `cell_id` and `correct` (list<bool>, one entry per test sample) for paired tests. Both are
+rewritten atomically each time a checkpoint's rows are appended, correctness first: a table row
+never exists without its correctness, so a killed sweep loses at most the checkpoint in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from nemesis.atomic import atomic_path
+from nemesis.errors import NemesisError
+
+from .grid import Cell
+
+COLUMNS = (
+    "cell_id",
+    "checkpoint",
+    "model",
+    "dataset",
+    "shots",
+    "seed",
+    "method",
+    "op",
+    "position",
+    "factor",
+    "noise_seed",
+    "n",
+    "correct",
+    "accuracy",
+    "delta_acc",
+    "norm_before",
+    "norm_after",
+)
+_DTYPES = {
+    "cell_id": "string",
+    "checkpoint": "string",
+    "model": "string",
+    "dataset": "string",
+    "shots": "Int64",
+    "seed": "Int64",
+    "method": "string",
+    "op": "string",
+    "position": "Int64",
+    "factor": "float64",
+    "noise_seed": "Int64",
+    "n": "int64",
+    "correct": "int64",
+    "accuracy": "float64",
+    "delta_acc": "float64",
+    "norm_before": "float64",
+    "norm_after": "float64",
+}
+CORRECTNESS_SUFFIX = ".correct.parquet"
+TABLE_SUFFIXES = {"parquet": ".parquet", "csv": ".csv"}
+
+
+def _value(value: Any) -> str:
+    return "-" if value is None else repr(value)
+
+
+def checkpoint_key(identity: dict[str, Any]) -> str:
+    """12 hex digits naming what was evaluated: the checkpoint file and the model, weights, data it ran on."""
+    fields = [identity.get(key) for key in ("checkpoint", "model", "pretrained", "dataset", "subsample")]
+    return hashlib.sha256("|".join(map(_value, fields)).encode()).hexdigest()[:12]
+
+
+def cell_id(identity: dict[str, Any], cell: Cell) -> str:
+    """Unique, deterministic and readable: `<checkpoint key>:<op>:<position>:<factor>:<noise seed>`."""
+    return ":".join(
+        [checkpoint_key(identity), cell.op, *map(_value, (cell.position, cell.factor, cell.noise_seed))]
+    )
+
+
+def correctness_path(table: str | os.PathLike) -> Path:
+    """X.parquet or X.csv -> X.correct.parquet."""
+    table = Path(table)
+    return table.with_name(table.stem + CORRECTNESS_SUFFIX)
+
+
+def table_frame(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """Rows in the table's column order and dtypes (nullable integers, NaN floats)."""
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(COLUMNS))
+    missing = [column for column in COLUMNS if column not in frame.columns]
+    if missing:
+        raise NemesisError(
+            f"results table lacks columns {', '.join(missing)}; is it a `nemesis corrupt` table?"
+        )
+    frame = frame[list(COLUMNS)].copy()
+    for column, dtype in _DTYPES.items():
+        if dtype == "float64":
+            frame[column] = pd.to_numeric(frame[column]).astype("float64")
+        elif dtype == "Int64":
+            frame[column] = pd.to_numeric(frame[column]).astype("Int64")
+        else:
+            frame[column] = frame[column].astype(dtype)
+    return frame.reset_index(drop=True)
+
+
+def _correctness_table(cell_ids: list[str], correct: list[np.ndarray]) -> pa.Table:
+    arrays = pa.array([np.asarray(row, dtype=bool) for row in correct], type=pa.list_(pa.bool_()))
+    return pa.table({"cell_id": pa.array(cell_ids, type=pa.string()), "correct": arrays})
+
+
+class ResultsFile:
+    """A results table and its correctness file: read what exists, append checkpoint by checkpoint."""
+
+    def __init__(self, path: str | os.PathLike, csv: bool = False) -> None:
+        self.path = Path(path)
+        self.csv = csv
+        self.correctness_path = correctness_path(self.path)
+        suffix = TABLE_SUFFIXES["csv" if csv else "parquet"]
+        if self.path.suffix.lower() != suffix:
+            hint = "drop --csv or name a .csv file" if csv else "name a .parquet file, or pass --csv for .csv"
+            raise NemesisError(f"results file {self.path} must end in {suffix}; {hint}")
+        if not self.path.parent.is_dir():
+            raise NemesisError(f"output folder {self.path.parent} does not exist; create it first")
+        self.table = self._read_table()
+        self.correctness = self._read_correctness()
+        # Cells present in both files; a table row without correctness is computed again.
+        known = set(self.correctness.column("cell_id").to_pylist())
+        self.table = self.table[self.table["cell_id"].isin(known)].reset_index(drop=True)
+
+    def _read_table(self) -> pd.DataFrame:
+        if not self.path.is_file():
+            return table_frame([])
+        try:
+            frame = pd.read_csv(self.path) if self.csv else pd.read_parquet(self.path)
+        except (OSError, ValueError) as error:
+            raise NemesisError(f"cannot read the existing results {self.path} ({type(error).__name__}); "
+                               "move it away or pass another --out") from error  # fmt: skip
+        return table_frame(frame).drop_duplicates("cell_id", keep="last")
+
+    def _read_correctness(self) -> pa.Table:
+        if not self.correctness_path.is_file():
+            return _correctness_table([], [])
+        try:
+            return pq.read_table(self.correctness_path, columns=["cell_id", "correct"])
+        except (OSError, ValueError, pa.ArrowException) as error:
+            raise NemesisError(f"cannot read {self.correctness_path} ({type(error).__name__}); "
+                               "move it away together with its table") from error  # fmt: skip
+
+    @property
+    def cell_ids(self) -> set[str]:
+        """Cells already computed: a rerun skips them."""
+        return set(self.table["cell_id"])
+
+    def accuracy_of(self, identifier: str) -> float:
+        return float(self.table.loc[self.table["cell_id"] == identifier, "accuracy"].iloc[0])
+
+    def append(self, rows: list[dict[str, Any]], correct: list[np.ndarray]) -> None:
+        """Add rows and their per-sample correctness; both files are replaced atomically."""
+        if not rows:
+            return
+        new_ids = [row["cell_id"] for row in rows]
+        keep = pc.invert(pc.is_in(self.correctness.column("cell_id"), value_set=pa.array(new_ids)))
+        self.correctness = pa.concat_tables(
+            [self.correctness.filter(keep), _correctness_table(new_ids, correct)]
+        )
+        self.table = table_frame(
+            pd.concat(
+                [self.table[~self.table["cell_id"].isin(new_ids)], table_frame(rows)], ignore_index=True
+            )
+        )
+        # Correctness first: a crash between the two renames leaves extra correctness, never a bare row.
+        with atomic_path(self.correctness_path) as temporary:
+            pq.write_table(self.correctness, temporary)
+        with atomic_path(self.path) as temporary:
+            if self.csv:
+                self.table.to_csv(temporary, index=False)
+            else:
+                self.table.to_parquet(temporary, index=False)
+
+
+def accuracy_percent(correct: int, n: int) -> float:
+    return 100.0 * correct / n if n else math.nan

@@ -1,0 +1,104 @@
+"""`nemesis corrupt` through typer's runner: a sweep, its resume, and bad input (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nemesis.checkpoint import PromptMetadata, save_prompt
+from nemesis.testing import make_coop_folder
+from nemesis_cli.main import app
+
+from .test_checkpoint import write_dassl_checkpoint
+
+runner = CliRunner()
+CLASSES = ["red square", "green circle", "blue star"]
+
+
+@pytest.fixture
+def setting(tmp_path):
+    make_coop_folder(tmp_path / "data", "oxford_pets", classnames=CLASSES, per_class=(1, 1, 4))
+    ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.5
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop")
+    prompt = save_prompt(tmp_path / "prompt.safetensors", ctx, metadata)
+    (tmp_path / "out").mkdir()
+    return tmp_path, prompt
+
+
+def _args(tmp_path, prompt, *extra, out="out/r.parquet"):
+    return ["corrupt", str(prompt), "--out", str(tmp_path / out), "--root", str(tmp_path / "data"),
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", *extra]  # fmt: skip
+
+
+def test_sweep_writes_table_and_correctness_then_resumes(setting):
+    tmp_path, prompt = setting
+    args = _args(tmp_path, prompt, "--paper-preset", "--positions", "0,2")
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "norm-reducing cells that raised accuracy" in first.output and "best cells" in first.output
+    table = pd.read_parquet(tmp_path / "out" / "r.parquet")
+    assert len(table) == 1 + 2 * 2 and set(table.op) == {"original", "replace", "rescale"}
+    correct = pd.read_parquet(tmp_path / "out" / "r.correct.parquet")
+    assert list(correct.columns) == ["cell_id", "correct"] and all(len(row) == 12 for row in correct.correct)
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "0 computed" in second.output and "5 already in the results" in second.output
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "r.parquet"), table)
+
+
+def test_csv_output(setting):
+    tmp_path, prompt = setting
+    args = _args(tmp_path, prompt, "--csv", "--rescale", "0.5", out="out/r.csv")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out" / "r.csv")
+    assert len(table) == 1 + 4 and list(table.columns)[:3] == ["cell_id", "checkpoint", "model"]
+    assert (tmp_path / "out" / "r.correct.parquet").is_file()
+    again = runner.invoke(app, [*args, "--rescale", "0.5,2"])  # the last --rescale wins: 4 new cells
+    assert again.exit_code == 0, again.output
+    assert "4 computed" in again.output and "5 already in the results" in again.output
+    assert len(pd.read_csv(tmp_path / "out" / "r.csv")) == 1 + 8
+
+
+def _fails_with_one_line(tmp_path, args, expected):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+    assert list((tmp_path / "out").iterdir()) == []  # nothing written
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(setting):
+    tmp_path, prompt = setting
+    cases = [
+        (["--op", "scale=0.5"], "unknown operator 'scale'; available: rescale, replace"),
+        (["--positions", "0,4"], "position 4 is outside 0..3"),
+        (["--replace=-0.1"], "replace sigma must be a finite number >= 0, got -0.1"),
+        (["--rescale", "0.1,-2"], "rescale tau must be a finite number >= 0, got -2.0"),
+        (["--rescale", "abc"], "'abc' is not a number"),
+        (["--dataset", "pets"], "unknown dataset 'pets'"),
+        (["--model", "ViT-B-33"], "unknown model 'ViT-B-33'"),
+        (["--csv"], "must end in .csv"),
+    ]
+    for extra, expected in cases:
+        _fails_with_one_line(tmp_path, _args(tmp_path, prompt, *extra), expected)
+    _fails_with_one_line(tmp_path, _args(tmp_path, prompt, out="missing/r.parquet"), "does not exist")
+    _fails_with_one_line(tmp_path, _args(tmp_path, tmp_path / "nope.safetensors"), "checkpoint not found")
+    no_root = [arg for arg in _args(tmp_path, prompt) if arg not in ("--root", str(tmp_path / "data"))]
+    _fails_with_one_line(tmp_path, no_root, "needs a data folder; pass --root DATA")
+
+
+def test_checkpoint_width_must_match_the_model(setting):
+    tmp_path, _ = setting
+    write_dassl_checkpoint(tmp_path / "coop" / "seed1", torch.zeros(16, 512), epoch=5)
+    args = _args(tmp_path, tmp_path / "coop", "--model", "tiny", "--dataset", "oxford_pets")
+    _fails_with_one_line(tmp_path, args, "ctx width 512 does not match the text width 64 of model 'tiny'")
+    _fails_with_one_line(
+        tmp_path, _args(tmp_path, tmp_path / "coop"), "does not name its model; pass --model"
+    )
+    empty = tmp_path / "empty_tree"
+    empty.mkdir()
+    _fails_with_one_line(tmp_path, _args(tmp_path, empty, "--model", "tiny"), "no prompt checkpoints under")
