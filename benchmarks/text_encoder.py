@@ -13,7 +13,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nemesis import PromptLearner, load_clip  # noqa: E402
+from nemesis import PromptLearner, load_clip
 
 CLASSNAMES = [f"class number {index}" for index in range(100)]
 
