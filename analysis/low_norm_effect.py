@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from nemesis.errors import NemesisError
+from nemesis.sweep_format import ORIGINAL_OP
 
-from .results import ORIGINAL_OP, SOURCE_COLUMN, read_correctness
+from .results import SOURCE_COLUMN, read_correctness
 
 DEFAULT_BY = ("dataset", "shots")
 DEFAULT_ALPHA = 0.05

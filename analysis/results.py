@@ -19,37 +19,11 @@ import numpy as np
 import pandas as pd
 
 from nemesis.errors import NemesisError
+from nemesis.sweep_format import CORRECTNESS_COLUMNS, CORRECTNESS_SUFFIX, correctness_path, typed_sweep_frame
 
 from .labels import method_label, method_label_from_config
 
-# Sweep table: one row per cell; the column order is the writer's.
-SWEEP_COLUMNS = (
-    "cell_id",
-    "checkpoint",
-    "model",
-    "dataset",
-    "shots",
-    "seed",
-    "method",
-    "op",
-    "position",
-    "factor",
-    "noise_seed",
-    "n",
-    "correct",
-    "accuracy",
-    "delta_acc",
-    "norm_before",
-    "norm_after",
-)
-SWEEP_INTEGER_COLUMNS = ("shots", "seed", "position", "noise_seed")
-SWEEP_FLOAT_COLUMNS = ("factor", "accuracy", "delta_acc", "norm_before", "norm_after")
-SWEEP_TEXT_COLUMNS = ("cell_id", "checkpoint", "model", "dataset", "method", "op")
 SWEEP_SUFFIXES = (".parquet", ".csv")
-CORRECTNESS_COLUMNS = ("cell_id", "correct")
-# `X.parquet` / `X.csv` keep their per-sample correctness in `X.correct.parquet`.
-CORRECTNESS_SUFFIX = ".correct.parquet"
-ORIGINAL_OP = "original"
 
 # Column added by the loader: which file a row came from (cell ids are unique within a file).
 SOURCE_COLUMN = "results_file"
@@ -191,26 +165,10 @@ def read_sweep(path: str | os.PathLike) -> pd.DataFrame:
     except (OSError, ValueError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise NemesisError(f"cannot read sweep table {path}: {first_line}") from error
-    missing = _missing(frame.columns, SWEEP_COLUMNS)
-    if missing:
-        raise NemesisError(
-            f"{path} is not a sweep results table: missing columns {', '.join(missing)}; "
-            "pass the table `nemesis corrupt` wrote"
-        )
+    frame = typed_sweep_frame(frame, str(path))
     if frame["cell_id"].duplicated().any():
         duplicate = frame.loc[frame["cell_id"].duplicated(), "cell_id"].iloc[0]
         raise NemesisError(f"{path}: cell_id {duplicate!r} appears twice; each cell must have one row")
-    try:
-        for column in SWEEP_INTEGER_COLUMNS:
-            frame[column] = pd.to_numeric(frame[column]).astype("Int64")
-        for column in SWEEP_FLOAT_COLUMNS:
-            frame[column] = pd.to_numeric(frame[column]).astype(float)
-        for column in ("n", "correct"):
-            frame[column] = pd.to_numeric(frame[column]).astype("int64")
-    except (TypeError, ValueError) as error:
-        raise NemesisError(f"{path}: a numeric column holds other values ({error}); is this a sweep table?") from error
-    for column in SWEEP_TEXT_COLUMNS:
-        frame[column] = frame[column].astype(str)
     frame[SOURCE_COLUMN] = str(path)
     return frame
 
@@ -226,12 +184,6 @@ def load_sweeps(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     if not files:
         raise NemesisError("no sweep result files found; pass the .parquet tables `nemesis corrupt` wrote")
     return pd.concat([read_sweep(path) for path in files], ignore_index=True)
-
-
-def correctness_path(results_file: str | os.PathLike) -> Path:
-    """Where the per-sample correctness of a sweep table lives: X.parquet or X.csv -> X.correct.parquet."""
-    path = Path(results_file)
-    return path.with_name(path.stem + CORRECTNESS_SUFFIX)
 
 
 def read_correctness(results_file: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -127,9 +127,7 @@ def check_sweep(
     if needs_root and root is None:
         raise NemesisError(f"dataset {', '.join(needs_root)} needs a data folder; pass --root DATA")
     if root is not None and not os.path.isdir(root):
-        raise NemesisError(
-            f"data folder {root} does not exist; pass the folder holding the datasets with --root"
-        )
+        raise NemesisError(f"data folder {root} does not exist; pass the folder holding the datasets with --root")
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise NemesisError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 

@@ -105,9 +105,7 @@ def _numbers(flag: str, text: str, kind: type) -> tuple:
             values.append(kind(item))
         except ValueError:
             noun = "an integer" if kind is int else "a number"
-            raise NemesisError(
-                f"{flag}: '{item}' is not {noun}; give a comma-separated list like 0,3,7"
-            ) from None
+            raise NemesisError(f"{flag}: '{item}' is not {noun}; give a comma-separated list like 0,3,7") from None
     if not values:
         raise NemesisError(f"{flag} is empty; give a comma-separated list of values")
     return _unique(values)
@@ -149,9 +147,7 @@ def parse_grid(
         name, factors = parse_operator_spec(spec)
         named[name] = _unique(named.get(name, ()) + factors)
     if paper_preset and named:
-        raise NemesisError(
-            "--paper-preset fixes the operators; leave out --rescale, --replace and --op with it"
-        )
+        raise NemesisError("--paper-preset fixes the operators; leave out --rescale, --replace and --op with it")
     factors = dict(PAPER_PRESET_FACTORS) if paper_preset else (named or dict(DEFAULT_FACTORS))
     seeds = DEFAULT_NOISE_SEEDS if noise_seeds is None else _numbers("--noise-seeds", noise_seeds, int)
     return Grid(factors=factors, positions=parse_positions(positions), noise_seeds=seeds)

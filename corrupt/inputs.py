@@ -80,8 +80,7 @@ def identity_from_path(path: str | os.PathLike) -> PathIdentity:
 
 def _has_dassl_files(folder: Path) -> bool:
     return folder.is_dir() and any(
-        child.name.startswith(DASSL_FILE_PREFIX) or child.name == DASSL_BEST_FILE
-        for child in folder.iterdir()
+        child.name.startswith(DASSL_FILE_PREFIX) or child.name == DASSL_BEST_FILE for child in folder.iterdir()
     )
 
 

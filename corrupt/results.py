@@ -23,48 +23,11 @@ import pyarrow.parquet as pq
 
 from nemesis.atomic import atomic_path
 from nemesis.errors import NemesisError
+from nemesis.sweep_format import SWEEP_COLUMNS as COLUMNS
+from nemesis.sweep_format import correctness_path, typed_sweep_frame
 
 from .grid import Cell
 
-COLUMNS = (
-    "cell_id",
-    "checkpoint",
-    "model",
-    "dataset",
-    "shots",
-    "seed",
-    "method",
-    "op",
-    "position",
-    "factor",
-    "noise_seed",
-    "n",
-    "correct",
-    "accuracy",
-    "delta_acc",
-    "norm_before",
-    "norm_after",
-)
-_DTYPES = {
-    "cell_id": "string",
-    "checkpoint": "string",
-    "model": "string",
-    "dataset": "string",
-    "shots": "Int64",
-    "seed": "Int64",
-    "method": "string",
-    "op": "string",
-    "position": "Int64",
-    "factor": "float64",
-    "noise_seed": "Int64",
-    "n": "int64",
-    "correct": "int64",
-    "accuracy": "float64",
-    "delta_acc": "float64",
-    "norm_before": "float64",
-    "norm_after": "float64",
-}
-CORRECTNESS_SUFFIX = ".correct.parquet"
 TABLE_SUFFIXES = {"parquet": ".parquet", "csv": ".csv"}
 
 
@@ -80,34 +43,13 @@ def checkpoint_key(identity: dict[str, Any]) -> str:
 
 def cell_id(identity: dict[str, Any], cell: Cell) -> str:
     """Unique, deterministic and readable: `<checkpoint key>:<op>:<position>:<factor>:<noise seed>`."""
-    return ":".join(
-        [checkpoint_key(identity), cell.op, *map(_value, (cell.position, cell.factor, cell.noise_seed))]
-    )
-
-
-def correctness_path(table: str | os.PathLike) -> Path:
-    """X.parquet or X.csv -> X.correct.parquet."""
-    table = Path(table)
-    return table.with_name(table.stem + CORRECTNESS_SUFFIX)
+    return ":".join([checkpoint_key(identity), cell.op, *map(_value, (cell.position, cell.factor, cell.noise_seed))])
 
 
 def table_frame(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     """Rows in the table's column order and dtypes (nullable integers, NaN floats)."""
     frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(COLUMNS))
-    missing = [column for column in COLUMNS if column not in frame.columns]
-    if missing:
-        raise NemesisError(
-            f"results table lacks columns {', '.join(missing)}; is it a `nemesis corrupt` table?"
-        )
-    frame = frame[list(COLUMNS)].copy()
-    for column, dtype in _DTYPES.items():
-        if dtype == "float64":
-            frame[column] = pd.to_numeric(frame[column]).astype("float64")
-        elif dtype == "Int64":
-            frame[column] = pd.to_numeric(frame[column]).astype("Int64")
-        else:
-            frame[column] = frame[column].astype(dtype)
-    return frame.reset_index(drop=True)
+    return typed_sweep_frame(frame, "results table")
 
 
 def _correctness_table(cell_ids: list[str], correct: list[np.ndarray]) -> pa.Table:
@@ -167,13 +109,9 @@ class ResultsFile:
             return
         new_ids = [row["cell_id"] for row in rows]
         keep = pc.invert(pc.is_in(self.correctness.column("cell_id"), value_set=pa.array(new_ids)))
-        self.correctness = pa.concat_tables(
-            [self.correctness.filter(keep), _correctness_table(new_ids, correct)]
-        )
+        self.correctness = pa.concat_tables([self.correctness.filter(keep), _correctness_table(new_ids, correct)])
         self.table = table_frame(
-            pd.concat(
-                [self.table[~self.table["cell_id"].isin(new_ids)], table_frame(rows)], ignore_index=True
-            )
+            pd.concat([self.table[~self.table["cell_id"].isin(new_ids)], table_frame(rows)], ignore_index=True)
         )
         # Correctness first: a crash between the two renames leaves extra correctness, never a bare row.
         with atomic_path(self.correctness_path) as temporary:
