@@ -153,9 +153,7 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
         return max(numbered)[1]
     if (folder / DASSL_BEST_FILE).is_file():
         return folder / DASSL_BEST_FILE
-    raise NemesisError(
-        f"no prompt checkpoint in {path} (looked for {DASSL_FILE_PREFIX}<epoch> or {DASSL_BEST_FILE})"
-    )
+    raise NemesisError(f"no prompt checkpoint in {path} (looked for {DASSL_FILE_PREFIX}<epoch> or {DASSL_BEST_FILE})")
 
 
 def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
@@ -163,11 +161,7 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     path = Path(path)
     content = load_torch_file(path)
     state = content.get("state_dict") if isinstance(content, dict) else None
-    if (
-        not isinstance(state, dict)
-        or CTX_TENSOR not in state
-        or not isinstance(state[CTX_TENSOR], torch.Tensor)
-    ):
+    if not isinstance(state, dict) or CTX_TENSOR not in state or not isinstance(state[CTX_TENSOR], torch.Tensor):
         raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
     epoch = content.get("epoch")
     metadata = PromptMetadata(

@@ -49,9 +49,7 @@ class PromptLearner(nn.Module):
             class_position = ClassPosition(class_position)
         except ValueError:
             choices = ", ".join(p.value for p in ClassPosition)
-            raise NemesisError(
-                f"unknown class position '{class_position}'; choose one of {choices}"
-            ) from None
+            raise NemesisError(f"unknown class position '{class_position}'; choose one of {choices}") from None
         self.clip = clip
         self.encoder = TextEncoder(clip.model, clip.name, clip.tokenizer)
         self.classnames = [name.replace("_", " ") for name in classnames]
@@ -141,9 +139,7 @@ class PromptLearner(nn.Module):
                     f"prompt for class '{name}' with {m} context tokens exceeds the context length {context_length}"
                 )
             placeholder_id = self._words(PLACEHOLDER)[0]
-            assert all(int(ids[p]) == placeholder_id for p in positions), (
-                f"context layout broken for '{name}'"
-            )
+            assert all(int(ids[p]) == placeholder_id for p in positions), f"context layout broken for '{name}'"
             rows.append(ids)
             index_rows.append(torch.tensor(positions))
         return torch.stack(rows), torch.stack(index_rows)

@@ -93,9 +93,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return object
         if module.startswith(INERT_MODULE_PREFIXES):
             return _inert_class(qualified)
-        raise ForbiddenGlobal(
-            f"the pickle asks for '{qualified}', which is neither a tensor nor a plain container"
-        )
+        raise ForbiddenGlobal(f"the pickle asks for '{qualified}', which is neither a tensor nor a plain container")
 
 
 _allowed_cache: dict[str, Any] = {}
@@ -161,9 +159,7 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     try:
         # weights_only=False only because torch's own weights-only mode cannot stand in for Dassl's
         # classes; the pickle module passed here is at least as strict.
-        return torch.load(
-            path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module
-        )
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module)
     except ForbiddenGlobal as error:
         raise NemesisError(f"refusing to load {path}: {error}") from error
     except Exception as error:
