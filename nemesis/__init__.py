@@ -25,8 +25,11 @@ _PUBLIC = {
     "NemesisError": "errors",
     "encode_split": "feature_cache",
     "PromptLearner": "prompt_learner",
+    "TrainConfig": "trainer",
+    "train": "trainer",
+    "pretrained_tiny_weights": "tiny",
     "PromptedCLIP": "prompt_learner",
-    "position_norms": "prompt_learner",
+    "position_norms": "losses",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .errors import NemesisError
+from .losses import position_norms
 from .text_encoder import TextEncoder
 
 PLACEHOLDER = "X"  # CoOp's stand-in word for context positions before their embeddings are swapped in
@@ -197,12 +198,6 @@ class PromptLearner(nn.Module):
     def norms(self, p: float = 2.0) -> torch.Tensor:
         """Per-position norms [M]; class-specific ctx: mean over classes (DESIGN section 5)."""
         return position_norms(self.ctx, p)
-
-
-def position_norms(ctx: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """||ctx_j||_p for each position j [M]; for class-specific ctx [n_cls, M, W] the class mean."""
-    norms = torch.linalg.vector_norm(ctx, ord=p, dim=-1)  # [M] or [n_cls, M]
-    return norms if norms.dim() == 1 else norms.mean(dim=0)
 
 
 class PromptedCLIP(nn.Module):

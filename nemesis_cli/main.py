@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from . import analysis_commands, corrupt, data, evaluate, prompt
+from . import train as train_commands
 
 app = typer.Typer(
     name="nemesis",
@@ -20,3 +21,5 @@ app.add_typer(data.app, name="data", help="Check CoOp-format data folders.")
 app.command("plot-frequency")(analysis_commands.plot_frequency)
 app.command("plot-norms")(analysis_commands.plot_norms)
 app.command("report")(analysis_commands.report)
+app.command("train")(train_commands.train)
+app.command("pretrain-tiny")(train_commands.pretrain_tiny_command)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from nemesis.backbone import text_width
 from nemesis.checkpoint import export_dassl, load_checkpoint
-from nemesis.prompt_learner import position_norms
+from nemesis.losses import position_norms
 
 from .common import reports_errors
 
@@ -29,9 +29,7 @@ EpochOption = Annotated[int | None, typer.Option(help="Epoch of a Dassl folder (
 def info(
     checkpoint: CheckpointArgument,
     epoch: EpochOption = None,
-    model: Annotated[
-        str | None, typer.Option(help="Check the prompt fits this open_clip model's text width.")
-    ] = None,
+    model: Annotated[str | None, typer.Option(help="Check the prompt fits this open_clip model's text width.")] = None,
 ) -> None:
     """Show a checkpoint's metadata, ctx shape and per-position norms.
 
@@ -42,9 +40,7 @@ def info(
         prompt.check_compatible(text_width(model), model)
     console = Console()
     console.print(f"[bold]{prompt.path}[/bold]")
-    console.print(
-        f"ctx shape {tuple(prompt.ctx.shape)}, {'class-specific' if prompt.class_specific else 'unified'}"
-    )
+    console.print(f"ctx shape {tuple(prompt.ctx.shape)}, {'class-specific' if prompt.class_specific else 'unified'}")
     metadata = Table(show_header=False, box=None)
     for key, value in vars(prompt.metadata).items():
         if key == "classnames" and value:
@@ -62,9 +58,7 @@ def info(
 def export(
     checkpoint: CheckpointArgument,
     out: Annotated[Path, typer.Option(help="Run folder to write prompt_learner/model.pth.tar-<E> into.")],
-    epoch: Annotated[
-        int | None, typer.Option(help="Epoch number in the file name (default: the prompt's).")
-    ] = None,
+    epoch: Annotated[int | None, typer.Option(help="Epoch number in the file name (default: the prompt's).")] = None,
 ) -> None:
     """Write a prompt in CoOp's layout so CoOp's own tools can load it.
 

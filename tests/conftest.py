@@ -26,3 +26,13 @@ def tiny():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test writes its caches under a temporary folder, never the user's."""
     monkeypatch.setenv("NEMESIS_CACHE", str(tmp_path_factory.getbasetemp() / "nemesis-cache"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory):
+    """The `tiny` weights pretrained on Fashion-MNIST: trained once per session, into the test cache."""
+    from nemesis.tiny import pretrained_tiny_weights
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NEMESIS_CACHE", str(tmp_path_factory.getbasetemp() / "nemesis-cache"))
+        return pretrained_tiny_weights(progress=False)

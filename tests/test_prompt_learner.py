@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nemesis.errors import NemesisError
-from nemesis.prompt_learner import PromptedCLIP, PromptLearner, position_norms
+from nemesis.losses import position_norms
+from nemesis.prompt_learner import PromptedCLIP, PromptLearner
 
 from .conftest import cached_backbone
 

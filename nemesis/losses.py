@@ -1,0 +1,231 @@
+"""Nemesis's norm penalties on soft prompts (DESIGN section 5).
+
+`L = CE + s(e) * A * (beta * PUN + (1 - beta) * PAN)` with n_j = ||ctx_j||_p per position j:
+
+- PUN penalises every position alike: mean_j n_j.
+- PAN penalises only the positions where a pre-inference step finds that shrinking the vector
+  helps: NP random positions are rescaled by CW one at a time, the current batch is classified
+  with each copy and with the original (no gradients), and a_j = 1 when copy j gets strictly more
+  samples right. PAN = sum_j a_j n_j / max(1, sum_j a_j).
+
+Each penalty is a function `(ctx, PenaltyInputs) -> Penalty` registered in `PENALTIES`; adding
+one is one function and one line. ctx may have any leading shape `[..., M, W]` (unified,
+class-specific, or several prompts per class as PLOT has): norms are averaged over everything
+but the position axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+import torch
+
+from .errors import NemesisError
+
+LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value
+OFFICIAL_OVERRIDE_DATASETS = ("food101", "oxford_pets")
+OFFICIAL_OVERRIDE_WEIGHT = 50.0
+
+# Classifies ctx variants [K, *ctx.shape] on the current batch: number of samples right per variant [K].
+CountCorrect = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Norm(str, Enum):
+    """The p of the per-position norm ||ctx_j||_p."""
+
+    l1 = "1"
+    l2 = "2"
+    inf = "inf"
+
+    @property
+    def order(self) -> float:
+        return math.inf if self is Norm.inf else float(self.value)
+
+
+class Schedule(str, Enum):
+    """s(e), the factor on the penalty at epoch index e."""
+
+    constant = "constant"
+    logistic = "logistic"
+
+
+def _choice(enum: type[Enum], value: object, what: str) -> Enum:
+    try:
+        return enum(str(value.value if isinstance(value, Enum) else value))
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise NemesisError(f"unknown {what} '{value}'; choose one of {choices}") from None
+
+
+def schedule_weight(schedule: Schedule | str, epoch: int, epochs: int, rate: float = LOGISTIC_RATE) -> float:
+    """s(e): 1 for `constant`; `logistic`: 1 - 1 / (1 + exp(-rate * (e - E / 2))), e the 0-based epoch."""
+    schedule = _choice(Schedule, schedule, "schedule")
+    if schedule is Schedule.constant:
+        return 1.0
+    x = -rate * (epoch - epochs / 2)
+    # 1 - 1 / (1 + exp(x)) == 1 / (1 + exp(-x)) == exp(x) / (1 + exp(x)): each form where it cannot overflow.
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def position_norms(ctx: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """n_j = ||ctx_j||_p for each position j [M], averaged over all leading axes of ctx [..., M, W]."""
+    n_positions = ctx.shape[-2]
+    norms = torch.linalg.vector_norm(ctx, ord=p, dim=-1)  # [..., M]
+    return norms.reshape(-1, n_positions).mean(dim=0)  # [M]
+
+
+@dataclass
+class PenaltyInputs:
+    """What a penalty may use besides ctx. PAN needs `count_correct` (and a generator for reproducibility)."""
+
+    p: float = 2.0
+    positions: int = 1  # NP: positions PAN tries per step
+    corrupt_weight: float = 0.5  # CW: the factor PAN rescales a tried position by
+    count_correct: CountCorrect | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Penalty:
+    value: torch.Tensor  # scalar, differentiable with respect to ctx
+    alpha: torch.Tensor  # [M] 1.0 where the penalty acts on position j, else 0.0
+
+
+def pun(ctx: torch.Tensor, inputs: PenaltyInputs) -> Penalty:
+    """Position-uniform normalisation: the mean of n_j over all M positions."""
+    norms = position_norms(ctx, inputs.p)
+    return Penalty(norms.mean(), torch.ones_like(norms.detach()))
+
+
+def pan_alpha(ctx: torch.Tensor, inputs: PenaltyInputs) -> torch.Tensor:
+    """a_j [M]: 1 where rescaling position j by CW classifies strictly more batch samples right."""
+    if inputs.count_correct is None:
+        raise NemesisError("PAN needs the current batch to classify ctx variants (count_correct)")
+    n_positions = ctx.shape[-2]
+    if not 1 <= inputs.positions <= n_positions:
+        raise NemesisError(f"PAN positions must be between 1 and n_ctx = {n_positions}, got {inputs.positions}")
+    picked = torch.randperm(n_positions, generator=inputs.generator)[: inputs.positions]
+    with torch.no_grad():
+        original = ctx.detach()
+        variants = original.unsqueeze(0).repeat(1 + len(picked), *([1] * original.dim()))  # [1 + NP, ..., M, W]
+        for copy, position in enumerate(picked.tolist(), start=1):
+            variants[copy, ..., position, :] *= inputs.corrupt_weight
+        correct = inputs.count_correct(variants).cpu()  # [1 + NP], row 0 the original
+    alpha = torch.zeros(n_positions)
+    alpha[picked] = (correct[1:] > correct[0]).float()
+    return alpha.to(ctx.device)
+
+
+def pan(ctx: torch.Tensor, inputs: PenaltyInputs) -> Penalty:
+    """Position-aware normalisation: sum_j a_j n_j / max(1, sum_j a_j)."""
+    alpha = pan_alpha(ctx, inputs)
+    norms = position_norms(ctx, inputs.p)
+    return Penalty((alpha * norms).sum() / alpha.sum().clamp(min=1.0), alpha)
+
+
+Penalize = Callable[[torch.Tensor, PenaltyInputs], Penalty]
+PENALTIES: dict[str, Penalize] = {"pun": pun, "pan": pan}
+
+
+@dataclass
+class NemesisConfig:
+    """Nemesis's hyper-parameters; the defaults are the paper's."""
+
+    beta: float = 1.0  # PUN's share: 1 = PUN only (the paper's PEN), 0 = PAN only
+    weight: float = 1.0  # A, the penalty's overall weight
+    norm: Norm = Norm.l2  # p of ||ctx_j||_p
+    schedule: Schedule = Schedule.logistic  # s(e)
+    positions: int = 1  # NP, positions PAN tries per step
+    corrupt_weight: float = 0.5  # CW, PAN's rescaling factor
+    official_override: bool = False  # Food101 / OxfordPets: weight 50, constant schedule, as the official code
+    rate: float = field(default=LOGISTIC_RATE, repr=False)  # k of the logistic schedule
+
+    def __post_init__(self) -> None:
+        self.norm = _choice(Norm, self.norm, "norm")
+        self.schedule = _choice(Schedule, self.schedule, "schedule")
+        if not 0.0 <= self.beta <= 1.0:
+            raise NemesisError(f"beta must be between 0 and 1 (1 = PUN only, 0 = PAN only), got {self.beta}")
+        if not self.weight >= 0.0:
+            raise NemesisError(f"the Nemesis weight must be 0 or more, got {self.weight}")
+        if self.positions < 1:
+            raise NemesisError(f"positions (NP) must be at least 1, got {self.positions}")
+        if not self.corrupt_weight >= 0.0:
+            raise NemesisError(f"corrupt_weight (CW) must be 0 or more, got {self.corrupt_weight}")
+
+    def shares(self) -> dict[str, float]:
+        """Weight of each registered penalty inside the bracket; zero shares are not computed."""
+        return {"pun": self.beta, "pan": 1.0 - self.beta}
+
+    def for_dataset(self, dataset: str) -> NemesisConfig:
+        """The official code's Food101/OxfordPets setting (weight 50, constant schedule) when asked for."""
+        if not self.official_override or dataset not in OFFICIAL_OVERRIDE_DATASETS:
+            return self
+        values = asdict(self) | {"weight": OFFICIAL_OVERRIDE_WEIGHT, "schedule": Schedule.constant}
+        return NemesisConfig(**values)
+
+    def to_json(self) -> dict:
+        return {
+            "beta": self.beta,
+            "weight": self.weight,
+            "norm": self.norm.value,
+            "schedule": self.schedule.value,
+            "positions": self.positions,
+            "corrupt_weight": self.corrupt_weight,
+            "official_override": self.official_override,
+        }
+
+
+@dataclass
+class NormLoss:
+    value: torch.Tensor  # s(e) * A * sum_k share_k * penalty_k, to add to the cross-entropy
+    alpha: torch.Tensor  # [M] PAN's a_j (zeros when PAN is not computed)
+    schedule: float  # s(e)
+    terms: dict[str, float]  # each computed penalty, unweighted
+
+
+def norm_loss(
+    ctx: torch.Tensor,
+    config: NemesisConfig,
+    epoch: int,
+    epochs: int,
+    count_correct: CountCorrect | None = None,
+    generator: torch.Generator | None = None,
+) -> NormLoss:
+    """The penalty part of L at 0-based epoch index `epoch` of `epochs`."""
+    inputs = PenaltyInputs(
+        p=config.norm.order,
+        positions=config.positions,
+        corrupt_weight=config.corrupt_weight,
+        count_correct=count_correct,
+        generator=generator,
+    )
+    factor = schedule_weight(config.schedule, epoch, epochs, config.rate)
+    value = ctx.new_zeros(())
+    alpha = torch.zeros(ctx.shape[-2], device=ctx.device)
+    terms = {}
+    for name, share in config.shares().items():
+        if share == 0.0:
+            continue
+        penalty = PENALTIES[name](ctx, inputs)
+        value = value + share * penalty.value
+        terms[name] = float(penalty.value.detach())
+        if name == "pan":
+            alpha = penalty.alpha
+    return NormLoss(factor * config.weight * value, alpha, factor, terms)
+
+
+def nemesis_loss(
+    cross_entropy: torch.Tensor,
+    ctx: torch.Tensor,
+    config: NemesisConfig,
+    epoch: int,
+    epochs: int,
+    count_correct: CountCorrect | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, NormLoss]:
+    """L = CE + s(e) * A * (beta * PUN + (1 - beta) * PAN), and the penalty's parts for logging."""
+    penalty = norm_loss(ctx, config, epoch, epochs, count_correct, generator)
+    return cross_entropy + penalty.value, penalty

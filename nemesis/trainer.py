@@ -1,0 +1,684 @@
+"""Training CoOp and CoOp+Nemesis prompts on few-shot data: `train(config, out_dir)` writes a run folder.
+
+The CLIP model is frozen; only the learner's `ctx` gets gradients (I5). Every random choice (data
+order, which cached view or live augmentation an image gets, PAN's positions) is drawn from a
+generator seeded by (seed, epoch or step), so a run is a function of its config and an interrupted
+run resumes exactly: the state saved after each epoch holds ctx, SGD's momentum buffer and the
+counters (safetensors + JSON, no pickles), and the lr schedule is a function of the epoch.
+
+Run folder (DESIGN section 6): config.json, metrics.jsonl, log.txt, prompt.safetensors,
+checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import safe_open, save_file
+
+from . import __version__
+from .atomic import atomic_path, write_text_atomic
+from .backbone import Backbone, load_clip, model_config
+from .checkpoint import PromptMetadata, save_prompt
+from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
+from .datasets import Dataset, Subsample, load_dataset, resolve_name
+from .errors import NemesisError
+from .evaluate import coop_result_block, macro_f1, predictions
+from .feature_cache import augment, encode_split, encode_train_views
+from .losses import NemesisConfig, Norm, Schedule, nemesis_loss
+from .prompt_learner import ClassPosition, PromptedCLIP, PromptLearner
+
+RUN_STATE = "state.safetensors"
+STATE_KEY = "nemesis_state"
+# Keys of config.json that may change when a run is resumed (they do not change what is learned).
+RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version")
+
+
+class Method(str, Enum):
+    coop = "coop"
+    nemesis = "nemesis"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    amp = "amp"  # bf16 (or fp16 with loss scaling) autocast on CUDA; plain fp32 on the CPU
+
+
+def _choice(enum: type[Enum], value: object, what: str) -> Enum:
+    try:
+        return enum(value.value if isinstance(value, Enum) else str(value))
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise NemesisError(f"unknown {what} '{value}'; choose one of {choices}") from None
+
+
+def default_epochs(dataset: str, shots: int) -> int:
+    """CoOp's epochs: 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16; ImageNet always 50."""
+    if dataset == "imagenet" or shots <= 1:
+        return 50
+    return 100 if shots <= 4 else 200
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; `config.json` of the run folder is `resolved().to_json()`."""
+
+    dataset: str  # dataset key (e.g. oxford_pets, imagenet) or fashion_mnist, which needs no root
+    root: str | None = None  # folder holding the CoOp-format datasets
+    shots: int = 16  # training images per class, drawn CoOp's way (or read from CoOp's split_fewshot)
+    seed: int = 1  # seeds the few-shot draw, ctx initialisation, data order, views and PAN's draws
+    method: Method = Method.coop  # coop, or nemesis (CoOp + the norm penalty)
+    subsample: str = "all"  # classes to train on: all, base or new (base-to-new)
+    model: str = "RN50"  # open_clip model name
+    pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
+    n_ctx: int = 16  # context vectors M (ignored when ctx_init is given: its token count)
+    ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"; None: N(0, 0.02^2)
+    class_specific: bool = False  # one ctx per class (CoOp's CSC)
+    class_position: str = "end"  # where the class name goes: end, middle or front
+    epochs: int | None = None  # None: CoOp's count for the shots (1: 50, 2/4: 100, 8/16: 200, ImageNet 50)
+    batch_size: int = 32  # images per step
+    lr: float = 0.002  # SGD learning rate after warm-up, cosine-annealed over the epochs
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay on ctx
+    warmup_epochs: int = 1  # epochs at the constant warm-up learning rate
+    warmup_lr: float = 1e-5  # the warm-up learning rate
+    beta: float = 1.0  # Nemesis: PUN's share, 1 = PUN only, 0 = PAN only
+    weight: float = 1.0  # Nemesis: A, the penalty's weight
+    norm: Norm = Norm.l2  # Nemesis: p of ||ctx_j||_p: 1, 2 or inf
+    schedule: Schedule = Schedule.logistic  # Nemesis: s(e), logistic or constant
+    positions: int = 1  # Nemesis: NP, positions PAN tries per step (1..n_ctx)
+    corrupt_weight: float = 0.5  # Nemesis: CW, PAN's rescaling factor
+    official_override: bool = False  # Nemesis on food101/oxford_pets: weight 50, constant schedule
+    train_views: int = 0  # 0: live CoOp augmentation each epoch; K: K cached augmented views per image
+    precision: Precision = Precision.fp32  # fp32, or amp (autocast on CUDA)
+    device: str | None = None  # cpu, cuda, cuda:1...; None: cuda when available
+    eval_every: int = 1  # test accuracy every this many epochs (and after the last); 0: last only
+    save_every: int = 0  # a checkpoint in checkpoints/ every this many epochs; 0: none
+    cache_dir: str | None = None  # image-feature cache (default: the user cache)
+
+    def __post_init__(self) -> None:
+        self.dataset = resolve_name(self.dataset)
+        self.method = _choice(Method, self.method, "method")
+        self.precision = _choice(Precision, self.precision, "precision")
+        self.subsample = _choice(Subsample, self.subsample, "subsample").value
+        self.class_position = _choice(ClassPosition, self.class_position, "class position").value
+        self.root = None if self.root is None else str(self.root)
+        self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
+        self.pretrained = None if self.pretrained in (None, "", "none") else str(self.pretrained)
+        counts = {
+            "shots": (self.shots, 1),
+            "n_ctx": (self.n_ctx, 1),
+            "batch_size": (self.batch_size, 1),
+            "warmup_epochs": (self.warmup_epochs, 0),
+            "train_views": (self.train_views, 0),
+            "eval_every": (self.eval_every, 0),
+            "save_every": (self.save_every, 0),
+            "seed": (self.seed, 0),
+        }
+        if self.epochs is not None:
+            counts["epochs"] = (self.epochs, 1)
+        for name, (value, least) in counts.items():
+            if value < least:
+                raise NemesisError(f"{name} must be at least {least}, got {value}")
+        for name, value in (
+            ("lr", self.lr),
+            ("warmup_lr", self.warmup_lr),
+            ("weight_decay", self.weight_decay),
+        ):
+            if not value >= 0:
+                raise NemesisError(f"{name} must be 0 or more, got {value}")
+        if not 0 <= self.momentum < 1:
+            raise NemesisError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.ctx_init is not None and not self.ctx_init.strip():
+            self.ctx_init = None
+        nemesis = self.nemesis_config()  # checks beta, weight, norm, schedule, positions, corrupt_weight
+        self.norm, self.schedule = nemesis.norm, nemesis.schedule
+        if self.method is Method.nemesis and self.ctx_init is None and self.positions > self.n_ctx:
+            raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {self.n_ctx}, got {self.positions}")
+
+    def nemesis_config(self) -> NemesisConfig:
+        return NemesisConfig(
+            beta=self.beta,
+            weight=self.weight,
+            norm=self.norm,
+            schedule=self.schedule,
+            positions=self.positions,
+            corrupt_weight=self.corrupt_weight,
+            official_override=self.official_override,
+        )
+
+    def resolved(self) -> TrainConfig:
+        """The config as it runs: epochs and device filled in, the official override applied."""
+        values = dataclasses.asdict(self)
+        values["epochs"] = self.epochs or default_epochs(self.dataset, self.shots)
+        values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.method is Method.nemesis:
+            nemesis = self.nemesis_config().for_dataset(self.dataset)
+            values["weight"], values["schedule"] = nemesis.weight, nemesis.schedule
+        return TrainConfig(**values)
+
+    def to_json(self) -> dict:
+        values = {}
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            values[spec.name] = value.value if isinstance(value, Enum) else value
+        for name in (
+            "beta",
+            "weight",
+            "norm",
+            "schedule",
+            "positions",
+            "corrupt_weight",
+            "official_override",
+        ):
+            del values[name]
+        values["nemesis"] = self.nemesis_config().to_json() if self.method is Method.nemesis else None
+        values["toolkit_version"] = __version__
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainConfig:
+        """A config from `to_json()`'s dict (config.json); unknown keys are refused."""
+        values = dict(values)
+        values.pop("toolkit_version", None)
+        nemesis = values.pop("nemesis", None) or {}
+        known = {spec.name for spec in dataclasses.fields(cls)}
+        unknown = sorted((set(values) | set(nemesis)) - known)
+        if unknown:
+            raise NemesisError(f"unknown training options {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**values, **nemesis)
+
+
+def read_run_config(out_dir: str | Path) -> TrainConfig:
+    """The config of the run in `out_dir` (its config.json)."""
+    path = Path(out_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise NemesisError(f"{path} not found: {out_dir} is not a run folder of `nemesis train`")
+    try:
+        return TrainConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as error:
+        raise NemesisError(f"{path} is not valid JSON ({error})") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and seeded randomness
+
+
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), at 0-based `epoch`."""
+    if epoch < config.warmup_epochs:
+        return config.warmup_lr
+    return 0.5 * config.lr * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs))
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed for one use (e.g. "order", epoch 3) of the run's seed, independent of the others."""
+    digest = hashlib.sha256(":".join(str(part) for part in (seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def generator(seed: int, *parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derived_seed(seed, *parts))
+
+
+def epoch_batches(n_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Indices of each step of an epoch; as in Dassl, a last partial batch is dropped when n >= batch."""
+    order = torch.randperm(n_samples, generator=generator(seed, "order", epoch))
+    batches = list(order.split(batch_size))
+    if n_samples >= batch_size and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------
+# Image features of the training images
+
+
+class _AugmentedImages(torch.utils.data.Dataset):
+    """CoOp's train augmentation of each image, its random numbers fixed by (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, backbone: Backbone, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+        self.size, self.mean, self.std = backbone.image_size, backbone.image_mean, backbone.image_std
+
+    def __len__(self) -> int:
+        return len(self.dataset.train)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = random.Random(derived_seed(self.seed, "augment", self.epoch, index))
+        image = self.dataset.open_image(self.dataset.train[index])
+        return augment(image, self.size, self.mean, self.std, rng)
+
+
+class TrainFeatures:
+    """Image features [B, D] and labels [B] of each step: cached augmented views, or live augmentation."""
+
+    def __init__(self, config: TrainConfig, backbone: Backbone, dataset: Dataset, device: torch.device) -> None:
+        self.config, self.backbone, self.dataset, self.device = config, backbone, dataset, device
+        self.labels = torch.tensor([sample.label for sample in dataset.train], device=device)
+        self.views = None
+        if config.train_views > 0:
+            views, _ = encode_train_views(
+                backbone,
+                dataset,
+                config.train_views,
+                seed=config.seed,
+                cache_dir=config.cache_dir,
+                device=device,
+                progress=False,
+            )
+            self.views = views.to(device)  # [V, N, D]
+
+    def __len__(self) -> int:
+        return len(self.dataset.train)
+
+    def batches(self, epoch: int, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.views is not None:
+            # Each image gets one of its cached views per epoch, drawn from (seed, epoch).
+            view_of = torch.randint(len(self.views), (len(self),), generator=generator(self.config.seed, "view", epoch))
+            for indices in batches:
+                yield self.views[view_of[indices], indices], self.labels[indices.to(self.device)]
+            return
+        images = _AugmentedImages(self.dataset, self.backbone, self.config.seed, epoch)
+        workers = 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
+        loader = torch.utils.data.DataLoader(
+            images,
+            batch_sampler=[indices.tolist() for indices in batches],
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for indices, pixels in zip(batches, loader, strict=True):
+            with torch.no_grad(), _autocast(self.config, self.device):
+                features = self.backbone.model.encode_image(pixels.to(self.device, non_blocking=True))
+            yield features.float(), self.labels[indices.to(self.device)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, checks and run-folder state
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if config.precision is Precision.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=_amp_dtype(device))
+    return contextlib.nullcontext()
+
+
+def resolved_n_ctx(config: TrainConfig) -> int:
+    """Context length as the learner will build it (the init words' token count when ctx_init is given)."""
+    tokenizer = open_clip.get_tokenizer(config.model)
+    if config.ctx_init is None or not hasattr(tokenizer, "encode"):
+        return config.n_ctx  # a tokenizer without CLIP's layout is refused when the learner is built
+    return len(tokenizer.encode(config.ctx_init))
+
+
+def load_training_data(config: TrainConfig) -> Dataset:
+    """The few-shot dataset, after checking the shots fit in the smallest class of the full training split."""
+    full = load_dataset(config.dataset, config.root, subsample=config.subsample)
+    if not full.train:
+        raise NemesisError(f"dataset '{config.dataset}' has no training split; train on another dataset")
+    sizes = {}
+    for sample in full.train:
+        sizes[sample.label] = sizes.get(sample.label, 0) + 1
+    smallest = min(sizes, key=lambda label: sizes[label])
+    if config.shots > sizes[smallest]:
+        raise NemesisError(
+            f"--shots {config.shots} is more than the {sizes[smallest]} training images of class "
+            f"'{full.classnames[smallest]}' in {config.dataset}; use at most {sizes[smallest]} shots"
+        )
+    return load_dataset(config.dataset, config.root, shots=config.shots, seed=config.seed, subsample=config.subsample)
+
+
+def check_config(config: TrainConfig) -> Dataset:
+    """Every check that can refuse a run, before a model is built or a file written; returns the data."""
+    model_config(config.model)
+    if config.method is Method.nemesis:
+        n_ctx = resolved_n_ctx(config)
+        if not 1 <= config.positions <= n_ctx:
+            raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {n_ctx}, got {config.positions}")
+    return load_training_data(config)
+
+
+def _comparable(values: dict) -> dict:
+    return {key: value for key, value in values.items() if key not in RESUMABLE_CHANGES}
+
+
+def _check_folder(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+    config_path = out_dir / RUN_CONFIG
+    if not config_path.is_file():
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NemesisError(f"--out {out_dir} is a file; name a folder")
+        return
+    if not resume:
+        raise NemesisError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    saved = _comparable(read_run_config(out_dir).to_json())
+    wanted = _comparable(config.to_json())
+    differing = sorted(key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key))
+    if differing:
+        shown = ", ".join(f"{key}: {saved.get(key)!r} -> {wanted.get(key)!r}" for key in differing)
+        raise NemesisError(f"cannot resume {out_dir} with other options ({shown}); use the run's own options")
+
+
+@dataclass
+class RunState:
+    epoch: int  # epochs completed
+    step: int  # steps completed
+    ctx: torch.Tensor
+    momentum: torch.Tensor | None
+    extra: dict  # RNG states and the loss scaler
+
+
+def save_state(path: Path, state: RunState) -> None:
+    tensors = {"ctx": state.ctx.detach().float().cpu().contiguous(), "torch_rng": torch.get_rng_state()}
+    if state.momentum is not None:
+        tensors["momentum"] = state.momentum.detach().float().cpu().contiguous()
+    if torch.cuda.is_available():
+        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_rng_{index}"] = rng
+    version, python_state, gauss = random.getstate()
+    numpy_state = np.random.get_state()
+    header = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "python_rng": [version, list(python_state), gauss],
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *(float(value) for value in numpy_state[2:])],
+        **state.extra,
+    }
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={STATE_KEY: json.dumps(header)})
+
+
+def load_state(path: Path) -> RunState:
+    """The saved state, with the global RNG states restored."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = json.loads((file.metadata() or {})[STATE_KEY])
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as error:
+        raise NemesisError(f"{path} is not a readable training state ({error}); delete it to restart") from error
+    torch.set_rng_state(tensors["torch_rng"])
+    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("cuda_rng_")]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, python_state, gauss = header.pop("python_rng")
+    random.setstate((version, tuple(python_state), gauss))
+    name, keys, position, has_gauss, cached = header.pop("numpy_rng")
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), int(position), int(has_gauss), cached))
+    epoch, step = header.pop("epoch"), header.pop("step")
+    return RunState(epoch, step, tensors["ctx"], tensors.get("momentum"), header)
+
+
+def _read_metrics(path: Path, last_epoch: int) -> str:
+    """metrics.jsonl up to epoch `last_epoch`: rows of a later, unfinished epoch (or a torn line) dropped."""
+    if not path.is_file():
+        return ""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if row.get("epoch", 0) <= last_epoch:
+            kept.append(line + "\n")
+    return "".join(kept)
+
+
+class _Journal:
+    """metrics.jsonl and log.txt: rows appended after each epoch, just before the state is saved."""
+
+    def __init__(self, out_dir: Path, echo: Callable[[str], None] | None) -> None:
+        self.metrics, self.log, self.echo = out_dir / RUN_METRICS, out_dir / RUN_LOG, echo
+        self.rows: list[dict] = []
+
+    def say(self, line: str, show: bool = False) -> None:
+        with open(self.log, "a", encoding="utf-8") as file:
+            file.write(line + "\n")
+        if show and self.echo is not None:
+            self.echo(line)
+
+    def flush_rows(self) -> None:
+        with open(self.metrics, "a", encoding="utf-8") as file:
+            file.write("".join(json.dumps(row) + "\n" for row in self.rows))
+        self.rows = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _norm_summary(ctx: torch.Tensor) -> tuple[list[float], float, float]:
+    """L2 norms per position [M] (class mean for class-specific ctx), their mean, and ctx's Frobenius norm."""
+    with torch.no_grad():
+        norms = torch.linalg.vector_norm(ctx.float(), dim=-1).reshape(-1, ctx.shape[-2]).mean(dim=0)
+        return norms.tolist(), float(norms.mean()), float(torch.linalg.vector_norm(ctx.float()))
+
+
+def _test_accuracy(learner: PromptLearner, features: torch.Tensor, labels: torch.Tensor) -> float:
+    predicted = predictions(learner, features, learner.ctx.detach().unsqueeze(0))[0]
+    return 100.0 * float((predicted == labels).float().mean())
+
+
+def _correct_counter(learner: PromptLearner, images: torch.Tensor, labels: torch.Tensor):
+    """PAN's pre-inference: batch samples each ctx variant classifies right [K], in one batched text pass."""
+    images = F.normalize(images.float(), dim=-1)  # [B, D]
+
+    def count_correct(variants: torch.Tensor) -> torch.Tensor:
+        text = F.normalize(learner.encode(variants).float(), dim=-1)  # [K, n_cls, D]
+        scores = images @ text.transpose(1, 2)  # [K, B, n_cls]
+        return (scores.argmax(dim=-1) == labels).sum(dim=-1)  # [K]
+
+    return count_correct
+
+
+@dataclass
+class _Stepper:
+    """One optimisation step on a batch of image features; returns the step's metrics row."""
+
+    config: TrainConfig
+    learner: PromptLearner
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    device: torch.device
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int, lr: float) -> dict:
+        config, learner = self.config, self.learner
+        norm_value, alpha = 0.0, [0.0] * learner.n_ctx
+        with _autocast(config, self.device):
+            logits = PromptedCLIP(learner).logits(images, learner.text_features())  # [B, n_cls]
+            cross_entropy = F.cross_entropy(logits, labels)
+            loss = cross_entropy
+            if config.method is Method.nemesis:
+                loss, penalty = nemesis_loss(
+                    cross_entropy,
+                    learner.ctx,
+                    config.nemesis_config(),
+                    epoch,
+                    config.epochs,
+                    _correct_counter(learner, images, labels),
+                    generator(config.seed, "pan", step),
+                )
+                norm_value, alpha = float(penalty.value.detach()), penalty.alpha.tolist()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        norms, _, _ = _norm_summary(learner.ctx)
+        return {
+            "kind": "step",
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": lr,
+            "ce_loss": float(cross_entropy.detach()),
+            "norm_loss": norm_value,
+            "train_acc": 100.0 * float((logits.argmax(dim=-1) == labels).float().mean()),
+            "norms": norms,
+            "alpha": alpha,
+        }
+
+
+def _metadata(config: TrainConfig, backbone: Backbone, data: Dataset, epoch: int) -> PromptMetadata:
+    return PromptMetadata(
+        model=config.model,
+        pretrained=config.pretrained,
+        weights_id=backbone.weights_id,
+        class_position=config.class_position,
+        ctx_init=config.ctx_init,
+        classnames=list(data.classnames),
+        dataset=config.dataset,
+        shots=config.shots,
+        seed=config.seed,
+        subsample=config.subsample,
+        method=config.method.value,
+        method_config=config.nemesis_config().to_json() if config.method is Method.nemesis else {},
+        epoch=epoch,
+    )
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> Path:
+    """Train a prompt and write the run folder `out_dir`; return it.
+
+    `resume=True` continues the run saved in `out_dir` (same options) after its last finished epoch.
+    `on_epoch_end(epoch)` is called after each epoch's state is saved (tests interrupt runs with it).
+    """
+    config = config.resolved()
+    out_dir = Path(out_dir)
+    _check_folder(out_dir, config, resume)
+    data = check_config(config)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NemesisError(f"--device {config.device} asked for, but CUDA is not available here; use --device cpu")
+    # Only for code outside this module that draws from the global generators; a resumed run restores them.
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    state_path = out_dir / RUN_STATE
+    state = load_state(state_path) if resume and state_path.is_file() else None
+    if state is not None and state.epoch >= config.epochs and (out_dir / RUN_PROMPT).is_file():
+        if echo is not None:
+            echo(f"{out_dir} finished its {config.epochs} epochs before; nothing left to do")
+        return out_dir
+
+    backbone = load_clip(config.model, config.pretrained, device=device)
+    learner = PromptLearner(
+        backbone,
+        data.classnames,
+        n_ctx=config.n_ctx,
+        ctx_init=config.ctx_init,
+        class_specific=config.class_specific,
+        class_position=config.class_position,
+        seed=config.seed,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / RUN_CONFIG).is_file():
+        write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
+    journal = _Journal(out_dir, echo)
+    write_text_atomic(out_dir / RUN_METRICS, _read_metrics(out_dir / RUN_METRICS, state.epoch if state else 0))
+
+    optimizer = torch.optim.SGD([learner.ctx], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    scaler = None
+    if config.precision is Precision.amp and device.type == "cuda" and _amp_dtype(device) == torch.float16:
+        scaler = torch.amp.GradScaler("cuda")
+    start_epoch, step = 0, 0
+    if state is not None:
+        with torch.no_grad():
+            learner.ctx.copy_(state.ctx.to(device))
+        if state.momentum is not None:
+            optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device)
+        if scaler is not None and state.extra.get("scaler"):
+            scaler.load_state_dict(state.extra["scaler"])
+        start_epoch, step = state.epoch, state.step
+        journal.say(f"resumed after epoch {start_epoch} (step {step})", show=True)
+    else:
+        (out_dir / RUN_LOG).write_text("", encoding="utf-8")
+        journal.say(
+            f"nemesis train: {config.method.value} on {config.dataset} ({len(data.classnames)} classes, "
+            f"{len(data.train)} training images), {config.shots} shots, seed {config.seed}, "
+            f"{config.model} ({config.pretrained}), {config.epochs} epochs, device {device}",
+            show=True,
+        )
+        journal.say(f"config: {json.dumps(config.to_json())}")
+
+    features = TrainFeatures(config, backbone, data, device)
+    test_features, test_labels = encode_split(
+        backbone, data, "test", cache_dir=config.cache_dir, device=device, progress=progress
+    )
+    test_features, test_labels = test_features.to(device), test_labels.to(device)
+    stepper = _Stepper(config, learner, optimizer, scaler, device)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("training", total=config.epochs, completed=start_epoch)
+        for epoch in range(start_epoch, config.epochs):
+            lr = learning_rate(config, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = epoch_batches(len(features), config.batch_size, config.seed, epoch)
+            for images, labels in features.batches(epoch, batches):
+                step += 1
+                journal.rows.append(stepper(images, labels, epoch, step, lr))
+            done = epoch + 1
+            test_accuracy = None
+            if done == config.epochs or (config.eval_every and done % config.eval_every == 0):
+                test_accuracy = _test_accuracy(learner, test_features, test_labels)
+            norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
+            journal.rows.append(
+                {
+                    "kind": "epoch",
+                    "epoch": done,
+                    "test_acc": test_accuracy,
+                    "norms": norms,
+                    "mean_norm": mean_norm,
+                    "fro_norm": fro_norm,
+                }
+            )
+            steps = [row for row in journal.rows if row["kind"] == "step"]
+            loss = sum(row["ce_loss"] + row["norm_loss"] for row in steps) / max(1, len(steps))
+            shown = "" if test_accuracy is None else f" test_acc {test_accuracy:.2f}"
+            journal.say(f"epoch [{done}/{config.epochs}] lr {lr:.4e} loss {loss:.4f}{shown} mean_norm {mean_norm:.4f}")
+            journal.flush_rows()
+            if config.save_every and done % config.save_every == 0:
+                (out_dir / RUN_CHECKPOINTS).mkdir(exist_ok=True)
+                checkpoint = out_dir / RUN_CHECKPOINTS / f"epoch-{done:04d}.safetensors"
+                save_prompt(checkpoint, learner.ctx.detach(), _metadata(config, backbone, data, done))
+            momentum = optimizer.state.get(learner.ctx, {}).get("momentum_buffer")
+            extra = {"scaler": scaler.state_dict() if scaler is not None else None}
+            save_state(state_path, RunState(done, step, learner.ctx, momentum, extra))
+            bar.update(task, completed=done, description=f"epoch {done}{shown}")
+            if on_epoch_end is not None:
+                on_epoch_end(done)
+
+    predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
+    total, correct = len(test_labels), int((predicted == test_labels).sum())
+    save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), _metadata(config, backbone, data, config.epochs))
+    journal.say("Evaluate on the *test* set")
+    for line in coop_result_block(total, correct, macro_f1(predicted, test_labels)).splitlines():
+        journal.say(line, show=True)
+    return out_dir

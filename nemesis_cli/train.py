@@ -1,0 +1,129 @@
+"""`nemesis train` (CoOp / CoOp+Nemesis prompts) and `nemesis pretrain-tiny` (the embedded default model)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nemesis.errors import NemesisError
+from nemesis.tiny import pretrain_tiny, read_tiny_info, weights_path
+from nemesis.trainer import TrainConfig, read_run_config
+from nemesis.trainer import train as train_prompt
+
+from .common import reports_errors
+
+Option = typer.Option
+DEFAULTS = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
+
+
+def _default(name: str) -> str:
+    value = DEFAULTS[name]
+    return f" (default: {getattr(value, 'value', value)})"
+
+
+@reports_errors
+def train(
+    out: Annotated[Path, Option(help="Run folder to write (config.json, metrics.jsonl, log.txt, prompt).")],
+    dataset: Annotated[
+        str | None,
+        Option(help="Dataset key, e.g. oxford_pets, imagenet, or fashion_mnist (needs no --root)."),
+    ] = None,
+    root: Annotated[Path | None, Option(help="Folder holding the CoOp-format datasets.")] = None,
+    shots: Annotated[int | None, Option(help="Training images per class." + _default("shots"))] = None,
+    seed: Annotated[
+        int | None, Option(help="Seed of the few-shot draw, init and data order." + _default("seed"))
+    ] = None,
+    method: Annotated[str | None, Option(help="coop or nemesis." + _default("method"))] = None,
+    model: Annotated[str | None, Option(help="open_clip model." + _default("model"))] = None,
+    pretrained: Annotated[
+        str | None,
+        Option(help="open_clip tag or weights file; 'none' for random weights." + _default("pretrained")),
+    ] = None,
+    subsample: Annotated[str | None, Option(help="Classes: all, base or new." + _default("subsample"))] = None,
+    n_ctx: Annotated[int | None, Option(help="Context vectors M." + _default("n_ctx"))] = None,
+    ctx_init: Annotated[str | None, Option(help="Initialise ctx from these words, e.g. 'a photo of a'.")] = None,
+    class_specific: Annotated[bool, Option("--class-specific", help="One ctx per class (CoOp's CSC).")] = False,
+    class_position: Annotated[
+        str | None, Option(help="Class name at the end, middle or front." + _default("class_position"))
+    ] = None,
+    epochs: Annotated[
+        int | None, Option(help="Epochs (default: CoOp's, 50 / 100 / 200 for 1 / 2-4 / 8-16 shots).")
+    ] = None,
+    batch_size: Annotated[int | None, Option(help="Images per step." + _default("batch_size"))] = None,
+    lr: Annotated[float | None, Option(help="SGD learning rate, cosine schedule." + _default("lr"))] = None,
+    momentum: Annotated[float | None, Option(help="SGD momentum." + _default("momentum"))] = None,
+    weight_decay: Annotated[float | None, Option(help="SGD weight decay." + _default("weight_decay"))] = None,
+    warmup_lr: Annotated[float | None, Option(help="Warm-up learning rate." + _default("warmup_lr"))] = None,
+    warmup_epochs: Annotated[int | None, Option(help="Constant-lr warm-up epochs." + _default("warmup_epochs"))] = None,
+    beta: Annotated[float | None, Option(help="Nemesis: PUN share, 1 = PUN, 0 = PAN." + _default("beta"))] = None,
+    weight: Annotated[float | None, Option(help="Nemesis: penalty weight A." + _default("weight"))] = None,
+    norm: Annotated[str | None, Option(help="Nemesis: norm p, 1, 2 or inf." + _default("norm"))] = None,
+    schedule: Annotated[str | None, Option(help="Nemesis: logistic or constant." + _default("schedule"))] = None,
+    positions: Annotated[int | None, Option(help="Nemesis: PAN positions NP per step." + _default("positions"))] = None,
+    corrupt_weight: Annotated[
+        float | None, Option(help="Nemesis: PAN rescaling CW." + _default("corrupt_weight"))
+    ] = None,
+    official_override: Annotated[
+        bool,
+        Option("--official-override", help="Nemesis on food101/oxford_pets: weight 50, constant schedule."),
+    ] = False,
+    train_views: Annotated[
+        int | None,
+        Option(help="0: live augmentation; K: K cached augmented views." + _default("train_views")),
+    ] = None,
+    precision: Annotated[str | None, Option(help="fp32 or amp (autocast on CUDA)." + _default("precision"))] = None,
+    device: Annotated[str | None, Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
+    eval_every: Annotated[
+        int | None, Option(help="Test accuracy every N epochs; 0: last only." + _default("eval_every"))
+    ] = None,
+    save_every: Annotated[
+        int | None, Option(help="Checkpoint every N epochs; 0: none." + _default("save_every"))
+    ] = None,
+    cache_dir: Annotated[Path | None, Option(help="Image-feature cache (default: the user cache).")] = None,
+    resume: Annotated[
+        bool, Option("--resume", help="Continue the run in --out; alone, it reuses the run's config.json.")
+    ] = False,
+) -> None:
+    """Train CoOp or CoOp+Nemesis prompts on few-shot data and write a run folder.
+
+    Example: nemesis train --dataset oxford_pets --root ~/data --shots 16 --method nemesis --out runs/pets
+    """
+    options = {name: value for name, value in locals().items() if name not in ("out", "resume")}
+    given = {name: value for name, value in options.items() if value is not None and value is not False}
+    runtime = {name: given[name] for name in ("device", "cache_dir") if name in given}
+    if "dataset" not in given:
+        if not resume:
+            raise NemesisError("--dataset is required (e.g. --dataset fashion_mnist)")
+        config = dataclasses.replace(read_run_config(out), **{k: str(v) for k, v in runtime.items()})
+    else:
+        for name in ("root", "cache_dir"):
+            if name in given:
+                given[name] = str(given[name])
+        config = TrainConfig(**given)
+    folder = train_prompt(config, out, resume=resume, echo=typer.echo)
+    typer.echo(f"wrote {folder}")
+
+
+@reports_errors
+def pretrain_tiny_command(
+    force: Annotated[bool, Option("--force", help="Pretrain again even when cached weights exist.")] = False,
+    out: Annotated[Path | None, Option(help="Write the weights here instead of the user cache.")] = None,
+) -> None:
+    """Pretrain the embedded `tiny` CLIP on Fashion-MNIST (cached; `--pretrained fmnist` uses it).
+
+    Example: nemesis pretrain-tiny
+    """
+    cached = weights_path()
+    if out is None and cached.is_file() and not force:
+        info = read_tiny_info(cached)
+        typer.echo(f"cached: {cached} (--force pretrains again)")
+        typer.echo(f"zero-shot accuracy on Fashion-MNIST test: {info['zero_shot_accuracy']:.2f}%")
+        return
+    if out is not None and not out.parent.is_dir():
+        raise NemesisError(f"--out: folder {out.parent} does not exist; create it first")
+    result = pretrain_tiny(out=out)
+    typer.echo(f"wrote {result.path} (pretrained in {result.seconds:.1f} s)")
+    typer.echo(f"zero-shot accuracy on Fashion-MNIST test: {result.zero_shot_accuracy:.2f}%")

@@ -1,0 +1,299 @@
+"""The trainer: config checks, run folder, I5 (frozen CLIP), exact resume, the CLI, and end to end on tiny."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import nemesis.trainer as trainer
+from nemesis.backbone import load_clip
+from nemesis.checkpoint import load_prompt
+from nemesis.errors import NemesisError
+from nemesis.testing import make_coop_folder
+from nemesis.tiny import read_tiny_info
+from nemesis.trainer import TrainConfig, default_epochs, learning_rate, read_run_config, train
+from nemesis_cli.main import app
+
+CLASSNAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
+RUN_FILES = ("config.json", "metrics.jsonl", "log.txt", "prompt.safetensors", "state.safetensors")
+
+
+@pytest.fixture
+def pets(tmp_path):
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(4, 2, 3), image_size=28)
+    return root
+
+
+def small_config(root, **options) -> TrainConfig:
+    """A few seconds of training: tiny with random weights, 4 classes x 4 shots, batch 4."""
+    values = dict(
+        dataset="oxford_pets", root=str(root), shots=4, seed=2, model="tiny", pretrained=None,
+        n_ctx=4, epochs=3, batch_size=4, lr=0.05, device="cpu",
+    )  # fmt: skip
+    return TrainConfig(**(values | options))
+
+
+def checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def rows(folder, kind):
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["kind"] == kind]
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_coop_defaults_and_epochs_from_shots():
+    config = TrainConfig(dataset="oxford_pets")
+    assert (config.lr, config.momentum, config.weight_decay, config.batch_size) == (0.002, 0.9, 5e-4, 32)
+    assert (config.warmup_epochs, config.warmup_lr, config.model, config.pretrained) == (
+        1,
+        1e-5,
+        "RN50",
+        "openai",
+    )
+    assert [default_epochs("dtd", shots) for shots in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert default_epochs("imagenet", 16) == 50
+    assert TrainConfig(dataset="dtd", shots=2).resolved().epochs == 100
+    assert TrainConfig(dataset="dtd", shots=2, epochs=7).resolved().epochs == 7
+
+
+def test_learning_rate_is_constant_warmup_then_cosine():
+    config = TrainConfig(dataset="dtd", epochs=10).resolved()
+    assert learning_rate(config, 0) == 1e-5
+    assert learning_rate(config, 1) == pytest.approx(0.002)
+    assert learning_rate(config, 6) == pytest.approx(0.001 * (1 + math.cos(math.pi * 5 / 10)))
+    assert all(learning_rate(config, e) > learning_rate(config, e + 1) for e in range(1, 9))
+
+
+def test_config_json_round_trip_and_official_override():
+    config = TrainConfig(dataset="OxfordPets", method="nemesis", beta=0.0, official_override=True).resolved()
+    assert config.dataset == "oxford_pets" and (config.weight, config.schedule.value) == (50.0, "constant")
+    values = config.to_json()
+    assert values["nemesis"] == {
+        "beta": 0.0, "weight": 50.0, "norm": "2", "schedule": "constant", "positions": 1,
+        "corrupt_weight": 0.5, "official_override": True,
+    }  # fmt: skip
+    assert TrainConfig.from_json(json.loads(json.dumps(values))) == config
+    assert TrainConfig(dataset="dtd").to_json()["nemesis"] is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"method": "cocoop"}, "unknown method 'cocoop'; choose one of coop, nemesis"),
+        ({"method": "nemesis", "beta": -0.1}, "beta must be between 0 and 1"),
+        ({"method": "nemesis", "positions": 17}, "positions"),
+        ({"method": "nemesis", "weight": -1}, "weight must be 0 or more"),
+        ({"dataset": "pets"}, "unknown dataset 'pets'"),
+        ({"precision": "fp8"}, "unknown precision 'fp8'"),
+        ({"shots": 0}, "shots must be at least 1"),
+        ({"class_position": "left"}, "unknown class position 'left'"),
+    ],
+)
+def test_bad_config_is_refused(options, message):
+    with pytest.raises(NemesisError, match=message):
+        TrainConfig(**({"dataset": "dtd"} | options))
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def test_run_folder_holds_every_file_and_row(pets, tmp_path):
+    out = tmp_path / "run"
+    config = small_config(pets, method="nemesis", beta=0.5, positions=2, save_every=2, eval_every=2)
+    train(config, out, progress=False)
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0002.safetensors"]
+
+    saved = json.loads((out / "config.json").read_text())
+    for key in ("dataset", "shots", "seed", "method", "model", "pretrained", "subsample", "epochs"):
+        assert key in saved
+    assert saved["nemesis"]["beta"] == 0.5 and saved["epochs"] == 3
+    assert read_run_config(out) == config.resolved()
+
+    steps, epochs = rows(out, "step"), rows(out, "epoch")
+    assert len(steps) == 3 * 4 and [row["step"] for row in steps] == list(range(1, 13))
+    assert set(steps[0]) == {
+        "kind",
+        "epoch",
+        "step",
+        "lr",
+        "ce_loss",
+        "norm_loss",
+        "train_acc",
+        "norms",
+        "alpha",
+    }
+    assert all(len(row["norms"]) == 4 and len(row["alpha"]) == 4 for row in steps)
+    assert steps[0]["lr"] == 1e-5 and steps[-1]["epoch"] == 3
+    assert all(row["norm_loss"] > 0 for row in steps)
+    assert [row["epoch"] for row in epochs] == [1, 2, 3]
+    assert set(epochs[0]) == {"kind", "epoch", "test_acc", "norms", "mean_norm", "fro_norm"}
+    assert epochs[0]["test_acc"] is None and 0 <= epochs[1]["test_acc"] <= 100 and epochs[2]["test_acc"] is not None
+
+    prompt = load_prompt(out / "prompt.safetensors")
+    metadata = prompt.metadata
+    assert (metadata.model, metadata.pretrained, metadata.dataset, metadata.shots, metadata.seed) == (
+        "tiny",
+        None,
+        "oxford_pets",
+        4,
+        2,
+    )
+    assert metadata.method == "nemesis" and metadata.method_config["beta"] == 0.5 and metadata.epoch == 3
+    assert metadata.classnames == CLASSNAMES and metadata.weights_id and metadata.subsample == "all"
+    assert torch.allclose(torch.tensor(epochs[-1]["norms"]), prompt.ctx.norm(dim=-1))
+
+    log = (out / "log.txt").read_text().splitlines()
+    assert log[-5].startswith("* total: 12") and log[-4].startswith("* correct: ")
+    assert log[-3].startswith("* accuracy: ") and log[-3].endswith("%")
+    assert log[-2].startswith("* error: ") and log[-1].startswith("* macro_f1: ")
+
+
+def test_training_changes_ctx_only_i5(pets, tmp_path, monkeypatch):
+    built = []
+
+    def recording_load_clip(*args, **kwargs):
+        built.append(load_clip(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(trainer, "load_clip", recording_load_clip)
+    before = checksum(load_clip("tiny").model)
+    train(small_config(pets, method="nemesis", beta=0.5, class_specific=True), tmp_path / "run", progress=False)
+    assert len(built) == 1 and checksum(built[0].model) == before
+    ctx = load_prompt(tmp_path / "run" / "prompt.safetensors").ctx
+    assert ctx.shape == (4, 4, 64)
+
+
+@pytest.mark.parametrize("train_views", [0, 2])
+def test_resume_ends_with_the_uninterrupted_prompt(pets, tmp_path, train_views):
+    config = small_config(pets, method="nemesis", beta=0.5, epochs=5, train_views=train_views)
+    train(config, tmp_path / "whole", progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_two(epoch):
+        if epoch == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(config, tmp_path / "cut", progress=False, on_epoch_end=stop_after_two)
+    assert not (tmp_path / "cut" / "prompt.safetensors").exists()
+    # Rows of an epoch that did not finish must not survive: fake a torn tail.
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as file:
+        file.write('{"kind": "step", "epoch": 3, "step": 9')
+    train(config, tmp_path / "cut", resume=True, progress=False)
+
+    whole = load_file(str(tmp_path / "whole" / "prompt.safetensors"))["ctx"]
+    resumed = load_file(str(tmp_path / "cut" / "prompt.safetensors"))["ctx"]
+    assert torch.equal(whole, resumed)
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+    assert "resumed after epoch 2" in (tmp_path / "cut" / "log.txt").read_text()
+
+
+def test_state_holds_tensors_and_json_only(pets, tmp_path):
+    train(small_config(pets, epochs=2), tmp_path / "run", progress=False)
+    state = load_file(str(tmp_path / "run" / "state.safetensors"))
+    assert {"ctx", "momentum", "torch_rng"} <= set(state)
+    assert state["torch_rng"].dtype == torch.uint8
+
+
+def test_existing_run_and_changed_options_are_refused(pets, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(pets, epochs=1), out, progress=False)
+    with pytest.raises(NemesisError, match="already holds a run; pass --resume"):
+        train(small_config(pets, epochs=1), out, progress=False)
+    with pytest.raises(NemesisError, match=r"cannot resume .* \(seed: 2 -> 3"):
+        train(small_config(pets, epochs=1, seed=3), out, resume=True, progress=False)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--method", "cocoop"], "unknown method 'cocoop'"),
+        (["--method", "nemesis", "--beta", "1.5"], "beta must be between 0 and 1"),
+        (["--method", "nemesis", "--positions", "5"], "positions (NP) must be between 1 and n_ctx = 4"),
+        (["--method", "nemesis", "--positions", "0"], "positions"),
+        (["--method", "nemesis", "--weight", "-2"], "weight must be 0 or more"),
+        (["--shots", "5"], "more than the 4 training images of class 'red apple'"),
+        (["--norm", "3"], "unknown norm '3'"),
+        (["--model", "ViT-B-33"], "unknown model 'ViT-B-33'"),
+    ],
+)
+def test_cli_refuses_bad_input_with_one_line_and_writes_nothing(pets, tmp_path, arguments, message):
+    out = tmp_path / "run"
+    base = [
+        "train",
+        "--dataset",
+        "oxford_pets",
+        "--root",
+        str(pets),
+        "--model",
+        "tiny",
+        "--pretrained",
+        "none",
+    ]
+    base += ["--n-ctx", "4", "--shots", "4", "--out", str(out)]
+    result = CliRunner().invoke(app, base + arguments)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not out.exists()
+    assert not (pets / "oxford_pets" / "split_fewshot").exists()
+
+
+def test_cli_resume_alone_reuses_the_run_config(pets, tmp_path):
+    out = tmp_path / "run"
+    config = small_config(pets, epochs=2)
+    with pytest.raises(RuntimeError):
+        train(config, out, progress=False, on_epoch_end=lambda epoch: (_ for _ in ()).throw(RuntimeError()))
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resumed after epoch 1" in result.output and "* accuracy: " in result.output
+    missing = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "other")])
+    assert missing.exit_code == 2 and "--dataset is required" in missing.output
+
+
+# --- end to end on the embedded default ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fashion_mnist_coop_beats_zero_shot_and_nemesis_lowers_the_norm(pretrained_tiny, tmp_path):
+    zero_shot = read_tiny_info(pretrained_tiny)["zero_shot_accuracy"]
+    assert 50 <= zero_shot <= 85
+    common = ["--dataset", "fashion_mnist", "--model", "tiny", "--pretrained", "fmnist", "--shots", "16"]
+    common += ["--seed", "1", "--epochs", "40", "--train-views", "8", "--save-every", "20", "--device", "cpu"]
+    runs = {}
+    for method in ("coop", "nemesis"):
+        out = tmp_path / method
+        result = CliRunner().invoke(app, ["train", *common, "--method", method, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        for name in RUN_FILES:
+            assert (out / name).is_file(), (method, name)
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+            "epoch-0020.safetensors",
+            "epoch-0040.safetensors",
+        ]
+        runs[method] = rows(out, "epoch")[-1]
+        assert len(rows(out, "epoch")) == 40 and rows(out, "step")[-1]["step"] == 40 * 5
+    assert runs["coop"]["test_acc"] > zero_shot + 2
+    assert runs["nemesis"]["mean_norm"] < runs["coop"]["mean_norm"]
