@@ -41,22 +41,14 @@ def corrupt(
     out: Annotated[Path, Option(help="Results table (.parquet; .csv with --csv); reruns resume it.")],
     csv: Annotated[bool, Option("--csv", help="Write the table as CSV instead of Parquet.")] = False,
     root: Annotated[Path | None, Option(help="Folder holding the CoOp-format datasets.")] = None,
-    dataset: Annotated[
-        str | None, Option(help="Dataset key for every checkpoint (default: metadata or path).")
-    ] = None,
+    dataset: Annotated[str | None, Option(help="Dataset key for every checkpoint (default: metadata or path).")] = None,
     model: Annotated[str | None, Option(help="open_clip model (needed for CoOp checkpoints).")] = None,
     pretrained: Annotated[str | None, Option(help="Weights: an open_clip tag or a local file.")] = None,
-    cache_dir: Annotated[
-        Path | None, Option(help="Feature cache folder, shared with eval and train.")
-    ] = None,
+    cache_dir: Annotated[Path | None, Option(help="Feature cache folder, shared with eval and train.")] = None,
     device: Annotated[Device | None, Option(help="Where to run (default: cuda when available).")] = None,
     rescale: Annotated[str | None, Option(help="RESCALE factors tau, e.g. 0.001,0.01,0.1.")] = None,
-    replace: Annotated[
-        str | None, Option(help="REPLACE noise levels sigma, e.g. 0,0.01 (0: zero vector).")
-    ] = None,
-    op: Annotated[
-        list[str] | None, Option("--op", help="Any registered operator as NAME=F1,F2 (repeatable).")
-    ] = None,
+    replace: Annotated[str | None, Option(help="REPLACE noise levels sigma, e.g. 0,0.01 (0: zero vector).")] = None,
+    op: Annotated[list[str] | None, Option("--op", help="Any registered operator as NAME=F1,F2 (repeatable).")] = None,
     positions: Annotated[str, Option(help="Context positions: all, or a list like 0,3,7.")] = "all",
     noise_seeds: Annotated[str | None, Option(help="Noise seeds of REPLACE, e.g. 0,1,2 (default 0).")] = None,
     paper_preset: Annotated[
@@ -81,9 +73,7 @@ def corrupt(
     device_name = device.value if device is not None else None
     check_sweep(inputs, grid, root, device_name)
     console = Console()
-    summary = run_sweep(
-        inputs, grid, results, root=root, cache_dir=cache_dir, device=device_name, console=console
-    )
+    summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device_name, console=console)
     print_summary(summary, results, console)
 
 
@@ -102,13 +92,9 @@ def _cell_label(row) -> str:
 
 
 def _cells_table(title: str, cells: pd.DataFrame) -> Table:
-    table = Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
-    )
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("run", "cell", "acc", "delta", "norm"):
-        table.add_column(
-            column, justify="left" if column in ("run", "cell") else "right", no_wrap=column != "run"
-        )
+        table.add_column(column, justify="left" if column in ("run", "cell") else "right", no_wrap=column != "run")
     for row in cells.itertuples():
         norm = f"{row.norm_before:.3g}->{row.norm_after:.3g}"
         table.add_row(_run_label(row), _cell_label(row), f"{row.accuracy:.2f}", f"{row.delta_acc:+.2f}", norm)
@@ -124,14 +110,11 @@ def print_summary(summary: SweepSummary, results: ResultsFile, console: Console)
         f"{summary.skipped} already in the results",
         soft_wrap=True,
     )
-    console.print(
-        f"results: {results.path} (per-sample correctness: {results.correctness_path})", soft_wrap=True
-    )
+    console.print(f"results: {results.path} (per-sample correctness: {results.correctness_path})", soft_wrap=True)
     reducing = len(summary.reducing)
     methods = ", ".join(sorted(set(summary.cells["method"])))
     console.print(
-        f"norm-reducing cells that raised accuracy: {summary.reducing_raised} of {reducing} "
-        f"(methods: {methods})",
+        f"norm-reducing cells that raised accuracy: {summary.reducing_raised} of {reducing} (methods: {methods})",
         soft_wrap=True,
     )
     if len(summary.corrupted):

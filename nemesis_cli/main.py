@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import analysis_commands, corrupt, data, evaluate, prompt
+from . import analysis_commands, corrupt, data, demo, evaluate, prompt
 from . import train as train_commands
 
 app = typer.Typer(
@@ -23,3 +23,4 @@ app.command("plot-norms")(analysis_commands.plot_norms)
 app.command("report")(analysis_commands.report)
 app.command("train")(train_commands.train)
 app.command("pretrain-tiny")(train_commands.pretrain_tiny_command)
+app.command("demo")(demo.demo)

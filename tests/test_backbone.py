@@ -14,9 +14,7 @@ def test_tiny_is_registered_frozen_and_reproducible():
     assert first.weights_id == second.weights_id == "random-seed0"
     assert not first.model.training
     assert all(not parameter.requires_grad for parameter in first.model.parameters())
-    for (name, a), (_, b) in zip(
-        first.model.state_dict().items(), second.model.state_dict().items(), strict=True
-    ):
+    for (name, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert first.image_size == 28 and text_width("tiny") == 64
 

@@ -112,9 +112,7 @@ class _RunsCommand:
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "model.pth.tar-1"
-    torch.save(
-        {"state_dict": {"ctx": torch.zeros(4, 512)}, "epoch": 1, "payload": _RunsCommand(marker)}, path
-    )
+    torch.save({"state_dict": {"ctx": torch.zeros(4, 512)}, "epoch": 1, "payload": _RunsCommand(marker)}, path)
     with pytest.raises(NemesisError, match="system"):
         load_checkpoint(path)
     plain = tmp_path / "split.pkl"

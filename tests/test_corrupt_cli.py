@@ -96,9 +96,7 @@ def test_checkpoint_width_must_match_the_model(setting):
     write_dassl_checkpoint(tmp_path / "coop" / "seed1", torch.zeros(16, 512), epoch=5)
     args = _args(tmp_path, tmp_path / "coop", "--model", "tiny", "--dataset", "oxford_pets")
     _fails_with_one_line(tmp_path, args, "ctx width 512 does not match the text width 64 of model 'tiny'")
-    _fails_with_one_line(
-        tmp_path, _args(tmp_path, tmp_path / "coop"), "does not name its model; pass --model"
-    )
+    _fails_with_one_line(tmp_path, _args(tmp_path, tmp_path / "coop"), "does not name its model; pass --model")
     empty = tmp_path / "empty_tree"
     empty.mkdir()
     _fails_with_one_line(tmp_path, _args(tmp_path, empty, "--model", "tiny"), "no prompt checkpoints under")

@@ -84,18 +84,12 @@ def test_evaluated_cells_report_norms_before_and_after(ctx):
     cells = [ORIGINAL_CELL, Cell("rescale", 1, 2.0), Cell("replace", 3, 0.1, 0)]
     outcome = evaluate_cells(setup, small, cells)
     assert outcome.correct.shape == (3, 6) and outcome.correct.dtype == torch.bool
-    assert torch.isnan(torch.tensor(outcome.norms_before[0])) and torch.isnan(
-        torch.tensor(outcome.norms_after[0])
-    )
+    assert torch.isnan(torch.tensor(outcome.norms_before[0])) and torch.isnan(torch.tensor(outcome.norms_after[0]))
     for index, cell in enumerate(cells[1:], start=1):
         corrupted = corrupted_variants(small, [cell])[0]
         norm = torch.linalg.vector_norm
-        assert outcome.norms_before[index] == pytest.approx(
-            norm(small[..., cell.position, :], dim=-1).mean().item()
-        )
-        assert outcome.norms_after[index] == pytest.approx(
-            norm(corrupted[..., cell.position, :], dim=-1).mean().item()
-        )
+        assert outcome.norms_before[index] == pytest.approx(norm(small[..., cell.position, :], dim=-1).mean().item())
+        assert outcome.norms_after[index] == pytest.approx(norm(corrupted[..., cell.position, :], dim=-1).mean().item())
 
 
 def test_variants_batch_matches_single_corruptions(ctx):

@@ -41,9 +41,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     _fails_with_one_line(["prompt", "info", str(tmp_path / "notes.txt")], "not a torch checkpoint")
     write_dassl_checkpoint(tmp_path / "run", torch.zeros(16, 512), epoch=1)
-    _fails_with_one_line(
-        ["prompt", "info", str(tmp_path / "run"), "--model", "tiny"], "does not match the text width"
-    )
+    _fails_with_one_line(["prompt", "info", str(tmp_path / "run"), "--model", "tiny"], "does not match the text width")
     _fails_with_one_line(["prompt", "info", str(tmp_path / "run"), "--model", "ViT-B-33"], "unknown model")
     torch.save({"state_dict": {"ctx": torch.full((4, 512), float("nan"))}}, tmp_path / "nan.pth")
     _fails_with_one_line(["prompt", "info", str(tmp_path / "nan.pth")], "NaN or Inf")
@@ -51,12 +49,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 
 def test_export_dassl_into_missing_folder_writes_nothing(tmp_path):
     path = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata())
-    _fails_with_one_line(
-        ["prompt", "export-dassl", str(path), "--out", str(tmp_path / "nope")], "does not exist"
-    )
+    _fails_with_one_line(["prompt", "export-dassl", str(path), "--out", str(tmp_path / "nope")], "does not exist")
     assert not (tmp_path / "nope").exists()
     (tmp_path / "out").mkdir()
-    result = runner.invoke(
-        app, ["prompt", "export-dassl", str(path), "--out", str(tmp_path / "out"), "--epoch", "3"]
-    )
+    result = runner.invoke(app, ["prompt", "export-dassl", str(path), "--out", str(tmp_path / "out"), "--epoch", "3"])
     assert result.exit_code == 0 and (tmp_path / "out/prompt_learner/model.pth.tar-3").is_file()

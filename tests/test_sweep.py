@@ -46,9 +46,7 @@ def _prompt(folder, name: str, seed: int, class_specific: bool = False):
 
 def _sweep(paths, out, grid, root, **options):
     inputs = resolve_inputs(paths, **options)
-    return run_sweep(
-        inputs, grid, ResultsFile(out), root=root, device="cpu", backbones=_backbones(), progress=False
-    )
+    return run_sweep(inputs, grid, ResultsFile(out), root=root, device="cpu", backbones=_backbones(), progress=False)
 
 
 GRID = parse_grid(rescale="0.001,0.5,3", replace="0,0.1,1", noise_seeds="0,1")
@@ -63,9 +61,7 @@ def test_batched_cells_equal_cells_alone(tmp_path, data_root, class_specific):
     assert len(summary.cells) == len(GRID.cells(N_CTX)) == 1 + 3 * N_CTX + 3 * N_CTX * 2
 
     checkpoint = load_checkpoint(path)
-    setup = prepare_evaluation(
-        checkpoint, root=data_root, device="cpu", backbones=_backbones(), progress=False
-    )
+    setup = prepare_evaluation(checkpoint, root=data_root, device="cpu", backbones=_backbones(), progress=False)
     cells = GRID.cells(N_CTX)
     batched = evaluate_cells(setup, checkpoint.ctx, cells, variants_per_pass=5)  # chunks cut across operators
     accuracies = set()
@@ -74,9 +70,7 @@ def test_batched_cells_equal_cells_alone(tmp_path, data_root, class_specific):
         assert torch.equal(batched.correct[index], alone), cell
         row = summary.cells.iloc[index]
         assert (row.op, row.factor if cell.factor is not None else None) == (cell.op, cell.factor)
-        assert row.correct == int(alone.sum()) and row.accuracy == pytest.approx(
-            100 * alone.float().mean().item()
-        )
+        assert row.correct == int(alone.sum()) and row.accuracy == pytest.approx(100 * alone.float().mean().item())
         stored = correctness.loc[correctness.cell_id == row.cell_id, "correct"].iloc[0]
         assert np.array_equal(np.asarray(stored, dtype=bool), alone.numpy())
         accuracies.add(row.accuracy)
@@ -126,9 +120,7 @@ def test_interrupted_sweep_resumes_to_the_uninterrupted_table(tmp_path, data_roo
     pd.testing.assert_frame_equal(table, expected)
     assert table.cell_id.is_unique and len(table) == 3 * cells_per_checkpoint == len(reference.cells)
     correct = pd.read_parquet(correctness_path(out)).set_index("cell_id").sort_index()
-    expected_correct = (
-        pd.read_parquet(correctness_path(tmp_path / "full.parquet")).set_index("cell_id").sort_index()
-    )
+    expected_correct = pd.read_parquet(correctness_path(tmp_path / "full.parquet")).set_index("cell_id").sort_index()
     assert correct.index.equals(expected_correct.index)
     assert all(np.array_equal(a, b) for a, b in zip(correct.correct, expected_correct.correct, strict=True))
 
@@ -156,9 +148,7 @@ def test_sweep_over_a_coop_output_tree_reads_identity_from_paths(tmp_path, data_
     output = tmp_path / "output"
     expected = {}
     for dataset, shots, seed in [("oxford_pets", 1, 1), ("oxford_pets", 16, 2), ("dtd", 4, 1), ("dtd", 4, 3)]:
-        run = (
-            output / dataset / "CoOp" / f"vit_b16_ep50_{shots}shots" / "nctx4_cscFalse_ctpend" / f"seed{seed}"
-        )
+        run = output / dataset / "CoOp" / f"vit_b16_ep50_{shots}shots" / "nctx4_cscFalse_ctpend" / f"seed{seed}"
         _coop_run(run, _ctx(seed + shots))
         expected[(dataset, shots, seed)] = ("coop", 4 * 8)
     base = output / "base2new" / "train_base" / "dtd" / "shots_16" / "CoOp_Nemesis" / "vit_b16_c4" / "seed2"
