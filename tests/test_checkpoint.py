@@ -160,3 +160,14 @@ def test_bad_ctx_values(tmp_path):
         load_checkpoint(tmp_path / "other.pth")
     with pytest.raises(NemesisError, match="not found"):
         load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = save_prompt(tmp_path / "p.safetensors", torch.zeros(2, 4), PromptMetadata())
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

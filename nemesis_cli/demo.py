@@ -1,0 +1,29 @@
+"""`nemesis demo`: the whole pipeline on the embedded default, on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from figures.demo_pipeline import run_demo
+
+from .common import reports_errors
+
+
+@reports_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for runs, sweep, figures and report.")] = Path("nemesis-demo"),
+) -> None:
+    """Pretrain the tiny model, train CoOp and Nemesis prompts on Fashion-MNIST, sweep, plot, report.
+
+    Example: nemesis demo --out nemesis-demo   (about ten minutes on two CPU cores; reruns resume)
+    """
+    outputs = run_demo(out)
+    typer.echo(f"runs:    {len(outputs.runs)} run folders under {out / 'runs'}")
+    typer.echo(f"sweep:   {outputs.sweep}")
+    for path in outputs.figures:
+        typer.echo(f"figure:  {path}")
+    for path in outputs.report:
+        typer.echo(f"report:  {path}")
