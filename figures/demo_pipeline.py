@@ -21,6 +21,7 @@ from corrupt.inputs import resolve_inputs
 from corrupt.results import ResultsFile
 from nemesis.backbone import load_clip
 from nemesis.constants import RUN_PROMPT
+from nemesis.errors import NemesisError
 from nemesis.trainer import TrainConfig, train
 
 SHOTS = (1, 2, 4, 8, 16)
@@ -91,13 +92,13 @@ def sweep_runs(out_dir: Path, runs: list[Path], console: Console) -> Path:
     return table
 
 
-def draw(out_dir: Path, runs: list[Path], table: Path) -> tuple[list[Path], list[Path]]:
+def draw(out_dir: Path, runs: list[Path], table: Path, settings: DemoSettings) -> tuple[list[Path], list[Path]]:
     folder = out_dir / "figures"
     folder.mkdir(exist_ok=True)
     cells = analysis.load_sweeps([table])
     figures = analysis.save_figure(analysis.plot_frequency(cells), folder / "lne_frequency")
     figures += analysis.save_figure(analysis.plot_frequency(cells, by="position"), folder / "lne_by_position")
-    trajectory = [run_folder(out_dir, method, max(SHOTS), min(SEEDS)) for method in METHODS]
+    trajectory = [run_folder(out_dir, method, max(settings.shots), min(settings.seeds)) for method in METHODS]
     figures += analysis.save_figure(analysis.plot_norms(analysis.load_runs(trajectory)), folder / "norm_trajectory")
     report = analysis.make_report([*runs, table], out_dir / "report")
     return figures, report
@@ -108,11 +109,13 @@ def run_demo(out_dir: str | os.PathLike = "nemesis-demo", settings: DemoSettings
     settings = settings or DemoSettings()
     console = Console()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NemesisError(f"--out {out_dir} is a file; name a folder for the demo's outputs")
     out_dir.mkdir(parents=True, exist_ok=True)
     console.print("[bold]pretrained tiny model[/bold] (trained on Fashion-MNIST once, then cached)")
     load_clip(MODEL, WEIGHTS)
     outputs = DemoOutputs()
     outputs.runs = train_runs(out_dir, settings, console)
     outputs.sweep = sweep_runs(out_dir, outputs.runs, console)
-    outputs.figures, outputs.report = draw(out_dir, outputs.runs, outputs.sweep)
+    outputs.figures, outputs.report = draw(out_dir, outputs.runs, outputs.sweep, settings)
     return outputs

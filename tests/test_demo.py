@@ -1,0 +1,35 @@
+"""`nemesis demo` end to end at a reduced size: every step runs and every output is written."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from figures.demo_pipeline import DemoSettings, run_demo
+from nemesis_cli.main import app
+
+
+@pytest.mark.slow
+def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
+    settings = DemoSettings(epochs=2, train_views=1, n_ctx=4, shots=(1, 2), seeds=(1, 2))
+    outputs = run_demo(tmp_path / "demo", settings)
+    assert len(outputs.runs) == 2 * 2 * 2
+    assert all((run / "prompt.safetensors").is_file() for run in outputs.runs)
+    assert outputs.sweep.is_file() and outputs.sweep.with_name("lne.correct.parquet").is_file()
+    names = {path.name for path in outputs.figures}
+    for figure in ("lne_frequency", "lne_by_position", "norm_trajectory"):
+        assert {f"{figure}.png", f"{figure}.pdf"} <= names
+    report = {path.name for path in outputs.report}
+    assert {"few_shot.md", "few_shot.csv", "few_shot.tex", "lne_frequency.md", "few_shot_curve.png"} <= report
+
+    # a rerun resumes: nothing is trained or swept again, the outputs are the same
+    again = run_demo(tmp_path / "demo", settings)
+    assert again.sweep == outputs.sweep
+
+
+def test_demo_into_a_file_path_fails_cleanly(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(app, ["demo", "--out", str(blocker)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error:")
