@@ -119,3 +119,18 @@ def test_bad_input_writes_nothing(tmp_path, pets_root):
     _fails_with_one_line(
         ["eval", str(path), "--root", str(pets_root), "--out", str(tmp_path / "no/x.jsonl")], "does not exist", cache
     )
+
+
+@pytest.mark.slow
+def test_random_tiny_prompt_on_fashion_mnist_end_to_end(tmp_path):
+    ctx = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)) * 0.02
+    path = save_prompt(tmp_path / "fm.safetensors", ctx, PromptMetadata(model="tiny", dataset="fashion_mnist"))
+    out = tmp_path / "evals.jsonl"
+    result = runner.invoke(app, ["eval", str(path), "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "* total: 10,000" in result.output
+    record = json.loads(out.read_text())
+    assert record["dataset"] == "fashion_mnist" and record["n"] == 10000
+    assert 0.0 <= record["accuracy"] <= 100.0 and record["accuracy"] == pytest.approx(
+        float(result.output.split("* accuracy: ")[1].split("%")[0]), abs=0.05
+    )
