@@ -29,10 +29,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import safe_open, save_file
 
 from . import __version__
-from .atomic import atomic_path, write_text_atomic
+from .atomic import write_text_atomic
 from .backbone import Backbone, load_clip, model_config
 from .checkpoint import PromptMetadata, save_prompt
 from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
@@ -40,11 +39,10 @@ from .datasets import Dataset, Subsample, load_dataset, resolve_name
 from .errors import NemesisError
 from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
-from .losses import NemesisConfig, Norm, Schedule, nemesis_loss
+from .losses import NemesisConfig, Norm, Schedule, nemesis_loss, position_norms
 from .prompt_learner import ClassPosition, PromptedCLIP, PromptLearner
+from .run_state import RUN_STATE, Journal, RunState, load_state, read_finished_metrics, save_state
 
-RUN_STATE = "state.safetensors"
-STATE_KEY = "nemesis_state"
 # Keys of config.json that may change when a run is resumed (they do not change what is learned).
 RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version")
 
@@ -377,89 +375,6 @@ def _check_folder(out_dir: Path, config: TrainConfig, resume: bool) -> None:
         raise NemesisError(f"cannot resume {out_dir} with other options ({shown}); use the run's own options")
 
 
-@dataclass
-class RunState:
-    epoch: int  # epochs completed
-    step: int  # steps completed
-    ctx: torch.Tensor
-    momentum: torch.Tensor | None
-    extra: dict  # RNG states and the loss scaler
-
-
-def save_state(path: Path, state: RunState) -> None:
-    tensors = {"ctx": state.ctx.detach().float().cpu().contiguous(), "torch_rng": torch.get_rng_state()}
-    if state.momentum is not None:
-        tensors["momentum"] = state.momentum.detach().float().cpu().contiguous()
-    if torch.cuda.is_available():
-        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_rng_{index}"] = rng
-    version, python_state, gauss = random.getstate()
-    numpy_state = np.random.get_state()
-    header = {
-        "epoch": state.epoch,
-        "step": state.step,
-        "python_rng": [version, list(python_state), gauss],
-        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *(float(value) for value in numpy_state[2:])],
-        **state.extra,
-    }
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={STATE_KEY: json.dumps(header)})
-
-
-def load_state(path: Path) -> RunState:
-    """The saved state, with the global RNG states restored."""
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            header = json.loads((file.metadata() or {})[STATE_KEY])
-            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as error:
-        raise NemesisError(f"{path} is not a readable training state ({error}); delete it to restart") from error
-    torch.set_rng_state(tensors["torch_rng"])
-    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("cuda_rng_")]
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-    version, python_state, gauss = header.pop("python_rng")
-    random.setstate((version, tuple(python_state), gauss))
-    name, keys, position, has_gauss, cached = header.pop("numpy_rng")
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), int(position), int(has_gauss), cached))
-    epoch, step = header.pop("epoch"), header.pop("step")
-    return RunState(epoch, step, tensors["ctx"], tensors.get("momentum"), header)
-
-
-def _read_metrics(path: Path, last_epoch: int) -> str:
-    """metrics.jsonl up to epoch `last_epoch`: rows of a later, unfinished epoch (or a torn line) dropped."""
-    if not path.is_file():
-        return ""
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if row.get("epoch", 0) <= last_epoch:
-            kept.append(line + "\n")
-    return "".join(kept)
-
-
-class _Journal:
-    """metrics.jsonl and log.txt: rows appended after each epoch, just before the state is saved."""
-
-    def __init__(self, out_dir: Path, echo: Callable[[str], None] | None) -> None:
-        self.metrics, self.log, self.echo = out_dir / RUN_METRICS, out_dir / RUN_LOG, echo
-        self.rows: list[dict] = []
-
-    def say(self, line: str, show: bool = False) -> None:
-        with open(self.log, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
-        if show and self.echo is not None:
-            self.echo(line)
-
-    def flush_rows(self) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as file:
-            file.write("".join(json.dumps(row) + "\n" for row in self.rows))
-        self.rows = []
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -467,7 +382,7 @@ class _Journal:
 def _norm_summary(ctx: torch.Tensor) -> tuple[list[float], float, float]:
     """L2 norms per position [M] (class mean for class-specific ctx), their mean, and ctx's Frobenius norm."""
     with torch.no_grad():
-        norms = torch.linalg.vector_norm(ctx.float(), dim=-1).reshape(-1, ctx.shape[-2]).mean(dim=0)
+        norms = position_norms(ctx.float())
         return norms.tolist(), float(norms.mean()), float(torch.linalg.vector_norm(ctx.float()))
 
 
@@ -600,8 +515,8 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / RUN_CONFIG).is_file():
         write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
-    journal = _Journal(out_dir, echo)
-    write_text_atomic(out_dir / RUN_METRICS, _read_metrics(out_dir / RUN_METRICS, state.epoch if state else 0))
+    journal = Journal(out_dir, echo)
+    write_text_atomic(out_dir / RUN_METRICS, read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0))
 
     optimizer = torch.optim.SGD([learner.ctx], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scaler = None
