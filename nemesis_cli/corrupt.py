@@ -73,6 +73,11 @@ def corrupt(
     device_name = device.value if device is not None else None
     check_sweep(inputs, grid, root, device_name)
     console = Console()
+    random_models = sorted({item.identity["model"] for item in inputs if item.identity["pretrained"] is None})
+    if random_models:
+        console.print(
+            f"note: {', '.join(random_models)} with random weights; pass --pretrained TAG or FILE for real ones"
+        )
     summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device_name, console=console)
     print_summary(summary, results, console)
 

@@ -51,7 +51,9 @@ def eval_command(
         device=device,
     )
     source = result.source
-    typer.echo(f"{source['checkpoint']} on {source['dataset']} ({source['subsample']} classes, {source['model']})")
+    weights = source["pretrained"] or "random weights (pass --pretrained TAG or FILE for real ones)"
+    typer.echo(f"{source['checkpoint']} on {source['dataset']} ({source['subsample']} classes)")
+    typer.echo(f"model {source['model']}, {weights}")
     typer.echo(result.result_block())
     if out is not None:
         append_record(out, result.record())
