@@ -156,6 +156,15 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
     raise NemesisError(f"no prompt checkpoint in {path} (looked for {DASSL_FILE_PREFIX}<epoch> or {DASSL_BEST_FILE})")
 
 
+def _class_position_from_path(path: Path) -> str:
+    """CoOp names its run folders `nctx16_cscFalse_ctpend`: the class position is in the path, not the file."""
+    for part in reversed(path.parts):
+        match = re.search(r"ctp(end|middle|front)\b", part)
+        if match:
+            return match.group(1)
+    return "end"
+
+
 def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     """Read a Dassl checkpoint file: `state_dict["ctx"]`; buffers and optimiser state are ignored."""
     path = Path(path)
@@ -166,6 +175,7 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     epoch = content.get("epoch")
     metadata = PromptMetadata(
         epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, PickledObject) else None,
+        class_position=_class_position_from_path(path),
         source_format="dassl",
     )
     return PromptCheckpoint(_checked(state[CTX_TENSOR], str(path)), metadata, path)

@@ -171,3 +171,11 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_dassl_class_position_comes_from_coop_folder_names(tmp_path):
+    run = tmp_path / "output/oxford_pets/CoOp/rn50_16shots/nctx16_cscFalse_ctpmiddle/seed1"
+    write_dassl_checkpoint(run, torch.zeros(16, 512), epoch=3)
+    assert load_checkpoint(run).metadata.class_position == "middle"
+    write_dassl_checkpoint(tmp_path / "plain", torch.zeros(16, 512), epoch=3)
+    assert load_checkpoint(tmp_path / "plain").metadata.class_position == "end"
