@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,18 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     return pretrained
 
 
+def uses_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether the weights were trained with QuickGELU (OpenAI's CLIP, used by CoOp and Nemesis).
+
+    open_clip's configs default to GELU and only warn when an `openai` tag needs QuickGELU; building
+    with the wrong activation changes every feature. A local OpenAI weights file cannot say which it
+    needs: name the model `RN50-quickgelu`, `ViT-B-16-quickgelu`, ... for those.
+    """
+    if pretrained is None or Path(pretrained).is_file():
+        return False
+    return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
 @contextlib.contextmanager
 def _quiet_logging() -> Iterator[None]:
     """open_clip logs a warning for deliberate random weights; our errors say what matters."""
@@ -114,20 +127,25 @@ def load_clip(name: str, pretrained: str | None = None, device: str | torch.devi
     """
     model_config(name)
     resolved = _resolve_pretrained(name, pretrained)
-    weights_id = _weights_identity(name, resolved)
+    quick_gelu = uses_quick_gelu(name, resolved)
+    weights_id = _weights_identity(name, resolved) + ("+quickgelu" if quick_gelu else "")
     try:
-        with torch.random.fork_rng(devices=[]), _quiet_logging():
+        with torch.random.fork_rng(devices=[]), _quiet_logging(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # open_clip's QuickGELU notice: handled here
             torch.manual_seed(0)
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=resolved)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=resolved, force_quick_gelu=quick_gelu
+            )
     except NemesisError:
         raise
     except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if resolved is not None and not Path(resolved).is_file():
             raise NemesisError(
-                f"weights '{pretrained}' for {name} are not available offline ({type(error).__name__}); "
-                "download them where there is internet and pass the file with --pretrained PATH"
+                f"weights '{pretrained}' for {name} could not be loaded ({reason}); without internet, download "
+                "them elsewhere and pass the file with --pretrained PATH"
             ) from error
-        raise NemesisError(f"could not build {name} with weights {pretrained}: {error}") from error
+        raise NemesisError(f"could not build {name} with weights {pretrained} ({reason})") from error
     model = model.to(device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -28,6 +28,8 @@ from .constants import (
     DASSL_PROMPT_FOLDER,
     METADATA_KEY,
     PROMPT_FORMAT_VERSION,
+    RUN_CHECKPOINTS,
+    RUN_CONFIG,
     RUN_PROMPT,
 )
 from .errors import NemesisError
@@ -159,7 +161,7 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
 def _class_position_from_path(path: Path) -> str:
     """CoOp names its run folders `nctx16_cscFalse_ctpend`: the class position is in the path, not the file."""
     for part in reversed(path.parts):
-        match = re.search(r"ctp(end|middle|front)\b", part)
+        match = re.search(r"ctp(end|middle|front)(?![a-z])", part)
         if match:
             return match.group(1)
     return "end"
@@ -207,6 +209,27 @@ def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch
 # --- any format ---------------------------------------------------------------------------------
 
 
+def _load_from_run_folder(path: Path, epoch: int | None) -> PromptCheckpoint:
+    """A `nemesis train` run folder: the final prompt, or the checkpoint of `epoch` (latest saved if unfinished)."""
+    saved = {int(file.stem.split("-")[1]): file for file in (path / RUN_CHECKPOINTS).glob("epoch-*.safetensors")}
+    final = path / RUN_PROMPT
+    if epoch is None:
+        if final.is_file():
+            return load_prompt(final)
+        if saved:
+            return load_prompt(saved[max(saved)])
+    elif epoch in saved:
+        return load_prompt(saved[epoch])
+    elif final.is_file() and load_prompt(final).metadata.epoch == epoch:
+        return load_prompt(final)
+    available = ", ".join(str(number) for number in sorted(saved)) or "none"
+    wanted = f"epoch {epoch}" if epoch is not None else "a prompt"
+    raise NemesisError(
+        f"run folder {path} has no {wanted} yet (saved epochs: {available}); finish or resume the run, "
+        "or save checkpoints with --save-every"
+    )
+
+
 def load_checkpoint(path: str | os.PathLike, epoch: int | None = None) -> PromptCheckpoint:
     """Load a prompt from any accepted place: our file or run folder, a Dassl file, `prompt_learner/`
     folder or run folder (latest epoch unless `epoch` is named)."""
@@ -214,10 +237,8 @@ def load_checkpoint(path: str | os.PathLike, epoch: int | None = None) -> Prompt
     if not path.exists():
         raise NemesisError(f"checkpoint not found: {path}")
     if path.is_dir():
-        if epoch is None and (path / RUN_PROMPT).is_file():
-            return load_prompt(path / RUN_PROMPT)
-        if epoch is not None and (path / "checkpoints" / f"epoch-{epoch:04d}.safetensors").is_file():
-            return load_prompt(path / "checkpoints" / f"epoch-{epoch:04d}.safetensors")
+        if (path / RUN_CONFIG).is_file():
+            return _load_from_run_folder(path, epoch)
         return load_dassl(find_dassl_file(path, epoch))
     with open(path, "rb") as file:
         magic = file.read(9)

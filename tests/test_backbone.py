@@ -43,7 +43,7 @@ def test_unknown_tag_lists_known_tags():
 
 
 def test_offline_tag_says_how_to_supply_a_file():
-    with pytest.raises(NemesisError, match=r"not available offline.*--pretrained PATH"):
+    with pytest.raises(NemesisError, match=r"could not be loaded.*--pretrained PATH"):
         load_clip("RN50", "openai")
 
 
@@ -60,3 +60,20 @@ def test_text_tower_without_clip_layout_is_refused():
     clip.tokenizer = object()
     with pytest.raises(NemesisError, match="no CLIP-style text tower"):
         PromptLearner(clip, ["a", "b"])
+
+
+def test_openai_tags_build_with_quick_gelu(monkeypatch, tmp_path):
+    """CoOp's OpenAI CLIP uses QuickGELU; open_clip's RN50/ViT configs default to GELU."""
+    import open_clip
+
+    from nemesis.backbone import uses_quick_gelu
+
+    assert uses_quick_gelu("RN50", "openai") and uses_quick_gelu("ViT-B-16", "openai")
+    assert not uses_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") and not uses_quick_gelu("RN50", None)
+    # Stand in for the download with a file of the right shapes, then check the built activation.
+    weights = tmp_path / "rn50.pt"
+    torch.save(load_clip("RN50").model.state_dict(), weights)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *args, **kwargs: str(weights))
+    clip = load_clip("RN50", "openai")
+    activations = {type(module).__name__ for module in clip.model.modules() if "GELU" in type(module).__name__}
+    assert activations == {"QuickGELU"} and clip.weights_id == "tag:openai+quickgelu"

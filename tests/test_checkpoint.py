@@ -177,5 +177,26 @@ def test_dassl_class_position_comes_from_coop_folder_names(tmp_path):
     run = tmp_path / "output/oxford_pets/CoOp/rn50_16shots/nctx16_cscFalse_ctpmiddle/seed1"
     write_dassl_checkpoint(run, torch.zeros(16, 512), epoch=3)
     assert load_checkpoint(run).metadata.class_position == "middle"
+    official = tmp_path / "output/oxford_pets/CoOp_Nemesis/alpha1_nctx16_cscFalse_ctpfront_nttwo/seed2"
+    write_dassl_checkpoint(official, torch.zeros(16, 512), epoch=3)
+    assert load_checkpoint(official).metadata.class_position == "front"
     write_dassl_checkpoint(tmp_path / "plain", torch.zeros(16, 512), epoch=3)
     assert load_checkpoint(tmp_path / "plain").metadata.class_position == "end"
+
+
+def test_run_folder_final_prompt_epochs_and_unfinished_runs(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    for epoch in (2, 4):
+        save_prompt(
+            run / f"checkpoints/epoch-{epoch:04d}.safetensors",
+            torch.full((4, 8), float(epoch)),
+            PromptMetadata(epoch=epoch),
+        )
+    assert load_checkpoint(run).metadata.epoch == 4  # unfinished: the latest saved epoch
+    assert load_checkpoint(run, epoch=2).ctx[0, 0].item() == 2.0
+    with pytest.raises(NemesisError, match=r"no epoch 3 yet \(saved epochs: 2, 4\)"):
+        load_checkpoint(run, epoch=3)
+    save_prompt(run / "prompt.safetensors", torch.full((4, 8), 6.0), PromptMetadata(epoch=6))
+    assert load_checkpoint(run).metadata.epoch == 6 and load_checkpoint(run, epoch=6).ctx[0, 0].item() == 6.0
