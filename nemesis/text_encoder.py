@@ -31,7 +31,9 @@ class TextEncoder:
                 "soft prompts need one, e.g. ViT-B-32, RN50 or tiny"
             )
         if not getattr(tower.transformer, "batch_first", False):
-            raise NemesisError(f"model '{model_name}': this open_clip runs text sequence-first; install open_clip>=2.26.1")
+            raise NemesisError(
+                f"model '{model_name}': this open_clip runs text sequence-first; install open_clip>=2.26.1"
+            )
         if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
             raise NemesisError(
                 f"model '{model_name}' uses a class token or padding mask in its text tower; not supported"
