@@ -140,7 +140,8 @@ class NemesisConfig:
     schedule: Schedule = Schedule.logistic  # s(e)
     positions: int = 1  # NP, positions PAN tries per step
     corrupt_weight: float = 0.5  # CW, PAN's rescaling factor
-    official_override: bool = False  # Food101 / OxfordPets: weight 50, constant schedule, as the official code
+    pan_weight: float | None = None  # PAN's weight inside the bracket instead of A (None: A, as DESIGN's formula)
+    official_override: bool = False  # Food101 / OxfordPets: PAN weight 50, constant schedule, as the official code
     rate: float = field(default=LOGISTIC_RATE, repr=False)  # k of the logistic schedule
 
     def __post_init__(self) -> None:
@@ -152,18 +153,22 @@ class NemesisConfig:
             raise NemesisError(f"the Nemesis weight must be 0 or more, got {self.weight}")
         if self.positions < 1:
             raise NemesisError(f"positions (NP) must be at least 1, got {self.positions}")
+        if self.pan_weight is not None and not self.pan_weight >= 0.0:
+            raise NemesisError(f"the PAN weight must be 0 or more, got {self.pan_weight}")
         if not self.corrupt_weight >= 0.0:
             raise NemesisError(f"corrupt_weight (CW) must be 0 or more, got {self.corrupt_weight}")
 
     def shares(self) -> dict[str, float]:
-        """Weight of each registered penalty inside the bracket; zero shares are not computed."""
-        return {"pun": self.beta, "pan": 1.0 - self.beta}
+        """Weight of each registered penalty, A included; zero shares are not computed."""
+        pan_weight = self.weight if self.pan_weight is None else self.pan_weight
+        return {"pun": self.beta * self.weight, "pan": (1.0 - self.beta) * pan_weight}
 
     def for_dataset(self, dataset: str) -> NemesisConfig:
-        """The official code's Food101/OxfordPets setting (weight 50, constant schedule) when asked for."""
+        """The official code's Food101/OxfordPets setting when asked for: PAN weighted 50 (PUN keeps A),
+        constant schedule."""
         if not self.official_override or dataset not in OFFICIAL_OVERRIDE_DATASETS:
             return self
-        values = asdict(self) | {"weight": OFFICIAL_OVERRIDE_WEIGHT, "schedule": Schedule.constant}
+        values = asdict(self) | {"pan_weight": OFFICIAL_OVERRIDE_WEIGHT, "schedule": Schedule.constant}
         return NemesisConfig(**values)
 
     def to_json(self) -> dict:
@@ -174,13 +179,14 @@ class NemesisConfig:
             "schedule": self.schedule.value,
             "positions": self.positions,
             "corrupt_weight": self.corrupt_weight,
+            "pan_weight": self.pan_weight,
             "official_override": self.official_override,
         }
 
 
 @dataclass
 class NormLoss:
-    value: torch.Tensor  # s(e) * A * sum_k share_k * penalty_k, to add to the cross-entropy
+    value: torch.Tensor  # s(e) * sum_k share_k * penalty_k (shares include A), to add to the cross-entropy
     alpha: torch.Tensor  # [M] PAN's a_j (zeros when PAN is not computed)
     schedule: float  # s(e)
     terms: dict[str, float]  # each computed penalty, unweighted
@@ -214,7 +220,7 @@ def norm_loss(
         terms[name] = float(penalty.value.detach())
         if name == "pan":
             alpha = penalty.alpha
-    return NormLoss(factor * config.weight * value, alpha, factor, terms)
+    return NormLoss(factor * value, alpha, factor, terms)
 
 
 def nemesis_loss(
@@ -226,6 +232,7 @@ def nemesis_loss(
     count_correct: CountCorrect | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, NormLoss]:
-    """L = CE + s(e) * A * (beta * PUN + (1 - beta) * PAN), and the penalty's parts for logging."""
+    """L = CE + s(e) * A * (beta * PUN + (1 - beta) * PAN) (PAN's A replaced by `pan_weight` when set),
+    and the penalty's parts for logging."""
     penalty = norm_loss(ctx, config, epoch, epochs, count_correct, generator)
     return cross_entropy + penalty.value, penalty

@@ -101,7 +101,8 @@ class TrainConfig:
     schedule: Schedule = Schedule.logistic  # Nemesis: s(e), logistic or constant
     positions: int = 1  # Nemesis: NP, positions PAN tries per step (1..n_ctx)
     corrupt_weight: float = 0.5  # Nemesis: CW, PAN's rescaling factor
-    official_override: bool = False  # Nemesis on food101/oxford_pets: weight 50, constant schedule
+    pan_weight: float | None = None  # Nemesis: PAN's weight instead of A (None: A)
+    official_override: bool = False  # Nemesis on food101/oxford_pets: PAN weight 50, constant schedule
     train_views: int = 0  # 0: live CoOp augmentation each epoch; K: K cached augmented views per image
     precision: Precision = Precision.fp32  # fp32, or amp (autocast on CUDA)
     device: str | None = None  # cpu, cuda, cuda:1...; None: cuda when available
@@ -157,6 +158,7 @@ class TrainConfig:
             schedule=self.schedule,
             positions=self.positions,
             corrupt_weight=self.corrupt_weight,
+            pan_weight=self.pan_weight,
             official_override=self.official_override,
         )
 
@@ -167,7 +169,7 @@ class TrainConfig:
         values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.method is Method.nemesis:
             nemesis = self.nemesis_config().for_dataset(self.dataset)
-            values["weight"], values["schedule"] = nemesis.weight, nemesis.schedule
+            values["pan_weight"], values["schedule"] = nemesis.pan_weight, nemesis.schedule
         return TrainConfig(**values)
 
     def to_json(self) -> dict:
@@ -182,6 +184,7 @@ class TrainConfig:
             "schedule",
             "positions",
             "corrupt_weight",
+            "pan_weight",
             "official_override",
         ):
             del values[name]

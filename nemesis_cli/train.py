@@ -66,9 +66,10 @@ def train(
     corrupt_weight: Annotated[
         float | None, Option(help="Nemesis: PAN rescaling CW." + _default("corrupt_weight"))
     ] = None,
+    pan_weight: Annotated[float | None, Option(help="Nemesis: PAN's weight instead of A.")] = None,
     official_override: Annotated[
         bool,
-        Option("--official-override", help="Nemesis on food101/oxford_pets: weight 50, constant schedule."),
+        Option("--official-override", help="Nemesis on food101/oxford_pets: PAN weight 50, constant schedule."),
     ] = False,
     train_views: Annotated[
         int | None,

@@ -224,6 +224,18 @@ def test_pan_refuses_more_positions_than_ctx_has():
 def test_official_override_only_on_food101_and_oxford_pets():
     config = NemesisConfig(beta=0.0, official_override=True)
     pets = config.for_dataset("oxford_pets")
-    assert (pets.weight, pets.schedule.value, pets.beta) == (50.0, "constant", 0.0)
+    assert (pets.weight, pets.pan_weight, pets.schedule.value, pets.beta) == (1.0, 50.0, "constant", 0.0)
     assert config.for_dataset("dtd") is config
-    assert NemesisConfig().for_dataset("food101").weight == 1.0
+    assert NemesisConfig().for_dataset("food101").pan_weight is None
+
+
+def test_official_override_weights_pan_only():
+    """The official code scales PAN by 50 on Food101/OxfordPets; PUN keeps A."""
+    ctx = torch.ones(4, 8)  # every position has L2 norm sqrt(8)
+    pun_only = NemesisConfig(beta=1.0, official_override=True).for_dataset("oxford_pets")
+    loss = norm_loss(ctx, pun_only, epoch=0, epochs=10)
+    assert loss.value.item() == pytest.approx(8**0.5)  # constant schedule, A = 1, PUN = mean norm
+    mixed = NemesisConfig(beta=0.5, weight=2.0, pan_weight=50.0, schedule="constant")
+    always = lambda variants: torch.arange(len(variants), dtype=torch.float)  # noqa: E731  copies beat the original
+    value = norm_loss(ctx, mixed, 0, 10, count_correct=always, generator=torch.Generator().manual_seed(0)).value
+    assert value.item() == pytest.approx(0.5 * 2.0 * 8**0.5 + 0.5 * 50.0 * 8**0.5)

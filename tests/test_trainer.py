@@ -81,11 +81,12 @@ def test_learning_rate_is_constant_warmup_then_cosine():
 
 def test_config_json_round_trip_and_official_override():
     config = TrainConfig(dataset="OxfordPets", method="nemesis", beta=0.0, official_override=True).resolved()
-    assert config.dataset == "oxford_pets" and (config.weight, config.schedule.value) == (50.0, "constant")
+    assert config.dataset == "oxford_pets" and (config.weight, config.pan_weight) == (1.0, 50.0)
+    assert config.schedule.value == "constant"
     values = config.to_json()
     assert values["nemesis"] == {
-        "beta": 0.0, "weight": 50.0, "norm": "2", "schedule": "constant", "positions": 1,
-        "corrupt_weight": 0.5, "official_override": True,
+        "beta": 0.0, "weight": 1.0, "norm": "2", "schedule": "constant", "positions": 1,
+        "corrupt_weight": 0.5, "pan_weight": 50.0, "official_override": True,
     }  # fmt: skip
     assert TrainConfig.from_json(json.loads(json.dumps(values))) == config
     assert TrainConfig(dataset="dtd").to_json()["nemesis"] is None
