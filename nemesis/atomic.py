@@ -22,6 +22,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(temporary)
     try:
         yield temporary
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())  # the bytes reach the disk before the rename makes them visible
         # mkstemp creates owner-only files; give the result the mode a plain open() would have
         os.chmod(temporary, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(temporary, path)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import NemesisError
 
@@ -124,6 +124,11 @@ class Dataset:
                 return image.convert("RGB")
         except FileNotFoundError as error:
             raise NemesisError(f"image file missing: {sample.path}; check the data folder") from error
+        except (OSError, UnidentifiedImageError) as error:
+            raise NemesisError(
+                f"cannot read image {sample.path} ({type(error).__name__}); replace the file or check it with "
+                "`nemesis data check`"
+            ) from error
 
 
 def resolve_name(name: str) -> str:

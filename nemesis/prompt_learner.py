@@ -56,6 +56,7 @@ class PromptLearner(nn.Module):
         self.classnames = [name.replace("_", " ") for name in classnames]
         self.class_specific = class_specific
         self.class_position = class_position
+        ctx_init = ctx_init.replace("_", " ") if ctx_init else None  # CoOp accepts "a_photo_of_a"
         self.ctx_init = ctx_init
         self.chunk_size = chunk_size
 

@@ -44,7 +44,7 @@ from .prompt_learner import ClassPosition, PromptedCLIP, PromptLearner
 from .run_state import RUN_STATE, Journal, RunState, load_state, read_finished_metrics, save_state
 
 # Keys of config.json that may change when a run is resumed (they do not change what is learned).
-RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version")
+RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every")
 
 
 class Method(str, Enum):
@@ -328,7 +328,7 @@ def resolved_n_ctx(config: TrainConfig) -> int:
     tokenizer = open_clip.get_tokenizer(config.model)
     if config.ctx_init is None or not hasattr(tokenizer, "encode"):
         return config.n_ctx  # a tokenizer without CLIP's layout is refused when the learner is built
-    return len(tokenizer.encode(config.ctx_init))
+    return len(tokenizer.encode(config.ctx_init.replace("_", " ")))
 
 
 def load_training_data(config: TrainConfig) -> Dataset:

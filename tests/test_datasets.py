@@ -187,3 +187,11 @@ def test_unknown_name_and_missing_root_are_user_errors(tmp_path):
         load_dataset("oxford_pets")
     with pytest.raises(NemesisError, match="unknown split"):
         Dataset("toy", [], [], [], []).split("holdout")
+
+
+def test_unreadable_image_is_a_user_error(tmp_path):
+    make_coop_folder(tmp_path, "oxford_pets", classnames=["a", "b"], per_class=(1, 1, 1))
+    data = load_dataset("oxford_pets", tmp_path)
+    Path(data.test[0].path).write_bytes(b"not an image")
+    with pytest.raises(NemesisError, match="cannot read image"):
+        data.open_image(data.test[0])

@@ -132,3 +132,9 @@ def test_position_norms_uses_class_mean():
     ctx[1, 1, 0] = 1.0
     assert position_norms(ctx).tolist() == [0.0, 2.0, 0.0]
     assert position_norms(torch.tensor([[3.0, 4.0]])).tolist() == [5.0]
+
+
+def test_ctx_init_accepts_coop_underscores(tiny):
+    spaced = PromptLearner(tiny, CLASSNAMES, ctx_init="a photo of a")
+    underscored = PromptLearner(tiny, CLASSNAMES, ctx_init="a_photo_of_a")
+    assert underscored.n_ctx == 4 and torch.equal(underscored.ctx, spaced.ctx)
