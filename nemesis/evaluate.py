@@ -115,6 +115,7 @@ def prepare_evaluation(
     if key not in backbones:
         backbones[key] = load_clip(source["model"], source["pretrained"], device=device)
     backbone = backbones[key]
+    source["weights_id"] = backbone.weights_id
     metadata = checkpoint.metadata
     learner = PromptLearner(
         backbone,
@@ -184,6 +185,15 @@ class EvaluationResult:
 
     def result_block(self) -> str:
         return coop_result_block(self.n, self.correct, self.macro_f1)
+
+
+def weights_mismatch(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> str | None:
+    """A note when the prompt was trained on other weights than it is evaluated with (else None)."""
+    trained = checkpoint.metadata.weights_id
+    used = source.get("weights_id")
+    if trained is None or used is None or trained == used:
+        return None
+    return f"the prompt was trained with weights {trained} but runs with {used}"
 
 
 def evaluate(checkpoint: PromptCheckpoint, **options: Any) -> EvaluationResult:

@@ -9,7 +9,7 @@ import typer
 
 from nemesis.checkpoint import load_checkpoint
 from nemesis.errors import NemesisError
-from nemesis.evaluate import append_record, evaluate
+from nemesis.evaluate import append_record, evaluate, weights_mismatch
 
 from .common import reports_errors
 
@@ -38,8 +38,9 @@ def eval_command(
     """
     if out is not None and not out.parent.is_dir():
         raise NemesisError(f"--out: folder {out.parent} does not exist; create it first")
+    prompt = load_checkpoint(checkpoint, epoch)
     result = evaluate(
-        load_checkpoint(checkpoint, epoch),
+        prompt,
         model=model,
         pretrained=pretrained,
         dataset=dataset,
@@ -54,6 +55,8 @@ def eval_command(
     weights = source["pretrained"] or "random weights (pass --pretrained TAG or FILE for real ones)"
     typer.echo(f"{source['checkpoint']} on {source['dataset']} ({source['subsample']} classes)")
     typer.echo(f"model {source['model']}, {weights}")
+    if (note := weights_mismatch(prompt, source)) is not None:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(result.result_block())
     if out is not None:
         append_record(out, result.record())

@@ -134,3 +134,11 @@ def test_random_tiny_prompt_on_fashion_mnist_end_to_end(tmp_path):
     assert 0.0 <= record["accuracy"] <= 100.0 and record["accuracy"] == pytest.approx(
         float(result.output.split("* accuracy: ")[1].split("%")[0]), abs=0.05
     )
+
+
+def test_other_weights_than_training_are_noted(tmp_path, pets_root):
+    path = _prompt(tmp_path, weights_id="sha256:feed")
+    args = ["eval", str(path), "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "note: the prompt was trained with weights sha256:feed but runs with random-seed0" in result.output
