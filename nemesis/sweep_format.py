@@ -39,6 +39,15 @@ CORRECTNESS_SUFFIX = ".correct.parquet"
 ORIGINAL_OP = "original"
 
 
+def checkpoint_key_of(cell_id: str) -> str:
+    """The part of a cell id naming what was evaluated (checkpoint file, model, weights, dataset, classes).
+
+    Cell ids read `<checkpoint key>:<op>:<position>:<factor>:<noise seed>`; a cell and its
+    checkpoint's original row share the key, whatever file they were written to.
+    """
+    return cell_id.split(":", 1)[0]
+
+
 def correctness_path(table: str | os.PathLike) -> Path:
     """Where a sweep table keeps its per-sample correctness: X.parquet or X.csv -> X.correct.parquet."""
     table = Path(table)
