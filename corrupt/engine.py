@@ -29,8 +29,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from nemesis.backbone import Backbone
-from nemesis.datasets import FASHION_MNIST
+from nemesis.backbone import Backbone, resolve_device
+from nemesis.datasets import FASHION_MNIST, dataset_dir
 from nemesis.errors import NemesisError
 from nemesis.evaluate import EvaluationSetup, predictions, prepare_evaluation
 
@@ -128,8 +128,12 @@ def check_sweep(
         raise NemesisError(f"dataset {', '.join(needs_root)} needs a data folder; pass --root DATA")
     if root is not None and not os.path.isdir(root):
         raise NemesisError(f"data folder {root} does not exist; pass the folder holding the datasets with --root")
-    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise NemesisError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    resolve_device(device)
+    if root is not None:
+        for dataset in sorted({item.identity["dataset"] for item in inputs} - {FASHION_MNIST}):
+            folder = dataset_dir(dataset, root)
+            if not folder.is_dir():
+                raise NemesisError(f"dataset '{dataset}' not found: no folder {folder}; check --root")
 
 
 # --- the sweep ----------------------------------------------------------------------------------

@@ -63,8 +63,8 @@ class Grid:
             if position < 0:
                 raise NemesisError(f"position {position} is negative; positions run from 0 to n_ctx - 1")
         for seed in self.noise_seeds:
-            if seed < 0:
-                raise NemesisError(f"noise seed {seed} is negative; use seeds >= 0")
+            if not 0 <= seed < 2**63:
+                raise NemesisError(f"noise seed {seed} is outside 0..2^63-1; use seeds such as 0,1,2")
         if not self.noise_seeds:
             raise NemesisError("no noise seeds given; pass --noise-seeds 0 or more seeds")
 
@@ -82,13 +82,11 @@ class Grid:
         positions = range(n_ctx) if self.positions is None else self.positions
         cells = [ORIGINAL_CELL]
         for op, factors in self.factors.items():
-            seeds = self.noise_seeds if OPERATORS[op].seeded else (None,)
-            cells += [
-                Cell(op, position, float(factor), seed)
-                for factor in factors
-                for position in positions
-                for seed in seeds
-            ]
+            for factor in factors:
+                # REPLACE with sigma 0 is the zero vector whatever the seed: one cell, not one per seed
+                seeds = self.noise_seeds[:1] if factor == 0 else self.noise_seeds
+                seeds = seeds if OPERATORS[op].seeded else (None,)
+                cells += [Cell(op, position, float(factor), seed) for position in positions for seed in seeds]
         return cells
 
 

@@ -49,7 +49,7 @@ class PathIdentity:
 
 def identity_from_path(path: str | os.PathLike) -> PathIdentity:
     """Dataset, shots, seed, method and class subset read from a CoOp output path (rightmost match wins)."""
-    parts = Path(path).absolute().parts
+    parts = Path(path).resolve().parts
     dataset_index = max((i for i, part in enumerate(parts) if part in DATASET_NAMES), default=None)
     shots = seed = None
     for part in parts:
@@ -58,7 +58,7 @@ def identity_from_path(path: str | os.PathLike) -> PathIdentity:
         if match := _SEED_FOLDER.fullmatch(part):
             seed = int(match.group(1))
     # The trainer folder follows the dataset folder (after `shots_<K>` in base-to-new trees).
-    below = parts[dataset_index + 1 :] if dataset_index is not None else parts
+    below = parts[dataset_index + 1 :] if dataset_index is not None else ()  # no tree: no method from folders
     trainer = next((part for part in below if not _SHOTS_FOLDER.fullmatch(part)), "")
     if any("nemesis" in part.lower() for part in below):
         method = "nemesis"
@@ -191,7 +191,7 @@ def resolve_inputs(
     inputs: dict[Path, SweepInput] = {}
     for location in find_checkpoints(paths):
         checkpoint = load_checkpoint(location, epoch)
-        checkpoint.path = Path(checkpoint.path).absolute()
+        checkpoint.path = Path(checkpoint.path).resolve()  # one name per file, so reruns find its cells
         if checkpoint.path in inputs:
             continue
         identity = _resolve_one(checkpoint, model, pretrained, dataset)

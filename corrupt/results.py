@@ -72,9 +72,15 @@ class ResultsFile:
             raise NemesisError(f"output folder {self.path.parent} does not exist; create it first")
         self.table = self._read_table()
         self.correctness = self._read_correctness()
-        # Cells present in both files; a table row without correctness is computed again.
+        # Correctness is written before the table, so a row without it means the file was moved or
+        # deleted: rewriting the table would drop those rows, so refuse instead.
         known = set(self.correctness.column("cell_id").to_pylist())
-        self.table = self.table[self.table["cell_id"].isin(known)].reset_index(drop=True)
+        bare = int((~self.table["cell_id"].isin(known)).sum())
+        if bare:
+            raise NemesisError(
+                f"{self.correctness_path} lacks the per-sample correctness of {bare} rows of {self.path}; "
+                "restore it, or pass another --out"
+            )
 
     def _read_table(self) -> pd.DataFrame:
         if not self.path.is_file():

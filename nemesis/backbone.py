@@ -43,6 +43,24 @@ class Backbone:
         return text_width(self.name)
 
 
+def resolve_device(device: str | None) -> str:
+    """`device` checked for this machine (cpu, cuda, cuda:N); None: cuda when available, else cpu."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise NemesisError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NemesisError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise NemesisError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif parsed.type != "cpu":
+        raise NemesisError(f"device '{device}' is not supported; use cpu, cuda or cuda:N")
+    return str(parsed)
+
+
 def list_models() -> list[str]:
     return open_clip.list_models()
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_text_atomic
-from .backbone import Backbone, load_clip, text_width
+from .backbone import Backbone, load_clip, resolve_device, text_width
 from .checkpoint import PromptCheckpoint
 from .datasets import Dataset, load_dataset
 from .errors import NemesisError
@@ -35,10 +35,6 @@ class EvaluationSetup:
     features: torch.Tensor  # cached test image features [N, D]
     labels: torch.Tensor  # [N]
     source: dict[str, Any]  # checkpoint, model, pretrained, dataset, train_dataset, shots, seed, subsample, method...
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -69,7 +65,7 @@ def resolve_source(
     if pretrained is None and model == metadata.model:
         pretrained = metadata.pretrained
     return {
-        "checkpoint": str(checkpoint.path),
+        "checkpoint": str(Path(checkpoint.path).resolve()) if checkpoint.path else None,
         "model": model,
         "pretrained": pretrained,
         "dataset": dataset,
@@ -109,7 +105,7 @@ def prepare_evaluation(
     checkpoint.check_compatible(text_width(source["model"]), source["model"])
     data = load_dataset(source["dataset"], root, subsample=source["subsample"])
     checkpoint.check_compatible(text_width(source["model"]), source["model"], len(data.classnames))
-    device = device or default_device()
+    device = resolve_device(device)
     backbones = {} if backbones is None else backbones
     key = (source["model"], source["pretrained"])
     if key not in backbones:

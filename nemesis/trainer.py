@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import __version__
 from .atomic import write_text_atomic
-from .backbone import Backbone, load_clip, model_config
+from .backbone import Backbone, load_clip, model_config, resolve_device
 from .checkpoint import PromptMetadata, save_prompt
 from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
 from .datasets import Dataset, Subsample, load_dataset, resolve_name
@@ -166,7 +166,7 @@ class TrainConfig:
         """The config as it runs: epochs and device filled in, the official override applied."""
         values = dataclasses.asdict(self)
         values["epochs"] = self.epochs or default_epochs(self.dataset, self.shots)
-        values["device"] = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        values["device"] = resolve_device(self.device)
         if self.method is Method.nemesis:
             nemesis = self.nemesis_config().for_dataset(self.dataset)
             values["pan_weight"], values["schedule"] = nemesis.pan_weight, nemesis.schedule
@@ -491,9 +491,7 @@ def train(
     out_dir = Path(out_dir)
     _check_folder(out_dir, config, resume)
     data = check_config(config)
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise NemesisError(f"--device {config.device} asked for, but CUDA is not available here; use --device cpu")
+    device = torch.device(resolve_device(config.device))
     # Only for code outside this module that draws from the global generators; a resumed run restores them.
     torch.manual_seed(config.seed)
     random.seed(config.seed)

@@ -15,7 +15,7 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 
 def fail(message: str) -> typer.Exit:
     """Print `message` as the one error line and return the exit to raise."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever the message held
     return typer.Exit(code=2)
 
 

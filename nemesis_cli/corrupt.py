@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -12,8 +11,6 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-# Imported from the modules, not the package: an editable install made before corrupt/__init__.py
-# existed serves `corrupt` as a namespace package.
 from corrupt.engine import SweepSummary, check_sweep, run_sweep
 from corrupt.grid import parse_grid
 from corrupt.inputs import resolve_inputs
@@ -22,11 +19,6 @@ from corrupt.results import ResultsFile
 from .common import reports_errors
 
 Option = typer.Option
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 @reports_errors
@@ -45,7 +37,7 @@ def corrupt(
     model: Annotated[str | None, Option(help="open_clip model (needed for CoOp checkpoints).")] = None,
     pretrained: Annotated[str | None, Option(help="Weights: an open_clip tag or a local file.")] = None,
     cache_dir: Annotated[Path | None, Option(help="Feature cache folder, shared with eval and train.")] = None,
-    device: Annotated[Device | None, Option(help="Where to run (default: cuda when available).")] = None,
+    device: Annotated[str | None, Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
     rescale: Annotated[str | None, Option(help="RESCALE factors tau, e.g. 0.001,0.01,0.1.")] = None,
     replace: Annotated[str | None, Option(help="REPLACE noise levels sigma, e.g. 0,0.01 (0: zero vector).")] = None,
     op: Annotated[list[str] | None, Option("--op", help="Any registered operator as NAME=F1,F2 (repeatable).")] = None,
@@ -70,15 +62,14 @@ def corrupt(
     grid = parse_grid(rescale, replace, positions, noise_seeds, paper_preset, op or ())
     results = ResultsFile(out, csv=csv)
     inputs = resolve_inputs(checkpoints, epoch=epoch, model=model, pretrained=pretrained, dataset=dataset)
-    device_name = device.value if device is not None else None
-    check_sweep(inputs, grid, root, device_name)
+    check_sweep(inputs, grid, root, device)
     console = Console()
     random_models = sorted({item.identity["model"] for item in inputs if item.identity["pretrained"] is None})
     if random_models:
         console.print(
             f"note: {', '.join(random_models)} with random weights; pass --pretrained TAG or FILE for real ones"
         )
-    summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device_name, console=console)
+    summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
     print_summary(summary, results, console)
 
 

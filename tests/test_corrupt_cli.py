@@ -87,6 +87,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(setting):
         _fails_with_one_line(tmp_path, _args(tmp_path, prompt, *extra), expected)
     _fails_with_one_line(tmp_path, _args(tmp_path, prompt, out="missing/r.parquet"), "does not exist")
     _fails_with_one_line(tmp_path, _args(tmp_path, tmp_path / "nope.safetensors"), "checkpoint not found")
+    bogus_device = _args(tmp_path, prompt, "--device", "bogus")  # the last --device wins
+    _fails_with_one_line(tmp_path, bogus_device, "unknown device 'bogus'")
+    other_root = tmp_path / "other-data"
+    make_coop_folder(other_root, "dtd", classnames=CLASSES, per_class=(1, 1, 1))
+    elsewhere = [arg if arg != str(tmp_path / "data") else str(other_root) for arg in _args(tmp_path, prompt)]
+    _fails_with_one_line(tmp_path, elsewhere, "dataset 'oxford_pets' not found")
     no_root = [arg for arg in _args(tmp_path, prompt) if arg not in ("--root", str(tmp_path / "data"))]
     _fails_with_one_line(tmp_path, no_root, "needs a data folder; pass --root DATA")
 

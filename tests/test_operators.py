@@ -119,7 +119,7 @@ def test_flags_make_the_grid():
     assert grid.factors == {"rescale": (0.001, 0.01, 0.1), "replace": (0.0, 0.01)}
     assert grid.positions == (0, 3, 7) and grid.noise_seeds == (0, 1, 2)
     cells = grid.cells(8)
-    assert len(cells) == 1 + 3 * 3 + 2 * 3 * 3
+    assert len(cells) == 1 + 3 * 3 + (1 + 3) * 3  # sigma 0 once per position, sigma 0.01 per seed
     assert parse_grid(replace="0.1").factors == {"replace": (0.1,)}
     assert parse_grid(positions="all").positions is None
     assert parse_grid(ops=["rescale=0.5,2"]).factors == {"rescale": (0.5, 2.0)}
@@ -135,7 +135,8 @@ def test_flags_make_the_grid():
         ({"rescale": "nan"}, "rescale tau must be a finite number"),
         ({"positions": "0,x"}, "'x' is not an integer"),
         ({"positions": "-1"}, "position -1 is negative"),
-        ({"noise_seeds": "-3"}, "noise seed -3 is negative"),
+        ({"noise_seeds": "-3"}, "noise seed -3 is outside 0..2"),
+        ({"noise_seeds": str(2**64)}, "is outside 0..2"),
         ({"paper_preset": True, "rescale": "0.1"}, "--paper-preset fixes the operators"),
     ],
 )

@@ -13,6 +13,7 @@ from corrupt.grid import ORIGINAL_CELL, Cell, parse_grid
 from corrupt.inputs import identity_from_path, resolve_inputs
 from corrupt.results import COLUMNS, ResultsFile, correctness_path
 from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
+from nemesis.errors import NemesisError
 from nemesis.evaluate import prepare_evaluation
 from nemesis.testing import make_coop_folder
 
@@ -58,7 +59,8 @@ def test_batched_cells_equal_cells_alone(tmp_path, data_root, class_specific):
     path = _prompt(tmp_path, "p", 3, class_specific)
     summary = _sweep([path], tmp_path / "r.parquet", GRID, data_root)
     correctness = pd.read_parquet(correctness_path(tmp_path / "r.parquet"))
-    assert len(summary.cells) == len(GRID.cells(N_CTX)) == 1 + 3 * N_CTX + 3 * N_CTX * 2
+    # REPLACE sigma 0 is one cell per position (the seed cannot change a zero vector), the others one per seed
+    assert len(summary.cells) == len(GRID.cells(N_CTX)) == 1 + 3 * N_CTX + (1 + 2 * 2) * N_CTX
 
     checkpoint = load_checkpoint(path)
     setup = prepare_evaluation(checkpoint, root=data_root, device="cpu", backbones=_backbones(), progress=False)
@@ -193,3 +195,24 @@ def test_original_cell_comes_first_and_ids_are_deterministic(tmp_path, data_root
     assert first.cell_id.tolist() == second.cell_id.tolist()
     assert first.op.iloc[0] == "original"
     assert Cell("replace", 0, 0.1, 0) != ORIGINAL_CELL
+
+
+def test_a_table_without_its_correctness_is_refused_not_truncated(tmp_path, data_root):
+    path = _prompt(tmp_path, "p", 1)
+    out = tmp_path / "r.parquet"
+    _sweep([path], out, GRID, data_root)
+    rows = len(pd.read_parquet(out))
+    correctness_path(out).unlink()
+    with pytest.raises(NemesisError, match="lacks the per-sample correctness"):
+        ResultsFile(out)
+    assert len(pd.read_parquet(out)) == rows
+
+
+def test_the_same_file_under_other_names_is_one_checkpoint(tmp_path, data_root, monkeypatch):
+    path = _prompt(tmp_path, "p", 1)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    out = tmp_path / "r.parquet"
+    first = _sweep([path], out, GRID, data_root)
+    again = _sweep(["../p.safetensors", "../sub/../p.safetensors"], out, GRID, data_root)
+    assert again.computed == 0 and len(pd.read_parquet(out)) == len(first.cells)

@@ -298,3 +298,11 @@ def test_fashion_mnist_coop_beats_zero_shot_and_nemesis_lowers_the_norm(pretrain
         assert len(rows(out, "epoch")) == 40 and rows(out, "step")[-1]["step"] == 40 * 5
     assert runs["coop"]["test_acc"] > zero_shot + 2
     assert runs["nemesis"]["mean_norm"] < runs["coop"]["mean_norm"]
+
+
+def test_unknown_device_is_one_line():
+    from nemesis.backbone import resolve_device
+
+    with pytest.raises(NemesisError, match="unknown device 'bogus'"):
+        resolve_device("bogus")
+    assert resolve_device("cpu") == "cpu"
