@@ -18,7 +18,7 @@ def demo(
 ) -> None:
     """Pretrain the tiny model, train CoOp and Nemesis prompts on Fashion-MNIST, sweep, plot, report.
 
-    Example: nemesis demo --out nemesis-demo   (about ten minutes on two CPU cores; reruns resume)
+    Example: nemesis demo --out nemesis-demo   (a few minutes on two CPU cores; reruns resume)
     """
     outputs = run_demo(out)
     typer.echo(f"runs:    {len(outputs.runs)} run folders under {out / 'runs'}")
