@@ -39,6 +39,7 @@ from .tables import (
     few_shot_table,
     harmonic_mean,
     lne_frequency_table,
+    unfinished_runs,
     write_table,
 )
 from .trajectories import epoch_frame, position_norm_frame, step_frame
@@ -80,6 +81,7 @@ __all__ = [
     "runs_frame",
     "save_figure",
     "step_frame",
+    "unfinished_runs",
     "write_report",
     "write_table",
 ]

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from nemesis.errors import NemesisError
-from nemesis.sweep_format import ORIGINAL_OP
+from nemesis.sweep_format import ORIGINAL_OP, checkpoint_key_of
 
 from .results import SOURCE_COLUMN, read_correctness
 
@@ -95,41 +95,67 @@ def mcnemar_exact_p(gained: int, lost: int) -> float:
     return float(min(1.0, 2.0 * math.exp(log_cdf)))
 
 
-def _original_rows(cells: pd.DataFrame) -> dict[tuple, str]:
-    """(results file, checkpoint, model, dataset) -> cell_id of that checkpoint's original row."""
-    key_columns = [SOURCE_COLUMN, "checkpoint", "model", "dataset"]
+def _original_rows(cells: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """Checkpoint key -> (cell_id, results file) of that checkpoint's original row.
+
+    The key is the cell id's first part: it names the checkpoint file, model, weights and data, so
+    a cell pairs with its own original even when the table has no column telling them apart
+    (weights) or the two come from different files.
+    """
     originals = cells[cells["op"] == ORIGINAL_OP]
-    return {tuple(row[:-1]): row[-1] for row in originals[[*key_columns, "cell_id"]].itertuples(index=False)}
+    pairs: dict[str, tuple[str, str]] = {}
+    for cell_id, results_file in zip(originals["cell_id"], originals[SOURCE_COLUMN], strict=True):
+        pairs.setdefault(checkpoint_key_of(str(cell_id)), (str(cell_id), str(results_file)))
+    return pairs
+
+
+def _original_correctness(cells: pd.DataFrame, originals: dict[str, tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Checkpoint key -> per-sample correctness of the original row, for the keys `cells` use.
+
+    Each file is read once and only the originals' vectors are kept, so memory stays at one file.
+    """
+    needed: dict[str, dict[str, str]] = {}  # results file -> {original cell_id: checkpoint key}
+    for cell_id, results_file in zip(cells["cell_id"], cells[SOURCE_COLUMN], strict=True):
+        key = checkpoint_key_of(str(cell_id))
+        if key not in originals:
+            raise NemesisError(
+                f"{results_file}: cell {cell_id} has no original row of its checkpoint (key {key}) in the "
+                "results; pass the table holding it or rerun the sweep"
+            )
+        original_id, original_file = originals[key]
+        needed.setdefault(original_file, {})[original_id] = key
+    vectors = {}
+    for results_file, wanted in needed.items():
+        correctness = read_correctness(results_file)
+        for original_id, key in wanted.items():
+            vectors[key] = _correctness_of(correctness, original_id, results_file)
+    return vectors
 
 
 def add_mcnemar(cells: pd.DataFrame) -> pd.DataFrame:
     """A copy with `gained`, `lost` and `p_value` for every corrupted cell (NaN for original rows).
 
-    Frames that already hold `gained` and `lost` are only given p-values; otherwise the counts
-    come from the per-sample correctness file beside each results table.
+    Frames that already hold `gained` and `lost` are only given p-values; otherwise each corrupted
+    cell is paired with the original row of its checkpoint key (`checkpoint_key_of(cell_id)`), and
+    each row's per-sample correctness is read from the file beside its own results table.
     """
     marked = cells.copy()
     corrupted = marked["op"] != ORIGINAL_OP
     if GAINED not in marked or LOST not in marked:
         if SOURCE_COLUMN not in marked:
             raise NemesisError("the significance test needs per-sample correctness; load the results with load_sweeps")
-        originals = _original_rows(marked)
+        before_of = _original_correctness(marked[corrupted], _original_rows(marked))
         gained = pd.Series(np.nan, index=marked.index)
         lost = pd.Series(np.nan, index=marked.index)
         for results_file, group in marked[corrupted].groupby(SOURCE_COLUMN, sort=False):
             correctness = read_correctness(results_file)
-            for index, row in group.iterrows():
-                key = (results_file, row["checkpoint"], row["model"], row["dataset"])
-                if key not in originals:
-                    raise NemesisError(
-                        f"{results_file}: checkpoint {row['checkpoint']} has no original row to pair cell "
-                        f"{row['cell_id']} with; rerun the sweep"
-                    )
-                before = _correctness_of(correctness, originals[key], results_file)
-                after = _correctness_of(correctness, row["cell_id"], results_file)
+            for index, cell_id in zip(group.index, group["cell_id"], strict=True):
+                cell_id = str(cell_id)
+                before = before_of[checkpoint_key_of(cell_id)]
+                after = _correctness_of(correctness, cell_id, results_file)
                 if before.shape != after.shape:
                     raise NemesisError(
-                        f"{results_file}: cell {row['cell_id']} has {after.size} samples but its original "
+                        f"{results_file}: cell {cell_id} has {after.size} samples but its original "
                         f"has {before.size}; the pairs must cover the same test samples"
                     )
                 gained[index] = int(np.count_nonzero(after & ~before))
@@ -227,9 +253,13 @@ def require_rates(table: pd.DataFrame, by: Sequence[str], column: str = "rate") 
         return
     first = undefined.iloc[0]
     group = ", ".join(f"{name}={first[name]}" for name in parse_by(by))
-    kind = "norm-reducing" if column == "rate" else "norm-increasing"
+    if column == "rate":
+        raise NemesisError(
+            f"group {group} has no norm-reducing cells, so its rate is undefined; "
+            "plot the frequency instead or regroup with --by"
+        )
     raise NemesisError(
-        f"group {group} has no {kind} cells, so its rate is undefined; plot the frequency instead or regroup with --by"
+        f"group {group} has no norm-increasing cells, so its degradation rate is undefined; regroup with --by"
     )
 
 

@@ -107,6 +107,33 @@ def _legend_outside(axes, title: str | None = None, handles=None) -> None:
 # ----------------------------------------------------------------------------- LNE frequency
 
 
+def check_frequency_options(
+    by: str | Sequence[str] = DEFAULT_BY,
+    rate: bool = False,
+    degradation: bool = False,
+    significant: bool = False,
+    margin: float = 0.0,
+) -> list[str]:
+    """The `by` columns, after refusing options the chosen figure would silently ignore."""
+    columns = parse_by(by)
+    if rate and degradation:
+        raise NemesisError("--rate and --degradation plot different values; pass one of them")
+    if columns == ["position"]:
+        flags = {"--rate": rate, "--degradation": degradation, "--significant": significant, "--margin": margin != 0}
+        given = [flag for flag, on in flags.items() if on]
+        if given:
+            raise NemesisError(
+                f"--by position draws the mean accuracy change per position and factor and does not use "
+                f"{', '.join(given)}; drop {'it' if len(given) == 1 else 'them'} or group by other columns"
+            )
+    if degradation and (significant or margin != 0):
+        raise NemesisError(
+            "--degradation plots the share of norm-increasing cells that lose accuracy; --significant and "
+            "--margin only apply to LNE occurrences, drop them"
+        )
+    return columns
+
+
 def plot_frequency(
     cells: pd.DataFrame,
     by: str | Sequence[str] = DEFAULT_BY,
@@ -114,13 +141,17 @@ def plot_frequency(
     significant: bool = False,
     alpha: float = DEFAULT_ALPHA,
     margin: float = 0.0,
+    degradation: bool = False,
 ) -> Figure:
-    """The paper's LNE figure from sweep cells; `by="position"` draws the position x factor heat map."""
-    columns = parse_by(by)
+    """The paper's LNE figure from sweep cells; `degradation` draws the companion figure (share of
+    norm-increasing cells that lower accuracy); `by="position"` draws the position x factor heat map."""
+    columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
     if columns == ["position"]:
         return plot_position_heatmap(cells)
     table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
-    return plot_frequency_table(table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin)
+    return plot_frequency_table(
+        table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation
+    )
 
 
 def plot_frequency_table(
@@ -130,16 +161,22 @@ def plot_frequency_table(
     significant: bool = False,
     alpha: float = DEFAULT_ALPHA,
     margin: float = 0.0,
+    degradation: bool = False,
 ) -> Figure:
     """Draw a table from `lne_frequency`: x = shots (else the last `by` column) on a categorical
-    axis, y = frequency or rate, one line with its own marker and colour per value of the other
-    `by` columns (default: per dataset), legend outside the axes."""
+    axis, y = frequency, rate or (with `degradation`) degradation rate, one line with its own
+    marker and colour per value of the other `by` columns (default: per dataset), legend outside
+    the axes."""
     columns = parse_by(by)
+    if rate and degradation:
+        raise NemesisError("--rate and --degradation plot different values; pass one of them")
     if rate:
         require_rates(table, columns)
+    if degradation:
+        require_rates(table, columns, "degradation_rate")
     x_column = "shots" if "shots" in columns else columns[-1]
     series_columns = [column for column in columns if column != x_column]
-    y_column = "rate" if rate else "frequency"
+    y_column = "degradation_rate" if degradation else "rate" if rate else "frequency"
     x_values = _category_order(table[x_column])
     if series_columns:
         keys = table[series_columns].drop_duplicates().sort_values(series_columns, na_position="last")
@@ -171,13 +208,21 @@ def plot_frequency_table(
     axes.set_xticks(range(len(x_values)), [_category_label(x_column, value) for value in x_values])
     axes.set_xlim(-0.5, len(x_values) - 0.5)
     axes.set_xlabel("shots per class" if x_column == "shots" else x_column)
-    axes.set_ylabel("LNE rate (occurrences / norm-reducing cells)" if rate else "LNE frequency (number of occurrences)")
+    if degradation:
+        axes.set_ylabel("share of norm-increasing cells that lower accuracy")
+    elif rate:
+        axes.set_ylabel("LNE rate (occurrences / norm-reducing cells)")
+    else:
+        axes.set_ylabel("LNE frequency (number of occurrences)")
     axes.set_ylim(bottom=0)
-    if not rate:
+    if y_column == "frequency":
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
     axes.grid(axis="y", alpha=0.3)
-    criterion = f"Δacc > {margin:g} pp" + (f", McNemar p < {alpha:g}" if significant else "")
-    axes.set_title(f"Low-Norm Effect {'rate' if rate else 'frequency'} ({criterion})")
+    if degradation:
+        axes.set_title("Norm-increasing cells that lower accuracy (Δacc < 0)")
+    else:
+        criterion = f"Δacc > {margin:g} pp" + (f", McNemar p < {alpha:g}" if significant else "")
+        axes.set_title(f"Low-Norm Effect {'rate' if rate else 'frequency'} ({criterion})")
     legend_title = " / ".join(series_columns) if series_columns else None
     _legend_outside(axes, title=legend_title)
     figure.tight_layout()
@@ -217,21 +262,23 @@ def plot_position_heatmap(cells: pd.DataFrame) -> Figure:
 def plot_norms(runs: Sequence[Run]) -> Figure:
     """Test accuracy (left axis, solid) and mean prompt norm (right axis, dashed) against epoch.
 
-    One colour per run, labelled with its method label; CoOp runs use circles, Nemesis runs triangles.
+    One series and colour per run, labelled with its method label (plus what tells it apart from
+    runs sharing that label); CoOp runs use circles, Nemesis runs triangles.
     """
     if not runs:
         raise NemesisError("no runs to plot; pass run folders written by `nemesis train --out DIR`")
     frame = epoch_frame(runs)
     if frame.empty:
         raise NemesisError("the runs logged no epochs yet; wait for the first epoch to finish")
-    labels = list(dict.fromkeys(frame["label"]))
-    colours = _palette(len(labels))
+    # Grouped by run (the label is unique per run too, even for a folder passed twice): runs
+    # sharing a method label must not merge into one line.
+    series = list(frame.groupby(["run", "label"], sort=False))
+    colours = _palette(len(series))
     figure = new_figure(8.0, 4.8)
     accuracy_axes = figure.subplots()
     norm_axes = accuracy_axes.twinx()
     handles = []
-    for colour, label in zip(colours, labels, strict=True):
-        rows = frame[frame["label"] == label]
+    for colour, ((_run, label), rows) in zip(colours, series, strict=True):
         marker = METHOD_MARKERS.get(str(rows["method"].iloc[0]), "s")
         evaluated = rows.dropna(subset=["test_acc"])
         style = {"color": colour, "marker": marker, "markersize": 4, "markevery": max(1, len(rows) // 15)}

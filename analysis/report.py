@@ -28,6 +28,7 @@ from .tables import (
     few_shot_table,
     lne_frequency_table,
     table_paths,
+    unfinished_runs,
     write_table,
 )
 
@@ -53,12 +54,14 @@ def build_report(
     alpha: float = DEFAULT_ALPHA,
     paper: bool = True,
 ) -> Report:
-    """The tables the inputs support: few-shot (+ curve) from runs or own-dataset eval records,
-    base-to-new and domain generalisation from eval records, LNE frequency from sweep tables."""
+    """The tables the inputs support: few-shot (+ curve) from finished runs or own-dataset eval
+    records, base-to-new and domain generalisation from eval records, LNE frequency (grouped by
+    `by`) from sweep tables."""
     report = Report()
+    skipped = len(unfinished_runs(inputs.runs))
     results = few_shot_results(inputs.runs, inputs.evals)
     if not results.empty:
-        table = few_shot_table(results, paper=paper)
+        table = few_shot_table(results, paper=paper, skipped_runs=skipped)
         report.tables.append(table)
         averages = few_shot_averages(table)
         if not averages.dropna(subset=["mean", "shots"]).empty:  # a curve needs shots and a complete average
@@ -70,12 +73,21 @@ def build_report(
             report.tables.append(domain_generalization_table(inputs.evals, paper=paper))
     if inputs.cells is not None:
         report.tables.append(
-            lne_frequency_table(inputs.cells, by, margin=margin, significant=significant, alpha=alpha, paper=paper)
+            lne_frequency_table(
+                inputs.cells,
+                by,
+                margin=margin,
+                significant=significant,
+                alpha=alpha,
+                paper=paper,
+                duplicate_cells=inputs.duplicate_cells,
+            )
         )
     if not report.tables:
         raise NemesisError(
-            "the inputs support no report table: runs need an evaluated epoch, eval records need base+new "
-            "or cross-dataset evaluations, or pass sweep tables"
+            "the inputs support no report table: runs need to finish their epochs"
+            + (f" ({skipped} unfinished skipped)" if skipped else "")
+            + ", eval records need base+new or cross-dataset evaluations, or pass sweep tables"
         )
     return report
 

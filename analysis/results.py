@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
 from nemesis.sweep_format import CORRECTNESS_COLUMNS, CORRECTNESS_SUFFIX, correctness_path, typed_sweep_frame
 
@@ -27,6 +28,9 @@ SWEEP_SUFFIXES = (".parquet", ".csv")
 
 # Column added by the loader: which file a row came from (cell ids are unique within a file).
 SOURCE_COLUMN = "results_file"
+# `load_sweeps` puts here (in the frame's `attrs`) how many rows it dropped as copies of a cell
+# already read from an earlier file.
+DUPLICATE_CELLS = "duplicate_cells"
 
 # Run folder files.
 RUN_CONFIG = "config.json"
@@ -68,13 +72,31 @@ class Run:
     def label(self) -> str:
         return method_label_from_config(self.config)
 
+    def _evaluated(self) -> pd.DataFrame:
+        if self.epochs.empty or "test_acc" not in self.epochs:
+            return pd.DataFrame(columns=["epoch", "test_acc"])
+        return self.epochs.dropna(subset=["test_acc"])
+
     @property
     def final_test_acc(self) -> float:
         """The last epoch row's non-null test accuracy (NaN if the run never evaluated)."""
-        if self.epochs.empty or "test_acc" not in self.epochs:
-            return float("nan")
-        evaluated = self.epochs["test_acc"].dropna()
-        return float(evaluated.iloc[-1]) if len(evaluated) else float("nan")
+        evaluated = self._evaluated()
+        return float(evaluated["test_acc"].iloc[-1]) if len(evaluated) else float("nan")
+
+    @property
+    def finished(self) -> bool:
+        """Whether training ran to its end: prompt.safetensors is written and the last evaluated
+        epoch reaches the configured epoch count (the trainer always evaluates after the last one)."""
+        if not (self.path / RUN_PROMPT).is_file():
+            return False
+        evaluated = self._evaluated()
+        if evaluated.empty:
+            return False
+        planned = self.config.get("epochs")
+        if planned is None:  # a config without the count: the final prompt is all there is to go by
+            return True
+        last = pd.to_numeric(evaluated["epoch"], errors="coerce").max()
+        return bool(pd.notna(last) and last >= int(planned))
 
 
 @dataclass
@@ -84,6 +106,7 @@ class Inputs:
     cells: pd.DataFrame | None = None
     runs: list[Run] = field(default_factory=list)
     evals: pd.DataFrame | None = None
+    duplicate_cells: int = 0  # sweep rows dropped as copies of a cell read from an earlier file
 
     @property
     def empty(self) -> bool:
@@ -173,8 +196,24 @@ def read_sweep(path: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
+def combine_sweeps(frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
+    """Sweep tables as one frame with one row per cell_id, and how many rows were dropped.
+
+    The same cell can sit in several tables (a paper-preset and a default-grid sweep of the same
+    checkpoints, or an old copy a folder search finds); counting it twice would inflate every
+    frequency, so the first file's row is kept.
+    """
+    combined = pd.concat(frames, ignore_index=True)
+    repeated = combined["cell_id"].duplicated(keep="first")
+    return combined[~repeated].reset_index(drop=True), int(repeated.sum())
+
+
 def load_sweeps(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """All sweep tables among `paths` (tables, or folders searched for .parquet) as one frame."""
+    """All sweep tables among `paths` (tables, or folders searched for .parquet) as one frame.
+
+    One row per cell_id: a cell found in several files keeps the first file's row; the number of
+    rows dropped is in `frame.attrs[DUPLICATE_CELLS]`.
+    """
     files = []
     for path, named in _expand(paths):
         if _is_sweep_file(path):
@@ -183,7 +222,9 @@ def load_sweeps(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
             raise NemesisError(f"{path} is not a sweep table; pass .parquet or .csv results of `nemesis corrupt`")
     if not files:
         raise NemesisError("no sweep result files found; pass the .parquet tables `nemesis corrupt` wrote")
-    return pd.concat([read_sweep(path) for path in files], ignore_index=True)
+    cells, dropped = combine_sweeps([read_sweep(path) for path in files])
+    cells.attrs[DUPLICATE_CELLS] = dropped
+    return cells
 
 
 def read_correctness(results_file: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -279,11 +320,12 @@ RUN_SUMMARY_COLUMNS = (
     "method_label",
     "epochs",
     "test_acc",
+    "finished",
 )
 
 
 def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per run: identity, method label and final test accuracy."""
+    """One row per run: identity, method label, final test accuracy and whether it finished training."""
     rows = [
         {
             "run": str(run.path),
@@ -297,6 +339,7 @@ def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
             "method_label": run.label,
             "epochs": len(run.epochs),
             "test_acc": run.final_test_acc,
+            "finished": run.finished,
         }
         for run in runs
     ]
@@ -304,6 +347,7 @@ def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
     for column in ("shots", "seed"):
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")
     frame["test_acc"] = frame["test_acc"].astype(float)
+    frame["finished"] = frame["finished"].astype(bool)
     return frame
 
 
@@ -381,10 +425,12 @@ def load_inputs(paths: Sequence[str | os.PathLike]) -> Inputs:
             evals.append(read_evals(path))
         else:
             raise NemesisError(f"{path}: not a run folder, sweep table (.parquet/.csv) or eval records (.jsonl)")
+    cells, dropped = combine_sweeps(sweeps) if sweeps else (None, 0)
     inputs = Inputs(
-        cells=pd.concat(sweeps, ignore_index=True) if sweeps else None,
+        cells=cells,
         runs=runs,
         evals=pd.concat(evals, ignore_index=True) if evals else None,
+        duplicate_cells=dropped,
     )
     if inputs.empty:
         raise NemesisError("no result files found in the inputs; pass run folders, sweep tables or eval records")

@@ -28,6 +28,7 @@ AVERAGE = "Average"
 PAPER_MARK = " [paper]"
 OURS, PAPER = "ours", "paper"
 TABLE_SUFFIXES = (".md", ".csv", ".tex")
+DEGRADATION_MARK = "degr."
 
 
 @dataclass
@@ -98,11 +99,12 @@ FEW_SHOT_RESULT_COLUMNS = ("model", "method", "dataset", "shots", "seed", "accur
 
 
 def few_shot_results(runs: Sequence[Run] = (), evals: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One accuracy per trained prompt: runs' final test accuracy, plus eval records of the
-    prompt's own dataset (subsample "all") for checkpoints outside the given run folders."""
+    """One accuracy per trained prompt: finished runs' final test accuracy (see `unfinished_runs`),
+    plus eval records of the prompt's own dataset (subsample "all") for checkpoints outside the
+    given run folders."""
     rows = []
     summary = runs_frame(runs)
-    summary = summary[(summary["subsample"] == "all") & summary["test_acc"].notna()]
+    summary = summary[(summary["subsample"] == "all") & summary["finished"] & summary["test_acc"].notna()]
     for row in summary.itertuples(index=False):
         rows.append((row.model, row.method_label, row.dataset, row.shots, row.seed, row.test_acc, row.run))
     if evals is not None:
@@ -119,6 +121,12 @@ def few_shot_results(runs: Sequence[Run] = (), evals: pd.DataFrame | None = None
     frame["shots"] = pd.to_numeric(frame["shots"]).astype("Int64")
     frame["accuracy"] = frame["accuracy"].astype(float)
     return frame
+
+
+def unfinished_runs(runs: Sequence[Run]) -> list[Run]:
+    """The few-shot runs (subsample "all") still training or stopped early: left out of the table,
+    since an accuracy from before the last epoch is not the method's result."""
+    return [run for run in runs if (run.config.get("subsample") or "all") == "all" and not run.finished]
 
 
 def _average_over_datasets(group: pd.DataFrame, datasets: Sequence[str]) -> pd.Series:
@@ -138,11 +146,15 @@ def _average_over_datasets(group: pd.DataFrame, datasets: Sequence[str]) -> pd.S
     return pd.Series({"mean": mean, "std": std, "seeds": seeds})
 
 
-def few_shot_table(results: pd.DataFrame, paper: bool = True) -> Table:
-    """Method x shots x dataset, mean ± std over seeds, plus the average over datasets."""
+def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int = 0) -> Table:
+    """Method x shots x dataset, mean ± std over seeds, plus the average over datasets.
+
+    `skipped_runs`: how many unfinished runs `few_shot_results` left out, stated in the notes.
+    """
     if results.empty:
         raise NemesisError(
-            "no few-shot results: no run reached an evaluated epoch and no eval record is of its own dataset"
+            "no few-shot results: no run finished its epochs and no eval record is of its own dataset"
+            + (f" ({skipped_runs} unfinished runs skipped)" if skipped_runs else "")
         )
     keys = ["model", "method", "shots"]
     results = results.assign(model=results["model"].fillna(MISSING_LABEL))
@@ -180,6 +192,11 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True) -> Table:
         "Average: mean over the datasets of the row's model and shots (blank if the row lacks one);"
         " its std is over per-seed averages.",
     ]
+    if skipped_runs:
+        notes.append(
+            f"{skipped_runs} unfinished run{'' if skipped_runs == 1 else 's'} skipped "
+            "(last evaluated epoch before the configured count, or no prompt.safetensors)."
+        )
     if paper and set(datasets) == set(PAPER_DATASETS):
         shots_present = set(results["shots"].dropna().astype(int))
         paper_rows = []
@@ -375,18 +392,25 @@ def lne_frequency_table(
     significant: bool = False,
     alpha: float = DEFAULT_ALPHA,
     paper: bool = True,
+    duplicate_cells: int = 0,
 ) -> Table:
-    """LNE frequency (occurrences) and rate per group; by dataset x shots it is laid out as the
-    paper's figure: one row per dataset, one column per shots value, "frequency (rate)"."""
+    """LNE frequency (occurrences), rate and degradation rate per group; by dataset x shots it is
+    laid out as the paper's figure: one row per dataset, one column per shots value, cells
+    "frequency (rate); degr. degradation rate". `duplicate_cells` (dropped by the loader) is
+    stated in the notes."""
     columns = parse_by(by)
     frequency = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
     data = frequency.copy()
     data.insert(0, "origin", OURS)
     criterion = f"accuracy change > {margin:g} pp" + (f" and exact McNemar p < {alpha:g}" if significant else "")
-    notes = [
-        f"An occurrence: a norm-reducing cell with {criterion}. Cell: frequency (rate = frequency / reducing cells)."
-    ]
+    notes = [f"An occurrence: a norm-reducing cell with {criterion}."]
+    if duplicate_cells:
+        notes.append(f"{duplicate_cells} cells found in more than one results table were counted once (first file).")
     if columns != ["dataset", "shots"]:
+        notes.append(
+            "rate = frequency / reducing cells; degradation_rate = degrading / increasing cells "
+            "(norm-increasing cells that lower accuracy)."
+        )
         display = frequency.copy()
         display["rate"] = [_percent(value) for value in display["rate"]]
         display["degradation_rate"] = [_percent(value) for value in display["degradation_rate"]]
@@ -398,8 +422,14 @@ def lne_frequency_table(
     for dataset in datasets:
         row = {"Dataset": dataset_name(dataset)}
         for item in frequency[frequency["dataset"] == dataset].itertuples(index=False):
-            row[shots_label(item.shots)] = f"{item.frequency} ({_percent(item.rate)})"
+            row[shots_label(item.shots)] = (
+                f"{item.frequency} ({_percent(item.rate)}); {DEGRADATION_MARK} {_percent(item.degradation_rate)}"
+            )
         display_rows.append(row)
+    notes.append(
+        f"Cell: frequency (rate = frequency / reducing cells); {DEGRADATION_MARK} = share of norm-increasing "
+        "cells that lower accuracy (n/a: no norm-increasing cell)."
+    )
     if paper:
         paper_rows = []
         present_shots = {int(value) for value in frequency["shots"].dropna()}

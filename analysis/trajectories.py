@@ -3,21 +3,75 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .labels import dataset_name, shots_label
 from .results import Run
 
 RUN_COLUMNS = ("run", "label", "method", "dataset", "shots", "seed")
 
 
+def _detail(field: str, value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return f"{field} n/a"
+    if field == "dataset":
+        return dataset_name(value)
+    if field == "shots":
+        return f"{shots_label(value)} shot{'' if str(value) == '1' else 's'}"
+    return f"seed {value}"
+
+
+def _colliding(labels: list[str]) -> dict[str, list[int]]:
+    """label -> indices of the runs that share it, for labels held by more than one run."""
+    groups: dict[str, list[int]] = {}
+    for index, label in enumerate(labels):
+        groups.setdefault(label, []).append(index)
+    return {label: indices for label, indices in groups.items() if len(indices) > 1}
+
+
+def _distinguishing_parts(paths: list[Path]) -> list[str] | None:
+    """The shortest trailing path parts that tell different `paths` apart ("exp1/coop" vs
+    "exp2/coop"); None when they are all the same folder."""
+    distinct = len(set(paths))
+    if distinct == 1:
+        return None
+    parts = [path.parts for path in paths]
+    for count in range(1, max(len(items) for items in parts) + 1):
+        tails = ["/".join(items[-count:]) for items in parts]
+        if len(set(tails)) == distinct:
+            return tails
+    return [str(path) for path in paths]
+
+
 def run_labels(runs: Sequence[Run]) -> list[str]:
-    """Legend labels: the method label, plus the folder name where two runs share a label."""
+    """Legend labels, one per run and all distinct.
+
+    The method label; where runs share it, the dataset, shots and seed that differ between them;
+    where that is not enough, the path parts that tell their folders apart; the same folder
+    twice gets a number.
+    """
     labels = [run.label for run in runs]
-    return [
-        f"{label} ({run.name})" if labels.count(label) > 1 else label for label, run in zip(labels, runs, strict=True)
-    ]
+    for label, indices in _colliding(labels).items():
+        details = [[] for _ in indices]
+        for field in ("dataset", "shots", "seed"):
+            values = [runs[index].config.get(field) for index in indices]
+            if len({str(value) for value in values}) > 1:
+                for detail, value in zip(details, values, strict=True):
+                    detail.append(_detail(field, value))
+        for index, detail in zip(indices, details, strict=True):
+            if detail:
+                labels[index] = f"{label} ({', '.join(detail)})"
+    for label, indices in _colliding(labels).items():
+        tails = _distinguishing_parts([runs[index].path.resolve() for index in indices])
+        for index, tail in zip(indices, tails or [], strict=False):
+            labels[index] = f"{label} [{tail}]"
+    for label, indices in _colliding(labels).items():
+        for number, index in enumerate(indices, start=1):
+            labels[index] = f"{label} #{number}"
+    return labels
 
 
 def _identity(run: Run, label: str) -> dict:

@@ -9,6 +9,8 @@ import typer
 
 import analysis
 from analysis.low_norm_effect import DEFAULT_ALPHA, parse_by
+from analysis.plots import check_frequency_options
+from analysis.results import DUPLICATE_CELLS
 
 from .common import reports_errors
 
@@ -30,6 +32,17 @@ SignificantOption = Annotated[
     typer.Option("--significant", help="Also require the exact McNemar test on per-sample correctness: p < --alpha."),
 ]
 AlphaOption = Annotated[float, typer.Option(help="Significance level of --significant.")]
+ByOption = Annotated[
+    str,
+    typer.Option(
+        help="Group columns of the LNE frequency, comma-separated (any sweep column, e.g. dataset,seed or position)."
+    ),
+]
+
+
+def _echo_duplicates(count: int) -> None:
+    if count:
+        typer.echo(f"note: {count} cells found in more than one results table were counted once (first file's row)")
 
 
 @reports_errors
@@ -46,24 +59,33 @@ def plot_frequency(
         str,
         typer.Option(
             help="Group columns, comma-separated: x axis = shots, one line per value of the others; "
-            "'position' draws a position x factor heat map of the mean accuracy change."
+            "'position' draws a position x factor heat map of the mean accuracy change "
+            "(no --rate, --degradation, --significant or --margin there)."
         ),
     ] = "dataset,shots",
+    degradation: Annotated[
+        bool,
+        typer.Option(
+            "--degradation",
+            help="Plot the companion figure: the share of norm-increasing cells that lower accuracy.",
+        ),
+    ] = False,
 ) -> None:
     """Plot how often the Low-Norm Effect occurs, the paper's figure; print the frequency table.
 
     Example: nemesis plot-frequency sweeps/ --out figures/lne_frequency --significant
     """
+    columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
     cells = analysis.load_sweeps(results or [])
-    columns = parse_by(by)
     table = analysis.lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
     if columns == ["position"]:
         figure = analysis.plot_position_heatmap(cells)
     else:
         figure = analysis.plot_frequency_table(
-            table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin
+            table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation
         )
     paths = analysis.save_figure(figure, out)
+    _echo_duplicates(cells.attrs.get(DUPLICATE_CELLS, 0))
     typer.echo(table.to_string(index=False))
     for path in paths:
         typer.echo(f"wrote {path}")
@@ -97,6 +119,7 @@ def report(
         ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the tables (.md, .csv, .tex) and figures.")] = ...,
+    by: ByOption = "dataset,shots",
     margin: MarginOption = 0.0,
     significant: SignificantOption = False,
     alpha: AlphaOption = DEFAULT_ALPHA,
@@ -106,10 +129,12 @@ def report(
 ) -> None:
     """Write the few-shot, base-to-new, domain-generalisation and LNE frequency tables the inputs support.
 
-    Example: nemesis report runs/ sweeps/ evals.jsonl --out report/
+    Example: nemesis report runs/ sweeps/ evals.jsonl --out report/ --by dataset,shots
     """
+    loaded = analysis.load_inputs(inputs or [])
     built = analysis.build_report(
-        analysis.load_inputs(inputs or []), margin=margin, significant=significant, alpha=alpha, paper=paper
+        loaded, parse_by(by), margin=margin, significant=significant, alpha=alpha, paper=paper
     )
+    _echo_duplicates(loaded.duplicate_cells)
     for path in analysis.write_report(built, out):
         typer.echo(f"wrote {path}")

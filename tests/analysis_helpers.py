@@ -54,15 +54,23 @@ def checkpoint_rows(
     correct: int = 50,
     method: str = "coop",
     model: str = "tiny",
+    key: str | None = None,
+    first_number: int = 0,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Rows of one checkpoint (its original row first) and their per-sample correctness."""
+    """Rows of one checkpoint (its original row first) and their per-sample correctness.
+
+    Cell ids follow the sweep format, `<checkpoint key>:<op>:<position>:<factor>:<last>`, with the
+    key defaulting to `checkpoint`; the cell's number (from `first_number`) fills the last slot so
+    repeated settings stay distinct, and the same cells built twice get the same ids.
+    """
+    key = checkpoint if key is None else key
     original = np.zeros(n, dtype=bool)
     original[:correct] = True
     base = {"checkpoint": checkpoint, "model": model, "dataset": dataset, "shots": shots, "seed": seed}
     base["method"] = method
     rows = [
         {
-            "cell_id": f"{checkpoint}/original",
+            "cell_id": f"{key}:original:-:-:-",
             **base,
             "op": "original",
             "position": None,
@@ -77,9 +85,9 @@ def checkpoint_rows(
         }
     ]
     correctness = {rows[0]["cell_id"]: original}
-    for number, cell in enumerate(cells):
+    for number, cell in enumerate(cells, start=first_number):
         after = _flip(original, cell.gained, cell.lost)
-        cell_id = f"{checkpoint}/{number}/{cell.op}/{cell.position}/{cell.factor:g}"
+        cell_id = f"{key}:{cell.op}:{cell.position}:{cell.factor:g}:{number}"
         count = int(after.sum())
         rows.append(
             {
@@ -135,8 +143,13 @@ def write_run(
     weight: float = 1.0,
     model: str = "tiny",
     subsample: str = "all",
+    epochs: int | None = None,
+    prompt: bool = True,
 ) -> Path:
-    """A run folder like `nemesis train --out` writes: config.json and metrics.jsonl (M = 4 positions)."""
+    """A run folder like `nemesis train --out` writes: config.json, metrics.jsonl (M = 4 positions,
+    epochs numbered from 1 as the trainer does) and, with `prompt`, prompt.safetensors (a stand-in:
+    analysis only checks that it exists). `epochs` (default: one per test accuracy) is the configured
+    count; more than the logged epochs makes an unfinished run."""
     folder.mkdir(parents=True)
     nemesis = None
     if method == "nemesis":
@@ -150,13 +163,13 @@ def write_run(
         "model": model,
         "pretrained": "random-seed0",
         "subsample": subsample,
-        "epochs": len(test_accs),
+        "epochs": len(test_accs) if epochs is None else epochs,
         "nemesis": nemesis,
     }
     (folder / "config.json").write_text(json.dumps(config))
     mean_norms = mean_norms or [1.0 + 0.1 * epoch for epoch in range(len(test_accs))]
     lines = []
-    for epoch, (accuracy, norm) in enumerate(zip(test_accs, mean_norms, strict=True)):
+    for epoch, (accuracy, norm) in enumerate(zip(test_accs, mean_norms, strict=True), start=1):
         norms = [norm] * 4
         step = {"kind": "step", "epoch": epoch, "step": epoch, "lr": 0.002, "ce_loss": 1.0, "norm_loss": 0.1}
         step |= {"train_acc": 50.0, "norms": norms, "alpha": [0, 0, 0, 0]}
@@ -166,6 +179,8 @@ def write_run(
             | {"fro_norm": 2 * norm}
         )
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    if prompt:
+        (folder / "prompt.safetensors").write_bytes(b"stand-in")
     return folder
 
 

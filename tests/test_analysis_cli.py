@@ -145,3 +145,78 @@ def test_empty_groups_exit_2_and_write_nothing(tmp_path):
     write_sweep(sweeps / "a.parquet", [checkpoint_rows("a", [])])
     _fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "report")], "no corrupted cells")
     assert _files(tmp_path) == ["sweeps"]
+
+
+def test_plot_frequency_degradation(tmp_path):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    output = _ok(["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig"), "--degradation"])
+    assert _files(tmp_path) == ["fig.pdf", "fig.png", "sweeps"]
+    assert "degradation_rate" in output and "note:" not in output  # no duplicates, no note
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--by", "position", "--rate"], "--by position draws the mean accuracy change"),
+        (["--by", "position", "--margin", "1"], "does not use --margin"),
+        (["--by", "position", "--significant"], "does not use --significant"),
+        (["--by", "position", "--degradation"], "does not use --degradation"),
+        (["--rate", "--degradation"], "--rate and --degradation"),
+        (["--degradation", "--significant"], "only apply to LNE occurrences"),
+    ],
+)
+def test_plot_frequency_refuses_options_the_figure_ignores(tmp_path, options, expected):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    _fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig"), *options], expected)
+    assert _files(tmp_path) == ["sweeps"]
+
+
+def test_degradation_of_a_group_without_increasing_cells_exits_2(tmp_path):
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    write_sweep(sweeps / "a.parquet", [checkpoint_rows("a", [reducing(gained=1)])])
+    _fails_with_one_line(
+        ["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig"), "--degradation"], "no norm-increasing cells"
+    )
+    assert _files(tmp_path) == ["sweeps"]
+
+
+def test_duplicate_cells_are_counted_once_and_reported(tmp_path):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    (sweeps / "old").mkdir()
+    for name in ("sweep.parquet", "sweep.correct.parquet"):
+        (sweeps / "old" / name).write_bytes((sweeps / name).read_bytes())
+    output = _ok(["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig")])
+    assert "note: 20 cells found in more than one results table were counted once" in output
+    alone = _ok(["plot-frequency", str(sweeps / "sweep.parquet"), "--out", str(tmp_path / "fig")])
+    assert output.split("\n", 1)[1] == alone  # the same table as from one copy
+    output = _ok(["report", str(sweeps), "--out", str(tmp_path / "report"), "--significant"])
+    assert "note: 20 cells" in output
+    assert "20 cells found in more than one results table" in (tmp_path / "report" / "lne_frequency.md").read_text()
+
+
+def test_report_groups_the_lne_table_by_any_columns(tmp_path):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    _ok(["report", str(sweeps), "--out", str(tmp_path / "report"), "--by", "dataset,position", "--no-paper"])
+    markdown = (tmp_path / "report" / "lne_frequency.md").read_text()
+    assert "| dataset | position | cells | reducing | frequency | rate |" in markdown
+    assert "degradation_rate" in markdown
+    default = _ok(["report", str(sweeps), "--out", str(tmp_path / "default")])
+    assert "wrote" in default
+    markdown = (tmp_path / "default" / "lne_frequency.md").read_text()
+    assert "| Dataset | 1 shot | 2 shots |" in markdown and "degr." in markdown
+    _fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "bad"), "--by", "epoch"], "not in the results")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_report_skips_unfinished_runs_and_says_so(tmp_path):
+    runs = _runs(tmp_path / "runs")
+    write_run(runs / "coop-3", [50.0, 99.0], seed=3, epochs=50)  # still training
+    _ok(["report", str(runs), "--out", str(tmp_path / "report")])
+    few_shot = (tmp_path / "report" / "few_shot.md").read_text()
+    assert "| CoOp | 1 | 56.50 ± 0.71 |" in few_shot  # seeds 1 and 2 only
+    assert "1 unfinished run skipped" in few_shot
+    write_run(tmp_path / "stopped" / "run", [50.0], epochs=5)
+    args = ["report", str(tmp_path / "stopped"), "--out", str(tmp_path / "out")]
+    _fails_with_one_line(args, "runs need to finish their epochs (1 unfinished skipped)")
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from analysis import lne_frequency, load_sweeps, mark_cells, mark_occurrences, mcnemar_exact_p
+from analysis import add_mcnemar, lne_frequency, load_sweeps, mark_cells, mark_occurrences, mcnemar_exact_p
 from analysis.low_norm_effect import require_rates
 from nemesis.errors import NemesisError
 
@@ -171,3 +171,59 @@ def test_significance_needs_the_correctness_file(tmp_path):
     (tmp_path / "sweep.correct.parquet").unlink()
     with pytest.raises(NemesisError, match=r"sweep\.correct\.parquet not found"):
         lne_frequency(load_sweeps([path]), significant=True)
+
+
+def test_a_cell_in_several_tables_counts_once(tmp_path):
+    # A paper-preset table beside a default-grid table of the same checkpoint: their shared cells
+    # (same cell_id) must not be counted twice.
+    default = write_sweep(tmp_path / "default.parquet", [checkpoint_rows("c", [reducing(gained=2), reducing(lost=1)])])
+    paper = write_sweep(tmp_path / "paper.parquet", [checkpoint_rows("c", [reducing(gained=2)])])
+    alone = lne_frequency(load_sweeps([default]))
+    both = lne_frequency(load_sweeps([default, paper]))
+    assert (
+        (both["cells"].item(), both["frequency"].item()) == (alone["cells"].item(), alone["frequency"].item()) == (2, 1)
+    )
+
+
+def test_mcnemar_pairs_a_cell_with_its_original_in_another_file(tmp_path):
+    # default.parquet holds the original row and cell 0; extra.parquet holds cell 1 of the same
+    # checkpoint, once beside a copy of the original row (dropped as a duplicate) and once alone.
+    default = write_sweep(tmp_path / "default.parquet", [checkpoint_rows("c", [reducing(gained=1)])])
+    for name, keep_original in (("extra.parquet", True), ("bare.parquet", False)):
+        rows, correctness = checkpoint_rows("c", [reducing(gained=8, lost=1, position=1)], first_number=1)
+        if not keep_original:
+            del correctness[rows[0]["cell_id"]]
+            rows = rows[1:]
+        extra = write_sweep(tmp_path / name, [(rows, correctness)])
+        cells = load_sweeps([default, extra])
+        marked = mark_occurrences(cells, significant=True).set_index("position")
+        assert marked.loc[1, "results_file"] == str(extra)  # its correctness is read from its own file
+        assert (marked.loc[1, "gained"], marked.loc[1, "lost"]) == (8, 1)
+        assert marked.loc[1, "p_value"] == pytest.approx(_exact_p(8, 1), rel=1e-9)
+        assert (marked.loc[0, "gained"], marked.loc[0, "lost"]) == (1, 0)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (tmp_path / "bare.parquet").rename(alone / "bare.parquet")
+    (tmp_path / "bare.correct.parquet").rename(alone / "bare.correct.parquet")
+    with pytest.raises(NemesisError, match=r"cell c:rescale:1:0.001:1 has no original row of its checkpoint \(key c\)"):
+        mark_occurrences(load_sweeps([alone]), significant=True)
+
+
+def test_mcnemar_pairs_by_checkpoint_key_not_by_columns(tmp_path):
+    # One checkpoint file swept on two weights: the table's columns (checkpoint, model, dataset)
+    # are the same, only the cell ids' checkpoint key tells the two originals apart.
+    parts = [
+        checkpoint_rows("ckpt", [reducing(gained=8, lost=1)], key="weights-a", correct=50),
+        checkpoint_rows("ckpt", [reducing(gained=2, lost=5)], key="weights-b", correct=70),
+    ]
+    cells = load_sweeps([write_sweep(tmp_path / "sweep.parquet", parts)])
+    marked = add_mcnemar(cells)
+    corrupted = marked[marked["op"] != "original"].set_index("cell_id")
+    assert (
+        corrupted.loc["weights-a:rescale:0:0.001:0", "gained"],
+        corrupted.loc["weights-a:rescale:0:0.001:0", "lost"],
+    ) == (8, 1)
+    assert (
+        corrupted.loc["weights-b:rescale:0:0.001:0", "gained"],
+        corrupted.loc["weights-b:rescale:0:0.001:0", "lost"],
+    ) == (2, 5)

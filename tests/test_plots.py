@@ -12,6 +12,7 @@ from analysis import (
     save_figure,
 )
 from analysis.plots import figure_paths
+from analysis.trajectories import run_labels
 from nemesis.errors import NemesisError
 
 from .analysis_helpers import checkpoint_rows, increasing, reducing, sweep_frame, write_run
@@ -72,6 +73,38 @@ def test_position_heatmap_has_one_panel_per_op():
         assert axes.get_xlabel().startswith("factor")
 
 
+def test_degradation_figure_plots_the_share_of_increasing_cells_that_lose_accuracy():
+    figure = plot_frequency(_cells(), degradation=True)
+    (axes,) = figure.axes
+    assert axes.get_ylabel() == "share of norm-increasing cells that lower accuracy"
+    assert axes.get_xlabel() == "shots per class"
+    assert len(axes.get_lines()) == len(DATASETS)
+    assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["DTD", "Food101", "OxfordPets"]
+    for line in axes.get_lines():
+        assert list(line.get_ydata()) == [1.0] * 5  # each checkpoint's one increasing cell loses a sample
+
+
+def test_degradation_of_a_group_without_increasing_cells_fails():
+    cells = sweep_frame(checkpoint_rows("c", [reducing(gained=1)])[0])
+    with pytest.raises(NemesisError, match="no norm-increasing cells, so its degradation rate is undefined"):
+        plot_frequency(cells, degradation=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rate": True, "degradation": True}, "--rate and --degradation"),
+        ({"by": "position", "rate": True}, "--by position .* does not use --rate"),
+        ({"by": "position", "margin": 1.0}, "does not use --margin"),
+        ({"by": "position", "significant": True, "degradation": True}, "does not use --degradation, --significant"),
+        ({"degradation": True, "margin": 1.0}, "only apply to LNE occurrences"),
+    ],
+)
+def test_options_a_figure_would_ignore_are_refused(options, message):
+    with pytest.raises(NemesisError, match=message):
+        plot_frequency(_cells(), **options)
+
+
 def _runs(tmp_path):
     write_run(tmp_path / "coop", [50.0, 55.0, 54.0], mean_norms=[0.8, 1.0, 1.05])
     write_run(tmp_path / "nemesis", [50.0, 55.5, 56.0], mean_norms=[0.8, 0.95, 0.9], method="nemesis", weight=10.0)
@@ -93,6 +126,33 @@ def test_norm_figure_has_both_axes_and_one_series_per_run(tmp_path):
     colours = [line.get_color() for line in norm_axes.get_lines()]
     assert len(set(colours)) == len(runs)
     assert sorted(len(line.get_xdata()) for line in accuracy_axes.get_lines()) == [1, 3, 3]
+
+
+def test_runs_sharing_a_label_get_one_series_each(tmp_path):
+    # Two copies of the same CoOp setting in different experiment folders, and two seeds.
+    write_run(tmp_path / "exp1" / "coop", [50.0, 55.0, 54.0], mean_norms=[0.8, 1.0, 1.05])
+    write_run(tmp_path / "exp2" / "coop", [40.0, 45.0, 47.0], mean_norms=[0.7, 0.9, 1.2])
+    write_run(tmp_path / "seeds" / "a", [30.0, 35.0], seed=1, dataset="dtd")
+    write_run(tmp_path / "seeds" / "b", [31.0, 36.0], seed=2, dataset="dtd")
+    figure = plot_norms(load_runs([tmp_path]))
+    accuracy_axes, norm_axes = figure.axes
+    assert len(accuracy_axes.get_lines()) == len(norm_axes.get_lines()) == 4
+    for line in [*accuracy_axes.get_lines(), *norm_axes.get_lines()]:
+        epochs = list(line.get_xdata())
+        assert epochs == sorted(set(epochs))  # one run per line: no zig-zag back to epoch 1
+    labels = [text.get_text() for text in accuracy_axes.get_legend().get_texts()]
+    assert {
+        "CoOp (OxfordPets, seed 1) [exp1/coop]",
+        "CoOp (OxfordPets, seed 1) [exp2/coop]",
+        "CoOp (DTD, seed 1)",
+        "CoOp (DTD, seed 2)",
+    } <= set(labels)
+
+
+def test_run_labels_fall_back_to_a_number(tmp_path):
+    run = write_run(tmp_path / "coop", [50.0])
+    (loaded,) = load_runs([run])
+    assert run_labels([loaded, loaded]) == ["CoOp #1", "CoOp #2"]
 
 
 def test_few_shot_curve_has_one_series_per_method():

@@ -6,10 +6,19 @@ import json
 
 import pytest
 
-from analysis import epoch_frame, load_evals, load_inputs, load_runs, runs_frame
+from analysis import epoch_frame, load_evals, load_inputs, load_runs, load_sweeps, runs_frame
+from analysis.results import DUPLICATE_CELLS
 from nemesis.errors import NemesisError
 
-from .analysis_helpers import checkpoint_rows, eval_record, reducing, write_evals, write_run, write_sweep
+from .analysis_helpers import (
+    checkpoint_rows,
+    eval_record,
+    increasing,
+    reducing,
+    write_evals,
+    write_run,
+    write_sweep,
+)
 
 
 def test_inputs_are_sorted_by_kind(tmp_path):
@@ -29,7 +38,35 @@ def test_run_summary_and_epochs(tmp_path):
     summary = runs_frame([run])
     assert summary.loc[0, "method_label"] == "CoOp+Nemesis (PAN, w=50)"
     epochs = epoch_frame([run])
-    assert epochs["mean_norm"].tolist() == [0.8, 1.0, 1.1] and epochs["epoch"].tolist() == [0, 1, 2]
+    assert epochs["mean_norm"].tolist() == [0.8, 1.0, 1.1] and epochs["epoch"].tolist() == [1, 2, 3]
+    assert not run.finished  # its last epoch (3 of 3) was not evaluated: the trainer always evaluates it
+
+
+def test_finished_runs(tmp_path):
+    write_run(tmp_path / "done", [50.0, None, 60.0])
+    write_run(tmp_path / "stopped", [50.0, 55.0], epochs=5)  # 2 of 5 epochs
+    write_run(tmp_path / "no-prompt", [50.0, 55.0], prompt=False)
+    runs = {run.name: run for run in load_runs([tmp_path])}
+    assert {name: run.finished for name, run in runs.items()} == {"done": True, "stopped": False, "no-prompt": False}
+    summary = runs_frame(list(runs.values())).set_index("name")
+    assert summary["finished"].to_dict() == {"done": True, "no-prompt": False, "stopped": False}
+
+
+def test_a_cell_in_several_tables_is_loaded_once(tmp_path):
+    # A default-grid table and a paper-preset table of the same checkpoint share the original row
+    # and the tau = 0.001 cell; an old copy of the default table sits in a subfolder.
+    default = write_sweep(tmp_path / "default.parquet", [checkpoint_rows("c", [reducing(gained=1), increasing()])])
+    write_sweep(tmp_path / "paper.parquet", [checkpoint_rows("c", [reducing(gained=1)])])
+    (tmp_path / "old").mkdir()
+    write_sweep(tmp_path / "old" / "default.parquet", [checkpoint_rows("c", [reducing(gained=1), increasing()])])
+    cells = load_sweeps([default, tmp_path])
+    assert len(cells) == 3 and cells["cell_id"].is_unique
+    assert cells.attrs[DUPLICATE_CELLS] == 5
+    assert set(cells["results_file"]) == {str(default)}  # the first file's rows are kept
+    inputs = load_inputs([tmp_path / "paper.parquet", default])
+    assert len(inputs.cells) == 3 and inputs.duplicate_cells == 2
+    assert inputs.cells.set_index("op")["results_file"]["original"] == str(tmp_path / "paper.parquet")
+    assert load_sweeps([default]).attrs[DUPLICATE_CELLS] == 0
 
 
 def test_eval_label_falls_back_to_method_config(tmp_path):

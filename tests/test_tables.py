@@ -19,7 +19,7 @@ from analysis import (
     method_label,
     write_table,
 )
-from analysis.tables import to_latex, to_markdown
+from analysis.tables import to_latex, to_markdown, unfinished_runs
 from nemesis.errors import NemesisError
 
 from .analysis_helpers import checkpoint_rows, eval_record, increasing, reducing, sweep_frame, write_evals, write_run
@@ -36,9 +36,9 @@ ACCURACIES = {
 def _runs(tmp_path):
     for (dataset, shots), values in ACCURACIES.items():
         for seed, accuracy in enumerate(values, start=1):
-            # An evaluation-free last epoch: the final accuracy is the last non-null one.
+            # An evaluation-free middle epoch: the final accuracy is the last non-null one.
             identity = {"dataset": dataset, "shots": shots, "seed": seed}
-            write_run(tmp_path / f"coop-{dataset}-{shots}-{seed}", [10.0, accuracy, None], **identity)
+            write_run(tmp_path / f"coop-{dataset}-{shots}-{seed}", [10.0, None, accuracy], **identity)
             write_run(
                 tmp_path / f"nemesis-{dataset}-{shots}-{seed}",
                 [10.0, accuracy + 1],
@@ -188,12 +188,40 @@ def test_lne_frequency_table():
     table = lne_frequency_table(_cells(), paper=False)
     assert list(table.display.columns) == ["Dataset", "1 shot", "2 shots"]
     display = table.display.set_index("Dataset")
-    assert display.loc["OxfordPets", "1 shot"] == "1 (50.0%)"
-    assert display.loc["OxfordPets", "2 shots"] == "2 (100.0%)"
-    assert display.loc["Fashion-MNIST", "1 shot"] == "0 (0.0%)"
+    # frequency (rate); degr. = share of norm-increasing cells that lose accuracy.
+    assert display.loc["OxfordPets", "1 shot"] == "1 (50.0%); degr. 100.0%"
+    assert display.loc["OxfordPets", "2 shots"] == "2 (100.0%); degr. n/a"
+    assert display.loc["Fashion-MNIST", "1 shot"] == "0 (0.0%); degr. 0.0%"
     assert display.loc["Fashion-MNIST", "2 shots"] == ""
+    assert any("degr. = share of norm-increasing cells that lower accuracy" in note for note in table.notes)
+    assert "1 (50.0%); degr. 100.0%" in to_markdown(table)
     frequency = table.data.set_index(["dataset", "shots"])["frequency"]
     assert frequency.to_dict() == {("fashion_mnist", 1): 0, ("oxford_pets", 1): 1, ("oxford_pets", 2): 2}
+
+
+def test_lne_frequency_table_by_other_columns_shows_the_degradation_rate():
+    table = lne_frequency_table(_cells(), by="dataset", paper=False, duplicate_cells=3)
+    display = table.display.set_index("dataset")
+    assert display.loc["oxford_pets", "degradation_rate"] == "100.0%"
+    assert display.loc["fashion_mnist", "degradation_rate"] == "0.0%"
+    assert "degradation_rate" in to_markdown(table)
+    assert any("3 cells found in more than one results table were counted once" in note for note in table.notes)
+
+
+def test_few_shot_table_counts_finished_runs_only(tmp_path):
+    write_run(tmp_path / "done-1", [50.0, 60.0], seed=1)
+    write_run(tmp_path / "done-2", [50.0, 62.0], seed=2)
+    write_run(tmp_path / "stopped", [50.0, 90.0], seed=3, epochs=10)  # 2 of 10 epochs
+    write_run(tmp_path / "no-prompt", [50.0, 95.0], seed=4, prompt=False)
+    runs = load_runs([tmp_path])
+    assert sorted(run.name for run in unfinished_runs(runs)) == ["no-prompt", "stopped"]
+    table = few_shot_table(few_shot_results(runs), skipped_runs=len(unfinished_runs(runs)))
+    pets = _cell(table.data, "CoOp", 1, "oxford_pets")
+    assert (pets["mean"], pets["seeds"]) == (61.0, 2)
+    assert any("2 unfinished runs skipped" in note for note in table.notes)
+    assert "2 unfinished runs skipped" in to_markdown(table)
+    with pytest.raises(NemesisError, match=r"no run finished its epochs .*\(2 unfinished runs skipped\)"):
+        few_shot_table(few_shot_results([run for run in runs if not run.finished]), skipped_runs=2)
 
 
 def test_writers_produce_markdown_csv_and_latex(tmp_path):
