@@ -97,6 +97,7 @@ def draw(out_dir: Path, runs: list[Path], table: Path, settings: DemoSettings) -
     folder.mkdir(exist_ok=True)
     cells = analysis.load_sweeps([table])
     figures = analysis.save_figure(analysis.plot_frequency(cells), folder / "lne_frequency")
+    figures += analysis.save_figure(analysis.plot_frequency(cells, degradation=True), folder / "lne_degradation")
     figures += analysis.save_figure(analysis.plot_frequency(cells, by="position"), folder / "lne_by_position")
     trajectory = [run_folder(out_dir, method, max(settings.shots), min(settings.seeds)) for method in METHODS]
     figures += analysis.save_figure(analysis.plot_norms(analysis.load_runs(trajectory)), folder / "norm_trajectory")

@@ -17,7 +17,7 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
     assert all((run / "prompt.safetensors").is_file() for run in outputs.runs)
     assert outputs.sweep.is_file() and outputs.sweep.with_name("lne.correct.parquet").is_file()
     names = {path.name for path in outputs.figures}
-    for figure in ("lne_frequency", "lne_by_position", "norm_trajectory"):
+    for figure in ("lne_frequency", "lne_degradation", "lne_by_position", "norm_trajectory"):
         assert {f"{figure}.png", f"{figure}.pdf"} <= names
     report = {path.name for path in outputs.report}
     assert {"few_shot.md", "few_shot.csv", "few_shot.tex", "lne_frequency.md", "few_shot_curve.png"} <= report
