@@ -13,6 +13,7 @@ from .low_norm_effect import (
     mean_change_by_position,
 )
 from .plots import (
+    frequency_table_and_figure,
     plot_few_shot_curve,
     plot_frequency,
     plot_frequency_table,
@@ -57,6 +58,7 @@ __all__ = [
     "epoch_frame",
     "few_shot_results",
     "few_shot_table",
+    "frequency_table_and_figure",
     "harmonic_mean",
     "lne_frequency",
     "lne_frequency_table",

@@ -134,6 +134,28 @@ def check_frequency_options(
     return columns
 
 
+def frequency_table_and_figure(
+    cells: pd.DataFrame,
+    by: str | Sequence[str] = DEFAULT_BY,
+    rate: bool = False,
+    significant: bool = False,
+    alpha: float = DEFAULT_ALPHA,
+    margin: float = 0.0,
+    degradation: bool = False,
+) -> tuple[pd.DataFrame, Figure]:
+    """The frequency table of `lne_frequency` and its figure: the paper's LNE figure, the companion
+    figure with `degradation` (share of norm-increasing cells that lower accuracy), or with
+    `by="position"` the position x factor heat map of the mean accuracy change."""
+    columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
+    table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
+    if columns == ["position"]:
+        return table, plot_position_heatmap(cells)
+    figure = plot_frequency_table(
+        table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation
+    )
+    return table, figure
+
+
 def plot_frequency(
     cells: pd.DataFrame,
     by: str | Sequence[str] = DEFAULT_BY,
@@ -143,15 +165,8 @@ def plot_frequency(
     margin: float = 0.0,
     degradation: bool = False,
 ) -> Figure:
-    """The paper's LNE figure from sweep cells; `degradation` draws the companion figure (share of
-    norm-increasing cells that lower accuracy); `by="position"` draws the position x factor heat map."""
-    columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
-    if columns == ["position"]:
-        return plot_position_heatmap(cells)
-    table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
-    return plot_frequency_table(
-        table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation
-    )
+    """The figure of `frequency_table_and_figure`."""
+    return frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation)[1]
 
 
 def plot_frequency_table(

@@ -75,15 +75,9 @@ def plot_frequency(
 
     Example: nemesis plot-frequency sweeps/ --out figures/lne_frequency --significant
     """
-    columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
+    check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
     cells = analysis.load_sweeps(results or [])
-    table = analysis.lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
-    if columns == ["position"]:
-        figure = analysis.plot_position_heatmap(cells)
-    else:
-        figure = analysis.plot_frequency_table(
-            table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation
-        )
+    table, figure = analysis.frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation)
     paths = analysis.save_figure(figure, out)
     _echo_duplicates(cells.attrs.get(DUPLICATE_CELLS, 0))
     typer.echo(table.to_string(index=False))
