@@ -8,8 +8,10 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+from typer.testing import CliRunner, Result
 
 from nemesis.backbone import load_clip
+from nemesis_cli.main import app
 
 
 @functools.cache
@@ -36,3 +38,12 @@ def pretrained_tiny(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NEMESIS_CACHE", str(tmp_path_factory.getbasetemp() / "nemesis-cache"))
         return pretrained_tiny_weights(progress=False)
+
+
+def fails_with_one_line(args: list[str], expected: str) -> Result:
+    """Run `nemesis ARGS`: it must exit with code 2 and print one line holding `expected`."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.output
+    return result

@@ -16,6 +16,7 @@ from .analysis_helpers import (
     write_run,
     write_sweep,
 )
+from .conftest import fails_with_one_line
 
 runner = CliRunner()
 
@@ -43,13 +44,6 @@ def _ok(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def _fails_with_one_line(args, expected):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], result.output
 
 
 def _files(folder):
@@ -120,17 +114,17 @@ def test_report_writes_only_what_the_inputs_support(tmp_path):
 
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    _fails_with_one_line(["plot-frequency", "--out", str(out / "fig")], "no sweep result files")
-    _fails_with_one_line(["plot-frequency", str(tmp_path / "missing.parquet"), "--out", str(out)], "no such file")
+    fails_with_one_line(["plot-frequency", "--out", str(out / "fig")], "no sweep result files")
+    fails_with_one_line(["plot-frequency", str(tmp_path / "missing.parquet"), "--out", str(out)], "no such file")
     (tmp_path / "other.csv").write_text("name,value\na,1\n")
-    _fails_with_one_line(["plot-frequency", str(tmp_path / "other.csv"), "--out", str(out)], "missing columns")
-    _fails_with_one_line(["report", str(tmp_path / "other.csv"), "--out", str(out)], "missing columns cell_id")
-    _fails_with_one_line(["report", "--out", str(out)], "no inputs given")
+    fails_with_one_line(["plot-frequency", str(tmp_path / "other.csv"), "--out", str(out)], "missing columns")
+    fails_with_one_line(["report", str(tmp_path / "other.csv"), "--out", str(out)], "missing columns cell_id")
+    fails_with_one_line(["report", "--out", str(out)], "no inputs given")
     (tmp_path / "empty").mkdir()
-    _fails_with_one_line(["report", str(tmp_path / "empty"), "--out", str(out)], "no result files found")
-    _fails_with_one_line(["plot-norms", str(tmp_path / "empty"), "--out", str(out)], "no run folders found")
+    fails_with_one_line(["report", str(tmp_path / "empty"), "--out", str(out)], "no result files found")
+    fails_with_one_line(["plot-norms", str(tmp_path / "empty"), "--out", str(out)], "no run folders found")
     write_run(tmp_path / "unevaluated" / "run", [None, None])
-    _fails_with_one_line(["report", str(tmp_path / "unevaluated"), "--out", str(out)], "support no report table")
+    fails_with_one_line(["report", str(tmp_path / "unevaluated"), "--out", str(out)], "support no report table")
     assert not out.exists()
 
 
@@ -139,11 +133,11 @@ def test_empty_groups_exit_2_and_write_nothing(tmp_path):
     sweeps.mkdir()
     write_sweep(sweeps / "a.parquet", [checkpoint_rows("a", [increasing(lost=1)], seed=None)])
     fig = tmp_path / "fig"
-    _fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--rate"], "no norm-reducing cells")
-    _fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--by", "dataset,seed"], "no values")
-    _fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--by", "epoch"], "not in the results")
+    fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--rate"], "no norm-reducing cells")
+    fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--by", "dataset,seed"], "no values")
+    fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(fig), "--by", "epoch"], "not in the results")
     write_sweep(sweeps / "a.parquet", [checkpoint_rows("a", [])])
-    _fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "report")], "no corrupted cells")
+    fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "report")], "no corrupted cells")
     assert _files(tmp_path) == ["sweeps"]
 
 
@@ -167,7 +161,7 @@ def test_plot_frequency_degradation(tmp_path):
 )
 def test_plot_frequency_refuses_options_the_figure_ignores(tmp_path, options, expected):
     sweeps = _sweeps(tmp_path / "sweeps")
-    _fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig"), *options], expected)
+    fails_with_one_line(["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig"), *options], expected)
     assert _files(tmp_path) == ["sweeps"]
 
 
@@ -175,7 +169,7 @@ def test_degradation_of_a_group_without_increasing_cells_exits_2(tmp_path):
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
     write_sweep(sweeps / "a.parquet", [checkpoint_rows("a", [reducing(gained=1)])])
-    _fails_with_one_line(
+    fails_with_one_line(
         ["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig"), "--degradation"], "no norm-increasing cells"
     )
     assert _files(tmp_path) == ["sweeps"]
@@ -205,7 +199,7 @@ def test_report_groups_the_lne_table_by_any_columns(tmp_path):
     assert "wrote" in default
     markdown = (tmp_path / "default" / "lne_frequency.md").read_text()
     assert "| Dataset | 1 shot | 2 shots |" in markdown and "degr." in markdown
-    _fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "bad"), "--by", "epoch"], "not in the results")
+    fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "bad"), "--by", "epoch"], "not in the results")
     assert not (tmp_path / "bad").exists()
 
 
@@ -218,5 +212,5 @@ def test_report_skips_unfinished_runs_and_says_so(tmp_path):
     assert "1 unfinished run skipped" in few_shot
     write_run(tmp_path / "stopped" / "run", [50.0], epochs=5)
     args = ["report", str(tmp_path / "stopped"), "--out", str(tmp_path / "out")]
-    _fails_with_one_line(args, "runs need to finish their epochs (1 unfinished skipped)")
+    fails_with_one_line(args, "runs need to finish their epochs (1 unfinished skipped)")
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from nemesis.checkpoint import PromptMetadata, save_prompt
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
+from .conftest import fails_with_one_line
 from .test_checkpoint import write_dassl_checkpoint
 
 runner = CliRunner()
@@ -63,10 +64,8 @@ def test_csv_output(setting):
 
 
 def _fails_with_one_line(tmp_path, args, expected):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+    result = fails_with_one_line(args, expected)
+    assert result.output.strip().startswith("error: ")
     assert list((tmp_path / "out").iterdir()) == []  # nothing written
     assert not (tmp_path / "cache").exists()
 

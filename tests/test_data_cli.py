@@ -10,6 +10,8 @@ from nemesis.datasets import load_dataset
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
+from .conftest import fails_with_one_line
+
 runner = CliRunner()
 CLASSNAMES = ["red apple", "green leaf"]
 
@@ -47,17 +49,10 @@ def test_missing_named_dataset_exits_2(tmp_path):
     assert "imagenet-adversarial" in result.output and "error: dataset 'imagenet_a' is not found" in result.output
 
 
-def _fails_with_one_line(args, expected):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], result.output
-
-
 def test_bad_input_is_one_line_with_exit_2(tmp_path):
-    _fails_with_one_line(["data", "check", "--root", str(tmp_path), "--dataset", "pets"], "unknown dataset 'pets'")
-    _fails_with_one_line(["data", "check", "--root", str(tmp_path / "nope")], "does not exist")
-    _fails_with_one_line(["data", "check"], "--root")
+    fails_with_one_line(["data", "check", "--root", str(tmp_path), "--dataset", "pets"], "unknown dataset 'pets'")
+    fails_with_one_line(["data", "check", "--root", str(tmp_path / "nope")], "does not exist")
+    fails_with_one_line(["data", "check"], "--root")
 
 
 def test_fashion_mnist_needs_no_root():

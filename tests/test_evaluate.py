@@ -16,7 +16,7 @@ from nemesis.prompt_learner import PromptedCLIP, PromptLearner
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
-from .conftest import cached_backbone
+from .conftest import cached_backbone, fails_with_one_line
 from .test_checkpoint import write_dassl_checkpoint
 
 runner = CliRunner()
@@ -96,10 +96,7 @@ def test_macro_f1_and_result_block():
 
 
 def _fails_with_one_line(args, expected, cache):
-    result = runner.invoke(app, [*args, "--cache-dir", str(cache)])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], result.output
+    fails_with_one_line([*args, "--cache-dir", str(cache)], expected)
     assert not cache.exists() or not any(cache.rglob("*.safetensors"))
 
 

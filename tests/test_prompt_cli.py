@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from nemesis.checkpoint import PromptMetadata, save_prompt
 from nemesis_cli.main import app
 
+from .conftest import fails_with_one_line
 from .test_checkpoint import write_dassl_checkpoint
 
 runner = CliRunner()
@@ -29,27 +30,20 @@ def test_info_reads_dassl_folders(tmp_path):
     assert "dassl" in result.output and "22.6274" in result.output  # sqrt(512)
 
 
-def _fails_with_one_line(args, expected):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], result.output
-
-
 def test_bad_input_exits_2_with_one_line(tmp_path):
-    _fails_with_one_line(["prompt", "info", str(tmp_path / "missing.pth")], "not found")
+    fails_with_one_line(["prompt", "info", str(tmp_path / "missing.pth")], "not found")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    _fails_with_one_line(["prompt", "info", str(tmp_path / "notes.txt")], "not a torch checkpoint")
+    fails_with_one_line(["prompt", "info", str(tmp_path / "notes.txt")], "not a torch checkpoint")
     write_dassl_checkpoint(tmp_path / "run", torch.zeros(16, 512), epoch=1)
-    _fails_with_one_line(["prompt", "info", str(tmp_path / "run"), "--model", "tiny"], "does not match the text width")
-    _fails_with_one_line(["prompt", "info", str(tmp_path / "run"), "--model", "ViT-B-33"], "unknown model")
+    fails_with_one_line(["prompt", "info", str(tmp_path / "run"), "--model", "tiny"], "does not match the text width")
+    fails_with_one_line(["prompt", "info", str(tmp_path / "run"), "--model", "ViT-B-33"], "unknown model")
     torch.save({"state_dict": {"ctx": torch.full((4, 512), float("nan"))}}, tmp_path / "nan.pth")
-    _fails_with_one_line(["prompt", "info", str(tmp_path / "nan.pth")], "NaN or Inf")
+    fails_with_one_line(["prompt", "info", str(tmp_path / "nan.pth")], "NaN or Inf")
 
 
 def test_export_dassl_into_missing_folder_writes_nothing(tmp_path):
     path = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata())
-    _fails_with_one_line(["prompt", "export-dassl", str(path), "--out", str(tmp_path / "nope")], "does not exist")
+    fails_with_one_line(["prompt", "export-dassl", str(path), "--out", str(tmp_path / "nope")], "does not exist")
     assert not (tmp_path / "nope").exists()
     (tmp_path / "out").mkdir()
     result = runner.invoke(app, ["prompt", "export-dassl", str(path), "--out", str(tmp_path / "out"), "--epoch", "3"])
