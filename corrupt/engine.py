@@ -207,6 +207,12 @@ def run_sweep(
     only what is missing. `backbones` is reused across checkpoints (and across calls, if passed).
     """
     check_sweep(inputs, grid, root, device)
+    console = console or Console()
+    random_models = sorted({item.identity["model"] for item in inputs if item.identity["pretrained"] is None})
+    if random_models:
+        console.print(
+            f"note: {', '.join(random_models)} with random weights; pass --pretrained TAG or FILE for real ones"
+        )
     backbones = {} if backbones is None else backbones
     done = results.cell_ids
     plan = []  # (input, ids of all its cells, cells still missing)

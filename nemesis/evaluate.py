@@ -102,9 +102,10 @@ def prepare_evaluation(
     source = resolve_source(
         checkpoint, model=model, pretrained=pretrained, dataset=dataset, shots=shots, seed=seed, subsample=subsample
     )
-    checkpoint.check_compatible(text_width(source["model"]), source["model"])
+    width = text_width(source["model"])
+    checkpoint.check_compatible(width, source["model"])  # before the dataset is read
     data = load_dataset(source["dataset"], root, subsample=source["subsample"])
-    checkpoint.check_compatible(text_width(source["model"]), source["model"], len(data.classnames))
+    checkpoint.check_compatible(width, source["model"], len(data.classnames))
     device = resolve_device(device)
     backbones = {} if backbones is None else backbones
     key = (source["model"], source["pretrained"])

@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from corrupt.engine import SweepSummary, check_sweep, run_sweep
+from corrupt.engine import SweepSummary, run_sweep
 from corrupt.grid import parse_grid
 from corrupt.inputs import resolve_inputs
 from corrupt.results import ResultsFile
@@ -62,13 +62,7 @@ def corrupt(
     grid = parse_grid(rescale, replace, positions, noise_seeds, paper_preset, op or ())
     results = ResultsFile(out, csv=csv)
     inputs = resolve_inputs(checkpoints, epoch=epoch, model=model, pretrained=pretrained, dataset=dataset)
-    check_sweep(inputs, grid, root, device)
     console = Console()
-    random_models = sorted({item.identity["model"] for item in inputs if item.identity["pretrained"] is None})
-    if random_models:
-        console.print(
-            f"note: {', '.join(random_models)} with random weights; pass --pretrained TAG or FILE for real ones"
-        )
     summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
     print_summary(summary, results, console)
 
