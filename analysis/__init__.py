@@ -1,89 +1,61 @@
 """Analysis of sweeps and training runs: Low-Norm Effect frequency, norm trajectories, figures, reports.
 
-Works on result files and run folders with pandas; needs no model.
+Works on result files and run folders with pandas; needs no model. The public names below are
+imported on first use, so the CLI can read `analysis.defaults` without pandas or matplotlib.
 """
 
-from .labels import dataset_name, method_label, method_label_from_config
-from .low_norm_effect import (
-    add_mcnemar,
-    lne_frequency,
-    mark_cells,
-    mark_occurrences,
-    mcnemar_exact_p,
-    mean_change_by_position,
-)
-from .plots import (
-    frequency_table_and_figure,
-    plot_few_shot_curve,
-    plot_frequency,
-    plot_frequency_table,
-    plot_norms,
-    plot_position_heatmap,
-    save_figure,
-)
-from .report import Report, build_report, make_report, write_report
-from .results import (
-    Inputs,
-    Run,
-    load_evals,
-    load_inputs,
-    load_runs,
-    load_sweeps,
-    read_correctness,
-    runs_frame,
-)
-from .tables import (
-    Table,
-    base_to_new_table,
-    domain_generalization_table,
-    few_shot_results,
-    few_shot_table,
-    harmonic_mean,
-    lne_frequency_table,
-    unfinished_runs,
-    write_table,
-)
-from .trajectories import epoch_frame, position_norm_frame, step_frame
+from __future__ import annotations
 
-__all__ = [
-    "Inputs",
-    "Report",
-    "Run",
-    "Table",
-    "add_mcnemar",
-    "base_to_new_table",
-    "build_report",
-    "dataset_name",
-    "domain_generalization_table",
-    "epoch_frame",
-    "few_shot_results",
-    "few_shot_table",
-    "frequency_table_and_figure",
-    "harmonic_mean",
-    "lne_frequency",
-    "lne_frequency_table",
-    "load_evals",
-    "load_inputs",
-    "load_runs",
-    "load_sweeps",
-    "make_report",
-    "mark_cells",
-    "mark_occurrences",
-    "mcnemar_exact_p",
-    "mean_change_by_position",
-    "method_label",
-    "method_label_from_config",
-    "plot_few_shot_curve",
-    "plot_frequency",
-    "plot_frequency_table",
-    "plot_norms",
-    "plot_position_heatmap",
-    "position_norm_frame",
-    "read_correctness",
-    "runs_frame",
-    "save_figure",
-    "step_frame",
-    "unfinished_runs",
-    "write_report",
-    "write_table",
-]
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "Inputs": "results",
+    "Report": "report",
+    "Run": "results",
+    "Table": "tables",
+    "add_mcnemar": "low_norm_effect",
+    "base_to_new_table": "tables",
+    "build_report": "report",
+    "dataset_name": "labels",
+    "domain_generalization_table": "tables",
+    "epoch_frame": "trajectories",
+    "few_shot_results": "tables",
+    "few_shot_table": "tables",
+    "frequency_table_and_figure": "plots",
+    "harmonic_mean": "tables",
+    "lne_frequency": "low_norm_effect",
+    "lne_frequency_table": "tables",
+    "load_evals": "results",
+    "load_inputs": "results",
+    "load_runs": "results",
+    "load_sweeps": "results",
+    "make_report": "report",
+    "mark_cells": "low_norm_effect",
+    "mark_occurrences": "low_norm_effect",
+    "mcnemar_exact_p": "low_norm_effect",
+    "mean_change_by_position": "low_norm_effect",
+    "method_label": "labels",
+    "method_label_from_config": "labels",
+    "plot_few_shot_curve": "plots",
+    "plot_frequency": "plots",
+    "plot_frequency_table": "plots",
+    "plot_norms": "plots",
+    "plot_position_heatmap": "plots",
+    "position_norm_frame": "trajectories",
+    "read_correctness": "results",
+    "runs_frame": "results",
+    "save_figure": "plots",
+    "step_frame": "trajectories",
+    "unfinished_runs": "tables",
+    "write_report": "report",
+    "write_table": "tables",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'analysis' has no attribute '{name}'")
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)

@@ -18,10 +18,9 @@ import pandas as pd
 from nemesis.errors import NemesisError
 from nemesis.sweep_format import ORIGINAL_OP, checkpoint_key_of
 
+from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .results import SOURCE_COLUMN, read_correctness
 
-DEFAULT_BY = ("dataset", "shots")
-DEFAULT_ALPHA = 0.05
 # Accuracy changes smaller than this (percentage points) are float noise, not a change.
 CHANGE_TOLERANCE = 1e-9
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from nemesis.errors import NemesisError
 
-from .low_norm_effect import DEFAULT_ALPHA, DEFAULT_BY
+from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .plots import figure_paths, plot_few_shot_curve, save_figure
 from .results import Inputs, load_inputs
 from .tables import (

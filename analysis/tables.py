@@ -20,8 +20,9 @@ from nemesis.atomic import write_text_atomic
 from nemesis.errors import NemesisError
 
 from . import paper_numbers
+from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import IMAGENET_VARIANTS, MISSING_LABEL, PAPER_DATASETS, dataset_name, shots_label
-from .low_norm_effect import DEFAULT_ALPHA, DEFAULT_BY, lne_frequency, parse_by
+from .low_norm_effect import lne_frequency, parse_by
 from .results import Run, runs_frame
 
 AVERAGE = "Average"

@@ -20,9 +20,10 @@ from corrupt.grid import parse_grid
 from corrupt.inputs import resolve_inputs
 from corrupt.results import ResultsFile
 from nemesis.backbone import load_clip
+from nemesis.configs import TrainConfig
 from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
-from nemesis.trainer import TrainConfig, train
+from nemesis.trainer import train
 
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)

@@ -18,51 +18,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 
 import torch
 
+from .choices import Schedule, choice
+from .configs import LOGISTIC_RATE, NemesisConfig
 from .errors import NemesisError
-
-LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value
-OFFICIAL_OVERRIDE_DATASETS = ("food101", "oxford_pets")
-OFFICIAL_OVERRIDE_WEIGHT = 50.0
 
 # Classifies ctx variants [K, *ctx.shape] on the current batch: number of samples right per variant [K].
 CountCorrect = Callable[[torch.Tensor], torch.Tensor]
 
 
-class Norm(str, Enum):
-    """The p of the per-position norm ||ctx_j||_p."""
-
-    l1 = "1"
-    l2 = "2"
-    inf = "inf"
-
-    @property
-    def order(self) -> float:
-        return math.inf if self is Norm.inf else float(self.value)
-
-
-class Schedule(str, Enum):
-    """s(e), the factor on the penalty at epoch index e."""
-
-    constant = "constant"
-    logistic = "logistic"
-
-
-def _choice(enum: type[Enum], value: object, what: str) -> Enum:
-    try:
-        return enum(str(value.value if isinstance(value, Enum) else value))
-    except ValueError:
-        choices = ", ".join(member.value for member in enum)
-        raise NemesisError(f"unknown {what} '{value}'; choose one of {choices}") from None
-
-
 def schedule_weight(schedule: Schedule | str, epoch: int, epochs: int, rate: float = LOGISTIC_RATE) -> float:
     """s(e): 1 for `constant`; `logistic`: 1 - 1 / (1 + exp(-rate * (e - E / 2))), e the 0-based epoch."""
-    schedule = _choice(Schedule, schedule, "schedule")
+    schedule = choice(Schedule, schedule, "schedule")
     if schedule is Schedule.constant:
         return 1.0
     x = -rate * (epoch - epochs / 2)
@@ -128,60 +98,6 @@ def pan(ctx: torch.Tensor, inputs: PenaltyInputs) -> Penalty:
 
 Penalize = Callable[[torch.Tensor, PenaltyInputs], Penalty]
 PENALTIES: dict[str, Penalize] = {"pun": pun, "pan": pan}
-
-
-@dataclass
-class NemesisConfig:
-    """Nemesis's hyper-parameters; the defaults are the paper's."""
-
-    beta: float = 1.0  # PUN's share: 1 = PUN only (the paper's PEN), 0 = PAN only
-    weight: float = 1.0  # A, the penalty's overall weight
-    norm: Norm = Norm.l2  # p of ||ctx_j||_p
-    schedule: Schedule = Schedule.logistic  # s(e)
-    positions: int = 1  # NP, positions PAN tries per step
-    corrupt_weight: float = 0.5  # CW, PAN's rescaling factor
-    pan_weight: float | None = None  # PAN's weight inside the bracket instead of A (None: A, as DESIGN's formula)
-    official_override: bool = False  # Food101 / OxfordPets: PAN weight 50, constant schedule, as the official code
-    rate: float = field(default=LOGISTIC_RATE, repr=False)  # k of the logistic schedule
-
-    def __post_init__(self) -> None:
-        self.norm = _choice(Norm, self.norm, "norm")
-        self.schedule = _choice(Schedule, self.schedule, "schedule")
-        if not 0.0 <= self.beta <= 1.0:
-            raise NemesisError(f"beta must be between 0 and 1 (1 = PUN only, 0 = PAN only), got {self.beta}")
-        if not self.weight >= 0.0:
-            raise NemesisError(f"the Nemesis weight must be 0 or more, got {self.weight}")
-        if self.positions < 1:
-            raise NemesisError(f"positions (NP) must be at least 1, got {self.positions}")
-        if self.pan_weight is not None and not self.pan_weight >= 0.0:
-            raise NemesisError(f"the PAN weight must be 0 or more, got {self.pan_weight}")
-        if not self.corrupt_weight >= 0.0:
-            raise NemesisError(f"corrupt_weight (CW) must be 0 or more, got {self.corrupt_weight}")
-
-    def shares(self) -> dict[str, float]:
-        """Weight of each registered penalty, A included; zero shares are not computed."""
-        pan_weight = self.weight if self.pan_weight is None else self.pan_weight
-        return {"pun": self.beta * self.weight, "pan": (1.0 - self.beta) * pan_weight}
-
-    def for_dataset(self, dataset: str) -> NemesisConfig:
-        """The official code's Food101/OxfordPets setting when asked for: PAN weighted 50 (PUN keeps A),
-        constant schedule."""
-        if not self.official_override or dataset not in OFFICIAL_OVERRIDE_DATASETS:
-            return self
-        values = asdict(self) | {"pan_weight": OFFICIAL_OVERRIDE_WEIGHT, "schedule": Schedule.constant}
-        return NemesisConfig(**values)
-
-    def to_json(self) -> dict:
-        return {
-            "beta": self.beta,
-            "weight": self.weight,
-            "norm": self.norm.value,
-            "schedule": self.schedule.value,
-            "positions": self.positions,
-            "corrupt_weight": self.corrupt_weight,
-            "pan_weight": self.pan_weight,
-            "official_override": self.official_override,
-        }
 
 
 @dataclass

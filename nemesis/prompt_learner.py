@@ -7,25 +7,18 @@ embeddings of everything else are frozen buffers, and the CLIP tower is driven b
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbone import Backbone
+from .choices import ClassPosition
 from .errors import NemesisError
 from .losses import position_norms
 from .text_encoder import TextEncoder
 
 PLACEHOLDER = "X"  # CoOp's stand-in word for context positions before their embeddings are swapped in
 DEFAULT_CHUNK_SIZE = 256  # prompts per text pass: bounds memory for 1000-class datasets and sweeps
-
-
-class ClassPosition(str, Enum):
-    end = "end"
-    middle = "middle"
-    front = "front"
 
 
 class PromptLearner(nn.Module):

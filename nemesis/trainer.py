@@ -13,7 +13,6 @@ checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -21,7 +20,6 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -30,190 +28,22 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import __version__
 from .atomic import write_text_atomic
 from .backbone import Backbone, load_clip, model_config, resolve_device
 from .checkpoint import PromptMetadata, save_prompt
+from .choices import Method, Precision
+from .configs import TrainConfig, read_run_config
 from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
-from .datasets import Dataset, Subsample, load_dataset, resolve_name
+from .datasets import Dataset, load_dataset
 from .errors import NemesisError
 from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
-from .losses import NemesisConfig, Norm, Schedule, nemesis_loss, position_norms
-from .prompt_learner import ClassPosition, PromptedCLIP, PromptLearner
+from .losses import nemesis_loss, position_norms
+from .prompt_learner import PromptedCLIP, PromptLearner
 from .run_state import RUN_STATE, Journal, RunState, load_state, read_finished_metrics, save_state
 
 # Keys of config.json that may change when a run is resumed (they do not change what is learned).
 RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every")
-
-
-class Method(str, Enum):
-    coop = "coop"
-    nemesis = "nemesis"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    amp = "amp"  # bf16 (or fp16 with loss scaling) autocast on CUDA; plain fp32 on the CPU
-
-
-def _choice(enum: type[Enum], value: object, what: str) -> Enum:
-    try:
-        return enum(value.value if isinstance(value, Enum) else str(value))
-    except ValueError:
-        choices = ", ".join(member.value for member in enum)
-        raise NemesisError(f"unknown {what} '{value}'; choose one of {choices}") from None
-
-
-def default_epochs(dataset: str, shots: int) -> int:
-    """CoOp's epochs: 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16; ImageNet always 50."""
-    if dataset == "imagenet" or shots <= 1:
-        return 50
-    return 100 if shots <= 4 else 200
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; `config.json` of the run folder is `resolved().to_json()`."""
-
-    dataset: str  # dataset key (e.g. oxford_pets, imagenet) or fashion_mnist, which needs no root
-    root: str | None = None  # folder holding the CoOp-format datasets
-    shots: int = 16  # training images per class, drawn CoOp's way (or read from CoOp's split_fewshot)
-    seed: int = 1  # seeds the few-shot draw, ctx initialisation, data order, views and PAN's draws
-    method: Method = Method.coop  # coop, or nemesis (CoOp + the norm penalty)
-    subsample: str = "all"  # classes to train on: all, base or new (base-to-new)
-    model: str = "RN50"  # open_clip model name
-    pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
-    n_ctx: int = 16  # context vectors M (ignored when ctx_init is given: its token count)
-    ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"; None: N(0, 0.02^2)
-    class_specific: bool = False  # one ctx per class (CoOp's CSC)
-    class_position: str = "end"  # where the class name goes: end, middle or front
-    epochs: int | None = None  # None: CoOp's count for the shots (1: 50, 2/4: 100, 8/16: 200, ImageNet 50)
-    batch_size: int = 32  # images per step
-    lr: float = 0.002  # SGD learning rate after warm-up, cosine-annealed over the epochs
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # SGD weight decay on ctx
-    warmup_epochs: int = 1  # epochs at the constant warm-up learning rate
-    warmup_lr: float = 1e-5  # the warm-up learning rate
-    beta: float = 1.0  # Nemesis: PUN's share, 1 = PUN only, 0 = PAN only
-    weight: float = 1.0  # Nemesis: A, the penalty's weight
-    norm: Norm = Norm.l2  # Nemesis: p of ||ctx_j||_p: 1, 2 or inf
-    schedule: Schedule = Schedule.logistic  # Nemesis: s(e), logistic or constant
-    positions: int = 1  # Nemesis: NP, positions PAN tries per step (1..n_ctx)
-    corrupt_weight: float = 0.5  # Nemesis: CW, PAN's rescaling factor
-    pan_weight: float | None = None  # Nemesis: PAN's weight instead of A (None: A)
-    official_override: bool = False  # Nemesis on food101/oxford_pets: PAN weight 50, constant schedule
-    train_views: int = 0  # 0: live CoOp augmentation each epoch; K: K cached augmented views per image
-    precision: Precision = Precision.fp32  # fp32, or amp (autocast on CUDA)
-    device: str | None = None  # cpu, cuda, cuda:1...; None: cuda when available
-    eval_every: int = 1  # test accuracy every this many epochs (and after the last); 0: last only
-    save_every: int = 0  # a checkpoint in checkpoints/ every this many epochs; 0: none
-    cache_dir: str | None = None  # image-feature cache (default: the user cache)
-
-    def __post_init__(self) -> None:
-        self.dataset = resolve_name(self.dataset)
-        self.method = _choice(Method, self.method, "method")
-        self.precision = _choice(Precision, self.precision, "precision")
-        self.subsample = _choice(Subsample, self.subsample, "subsample").value
-        self.class_position = _choice(ClassPosition, self.class_position, "class position").value
-        self.root = None if self.root is None else str(self.root)
-        self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
-        self.pretrained = None if self.pretrained in (None, "", "none") else str(self.pretrained)
-        counts = {
-            "shots": (self.shots, 1),
-            "n_ctx": (self.n_ctx, 1),
-            "batch_size": (self.batch_size, 1),
-            "warmup_epochs": (self.warmup_epochs, 0),
-            "train_views": (self.train_views, 0),
-            "eval_every": (self.eval_every, 0),
-            "save_every": (self.save_every, 0),
-            "seed": (self.seed, 0),
-        }
-        if self.epochs is not None:
-            counts["epochs"] = (self.epochs, 1)
-        for name, (value, least) in counts.items():
-            if value < least:
-                raise NemesisError(f"{name} must be at least {least}, got {value}")
-        for name, value in (
-            ("lr", self.lr),
-            ("warmup_lr", self.warmup_lr),
-            ("weight_decay", self.weight_decay),
-        ):
-            if not value >= 0:
-                raise NemesisError(f"{name} must be 0 or more, got {value}")
-        if not 0 <= self.momentum < 1:
-            raise NemesisError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.ctx_init is not None and not self.ctx_init.strip():
-            self.ctx_init = None
-        nemesis = self.nemesis_config()  # checks beta, weight, norm, schedule, positions, corrupt_weight
-        self.norm, self.schedule = nemesis.norm, nemesis.schedule
-        if self.method is Method.nemesis and self.ctx_init is None and self.positions > self.n_ctx:
-            raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {self.n_ctx}, got {self.positions}")
-
-    def nemesis_config(self) -> NemesisConfig:
-        return NemesisConfig(
-            beta=self.beta,
-            weight=self.weight,
-            norm=self.norm,
-            schedule=self.schedule,
-            positions=self.positions,
-            corrupt_weight=self.corrupt_weight,
-            pan_weight=self.pan_weight,
-            official_override=self.official_override,
-        )
-
-    def resolved(self) -> TrainConfig:
-        """The config as it runs: epochs and device filled in, the official override applied."""
-        values = dataclasses.asdict(self)
-        values["epochs"] = self.epochs or default_epochs(self.dataset, self.shots)
-        values["device"] = resolve_device(self.device)
-        if self.method is Method.nemesis:
-            nemesis = self.nemesis_config().for_dataset(self.dataset)
-            values["pan_weight"], values["schedule"] = nemesis.pan_weight, nemesis.schedule
-        return TrainConfig(**values)
-
-    def to_json(self) -> dict:
-        values = {}
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            values[spec.name] = value.value if isinstance(value, Enum) else value
-        for name in (
-            "beta",
-            "weight",
-            "norm",
-            "schedule",
-            "positions",
-            "corrupt_weight",
-            "pan_weight",
-            "official_override",
-        ):
-            del values[name]
-        values["nemesis"] = self.nemesis_config().to_json() if self.method is Method.nemesis else None
-        values["toolkit_version"] = __version__
-        return values
-
-    @classmethod
-    def from_json(cls, values: dict) -> TrainConfig:
-        """A config from `to_json()`'s dict (config.json); unknown keys are refused."""
-        values = dict(values)
-        values.pop("toolkit_version", None)
-        nemesis = values.pop("nemesis", None) or {}
-        known = {spec.name for spec in dataclasses.fields(cls)}
-        unknown = sorted((set(values) | set(nemesis)) - known)
-        if unknown:
-            raise NemesisError(f"unknown training options {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**values, **nemesis)
-
-
-def read_run_config(out_dir: str | Path) -> TrainConfig:
-    """The config of the run in `out_dir` (its config.json)."""
-    path = Path(out_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise NemesisError(f"{path} not found: {out_dir} is not a run folder of `nemesis train`")
-    try:
-        return TrainConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as error:
-        raise NemesisError(f"{path} is not valid JSON ({error})") from error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,11 @@ from typing import Annotated
 
 import typer
 
-import analysis
-from analysis.low_norm_effect import DEFAULT_ALPHA, parse_by
-from analysis.plots import check_frequency_options
-from analysis.results import DUPLICATE_CELLS
+from analysis.defaults import DEFAULT_ALPHA
 
 from .common import reports_errors
+
+# pandas and matplotlib are imported inside the commands, so `--help` answers at once.
 
 ResultsArgument = Annotated[
     list[Path] | None,
@@ -75,6 +74,10 @@ def plot_frequency(
 
     Example: nemesis plot-frequency sweeps/ --out figures/lne_frequency --significant
     """
+    import analysis
+    from analysis.plots import check_frequency_options
+    from analysis.results import DUPLICATE_CELLS
+
     check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
     cells = analysis.load_sweeps(results or [])
     table, figure = analysis.frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation)
@@ -97,6 +100,8 @@ def plot_norms(
 
     Example: nemesis plot-norms runs/cars-coop runs/cars-nemesis --out figures/norms
     """
+    import analysis
+
     loaded = analysis.load_runs(runs or [])
     paths = analysis.save_figure(analysis.plot_norms(loaded), out)
     for path in paths:
@@ -125,6 +130,9 @@ def report(
 
     Example: nemesis report runs/ sweeps/ evals.jsonl --out report/ --by dataset,shots
     """
+    import analysis
+    from analysis.low_norm_effect import parse_by
+
     loaded = analysis.load_inputs(inputs or [])
     built = analysis.build_report(
         loaded, parse_by(by), margin=margin, significant=significant, alpha=alpha, paper=paper

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pandas as pd
 import typer
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
-from corrupt.engine import SweepSummary, run_sweep
-from corrupt.grid import parse_grid
-from corrupt.inputs import resolve_inputs
-from corrupt.results import ResultsFile
 
 from .common import reports_errors
+
+if TYPE_CHECKING:  # torch and pandas are imported inside the command, so `--help` answers at once
+    from rich.console import Console
+    from rich.table import Table
+
+    from corrupt.engine import SweepSummary
+    from corrupt.results import ResultsFile
 
 Option = typer.Option
 
@@ -58,6 +56,13 @@ def corrupt(
     Example: nemesis corrupt output/ --model RN50 --pretrained openai --root ~/data --paper-preset
     --out lne.parquet
     """
+    from rich.console import Console
+
+    from corrupt.engine import run_sweep
+    from corrupt.grid import parse_grid
+    from corrupt.inputs import resolve_inputs
+    from corrupt.results import ResultsFile
+
     # Everything that can be checked is checked before any work, so bad input writes nothing.
     grid = parse_grid(rescale, replace, positions, noise_seeds, paper_preset, op or ())
     results = ResultsFile(out, csv=csv)
@@ -68,6 +73,8 @@ def corrupt(
 
 
 def _run_label(row) -> str:
+    import pandas as pd
+
     parts = [row.dataset]
     if not pd.isna(row.shots):
         parts.append(f"{row.shots}shots")
@@ -77,11 +84,16 @@ def _run_label(row) -> str:
 
 
 def _cell_label(row) -> str:
+    import pandas as pd
+
     label = f"{row.op} {row.factor:g} @{row.position}"
     return label if pd.isna(row.noise_seed) else f"{label} seed {row.noise_seed}"
 
 
-def _cells_table(title: str, cells: pd.DataFrame) -> Table:
+def _cells_table(title: str, cells) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("run", "cell", "acc", "delta", "norm"):
         table.add_column(column, justify="left" if column in ("run", "cell") else "right", no_wrap=column != "run")

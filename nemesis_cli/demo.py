@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from figures.demo_pipeline import run_demo
-
 from .common import reports_errors
 
 
@@ -20,6 +18,8 @@ def demo(
 
     Example: nemesis demo --out nemesis-demo   (a few minutes on two CPU cores; reruns resume)
     """
+    from figures.demo_pipeline import run_demo
+
     outputs = run_demo(out)
     typer.echo(f"runs:    {len(outputs.runs)} run folders under {out / 'runs'}")
     typer.echo(f"sweep:   {outputs.sweep}")

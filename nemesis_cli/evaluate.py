@@ -7,9 +7,7 @@ from typing import Annotated
 
 import typer
 
-from nemesis.checkpoint import load_checkpoint
 from nemesis.errors import NemesisError
-from nemesis.evaluate import append_record, evaluate, weights_mismatch
 
 from .common import reports_errors
 
@@ -36,6 +34,9 @@ def eval_command(
     Example: nemesis eval output/imagenet/CoOp/rn50_16shots/nctx16_cscFalse_ctpend/seed1
     --model RN50 --pretrained openai --dataset imagenet_sketch --root ~/data --shots 16 --seed 1
     """
+    from nemesis.checkpoint import load_checkpoint
+    from nemesis.evaluate import append_record, evaluate, weights_mismatch
+
     if out is not None and not out.parent.is_dir():
         raise NemesisError(f"--out: folder {out.parent} does not exist; create it first")
     prompt = load_checkpoint(checkpoint, epoch)

@@ -1,10 +1,18 @@
-"""The `nemesis` application: one typer app, each command group in its own module."""
+"""The `nemesis` application: one typer app, each command group in its own module.
+
+Command modules import torch, open_clip, pandas and matplotlib inside their commands, so `--help`
+answers without loading them (a test checks this in a fresh process).
+"""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from . import analysis_commands, corrupt, data, demo, evaluate, prompt
+from nemesis import __version__
+
+from . import analysis_commands, corrupt, data, demo, evaluate, models, prompt
 from . import train as train_commands
 
 app = typer.Typer(
@@ -14,6 +22,24 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"nemesis {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the toolkit's version."),
+    ] = False,
+) -> None:
+    """Soft prompts for CLIP-like models: train CoOp/Nemesis prompts, corrupt them, measure the Low-Norm Effect."""
+
+
 app.add_typer(prompt.app, name="prompt")
 app.command("eval")(evaluate.eval_command)
 app.command("corrupt")(corrupt.corrupt)
@@ -24,3 +50,4 @@ app.command("report")(analysis_commands.report)
 app.command("train")(train_commands.train)
 app.command("pretrain-tiny")(train_commands.pretrain_tiny_command)
 app.command("demo")(demo.demo)
+app.command("models")(models.models)

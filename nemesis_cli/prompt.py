@@ -6,12 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
-from nemesis.backbone import text_width
-from nemesis.checkpoint import export_dassl, load_checkpoint
-from nemesis.losses import position_norms
 
 from .common import reports_errors
 
@@ -35,6 +29,13 @@ def info(
 
     Example: nemesis prompt info output/oxford_pets/CoOp/rn50_16shots/nctx16_cscFalse_ctpend/seed1 --model RN50
     """
+    from rich.console import Console
+    from rich.table import Table
+
+    from nemesis.backbone import text_width
+    from nemesis.checkpoint import load_checkpoint
+    from nemesis.losses import position_norms
+
     prompt = load_checkpoint(checkpoint, epoch)
     if model is not None:
         prompt.check_compatible(text_width(model), model)
@@ -64,5 +65,7 @@ def export(
 
     Example: nemesis prompt export-dassl runs/pets-16/prompt.safetensors --out coop_output/pets/seed1
     """
+    from nemesis.checkpoint import export_dassl, load_checkpoint
+
     target = export_dassl(load_checkpoint(checkpoint), out, epoch)
     typer.echo(f"wrote {target}")

@@ -8,10 +8,8 @@ from typing import Annotated
 
 import typer
 
+from nemesis.configs import TrainConfig, read_run_config
 from nemesis.errors import NemesisError
-from nemesis.tiny import pretrain_tiny, read_tiny_info, weights_path
-from nemesis.trainer import TrainConfig, read_run_config
-from nemesis.trainer import train as train_prompt
 
 from .common import reports_errors
 
@@ -92,7 +90,7 @@ def train(
 
     Example: nemesis train --dataset oxford_pets --root ~/data --shots 16 --method nemesis --out runs/pets
     """
-    options = {name: value for name, value in locals().items() if name not in ("out", "resume")}
+    options = {name: value for name, value in locals().items() if name not in ("out", "resume")}  # first line
     given = {name: value for name, value in options.items() if value is not None and value is not False}
     runtime = {name: given[name] for name in ("device", "cache_dir") if name in given}
     if "dataset" not in given:
@@ -104,6 +102,8 @@ def train(
             if name in given:
                 given[name] = str(given[name])
         config = TrainConfig(**given)
+    from nemesis.trainer import train as train_prompt  # torch: only once the options are checked
+
     folder = train_prompt(config, out, resume=resume, echo=typer.echo)
     typer.echo(f"wrote {folder}")
 
@@ -117,6 +117,8 @@ def pretrain_tiny_command(
 
     Example: nemesis pretrain-tiny
     """
+    from nemesis.tiny import pretrain_tiny, read_tiny_info, weights_path
+
     cached = weights_path()
     if out is None and cached.is_file() and not force:
         info = read_tiny_info(cached)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from nemesis.configs import NemesisConfig
 from nemesis.errors import NemesisError
 from nemesis.losses import (
-    NemesisConfig,
     PenaltyInputs,
     nemesis_loss,
     norm_loss,

@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 import nemesis.trainer as trainer
 from nemesis.backbone import load_clip
 from nemesis.checkpoint import load_prompt
+from nemesis.configs import TrainConfig, default_epochs, read_run_config
 from nemesis.errors import NemesisError
 from nemesis.testing import make_coop_folder
 from nemesis.tiny import read_tiny_info
-from nemesis.trainer import TrainConfig, default_epochs, learning_rate, read_run_config, train
+from nemesis.trainer import learning_rate, train
 from nemesis_cli.main import app
 
 CLASSNAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]

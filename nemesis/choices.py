@@ -1,0 +1,55 @@
+"""The toolkit's choices as str enums, light to import so the CLI can declare its options without torch."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import TypeVar
+
+from .errors import NemesisError
+
+Choice = TypeVar("Choice", bound=Enum)
+
+
+def choice(enum: type[Choice], value: object, what: str) -> Choice:
+    """`value` as a member of `enum`; an unknown value names the allowed ones."""
+    try:
+        return enum(str(value.value if isinstance(value, Enum) else value))
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise NemesisError(f"unknown {what} '{value}'; choose one of {choices}") from None
+
+
+class Method(str, Enum):
+    coop = "coop"
+    nemesis = "nemesis"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    amp = "amp"  # bf16 (or fp16 with loss scaling) autocast on CUDA; plain fp32 on the CPU
+
+
+class ClassPosition(str, Enum):
+    end = "end"
+    middle = "middle"
+    front = "front"
+
+
+class Norm(str, Enum):
+    """The p of the per-position norm ||ctx_j||_p."""
+
+    l1 = "1"
+    l2 = "2"
+    inf = "inf"
+
+    @property
+    def order(self) -> float:
+        return math.inf if self is Norm.inf else float(self.value)
+
+
+class Schedule(str, Enum):
+    """s(e), the factor on the penalty at epoch index e."""
+
+    constant = "constant"
+    logistic = "logistic"

@@ -1,0 +1,229 @@
+"""Training configs as dataclasses: `TrainConfig` (a run's config.json) and `NemesisConfig` (the penalty's).
+
+Light to import (no torch), so the CLI declares its options and defaults from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from . import __version__
+from .choices import ClassPosition, Method, Norm, Precision, Schedule, choice
+from .constants import RUN_CONFIG
+from .datasets import Subsample, resolve_name
+from .errors import NemesisError
+
+LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value
+OFFICIAL_OVERRIDE_DATASETS = ("food101", "oxford_pets")
+OFFICIAL_OVERRIDE_WEIGHT = 50.0
+
+
+@dataclass
+class NemesisConfig:
+    """Nemesis's hyper-parameters; the defaults are the paper's."""
+
+    beta: float = 1.0  # PUN's share: 1 = PUN only (the paper's PEN), 0 = PAN only
+    weight: float = 1.0  # A, the penalty's overall weight
+    norm: Norm = Norm.l2  # p of ||ctx_j||_p
+    schedule: Schedule = Schedule.logistic  # s(e)
+    positions: int = 1  # NP, positions PAN tries per step
+    corrupt_weight: float = 0.5  # CW, PAN's rescaling factor
+    pan_weight: float | None = None  # PAN's weight inside the bracket instead of A (None: A, as DESIGN's formula)
+    official_override: bool = False  # Food101 / OxfordPets: PAN weight 50, constant schedule, as the official code
+    rate: float = field(default=LOGISTIC_RATE, repr=False)  # k of the logistic schedule
+
+    def __post_init__(self) -> None:
+        self.norm = choice(Norm, self.norm, "norm")
+        self.schedule = choice(Schedule, self.schedule, "schedule")
+        if not 0.0 <= self.beta <= 1.0:
+            raise NemesisError(f"beta must be between 0 and 1 (1 = PUN only, 0 = PAN only), got {self.beta}")
+        if not self.weight >= 0.0:
+            raise NemesisError(f"the Nemesis weight must be 0 or more, got {self.weight}")
+        if self.positions < 1:
+            raise NemesisError(f"positions (NP) must be at least 1, got {self.positions}")
+        if self.pan_weight is not None and not self.pan_weight >= 0.0:
+            raise NemesisError(f"the PAN weight must be 0 or more, got {self.pan_weight}")
+        if not self.corrupt_weight >= 0.0:
+            raise NemesisError(f"corrupt_weight (CW) must be 0 or more, got {self.corrupt_weight}")
+
+    def shares(self) -> dict[str, float]:
+        """Weight of each registered penalty, A included; zero shares are not computed."""
+        pan_weight = self.weight if self.pan_weight is None else self.pan_weight
+        return {"pun": self.beta * self.weight, "pan": (1.0 - self.beta) * pan_weight}
+
+    def for_dataset(self, dataset: str) -> NemesisConfig:
+        """The official code's Food101/OxfordPets setting when asked for: PAN weighted 50 (PUN keeps A),
+        constant schedule."""
+        if not self.official_override or dataset not in OFFICIAL_OVERRIDE_DATASETS:
+            return self
+        values = asdict(self) | {"pan_weight": OFFICIAL_OVERRIDE_WEIGHT, "schedule": Schedule.constant}
+        return NemesisConfig(**values)
+
+    def to_json(self) -> dict:
+        return {
+            "beta": self.beta,
+            "weight": self.weight,
+            "norm": self.norm.value,
+            "schedule": self.schedule.value,
+            "positions": self.positions,
+            "corrupt_weight": self.corrupt_weight,
+            "pan_weight": self.pan_weight,
+            "official_override": self.official_override,
+        }
+
+
+def default_epochs(dataset: str, shots: int) -> int:
+    """CoOp's epochs: 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16; ImageNet always 50."""
+    if dataset == "imagenet" or shots <= 1:
+        return 50
+    return 100 if shots <= 4 else 200
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; `config.json` of the run folder is `resolved().to_json()`."""
+
+    dataset: str  # dataset key (e.g. oxford_pets, imagenet) or fashion_mnist, which needs no root
+    root: str | None = None  # folder holding the CoOp-format datasets
+    shots: int = 16  # training images per class, drawn CoOp's way (or read from CoOp's split_fewshot)
+    seed: int = 1  # seeds the few-shot draw, ctx initialisation, data order, views and PAN's draws
+    method: Method = Method.coop  # coop, or nemesis (CoOp + the norm penalty)
+    subsample: str = "all"  # classes to train on: all, base or new (base-to-new)
+    model: str = "RN50"  # open_clip model name
+    pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
+    n_ctx: int = 16  # context vectors M (ignored when ctx_init is given: its token count)
+    ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"; None: N(0, 0.02^2)
+    class_specific: bool = False  # one ctx per class (CoOp's CSC)
+    class_position: str = "end"  # where the class name goes: end, middle or front
+    epochs: int | None = None  # None: CoOp's count for the shots (1: 50, 2/4: 100, 8/16: 200, ImageNet 50)
+    batch_size: int = 32  # images per step
+    lr: float = 0.002  # SGD learning rate after warm-up, cosine-annealed over the epochs
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay on ctx
+    warmup_epochs: int = 1  # epochs at the constant warm-up learning rate
+    warmup_lr: float = 1e-5  # the warm-up learning rate
+    beta: float = 1.0  # Nemesis: PUN's share, 1 = PUN only, 0 = PAN only
+    weight: float = 1.0  # Nemesis: A, the penalty's weight
+    norm: Norm = Norm.l2  # Nemesis: p of ||ctx_j||_p: 1, 2 or inf
+    schedule: Schedule = Schedule.logistic  # Nemesis: s(e), logistic or constant
+    positions: int = 1  # Nemesis: NP, positions PAN tries per step (1..n_ctx)
+    corrupt_weight: float = 0.5  # Nemesis: CW, PAN's rescaling factor
+    pan_weight: float | None = None  # Nemesis: PAN's weight instead of A (None: A)
+    official_override: bool = False  # Nemesis on food101/oxford_pets: PAN weight 50, constant schedule
+    train_views: int = 0  # 0: live CoOp augmentation each epoch; K: K cached augmented views per image
+    precision: Precision = Precision.fp32  # fp32, or amp (autocast on CUDA)
+    device: str | None = None  # cpu, cuda, cuda:1...; None: cuda when available
+    eval_every: int = 1  # test accuracy every this many epochs (and after the last); 0: last only
+    save_every: int = 0  # a checkpoint in checkpoints/ every this many epochs; 0: none
+    cache_dir: str | None = None  # image-feature cache (default: the user cache)
+
+    def __post_init__(self) -> None:
+        self.dataset = resolve_name(self.dataset)
+        self.method = choice(Method, self.method, "method")
+        self.precision = choice(Precision, self.precision, "precision")
+        self.subsample = choice(Subsample, self.subsample, "subsample").value
+        self.class_position = choice(ClassPosition, self.class_position, "class position").value
+        self.root = None if self.root is None else str(self.root)
+        self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
+        self.pretrained = None if self.pretrained in (None, "", "none") else str(self.pretrained)
+        counts = {
+            "shots": (self.shots, 1),
+            "n_ctx": (self.n_ctx, 1),
+            "batch_size": (self.batch_size, 1),
+            "warmup_epochs": (self.warmup_epochs, 0),
+            "train_views": (self.train_views, 0),
+            "eval_every": (self.eval_every, 0),
+            "save_every": (self.save_every, 0),
+            "seed": (self.seed, 0),
+        }
+        if self.epochs is not None:
+            counts["epochs"] = (self.epochs, 1)
+        for name, (value, least) in counts.items():
+            if value < least:
+                raise NemesisError(f"{name} must be at least {least}, got {value}")
+        for name, value in (
+            ("lr", self.lr),
+            ("warmup_lr", self.warmup_lr),
+            ("weight_decay", self.weight_decay),
+        ):
+            if not value >= 0:
+                raise NemesisError(f"{name} must be 0 or more, got {value}")
+        if not 0 <= self.momentum < 1:
+            raise NemesisError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.ctx_init is not None and not self.ctx_init.strip():
+            self.ctx_init = None
+        nemesis = self.nemesis_config()  # checks beta, weight, norm, schedule, positions, corrupt_weight
+        self.norm, self.schedule = nemesis.norm, nemesis.schedule
+        if self.method is Method.nemesis and self.ctx_init is None and self.positions > self.n_ctx:
+            raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {self.n_ctx}, got {self.positions}")
+
+    def nemesis_config(self) -> NemesisConfig:
+        return NemesisConfig(
+            beta=self.beta,
+            weight=self.weight,
+            norm=self.norm,
+            schedule=self.schedule,
+            positions=self.positions,
+            corrupt_weight=self.corrupt_weight,
+            pan_weight=self.pan_weight,
+            official_override=self.official_override,
+        )
+
+    def resolved(self) -> TrainConfig:
+        """The config as it runs: epochs and device filled in, the official override applied."""
+        from .backbone import resolve_device  # torch, only when a run starts
+
+        values = dataclasses.asdict(self)
+        values["epochs"] = self.epochs or default_epochs(self.dataset, self.shots)
+        values["device"] = resolve_device(self.device)
+        if self.method is Method.nemesis:
+            nemesis = self.nemesis_config().for_dataset(self.dataset)
+            values["pan_weight"], values["schedule"] = nemesis.pan_weight, nemesis.schedule
+        return TrainConfig(**values)
+
+    def to_json(self) -> dict:
+        values = {}
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            values[spec.name] = value.value if isinstance(value, Enum) else value
+        for name in (
+            "beta",
+            "weight",
+            "norm",
+            "schedule",
+            "positions",
+            "corrupt_weight",
+            "pan_weight",
+            "official_override",
+        ):
+            del values[name]
+        values["nemesis"] = self.nemesis_config().to_json() if self.method is Method.nemesis else None
+        values["toolkit_version"] = __version__
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainConfig:
+        """A config from `to_json()`'s dict (config.json); unknown keys are refused."""
+        values = dict(values)
+        values.pop("toolkit_version", None)
+        nemesis = values.pop("nemesis", None) or {}
+        known = {spec.name for spec in dataclasses.fields(cls)}
+        unknown = sorted((set(values) | set(nemesis)) - known)
+        if unknown:
+            raise NemesisError(f"unknown training options {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**values, **nemesis)
+
+
+def read_run_config(out_dir: str | Path) -> TrainConfig:
+    """The config of the run in `out_dir` (its config.json)."""
+    path = Path(out_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise NemesisError(f"{path} not found: {out_dir} is not a run folder of `nemesis train`")
+    try:
+        return TrainConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as error:
+        raise NemesisError(f"{path} is not valid JSON ({error})") from error
