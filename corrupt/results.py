@@ -22,6 +22,11 @@ Public API (what the sweep engine, torchrun ranks and tools build on):
   depends only on which cells were computed, not on how many processes computed them or in
   which order: a torchrun sweep merged by rank 0 after a barrier equals the one-process table.
   `run_sweep` merges at its end (also when interrupted).
+- Sharded sweeps (torchrun): every rank opens its own `ResultsFile` on the same path, computes
+  its share of the cells (those missing from the table it read, so a rerun with another number
+  of ranks resumes), appends with `run_sweep(..., compact=False)`, and after a barrier rank 0
+  calls `merge_parts(path)`. Nothing here depends on ranks: the parts of any set of processes
+  merge into the same table.
 
 A killed writer leaves complete parts (or a correctness part without its rows, ignored), which
 the next open reads and the next merge folds in. CSV tables: parts are Parquet (exact dtypes);

@@ -178,23 +178,23 @@ def _read_rows(path: Path, advice: str) -> pd.DataFrame:
 
 def _read_correctness(path: Path, ids_only: bool, advice: str) -> pa.Table:
     try:
-        table = pq.read_table(path)
-    except FileNotFoundError:
+        schema = pq.read_schema(path)
+        missing = [column for column in CORRECTNESS_COLUMNS if column not in schema.names]
+        if missing:
+            raise NemesisError(f"{path} is not a per-sample correctness file: missing columns {', '.join(missing)}")
+        cell_ids, correct = schema.field("cell_id").type, schema.field("correct").type
+        listed = pa.types.is_list(correct) or pa.types.is_large_list(correct)
+        if not pa.types.is_string(cell_ids) and not pa.types.is_large_string(cell_ids):
+            raise NemesisError(f"{path}: cell_id does not hold text; {advice}")
+        if not listed or not pa.types.is_boolean(correct.value_type):
+            raise NemesisError(f"{path}: correct does not hold lists of booleans; {advice}")
+        if ids_only:  # the lists are the bulk of the file: leave them unread
+            return pq.read_table(path, columns=["cell_id"]).cast(pa.schema([("cell_id", pa.string())]))
+        return pq.read_table(path, columns=list(CORRECTNESS_COLUMNS)).cast(CORRECTNESS_SCHEMA)
+    except (FileNotFoundError, NemesisError):
         raise
     except (OSError, ValueError, pa.ArrowException) as error:
         raise NemesisError(f"cannot read per-sample correctness {path} ({type(error).__name__}); {advice}") from error
-    missing = [column for column in CORRECTNESS_COLUMNS if column not in table.column_names]
-    if missing:
-        raise NemesisError(f"{path} is not a per-sample correctness file: missing columns {', '.join(missing)}")
-    schema = table.schema
-    correct = schema.field("correct").type
-    text = pa.types.is_string(schema.field("cell_id").type) or pa.types.is_large_string(schema.field("cell_id").type)
-    listed = pa.types.is_list(correct) or pa.types.is_large_list(correct)
-    if not text or not listed or not pa.types.is_boolean(correct.value_type):
-        raise NemesisError(f"{path} does not hold text cell ids and lists of booleans; {advice}")
-    if ids_only:
-        return table.select(["cell_id"]).cast(pa.schema([("cell_id", pa.string())]))
-    return table.select(list(CORRECTNESS_COLUMNS)).cast(CORRECTNESS_SCHEMA)
 
 
 def _correctness_of(rows: pd.DataFrame, path: Path, table: Path, ids_only: bool, required: bool, advice: str):

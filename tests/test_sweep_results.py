@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -204,7 +205,10 @@ def _garbage(path) -> None:
     path.write_bytes(b"PAR1 this is not a parquet file PAR1")
 
 
-@pytest.mark.parametrize("damaged", ["part rows", "part correctness", "missing part correctness", "base correctness"])
+@pytest.mark.parametrize(
+    "damaged",
+    ["part rows", "part correctness", "missing part correctness", "typed part correctness", "base correctness"],
+)
 def test_a_damaged_file_is_named_and_nothing_is_dropped(tmp_path, damaged):
     path = tmp_path / "r.parquet"
     results = ResultsFile(path)
@@ -216,6 +220,9 @@ def test_a_damaged_file_is_named_and_nothing_is_dropped(tmp_path, damaged):
     if damaged == "missing part correctness":
         target.unlink()
         expected = f"{target} lacks the per-sample correctness of {len(GRID.cells(N_CTX))} rows of {part}"
+    elif damaged == "typed part correctness":
+        pd.DataFrame({"cell_id": pd.read_parquet(part)["cell_id"], "correct": 1}).to_parquet(target)
+        expected = f"{target}: correct does not hold lists of booleans"
     else:
         _garbage(target)
         expected = f"cannot read {'sweep table' if damaged == 'part rows' else 'per-sample correctness'} {target}"
@@ -227,12 +234,9 @@ def test_a_damaged_file_is_named_and_nothing_is_dropped(tmp_path, damaged):
         assert expected in message and "\n" not in message
         assert "delete" in message or "move it away" in message or "restore it" in message  # what to do
     assert sorted(p.name for p in parts_folder(path).iterdir()) == before  # the merge deleted nothing
-    if damaged == "part rows":
-        with pytest.raises(NemesisError, match="cannot read sweep table"):
-            load_sweeps([path])
-    else:
-        with pytest.raises(NemesisError, match="per-sample correctness"):
-            read_correctness(path) if damaged != "missing part correctness" else ResultsFile(path)
+    if damaged != "missing part correctness":  # analysis names it too (a missing entry it reports per cell)
+        with pytest.raises(NemesisError, match=re.escape(expected)):
+            load_sweeps([path]) if damaged == "part rows" else read_correctness(path)
 
 
 def _writer(path: str, numbers: list[int], merge_every: int) -> None:
