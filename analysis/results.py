@@ -20,7 +20,7 @@ import pandas as pd
 
 from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
-from nemesis.sweep_format import CORRECTNESS_COLUMNS, CORRECTNESS_SUFFIX, correctness_path, typed_sweep_frame
+from nemesis.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_sweep_table
 
 from .labels import method_label, method_label_from_config
 
@@ -183,15 +183,7 @@ def read_sweep(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not _is_sweep_file(path):
         raise NemesisError(f"{path} is not a sweep table; pass the .parquet or .csv `nemesis corrupt` wrote")
-    try:
-        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
-    except (OSError, ValueError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise NemesisError(f"cannot read sweep table {path}: {first_line}") from error
-    frame = typed_sweep_frame(frame, str(path))
-    if frame["cell_id"].duplicated().any():
-        duplicate = frame.loc[frame["cell_id"].duplicated(), "cell_id"].iloc[0]
-        raise NemesisError(f"{path}: cell_id {duplicate!r} appears twice; each cell must have one row")
+    frame = read_sweep_table(path).table  # the file and the parts a sweep has not merged yet
     frame[SOURCE_COLUMN] = str(path)
     return frame
 
@@ -228,19 +220,13 @@ def load_sweeps(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
 
 
 def read_correctness(results_file: str | os.PathLike) -> dict[str, np.ndarray]:
-    """cell_id -> per-sample correctness [n] (bool) for one sweep table."""
+    """cell_id -> per-sample correctness [n] (bool) of the rows of one sweep table (its parts included)."""
     path = correctness_path(results_file)
     if not path.is_file():
         raise NemesisError(
             f"per-sample correctness {path} not found; the significance test needs it beside {results_file}"
         )
-    try:
-        frame = pd.read_parquet(path)
-    except (OSError, ValueError) as error:
-        raise NemesisError(f"cannot read per-sample correctness {path}: {type(error).__name__}") from error
-    missing = _missing(frame.columns, CORRECTNESS_COLUMNS)
-    if missing:
-        raise NemesisError(f"{path} is not a per-sample correctness file: missing columns {', '.join(missing)}")
+    frame = read_sweep_table(results_file, correctness=True).correctness.to_pandas()
     return {
         str(cell_id): np.asarray(correct, dtype=bool)
         for cell_id, correct in zip(frame["cell_id"], frame["correct"], strict=True)

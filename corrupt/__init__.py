@@ -4,7 +4,7 @@ from .engine import SweepSummary, check_sweep, evaluate_cells, run_sweep
 from .grid import DEFAULT_FACTORS, PAPER_PRESET_FACTORS, Cell, Grid, parse_grid
 from .inputs import SweepInput, identity_from_path, resolve_inputs
 from .operators import OPERATORS, ORIGINAL, corrupt_ctx, corrupted_variants, position_norm
-from .results import COLUMNS, ResultsFile, cell_id, correctness_path
+from .results import COLUMNS, ResultsFile, cell_id, correctness_path, merge_parts
 
 __all__ = [
     "COLUMNS",
@@ -24,6 +24,7 @@ __all__ = [
     "corrupted_variants",
     "evaluate_cells",
     "identity_from_path",
+    "merge_parts",
     "parse_grid",
     "position_norm",
     "resolve_inputs",

@@ -9,6 +9,7 @@ global state, so a future distributed rank can run any subset of inputs and cell
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -200,11 +201,14 @@ def run_sweep(
     variants_per_pass: int = VARIANTS_PER_PASS,
     progress: bool = True,
     console: Console | None = None,
+    compact: bool = True,
 ) -> SweepSummary:
     """Run `grid` on every input, appending each checkpoint's rows to `results` as soon as it is done.
 
     Cells already in `results` (by cell_id) are skipped, so rerunning an interrupted sweep computes
     only what is missing. `backbones` is reused across checkpoints (and across calls, if passed).
+    With `compact`, the table's parts are merged into its one file at the end, also when the sweep
+    is interrupted (`ResultsFile.compact`); a rank that leaves this to rank 0 passes False.
     """
     check_sweep(inputs, grid, root, device)
     console = console or Console()
@@ -227,7 +231,10 @@ def run_sweep(
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _CellsPerSecond(),
                TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    with contextlib.ExitStack() as stack:
+        if compact:
+            stack.callback(results.compact)
+        bar = stack.enter_context(Progress(*columns, console=console, disable=not progress))
         task = bar.add_task("corrupting", total=total_missing)
         for item, _, missing in plan:
             if not missing:
@@ -254,6 +261,5 @@ def run_sweep(
             correctness = [row.numpy() for row in outcome.correct]
             results.append(rows, correctness)
     seconds = time.perf_counter() - start
-    table = results.table
-    cells = table[table["cell_id"].isin(set(all_ids))].reset_index(drop=True)
+    cells = results.rows_of(all_ids)
     return SweepSummary(len(inputs), total_missing, len(all_ids) - total_missing, seconds, cells)

@@ -1,9 +1,37 @@
 """The sweep results table (DESIGN section 6) and the per-sample correctness stored beside it.
 
 `X.parquet` (or `X.csv`) holds one row per cell with exactly `COLUMNS`; `X.correct.parquet`
-holds `cell_id` and `correct` (list<bool>, one entry per test sample) for paired tests. Both are
-rewritten atomically each time a checkpoint's rows are appended, correctness first: a table row
-never exists without its correctness, so a killed sweep loses at most the checkpoint in flight.
+holds `cell_id` and `correct` (list<bool>, one entry per test sample) for paired tests. The
+layout of a table and its parts is in `nemesis.sweep_format`; this module writes them.
+
+Public API (what the sweep engine, torchrun ranks and tools build on):
+
+- `ResultsFile(path, csv=False)` opens a table: it reads the base file and every part
+  (`read_sweep_table`), refuses rows without their correctness, and keeps the known cell ids.
+  `cell_ids`, `accuracy_of(id)`, `table` and `rows_of(ids)` answer from memory.
+- `ResultsFile.append(rows, correct)` writes one part: the correctness, then the rows, each
+  atomically, under the table's lock held *shared*, so any number of processes append at once
+  and a row never exists without its correctness. An append costs the same with 50 checkpoints
+  in the table as with none: nothing existing is read or rewritten. Rows of cell ids already
+  known are dropped (a table never holds a cell twice; nothing is replaced).
+- `merge_parts(path)` (and `ResultsFile.compact()`, which also refreshes the open file) takes the
+  lock *exclusively* (waiting for appends in flight), writes base file + parts as the one
+  `X.parquet` (or `X.csv`) and `X.correct.parquet`, atomically and correctness first, in
+  `sort_cells` order (checkpoint, then the original row, then operator, factor, position, noise
+  seed), then deletes the merged parts and the leftovers of killed writers. The merged table
+  depends only on which cells were computed, not on how many processes computed them or in
+  which order: a torchrun sweep merged by rank 0 after a barrier equals the one-process table.
+  `run_sweep` merges at its end (also when interrupted).
+- Sharded sweeps (torchrun): every rank opens its own `ResultsFile` on the same path, computes
+  its share of the cells (those missing from the table it read, so a rerun with another number
+  of ranks resumes), appends with `run_sweep(..., compact=False)`, and after a barrier rank 0
+  calls `merge_parts(path)`. Nothing here depends on ranks: the parts of any set of processes
+  merge into the same table.
+
+A killed writer leaves complete parts (or a correctness part without its rows, ignored), which
+the next open reads and the next merge folds in. CSV tables: parts are Parquet (exact dtypes);
+the CSV file is written by the merge. The column set is `SWEEP_COLUMNS`; nothing here names a
+column except `cell_id` and `accuracy`.
 """
 
 from __future__ import annotations
@@ -11,20 +39,29 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable
+import secrets
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nemesis.atomic import atomic_path
+from nemesis.atomic import atomic_path, file_lock
 from nemesis.errors import NemesisError
+from nemesis.sweep_format import (
+    CORRECTNESS_SCHEMA,
+    correctness_path,
+    lock_path,
+    parts_folder,
+    read_sweep_table,
+    sort_cells,
+    typed_sweep_frame,
+)
 from nemesis.sweep_format import SWEEP_COLUMNS as COLUMNS
-from nemesis.sweep_format import correctness_path, typed_sweep_frame
 
 from .grid import Cell
 
@@ -54,7 +91,70 @@ def table_frame(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
 
 def _correctness_table(cell_ids: list[str], correct: list[np.ndarray]) -> pa.Table:
     arrays = pa.array([np.asarray(row, dtype=bool) for row in correct], type=pa.list_(pa.bool_()))
-    return pa.table({"cell_id": pa.array(cell_ids, type=pa.string()), "correct": arrays})
+    return pa.table({"cell_id": pa.array(cell_ids, type=pa.string()), "correct": arrays}, schema=CORRECTNESS_SCHEMA)
+
+
+def _write_table(path: Path, frame: pd.DataFrame, correctness: pa.Table) -> None:
+    """Correctness first, then the rows, each atomically: a crash between them leaves extra correctness, no bare row."""
+    with atomic_path(correctness_path(path)) as temporary:
+        pq.write_table(correctness, temporary)
+    with atomic_path(path) as temporary:
+        if path.suffix.lower() == TABLE_SUFFIXES["csv"]:
+            frame.to_csv(temporary, index=False)
+        else:
+            frame.to_parquet(temporary, index=False)
+
+
+def _part_name() -> str:
+    # Sorts by writing time; the process id and random digits keep concurrent writers (other hosts too) apart.
+    return f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def write_part(path: str | os.PathLike, frame: pd.DataFrame, correctness: pa.Table) -> Path:
+    """Append `frame` (typed rows) and their correctness to the table at `path` as one new part; its rows file."""
+    path = Path(path)
+    if not path.exists():
+        # An empty base file at the first append, so folder searches find the table before its first merge.
+        with file_lock(lock_path(path)):
+            if not path.exists():
+                _write_table(path, table_frame([]), CORRECTNESS_SCHEMA.empty_table())
+    with file_lock(lock_path(path), shared=True):
+        folder = parts_folder(path)
+        folder.mkdir(exist_ok=True)  # under the lock: the merge removes the folder only while it holds it alone
+        part = folder / f"{_part_name()}.parquet"
+        _write_table(part, frame, correctness)
+    return part
+
+
+def merge_parts(path: str | os.PathLike) -> pd.DataFrame | None:
+    """Merge the parts of the table at `path` into its base file (see the module docstring); the merged rows.
+
+    None when there was nothing to merge. Safe to call from any process at any time: it waits for
+    appends in flight, and a crash at any point loses nothing (merged parts are deleted last, and
+    a cell found both in the base file and in a part is read once).
+    """
+    path = Path(path)
+    folder = parts_folder(path)
+    if not folder.is_dir():
+        return None
+    with file_lock(lock_path(path)):
+        if not folder.is_dir():  # another process merged meanwhile
+            return None
+        contents = read_sweep_table(path, correctness=True, require_correctness=True, locked=True)
+        merged = None
+        if contents.parts:
+            merged = sort_cells(contents.table)
+            correctness = contents.correctness
+            order = {identifier: index for index, identifier in enumerate(correctness.column("cell_id").to_pylist())}
+            correctness = correctness.take(pa.array([order[identifier] for identifier in merged["cell_id"]]))
+            _write_table(path, merged, correctness)
+        for part in contents.parts:
+            part.unlink()  # the rows first: a correctness file without rows is ignored, rows without it are not
+            correctness_path(part).unlink(missing_ok=True)
+        for leftover in folder.iterdir():  # nobody writes while the lock is held: what is left is a killed writer's
+            leftover.unlink()
+        folder.rmdir()
+    return merged
 
 
 class ResultsFile:
@@ -70,63 +170,58 @@ class ResultsFile:
             raise NemesisError(f"results file {self.path} must end in {suffix}; {hint}")
         if not self.path.parent.is_dir():
             raise NemesisError(f"output folder {self.path.parent} does not exist; create it first")
-        self.table = self._read_table()
-        self.correctness = self._read_correctness()
-        # Correctness is written before the table, so a row without it means the file was moved or
-        # deleted: rewriting the table would drop those rows, so refuse instead.
-        known = set(self.correctness.column("cell_id").to_pylist())
-        bare = int((~self.table["cell_id"].isin(known)).sum())
-        if bare:
-            raise NemesisError(
-                f"{self.correctness_path} lacks the per-sample correctness of {bare} rows of {self.path}; "
-                "restore it, or pass another --out"
-            )
+        if self.path.is_dir():
+            raise NemesisError(f"results file {self.path} is a folder; pass a file name such as {self.path}{suffix}")
+        # Correctness is written before the rows, so a row without it means a file was moved or deleted:
+        # merging would keep that row without its correctness, so refuse instead.
+        self._load(read_sweep_table(self.path, require_correctness=True).table)
 
-    def _read_table(self) -> pd.DataFrame:
-        if not self.path.is_file():
-            return table_frame([])
-        try:
-            frame = pd.read_csv(self.path) if self.csv else pd.read_parquet(self.path)
-        except (OSError, ValueError) as error:
-            raise NemesisError(f"cannot read the existing results {self.path} ({type(error).__name__}); "
-                               "move it away or pass another --out") from error  # fmt: skip
-        return table_frame(frame).drop_duplicates("cell_id", keep="last")
-
-    def _read_correctness(self) -> pa.Table:
-        if not self.correctness_path.is_file():
-            return _correctness_table([], [])
-        try:
-            return pq.read_table(self.correctness_path, columns=["cell_id", "correct"])
-        except (OSError, ValueError, pa.ArrowException) as error:
-            raise NemesisError(f"cannot read {self.correctness_path} ({type(error).__name__}); "
-                               "move it away together with its table") from error  # fmt: skip
+    def _load(self, table: pd.DataFrame) -> None:
+        self._frames = [table]  # the table read, then each part this process appended
+        self._table: pd.DataFrame | None = table
+        self._accuracy = dict(zip(table["cell_id"].tolist(), table["accuracy"].tolist(), strict=True))
 
     @property
     def cell_ids(self) -> set[str]:
         """Cells already computed: a rerun skips them."""
-        return set(self.table["cell_id"])
+        return set(self._accuracy)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """Every row known to this process: the table as read (or merged), then the rows it appended since."""
+        if self._table is None:
+            self._table = pd.concat(self._frames, ignore_index=True)
+            self._frames = [self._table]
+        return self._table
+
+    def rows_of(self, cell_ids: Sequence[str]) -> pd.DataFrame:
+        """The rows of `cell_ids` in that order (ids not in the table left out)."""
+        table = self.table
+        position = pd.Series(range(len(table)), index=table["cell_id"].astype(str))
+        return table.iloc[position.reindex(list(cell_ids)).dropna().astype(int).tolist()].reset_index(drop=True)
 
     def accuracy_of(self, identifier: str) -> float:
-        return float(self.table.loc[self.table["cell_id"] == identifier, "accuracy"].iloc[0])
+        return float(self._accuracy[identifier])
 
     def append(self, rows: list[dict[str, Any]], correct: list[np.ndarray]) -> None:
-        """Add rows and their per-sample correctness; both files are replaced atomically."""
-        if not rows:
+        """Add rows and their per-sample correctness as one part (see the module docstring)."""
+        keep = {}
+        for row, values in zip(rows, correct, strict=True):
+            if row["cell_id"] not in self._accuracy:
+                keep.setdefault(row["cell_id"], (row, values))
+        if not keep:
             return
-        new_ids = [row["cell_id"] for row in rows]
-        keep = pc.invert(pc.is_in(self.correctness.column("cell_id"), value_set=pa.array(new_ids)))
-        self.correctness = pa.concat_tables([self.correctness.filter(keep), _correctness_table(new_ids, correct)])
-        self.table = table_frame(
-            pd.concat([self.table[~self.table["cell_id"].isin(new_ids)], table_frame(rows)], ignore_index=True)
-        )
-        # Correctness first: a crash between the two renames leaves extra correctness, never a bare row.
-        with atomic_path(self.correctness_path) as temporary:
-            pq.write_table(self.correctness, temporary)
-        with atomic_path(self.path) as temporary:
-            if self.csv:
-                self.table.to_csv(temporary, index=False)
-            else:
-                self.table.to_parquet(temporary, index=False)
+        frame = table_frame([row for row, _ in keep.values()])
+        write_part(self.path, frame, _correctness_table(list(keep), [values for _, values in keep.values()]))
+        self._frames.append(frame)
+        self._table = None
+        self._accuracy.update(zip(frame["cell_id"].tolist(), frame["accuracy"].tolist(), strict=True))
+
+    def compact(self) -> None:
+        """Merge every part of the table (this process's and others') into its base file: `merge_parts`."""
+        merged = merge_parts(self.path)
+        if merged is not None:
+            self._load(merged)
 
 
 def accuracy_percent(correct: int, n: int) -> float:

@@ -1,8 +1,10 @@
-"""Atomic file writes: a temporary file in the target folder, then a rename, so readers never see half a file."""
+"""Atomic file writes (a temporary file in the target folder, then a rename, so readers never see half a
+file) and advisory file locks for files that several processes write."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -45,3 +47,29 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, shared: bool = False, create: bool = True) -> Iterator[bool]:
+    """Hold an advisory lock (fcntl.flock) on the file `path` for the block: shared or exclusive.
+
+    Shared holders run together; an exclusive holder waits for them and they for it. With
+    `create=False` a missing lock file is not created and nothing is locked (a reader on a folder
+    nobody has written to, or cannot write to); the value says whether a lock is held. The lock
+    file itself stays: removing it would let two processes lock two different files.
+    """
+    path = Path(path)
+    if not create and not path.exists():
+        yield False
+        return
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o666) if create else os.open(path, os.O_RDONLY)
+    except OSError as error:
+        raise NemesisError(
+            f"cannot open the lock file {path} ({error.strerror}); check the folder's permissions"
+        ) from error
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(handle)  # closing releases the lock

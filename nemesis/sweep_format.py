@@ -3,15 +3,31 @@
 `X.parquet` (or `X.csv`) holds one row per cell with exactly `SWEEP_COLUMNS`, in that order and
 with those dtypes; `X.correct.parquet` beside it holds each cell's per-sample correctness
 (`cell_id`, `correct`: list<bool>, the same sample order for every cell of a checkpoint).
+
+Writers do not rewrite those two files for every checkpoint: each append is one *part* in the
+hidden folder `.X.parquet.parts/` (`.X.csv.parts/` for a CSV table) beside the table: a pair
+`<name>.correct.parquet` + `<name>.parquet` (always Parquet, whatever the table's format), the
+correctness written first. `<name>` starts with the writing time in nanoseconds, so parts sort in
+the order they were written. A table is therefore the base file plus its parts, and every reader
+goes through `read_sweep_table`, which reads both and keeps the first row of each cell id (the base
+file first, then the parts by name), so a sweep killed before its parts were merged loses nothing
+and counts nothing twice. `.X.parquet.lock` beside the table is the lock file writers and the merge
+share (`nemesis.atomic.file_lock`): appends hold it shared, the merge (`corrupt.results.merge_parts`)
+exclusively, and readers shared where it exists. A merged table is in `sort_cells` order.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from .atomic import file_lock
 from .errors import NemesisError
 
 SWEEP_DTYPES = {
@@ -36,7 +52,15 @@ SWEEP_DTYPES = {
 SWEEP_COLUMNS = tuple(SWEEP_DTYPES)
 CORRECTNESS_COLUMNS = ("cell_id", "correct")
 CORRECTNESS_SUFFIX = ".correct.parquet"
+CORRECTNESS_SCHEMA = pa.schema([("cell_id", pa.string()), ("correct", pa.list_(pa.bool_()))])
 ORIGINAL_OP = "original"
+PARTS_SUFFIX = ".parts"
+LOCK_SUFFIX = ".lock"
+PART_SUFFIX = ".parquet"  # a part's rows, whatever the table's format
+# Where a merged table's rows go: by checkpoint, then the original row, then each cell by operator,
+# factor, position and noise seed (the cell id breaks any tie, so the order is total).
+CELL_ORDER = ("checkpoint", "checkpoint_key", "corrupted", "op", "factor", "position", "noise_seed", "cell_id")
+_READ_ATTEMPTS = 5  # a part merged away while it was being read: read again (the base now holds it)
 
 
 def checkpoint_key_of(cell_id: str) -> str:
@@ -52,6 +76,31 @@ def correctness_path(table: str | os.PathLike) -> Path:
     """Where a sweep table keeps its per-sample correctness: X.parquet or X.csv -> X.correct.parquet."""
     table = Path(table)
     return table.with_name(table.stem + CORRECTNESS_SUFFIX)
+
+
+def parts_folder(table: str | os.PathLike) -> Path:
+    """The hidden folder of a table's unmerged parts: X.parquet -> .X.parquet.parts."""
+    table = Path(table)
+    return table.with_name(f".{table.name}{PARTS_SUFFIX}")
+
+
+def lock_path(table: str | os.PathLike) -> Path:
+    """The lock file of a table's writers: X.parquet -> .X.parquet.lock."""
+    table = Path(table)
+    return table.with_name(f".{table.name}{LOCK_SUFFIX}")
+
+
+def _is_part_rows(name: str) -> bool:
+    # Hidden names are temporary files of writes in flight (nemesis.atomic).
+    return not name.startswith(".") and name.endswith(PART_SUFFIX) and not name.endswith(CORRECTNESS_SUFFIX)
+
+
+def part_files(table: str | os.PathLike) -> list[Path]:
+    """The rows files of a table's parts, in the order they were written (their correctness: `correctness_path`)."""
+    folder = parts_folder(table)
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if _is_part_rows(path.name))
 
 
 def typed_sweep_frame(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
@@ -72,3 +121,155 @@ def typed_sweep_frame(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     except (TypeError, ValueError) as error:
         raise NemesisError(f"{origin}: a numeric column holds other values ({error}); not a sweep table") from error
     return frame.reset_index(drop=True)
+
+
+def sort_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows in `CELL_ORDER`: the one order of a merged table, whichever processes wrote its parts."""
+    keys = pd.DataFrame(
+        {
+            "checkpoint": frame["checkpoint"],
+            "checkpoint_key": frame["cell_id"].map(lambda value: checkpoint_key_of(str(value)), na_action="ignore"),
+            "corrupted": (frame["op"] != ORIGINAL_OP).fillna(True).astype(bool),
+            **{column: frame[column] for column in ("op", "factor", "position", "noise_seed", "cell_id")},
+        },
+        index=frame.index,
+    )
+    order = keys.sort_values(list(CELL_ORDER), na_position="first", kind="stable").index
+    return frame.loc[order].reset_index(drop=True)
+
+
+# --- reading a table: base file and parts -------------------------------------------------------
+
+
+@dataclass
+class SweepContents:
+    """What `read_sweep_table` found."""
+
+    table: pd.DataFrame  # one row per cell id, typed: the base file's rows, then each part's
+    correctness: pa.Table | None  # cell_id, correct of the table's rows, in their order (None: not read)
+    parts: list[Path]  # the parts' rows files read
+
+
+def _base_advice(table: Path) -> str:
+    return f"move it away together with {correctness_path(table).name} and rerun the sweep, or pass another --out"
+
+
+def _part_advice(part: Path) -> str:
+    return (
+        f"delete {part} and {correctness_path(part).name} beside it, then rerun the sweep to compute their cells again"
+    )
+
+
+def _read_rows(path: Path, advice: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise NemesisError(f"cannot read sweep table {path} ({first_line}); {advice}") from error
+    frame = typed_sweep_frame(frame, str(path))
+    repeated = frame["cell_id"].duplicated()
+    if repeated.any():
+        duplicate = frame.loc[repeated, "cell_id"].iloc[0]
+        raise NemesisError(f"{path}: cell_id {duplicate!r} appears twice; each cell must have one row")
+    return frame
+
+
+def _read_correctness(path: Path, ids_only: bool, advice: str) -> pa.Table:
+    try:
+        schema = pq.read_schema(path)
+        missing = [column for column in CORRECTNESS_COLUMNS if column not in schema.names]
+        if missing:
+            raise NemesisError(f"{path} is not a per-sample correctness file: missing columns {', '.join(missing)}")
+        cell_ids, correct = schema.field("cell_id").type, schema.field("correct").type
+        listed = pa.types.is_list(correct) or pa.types.is_large_list(correct)
+        if not pa.types.is_string(cell_ids) and not pa.types.is_large_string(cell_ids):
+            raise NemesisError(f"{path}: cell_id does not hold text; {advice}")
+        if not listed or not pa.types.is_boolean(correct.value_type):
+            raise NemesisError(f"{path}: correct does not hold lists of booleans; {advice}")
+        if ids_only:  # the lists are the bulk of the file: leave them unread
+            return pq.read_table(path, columns=["cell_id"]).cast(pa.schema([("cell_id", pa.string())]))
+        return pq.read_table(path, columns=list(CORRECTNESS_COLUMNS)).cast(CORRECTNESS_SCHEMA)
+    except (FileNotFoundError, NemesisError):
+        raise
+    except (OSError, ValueError, pa.ArrowException) as error:
+        raise NemesisError(f"cannot read per-sample correctness {path} ({type(error).__name__}); {advice}") from error
+
+
+def _correctness_of(rows: pd.DataFrame, path: Path, table: Path, ids_only: bool, required: bool, advice: str):
+    """The correctness of `rows` (from `table`) read from `path`, first entry of each id kept."""
+    if not len(rows):
+        return None
+    if not path.is_file():
+        found = None
+    else:
+        found = _read_correctness(path, ids_only, advice)
+        wanted = pa.array(rows["cell_id"].astype(str).tolist(), type=pa.string())
+        found = found.filter(pc.is_in(found.column("cell_id"), value_set=wanted))
+    count = 0 if found is None else len(set(found.column("cell_id").to_pylist()))
+    if required and count < len(rows):
+        raise NemesisError(
+            f"{path} lacks the per-sample correctness of {len(rows) - count} rows of {table}; restore it, or {advice}"
+        )
+    return found
+
+
+def _read_once(table: Path, correctness: bool, require_correctness: bool) -> SweepContents:
+    parts = part_files(table)  # listed before the base is read: a part merged meanwhile is then found in it
+    sources = [(table, _base_advice(table))] if table.is_file() else []
+    sources += [(part, _part_advice(part)) for part in parts]
+    frames, seen = [], set()
+    needs_correctness = correctness or require_correctness
+    found_correctness = []
+    for path, advice in sources:
+        frame = _read_rows(path, advice)
+        fresh = frame[~frame["cell_id"].isin(seen)]  # the first source of a cell id wins
+        seen.update(fresh["cell_id"].tolist())
+        frames.append(fresh)
+        if needs_correctness:
+            found = _correctness_of(fresh, correctness_path(path), path, not correctness, require_correctness, advice)
+            if found is not None:
+                found_correctness.append(found)
+    merged = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else typed_sweep_frame(pd.DataFrame(columns=list(SWEEP_COLUMNS)), str(table))
+    )
+    ordered = None
+    if correctness:
+        ordered = _in_order(merged["cell_id"], found_correctness)
+    return SweepContents(merged, ordered, parts)
+
+
+def _in_order(cell_ids: pd.Series, tables: list[pa.Table]) -> pa.Table:
+    """The correctness of `cell_ids` in their order, the first entry of each (ids without one left out)."""
+    if not tables:
+        return CORRECTNESS_SCHEMA.empty_table()
+    combined = pa.concat_tables(tables)
+    # index_in gives each cell id the index of its first entry
+    positions = pc.index_in(pa.array(cell_ids.astype(str).tolist(), type=pa.string()), value_set=combined["cell_id"])
+    return combined.take(positions.drop_null())
+
+
+def read_sweep_table(
+    table: str | os.PathLike, *, correctness: bool = False, require_correctness: bool = False, locked: bool = False
+) -> SweepContents:
+    """A sweep table's rows (base file and parts, one row per cell id) and, with `correctness`, theirs.
+
+    `require_correctness` refuses rows whose per-sample correctness is missing (a resumed sweep
+    would otherwise rewrite the table without them); without it such rows just have none.
+    `locked`: the caller holds the table's lock already (the merge), so none is taken here.
+    A damaged file is a NemesisError naming it and what to do.
+    """
+    table = Path(table)
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            if locked:
+                return _read_once(table, correctness, require_correctness)
+            with file_lock(lock_path(table), shared=True, create=False):
+                return _read_once(table, correctness, require_correctness)
+        except FileNotFoundError as error:  # a part merged away meanwhile (only where no lock file existed yet)
+            if attempt == _READ_ATTEMPTS - 1:
+                raise NemesisError(f"{table} kept changing while it was read ({error.filename}); try again") from error
+    raise AssertionError("unreachable")
