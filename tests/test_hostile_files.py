@@ -453,3 +453,125 @@ def test_metadata_fields_are_checked_against_their_annotations(tmp_path):
             load_checkpoint(path)
     good = save_prompt(tmp_path / "good.safetensors", ctx, PromptMetadata(classnames=["a"], shots=4, seed=1))
     assert load_checkpoint(good).metadata.classnames == ["a"]
+
+
+# --- sweeps refuse every bad input before any work (break 7) and overflowing factors (break 11) ------
+
+SWEEP_CLASSES = ["red square", "green circle", "blue star"]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    from nemesis.testing import make_coop_folder
+
+    make_coop_folder(tmp_path / "data", "oxford_pets", classnames=SWEEP_CLASSES, per_class=(1, 1, 2))
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop")
+    good = save_prompt(tmp_path / "good.safetensors", torch.randn(4, 64) * 0.5, metadata)
+    (tmp_path / "out").mkdir()
+    return tmp_path, good, metadata
+
+
+def _sweep_args(tmp_path, *checkpoints, extra=()):
+    return ["corrupt", *map(str, checkpoints), "--out", str(tmp_path / "out" / "r.parquet"), "--root",
+            str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", *extra]  # fmt: skip
+
+
+LATE_REFUSALS = {
+    "class position": (dict(class_position="sideways"), (4, 64)),
+    "subsample": (dict(subsample="weird"), (4, 64)),
+    "weights file not found": (dict(pretrained="/nowhere/weights.pt"), (4, 64)),
+    "classes": ({}, (5, 4, 64)),  # class-specific ctx for 5 classes; the dataset has 3
+    "context length": ({}, (75, 64)),
+}
+
+
+@pytest.mark.parametrize("expected", sorted(LATE_REFUSALS))
+def test_sweep_refuses_a_later_bad_checkpoint_before_any_work(sweep, expected):
+    tmp_path, good, metadata = sweep
+    changes, shape = LATE_REFUSALS[expected]
+    bad = save_prompt(tmp_path / "bad.safetensors", torch.randn(*shape) * 0.5, dataclasses.replace(metadata, **changes))
+    before = _snapshot(tmp_path)
+    result = fails_with_one_line(_sweep_args(tmp_path, good, bad), expected)
+    assert "bad.safetensors" in result.output
+    assert _snapshot(tmp_path) == before  # no table, no cache, no progress of the good checkpoint
+
+
+@pytest.mark.parametrize("flag", ["--rescale", "--replace"])
+def test_sweep_refuses_factors_that_overflow_fp32(sweep, flag):
+    tmp_path, good, _ = sweep
+    before = _snapshot(tmp_path)
+    fails_with_one_line(_sweep_args(tmp_path, good, extra=(flag, "1e39")), "overflows")
+    fails_with_one_line(_sweep_args(tmp_path, good, extra=(flag, "1e37")), "overflows")
+    assert _snapshot(tmp_path) == before
+
+
+def test_poisoned_file_in_a_sweep_is_refused_before_the_legit_one_runs(sweep):
+    tmp_path, good, _ = sweep
+    poison = build_on_function(tmp_path / "poison.pth.tar-1", tmp_path / "pwned")
+    before = _snapshot(tmp_path)
+    fails_with_one_line(_sweep_args(tmp_path, poison, good, extra=("--model", "tiny")), "refusing")
+    assert _snapshot(tmp_path) == before
+
+
+# --- few-shot pickles (break 8) --------------------------------------------------------------------
+
+
+@pytest.fixture
+def pets(tmp_path):
+    from nemesis.testing import make_coop_folder
+
+    make_coop_folder(tmp_path, "oxford_pets", SWEEP_CLASSES, per_class=(3, 2, 1), image_size=8)
+    return tmp_path
+
+
+def _bad_subsets(full):
+    from nemesis.datasets import Sample
+
+    first = full.train[0]
+    outside = str(Path(first.path).parent / ".." / ".." / ".." / "secret.jpg")
+    return {
+        "label NaN": [Sample(first.path, float("nan"), first.classname)],
+        "label text": [Sample(first.path, "abc", first.classname)],
+        "label 99": [Sample(first.path, 99, first.classname)],
+        "label -3": [Sample(first.path, -3, first.classname)],
+        "path outside": [Sample(outside, first.label, first.classname)],
+    }
+
+
+@pytest.mark.parametrize("case", ["label NaN", "label text", "label 99", "label -3", "path outside"])
+def test_hostile_fewshot_pickle_is_refused(pets, case):
+    from nemesis.datasets import load_dataset
+    from nemesis.testing import write_fewshot_pickle
+
+    full = load_dataset("oxford_pets", pets)
+    write_fewshot_pickle(pets / "oxford_pets", 1, 1, _bad_subsets(full)[case], None)
+    with pytest.raises(NemesisError, match=r"label|outside") as error:
+        load_dataset("oxford_pets", pets, shots=1, seed=1)
+    assert "\n" not in str(error.value)
+
+
+def test_deeply_nested_fewshot_pickle_is_refused(pets):
+    from nemesis.datasets import load_dataset
+
+    folder = pets / "oxford_pets" / "split_fewshot"
+    folder.mkdir(parents=True, exist_ok=True)
+    nested = Pickle().empty_dict().text("train").raw(pickle.EMPTY_LIST + pickle.TUPLE1 * 100_000).setitem().stop()
+    (folder / "shot_1-seed_1.pkl").write_bytes(nested)
+    with pytest.raises(NemesisError, match="nests"):
+        load_dataset("oxford_pets", pets, shots=1, seed=1)
+
+
+def test_saved_fewshot_json_with_paths_outside_is_refused(pets):
+    from nemesis.datasets import load_dataset
+
+    load_dataset("oxford_pets", pets, shots=1, seed=1)  # draws and saves the subset as JSON
+    saved = pets / "oxford_pets" / "split_fewshot" / "shot_1-seed_1.json"
+    content = json.loads(saved.read_text())
+    for bad in (["../../secret.jpg", 0, "red square"], ["/etc/passwd", 0, "red square"], ["images/a.jpg", 1e9, "x"]):
+        content["train"][0] = bad
+        saved.write_text(json.dumps(content))
+        with pytest.raises(NemesisError, match=r"outside|inside|label"):
+            load_dataset("oxford_pets", pets, shots=1, seed=1)
+    saved.write_text("7")
+    with pytest.raises(NemesisError, match="not a nemesis few-shot subset"):
+        load_dataset("oxford_pets", pets, shots=1, seed=1)
