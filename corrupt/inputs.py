@@ -21,6 +21,7 @@ import torch
 
 from nemesis.backbone import check_pretrained, model_config, text_width
 from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
+from nemesis.choices import ClassPosition
 from nemesis.constants import (
     DASSL_BEST_FILE,
     DASSL_FILE_PREFIX,
@@ -31,7 +32,6 @@ from nemesis.constants import (
 from nemesis.datasets import DATASET_NAMES, Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
 from nemesis.evaluate import resolve_source
-from nemesis.prompt_learner import ClassPosition
 
 _SHOTS_IN_CONFIG = re.compile(r"(?:^|_)(\d+)shots$")  # CoOp: <cfg>_<K>shots
 _SHOTS_FOLDER = re.compile(r"shots_(\d+)")  # base-to-new: shots_<K>
