@@ -36,7 +36,7 @@ from nemesis.errors import NemesisError
 from nemesis.evaluate import EvaluationSetup, predictions, prepare_evaluation
 
 from .grid import Cell, Grid
-from .inputs import SweepInput
+from .inputs import SweepInput, check_against_data, check_factors
 from .operators import ORIGINAL, corrupted_variants, position_norm
 from .results import ResultsFile, accuracy_percent, cell_id
 
@@ -124,6 +124,7 @@ def check_sweep(
         raise NemesisError("no checkpoints given; pass checkpoint files, run folders or a CoOp output tree")
     for item in inputs:
         grid.check_positions(item.n_ctx, str(item.file))
+    check_factors(inputs, grid)
     needs_root = sorted({item.identity["dataset"] for item in inputs} - {FASHION_MNIST})
     if needs_root and root is None:
         raise NemesisError(f"dataset {', '.join(needs_root)} needs a data folder; pass --root DATA")
@@ -135,6 +136,7 @@ def check_sweep(
             folder = dataset_dir(dataset, root)
             if not folder.is_dir():
                 raise NemesisError(f"dataset '{dataset}' not found: no folder {folder}; check --root")
+    check_against_data(inputs, root)
 
 
 # --- the sweep ----------------------------------------------------------------------------------

@@ -9,15 +9,19 @@ seed and method are read from the path. Named flags (--model, --dataset, ...) wi
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemesis.backbone import text_width
+import torch
+
+from nemesis.backbone import check_pretrained, model_config, text_width
 from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
+from nemesis.choices import ClassPosition
 from nemesis.constants import (
     DASSL_BEST_FILE,
     DASSL_FILE_PREFIX,
@@ -25,7 +29,7 @@ from nemesis.constants import (
     RUN_CHECKPOINTS,
     RUN_PROMPT,
 )
-from nemesis.datasets import DATASET_NAMES, resolve_name
+from nemesis.datasets import DATASET_NAMES, Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
 from nemesis.evaluate import resolve_source
 
@@ -137,6 +141,10 @@ class SweepInput:
     identity: dict[str, Any]  # checkpoint, model, pretrained, dataset, shots, seed, subsample, method
     n_ctx: int
     class_specific: bool
+    n_classes: int | None = None  # classes of a class-specific ctx
+    class_position: str = "end"
+    # [M, W]: the largest |ctx| over classes, so factors are checked before any work
+    magnitude: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def evaluation_options(self) -> dict[str, Any]:
@@ -169,10 +177,69 @@ def _resolve_one(
     identity["checkpoint"] = str(checkpoint.path)
     width = text_width(identity["model"])  # unknown model names fail here, before any work
     checkpoint.check_compatible(width, identity["model"])
+    try:
+        check_pretrained(identity["model"], identity["pretrained"])
+    except NemesisError as error:
+        raise NemesisError(f"{checkpoint.path}: {error}") from None
+    _check_choice(ClassPosition, metadata.class_position, "class position", checkpoint.path)
+    _check_choice(Subsample, identity["subsample"], "subsample", checkpoint.path)
+    for key in ("shots", "seed"):
+        value = identity[key]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise NemesisError(f"{checkpoint.path}: {key} {value!r} is not a non-negative whole number")
     return {
         key: identity[key]
         for key in ("checkpoint", "model", "pretrained", "dataset", "shots", "seed", "subsample", "method")
     }
+
+
+def _check_choice(choices: type, value: Any, what: str, origin: Any) -> None:
+    allowed = [choice.value for choice in choices]
+    if value not in allowed:
+        raise NemesisError(f"{origin}: unknown {what} {value!r}; available: {', '.join(allowed)}")
+
+
+def check_against_data(inputs: Sequence[SweepInput], root: str | os.PathLike | None) -> None:
+    """Refuse before any work a checkpoint that cannot run on its data: class count, prompt length."""
+    import open_clip
+
+    classnames: dict[tuple[str, str], list[str]] = {}
+    for item in inputs:
+        key = (item.identity["dataset"], item.identity["subsample"])
+        if key not in classnames:
+            classnames[key] = load_dataset(key[0], root, subsample=key[1]).classnames
+        names = classnames[key]
+        if item.class_specific and item.n_classes != len(names):
+            raise NemesisError(
+                f"{item.file}: class-specific ctx has {item.n_classes} classes but {key[0]} has {len(names)}"
+            )
+        model = item.identity["model"]
+        context_length = int(model_config(model)["text_cfg"].get("context_length", 77))
+        tokenizer = open_clip.get_tokenizer(model)
+        longest = max(names, key=lambda name: len(tokenizer.encode(name)))
+        if item.n_ctx + len(tokenizer.encode(longest)) + 3 > context_length:  # start, '.', end
+            raise NemesisError(
+                f"{item.file}: the prompt for class '{longest}' with {item.n_ctx} context tokens exceeds "
+                f"{model}'s context length {context_length}"
+            )
+
+
+def check_factors(inputs: Sequence[SweepInput], grid: Any) -> None:
+    """Refuse before any work a factor whose corrupted prompt or norm overflows fp32 (e.g. --rescale 1e39)."""
+    from .operators import ORIGINAL, corrupt_ctx, position_norm
+
+    for item in inputs:
+        if item.magnitude is None:
+            continue
+        for cell in grid.cells(item.n_ctx):
+            if cell.op == ORIGINAL:
+                continue
+            variant = corrupt_ctx(item.magnitude, cell)
+            if not (torch.isfinite(variant).all() and math.isfinite(position_norm(variant, cell.position))):
+                raise NemesisError(
+                    f"{item.file}: {cell.op} {cell.factor:g} at position {cell.position} overflows the prompt's "
+                    "float32 values; choose a smaller factor"
+                )
 
 
 def resolve_inputs(
@@ -200,5 +267,8 @@ def resolve_inputs(
             identity=identity,
             n_ctx=checkpoint.ctx.shape[-2],
             class_specific=checkpoint.class_specific,
+            n_classes=checkpoint.ctx.shape[0] if checkpoint.class_specific else None,
+            class_position=checkpoint.metadata.class_position,
+            magnitude=checkpoint.ctx.abs().amax(0) if checkpoint.class_specific else checkpoint.ctx.abs(),
         )
     return list(inputs.values())

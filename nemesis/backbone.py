@@ -118,12 +118,18 @@ def _weights_identity(name: str, pretrained: str | None) -> str:
 
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     """Check a tag or file before any download so mistakes fail at once with the alternatives."""
-    if pretrained is None or Path(pretrained).is_file():
-        return pretrained
+    check_pretrained(name, pretrained)
     if name == "tiny" and pretrained == "fmnist":
         from .tiny import pretrained_tiny_weights  # trains once, then cached
 
         return str(pretrained_tiny_weights())
+    return pretrained
+
+
+def check_pretrained(name: str, pretrained: str | None) -> None:
+    """Refuse a weights file that does not exist or a tag `name` lacks, without downloading or training."""
+    if pretrained is None or Path(pretrained).is_file() or (name == "tiny" and pretrained == "fmnist"):
+        return
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise NemesisError(f"weights file not found: {pretrained}")
     tags = open_clip.list_pretrained_tags_by_model(name)
@@ -132,7 +138,6 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
         raise NemesisError(
             f"unknown pretrained tag '{pretrained}' for {name} (known tags: {known}); or pass a local weights file"
         )
-    return pretrained
 
 
 def uses_quick_gelu(name: str, pretrained: str | None) -> bool:

@@ -7,9 +7,14 @@ Dassl files are `torch.save` pickles read through `nemesis.unpickle`'s restricte
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+import math
 import os
 import re
+import types
+import typing
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from . import __version__
 from .atomic import atomic_path
@@ -33,7 +38,7 @@ from .constants import (
     RUN_PROMPT,
 )
 from .errors import NemesisError
-from .unpickle import PickledObject, load_torch_file
+from .unpickle import load_torch_file
 
 
 @dataclass
@@ -62,15 +67,125 @@ class PromptMetadata:
 
     @classmethod
     def from_json(cls, text: str, origin: str) -> PromptMetadata:
+        """Parse and type-check the metadata JSON: every field against its annotation, sizes bounded."""
+        if len(text) > MAX_METADATA_CHARS:
+            raise NemesisError(
+                f"{origin}: metadata of {len(text)} characters is far more than a prompt's description "
+                f"(at most {MAX_METADATA_CHARS}); the file is damaged or was not written by this toolkit"
+            )
         try:
             values = json.loads(text)
+        except RecursionError:
+            raise NemesisError(f"{origin}: metadata nests too deep to be a prompt's description") from None
         except json.JSONDecodeError as error:
             raise NemesisError(f"{origin}: metadata is not valid JSON ({error})") from error
+        if not isinstance(values, dict):
+            raise NemesisError(f"{origin}: metadata is a JSON {type(values).__name__}, not an object of named fields")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            warnings.warn(f"{origin}: ignoring unknown metadata keys {unknown}", stacklevel=3)
-        return cls(**{key: value for key, value in values.items() if key in known})
+            warnings.warn(f"{origin}: ignoring unknown metadata keys {unknown[:20]}", stacklevel=3)
+        return _dataclass_from_json(cls, {key: value for key, value in values.items() if key in known}, origin)
+
+
+# Bounds on a prompt's metadata: enough for 21k class names, far below what would stall a terminal.
+MAX_METADATA_CHARS = 4 * 2**20
+MAX_METADATA_STRING = 4096
+MAX_METADATA_ITEMS = 100_000
+MAX_METADATA_DEPTH = 16
+
+
+def _json_value_ok(value: Any, depth: int = 0) -> bool:
+    """A JSON value of bounded size and depth (free-form fields such as method_config)."""
+    if depth > MAX_METADATA_DEPTH:
+        return False
+    if value is None or isinstance(value, (bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return len(value) <= MAX_METADATA_STRING
+    if isinstance(value, list):
+        return len(value) <= MAX_METADATA_ITEMS and all(_json_value_ok(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return len(value) <= MAX_METADATA_ITEMS and all(
+            len(key) <= MAX_METADATA_STRING and _json_value_ok(item, depth + 1) for key, item in value.items()
+        )
+    return False
+
+
+def _conforms(value: Any, hint: Any, depth: int = 0) -> bool:
+    """Whether a JSON value fits a type annotation (the generic check behind PromptMetadata.from_json)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return _json_value_ok(value, depth)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg, depth) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, str) and value in {member.value for member in hint}
+    if hint is str:
+        return isinstance(value, str) and len(value) <= MAX_METADATA_STRING
+    if origin is typing.Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if origin is list or hint is list:
+        item = args[0] if args else Any
+        return (
+            isinstance(value, list)
+            and len(value) <= MAX_METADATA_ITEMS
+            and all(_conforms(entry, item, depth + 1) for entry in value)
+        )
+    if origin is tuple:
+        if not isinstance(value, list) or len(value) > MAX_METADATA_ITEMS:
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(entry, args[0], depth + 1) for entry in value)
+        return len(value) == len(args) and all(_conforms(v, a, depth + 1) for v, a in zip(value, args, strict=True))
+    if origin is dict or hint is dict:
+        key_hint, item = args if args else (str, Any)
+        return (
+            isinstance(value, dict)
+            and len(value) <= MAX_METADATA_ITEMS
+            and all(_conforms(key, key_hint) and _conforms(entry, item, depth + 1) for key, entry in value.items())
+        )
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return isinstance(value, dict) and all(
+            key in hints and _conforms(entry, hints[key], depth + 1) for key, entry in value.items()
+        )
+    return _json_value_ok(value, depth)  # an annotation this check does not know: at least bounded JSON
+
+
+def _describe(hint: Any) -> str:
+    text = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
+    return text or str(hint).replace("typing.", "")
+
+
+def _dataclass_from_json(cls: type, values: dict[str, Any], origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if not _conforms(value, hint):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise NemesisError(
+                f"{origin}: metadata field '{name}' must be {_describe(hint)}, not {type(value).__name__} {shown}; "
+                "the file is damaged or was not written by this toolkit"
+            )
+        nested = [arg for arg in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(arg)]
+        checked[name] = _dataclass_from_json(nested[0], value, origin) if nested and isinstance(value, dict) else value
+    try:
+        return cls(**checked)
+    except (TypeError, ValueError) as error:  # a dataclass's own cross-field checks
+        raise NemesisError(f"{origin}: metadata does not describe a prompt ({error})") from error
 
 
 @dataclass
@@ -96,9 +211,27 @@ class PromptCheckpoint:
             )
 
 
-def _checked(ctx: torch.Tensor, origin: str) -> torch.Tensor:
+# A prompt's own bounds: CLIP's text context holds 77 tokens, so at most 75 learned positions.
+MAX_CTX_POSITIONS = 77
+MAX_TEXT_WIDTH = 16384
+
+
+def _checked(ctx: Any, origin: str) -> torch.Tensor:
+    """Refuse anything but a dense, finite [M, W] or [n_cls, M, W] float tensor; return it as fp32."""
+    if not isinstance(ctx, torch.Tensor):
+        raise NemesisError(f"{origin}: ctx is a {type(ctx).__name__}, not a tensor")
+    if ctx.layout != torch.strided or ctx.is_meta or ctx.is_quantized or not ctx.is_floating_point():
+        kind = "meta" if ctx.is_meta else ctx.dtype if ctx.layout == torch.strided else str(ctx.layout)[6:]
+        raise NemesisError(f"{origin}: ctx is a {kind} tensor; a prompt is a dense floating-point tensor")
     if ctx.dim() not in (2, 3):
         raise NemesisError(f"{origin}: ctx has shape {tuple(ctx.shape)}; expected [M, W] or [n_cls, M, W]")
+    if not ctx.is_contiguous():
+        raise NemesisError(f"{origin}: ctx of shape {tuple(ctx.shape)} is a strided view, not a stored prompt")
+    if not (0 < ctx.shape[-2] <= MAX_CTX_POSITIONS and 0 < ctx.shape[-1] <= MAX_TEXT_WIDTH and ctx.shape[0] > 0):
+        raise NemesisError(
+            f"{origin}: ctx of shape {tuple(ctx.shape)} is not a prompt (at most {MAX_CTX_POSITIONS} positions "
+            f"of width at most {MAX_TEXT_WIDTH})"
+        )
     ctx = ctx.detach().to(torch.float32)  # fp16 Dassl ctx is read as fp32
     if not torch.isfinite(ctx).all():
         raise NemesisError(f"{origin}: ctx contains NaN or Inf values")
@@ -108,7 +241,7 @@ def _checked(ctx: torch.Tensor, origin: str) -> torch.Tensor:
 def save_prompt(path: str | os.PathLike, ctx: torch.Tensor, metadata: PromptMetadata) -> Path:
     """Write ctx and its metadata as one safetensors file, atomically."""
     path = Path(path)
-    ctx = _checked(ctx.cpu(), str(path))
+    ctx = _checked(ctx.detach().cpu().contiguous(), str(path))
     metadata.n_ctx = ctx.shape[-2]
     metadata.text_width = ctx.shape[-1]
     metadata.class_specific = ctx.dim() == 3
@@ -125,13 +258,15 @@ def load_prompt(path: str | os.PathLike) -> PromptCheckpoint:
     try:
         with safe_open(str(path), framework="pt") as file:
             header = file.metadata() or {}
-        tensors = load_file(str(path))
+            if CTX_TENSOR not in file.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                raise NemesisError(f"{path} holds no '{CTX_TENSOR}' tensor; it is not a prompt checkpoint")
+            ctx = file.get_tensor(CTX_TENSOR)  # only ctx: other tensors of the file are never read
     except (SafetensorError, OSError, ValueError) as error:
+        if isinstance(error, NemesisError):
+            raise
         raise NemesisError(f"{path} is not a safetensors prompt checkpoint ({error})") from error
-    if CTX_TENSOR not in tensors:
-        raise NemesisError(f"{path} holds no '{CTX_TENSOR}' tensor; it is not a prompt checkpoint")
     metadata = PromptMetadata.from_json(header[METADATA_KEY], str(path)) if METADATA_KEY in header else PromptMetadata()
-    return PromptCheckpoint(_checked(tensors[CTX_TENSOR], str(path)), metadata, path)
+    return PromptCheckpoint(_checked(ctx, str(path)), metadata, path)
 
 
 # --- Dassl (CoOp / official Nemesis) ----------------------------------------------------------
@@ -176,7 +311,7 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
         raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
     epoch = content.get("epoch")
     metadata = PromptMetadata(
-        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, PickledObject) else None,
+        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None,
         class_position=_class_position_from_path(path),
         source_format="dassl",
     )
@@ -211,7 +346,11 @@ def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch
 
 def _load_from_run_folder(path: Path, epoch: int | None) -> PromptCheckpoint:
     """A `nemesis train` run folder: the final prompt, or the checkpoint of `epoch` (latest saved if unfinished)."""
-    saved = {int(file.stem.split("-")[1]): file for file in (path / RUN_CHECKPOINTS).glob("epoch-*.safetensors")}
+    saved = {
+        int(match.group(1)): file
+        for file in (path / RUN_CHECKPOINTS).glob("epoch-*.safetensors")
+        if (match := re.fullmatch(r"epoch-(\d{1,9})", file.stem))
+    }
     final = path / RUN_PROMPT
     if epoch is None:
         if final.is_file():

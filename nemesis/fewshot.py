@@ -110,24 +110,48 @@ def reroot(foreign_path: str, name: str, dataset_dir: Path) -> Path:
     )
 
 
-def _datum_to_sample(datum: Any, name: str, dataset_dir: Path, source: Path) -> Sample:
+def _checked_sample(path: Any, label: Any, classname: Any, dataset_dir: Path, labels: set[int], source: Path) -> Sample:
+    """A subset's sample, refused unless its label is one of the dataset's and its path stays inside the dataset."""
+    if not isinstance(label, int) or isinstance(label, bool) or label not in labels:
+        raise NemesisError(
+            f"{source} holds label {label!r:.40}, which is not a class of the dataset (0 to {max(labels, default=0)}); "
+            "delete it to resample"
+        )
+    if not isinstance(path, (str, Path)) or not isinstance(classname, str):
+        raise NemesisError(f"{source} holds a sample whose path or class name is not text; delete it to resample")
+    try:
+        outside = ".." in Path(path).relative_to(dataset_dir).parts
+    except ValueError:
+        outside = True
+    if outside:
+        raise NemesisError(f"{source} points at '{path!s:.200}', outside the dataset folder {dataset_dir}; delete it")
+    return Sample(str(path), label, classname)
+
+
+def _datum_to_sample(datum: Any, name: str, dataset_dir: Path, source: Path, labels: set[int]) -> Sample:
     state = datum.state if isinstance(datum, PickledObject) else None
     if not isinstance(state, dict) or "_impath" not in state or "_label" not in state:
-        raise NemesisError(f"{source} holds {datum!r} where a Dassl Datum was expected; delete it to resample")
-    path = reroot(str(state["_impath"]), name, dataset_dir)
-    return Sample(str(path), int(state["_label"]), str(state.get("_classname", "")))
+        raise NemesisError(f"{source} holds {datum!r:.80} where a Dassl Datum was expected; delete it to resample")
+    if not isinstance(state["_impath"], str):
+        raise NemesisError(f"{source} holds an image path that is not text; delete it to resample")
+    path = reroot(state["_impath"], name, dataset_dir)
+    return _checked_sample(path, state["_label"], state.get("_classname", ""), dataset_dir, labels, source)
 
 
-def read_fewshot_pickle(path: Path, name: str, dataset_dir: Path) -> tuple[list[Sample], list[Sample] | None]:
+def read_fewshot_pickle(
+    path: Path, name: str, dataset_dir: Path, labels: set[int]
+) -> tuple[list[Sample], list[Sample] | None]:
     """Train (and val, when present) samples of a Dassl few-shot pickle, paths re-rooted onto `dataset_dir`."""
     content = load_pickle(path)
     if not isinstance(content, dict) or not isinstance(content.get("train"), list):
         raise NemesisError(f"{path} is not a Dassl few-shot split (no 'train' list); delete it to resample")
-    train = [_datum_to_sample(datum, name, dataset_dir, path) for datum in content["train"]]
+    train = [_datum_to_sample(datum, name, dataset_dir, path, labels) for datum in content["train"]]
     val = content.get("val")
     if val is None:
         return train, None
-    return train, [_datum_to_sample(datum, name, dataset_dir, path) for datum in val]
+    if not isinstance(val, list):
+        raise NemesisError(f"{path} is not a Dassl few-shot split ('val' is not a list); delete it to resample")
+    return train, [_datum_to_sample(datum, name, dataset_dir, path, labels) for datum in val]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,20 +185,30 @@ def save_fewshot_json(
     write_text_atomic(path, json.dumps(content, indent=1) + "\n")
 
 
-def read_fewshot_json(path: Path, dataset_dir: Path) -> tuple[list[Sample], list[Sample] | None]:
+def read_fewshot_json(path: Path, dataset_dir: Path, labels: set[int]) -> tuple[list[Sample], list[Sample] | None]:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, OSError) as error:
+        raise NemesisError(f"{path} is not a readable few-shot subset ({error}); delete it to resample") from None
+    if not isinstance(content, dict) or content.get("format") != FEWSHOT_FORMAT:
+        raise NemesisError(f"{path} is not a nemesis few-shot subset; delete it to resample")
 
-        def rows(key: str) -> list[Sample] | None:
-            if content[key] is None:
-                return None
-            return [Sample(str(dataset_dir / rel), int(label), str(cls)) for rel, label, cls in content[key]]
+    def rows(key: str) -> list[Sample] | None:
+        value = content.get(key)
+        if value is None and key == "val":
+            return None
+        if not isinstance(value, list) or not all(isinstance(row, list) and len(row) == 3 for row in value):
+            raise NemesisError(
+                f"{path}: '{key}' is not a list of [path, label, class name] rows; delete it to resample"
+            )
+        samples = []
+        for relative, label, classname in value:
+            if not isinstance(relative, str) or PurePosixPath(relative).is_absolute():
+                raise NemesisError(f"{path} holds '{relative!s:.200}', not a path inside the dataset; delete it")
+            samples.append(_checked_sample(dataset_dir / relative, label, classname, dataset_dir, labels, path))
+        return samples
 
-        if content.get("format") != FEWSHOT_FORMAT:
-            raise ValueError("not a nemesis few-shot file")
-        return rows("train") or [], rows("val")
-    except (ValueError, KeyError, TypeError) as error:
-        raise NemesisError(f"{path} is not a readable few-shot subset ({error}); delete it to resample") from error
+    return rows("train") or [], rows("val")
 
 
 def _writable(folder: Path) -> bool:
@@ -190,14 +224,15 @@ def load_fewshot(
     Order of preference: CoOp's pickle, our saved JSON (beside the dataset, then in the cache), a
     fresh CoOp-style draw that is then saved.
     """
+    labels = {sample.label for sample in train}
     pickled = pickle_path(dataset_dir, shots, seed)
     if pickled.is_file():
-        return read_fewshot_pickle(pickled, name, dataset_dir)
+        return read_fewshot_pickle(pickled, name, dataset_dir, labels)
     beside = pickled.with_name(json_name(shots, seed))
     cached = cache_json_path(name, dataset_dir, shots, seed)
     for saved in (beside, cached):
         if saved.is_file():
-            return read_fewshot_json(saved, dataset_dir)
+            return read_fewshot_json(saved, dataset_dir, labels)
     # ImageNet: CoOp samples train only and keeps the full val (= test) folder.
     sample_val = None if name == "imagenet" else val
     few_train, few_val = sample_fewshot_splits(train, sample_val, shots, seed)

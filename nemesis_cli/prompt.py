@@ -31,6 +31,7 @@ def info(
     """
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from nemesis.backbone import text_width
     from nemesis.checkpoint import load_checkpoint
@@ -39,14 +40,14 @@ def info(
     prompt = load_checkpoint(checkpoint, epoch)
     if model is not None:
         prompt.check_compatible(text_width(model), model)
-    console = Console()
-    console.print(f"[bold]{prompt.path}[/bold]")
+    console = Console(highlight=False)  # file contents are shown as they are: no markup, no highlighting
+    console.print(Text(str(prompt.path), style="bold"))
     console.print(f"ctx shape {tuple(prompt.ctx.shape)}, {'class-specific' if prompt.class_specific else 'unified'}")
     metadata = Table(show_header=False, box=None)
     for key, value in vars(prompt.metadata).items():
         if key == "classnames" and value:
             value = f"{len(value)}: {', '.join(value[:8])}{' ...' if len(value) > 8 else ''}"
-        metadata.add_row(key, str(value))
+        metadata.add_row(key, Text(str(value)))
     console.print(metadata)
     norms = Table("position", "L2 norm", title="per-position norms")
     for position, norm in enumerate(position_norms(prompt.ctx).tolist()):
