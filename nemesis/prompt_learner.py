@@ -15,14 +15,15 @@ from .backbone import Backbone
 from .choices import ClassPosition
 from .errors import NemesisError
 from .losses import position_norms
-from .text_encoder import TextEncoder
+from .text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
 
 PLACEHOLDER = "X"  # CoOp's stand-in word for context positions before their embeddings are swapped in
-DEFAULT_CHUNK_SIZE = 256  # prompts per text pass: bounds memory for 1000-class datasets and sweeps
 
 
 class PromptLearner(nn.Module):
     """Learnable context `ctx` ([M, W] unified, or [n_cls, M, W] class-specific) and its text features."""
+
+    share_prefix = True  # run [SOS] + the shared context once per variant (False: whole prompts, for checks)
 
     def __init__(
         self,
@@ -34,7 +35,8 @@ class PromptLearner(nn.Module):
         class_position: ClassPosition | str = "end",
         seed: int = 0,
         ctx: torch.Tensor | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
     ) -> None:
         super().__init__()
         if not classnames:
@@ -51,7 +53,8 @@ class PromptLearner(nn.Module):
         self.class_position = class_position
         ctx_init = ctx_init.replace("_", " ") if ctx_init else None  # CoOp accepts "a_photo_of_a"
         self.ctx_init = ctx_init
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size  # at most this many prompts per text pass (None: as the token budget allows)
+        self.token_budget = token_budget  # at most this many tokens (prompts x cut length) per text pass
 
         init_tokens = self._words(ctx_init) if ctx_init else None
         if init_tokens is not None:
@@ -145,29 +148,68 @@ class PromptLearner(nn.Module):
     def n_classes(self) -> int:
         return len(self.classnames)
 
-    def prompt_embeddings(self, ctx: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [R, L, W] of the prompts of `classes` [R] with context `ctx` ([R, M, W])."""
-        base = self.frozen_embeddings[classes]  # [R, L, W]
-        index = self.ctx_index[classes].unsqueeze(-1).expand(-1, -1, base.shape[-1])  # [R, M, W]
+    def prompt_embeddings(self, ctx: torch.Tensor, classes: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Token embeddings [R, length, W] of the prompts of `classes` [R] with context `ctx` ([R, M, W]).
+
+        Only the first `length` positions (default: all) are assembled: a cut pass needs no more.
+        """
+        return self._assemble(ctx, classes, 0, self.frozen_embeddings.shape[1] if length is None else length)
+
+    def _assemble(self, ctx: torch.Tensor, classes: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Positions start..end-1 [R, end - start, W] of the prompts of `classes` [R] with context `ctx` [R, m, W].
+
+        `ctx` holds the context vectors that fall in that range, the last m of each prompt's M.
+        """
+        base = self.frozen_embeddings[classes, start:end]  # [R, end - start, W]
+        if ctx.shape[1] == 0:
+            return base
+        index = self.ctx_index[classes, self.n_ctx - ctx.shape[1] :] - start  # [R, m]
+        index = index.unsqueeze(-1).expand(-1, -1, base.shape[-1])  # [R, m, W]
         return base.scatter(1, index, ctx.to(base.dtype))
+
+    @property
+    def shared_context(self) -> int:
+        """Context vectors before the class name that every class shares (0 when nothing is shared).
+
+        Unified ctx with the class name at the end or in the middle: [SOS] + those vectors is the same
+        prefix for every class, so the text tower runs it once per ctx variant.
+        """
+        if self.class_specific or self.class_position is ClassPosition.front or not self.share_prefix:
+            return 0
+        return self.n_ctx if self.class_position is ClassPosition.end else self.n_ctx // 2
 
     def encode(self, ctx_variants: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Text features [K, n_cls, D] for K context variants ([K, M, W], or [K, n_cls, M, W] class-specific).
 
-        All K * n_cls prompts go through the text tower in chunks of `chunk_size`, each chunk cut
-        after its last end-of-text token.
+        Shared prefixes ([SOS] + the context before the class name) run once per variant; the
+        class-dependent rest of every (variant, class) prompt runs against them, in chunks of at
+        most `token_budget` tokens ordered by end-of-text position, each assembled only up to its
+        cut. Class-specific ctx and class-first prompts share nothing and take the cut pass of
+        whole prompts, likewise chunked.
         """
-        n_variants, n_classes = ctx_variants.shape[0], self.n_classes
-        if not self.class_specific:
-            ctx_variants = ctx_variants.unsqueeze(1).expand(-1, n_classes, -1, -1)  # [K, n_cls, M, W]
-        ctx_rows = ctx_variants.reshape(n_variants * n_classes, self.n_ctx, -1)  # [K * n_cls, M, W]
-        class_rows = torch.arange(n_classes, device=ctx_rows.device).repeat(n_variants)  # [K * n_cls]
-        chunks = []
-        for start in range(0, ctx_rows.shape[0], self.chunk_size):
-            rows = slice(start, start + self.chunk_size)
-            embeddings = self.prompt_embeddings(ctx_rows[rows], class_rows[rows])
-            chunks.append(self.encoder(embeddings, self.pool_index[class_rows[rows]], cut=cut))
-        return torch.cat(chunks).reshape(n_variants, n_classes, -1)  # [K, n_cls, D]
+        shared = self.shared_context
+        n_variants, width = ctx_variants.shape[0], ctx_variants.shape[-1]
+        if shared:
+            start = self.frozen_embeddings[0, :1].expand(n_variants, 1, width)  # [K, 1, W]: [SOS]
+            prefixes = torch.cat([start.to(ctx_variants.dtype), ctx_variants[:, :shared]], dim=1)  # [K, 1 + shared, W]
+        else:
+            prefixes = ctx_variants.new_zeros(n_variants, 0, width)  # [K, 0, W]: whole prompts
+        prefix_length = prefixes.shape[1]
+
+        def build_suffixes(variant_rows: torch.Tensor, class_rows: torch.Tensor, length: int) -> torch.Tensor:
+            # Only this chunk's ctx rows are gathered: [B, M, W] class-specific, else [B, M - shared, W].
+            ctx = ctx_variants[variant_rows, class_rows] if self.class_specific else ctx_variants[variant_rows, shared:]
+            return self._assemble(ctx, class_rows, prefix_length, length)
+
+        return self.encoder.encode_prefixed(
+            prefixes,
+            build_suffixes,
+            self.pool_index,
+            self.frozen_embeddings.shape[1],
+            token_budget=self.token_budget,
+            max_prompts=self.chunk_size,
+            cut=cut,
+        )
 
     def text_features(self, cut: bool = True) -> torch.Tensor:
         """Projected, unnormalised text features [n_cls, D] of the current prompt, like `encode_text`."""
@@ -187,6 +229,7 @@ class PromptLearner(nn.Module):
             ctx=self.ctx.detach(),
             ctx_init=None,
             chunk_size=self.chunk_size,
+            token_budget=self.token_budget,
         )
 
     def norms(self, p: float = 2.0) -> torch.Tensor:

@@ -1,22 +1,41 @@
-"""Running an open_clip text tower from token embeddings, cut after the last end-of-text token.
+"""Running an open_clip text tower from token embeddings: cut at end-of-text, shared prefixes computed once.
 
-This is the single entry point for text encoding (DESIGN section 10 plans a shared-prefix encoder
-that replaces it exactly), so the prompt learner and the sweep engine both call `TextEncoder`.
+This is the single entry point for text encoding: the prompt learner, the sweep engine and
+training all call `TextEncoder`. Two passes, both exact:
+
+- the cut pass (`__call__`): whole prompts, cut after the chunk's last end-of-text token (I2);
+- the shared-prefix pass (`encode_pairs`, `encode_prefixed`): prompts made of one of V prefixes
+  (e.g. [SOS] + unified ctx, one per ctx variant or per image) followed by one of C class
+  suffixes. With a causal tower a prefix's hidden states do not depend on what follows, so each
+  prefix runs once, its keys and values are kept per layer, and every (prefix, class) suffix
+  attends to them. Towers where that does not hold fall back to the cut pass of whole prompts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from open_clip import transformer as open_clip_transformer
 from torch import nn
 
 from .errors import NemesisError
 
 POOL_TYPES = ("argmax", "eos", "first", "last")
+# Tokens per text pass (prompts x cut length): bounds activation memory whatever the class-name lengths.
+DEFAULT_TOKEN_BUDGET = 16384
+# Matrix products on the CPU round rows in a partial block of rows differently from full blocks;
+# the shared-prefix pass pads its rows to a multiple of this so results do not depend on batch size.
+ROW_BLOCK = 8
+
+# build_suffixes(prefix_rows [B], class_rows [B], length) -> suffix embeddings [B, length - Lp, W]
+SuffixBuilder = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [V, heads, Lp, head_dim]
 
 
 class TextEncoder:
-    """Drives a CLIP text tower's own modules (token embedding, transformer, final norm, projection).
+    """Drives a CLIP text tower's own modules (token embedding, transformer blocks, final norm, projection).
 
     Not an `nn.Module` on purpose: the frozen CLIP weights must not become parameters of the
     prompt learner that holds this encoder.
@@ -51,6 +70,9 @@ class TextEncoder:
         # Causal attention + pooling at the end-of-text token: nothing after that token can change
         # the result, so the sequence is cut there (I2).
         self.can_cut = self.attn_mask is not None and self.pool_type in ("argmax", "eos")
+        # ... and a prefix's hidden states do not depend on what follows it, so prefixes can be shared,
+        # where every block is one this module knows how to run with cached keys and values.
+        self.can_share = self.can_cut and _is_causal(self.attn_mask) and _blocks_supported(tower.transformer)
 
     @property
     def token_embedding(self) -> nn.Embedding:
@@ -59,6 +81,10 @@ class TextEncoder:
     @property
     def width(self) -> int:
         return self.tower.token_embedding.weight.shape[1]
+
+    @property
+    def context_length(self) -> int:
+        return self.tower.positional_embedding.shape[0]
 
     def pool_index(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Position whose hidden state becomes the text feature, per sequence [B]."""
@@ -70,6 +96,8 @@ class TextEncoder:
         if self.pool_type == "first":
             return torch.zeros(batch, dtype=torch.long, device=token_ids.device)
         return torch.full((batch,), length - 1, dtype=torch.long, device=token_ids.device)
+
+    # --- the cut pass ----------------------------------------------------------------------------
 
     def __call__(self, embeddings: torch.Tensor, pool_index: torch.Tensor, cut: bool = True) -> torch.Tensor:
         """Projected, unnormalised text features [B, D] from token embeddings [B, L, W]."""
@@ -83,12 +111,237 @@ class TextEncoder:
         x = tower.transformer(x, attn_mask=mask)
         x = tower.ln_final(x)  # [B, length, W]
         pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]  # [B, W]
-        projection = tower.text_projection
+        return self._project(pooled)
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        projection = self.tower.text_projection
         if projection is None:
             return pooled
         if isinstance(projection, nn.Linear):
             return projection(pooled)
         return pooled @ projection
+
+    # --- the shared-prefix pass ------------------------------------------------------------------
+
+    def encode_pairs(
+        self,
+        prefixes: torch.Tensor,
+        suffixes: torch.Tensor,
+        suffix_pool_index: torch.Tensor,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+    ) -> torch.Tensor:
+        """Text features [V, C, D] of every prompt `prefixes[v] + suffixes[c]`.
+
+        prefixes: token embeddings [V, Lp, W] of positions 0..Lp-1 (e.g. [SOS] + ctx, one row per
+            ctx variant or per image), without positional embeddings.
+        suffixes: token embeddings [C, Ls, W] of positions Lp..Lp+Ls-1 (class tokens, '.', [EOT], padding).
+        suffix_pool_index: [C] position of each suffix's pooled token (its end-of-text) in the WHOLE
+            prompt, so Lp <= index < Lp + Ls (what `pool_index` gives for the prompt's token ids).
+
+        Each prefix runs through the tower once; every (prefix, class) suffix then attends to the
+        prefix's cached keys and values, in chunks of at most `token_budget` tokens ordered by
+        end-of-text position, each cut after its last end-of-text token. Equal to the cut pass of
+        the concatenated prompts (to float rounding); towers without a causal mask (or with blocks
+        this module does not know) run exactly that. Differentiable w.r.t. prefixes and suffixes.
+        """
+        prefix_length = prefixes.shape[1]
+        total_length = prefix_length + suffixes.shape[1]
+
+        def build(prefix_rows: torch.Tensor, class_rows: torch.Tensor, length: int) -> torch.Tensor:
+            return suffixes[class_rows, : length - prefix_length]
+
+        return self.encode_prefixed(prefixes, build, suffix_pool_index, total_length, token_budget)
+
+    def encode_prefixed(
+        self,
+        prefixes: torch.Tensor,
+        build_suffixes: SuffixBuilder,
+        pool_index: torch.Tensor,
+        total_length: int,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        max_prompts: int | None = None,
+        cut: bool = True,
+    ) -> torch.Tensor:
+        """`encode_pairs` with suffixes built per chunk, so they may depend on the prefix row too.
+
+        `build_suffixes(prefix_rows [B], class_rows [B], length)` returns the embeddings [B, length - Lp, W]
+        of the pairs' positions Lp..length-1; `pool_index` [C] is per class (in the whole prompt);
+        `total_length` is the uncut prompt length. Prefixes of length 0 or `cut=False` give the
+        plain (cut or full-length) pass of whole prompts, assembled chunk by chunk.
+        Returns [V, C, D].
+        """
+        n_prefixes, prefix_length = prefixes.shape[:2]
+        n_classes = pool_index.shape[0]
+        cut = cut and self.can_cut
+        share = cut and self.can_share and prefix_length > 0
+        if cut:
+            if int(pool_index.min()) < prefix_length:
+                raise ValueError("every pooled position must lie after the shared prefix")
+            order = torch.argsort(pool_index.cpu(), stable=True)  # classes by end-of-text position
+        else:
+            order = torch.arange(n_classes)
+        lengths = (pool_index.cpu()[order] + 1).tolist() if cut else [total_length] * n_classes
+        order = order.to(pool_index.device)
+        cache = self.prefix_keys_values(prefixes) if share else None
+        features = []
+        for first, last, length in _chunks(lengths, n_prefixes, token_budget, max_prompts):
+            flat = torch.arange(first, last, device=pool_index.device)  # pair r * V + v: r-th class by length
+            prefix_rows, class_rows = flat % n_prefixes, order[flat // n_prefixes]
+            suffix = build_suffixes(prefix_rows, class_rows, length)  # [B, length - Lp, W]
+            pooled_at = pool_index[class_rows]
+            if share:
+                features.append(self._suffix_pass(cache, prefix_rows, suffix, pooled_at, prefix_length))
+            else:
+                prompts = torch.cat([prefixes[prefix_rows].to(suffix.dtype), suffix], dim=1)  # [B, length, W]
+                features.append(self(prompts, pooled_at, cut=cut))
+        ordered = torch.cat(features).reshape(n_classes, n_prefixes, -1)  # [C sorted by length, V, D]
+        inverse = torch.argsort(order)
+        return ordered[inverse].transpose(0, 1)  # [V, C, D]
+
+    def prefix_keys_values(self, prefixes: torch.Tensor) -> KeysValues:
+        """Run prefixes [V, Lp, W] through every block once; their keys and values per layer."""
+        tower = self.tower
+        cast_dtype = tower.transformer.get_cast_dtype()
+        n_prefixes, length, width = prefixes.shape
+        x = prefixes.to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
+        # Trailing padding positions (harmless: causal) keep the row count a multiple of ROW_BLOCK.
+        padded = _round_up(length, ROW_BLOCK)
+        x = torch.cat([x, x.new_zeros(n_prefixes, padded - length, width)], dim=1)  # [V, padded, W]
+        mask = _causal_mask(padded, padded, x.device)
+        cache = []
+        for block in tower.transformer.resblocks:
+            x, keys, values = _run_block(block, x, mask, None)
+            cache.append((keys[:, :, :length], values[:, :, :length]))
+        return cache
+
+    def _suffix_pass(
+        self,
+        cache: KeysValues,
+        prefix_rows: torch.Tensor,
+        suffix: torch.Tensor,
+        pool_index: torch.Tensor,
+        prefix_length: int,
+    ) -> torch.Tensor:
+        """Features [B, D] of suffixes [B, Ls, W] attending to their prefix rows' cached keys and values."""
+        tower = self.tower
+        cast_dtype = tower.transformer.get_cast_dtype()
+        batch, length, width = suffix.shape
+        end = prefix_length + length
+        x = suffix.to(cast_dtype) + tower.positional_embedding[prefix_length:end].to(cast_dtype)
+        # Padding sequences keep the row count a multiple of ROW_BLOCK, so every prompt's numbers
+        # are the same whatever else shares its chunk (I4).
+        padded = batch
+        while (padded * length) % ROW_BLOCK:
+            padded += 1
+        x = torch.cat([x, x.new_zeros(padded - batch, length, width)])  # [padded, Ls, W]
+        prefix_rows = torch.cat([prefix_rows, prefix_rows.new_zeros(padded - batch)])
+        mask = _causal_mask(length, end, x.device)  # suffix queries see the prefix and earlier suffix keys
+        for block, (keys, values) in zip(tower.transformer.resblocks, cache, strict=True):
+            x, _, _ = _run_block(block, x, mask, (keys[prefix_rows], values[prefix_rows]))
+        pooled = x[torch.arange(batch, device=x.device), pool_index - prefix_length]  # [B, W]
+        return self._project(tower.ln_final(pooled))  # a per-token norm: pooling first changes nothing
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """Additive mask [queries, keys] for the last `queries` of `keys` positions: -inf on later keys."""
+    mask = torch.full((queries, keys), float("-inf"), device=device)
+    return mask.triu(keys - queries + 1)
+
+
+def _chunks(lengths: list[int], repeats: int, token_budget: int, max_prompts: int | None):
+    """(first, last, cut length) of consecutive pairs; pair p has length lengths[p // repeats] (non-decreasing)."""
+    total = len(lengths) * repeats
+    first = 0
+    while first < total:
+        last = first + 1
+        while last < total and (last + 1 - first) * lengths[last // repeats] <= token_budget:
+            if max_prompts is not None and last - first >= max_prompts:
+                break
+            last += 1
+        yield first, last, lengths[(last - 1) // repeats]
+        first = last
+
+
+# --- running open_clip's blocks with cached keys and values ----------------------------------------
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    """Every position is blind to later ones (open_clip's causal mask is additive, -inf above the diagonal)."""
+    above = torch.triu(torch.ones_like(mask, dtype=torch.bool), diagonal=1)
+    blocked = torch.isneginf(mask) if mask.dtype != torch.bool else mask
+    return bool(blocked[above].all()) and not bool(blocked[~above].any())
+
+
+def _blocks_supported(transformer: nn.Module) -> bool:
+    if type(transformer) not in (open_clip_transformer.Transformer, open_clip_transformer.CustomTransformer):
+        return False
+    return all(_block_supported(block) for block in transformer.resblocks)
+
+
+def _block_supported(block: nn.Module) -> bool:
+    if type(block) is open_clip_transformer.ResidualAttentionBlock:
+        attention = block.attn
+        return (
+            not hasattr(block, "ln_1_kv")
+            and type(attention) is nn.MultiheadAttention
+            and attention._qkv_same_embed_dim
+            and attention.batch_first
+            and attention.bias_k is None
+            and not attention.add_zero_attn
+            and attention.dropout == 0.0
+        )
+    if type(block) is open_clip_transformer.CustomResidualAttentionBlock:
+        attention = block.attn
+        # Scaled cosine attention is left to open_clip's own forward.
+        return (
+            type(attention) is open_clip_transformer.Attention
+            and attention.logit_scale is None
+            and attention.attn_drop.p == 0.0
+        )
+    return False
+
+
+def _run_block(
+    block: nn.Module, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One residual block on x [B, L, W] after `past` keys/values [B, heads, P, head_dim].
+
+    Returns the block's output and the keys and values of x's own positions. `mask` [L, P + L] is
+    the tower's additive mask for these queries.
+    """
+    attended, keys, values = _attend(block.attn, block.ln_1(x), mask, past)
+    if isinstance(block, open_clip_transformer.CustomResidualAttentionBlock):
+        attended = block.ln_attn(attended)
+    x = x + block.ls_1(attended)
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, keys, values
+
+
+def _attend(
+    attention: nn.Module, h: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention of h [B, L, W] over past + own keys, as nn.MultiheadAttention or open_clip's Attention do it."""
+    batch, length, width = h.shape
+    heads = attention.num_heads
+    query, key, value = F.linear(h, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    query, key, value = (part.reshape(batch, length, heads, -1).transpose(1, 2) for part in (query, key, value))
+    custom = isinstance(attention, open_clip_transformer.Attention)
+    if custom:
+        query, key = attention.ln_q(query), attention.ln_k(key)
+    own_keys, own_values = key, value  # [B, heads, L, head_dim]
+    if past is not None:
+        key = torch.cat([past[0].to(key.dtype), key], dim=2)
+        value = torch.cat([past[1].to(value.dtype), value], dim=2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype))
+    if custom and attention.head_scale is not None:
+        out = out * attention.head_scale
+    out = out.transpose(1, 2).reshape(batch, length, width)
+    out = attention.out_drop(attention.out_proj(attention.ln_inner(out))) if custom else attention.out_proj(out)
+    return out, own_keys, own_values
 
 
 def normalize(features: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ from corrupt.results import COLUMNS, ResultsFile, correctness_path
 from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.errors import NemesisError
 from nemesis.evaluate import prepare_evaluation
+from nemesis.prompt_learner import PromptLearner
 from nemesis.testing import make_coop_folder
+from nemesis.text_encoder import TextEncoder
 
 from .conftest import cached_backbone
 
@@ -216,3 +218,23 @@ def test_the_same_file_under_other_names_is_one_checkpoint(tmp_path, data_root, 
     first = _sweep([path], out, GRID, data_root)
     again = _sweep(["../p.safetensors", "../sub/../p.safetensors"], out, GRID, data_root)
     assert again.computed == 0 and len(pd.read_parquet(out)) == len(first.cells)
+
+
+@pytest.mark.parametrize("class_position", ["end", "middle"])
+def test_tables_are_identical_with_and_without_prefix_reuse(tmp_path, data_root, monkeypatch, class_position):
+    """The shared-prefix text pass changes no accuracy and no per-sample correctness of a sweep."""
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=4, seed=3, class_position=class_position)
+    path = save_prompt(tmp_path / "p.safetensors", _ctx(3), metadata)
+    prefix_passes = []
+    original_pass = TextEncoder.prefix_keys_values
+    monkeypatch.setattr(TextEncoder, "prefix_keys_values", lambda *a: prefix_passes.append(1) or original_pass(*a))
+    shared = _sweep([path], tmp_path / "shared.parquet", GRID, data_root).cells
+    assert prefix_passes  # the prefixes were shared
+    monkeypatch.setattr(PromptLearner, "share_prefix", False)
+    prefix_passes.clear()
+    whole = _sweep([path], tmp_path / "whole.parquet", GRID, data_root).cells
+    assert not prefix_passes
+    pd.testing.assert_frame_equal(shared, whole)
+    correctness = [pd.read_parquet(correctness_path(tmp_path / name)) for name in ("shared.parquet", "whole.parquet")]
+    pd.testing.assert_frame_equal(*correctness)
+    assert shared.accuracy.nunique() > 1
