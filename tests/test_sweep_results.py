@@ -239,10 +239,9 @@ def test_a_damaged_file_is_named_and_nothing_is_dropped(tmp_path, damaged):
             load_sweeps([path]) if damaged == "part rows" else read_correctness(path)
 
 
-def _writer(path: str, numbers: list[int], merge_every: int) -> None:
+def _writer(path: str, checkpoints: list[tuple[list[dict], list[np.ndarray]]], merge_every: int) -> None:
     results = ResultsFile(path)
-    for index, number in enumerate(numbers):
-        rows, correct = checkpoint_cells(number)
+    for index, (rows, correct) in enumerate(checkpoints):
         for start in range(0, len(rows), 5):  # several appends per checkpoint: more chances to interleave
             results.append(rows[start : start + 5], correct[start : start + 5])
         if index % merge_every == 0:
@@ -254,7 +253,8 @@ def test_concurrent_writers_and_merges_lose_nothing(tmp_path):
     expected = _one_process_table(tmp_path, numbers)
     path = tmp_path / "r.parquet"
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_writer, args=(str(path), numbers[k::4], 1 + k % 2)) for k in range(4)]
+    checkpoints = [checkpoint_cells(number) for number in numbers]  # built here: the forked writers run no torch
+    workers = [context.Process(target=_writer, args=(str(path), checkpoints[k::4], 1 + k % 2)) for k in range(4)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -310,39 +310,33 @@ def prompts(tmp_path):
     return files, expected
 
 
-@pytest.mark.slow
-def test_concurrent_corrupt_processes_keep_every_cell_once(tmp_path, prompts):
-    files, expected = prompts
-    together, staggered = tmp_path / "together" / "r.parquet", tmp_path / "staggered" / "r.parquet"
-    together.parent.mkdir(), staggered.parent.mkdir()
-    processes = [
-        _start_corrupt(tmp_path, files[:3], together, "c1"),
-        _start_corrupt(tmp_path, files[3:], together, "c2"),
-    ]
-    processes.append(_start_corrupt(tmp_path, files[:3], staggered, "c3"))
-    _wait_for_a_part(staggered, processes[-1])
-    processes.append(_start_corrupt(tmp_path, files[3:], staggered, "c4"))  # starts once the first one has written
-    for process in processes:
-        _finished(process)
-    for out in (together, staggered):
-        _assert_same_table(out, expected)
-        assert not parts_folder(out).exists()
-
-
-@pytest.mark.slow
-def test_a_killed_corrupt_process_leaves_parts_the_rerun_merges(tmp_path, prompts):
-    files, expected = prompts
-    out = tmp_path / "killed" / "r.parquet"
-    out.parent.mkdir()
-    victim = _start_corrupt(tmp_path, files, out, "c1")
-    _wait_for_a_part(out, victim)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(30)
-    assert victim.returncode == -signal.SIGKILL and part_files(out)  # killed before its merge
-    assert len(load_sweeps([out.parent])) == len(pd.concat([pd.read_parquet(part) for part in part_files(out)]))
+def _corrupt_here(tmp_path, files, out) -> None:
     args = ["corrupt", *map(str, files), "--out", str(out), "--root", str(tmp_path / "data"), "--device", "cpu",
             *SUBPROCESS_FLAGS]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    _assert_same_table(out, expected)
-    assert not parts_folder(out).exists()
+
+
+@pytest.mark.slow
+def test_concurrent_and_killed_corrupt_processes_lose_and_double_nothing(tmp_path, prompts):
+    """Two processes started together and a third one started once they write, on different checkpoints of
+    one --out; a fourth killed mid-sweep, then rerun."""
+    files, expected = prompts
+    shared, killed = tmp_path / "shared" / "r.parquet", tmp_path / "killed" / "r.parquet"
+    shared.parent.mkdir(), killed.parent.mkdir()
+    together = [_start_corrupt(tmp_path, files[:2], shared, "c1"), _start_corrupt(tmp_path, files[2:4], shared, "c2")]
+    victim = _start_corrupt(tmp_path, files, killed, "c3")
+    _wait_for_a_part(killed, victim)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(30)
+    assert victim.returncode == -signal.SIGKILL and part_files(killed)  # killed before its merge
+    killed_rows = sum(len(pd.read_parquet(part)) for part in part_files(killed))
+    assert len(load_sweeps([killed.parent])) == killed_rows  # a folder search finds the unmerged rows
+    _wait_for_a_part(shared, together[0])
+    _corrupt_here(tmp_path, files[4:], shared)  # a staggered start, while the other two write
+    for process in together:
+        _finished(process)
+    _assert_same_table(shared, expected)
+    _corrupt_here(tmp_path, files, killed)  # the rerun reads the killed run's parts and merges them
+    _assert_same_table(killed, expected)
+    assert not parts_folder(shared).exists() and not parts_folder(killed).exists()
