@@ -36,6 +36,7 @@ column except `cell_id` and `accuracy`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import os
@@ -58,7 +59,6 @@ from nemesis.sweep_format import (
     lock_path,
     parts_folder,
     read_sweep_table,
-    sort_cells,
     typed_sweep_frame,
 )
 from nemesis.sweep_format import SWEEP_COLUMNS as COLUMNS
@@ -140,20 +140,19 @@ def merge_parts(path: str | os.PathLike) -> pd.DataFrame | None:
     with file_lock(lock_path(path)):
         if not folder.is_dir():  # another process merged meanwhile
             return None
-        contents = read_sweep_table(path, correctness=True, require_correctness=True, locked=True)
+        contents = read_sweep_table(path, correctness=True, require_correctness=True, locked=True, sort=True)
         merged = None
         if contents.parts:
-            merged = sort_cells(contents.table)
-            correctness = contents.correctness
-            order = {identifier: index for index, identifier in enumerate(correctness.column("cell_id").to_pylist())}
-            correctness = correctness.take(pa.array([order[identifier] for identifier in merged["cell_id"]]))
-            _write_table(path, merged, correctness)
+            merged = contents.table
+            _write_table(path, merged, contents.correctness)
         for part in contents.parts:
             part.unlink()  # the rows first: a correctness file without rows is ignored, rows without it are not
             correctness_path(part).unlink(missing_ok=True)
         for leftover in folder.iterdir():  # nobody writes while the lock is held: what is left is a killed writer's
             leftover.unlink()
         folder.rmdir()
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # the table is written under the lock
+            leftover.unlink(missing_ok=True)
     return merged
 
 

@@ -206,7 +206,9 @@ def _correctness_of(rows: pd.DataFrame, path: Path, table: Path, ids_only: bool,
     else:
         found = _read_correctness(path, ids_only, advice)
         wanted = pa.array(rows["cell_id"].astype(str).tolist(), type=pa.string())
-        found = found.filter(pc.is_in(found.column("cell_id"), value_set=wanted))
+        wanted_mask = pc.is_in(found.column("cell_id"), value_set=wanted)
+        if not pc.all(wanted_mask).as_py():  # copying the lists is the cost: only when some are not wanted
+            found = found.filter(wanted_mask)
     count = 0 if found is None else len(set(found.column("cell_id").to_pylist()))
     if required and count < len(rows):
         raise NemesisError(
@@ -215,7 +217,7 @@ def _correctness_of(rows: pd.DataFrame, path: Path, table: Path, ids_only: bool,
     return found
 
 
-def _read_once(table: Path, correctness: bool, require_correctness: bool) -> SweepContents:
+def _read_once(table: Path, correctness: bool, require_correctness: bool, sort: bool) -> SweepContents:
     parts = part_files(table)  # listed before the base is read: a part merged meanwhile is then found in it
     sources = [(table, _base_advice(table))] if table.is_file() else []
     sources += [(part, _part_advice(part)) for part in parts]
@@ -236,6 +238,8 @@ def _read_once(table: Path, correctness: bool, require_correctness: bool) -> Swe
         if frames
         else typed_sweep_frame(pd.DataFrame(columns=list(SWEEP_COLUMNS)), str(table))
     )
+    if sort:
+        merged = sort_cells(merged)
     ordered = None
     if correctness:
         ordered = _in_order(merged["cell_id"], found_correctness)
@@ -249,26 +253,35 @@ def _in_order(cell_ids: pd.Series, tables: list[pa.Table]) -> pa.Table:
     combined = pa.concat_tables(tables)
     # index_in gives each cell id the index of its first entry
     positions = pc.index_in(pa.array(cell_ids.astype(str).tolist(), type=pa.string()), value_set=combined["cell_id"])
-    return combined.take(positions.drop_null())
+    positions = positions.drop_null()
+    if len(positions) == len(combined) and pc.all(pc.equal(positions, pa.array(range(len(combined))))).as_py():
+        return combined  # already in order: no copy of the lists
+    return combined.take(positions)
 
 
 def read_sweep_table(
-    table: str | os.PathLike, *, correctness: bool = False, require_correctness: bool = False, locked: bool = False
+    table: str | os.PathLike,
+    *,
+    correctness: bool = False,
+    require_correctness: bool = False,
+    locked: bool = False,
+    sort: bool = False,
 ) -> SweepContents:
     """A sweep table's rows (base file and parts, one row per cell id) and, with `correctness`, theirs.
 
     `require_correctness` refuses rows whose per-sample correctness is missing (a resumed sweep
     would otherwise rewrite the table without them); without it such rows just have none.
     `locked`: the caller holds the table's lock already (the merge), so none is taken here.
+    `sort`: rows (and correctness) in `sort_cells` order, as a merge writes them.
     A damaged file is a NemesisError naming it and what to do.
     """
     table = Path(table)
     for attempt in range(_READ_ATTEMPTS):
         try:
             if locked:
-                return _read_once(table, correctness, require_correctness)
+                return _read_once(table, correctness, require_correctness, sort)
             with file_lock(lock_path(table), shared=True, create=False):
-                return _read_once(table, correctness, require_correctness)
+                return _read_once(table, correctness, require_correctness, sort)
         except FileNotFoundError as error:  # a part merged away meanwhile (only where no lock file existed yet)
             if attempt == _READ_ATTEMPTS - 1:
                 raise NemesisError(f"{table} kept changing while it was read ({error.filename}); try again") from error

@@ -33,7 +33,7 @@ from nemesis.sweep_format import SWEEP_COLUMNS, correctness_path, lock_path, par
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
-from .conftest import cached_backbone
+from .conftest import cached_backbone, fails_with_one_line
 
 GRID = parse_grid(rescale="0.5,2", replace="0,0.1", noise_seeds="0,1")
 N_CTX = 3
@@ -164,11 +164,13 @@ def test_a_crash_during_the_merge_loses_and_doubles_nothing(tmp_path):
     # ... and a writer killed between its correctness and its rows, and one inside a write
     (parts_folder(path) / "00000000000000000009-1-ffff.correct.parquet").write_bytes(b"half a write")
     (parts_folder(path) / ".00000000000000000010-1-ffff.parquet.x.tmp").write_bytes(b"half a write")
+    (tmp_path / ".r.parquet.x.tmp").write_bytes(b"half a write")  # ... and a merge killed while writing the table
     reopened = ResultsFile(path)
     assert len(reopened.table) == len(expected[0]) and reopened.table["cell_id"].is_unique
     assert len(load_sweeps([path])) == len(expected[0])
     reopened.compact()
     assert not parts_folder(path).exists()  # the leftovers of killed writers are gone
+    assert not (tmp_path / ".r.parquet.x.tmp").exists()
     _assert_same_table(path, expected)
 
 
@@ -237,6 +239,21 @@ def test_a_damaged_file_is_named_and_nothing_is_dropped(tmp_path, damaged):
     if damaged != "missing part correctness":  # analysis names it too (a missing entry it reports per cell)
         with pytest.raises(NemesisError, match=re.escape(expected)):
             load_sweeps([path]) if damaged == "part rows" else read_correctness(path)
+
+
+def test_the_commands_refuse_a_damaged_part_with_one_line(tmp_path):
+    path = tmp_path / "r.parquet"
+    results = ResultsFile(path)
+    results.append(*checkpoint_cells(1))
+    (part,) = part_files(path)
+    _garbage(part)
+    prompt = save_prompt(tmp_path / "p.safetensors", torch.zeros(N_CTX, 64), PromptMetadata(model="tiny"))
+    before = sorted(tmp_path.rglob("*"))
+    fails_with_one_line(
+        ["corrupt", str(prompt), "--out", str(path), "--device", "cpu"], f"cannot read sweep table {part}"
+    )
+    fails_with_one_line(["report", str(path), "--out", str(tmp_path / "report")], f"cannot read sweep table {part}")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written, nothing deleted
 
 
 def _writer(path: str, checkpoints: list[tuple[list[dict], list[np.ndarray]]], merge_every: int) -> None:
