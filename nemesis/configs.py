@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -145,13 +146,15 @@ class TrainConfig:
         for name, (value, least) in counts.items():
             if value < least:
                 raise NemesisError(f"{name} must be at least {least}, got {value}")
+        if self.seed >= 2**32:  # numpy's global generator takes 32-bit seeds
+            raise NemesisError(f"seed must be below 2**32, got {self.seed}")
         for name, value in (
             ("lr", self.lr),
             ("warmup_lr", self.warmup_lr),
             ("weight_decay", self.weight_decay),
         ):
-            if not value >= 0:
-                raise NemesisError(f"{name} must be 0 or more, got {value}")
+            if not (value >= 0 and math.isfinite(value)):
+                raise NemesisError(f"{name} must be a finite number, 0 or more, got {value}")
         if not 0 <= self.momentum < 1:
             raise NemesisError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.ctx_init is not None and not self.ctx_init.strip():
@@ -224,6 +227,16 @@ def read_run_config(out_dir: str | Path) -> TrainConfig:
     if not path.is_file():
         raise NemesisError(f"{path} not found: {out_dir} is not a run folder of `nemesis train`")
     try:
-        return TrainConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as error:
-        raise NemesisError(f"{path} is not valid JSON ({error})") from error
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise NemesisError(f"{path} is not valid JSON ({error}); restore it, or delete {out_dir} and rerun") from None
+    if not isinstance(values, dict) or not isinstance(values.get("nemesis") or {}, dict):
+        raise NemesisError(f"{path} is not a run config (a JSON object); restore it, or delete {out_dir} and rerun")
+    try:
+        return TrainConfig.from_json(values)
+    except NemesisError as error:
+        raise NemesisError(f"{path}: {error}; restore it, or delete {out_dir} and rerun") from None
+    except (TypeError, ValueError, AttributeError) as error:  # a value of the wrong type
+        raise NemesisError(
+            f"{path} holds a value of the wrong type ({error}); restore it, or delete {out_dir}"
+        ) from None

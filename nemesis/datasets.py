@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -120,8 +121,15 @@ class Dataset:
         if self.image_loader is not None:
             return self.image_loader(sample.path)
         try:
-            with Image.open(sample.path) as image:
-                return image.convert("RGB")
+            with warnings.catch_warnings():
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that; both are refused before decoding
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(sample.path) as image:
+                    return image.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise NemesisError(
+                f"image {sample.path} is too large to decode safely ({error}); replace it with a smaller image"
+            ) from None
         except FileNotFoundError as error:
             raise NemesisError(f"image file missing: {sample.path}; check the data folder") from error
         except (OSError, UnidentifiedImageError) as error:
@@ -163,9 +171,12 @@ def _read_json(path: Path) -> dict:
             f"split file missing: {path}; download it from the link in CoOp's DATASETS.md into {path.parent}"
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise NemesisError(f"{path} is not valid JSON ({error}); download it again") from error
+    if not isinstance(content, dict):
+        raise NemesisError(f"{path} is not a split file (its top level is not an object); download it again")
+    return content
 
 
 def _classnames_from_samples(splits: dict[str, list[Sample]], source: Path) -> list[str]:
@@ -175,8 +186,13 @@ def _classnames_from_samples(splits: dict[str, list[Sample]], source: Path) -> l
             names.setdefault(sample.label, sample.classname)
     if not names:
         return []
+    if min(names) < 0 or max(names) >= len(names):  # labels run 0..n-1, so none is beyond the count
+        raise NemesisError(
+            f"{source} has label {max(names) if min(names) >= 0 else min(names)} among {len(names)} classes; "
+            "labels must run 0..n-1"
+        )
     missing = sorted(set(range(max(names) + 1)) - set(names))
-    if missing or min(names) < 0:
+    if missing:
         raise NemesisError(f"{source} has no sample of label {missing[:MISSING_SHOWN]}; labels must run 0..n-1")
     return [names[label] for label in range(len(names))]
 

@@ -21,10 +21,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import safe_open, save_file
 from torchvision.transforms import InterpolationMode
 
 from .atomic import atomic_path
+from .checksum import tensors_sha256
 from .constants import cache_root
 from .datasets import Dataset, Sample, missing_files
 from .errors import NemesisError
@@ -79,6 +80,9 @@ def feature_key(
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+CHECKSUM_KEY = "sha256"  # of the entry's tensors, checked on every read
+
+
 def cache_file(cache_dir: Path, dataset_name: str, split: str, key: str, view: int | None = None) -> Path:
     view_part = "" if view is None else f"-view{view}"
     return cache_dir / f"{dataset_name}-{split}{view_part}-{key}.safetensors"
@@ -89,9 +93,13 @@ def _read_entry(path: Path, samples: list[Sample]) -> torch.Tensor | None:
     if not path.is_file():
         return None
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as file:
+            checksum = (file.metadata() or {}).get(CHECKSUM_KEY)
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError):
         return None
+    if checksum != tensors_sha256(tensors):
+        return None  # damaged (a flipped bit, a zeroed block) or written without a checksum: encoded again
     features, labels = tensors.get(FEATURES), tensors.get(LABELS)
     expected = torch.tensor([sample.label for sample in samples], dtype=torch.int64)
     if features is None or labels is None or len(features) != len(samples) or not torch.equal(labels, expected):
@@ -104,7 +112,8 @@ def _write_entry(path: Path, features: torch.Tensor, samples: list[Sample], summ
     labels = torch.tensor([sample.label for sample in samples], dtype=torch.int64)
     tensors = {FEATURES: features.float().contiguous(), LABELS: labels}
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={"nemesis": json.dumps(summary)})
+        metadata = {"nemesis": json.dumps(summary), CHECKSUM_KEY: tensors_sha256(tensors)}
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +209,8 @@ def encode_split(
     NemesisError before anything is encoded or written.
     """
     samples = dataset.split(split)
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise NemesisError(f"--cache-dir {cache_dir} is a file; name a folder for the feature cache")
     device = torch.device(device) if device is not None else _model_device(backbone)
     preprocessing = repr(backbone.preprocess)
     key = feature_key(backbone, dataset.name, split, samples, preprocessing, _precision(device))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import safe_open, save_file
 
 from .atomic import atomic_path
+from .checksum import tensors_sha256
 from .constants import RUN_LOG, RUN_METRICS
 from .errors import NemesisError
 
@@ -32,6 +34,11 @@ class RunState:
     ctx: torch.Tensor
     momentum: torch.Tensor | None
     extra: dict  # RNG states and the loss scaler
+
+
+DIGEST_KEY = "nemesis_state_sha256"
+RESULT_HEADER = "Evaluate on the *test* set"  # the log line before CoOp's result block
+_EPOCH_LINE = re.compile(r"epoch \[(\d+)/")
 
 
 def save_state(path: Path, state: RunState) -> None:
@@ -50,43 +57,100 @@ def save_state(path: Path, state: RunState) -> None:
         "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *(float(value) for value in numpy_state[2:])],
         **state.extra,
     }
+    header_text = json.dumps(header)
+    metadata = {STATE_KEY: header_text, DIGEST_KEY: tensors_sha256(tensors, header_text)}
     with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata={STATE_KEY: json.dumps(header)})
+        save_file(tensors, str(temporary), metadata=metadata)
 
 
 def load_state(path: Path) -> RunState:
-    """The saved state, with the global RNG states restored."""
+    """The saved state, checked against its checksum, with the global RNG states restored."""
+    damaged = f"{path} is damaged or was edited; delete it (the run restarts from epoch 0) or the whole run folder"
     try:
         with safe_open(str(path), framework="pt") as file:
-            header = json.loads((file.metadata() or {})[STATE_KEY])
+            metadata = file.metadata() or {}
             tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
+        header_text = metadata[STATE_KEY]
+        if metadata.get(DIGEST_KEY) != tensors_sha256(tensors, header_text):
+            raise NemesisError(f"{damaged} (its checksum does not match)")
+        header = json.loads(header_text)
+        version, python_state, gauss = header.pop("python_rng")
+        name, keys, position, has_gauss, cached = header.pop("numpy_rng")
+        epoch, step = header.pop("epoch"), header.pop("step")
+        if not all(isinstance(value, int) and value >= 0 for value in (epoch, step)):
+            raise ValueError("epoch and step must be counts")
+        python_rng = (version, tuple(python_state), gauss)
+        numpy_rng = (name, np.array(keys, dtype=np.uint32), int(position), int(has_gauss), cached)
+        random.Random().setstate(python_rng)  # checked on a private generator before the global one
+        np.random.RandomState().set_state(numpy_rng)
+        ctx, torch_rng = tensors["ctx"], tensors["torch_rng"]
+        torch.Generator().set_state(torch_rng)
+    except NemesisError:
+        raise
     except Exception as error:
-        raise NemesisError(f"{path} is not a readable training state ({error}); delete it to restart") from error
-    torch.set_rng_state(tensors["torch_rng"])
+        raise NemesisError(f"{damaged} ({type(error).__name__}: {str(error)[:100]})") from None
+    torch.set_rng_state(torch_rng)
     cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("cuda_rng_")]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
-    version, python_state, gauss = header.pop("python_rng")
-    random.setstate((version, tuple(python_state), gauss))
-    name, keys, position, has_gauss, cached = header.pop("numpy_rng")
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), int(position), int(has_gauss), cached))
-    epoch, step = header.pop("epoch"), header.pop("step")
-    return RunState(epoch, step, tensors["ctx"], tensors.get("momentum"), header)
+    random.setstate(python_rng)
+    np.random.set_state(numpy_rng)
+    return RunState(epoch, step, ctx, tensors.get("momentum"), header)
 
 
 def read_finished_metrics(path: Path, last_epoch: int) -> str:
-    """metrics.jsonl up to epoch `last_epoch`: rows of a later, unfinished epoch (or a torn line) dropped."""
+    """metrics.jsonl up to epoch `last_epoch`: rows of a later, unfinished epoch and a torn last line dropped.
+
+    Any other damage (a line that is not a row, a finished epoch without its row) is refused: the
+    rows are results, and silently dropping finished ones would change them.
+    """
     if not path.is_file():
+        if last_epoch:
+            raise NemesisError(f"{path} is missing but the run finished {last_epoch} epochs; restore it or rerun")
         return ""
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    lines.pop()  # the empty rest after the final newline, or a last line torn by a kill
+    kept, finished = [], set()
+    for number, line in enumerate(lines, start=1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            break
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch", 0), int):
+            raise NemesisError(f"{path} is damaged at line {number}; restore it, or delete the run folder and rerun")
         if row.get("epoch", 0) <= last_epoch:
             kept.append(line + "\n")
+            if row.get("kind") == "epoch":
+                finished.add(row["epoch"])
+    missing = sorted(set(range(1, last_epoch + 1)) - finished)
+    if missing:
+        raise NemesisError(
+            f"{path} lacks the rows of finished epoch {missing[0]}; restore it, or delete the run folder and rerun"
+        )
     return "".join(kept)
+
+
+def read_finished_log(path: Path, last_epoch: int) -> str:
+    """log.txt without the lines of an epoch that did not finish (a kill between its log line and its
+    state save) and without a result block that did not finish, so a resumed run writes them once."""
+    if not path.is_file():
+        return ""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    lines.pop()  # the empty rest after the final newline, or a torn last line
+    for index, line in enumerate(lines):
+        match = _EPOCH_LINE.match(line)
+        if (match and int(match.group(1)) > last_epoch) or line == RESULT_HEADER:
+            lines = lines[:index]
+            break
+    return "".join(line + "\n" for line in lines)
+
+
+def remove_orphans(folder: Path) -> None:
+    """Delete temporary files that a killed atomic write left behind (`.NAME.*.tmp`, see nemesis.atomic)."""
+    for orphan in folder.glob(".*.tmp"):
+        if orphan.is_file():
+            orphan.unlink(missing_ok=True)
 
 
 class Journal:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,17 @@ from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss, position_norms
 from .prompt_learner import PromptedCLIP, PromptLearner
-from .run_state import RUN_STATE, Journal, RunState, load_state, read_finished_metrics, save_state
+from .run_state import (
+    RESULT_HEADER,
+    RUN_STATE,
+    Journal,
+    RunState,
+    load_state,
+    read_finished_log,
+    read_finished_metrics,
+    remove_orphans,
+    save_state,
+)
 
 # Keys of config.json that may change when a run is resumed (they do not change what is learned).
 RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every")
@@ -192,6 +203,11 @@ def _comparable(values: dict) -> dict:
     return {key: value for key, value in values.items() if key not in RESUMABLE_CHANGES}
 
 
+def _config_digest(config: TrainConfig) -> str:
+    """What the saved state was computed under: the options a resume may not change."""
+    return hashlib.sha256(json.dumps(_comparable(config.to_json()), sort_keys=True).encode()).hexdigest()
+
+
 def _check_folder(out_dir: Path, config: TrainConfig, resume: bool) -> None:
     config_path = out_dir / RUN_CONFIG
     if not config_path.is_file():
@@ -328,6 +344,12 @@ def train(
     np.random.seed(config.seed)
     state_path = out_dir / RUN_STATE
     state = load_state(state_path) if resume and state_path.is_file() else None
+    config_digest = _config_digest(config)
+    if state is not None and state.extra.get("config", config_digest) != config_digest:
+        raise NemesisError(
+            f"{out_dir / RUN_CONFIG} was changed after the run saved its state; restore it, or delete {out_dir} "
+            "and rerun"
+        )
     if state is not None and state.epoch >= config.epochs and (out_dir / RUN_PROMPT).is_file():
         if echo is not None:
             echo(f"{out_dir} finished its {config.epochs} epochs before; nothing left to do")
@@ -343,11 +365,18 @@ def train(
         class_position=config.class_position,
         seed=config.seed,
     )
+    created = not out_dir.exists()  # a run that fails before its first epoch leaves no folder it created
+    finished_metrics = read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out_dir)  # temporary files of writes a kill interrupted
+    if (out_dir / RUN_CHECKPOINTS).is_dir():
+        remove_orphans(out_dir / RUN_CHECKPOINTS)
     if not (out_dir / RUN_CONFIG).is_file():
         write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
     journal = Journal(out_dir, echo)
-    write_text_atomic(out_dir / RUN_METRICS, read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0))
+    write_text_atomic(out_dir / RUN_METRICS, finished_metrics)
+    if state is not None:  # drop the log lines of an epoch or result block a kill cut short
+        write_text_atomic(out_dir / RUN_LOG, read_finished_log(out_dir / RUN_LOG, state.epoch))
 
     optimizer = torch.optim.SGD([learner.ctx], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scaler = None
@@ -394,6 +423,13 @@ def train(
             test_accuracy = None
             if done == config.epochs or (config.eval_every and done % config.eval_every == 0):
                 test_accuracy = _test_accuracy(learner, test_features, test_labels)
+            if not torch.isfinite(learner.ctx).all():
+                if created:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                raise NemesisError(
+                    f"training diverged in epoch {done}: the prompt is no longer finite (lr {config.lr:g}); "
+                    "lower --lr" + ("" if created else f" (the run in {out_dir} stays at its last saved epoch)")
+                )
             norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
             journal.rows.append(
                 {
@@ -415,7 +451,7 @@ def train(
                 checkpoint = out_dir / RUN_CHECKPOINTS / f"epoch-{done:04d}.safetensors"
                 save_prompt(checkpoint, learner.ctx.detach(), _metadata(config, backbone, data, done))
             momentum = optimizer.state.get(learner.ctx, {}).get("momentum_buffer")
-            extra = {"scaler": scaler.state_dict() if scaler is not None else None}
+            extra = {"scaler": scaler.state_dict() if scaler is not None else None, "config": config_digest}
             save_state(state_path, RunState(done, step, learner.ctx, momentum, extra))
             bar.update(task, completed=done, description=f"epoch {done}{shown}")
             if on_epoch_end is not None:
@@ -424,7 +460,7 @@ def train(
     predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
     total, correct = len(test_labels), int((predicted == test_labels).sum())
     save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), _metadata(config, backbone, data, config.epochs))
-    journal.say("Evaluate on the *test* set")
+    journal.say(RESULT_HEADER)
     for line in coop_result_block(total, correct, macro_f1(predicted, test_labels)).splitlines():
         journal.say(line, show=True)
     return out_dir

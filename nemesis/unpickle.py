@@ -416,7 +416,8 @@ def load_torch_file(
 ) -> Any:
     """Read a `torch.save` file (zip format, torch >= 1.6) on the CPU without running code from it.
 
-    `pickle_name` names the archive's pickle (TorchScript archives hold others beside `data.pkl`);
+    `pickle_name` names the archive's pickle (TorchScript archives also hold `constants.pkl`), whose
+    storages lie in the folder of the same name (`data/`, `constants/`);
     `inert_prefixes` and `extra_globals` widen what the unpickler accepts (see RestrictedUnpickler).
     """
     path = Path(path)
@@ -463,6 +464,7 @@ def _load_torch_zip(
     pickle_info = by_name[pickles[0]]
     if pickle_info.file_size > MAX_PICKLE_BYTES:
         raise NemesisError(f"refusing to load {path}: its pickle of {pickle_info.file_size} bytes is far too large")
+    storage_folder = pickle_name.removesuffix(".pkl")  # data.pkl -> data/<key>, constants.pkl -> constants/<key>
     loaded: dict[str, _Storage] = {}
     budget = [archive_size]  # all storages together hold at most the file's own bytes
 
@@ -471,7 +473,7 @@ def _load_torch_zip(
             if loaded[key].flat.dtype != dtype or loaded[key].flat.numel() != numel:
                 raise ForbiddenGlobal(f"storage {key!r:.60} is declared twice with different types or sizes")
             return loaded[key]
-        info = by_name.get(f"{prefix}data/{key}")
+        info = by_name.get(f"{prefix}{storage_folder}/{key}")
         nbytes = numel * dtype.itemsize
         if info is None or info.file_size != nbytes:
             raise ForbiddenGlobal(f"storage {key!r:.60} ({nbytes} bytes) is absent from the archive or sized otherwise")

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own copy of click
+from typer.core import TyperGroup
 
 from nemesis.errors import NemesisError
 
@@ -32,3 +34,29 @@ def reports_errors(command: Command) -> Command:
             raise fail(f"file not found: {error.filename or error}") from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _usage_line(error: UsageError) -> typer.Exit:
+    """A usage mistake (missing argument, unknown option) as the one error line, like every other error."""
+    where = error.ctx.command_path if error.ctx is not None else "nemesis"
+    return fail(f"{error.format_message()} (see {where} --help)")
+
+
+class OneLineErrorsGroup(TyperGroup):
+    """The root command group: usage errors become one line on stderr with exit code 2, not a usage panel."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except NoArgsIsHelpError:
+            raise  # a bare command group prints its help
+        except UsageError as error:
+            raise _usage_line(error) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as error:
+            raise _usage_line(error) from None

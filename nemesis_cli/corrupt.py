@@ -67,7 +67,7 @@ def corrupt(
     grid = parse_grid(rescale, replace, positions, noise_seeds, paper_preset, op or ())
     results = ResultsFile(out, csv=csv)
     inputs = resolve_inputs(checkpoints, epoch=epoch, model=model, pretrained=pretrained, dataset=dataset)
-    console = Console()
+    console = Console(highlight=False)  # paths and method names from files are printed as they are
     summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
     print_summary(summary, results, console)
 
@@ -111,13 +111,17 @@ def print_summary(summary: SweepSummary, results: ResultsFile, console: Console)
         f"{summary.seconds:.1f} s ({summary.cells_per_second:.1f} cells/s), "
         f"{summary.skipped} already in the results",
         soft_wrap=True,
+        markup=False,
     )
-    console.print(f"results: {results.path} (per-sample correctness: {results.correctness_path})", soft_wrap=True)
+    console.print(
+        f"results: {results.path} (per-sample correctness: {results.correctness_path})", soft_wrap=True, markup=False
+    )
     reducing = len(summary.reducing)
     methods = ", ".join(sorted(set(summary.cells["method"])))
     console.print(
         f"norm-reducing cells that raised accuracy: {summary.reducing_raised} of {reducing} (methods: {methods})",
         soft_wrap=True,
+        markup=False,
     )
     if len(summary.corrupted):
         console.print(_cells_table("best cells", summary.best()))

@@ -39,6 +39,8 @@ def eval_command(
 
     if out is not None and not out.parent.is_dir():
         raise NemesisError(f"--out: folder {out.parent} does not exist; create it first")
+    if out is not None and out.is_dir():
+        raise NemesisError(f"--out {out} is a folder; name the JSON Lines file to append to")
     prompt = load_checkpoint(checkpoint, epoch)
     result = evaluate(
         prompt,

@@ -14,9 +14,11 @@ from nemesis import __version__
 
 from . import analysis_commands, corrupt, data, demo, evaluate, models, prompt
 from . import train as train_commands
+from .common import OneLineErrorsGroup
 
 app = typer.Typer(
     name="nemesis",
+    cls=OneLineErrorsGroup,
     help="Soft prompts for CLIP-like models: train CoOp/Nemesis prompts, corrupt them, measure the Low-Norm Effect.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

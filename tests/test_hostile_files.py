@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -575,3 +576,253 @@ def test_saved_fewshot_json_with_paths_outside_is_refused(pets):
     saved.write_text("7")
     with pytest.raises(NemesisError, match="not a nemesis few-shot subset"):
         load_dataset("oxford_pets", pets, shots=1, seed=1)
+
+
+# --- damaged run folders on --resume (breaks 10, 13), numeric overflow in training (break 11) -------
+
+
+RUN_CLASSES = ["red apple", "green leaf", "blue sky"]
+
+
+def _run_config(root, **options):
+    from nemesis.configs import TrainConfig
+
+    values = dict(dataset="oxford_pets", root=str(root), shots=2, seed=2, model="tiny", pretrained=None,
+                  n_ctx=4, epochs=3, batch_size=4, lr=0.05, device="cpu")  # fmt: skip
+    return TrainConfig(**(values | options))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after epoch 2 of 3 (as a kill after the state save leaves it), and its data folder."""
+    from nemesis.testing import make_coop_folder
+    from nemesis.trainer import train
+
+    base = tmp_path_factory.mktemp("run")
+    make_coop_folder(base / "data", "oxford_pets", RUN_CLASSES, per_class=(2, 1, 2), image_size=16)
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch):
+        if epoch == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(_run_config(base / "data"), base / "run", progress=False, on_epoch_end=stop)
+    return base
+
+
+@pytest.fixture
+def stopped(stopped_run, tmp_path):
+    import shutil
+
+    shutil.copytree(stopped_run / "run", tmp_path / "run")
+    return stopped_run / "data", tmp_path / "run"
+
+
+def _resume(data, out):
+    from nemesis.configs import read_run_config
+    from nemesis.trainer import train
+
+    return train(read_run_config(out), out, resume=True, progress=False)
+
+
+def _edit_json_line(path, number, change):
+    lines = path.read_text().splitlines()
+    lines[number] = change(lines[number])
+    path.write_text("\n".join(lines) + "\n")
+
+
+DAMAGED_RUNS = {
+    "metrics line": ("metrics.jsonl", lambda p: _edit_json_line(p, 1, lambda line: line[:10]), "damaged at line 2"),
+    "metrics epoch row": ("metrics.jsonl", lambda p: _drop_epoch_row(p, 1), "lacks the rows of finished epoch 1"),
+    "config edited": (
+        "config.json",
+        lambda p: p.write_text(p.read_text().replace('"lr": 0.05', '"lr": 0.5')),
+        "was changed after the run saved its state",
+    ),
+    "config wrong type": (
+        "config.json",
+        lambda p: p.write_text(p.read_text().replace('"shots": 2', '"shots": "2"')),
+        "config.json",
+    ),
+    "config not an object": ("config.json", lambda p: p.write_text("7"), "not a run config"),
+    "state bit flip": ("state.safetensors", lambda p: _flip_last_byte(p), "damaged or was edited"),
+    "state truncated": ("state.safetensors", lambda p: p.write_bytes(p.read_bytes()[:100]), "damaged or was edited"),
+}
+
+
+def _drop_epoch_row(path, epoch):
+    rows = [
+        line
+        for line in path.read_text().splitlines()
+        if json.loads(line) != {**json.loads(line), "kind": "epoch", "epoch": epoch}
+    ]
+    path.write_text("".join(row + "\n" for row in rows))
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_RUNS))
+def test_damaged_run_folder_is_refused_on_resume_with_one_line(stopped, case):
+    data, out = stopped
+    name, damage, expected = DAMAGED_RUNS[case]
+    damage(out / name)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    with pytest.raises(NemesisError, match=re.escape(expected)) as error:
+        _resume(data, out)
+    assert "\n" not in str(error.value) and name in str(error.value)
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before  # nothing changed
+
+
+def test_resume_after_a_kill_between_log_and_state_writes_each_line_once(stopped):
+    data, out = stopped
+    # a kill after epoch 3's log line and metrics rows, before its state save; and an orphaned temporary file
+    with open(out / "log.txt", "a") as log:
+        log.write("epoch [3/3] lr 1.0000e-05 loss 1.0 mean_norm 1.0\n")
+    with open(out / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"kind": "epoch", "epoch": 3, "test_acc": 1.0')  # torn by the kill
+    (out / ".state.safetensors.x1y2.tmp").write_bytes(b"half")
+    _resume(data, out)
+    log = (out / "log.txt").read_text()
+    assert log.count("epoch [3/3]") == 1 and log.count("epoch [2/3]") == 1 and log.count("* accuracy:") == 1
+    assert not list(out.glob(".*.tmp"))
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == sorted(epochs) and [e for e in epochs if e == 3]  # epoch 3 rows, once, in order
+
+
+def test_learning_rate_that_overflows_is_refused_and_leaves_no_folder(stopped_run, tmp_path):
+    from nemesis.trainer import train
+
+    with pytest.raises(NemesisError, match="lr must be a finite number"):
+        _run_config(stopped_run / "data", lr=float("inf"))
+    with pytest.raises(NemesisError, match="diverged in epoch") as error:
+        train(_run_config(stopped_run / "data", lr=1e30, epochs=2, warmup_epochs=0), tmp_path / "run", progress=False)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(NemesisError, match="seed must be below"):
+        _run_config(stopped_run / "data", seed=2**64)
+
+
+def test_damaged_cache_entry_is_encoded_again_exactly(stopped_run, tmp_path):
+    from nemesis.backbone import load_clip
+    from nemesis.datasets import load_dataset
+    from nemesis.feature_cache import encode_split
+
+    backbone = load_clip("tiny")
+    data = load_dataset("oxford_pets", stopped_run / "data")
+    first, _ = encode_split(backbone, data, "test", cache_dir=tmp_path, progress=False)
+    (entry,) = tmp_path.glob("*.safetensors")
+    for damage in ("flip", "zero"):
+        raw = bytearray(entry.read_bytes())
+        if damage == "flip":
+            raw[-3] ^= 0x10
+        else:
+            raw[-64:] = bytes(64)
+        entry.write_bytes(bytes(raw))
+        again, _ = encode_split(backbone, data, "test", cache_dir=tmp_path, progress=False)
+        assert torch.equal(again, first)  # the damaged entry was noticed and encoded again, not read
+        assert entry.read_bytes() != bytes(raw)
+    with pytest.raises(NemesisError, match="is a file"):
+        encode_split(backbone, data, "test", cache_dir=entry, progress=False)
+
+
+# --- other inputs that used to end in a traceback (break 12) ----------------------------------------
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header declares width x height (the pixels are never needed to refuse it)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_decompression_bomb_image_is_refused_with_one_line(pets):
+    from nemesis.datasets import load_dataset
+
+    data = load_dataset("oxford_pets", pets)
+    sample = data.test[0]
+    _png_header_only(Path(sample.path), 20000, 20000)
+    with deadline(), pytest.raises(NemesisError, match="too large to decode safely"):
+        data.open_image(sample)
+    _png_header_only(Path(sample.path), 10000, 10000)  # above MAX_IMAGE_PIXELS, below twice it: PIL only warns
+    with deadline(), pytest.raises(NemesisError, match="too large to decode safely"):
+        data.open_image(sample)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("7", "top level is not an object"), (None, "labels must run 0..n-1"), ("[" * 100_000, "not valid JSON")],
+)
+def test_damaged_split_file_is_refused_with_one_line(pets, content, expected):
+    from nemesis.datasets import load_dataset
+
+    split = next((pets / "oxford_pets").glob("split_zhou_*.json"))
+    if content is None:  # one label of 1e9: used to build a 1e9-element set (5 GB)
+        values = json.loads(split.read_text())
+        values["train"][0][1] = 10**9
+        content = json.dumps(values)
+    split.write_text(content)
+    with deadline(), pytest.raises(NemesisError, match=re.escape(expected)) as error:
+        load_dataset("oxford_pets", pets)
+    assert "\n" not in str(error.value)
+
+
+def test_run_folder_with_a_foreign_checkpoint_name_still_loads(tmp_path):
+    from nemesis.constants import RUN_CHECKPOINTS, RUN_CONFIG
+
+    run = tmp_path / "run"
+    (run / RUN_CHECKPOINTS).mkdir(parents=True)
+    (run / RUN_CONFIG).write_text("{}")
+    save_prompt(run / RUN_CHECKPOINTS / "epoch-0002.safetensors", torch.ones(4, 8), PromptMetadata(epoch=2))
+    save_prompt(run / RUN_CHECKPOINTS / "epoch-final.safetensors", torch.zeros(4, 8), PromptMetadata())
+    assert load_checkpoint(run).metadata.epoch == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["corrupt"], "Missing argument"),
+        (["prompt", "info"], "Missing argument"),
+        (["corrupt", "x.safetensors", "--no-such-flag"], "No such option"),
+        (["no-such-command"], "No such command"),
+        (["train", "--lr", "abc"], "Invalid value"),
+    ],
+)
+def test_usage_errors_are_one_line(args, expected):
+    fails_with_one_line(args, expected)
+
+
+def test_eval_out_that_is_a_folder_is_refused_before_work(sweep):
+    tmp_path, good, _ = sweep
+    before = _snapshot(tmp_path)
+    fails_with_one_line(
+        ["eval", str(good), "--root", str(tmp_path / "data"), "--out", str(tmp_path / "out")], "is a folder"
+    )
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["reduce_os_system", "build_on_function", "legacy_format", "stride_zero_view"])
+def test_hostile_checkpoint_is_refused_by_eval_and_corrupt(case, workplace, tmp_path):
+    work, markers = workplace
+    path = HOSTILE_CASES[case](tmp_path / "model.pth.tar-1", markers / "pwned")
+    (tmp_path / "out").mkdir()
+    before = _snapshot(work, markers, tmp_path)
+    common = ["--model", "tiny", "--dataset", "fashion_mnist", "--cache-dir", str(tmp_path / "cache")]
+    with deadline():
+        fails_with_one_line(["eval", str(path), *common, "--out", str(tmp_path / "out" / "e.jsonl")], str(path))
+        fails_with_one_line(["corrupt", str(path), *common, "--out", str(tmp_path / "out" / "r.parquet")], str(path))
+    assert _snapshot(work, markers, tmp_path) == before
