@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_text_atomic
-from .backbone import Backbone, load_clip, resolve_device, text_width
+from .backbone import QUICKGELU_SUFFIX, Activation, Backbone, load_clip, resolve_device, text_width
 from .checkpoint import PromptCheckpoint
 from .datasets import Dataset, load_dataset
-from .errors import NemesisError
+from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
 from .prompt_learner import PromptLearner
 
@@ -53,8 +54,13 @@ def resolve_source(
     shots: int | None = None,
     seed: int | None = None,
     subsample: str | None = None,
+    activation: Activation | str | None = None,
 ) -> dict[str, Any]:
-    """What the checkpoint is and what it is evaluated on: named values win over the file's metadata."""
+    """What the checkpoint is and what it is evaluated on: named values win over the file's metadata.
+
+    The prompt's own weights (model and pretrained from its metadata) come with the activation it
+    was trained under; other weights get the activation of their provenance unless one is named.
+    """
     metadata = checkpoint.metadata
     model = model or metadata.model
     if model is None:
@@ -64,10 +70,13 @@ def resolve_source(
         raise NemesisError(f"{checkpoint.path}: the checkpoint does not name its dataset; pass --dataset")
     if pretrained is None and model == metadata.model:
         pretrained = metadata.pretrained
+    if activation is None and model == metadata.model and pretrained == metadata.pretrained:
+        activation = metadata.activation
     return {
         "checkpoint": str(Path(checkpoint.path).resolve()) if checkpoint.path else None,
         "model": model,
         "pretrained": pretrained,
+        "activation": getattr(activation, "value", activation),
         "dataset": dataset,
         "train_dataset": metadata.dataset or dataset,
         "shots": shots if shots is not None else metadata.shots,
@@ -89,9 +98,10 @@ def prepare_evaluation(
     shots: int | None = None,
     seed: int | None = None,
     subsample: str | None = None,
+    activation: Activation | str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
-    backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    backbones: dict[tuple[str, str | None, str | None], Backbone] | None = None,
     progress: bool = True,
 ) -> EvaluationSetup:
     """Everything needed to classify the test split with `checkpoint`'s prompt.
@@ -100,7 +110,14 @@ def prepare_evaluation(
     built or any image is encoded, so bad input writes nothing to the cache.
     """
     source = resolve_source(
-        checkpoint, model=model, pretrained=pretrained, dataset=dataset, shots=shots, seed=seed, subsample=subsample
+        checkpoint,
+        model=model,
+        pretrained=pretrained,
+        dataset=dataset,
+        shots=shots,
+        seed=seed,
+        subsample=subsample,
+        activation=activation,
     )
     width = text_width(source["model"])
     checkpoint.check_compatible(width, source["model"])  # before the dataset is read
@@ -108,11 +125,14 @@ def prepare_evaluation(
     checkpoint.check_compatible(width, source["model"], len(data.classnames))
     device = resolve_device(device)
     backbones = {} if backbones is None else backbones
-    key = (source["model"], source["pretrained"])
+    key = (source["model"], source["pretrained"], source["activation"])
     if key not in backbones:
-        backbones[key] = load_clip(source["model"], source["pretrained"], device=device)
+        backbones[key] = load_clip(*key[:2], device=device, activation=source["activation"])
     backbone = backbones[key]
     source["weights_id"] = backbone.weights_id
+    source["activation"] = backbone.activation.value
+    if (note := activation_mismatch(checkpoint, backbone.activation)) is not None:
+        warnings.warn(note, NemesisNote, stacklevel=2)
     metadata = checkpoint.metadata
     learner = PromptLearner(
         backbone,
@@ -185,12 +205,27 @@ class EvaluationResult:
 
 
 def weights_mismatch(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> str | None:
-    """A note when the prompt was trained on other weights than it is evaluated with (else None)."""
+    """A note when the prompt was trained on other weights than it is evaluated with (else None).
+
+    The activation part of the identity has its own note (`activation_mismatch`).
+    """
     trained = checkpoint.metadata.weights_id
     used = source.get("weights_id")
-    if trained is None or used is None or trained == used:
+    if trained is None or used is None or trained.removesuffix(QUICKGELU_SUFFIX) == used.removesuffix(QUICKGELU_SUFFIX):
         return None
     return f"the prompt was trained with weights {trained} but runs with {used}"
+
+
+def activation_mismatch(checkpoint: PromptCheckpoint, activation: Activation) -> str | None:
+    """A note when the prompt was trained under another activation than the one it runs under (else None)."""
+    trained = checkpoint.metadata.activation
+    if trained is None or trained == activation.value:
+        return None
+    names = {"quickgelu": "QuickGELU", "gelu": "GELU"}
+    return (
+        f"{checkpoint.path}: the prompt was trained under {names.get(trained, trained)} but runs under "
+        f"{names[activation.value]}; pass --activation {trained} to evaluate it as trained"
+    )
 
 
 def evaluate(checkpoint: PromptCheckpoint, **options: Any) -> EvaluationResult:

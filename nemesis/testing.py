@@ -236,3 +236,34 @@ def shuffled_subset(samples: Sequence[Sample], per_label: int, seed: int) -> lis
     subset = [item for items in by_label.values() for item in items[-per_label:]]
     random.Random(seed).shuffle(subset)
     return subset
+
+
+def write_openai_archive(model, path: str | os.PathLike, dtype=None) -> Path:
+    """Save open_clip CLIP `model` the way OpenAI's `clip` package ships its weights: a TorchScript archive.
+
+    The module is traced under OpenAI's key names (open_clip's CLIP uses the same) with the three
+    metadata tensors OpenAI keeps beside the weights (`input_resolution`, `context_length`,
+    `vocab_size`); `dtype=torch.float16` stores the weights in half precision as OpenAI's files do.
+    """
+    import copy
+    import warnings
+
+    import torch
+
+    model = copy.deepcopy(model).float().eval()
+    image_size = model.visual.image_size
+    image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
+    context_length, vocab_size = int(model.context_length), int(model.vocab_size)
+    del model.context_length, model.vocab_size  # plain ints in open_clip, tensors in OpenAI's archives
+    model.register_buffer("input_resolution", torch.tensor(image_size))
+    model.register_buffer("context_length", torch.tensor(context_length))
+    model.register_buffer("vocab_size", torch.tensor(vocab_size))
+    images = torch.zeros(1, 3, image_size, image_size)
+    texts = torch.zeros(1, context_length, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        traced = torch.jit.trace_module(model, {"encode_image": (images,), "encode_text": (texts,)}, check_trace=False)
+        if dtype is not None:
+            traced = traced.to(dtype)
+        torch.jit.save(traced, str(path))
+    return Path(path)

@@ -291,6 +291,7 @@ def _metadata(config: TrainConfig, backbone: Backbone, data: Dataset, epoch: int
         model=config.model,
         pretrained=config.pretrained,
         weights_id=backbone.weights_id,
+        activation=backbone.activation.value,
         class_position=config.class_position,
         ctx_init=config.ctx_init,
         classnames=list(data.classnames),
@@ -333,7 +334,7 @@ def train(
             echo(f"{out_dir} finished its {config.epochs} epochs before; nothing left to do")
         return out_dir
 
-    backbone = load_clip(config.model, config.pretrained, device=device)
+    backbone = load_clip(config.model, config.pretrained, device=device, activation=config.activation)
     learner = PromptLearner(
         backbone,
         data.classnames,
@@ -368,7 +369,8 @@ def train(
         journal.say(
             f"nemesis train: {config.method.value} on {config.dataset} ({len(data.classnames)} classes, "
             f"{len(data.train)} training images), {config.shots} shots, seed {config.seed}, "
-            f"{config.model} ({config.pretrained}), {config.epochs} epochs, device {device}",
+            f"{config.model} ({config.pretrained}, {backbone.activation.value}), {config.epochs} epochs, "
+            f"device {device}",
             show=True,
         )
         journal.say(f"config: {json.dumps(config.to_json())}")

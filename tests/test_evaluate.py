@@ -139,3 +139,23 @@ def test_other_weights_than_training_are_noted(tmp_path, pets_root):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "note: the prompt was trained with weights sha256:feed but runs with random-seed0" in result.output
+
+
+def test_prompt_trained_under_another_activation_is_noted(tmp_path, pets_root):
+    path = _prompt(tmp_path, activation="quickgelu")
+    args = ["eval", str(path), "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, [*args, "--activation", "gelu"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "trained under QuickGELU but runs under GELU; pass --activation quickgelu" in notes[0]
+    # Without --activation the prompt's own weights come with the activation it recorded.
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "note:" not in result.output and "activation quickgelu" in result.output
+
+
+def test_coop_checkpoints_were_trained_under_quickgelu(tmp_path, pets_root):
+    dassl = write_dassl_checkpoint(tmp_path / "coop", torch.zeros(4, 64))
+    args = ["eval", str(dassl), "--model", "tiny", "--dataset", "oxford_pets", "--root", str(pets_root)]
+    result = runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "note: " in result.output and "trained under QuickGELU but runs under GELU" in result.output

@@ -159,6 +159,7 @@ def test_run_folder_holds_every_file_and_row(pets, tmp_path):
     )
     assert metadata.method == "nemesis" and metadata.method_config["beta"] == 0.5 and metadata.epoch == 3
     assert metadata.classnames == CLASSNAMES and metadata.weights_id and metadata.subsample == "all"
+    assert metadata.activation == "gelu"  # tiny's own activation, recorded with the prompt
     assert torch.allclose(torch.tensor(epochs[-1]["norms"]), prompt.ctx.norm(dim=-1))
 
     log = (out / "log.txt").read_text().splitlines()
