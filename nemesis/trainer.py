@@ -13,11 +13,13 @@ checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,9 @@ from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss, position_norms
 from .prompt_learner import PromptedCLIP, PromptLearner
 from .run_state import RUN_STATE, Journal, RunState, load_state, read_finished_metrics, save_state
+
+# What Dassl's trainer prints between the last epoch and the result block (final model: last epoch).
+DASSL_CLOSING = ("Finish training", "Deploy the last-epoch model", "Evaluate on the *test* set")
 
 # Keys of config.json that may change when a run is resumed (they do not change what is learned).
 RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every")
@@ -318,6 +323,7 @@ def train(
     `resume=True` continues the run saved in `out_dir` (same options) after its last finished epoch.
     `on_epoch_end(epoch)` is called after each epoch's state is saved (tests interrupt runs with it).
     """
+    started = time.perf_counter()
     config = config.resolved()
     out_dir = Path(out_dir)
     _check_folder(out_dir, config, resume)
@@ -426,7 +432,10 @@ def train(
     predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
     total, correct = len(test_labels), int((predicted == test_labels).sum())
     save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), _metadata(config, backbone, data, config.epochs))
-    journal.say("Evaluate on the *test* set")
+    # Dassl's closing lines, word for word: CoOp's parse_test_res.py reads accuracy after "Finish training".
+    for line in DASSL_CLOSING:
+        journal.say(line)
     for line in coop_result_block(total, correct, macro_f1(predicted, test_labels)).splitlines():
         journal.say(line, show=True)
+    journal.say(f"Elapsed: {datetime.timedelta(seconds=round(time.perf_counter() - started))}")
     return out_dir
