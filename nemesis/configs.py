@@ -96,7 +96,7 @@ class TrainConfig:
     model: str = "RN50"  # open_clip model name
     pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
     activation: str | None = None  # quickgelu or gelu; None: the weights' own (QuickGELU for OpenAI's)
-    n_ctx: int = 16  # context vectors M (ignored when ctx_init is given: its token count)
+    n_ctx: int = 16  # context vectors M (ignored when ctx_init is given: its word count, as in CoOp)
     ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"; None: N(0, 0.02^2)
     class_specific: bool = False  # one ctx per class (CoOp's CSC)
     class_position: str = "end"  # where the class name goes: end, middle or front

@@ -140,6 +140,7 @@ def prepare_evaluation(
         ctx=checkpoint.ctx,
         class_specific=checkpoint.class_specific,
         class_position=metadata.class_position,
+        ctx_init=metadata.ctx_init,  # the init phrase's tokens beyond ctx stay in the prompt (CoOp)
     )
     features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device, progress=progress)
     return EvaluationSetup(backbone, data, learner, features.to(device), labels.to(device), source)

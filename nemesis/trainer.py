@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -41,7 +40,7 @@ from .errors import NemesisError
 from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss, position_norms
-from .prompt_learner import PromptedCLIP, PromptLearner
+from .prompt_learner import PromptedCLIP, PromptLearner, init_word_count
 from .run_state import RUN_STATE, Journal, RunState, load_state, read_finished_metrics, save_state
 
 # What Dassl's trainer prints between the last epoch and the result block (final model: last epoch).
@@ -159,11 +158,8 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
 
 
 def resolved_n_ctx(config: TrainConfig) -> int:
-    """Context length as the learner will build it (the init words' token count when ctx_init is given)."""
-    tokenizer = open_clip.get_tokenizer(config.model)
-    if config.ctx_init is None or not hasattr(tokenizer, "encode"):
-        return config.n_ctx  # a tokenizer without CLIP's layout is refused when the learner is built
-    return len(tokenizer.encode(config.ctx_init.replace("_", " ")))
+    """Context length as the learner will build it (CoOp: the init phrase's word count when ctx_init is given)."""
+    return config.n_ctx if config.ctx_init is None else init_word_count(config.ctx_init)
 
 
 def load_training_data(config: TrainConfig) -> Dataset:
