@@ -17,7 +17,7 @@ import open_clip
 import torch
 from torch import nn
 
-from .choices import Activation
+from .choices import Activation, choice
 from .constants import RANDOM_WEIGHTS
 from .errors import NemesisError, NemesisNote
 from .openai_archive import is_openai_archive, read_openai_weights
@@ -153,16 +153,6 @@ def uses_quick_gelu(name: str, pretrained: str | None) -> bool:
     return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
 
 
-def _parse_activation(activation: Activation | str | None) -> Activation | None:
-    if activation is None or isinstance(activation, Activation):
-        return activation
-    try:
-        return Activation(str(activation).lower())
-    except ValueError:
-        choices = ", ".join(member.value for member in Activation)
-        raise NemesisError(f"unknown activation '{activation}'; choose one of {choices}") from None
-
-
 def resolve_activation(
     name: str, pretrained: str | None, activation: Activation | str | None = None
 ) -> tuple[Activation, str | None]:
@@ -173,7 +163,7 @@ def resolve_activation(
     TorchScript archive, the config's own for random weights. A plain weights file cannot say: GELU,
     with a note when the architecture is one OpenAI released (their weights need QuickGELU).
     """
-    chosen = _parse_activation(activation)
+    chosen = None if activation is None else choice(Activation, activation, "activation")
     if model_config(name).get("quick_gelu", False):
         if chosen is Activation.gelu:
             base = name.removesuffix("-quickgelu")
