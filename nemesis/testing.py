@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import FEWSHOT_DIR, FGVC_CLASSES_FILE, IMAGENET_CLASSNAMES_FILE, LAYOUTS, LayoutKind, Sample
+from .datasets import (
+    FEWSHOT_DIR,
+    FGVC_CLASSES_FILE,
+    IMAGENET_CLASSNAMES_FILE,
+    IMAGENET_PREPROCESSED_FILE,
+    LAYOUTS,
+    LayoutKind,
+    Sample,
+)
 from .fewshot import sample_fewshot_splits
 
 # Where the pickles pretend to come from.
@@ -80,6 +88,28 @@ def _fake_dassl_module() -> Iterator[type]:
                 sys.modules[name] = module
 
 
+def _foreign_path(sample: Sample, dataset_dir: Path, foreign_root: str) -> str:
+    relative = Path(sample.path).relative_to(dataset_dir.parent).as_posix()
+    return f"{foreign_root.rstrip('/')}/{relative}"
+
+
+def write_imagenet_preprocessed(
+    dataset_dir: Path, train: Iterable[Sample], test: Iterable[Sample], foreign_root: str = FOREIGN_ROOT
+) -> Path:
+    """Write `imagenet/preprocessed.pkl` as CoOp's ImageNet reader caches its listing: a pickle of
+    `{"train": [Datum], "test": [Datum]}` (samples in the order given), paths moved to `foreign_root`."""
+    dataset_dir = Path(dataset_dir)
+    path = dataset_dir / IMAGENET_PREPROCESSED_FILE
+    with _fake_dassl_module() as datum:
+        content = {
+            split: [datum(_foreign_path(s, dataset_dir, foreign_root), s.label, s.classname) for s in samples]
+            for split, samples in (("train", train), ("test", test))
+        }
+        with open(path, "wb") as file:
+            pickle.dump(content, file, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
 def write_fewshot_pickle(
     dataset_dir: Path,
     shots: int,
@@ -92,8 +122,7 @@ def write_fewshot_pickle(
     dataset_dir = Path(dataset_dir)
 
     def foreign(sample: Sample) -> str:
-        relative = Path(sample.path).relative_to(dataset_dir.parent).as_posix()
-        return f"{foreign_root.rstrip('/')}/{relative}"
+        return _foreign_path(sample, dataset_dir, foreign_root)
 
     path = dataset_dir / FEWSHOT_DIR / f"shot_{shots}-seed_{seed}.pkl"
     path.parent.mkdir(parents=True, exist_ok=True)
