@@ -25,7 +25,7 @@ from .checkpoint import PromptCheckpoint
 from .datasets import Dataset, load_dataset
 from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
-from .prompt_learner import PromptLearner
+from .prompt_learner import PromptLearner, init_word_count
 
 
 @dataclass
@@ -55,8 +55,12 @@ def resolve_source(
     seed: int | None = None,
     subsample: str | None = None,
     activation: Activation | str | None = None,
+    ctx_init: str | None = None,
 ) -> dict[str, Any]:
     """What the checkpoint is and what it is evaluated on: named values win over the file's metadata.
+
+    `ctx_init` names the init phrase of a prompt that does not record it (CoOp's files): as in CoOp,
+    its tokens beyond the checkpoint's n_ctx stay in the prompt.
 
     The prompt's own weights (model and pretrained from its metadata) come with the activation it
     was trained under; other weights get the activation of their provenance unless one is named.
@@ -72,11 +76,18 @@ def resolve_source(
         pretrained = metadata.pretrained
     if activation is None and model == metadata.model and pretrained == metadata.pretrained:
         activation = metadata.activation
+    n_ctx = checkpoint.ctx.shape[-2]
+    if ctx_init is not None and init_word_count(ctx_init) != n_ctx:
+        raise NemesisError(
+            f"--ctx-init '{ctx_init}' has {init_word_count(ctx_init)} words but {checkpoint.path} holds {n_ctx} "
+            "context vectors; CoOp learns one vector per word of the init phrase"
+        )
     return {
         "checkpoint": str(Path(checkpoint.path).resolve()) if checkpoint.path else None,
         "model": model,
         "pretrained": pretrained,
         "activation": getattr(activation, "value", activation),
+        "ctx_init": ctx_init or metadata.ctx_init,
         "dataset": dataset,
         "train_dataset": metadata.dataset or dataset,
         "shots": shots if shots is not None else metadata.shots,
@@ -99,6 +110,7 @@ def prepare_evaluation(
     seed: int | None = None,
     subsample: str | None = None,
     activation: Activation | str | None = None,
+    ctx_init: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
     backbones: dict[tuple[str, str | None, str | None], Backbone] | None = None,
@@ -118,6 +130,7 @@ def prepare_evaluation(
         seed=seed,
         subsample=subsample,
         activation=activation,
+        ctx_init=ctx_init,
     )
     width = text_width(source["model"])
     checkpoint.check_compatible(width, source["model"])  # before the dataset is read
@@ -140,7 +153,7 @@ def prepare_evaluation(
         ctx=checkpoint.ctx,
         class_specific=checkpoint.class_specific,
         class_position=metadata.class_position,
-        ctx_init=metadata.ctx_init,  # the init phrase's tokens beyond ctx stay in the prompt (CoOp)
+        ctx_init=source["ctx_init"],  # the init phrase's tokens beyond ctx stay in the prompt (CoOp)
     )
     features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device, progress=progress)
     return EvaluationSetup(backbone, data, learner, features.to(device), labels.to(device), source)

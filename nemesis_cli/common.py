@@ -13,6 +13,7 @@ from nemesis.errors import NemesisError, NemesisNote
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
+CTX_INIT_HELP = "The init phrase a CoOp checkpoint was trained with (its tokens beyond n_ctx stay in the prompt)."
 ACTIVATION_HELP = (
     "quickgelu or gelu (default: the weights' own: QuickGELU for openai tags and OpenAI archives, "
     "GELU with a note for other files)."

@@ -9,7 +9,7 @@ import typer
 
 from nemesis.errors import NemesisError
 
-from .common import ACTIVATION_HELP, reports_errors
+from .common import ACTIVATION_HELP, CTX_INIT_HELP, reports_errors
 
 Option = typer.Option
 
@@ -24,6 +24,7 @@ def eval_command(
         str | None, Option(help="Weights: an open_clip tag, a local file, or an OpenAI CLIP archive (RN50.pt).")
     ] = None,
     activation: Annotated[str | None, Option(help=ACTIVATION_HELP)] = None,
+    ctx_init: Annotated[str | None, Option(help=CTX_INIT_HELP)] = None,
     shots: Annotated[int | None, Option(help="Shots the prompt was trained with (recorded only).")] = None,
     seed: Annotated[int | None, Option(help="Seed the prompt was trained with (recorded only).")] = None,
     subsample: Annotated[str | None, Option(help="Classes to test: all, base or new.")] = None,
@@ -48,6 +49,7 @@ def eval_command(
         model=model,
         pretrained=pretrained,
         activation=activation,
+        ctx_init=ctx_init,
         dataset=dataset,
         root=root,
         shots=shots,
