@@ -239,9 +239,11 @@ def load_clip(
     except Exception as error:
         reason = _error_reason(error)
         if resolved is not None and not Path(resolved).is_file():
+            quick = " with --activation quickgelu" if chosen is Activation.quickgelu else ""
             raise NemesisError(
                 f"weights '{pretrained}' for {name} could not be loaded ({reason}); without internet, download "
-                "them elsewhere and pass the file with --pretrained PATH (OpenAI's ~/.cache/clip/*.pt files work)"
+                f"them elsewhere and pass the file with --pretrained PATH{quick} (OpenAI's ~/.cache/clip/*.pt "
+                "archives need no --activation)"
             ) from error
         raise NemesisError(f"could not build {name} with weights {pretrained} ({reason})") from error
     model = model.to(device).eval()

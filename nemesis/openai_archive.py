@@ -48,6 +48,18 @@ _STORAGE_DTYPES = {
 }
 
 
+# TorchScript's helpers for typed lists and containers in module attributes: they only build plain values.
+_LIST_BUILDERS = ("build_intlist", "build_floatlist", "build_doublelist", "build_boollist", "build_tensorlist")
+
+
+def _plain_list(values: Any) -> list:
+    return list(values)
+
+
+def _untagged(value: Any, _type_tag: Any) -> Any:
+    return value
+
+
 @dataclass(frozen=True)
 class _StorageType:
     dtype: torch.dtype
@@ -75,6 +87,10 @@ class _ArchiveUnpickler(RestrictedUnpickler):
             return _StorageType(_STORAGE_DTYPES[name])
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
             return _rebuild_tensor
+        if module == "torch.jit._pickle" and name in _LIST_BUILDERS:
+            return _plain_list
+        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
+            return _untagged
         return super().find_class(module, name)
 
     def persistent_load(self, saved_id: Any) -> torch.Tensor:
