@@ -2,11 +2,11 @@
 
 Those files are TorchScript archives: a zip holding `<name>/data.pkl` (the pickled module tree,
 whose classes are named `__torch__.*`), the raw tensor storages under `<name>/data/<key>`, and
-the module's TorchScript code. `torch.jit.load` would compile and keep that code; here the pickle
-goes through the restricted unpickler, every `__torch__` class becomes an inert record, tensors
-are rebuilt from the storages, and the code is never read. The tensors of the module tree, under
-OpenAI's key names (open_clip's CLIP uses the same), form the state dict; the three metadata
-tensors OpenAI keeps beside the weights are dropped.
+the module's TorchScript code. `torch.jit.load` would compile and keep that code; here `data.pkl`
+goes through the restricted unpickler (`nemesis.unpickle.load_torch_file`): every `__torch__`
+class becomes an inert record, tensors are rebuilt from the bounded storages, and the code is never
+read. The tensors of the module tree, under OpenAI's key names (open_clip's CLIP uses the same),
+form the state dict; the three metadata tensors OpenAI keeps beside the weights are dropped.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import pickle
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +23,14 @@ import torch
 from torch import nn
 
 from .errors import NemesisError
-from .unpickle import ForbiddenGlobal, PickledObject, RestrictedUnpickler, _inert_class
+from .unpickle import PickledObject, load_torch_file
 
 # Tensors of OpenAI's archives that describe the model instead of being weights (open_clip's
 # `build_model_from_openai_state_dict` drops the same three).
 METADATA_TENSORS = ("input_resolution", "context_length", "vocab_size")
-# OpenAI keeps the text tower's causal mask as a tensor attribute of its blocks: not a weight.
+# A module's causal mask, when a tracer kept it as a tensor attribute: not a weight.
 MASK_ATTRIBUTE = "attn_mask"
 TORCHSCRIPT_CLASS_PREFIX = "__torch__."
-
-_STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-
-
-# TorchScript's helpers for typed lists and containers in module attributes: they only build plain values.
-_LIST_BUILDERS = ("build_intlist", "build_floatlist", "build_doublelist", "build_boollist", "build_tensorlist")
 
 
 def _plain_list(values: Any) -> list:
@@ -60,57 +41,14 @@ def _untagged(value: Any, _type_tag: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: torch.dtype
-
-
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
-    """Stand-in for `torch._utils._rebuild_tensor_v2`: a view of the flat storage (requires_grad, hooks ignored)."""
-    if not isinstance(storage, torch.Tensor):
-        raise ForbiddenGlobal("a tensor in the archive has no storage")
-    return storage.as_strided(tuple(size), tuple(stride), int(offset))
-
-
-class _ArchiveUnpickler(RestrictedUnpickler):
-    """The restricted unpickler plus TorchScript's names: `__torch__` classes as inert records, zip storages."""
-
-    def __init__(self, file: Any, archive: zipfile.ZipFile, prefix: str) -> None:
-        super().__init__(file)
-        self.archive, self.prefix = archive, prefix
-        self.storages: dict[str, torch.Tensor] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith(TORCHSCRIPT_CLASS_PREFIX):
-            return _inert_class(f"{module}.{name}")
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if module == "torch.jit._pickle" and name in _LIST_BUILDERS:
-            return _plain_list
-        if (module, name) == ("torch.jit._pickle", "restore_type_tag"):
-            return _untagged
-        return super().find_class(module, name)
-
-    def persistent_load(self, saved_id: Any) -> torch.Tensor:
-        # TorchScript's pickler names each storage as ('storage', type, key, location, numel).
-        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
-            raise ForbiddenGlobal(f"unexpected persistent id {saved_id!r}")
-        _, storage_type, key, _, numel = saved_id
-        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int):
-            raise ForbiddenGlobal(f"unexpected storage {saved_id!r}")
-        if key not in self.storages:
-            try:
-                data = bytearray(self.archive.read(f"{self.prefix}/data/{key}"))
-            except KeyError:
-                raise NemesisError(f"the archive lacks the storage data/{key}") from None
-            itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
-            if len(data) < numel * itemsize:
-                raise NemesisError(f"storage data/{key} holds {len(data)} bytes, fewer than its {numel} values")
-            flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-            self.storages[key] = flat[: numel * itemsize].view(storage_type.dtype)
-        return self.storages[key]
+# TorchScript's helpers for typed lists and containers in module attributes: they only build plain values.
+_TORCHSCRIPT_GLOBALS = {
+    **{
+        f"torch.jit._pickle.{name}": _plain_list
+        for name in ("build_intlist", "build_floatlist", "build_doublelist", "build_boollist", "build_tensorlist")
+    },
+    "torch.jit._pickle.restore_type_tag": _untagged,
+}
 
 
 def _archive_prefix(archive: zipfile.ZipFile) -> str | None:
@@ -126,10 +64,13 @@ def _archive_prefix(archive: zipfile.ZipFile) -> str | None:
 
 def is_openai_archive(path: str | os.PathLike) -> bool:
     """Whether `path` is a TorchScript archive (OpenAI's CLIP files), not a state dict."""
-    if not zipfile.is_zipfile(path):
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            return _archive_prefix(archive) is not None
+    except (OSError, zipfile.BadZipFile):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return _archive_prefix(archive) is not None
 
 
 def _tensors_of(record: Any, prefix: str, found: dict[str, torch.Tensor]) -> None:
@@ -153,22 +94,9 @@ def read_openai_archive(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     tensors and plain containers; anything else is refused with a NemesisError.
     """
     path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            prefix = _archive_prefix(archive)
-            if prefix is None:
-                raise NemesisError("not a TorchScript archive (no <name>/data.pkl beside code/)")
-            byteorder = f"{prefix}/byteorder"
-            if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
-                raise NemesisError("written on a big-endian machine; convert it there with torch first")
-            with archive.open(f"{prefix}/data.pkl") as file:
-                root = _ArchiveUnpickler(file, archive, prefix).load()
-    except ForbiddenGlobal as error:
-        raise NemesisError(f"refusing to load {path}: {error}") from error
-    except NemesisError as error:
-        raise NemesisError(f"{path}: {error}") from error
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError) as error:
-        raise NemesisError(f"{path} is not a readable TorchScript archive ({type(error).__name__}: {error})") from error
+    if not is_openai_archive(path):
+        raise NemesisError(f"{path} is not a TorchScript archive (no <name>/data.pkl beside code/)")
+    root = load_torch_file(path, inert_prefixes=(TORCHSCRIPT_CLASS_PREFIX,), extra_globals=_TORCHSCRIPT_GLOBALS)
     found: dict[str, torch.Tensor] = {}
     _tensors_of(root, "", found)
     if not found:
