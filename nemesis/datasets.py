@@ -269,16 +269,16 @@ def _read_wnid_folders(folder: Path, wnids: list[str], names: dict[str, str]) ->
 
 
 def _read_imagenet(layout: Layout, folder: Path) -> tuple[list[str], dict[str, list[Sample]]]:
+    names = read_imagenet_classnames(folder, folder.parent)
     preprocessed = folder / IMAGENET_PREPROCESSED_FILE
     if preprocessed.is_file():
         # CoOp lists images in the file system's order and caches that listing: reading it gives
         # CoOp's order, so few-shot draws equal those of CoOp runs on the same machine.
         from .fewshot import read_imagenet_preprocessed
 
-        train, test = read_imagenet_preprocessed(preprocessed, folder)
+        train, test = read_imagenet_preprocessed(preprocessed, folder, set(range(len(names))))
         classnames = _classnames_from_samples({"train": train, "test": test}, preprocessed)
         return classnames, {"train": train, "val": test, "test": test}
-    names = read_imagenet_classnames(folder, folder.parent)
     image_dir = folder / layout.image_dir
     # Labels follow the sorted train folders, as in CoOp; val must hold the same classes.
     wnids = _list_class_folders(image_dir / "train")
