@@ -149,17 +149,38 @@ def _walk(folder: Path) -> Iterable[Path]:
                 yield path
 
 
+def _is_correctness_file(path: Path) -> bool:
+    return path.name.endswith(CORRECTNESS_SUFFIX)
+
+
+def _check_companion(sidecar: Path, paths: Sequence[Path]) -> None:
+    """A per-sample correctness file named among the inputs needs its table there too."""
+    stem = sidecar.name[: -len(CORRECTNESS_SUFFIX)]
+    tables = [sidecar.with_name(stem + suffix).resolve() for suffix in SWEEP_SUFFIXES]
+    named = {path.resolve() for path in paths}
+    if not any(table == path or path in table.parents for table in tables for path in named):
+        raise NemesisError(
+            f"{sidecar} is the per-sample correctness of {sidecar.with_name(stem + '.parquet')}; "
+            "pass that table (its correctness is read beside it)"
+        )
+
+
 def _expand(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, bool]]:
     """(path, named) pairs: named files and run folders as they are, other folders searched.
 
     `named` tells whether the user named the path (a wrong kind is then an error) or a folder
-    search found it (a loader skips kinds it does not read). Duplicates are dropped.
+    search found it (a loader skips kinds it does not read). Duplicates are dropped. A sweep
+    table's per-sample correctness file (`X.correct.parquet`, as a glob like `sweeps/*` names it)
+    is its table's companion, read beside the table when needed: it is not an input of its own.
     """
     found: list[tuple[Path, bool]] = []
-    for raw in paths:
-        path = Path(raw)
+    given = [Path(raw) for raw in paths]
+    for path in given:
         if not path.exists():
             raise NemesisError(f"no such file or folder: {path}")
+        if path.is_file() and _is_correctness_file(path):
+            _check_companion(path, given)
+            continue
         if path.is_dir() and not _is_run_folder(path):
             found.extend((child, False) for child in _walk(path))
         else:

@@ -138,7 +138,7 @@ class SweepInput:
     """One checkpoint of a sweep: its file and what it is evaluated as."""
 
     file: Path  # the checkpoint file itself (absolute)
-    identity: dict[str, Any]  # checkpoint, model, pretrained, dataset, shots, seed, subsample, method
+    identity: dict[str, Any]  # checkpoint, model, pretrained, activation, ctx_init, dataset, shots, seed, ...
     n_ctx: int
     class_specific: bool
     n_classes: int | None = None  # classes of a class-specific ctx
@@ -149,7 +149,7 @@ class SweepInput:
     @property
     def evaluation_options(self) -> dict[str, Any]:
         """Keyword arguments of `prepare_evaluation` that pin this identity."""
-        keys = ("model", "pretrained", "dataset", "shots", "seed", "subsample")
+        keys = ("model", "pretrained", "activation", "ctx_init", "dataset", "shots", "seed", "subsample")
         return {key: self.identity[key] for key in keys}
 
     def load(self) -> PromptCheckpoint:
@@ -157,7 +157,12 @@ class SweepInput:
 
 
 def _resolve_one(
-    checkpoint: PromptCheckpoint, model: str | None, pretrained: str | None, dataset: str | None
+    checkpoint: PromptCheckpoint,
+    model: str | None,
+    pretrained: str | None,
+    dataset: str | None,
+    activation: str | None,
+    ctx_init: str | None,
 ) -> dict[str, Any]:
     metadata = checkpoint.metadata
     from_path = identity_from_path(checkpoint.path)
@@ -166,6 +171,8 @@ def _resolve_one(
         checkpoint,
         model=model,
         pretrained=pretrained,
+        activation=activation,
+        ctx_init=ctx_init,
         dataset=dataset or (None if metadata.dataset else from_path.dataset),
         shots=None if metadata.shots is not None else from_path.shots,
         seed=None if metadata.seed is not None else from_path.seed,
@@ -175,6 +182,7 @@ def _resolve_one(
     if identity["method"] in (None, UNKNOWN_METHOD):
         identity["method"] = from_path.method
     identity["checkpoint"] = str(checkpoint.path)
+    identity["ctx_init"] = ctx_init  # only a named init: the file's own is part of the file
     width = text_width(identity["model"])  # unknown model names fail here, before any work
     checkpoint.check_compatible(width, identity["model"])
     try:
@@ -187,10 +195,8 @@ def _resolve_one(
         value = identity[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise NemesisError(f"{checkpoint.path}: {key} {value!r} is not a non-negative whole number")
-    return {
-        key: identity[key]
-        for key in ("checkpoint", "model", "pretrained", "dataset", "shots", "seed", "subsample", "method")
-    }
+    keys = ("checkpoint", "model", "pretrained", "activation", "ctx_init", "dataset", "shots", "seed", "subsample")
+    return {key: identity[key] for key in (*keys, "method")}
 
 
 def _check_choice(choices: type, value: Any, what: str, origin: Any) -> None:
@@ -249,6 +255,8 @@ def resolve_inputs(
     model: str | None = None,
     pretrained: str | None = None,
     dataset: str | None = None,
+    activation: str | None = None,
+    ctx_init: str | None = None,
 ) -> list[SweepInput]:
     """Every checkpoint among `paths`, loaded once to check it and resolve its identity (no model is built).
 
@@ -261,7 +269,7 @@ def resolve_inputs(
         checkpoint.path = Path(checkpoint.path).resolve()  # one name per file, so reruns find its cells
         if checkpoint.path in inputs:
             continue
-        identity = _resolve_one(checkpoint, model, pretrained, dataset)
+        identity = _resolve_one(checkpoint, model, pretrained, dataset, activation, ctx_init)
         inputs[checkpoint.path] = SweepInput(
             file=checkpoint.path,
             identity=identity,

@@ -75,6 +75,8 @@ def _value(value: Any) -> str:
 def checkpoint_key(identity: dict[str, Any]) -> str:
     """12 hex digits naming what was evaluated: the checkpoint file and the model, weights, data it ran on."""
     fields = [identity.get(key) for key in ("checkpoint", "model", "pretrained", "dataset", "subsample")]
+    # A named activation or init phrase changes what is evaluated; keys without them stay as before.
+    fields += [f"{key}={identity[key]}" for key in ("activation", "ctx_init") if identity.get(key) is not None]
     return hashlib.sha256("|".join(map(_value, fields)).encode()).hexdigest()[:12]
 
 

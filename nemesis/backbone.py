@@ -17,11 +17,16 @@ import open_clip
 import torch
 from torch import nn
 
+from .choices import Activation, choice
 from .constants import RANDOM_WEIGHTS
-from .errors import NemesisError
+from .errors import NemesisError, NemesisNote
+from .openai_archive import is_openai_archive, read_openai_weights
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)  # registers `tiny` beside open_clip's own configs
+
+
+QUICKGELU_SUFFIX = "+quickgelu"  # appended to the weights identity of QuickGELU builds (cache keys)
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Backbone:
     image_size: int
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
+    activation: Activation = Activation.gelu
 
     @property
     def text_width(self) -> int:
@@ -141,15 +147,43 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
 
 
 def uses_quick_gelu(name: str, pretrained: str | None) -> bool:
-    """Whether the weights were trained with QuickGELU (OpenAI's CLIP, used by CoOp and Nemesis).
-
-    open_clip's configs default to GELU and only warn when an `openai` tag needs QuickGELU; building
-    with the wrong activation changes every feature. A local OpenAI weights file cannot say which it
-    needs: name the model `RN50-quickgelu`, `ViT-B-16-quickgelu`, ... for those.
-    """
+    """Whether open_clip's record of tag `pretrained` says its weights were trained with QuickGELU."""
     if pretrained is None or Path(pretrained).is_file():
         return False
     return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
+def resolve_activation(
+    name: str, pretrained: str | None, activation: Activation | str | None = None
+) -> tuple[Activation, str | None]:
+    """The activation `name` is built with for `pretrained`, and a note when it had to be guessed.
+
+    `-quickgelu` model names say QuickGELU; else an explicit `activation` wins; else the weights'
+    provenance: open_clip's record for a tag (QuickGELU for `openai`), QuickGELU for an OpenAI
+    TorchScript archive, the config's own for random weights. A plain weights file cannot say: GELU,
+    with a note when the architecture is one OpenAI released (their weights need QuickGELU).
+    """
+    chosen = None if activation is None else choice(Activation, activation, "activation")
+    if model_config(name).get("quick_gelu", False):
+        if chosen is Activation.gelu:
+            base = name.removesuffix("-quickgelu")
+            raise NemesisError(f"--activation gelu contradicts the model name {name}; use --model {base} for GELU")
+        return Activation.quickgelu, None
+    if chosen is not None:
+        return chosen, None
+    if pretrained is None:
+        return Activation.gelu, None
+    if not Path(pretrained).is_file():
+        return (Activation.quickgelu if uses_quick_gelu(name, pretrained) else Activation.gelu), None
+    if is_openai_archive(pretrained):
+        return Activation.quickgelu, None
+    note = None
+    if "openai" in open_clip.list_pretrained_tags_by_model(name):
+        note = (
+            f"{Path(pretrained).name} is a plain weights file: building {name} with GELU; "
+            "OpenAI's CLIP weights (CoOp, Nemesis) need --activation quickgelu"
+        )
+    return Activation.gelu, note
 
 
 @contextlib.contextmanager
@@ -162,31 +196,54 @@ def _quiet_logging() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def load_clip(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+def _error_reason(error: Exception) -> str:
+    text = " ".join(str(error).split())  # one line, however many the message held
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def load_clip(
+    name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    activation: Activation | str | None = None,
+) -> Backbone:
     """Build open_clip model `name` with `pretrained` weights (a tag, a local file, or None for random).
 
-    The model comes back in eval mode with every parameter frozen. Random weights are drawn from a
-    fixed seed so two processes build the same model (cache keys depend on it).
+    `pretrained` may be an open_clip tag, an open_clip state dict or safetensors file, or one of
+    OpenAI's TorchScript archives (read without running it). The activation follows the weights
+    (`resolve_activation`); a guess is announced as a `NemesisNote` warning. The model comes back
+    in eval mode with every parameter frozen. Random weights are drawn from a fixed seed so two
+    processes build the same model (cache keys depend on it).
     """
     model_config(name)
     resolved = _resolve_pretrained(name, pretrained)
-    quick_gelu = uses_quick_gelu(name, resolved)
-    weights_id = _weights_identity(name, resolved) + ("+quickgelu" if quick_gelu else "")
+    chosen, note = resolve_activation(name, pretrained, activation)  # the tag, not the file it resolved to
+    if note is not None:
+        warnings.warn(note, NemesisNote, stacklevel=2)
+    archive = resolved is not None and Path(resolved).is_file() and is_openai_archive(resolved)
+    # An OpenAI archive is read and checked against the architecture before any model is built.
+    archive_weights = read_openai_weights(resolved, name) if archive else None
+    weights_id = _weights_identity(name, resolved) + (QUICKGELU_SUFFIX if chosen is Activation.quickgelu else "")
     try:
         with torch.random.fork_rng(devices=[]), _quiet_logging(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # open_clip's QuickGELU notice: handled here
             torch.manual_seed(0)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=resolved, force_quick_gelu=quick_gelu
+                name, pretrained=None if archive else resolved, force_quick_gelu=chosen is Activation.quickgelu
             )
+        if archive_weights is not None:
+            with torch.no_grad():
+                model.load_state_dict(archive_weights, strict=True)  # copies, casting fp16 to the model's dtype
     except NemesisError:
         raise
     except Exception as error:
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        reason = _error_reason(error)
         if resolved is not None and not Path(resolved).is_file():
+            quick = " with --activation quickgelu" if chosen is Activation.quickgelu else ""
             raise NemesisError(
                 f"weights '{pretrained}' for {name} could not be loaded ({reason}); without internet, download "
-                "them elsewhere and pass the file with --pretrained PATH"
+                f"them elsewhere and pass the file with --pretrained PATH{quick} (OpenAI's ~/.cache/clip/*.pt "
+                "archives need no --activation)"
             ) from error
         raise NemesisError(f"could not build {name} with weights {pretrained} ({reason})") from error
     model = model.to(device).eval()
@@ -205,4 +262,5 @@ def load_clip(name: str, pretrained: str | None = None, device: str | torch.devi
         image_size=image_size,
         image_mean=tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
         image_std=tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
+        activation=chosen,
     )

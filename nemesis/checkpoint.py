@@ -49,6 +49,7 @@ class PromptMetadata:
     model: str | None = None
     pretrained: str | None = None
     weights_id: str | None = None
+    activation: str | None = None  # "quickgelu" or "gelu": the CLIP activation the prompt was trained under
     text_width: int | None = None
     n_ctx: int | None = None
     class_specific: bool = False
@@ -313,6 +314,7 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     metadata = PromptMetadata(
         epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None,
         class_position=_class_position_from_path(path),
+        activation="quickgelu",  # CoOp and the official Nemesis code train on OpenAI's CLIP, which uses QuickGELU
         source_format="dassl",
     )
     return PromptCheckpoint(_checked(state[CTX_TENSOR], str(path)), metadata, path)

@@ -30,6 +30,13 @@ class Precision(str, Enum):
     amp = "amp"  # bf16 (or fp16 with loss scaling) autocast on CUDA; plain fp32 on the CPU
 
 
+class Activation(str, Enum):
+    """The MLP activation of the CLIP towers: OpenAI's CLIP (so CoOp and Nemesis) trained with QuickGELU."""
+
+    quickgelu = "quickgelu"
+    gelu = "gelu"
+
+
 class ClassPosition(str, Enum):
     end = "end"
     middle = "middle"

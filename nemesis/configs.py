@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 
 from . import __version__
-from .choices import ClassPosition, Method, Norm, Precision, Schedule, choice
+from .choices import Activation, ClassPosition, Method, Norm, Precision, Schedule, choice
 from .constants import RUN_CONFIG
 from .datasets import Subsample, resolve_name
 from .errors import NemesisError
@@ -96,7 +96,8 @@ class TrainConfig:
     subsample: str = "all"  # classes to train on: all, base or new (base-to-new)
     model: str = "RN50"  # open_clip model name
     pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
-    n_ctx: int = 16  # context vectors M (ignored when ctx_init is given: its token count)
+    activation: str | None = None  # quickgelu or gelu; None: the weights' own (QuickGELU for OpenAI's)
+    n_ctx: int = 16  # context vectors M (ignored when ctx_init is given: its word count, as in CoOp)
     ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"; None: N(0, 0.02^2)
     class_specific: bool = False  # one ctx per class (CoOp's CSC)
     class_position: str = "end"  # where the class name goes: end, middle or front
@@ -131,6 +132,8 @@ class TrainConfig:
         self.root = None if self.root is None else str(self.root)
         self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
         self.pretrained = None if self.pretrained in (None, "", "none") else str(self.pretrained)
+        if self.activation is not None:
+            self.activation = choice(Activation, self.activation, "activation").value
         counts = {
             "shots": (self.shots, 1),
             "n_ctx": (self.n_ctx, 1),

@@ -87,6 +87,8 @@ LAYOUTS: dict[str, Layout] = {
 
 DATASET_NAMES: tuple[str, ...] = (*LAYOUTS, FASHION_MNIST)
 IMAGENET_CLASSNAMES_FILE = "classnames.txt"
+# CoOp's cached ImageNet listing: a pickle of {"train": [Datum], "test": [Datum]} in its listing order.
+IMAGENET_PREPROCESSED_FILE = "preprocessed.pkl"
 FGVC_CLASSES_FILE = "variants.txt"
 FEWSHOT_DIR = "split_fewshot"
 # Files inside the ImageNet-A/-R folders that are not classes.
@@ -284,6 +286,15 @@ def _read_wnid_folders(folder: Path, wnids: list[str], names: dict[str, str]) ->
 
 def _read_imagenet(layout: Layout, folder: Path) -> tuple[list[str], dict[str, list[Sample]]]:
     names = read_imagenet_classnames(folder, folder.parent)
+    preprocessed = folder / IMAGENET_PREPROCESSED_FILE
+    if preprocessed.is_file():
+        # CoOp lists images in the file system's order and caches that listing: reading it gives
+        # CoOp's order, so few-shot draws equal those of CoOp runs on the same machine.
+        from .fewshot import read_imagenet_preprocessed
+
+        train, test = read_imagenet_preprocessed(preprocessed, folder, set(range(len(names))))
+        classnames = _classnames_from_samples({"train": train, "test": test}, preprocessed)
+        return classnames, {"train": train, "val": test, "test": test}
     image_dir = folder / layout.image_dir
     # Labels follow the sorted train folders, as in CoOp; val must hold the same classes.
     wnids = _list_class_folders(image_dir / "train")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import write_text_atomic
-from .backbone import Backbone, load_clip, resolve_device, text_width
+from .backbone import QUICKGELU_SUFFIX, Activation, Backbone, load_clip, resolve_device, text_width
 from .checkpoint import PromptCheckpoint
 from .datasets import Dataset, load_dataset
-from .errors import NemesisError
+from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
-from .prompt_learner import PromptLearner
+from .prompt_learner import PromptLearner, init_word_count
 
 
 @dataclass
@@ -53,8 +54,17 @@ def resolve_source(
     shots: int | None = None,
     seed: int | None = None,
     subsample: str | None = None,
+    activation: Activation | str | None = None,
+    ctx_init: str | None = None,
 ) -> dict[str, Any]:
-    """What the checkpoint is and what it is evaluated on: named values win over the file's metadata."""
+    """What the checkpoint is and what it is evaluated on: named values win over the file's metadata.
+
+    `ctx_init` names the init phrase of a prompt that does not record it (CoOp's files): as in CoOp,
+    its tokens beyond the checkpoint's n_ctx stay in the prompt.
+
+    The prompt's own weights (model and pretrained from its metadata) come with the activation it
+    was trained under; other weights get the activation of their provenance unless one is named.
+    """
     metadata = checkpoint.metadata
     model = model or metadata.model
     if model is None:
@@ -64,10 +74,20 @@ def resolve_source(
         raise NemesisError(f"{checkpoint.path}: the checkpoint does not name its dataset; pass --dataset")
     if pretrained is None and model == metadata.model:
         pretrained = metadata.pretrained
+    if activation is None and model == metadata.model and pretrained == metadata.pretrained:
+        activation = metadata.activation
+    n_ctx = checkpoint.ctx.shape[-2]
+    if ctx_init is not None and init_word_count(ctx_init) != n_ctx:
+        raise NemesisError(
+            f"--ctx-init '{ctx_init}' has {init_word_count(ctx_init)} words but {checkpoint.path} holds {n_ctx} "
+            "context vectors; CoOp learns one vector per word of the init phrase"
+        )
     return {
         "checkpoint": str(Path(checkpoint.path).resolve()) if checkpoint.path else None,
         "model": model,
         "pretrained": pretrained,
+        "activation": getattr(activation, "value", activation),
+        "ctx_init": ctx_init or metadata.ctx_init,
         "dataset": dataset,
         "train_dataset": metadata.dataset or dataset,
         "shots": shots if shots is not None else metadata.shots,
@@ -89,9 +109,11 @@ def prepare_evaluation(
     shots: int | None = None,
     seed: int | None = None,
     subsample: str | None = None,
+    activation: Activation | str | None = None,
+    ctx_init: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
-    backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    backbones: dict[tuple[str, str | None, str | None], Backbone] | None = None,
     progress: bool = True,
 ) -> EvaluationSetup:
     """Everything needed to classify the test split with `checkpoint`'s prompt.
@@ -100,7 +122,15 @@ def prepare_evaluation(
     built or any image is encoded, so bad input writes nothing to the cache.
     """
     source = resolve_source(
-        checkpoint, model=model, pretrained=pretrained, dataset=dataset, shots=shots, seed=seed, subsample=subsample
+        checkpoint,
+        model=model,
+        pretrained=pretrained,
+        dataset=dataset,
+        shots=shots,
+        seed=seed,
+        subsample=subsample,
+        activation=activation,
+        ctx_init=ctx_init,
     )
     width = text_width(source["model"])
     checkpoint.check_compatible(width, source["model"])  # before the dataset is read
@@ -108,11 +138,14 @@ def prepare_evaluation(
     checkpoint.check_compatible(width, source["model"], len(data.classnames))
     device = resolve_device(device)
     backbones = {} if backbones is None else backbones
-    key = (source["model"], source["pretrained"])
+    key = (source["model"], source["pretrained"], source["activation"])
     if key not in backbones:
-        backbones[key] = load_clip(source["model"], source["pretrained"], device=device)
+        backbones[key] = load_clip(*key[:2], device=device, activation=source["activation"])
     backbone = backbones[key]
     source["weights_id"] = backbone.weights_id
+    source["activation"] = backbone.activation.value
+    if (note := activation_mismatch(checkpoint, backbone.activation)) is not None:
+        warnings.warn(note, NemesisNote, stacklevel=2)
     metadata = checkpoint.metadata
     learner = PromptLearner(
         backbone,
@@ -120,6 +153,7 @@ def prepare_evaluation(
         ctx=checkpoint.ctx,
         class_specific=checkpoint.class_specific,
         class_position=metadata.class_position,
+        ctx_init=source["ctx_init"],  # the init phrase's tokens beyond ctx stay in the prompt (CoOp)
     )
     features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device, progress=progress)
     return EvaluationSetup(backbone, data, learner, features.to(device), labels.to(device), source)
@@ -185,12 +219,27 @@ class EvaluationResult:
 
 
 def weights_mismatch(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> str | None:
-    """A note when the prompt was trained on other weights than it is evaluated with (else None)."""
+    """A note when the prompt was trained on other weights than it is evaluated with (else None).
+
+    The activation part of the identity has its own note (`activation_mismatch`).
+    """
     trained = checkpoint.metadata.weights_id
     used = source.get("weights_id")
-    if trained is None or used is None or trained == used:
+    if trained is None or used is None or trained.removesuffix(QUICKGELU_SUFFIX) == used.removesuffix(QUICKGELU_SUFFIX):
         return None
     return f"the prompt was trained with weights {trained} but runs with {used}"
+
+
+def activation_mismatch(checkpoint: PromptCheckpoint, activation: Activation) -> str | None:
+    """A note when the prompt was trained under another activation than the one it runs under (else None)."""
+    trained = checkpoint.metadata.activation
+    if trained is None or trained == activation.value:
+        return None
+    names = {"quickgelu": "QuickGELU", "gelu": "GELU"}
+    return (
+        f"{checkpoint.path}: the prompt was trained under {names.get(trained, trained)} but runs under "
+        f"{names[activation.value]}; pass --activation {trained} to evaluate it as trained"
+    )
 
 
 def evaluate(checkpoint: PromptCheckpoint, **options: Any) -> EvaluationResult:

@@ -154,6 +154,23 @@ def read_fewshot_pickle(
     return train, [_datum_to_sample(datum, name, dataset_dir, path, labels) for datum in val]
 
 
+def read_imagenet_preprocessed(path: Path, dataset_dir: Path, labels: set[int]) -> tuple[list[Sample], list[Sample]]:
+    """Train and test samples of CoOp's `imagenet/preprocessed.pkl`, in its order, paths re-rooted.
+
+    Each sample is checked like a few-shot split's: a label in `labels`, a path inside the dataset.
+    """
+    content = load_pickle(path)
+    if not isinstance(content, dict) or not all(isinstance(content.get(key), list) for key in ("train", "test")):
+        raise NemesisError(
+            f"{path} is not CoOp's ImageNet listing (no 'train' and 'test' lists); delete it to list the folders"
+        )
+    train, test = (
+        [_datum_to_sample(datum, "imagenet", dataset_dir, path, labels) for datum in content[key]]
+        for key in ("train", "test")
+    )
+    return train, test
+
+
 # ---------------------------------------------------------------------------------------------
 # Our JSON subsets
 

@@ -3,6 +3,10 @@
 Prompt = [SOS] ctx_1..ctx_M [class tokens] [.] [EOT] (class position `end`), or with the class
 name in the middle of the context or in front of it. Only `ctx` is a parameter; the token
 embeddings of everything else are frozen buffers, and the CLIP tower is driven by `TextEncoder`.
+
+An init phrase works as in CoOp: M is its number of words, ctx starts as the embeddings of its
+first M BPE tokens, and any further tokens of the phrase stay in the prompt, frozen, right after
+ctx ("an X-ray of a" is 6 tokens: 4 learned, "of a" frozen), so the prompt reads as the phrase.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from .losses import position_norms
 from .text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
 
 PLACEHOLDER = "X"  # CoOp's stand-in word for context positions before their embeddings are swapped in
+
+
+def init_word_count(ctx_init: str) -> int:
+    """CoOp's n_ctx for an init phrase: its number of words (underscores count as spaces, as in CoOp)."""
+    return len(ctx_init.replace("_", " ").split())
 
 
 class PromptLearner(nn.Module):
@@ -58,12 +67,21 @@ class PromptLearner(nn.Module):
 
         init_tokens = self._words(ctx_init) if ctx_init else None
         if init_tokens is not None:
-            n_ctx = len(init_tokens)
+            n_ctx = init_word_count(ctx_init)
         if ctx is not None:
             n_ctx = ctx.shape[-2]
         if n_ctx < 1:
             raise NemesisError(f"n_ctx must be at least 1, got {n_ctx}")
         self.n_ctx = n_ctx
+        # CoOp keeps the init phrase's tokens beyond the first n_ctx in the prompt, frozen.
+        self.frozen_init_tokens = init_tokens[n_ctx:] if init_tokens is not None else []
+        if self.frozen_init_tokens and class_position is not ClassPosition.end:
+            raise NemesisError(
+                f"ctx init '{ctx_init}' has more tokens ({len(init_tokens)}) than words ({n_ctx}); CoOp's layout for "
+                "such an init keeps the rest of the phrase before the class name, so use class position end"
+            )
+        if init_tokens is not None and len(init_tokens) < n_ctx:
+            raise NemesisError(f"ctx init '{ctx_init}' has {len(init_tokens)} tokens for {n_ctx} context vectors")
         if ctx is None:
             ctx = self._initial_ctx(init_tokens, seed)
         self.ctx = nn.Parameter(self._checked_ctx(ctx))
@@ -86,8 +104,9 @@ class PromptLearner(nn.Module):
         width = self.encoder.width
         if init_tokens is not None:
             weight = self.encoder.token_embedding.weight
+            learned = init_tokens[: self.n_ctx]  # CoOp: the first n_ctx BPE tokens of the phrase
             with torch.no_grad():
-                ctx = weight[torch.tensor(init_tokens, device=weight.device)].detach().float().cpu()  # [M, W]
+                ctx = weight[torch.tensor(learned, device=weight.device)].detach().float().cpu()  # [M, W]
             if self.class_specific:
                 ctx = ctx.expand(len(self.classnames), -1, -1).clone()  # [n_cls, M, W]
             return ctx
@@ -120,8 +139,9 @@ class PromptLearner(nn.Module):
         half = m // 2
         rows, index_rows = [], []
         context_length = self.encoder.tower.positional_embedding.shape[0]
+        frozen = torch.tensor(self.frozen_init_tokens, dtype=torch.long)
         for name in self.classnames:
-            n_name = len(self._words(name))
+            n_name = len(self._words(name)) + len(frozen)
             if self.class_position is ClassPosition.end:
                 text = " ".join([PLACEHOLDER] * m + [name]) + "."
                 positions = list(range(1, 1 + m))
@@ -132,6 +152,8 @@ class PromptLearner(nn.Module):
                 text = " ".join([name] + [PLACEHOLDER] * m) + "."
                 positions = list(range(1 + n_name, 1 + n_name + m))
             ids = self.clip.tokenizer([text])[0]
+            if len(frozen):  # end position: the rest of the init phrase between ctx and the class name
+                ids = torch.cat([ids[: 1 + m], frozen.to(ids.dtype), ids[1 + m : context_length - len(frozen)]])
             if m + n_name + 3 > context_length:
                 raise NemesisError(
                     f"prompt for class '{name}' with {m} context tokens exceeds the context length {context_length}"
@@ -227,7 +249,7 @@ class PromptLearner(nn.Module):
             class_specific=self.class_specific,
             class_position=self.class_position,
             ctx=self.ctx.detach(),
-            ctx_init=None,
+            ctx_init=self.ctx_init,  # for the frozen rest of the init phrase; ctx itself is kept
             chunk_size=self.chunk_size,
             token_budget=self.token_budget,
         )

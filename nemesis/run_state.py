@@ -37,7 +37,9 @@ class RunState:
 
 
 DIGEST_KEY = "nemesis_state_sha256"
-RESULT_HEADER = "Evaluate on the *test* set"  # the log line before CoOp's result block
+# What Dassl's trainer prints between the last epoch and the result block (final model: last epoch);
+# CoOp's parse_test_res.py reads accuracy only after the first of them.
+DASSL_CLOSING = ("Finish training", "Deploy the last-epoch model", "Evaluate on the *test* set")
 _EPOCH_LINE = re.compile(r"epoch \[(\d+)/")
 
 
@@ -140,7 +142,7 @@ def read_finished_log(path: Path, last_epoch: int) -> str:
     lines.pop()  # the empty rest after the final newline, or a torn last line
     for index, line in enumerate(lines):
         match = _EPOCH_LINE.match(line)
-        if (match and int(match.group(1)) > last_epoch) or line == RESULT_HEADER:
+        if (match and int(match.group(1)) > last_epoch) or line == DASSL_CLOSING[0]:
             lines = lines[:index]
             break
     return "".join(line + "\n" for line in lines)

@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import FEWSHOT_DIR, FGVC_CLASSES_FILE, IMAGENET_CLASSNAMES_FILE, LAYOUTS, LayoutKind, Sample
+from .datasets import (
+    FEWSHOT_DIR,
+    FGVC_CLASSES_FILE,
+    IMAGENET_CLASSNAMES_FILE,
+    IMAGENET_PREPROCESSED_FILE,
+    LAYOUTS,
+    LayoutKind,
+    Sample,
+)
 from .fewshot import sample_fewshot_splits
 
 # Where the pickles pretend to come from.
@@ -80,6 +88,28 @@ def _fake_dassl_module() -> Iterator[type]:
                 sys.modules[name] = module
 
 
+def _foreign_path(sample: Sample, dataset_dir: Path, foreign_root: str) -> str:
+    relative = Path(sample.path).relative_to(dataset_dir.parent).as_posix()
+    return f"{foreign_root.rstrip('/')}/{relative}"
+
+
+def write_imagenet_preprocessed(
+    dataset_dir: Path, train: Iterable[Sample], test: Iterable[Sample], foreign_root: str = FOREIGN_ROOT
+) -> Path:
+    """Write `imagenet/preprocessed.pkl` as CoOp's ImageNet reader caches its listing: a pickle of
+    `{"train": [Datum], "test": [Datum]}` (samples in the order given), paths moved to `foreign_root`."""
+    dataset_dir = Path(dataset_dir)
+    path = dataset_dir / IMAGENET_PREPROCESSED_FILE
+    with _fake_dassl_module() as datum:
+        content = {
+            split: [datum(_foreign_path(s, dataset_dir, foreign_root), s.label, s.classname) for s in samples]
+            for split, samples in (("train", train), ("test", test))
+        }
+        with open(path, "wb") as file:
+            pickle.dump(content, file, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
 def write_fewshot_pickle(
     dataset_dir: Path,
     shots: int,
@@ -92,8 +122,7 @@ def write_fewshot_pickle(
     dataset_dir = Path(dataset_dir)
 
     def foreign(sample: Sample) -> str:
-        relative = Path(sample.path).relative_to(dataset_dir.parent).as_posix()
-        return f"{foreign_root.rstrip('/')}/{relative}"
+        return _foreign_path(sample, dataset_dir, foreign_root)
 
     path = dataset_dir / FEWSHOT_DIR / f"shot_{shots}-seed_{seed}.pkl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,3 +265,34 @@ def shuffled_subset(samples: Sequence[Sample], per_label: int, seed: int) -> lis
     subset = [item for items in by_label.values() for item in items[-per_label:]]
     random.Random(seed).shuffle(subset)
     return subset
+
+
+def write_openai_archive(model, path: str | os.PathLike, dtype=None) -> Path:
+    """Save open_clip CLIP `model` the way OpenAI's `clip` package ships its weights: a TorchScript archive.
+
+    The module is traced under OpenAI's key names (open_clip's CLIP uses the same) with the three
+    metadata tensors OpenAI keeps beside the weights (`input_resolution`, `context_length`,
+    `vocab_size`); `dtype=torch.float16` stores the weights in half precision as OpenAI's files do.
+    """
+    import copy
+    import warnings
+
+    import torch
+
+    model = copy.deepcopy(model).float().eval()
+    image_size = model.visual.image_size
+    image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
+    context_length, vocab_size = int(model.context_length), int(model.vocab_size)
+    del model.context_length, model.vocab_size  # plain ints in open_clip, tensors in OpenAI's archives
+    model.register_buffer("input_resolution", torch.tensor(image_size))
+    model.register_buffer("context_length", torch.tensor(context_length))
+    model.register_buffer("vocab_size", torch.tensor(vocab_size))
+    images = torch.zeros(1, 3, image_size, image_size)
+    texts = torch.zeros(1, context_length, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        traced = torch.jit.trace_module(model, {"encode_image": (images,), "encode_text": (texts,)}, check_trace=False)
+        if dtype is not None:
+            traced = traced.to(dtype)
+        torch.jit.save(traced, str(path))
+    return Path(path)

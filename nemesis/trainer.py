@@ -13,18 +13,19 @@ checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -40,9 +41,9 @@ from .errors import NemesisError
 from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss, position_norms
-from .prompt_learner import PromptedCLIP, PromptLearner
+from .prompt_learner import PromptedCLIP, PromptLearner, init_word_count
 from .run_state import (
-    RESULT_HEADER,
+    DASSL_CLOSING,
     RUN_STATE,
     Journal,
     RunState,
@@ -165,11 +166,8 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
 
 
 def resolved_n_ctx(config: TrainConfig) -> int:
-    """Context length as the learner will build it (the init words' token count when ctx_init is given)."""
-    tokenizer = open_clip.get_tokenizer(config.model)
-    if config.ctx_init is None or not hasattr(tokenizer, "encode"):
-        return config.n_ctx  # a tokenizer without CLIP's layout is refused when the learner is built
-    return len(tokenizer.encode(config.ctx_init.replace("_", " ")))
+    """Context length as the learner will build it (CoOp: the init phrase's word count when ctx_init is given)."""
+    return config.n_ctx if config.ctx_init is None else init_word_count(config.ctx_init)
 
 
 def load_training_data(config: TrainConfig) -> Dataset:
@@ -307,6 +305,7 @@ def _metadata(config: TrainConfig, backbone: Backbone, data: Dataset, epoch: int
         model=config.model,
         pretrained=config.pretrained,
         weights_id=backbone.weights_id,
+        activation=backbone.activation.value,
         class_position=config.class_position,
         ctx_init=config.ctx_init,
         classnames=list(data.classnames),
@@ -333,6 +332,7 @@ def train(
     `resume=True` continues the run saved in `out_dir` (same options) after its last finished epoch.
     `on_epoch_end(epoch)` is called after each epoch's state is saved (tests interrupt runs with it).
     """
+    started = time.perf_counter()
     config = config.resolved()
     out_dir = Path(out_dir)
     _check_folder(out_dir, config, resume)
@@ -355,7 +355,7 @@ def train(
             echo(f"{out_dir} finished its {config.epochs} epochs before; nothing left to do")
         return out_dir
 
-    backbone = load_clip(config.model, config.pretrained, device=device)
+    backbone = load_clip(config.model, config.pretrained, device=device, activation=config.activation)
     learner = PromptLearner(
         backbone,
         data.classnames,
@@ -397,7 +397,8 @@ def train(
         journal.say(
             f"nemesis train: {config.method.value} on {config.dataset} ({len(data.classnames)} classes, "
             f"{len(data.train)} training images), {config.shots} shots, seed {config.seed}, "
-            f"{config.model} ({config.pretrained}), {config.epochs} epochs, device {device}",
+            f"{config.model} ({config.pretrained}, {backbone.activation.value}), {config.epochs} epochs, "
+            f"device {device}",
             show=True,
         )
         journal.say(f"config: {json.dumps(config.to_json())}")
@@ -460,7 +461,10 @@ def train(
     predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
     total, correct = len(test_labels), int((predicted == test_labels).sum())
     save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), _metadata(config, backbone, data, config.epochs))
-    journal.say(RESULT_HEADER)
+    # Dassl's closing lines, word for word: CoOp's parse_test_res.py reads accuracy after "Finish training".
+    for line in DASSL_CLOSING:
+        journal.say(line)
     for line in coop_result_block(total, correct, macro_f1(predicted, test_labels)).splitlines():
         journal.say(line, show=True)
+    journal.say(f"Elapsed: {datetime.timedelta(seconds=round(time.perf_counter() - started))}")
     return out_dir

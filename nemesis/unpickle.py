@@ -457,8 +457,11 @@ def _load_torch_zip(
     if len(pickles) != 1:
         raise NemesisError(f"{path} is not a torch checkpoint (no single <archive>/{pickle_name} inside)")
     prefix = pickles[0][: -len(pickle_name)]
+    # Only members that are read must be stored plainly: TorchScript archives (OpenAI's CLIP files) also
+    # hold deflated code/ files, which are never read.
     for info in members:
-        _check_member(info, archive_size, path)
+        if info.filename in (pickles[0], prefix + "byteorder") or info.filename.startswith(prefix + "data/"):
+            _check_member(info, archive_size, path)
     if prefix + "byteorder" in by_name and archive.read(by_name[prefix + "byteorder"]) != b"little":
         raise NemesisError(f"refusing to load {path}: it was saved on a big-endian machine")
     pickle_info = by_name[pickles[0]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -10,9 +11,15 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own copy of click
 from typer.core import TyperGroup
 
-from nemesis.errors import NemesisError
+from nemesis.errors import NemesisError, NemesisNote
 
 Command = TypeVar("Command", bound=Callable[..., Any])
+
+CTX_INIT_HELP = "The init phrase a CoOp checkpoint was trained with (its tokens beyond n_ctx stay in the prompt)."
+ACTIVATION_HELP = (
+    "quickgelu or gelu (default: the weights' own: QuickGELU for openai tags and OpenAI archives, "
+    "GELU with a note for other files)."
+)
 
 
 def fail(message: str) -> typer.Exit:
@@ -21,13 +28,24 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _show_note(show_other: Callable[..., None], message: Warning | str, category: type[Warning], *args: Any) -> None:
+    """Library notes (`NemesisNote`) as one `note:` line on stderr; other warnings as Python shows them."""
+    if issubclass(category, NemesisNote):
+        typer.echo(f"note: {' '.join(str(message).split())}", err=True)
+    else:
+        show_other(message, category, *args)
+
+
 def reports_errors(command: Command) -> Command:
     """Decorate a command so bad input ends with one line and exit code 2, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", NemesisNote)
+                warnings.showwarning = functools.partial(_show_note, warnings.showwarning)
+                return command(*args, **kwargs)
         except NemesisError as error:
             raise fail(str(error)) from None
         except FileNotFoundError as error:

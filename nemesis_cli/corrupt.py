@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import reports_errors
+from .common import ACTIVATION_HELP, CTX_INIT_HELP, reports_errors
 
 if TYPE_CHECKING:  # torch and pandas are imported inside the command, so `--help` answers at once
     from rich.console import Console
@@ -33,7 +33,11 @@ def corrupt(
     root: Annotated[Path | None, Option(help="Folder holding the CoOp-format datasets.")] = None,
     dataset: Annotated[str | None, Option(help="Dataset key for every checkpoint (default: metadata or path).")] = None,
     model: Annotated[str | None, Option(help="open_clip model (needed for CoOp checkpoints).")] = None,
-    pretrained: Annotated[str | None, Option(help="Weights: an open_clip tag or a local file.")] = None,
+    pretrained: Annotated[
+        str | None, Option(help="Weights: an open_clip tag, a local file, or an OpenAI CLIP archive (RN50.pt).")
+    ] = None,
+    activation: Annotated[str | None, Option(help=ACTIVATION_HELP)] = None,
+    ctx_init: Annotated[str | None, Option(help=CTX_INIT_HELP)] = None,
     cache_dir: Annotated[Path | None, Option(help="Feature cache folder, shared with eval and train.")] = None,
     device: Annotated[str | None, Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
     rescale: Annotated[str | None, Option(help="RESCALE factors tau, e.g. 0.001,0.01,0.1.")] = None,
@@ -66,7 +70,15 @@ def corrupt(
     # Everything that can be checked is checked before any work, so bad input writes nothing.
     grid = parse_grid(rescale, replace, positions, noise_seeds, paper_preset, op or ())
     results = ResultsFile(out, csv=csv)
-    inputs = resolve_inputs(checkpoints, epoch=epoch, model=model, pretrained=pretrained, dataset=dataset)
+    inputs = resolve_inputs(
+        checkpoints,
+        epoch=epoch,
+        model=model,
+        pretrained=pretrained,
+        dataset=dataset,
+        activation=activation,
+        ctx_init=ctx_init,
+    )
     console = Console(highlight=False)  # paths and method names from files are printed as they are
     summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
     print_summary(summary, results, console)

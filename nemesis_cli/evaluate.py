@@ -9,7 +9,7 @@ import typer
 
 from nemesis.errors import NemesisError
 
-from .common import reports_errors
+from .common import ACTIVATION_HELP, CTX_INIT_HELP, reports_errors
 
 Option = typer.Option
 
@@ -20,7 +20,11 @@ def eval_command(
     dataset: Annotated[str | None, Option(help="Dataset key (default: the checkpoint's own).")] = None,
     root: Annotated[Path | None, Option(help="Folder holding the CoOp-format datasets.")] = None,
     model: Annotated[str | None, Option(help="open_clip model (needed for CoOp checkpoints).")] = None,
-    pretrained: Annotated[str | None, Option(help="Weights: an open_clip tag or a local file.")] = None,
+    pretrained: Annotated[
+        str | None, Option(help="Weights: an open_clip tag, a local file, or an OpenAI CLIP archive (RN50.pt).")
+    ] = None,
+    activation: Annotated[str | None, Option(help=ACTIVATION_HELP)] = None,
+    ctx_init: Annotated[str | None, Option(help=CTX_INIT_HELP)] = None,
     shots: Annotated[int | None, Option(help="Shots the prompt was trained with (recorded only).")] = None,
     seed: Annotated[int | None, Option(help="Seed the prompt was trained with (recorded only).")] = None,
     subsample: Annotated[str | None, Option(help="Classes to test: all, base or new.")] = None,
@@ -46,6 +50,8 @@ def eval_command(
         prompt,
         model=model,
         pretrained=pretrained,
+        activation=activation,
+        ctx_init=ctx_init,
         dataset=dataset,
         root=root,
         shots=shots,
@@ -57,7 +63,7 @@ def eval_command(
     source = result.source
     weights = source["pretrained"] or "random weights (pass --pretrained TAG or FILE for real ones)"
     typer.echo(f"{source['checkpoint']} on {source['dataset']} ({source['subsample']} classes)")
-    typer.echo(f"model {source['model']}, {weights}")
+    typer.echo(f"model {source['model']}, {weights}, activation {source['activation']}")
     if (note := weights_mismatch(prompt, source)) is not None:
         typer.echo(f"note: {note}", err=True)
     typer.echo(result.result_block())

@@ -11,7 +11,7 @@ import typer
 from nemesis.configs import TrainConfig, read_run_config
 from nemesis.errors import NemesisError
 
-from .common import reports_errors
+from .common import ACTIVATION_HELP, reports_errors
 
 Option = typer.Option
 DEFAULTS = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
@@ -40,6 +40,7 @@ def train(
         str | None,
         Option(help="open_clip tag or weights file; 'none' for random weights." + _default("pretrained")),
     ] = None,
+    activation: Annotated[str | None, Option(help=ACTIVATION_HELP)] = None,
     subsample: Annotated[str | None, Option(help="Classes: all, base or new." + _default("subsample"))] = None,
     n_ctx: Annotated[int | None, Option(help="Context vectors M." + _default("n_ctx"))] = None,
     ctx_init: Annotated[str | None, Option(help="Initialise ctx from these words, e.g. 'a photo of a'.")] = None,

@@ -214,3 +214,40 @@ def test_report_skips_unfinished_runs_and_says_so(tmp_path):
     args = ["report", str(tmp_path / "stopped"), "--out", str(tmp_path / "out")]
     fails_with_one_line(args, "runs need to finish their epochs (1 unfinished skipped)")
     assert not (tmp_path / "out").exists()
+
+
+def _outputs(folder):
+    """Every file a command wrote, by name (PDFs left out: they carry their creation time)."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.suffix != ".pdf"}
+
+
+def test_globs_that_include_correctness_sidecars_give_the_same_figure_and_tables(tmp_path):
+    """`nemesis plot-frequency sweeps/*` and `nemesis report out/*`: X.correct.parquet is X's companion."""
+    sweeps = _sweeps(tmp_path / "sweeps")
+    write_sweep(sweeps / "more.parquet", [checkpoint_rows("more", [reducing(gained=3)], dataset="dtd", shots=4)])
+    glob = sorted(str(path) for path in sweeps.iterdir())  # what the shell makes of sweeps/*
+    tables = [path for path in glob if not path.endswith(".correct.parquet")]
+    assert len(glob) == 4 and len(tables) == 2
+    for options in ([], ["--significant"]):
+        figures = {}
+        for name, inputs in (("tables", tables), ("glob", glob)):
+            (tmp_path / name).mkdir(exist_ok=True)
+            output = _ok(["plot-frequency", *inputs, "--out", str(tmp_path / name / "fig"), *options])
+            printed = [line for line in output.splitlines() if not line.startswith("wrote ")]
+            figures[name] = (printed, _outputs(tmp_path / name))
+        assert figures["glob"] == figures["tables"] and not any("note:" in line for line in figures["glob"][0])
+
+    _runs(tmp_path / "runs")
+    everything = [*glob, *(str(path) for path in sorted((tmp_path / "runs").iterdir()))]
+    for name, inputs in (("report-tables", [*tables, str(tmp_path / "runs")]), ("report-glob", everything)):
+        _ok(["report", *inputs, "--out", str(tmp_path / name), "--significant"])
+    assert _outputs(tmp_path / "report-glob") == _outputs(tmp_path / "report-tables")
+    assert "lne_frequency.md" in _outputs(tmp_path / "report-glob")
+
+
+def test_a_sidecar_without_its_table_is_one_line(tmp_path):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    fails_with_one_line(
+        ["plot-frequency", str(sweeps / "sweep.correct.parquet"), "--out", str(tmp_path / "fig")],
+        "is the per-sample correctness of",
+    )

@@ -43,7 +43,7 @@ def test_unknown_tag_lists_known_tags():
 
 
 def test_offline_tag_says_how_to_supply_a_file():
-    with pytest.raises(NemesisError, match=r"could not be loaded.*--pretrained PATH"):
+    with pytest.raises(NemesisError, match=r"could not be loaded.*--pretrained PATH with --activation quickgelu"):
         load_clip("RN50", "openai")
 
 
@@ -77,3 +77,48 @@ def test_openai_tags_build_with_quick_gelu(monkeypatch, tmp_path):
     clip = load_clip("RN50", "openai")
     activations = {type(module).__name__ for module in clip.model.modules() if "GELU" in type(module).__name__}
     assert activations == {"QuickGELU"} and clip.weights_id == "tag:openai+quickgelu"
+
+
+def test_plain_file_of_an_openai_architecture_notes_the_guessed_activation(tmp_path):
+    """No --activation for a plain state dict of an OpenAI architecture: GELU, with a one-line note."""
+    from nemesis.backbone import Activation
+    from nemesis.errors import NemesisNote
+
+    from .conftest import cached_backbone
+
+    weights = tmp_path / "vit-b-32.pt"
+    torch.save({key: value.half() for key, value in cached_backbone("ViT-B-32").model.state_dict().items()}, weights)
+    with pytest.warns(NemesisNote, match=r"vit-b-32\.pt is a plain weights file: building ViT-B-32 with GELU.*"
+                      r"--activation quickgelu"):  # fmt: skip
+        guessed = load_clip("ViT-B-32", str(weights))
+    assert guessed.activation is Activation.gelu
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NemesisNote)  # a named activation is no guess
+        quick = load_clip("ViT-B-32", str(weights), activation="quickgelu")
+    assert quick.activation is Activation.quickgelu
+    assert {type(m).__name__ for m in quick.model.modules() if "GELU" in type(m).__name__} == {"QuickGELU"}
+    assert quick.weights_id != guessed.weights_id and quick.weights_id.startswith(guessed.weights_id)
+
+
+def test_the_two_activations_never_share_cached_features(tmp_path):
+    from nemesis.datasets import load_dataset
+    from nemesis.feature_cache import encode_split
+    from nemesis.testing import make_coop_folder
+
+    make_coop_folder(tmp_path / "data", "oxford_pets", classnames=["a", "b"], per_class=(1, 1, 2), image_size=28)
+    data = load_dataset("oxford_pets", tmp_path / "data")
+    weights = tmp_path / "tiny.pt"
+    torch.save(load_clip("tiny").model.state_dict(), weights)
+    cache = tmp_path / "cache"
+    gelu, _ = encode_split(load_clip("tiny", str(weights), activation="gelu"), data, "test", cache_dir=cache)
+    quick, _ = encode_split(load_clip("tiny", str(weights), activation="quickgelu"), data, "test", cache_dir=cache)
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not torch.equal(gelu, quick)
+
+
+def test_activation_choices_and_contradictions_are_one_line():
+    with pytest.raises(NemesisError, match=r"unknown activation 'relu'; choose one of quickgelu, gelu"):
+        load_clip("tiny", activation="relu")
+    with pytest.raises(NemesisError, match=r"--activation gelu contradicts the model name RN50-quickgelu; use --model"):
+        load_clip("RN50-quickgelu", activation="gelu")

@@ -105,3 +105,17 @@ def test_checkpoint_width_must_match_the_model(setting):
     empty = tmp_path / "empty_tree"
     empty.mkdir()
     _fails_with_one_line(tmp_path, _args(tmp_path, empty, "--model", "tiny"), "no prompt checkpoints under")
+
+
+def test_another_activation_is_another_sweep_and_a_coop_prompt_is_noted(setting):
+    tmp_path, prompt = setting
+    args = _args(tmp_path, prompt, "--rescale", "0.5", "--positions", "0")
+    assert runner.invoke(app, args).exit_code == 0
+    quick = runner.invoke(app, [*args, "--activation", "quickgelu"])
+    assert quick.exit_code == 0, quick.output
+    assert "2 computed" in quick.output and "0 already in the results" in quick.output
+    dassl = write_dassl_checkpoint(tmp_path / "coop", torch.zeros(4, 64))
+    coop = runner.invoke(app, [*_args(tmp_path, dassl, "--rescale", "0.5", "--positions", "0"), "--model", "tiny",
+                               "--dataset", "oxford_pets"])  # fmt: skip
+    assert coop.exit_code == 0, coop.output
+    assert "trained under QuickGELU but runs under GELU; pass --activation quickgelu" in coop.output

@@ -87,6 +87,38 @@ def test_imagenet_folders_labels_follow_sorted_wnids_and_val_is_test(tmp_path):
     assert dataset.test[0].path.startswith(str(folder / "images" / "val" / wnid(0)))
 
 
+def test_imagenet_preprocessed_pickle_gives_coops_samples_in_coops_order(tmp_path):
+    """CoOp caches its ImageNet listing (file-system order) in imagenet/preprocessed.pkl; reading it gives
+    the same samples, in that order, re-rooted from another machine, so few-shot draws equal CoOp's."""
+    from nemesis.fewshot import sample_fewshot_splits
+    from nemesis.testing import FOREIGN_ROOT, write_imagenet_preprocessed
+
+    folder = make_coop_folder(tmp_path, "imagenet", CLASSNAMES, per_class=(4, 0, 2), image_size=8)
+    listed = load_dataset("imagenet", tmp_path)  # sorted file names
+
+    def coop_order(samples):  # another file-system order: each class folder listed backwards
+        return [sample for label in range(3) for sample in reversed([s for s in samples if s.label == label])]
+
+    train, test = coop_order(listed.train), coop_order(listed.test)
+    pickle_file = write_imagenet_preprocessed(folder, train, test)
+    assert FOREIGN_ROOT.encode() in pickle_file.read_bytes()  # paths of the machine that wrote it
+    dataset = load_dataset("imagenet", tmp_path)
+    assert dataset.train == train and dataset.test == test and dataset.val == test
+    assert dataset.classnames == CLASSNAMES and dataset.train != listed.train
+    few = load_dataset("imagenet", tmp_path, shots=2, seed=1)
+    assert few.train == sample_fewshot_splits(train, None, 2, 1)[0]
+    assert few.train != sample_fewshot_splits(listed.train, None, 2, 1)[0]
+
+
+def test_a_preprocessed_pickle_naming_code_is_refused(tmp_path):
+    import pickle
+
+    folder = make_coop_folder(tmp_path, "imagenet", CLASSNAMES, per_class=(1, 0, 1), image_size=8)
+    (folder / "preprocessed.pkl").write_bytes(pickle.dumps({"train": [os.system], "test": []}))
+    with pytest.raises(NemesisError, match=r"refusing to load .*preprocessed\.pkl"):
+        load_dataset("imagenet", tmp_path)
+
+
 def test_imagenet_r_has_200_classes_in_its_own_order(tmp_path):
     classnames = [f"class {index}" for index in range(200)]
     folder = make_coop_folder(tmp_path, "imagenet_r", classnames, per_class=(0, 0, 1), image_size=4)

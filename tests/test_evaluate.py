@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from nemesis import feature_cache
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.datasets import load_dataset
+from nemesis.errors import NemesisError
 from nemesis.evaluate import coop_result_block, evaluate, macro_f1
 from nemesis.prompt_learner import PromptedCLIP, PromptLearner
 from nemesis.testing import make_coop_folder
@@ -139,3 +140,42 @@ def test_other_weights_than_training_are_noted(tmp_path, pets_root):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "note: the prompt was trained with weights sha256:feed but runs with random-seed0" in result.output
+
+
+def test_prompt_trained_under_another_activation_is_noted(tmp_path, pets_root):
+    path = _prompt(tmp_path, activation="quickgelu")
+    args = ["eval", str(path), "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, [*args, "--activation", "gelu"])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "trained under QuickGELU but runs under GELU; pass --activation quickgelu" in notes[0]
+    # Without --activation the prompt's own weights come with the activation it recorded.
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "note:" not in result.output and "activation quickgelu" in result.output
+
+
+def test_coop_checkpoints_were_trained_under_quickgelu(tmp_path, pets_root):
+    dassl = write_dassl_checkpoint(tmp_path / "coop", torch.zeros(4, 64))
+    args = ["eval", str(dassl), "--model", "tiny", "--dataset", "oxford_pets", "--root", str(pets_root)]
+    result = runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "note: " in result.output and "trained under QuickGELU but runs under GELU" in result.output
+
+
+def test_coop_checkpoint_of_a_multi_token_init_runs_with_coops_layout(tmp_path, pets_root):
+    """CoOp trained with ctx_init "an X-ray of a" saves 4 vectors; --ctx-init restores the frozen "of a"."""
+    from nemesis.evaluate import prepare_evaluation
+
+    clip = cached_backbone("tiny")
+    tokens = clip.tokenizer.encode("an X-ray of a")[:4]
+    with torch.no_grad():
+        ctx = clip.model.token_embedding.weight[torch.tensor(tokens)].clone()  # CoOp's init, untrained
+    checkpoint = load_checkpoint(write_dassl_checkpoint(tmp_path / "coop", ctx))
+    options = {"model": "tiny", "dataset": "oxford_pets", "root": pets_root, "device": "cpu", "progress": False}
+    setup = prepare_evaluation(checkpoint, ctx_init="an X-ray of a", cache_dir=tmp_path / "cache", **options)
+    texts = [f"an X-ray of a {name}." for name in CLASSES]
+    with torch.no_grad():
+        difference = setup.learner.text_features() - clip.model.encode_text(clip.tokenizer(texts))
+    assert difference.abs().max().item() <= 1e-5 and setup.source["ctx_init"] == "an X-ray of a"
+    with pytest.raises(NemesisError, match=r"--ctx-init 'a photo of the thing' has 5 words but .* holds 4"):
+        prepare_evaluation(checkpoint, ctx_init="a photo of the thing", **options)

@@ -138,3 +138,26 @@ def test_ctx_init_accepts_coop_underscores(tiny):
     spaced = PromptLearner(tiny, CLASSNAMES, ctx_init="a photo of a")
     underscored = PromptLearner(tiny, CLASSNAMES, ctx_init="a_photo_of_a")
     assert underscored.n_ctx == 4 and torch.equal(underscored.ctx, spaced.ctx)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_multi_token_init_learns_one_vector_per_word_like_coop(model_name, class_specific):
+    """I1 for "an X-ray of a": 4 words, 6 BPE tokens; CoOp learns 4 and keeps "of a" frozen in the prompt."""
+    clip = cached_backbone(model_name)
+    assert len(clip.tokenizer.encode("an X-ray of a")) == 6
+    learner = PromptLearner(clip, CLASSNAMES, ctx_init="an X-ray of a", class_specific=class_specific)
+    assert learner.n_ctx == 4 and learner.ctx.shape[-2] == 4
+    texts = [f"an X-ray of a {name.replace('_', ' ')}." for name in CLASSNAMES]
+    with torch.no_grad():
+        reference = clip.model.encode_text(clip.tokenizer(texts))
+        assert (learner.text_features() - reference).abs().max().item() <= 1e-5
+        # The same ctx with the recorded init (as evaluation rebuilds it) gives the same prompt.
+        again = PromptLearner(clip, CLASSNAMES, ctx=learner.ctx.detach(), ctx_init="an X-ray of a",
+                              class_specific=class_specific)  # fmt: skip
+        assert (again.text_features() - reference).abs().max().item() <= 1e-5
+
+
+def test_multi_token_init_needs_the_class_at_the_end(tiny):
+    with pytest.raises(NemesisError, match=r"more tokens \(6\) than words \(4\).*class position end"):
+        PromptLearner(tiny, CLASSNAMES, ctx_init="an X-ray of a", class_position="middle")

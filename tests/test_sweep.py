@@ -34,7 +34,7 @@ def data_root(tmp_path_factory):
 
 
 def _backbones() -> dict:
-    return {("tiny", None): cached_backbone("tiny")}
+    return {("tiny", None, None): cached_backbone("tiny")}
 
 
 def _ctx(seed: int, class_specific: bool = False) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -159,12 +160,16 @@ def test_run_folder_holds_every_file_and_row(pets, tmp_path):
     )
     assert metadata.method == "nemesis" and metadata.method_config["beta"] == 0.5 and metadata.epoch == 3
     assert metadata.classnames == CLASSNAMES and metadata.weights_id and metadata.subsample == "all"
+    assert metadata.activation == "gelu"  # tiny's own activation, recorded with the prompt
     assert torch.allclose(torch.tensor(epochs[-1]["norms"]), prompt.ctx.norm(dim=-1))
 
     log = (out / "log.txt").read_text().splitlines()
-    assert log[-5].startswith("* total: 12") and log[-4].startswith("* correct: ")
-    assert log[-3].startswith("* accuracy: ") and log[-3].endswith("%")
-    assert log[-2].startswith("* error: ") and log[-1].startswith("* macro_f1: ")
+    # Dassl's closing lines around CoOp's result block, in Dassl's words (dassl/engine/trainer.py).
+    assert log[-10:-6] == ["Finish training", "Deploy the last-epoch model", "Evaluate on the *test* set", "=> result"]
+    assert log[-6].startswith("* total: 12") and log[-5].startswith("* correct: ")
+    assert log[-4].startswith("* accuracy: ") and log[-4].endswith("%")
+    assert log[-3].startswith("* error: ") and log[-2].startswith("* macro_f1: ")
+    assert re.fullmatch(r"Elapsed: \d+:\d\d:\d\d", log[-1])
 
 
 def test_training_changes_ctx_only_i5(pets, tmp_path, monkeypatch):
@@ -307,3 +312,36 @@ def test_unknown_device_is_one_line():
     with pytest.raises(NemesisError, match="unknown device 'bogus'"):
         resolve_device("bogus")
     assert resolve_device("cpu") == "cpu"
+
+
+def coop_parse_test_res(directory, keyword: str = "accuracy", end_signal: str = "Finish training") -> list[float]:
+    """The default mode of CoOp's `parse_test_res.py DIRECTORY`, rebuilt from its documented behaviour.
+
+    Every non-hidden subfolder of DIRECTORY (sorted) must hold `log.txt`; in it, lines are read
+    stripped, and only after a line equal to `end_signal` does the regex `\\* <keyword>: ([\\.\\deE+-]+)%`
+    count (the last match wins). Files without a match are left out; none at all fails.
+    """
+    pattern = re.compile(rf"\* {keyword}: ([\.\deE+-]+)%")
+    values = []
+    for subdir in sorted(path for path in directory.iterdir() if not path.name.startswith(".")):
+        log = subdir / "log.txt"
+        assert log.is_file(), log
+        good_to_go, value = False, None
+        for line in log.read_text().splitlines():
+            line = line.strip()
+            good_to_go = good_to_go or line == end_signal
+            if good_to_go and (match := pattern.search(line)):
+                value = float(match.group(1))
+        if value is not None:
+            values.append(value)
+    assert values, f"Nothing found in {directory}"
+    return values
+
+
+def test_coop_parse_test_res_reads_a_folder_of_our_runs(pets, tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        train(small_config(pets, seed=seed, epochs=2), runs / f"seed{seed}", progress=False)
+    final = [rows(runs / f"seed{seed}", "epoch")[-1]["test_acc"] for seed in (1, 2)]
+    assert coop_parse_test_res(runs) == [round(value, 1) for value in final]
+    assert coop_parse_test_res(runs, "macro_f1") and len(coop_parse_test_res(runs, "error")) == 2
