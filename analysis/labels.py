@@ -89,6 +89,40 @@ def method_label_from_config(config: Mapping[str, Any]) -> str:
     return method_label(config.get("method"), nemesis.get("beta"), nemesis.get("weight"))
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+
+
+OWN_DATASET = "own"  # `trained_on` of a prompt tested on the dataset it was trained on
+
+
+def prompt_kind_label(method: Any, subsample: Any = None, trained_on: Any = OWN_DATASET) -> str:
+    """What kind of prompt a sweep group holds: "CoOp", "CoOp, base classes", "CoOp, trained on ImageNet".
+
+    A table written before sweeps recorded the prompt kind says so: "(classes not recorded)".
+    """
+    parts = [method_label(None if _missing(method) else str(method))]
+    if _missing(subsample):
+        parts.append("classes not recorded")
+    elif str(subsample) != "all":
+        parts.append(f"{subsample} classes")
+    if not _missing(trained_on) and str(trained_on) != OWN_DATASET:
+        parts.append(f"trained on {dataset_name(trained_on)}")
+    return ", ".join(parts)
+
+
+def is_paper_kind(method: Any, subsample: Any, trained_on: Any, dataset: Any) -> bool:
+    """Whether a group is the kind of prompt the paper's LNE figure counts: CoOp, all classes, its own dataset."""
+    known = not any(_missing(value) for value in (method, subsample, trained_on))
+    return (
+        known
+        and str(method) == "coop"
+        and str(subsample) == "all"
+        and str(trained_on) == OWN_DATASET
+        and str(dataset) in PAPER_DATASETS
+    )
+
+
 def shots_label(shots: Any) -> str:
     """Shots per class as an axis or column label: 16 -> "16", missing -> "n/a"."""
     if shots is None or pd.isna(shots):

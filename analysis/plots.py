@@ -24,14 +24,18 @@ from matplotlib.ticker import MaxNLocator
 from nemesis.atomic import atomic_path
 from nemesis.errors import NemesisError
 
-from .labels import dataset_name, shots_label
+from .defaults import DEFAULT_ALPHA, DEFAULT_BY
+from .labels import OWN_DATASET, dataset_name, prompt_kind_label, shots_label
 from .low_norm_effect import (
-    DEFAULT_ALPHA,
-    DEFAULT_BY,
+    POOLED_NOTE,
+    PROMPT_KIND,
+    group_columns,
     lne_frequency,
     mean_change_by_position,
     parse_by,
+    reducing_share_by_factor,
     require_rates,
+    with_prompt_kind,
 )
 from .results import Run
 from .trajectories import epoch_frame
@@ -89,9 +93,29 @@ def _category_order(values: pd.Series) -> list:
 def _category_label(column: str, value) -> str:
     if column == "shots":
         return shots_label(value)
-    if column in ("dataset", "train_dataset"):
+    if column in ("dataset", "train_dataset", "trained_on"):
         return dataset_name(value)
     return "n/a" if value is None or pd.isna(value) else str(value)
+
+
+def _series_label(columns: Sequence[str], key: Sequence, fixed: dict | None = None) -> str:
+    """A legend label: the grouping values, the kind of prompt (with the `fixed` kind values) as one phrase."""
+    values = dict(zip(columns, key, strict=True))
+    parts = [_category_label(column, value) for column, value in values.items() if column not in PROMPT_KIND]
+    if any(column in values for column in PROMPT_KIND):
+        kind = (fixed or {}) | values
+        subsample = kind.get("subsample", "all")  # a column not grouped by is not a distinction
+        parts.append(prompt_kind_label(kind.get("method"), subsample, kind.get("trained_on", OWN_DATASET)))
+    return " / ".join(parts)
+
+
+def _single_kind(table: pd.DataFrame, columns: Sequence[str]) -> dict:
+    """The prompt-kind columns among `columns` that hold one value only: said once, not in every label."""
+    return {
+        column: table[column].iloc[0]
+        for column in columns
+        if column in PROMPT_KIND and len(table) and table[column].nunique(dropna=False) == 1
+    }
 
 
 def _same(value, other) -> bool:
@@ -142,17 +166,20 @@ def frequency_table_and_figure(
     alpha: float = DEFAULT_ALPHA,
     margin: float = 0.0,
     degradation: bool = False,
+    pool: bool = False,
 ) -> tuple[pd.DataFrame, Figure]:
     """The frequency table of `lne_frequency` and its figure: the paper's LNE figure, the companion
     figure with `degradation` (share of norm-increasing cells that lower accuracy), or with
-    `by="position"` the position x factor heat map of the mean accuracy change."""
+    `by="position"` the position x factor heat map of the mean accuracy change. Kinds of prompt
+    (method, class subset, training dataset) stay apart unless `pool`."""
     columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
-    table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
+    table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha, pool=pool)
     if columns == ["position"]:
-        return table, plot_position_heatmap(cells)
+        return table, plot_position_heatmap(cells, pool=pool)
     figure = plot_frequency_table(
-        table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation
-    )
+        table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation,
+        pool=pool,
+    )  # fmt: skip
     return table, figure
 
 
@@ -164,9 +191,10 @@ def plot_frequency(
     alpha: float = DEFAULT_ALPHA,
     margin: float = 0.0,
     degradation: bool = False,
+    pool: bool = False,
 ) -> Figure:
     """The figure of `frequency_table_and_figure`."""
-    return frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation)[1]
+    return frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation, pool)[1]
 
 
 def plot_frequency_table(
@@ -177,20 +205,23 @@ def plot_frequency_table(
     alpha: float = DEFAULT_ALPHA,
     margin: float = 0.0,
     degradation: bool = False,
+    pool: bool = False,
 ) -> Figure:
     """Draw a table from `lne_frequency`: x = shots (else the last `by` column) on a categorical
-    axis, y = frequency, rate or (with `degradation`) degradation rate, one line with its own
-    marker and colour per value of the other `by` columns (default: per dataset), legend outside
-    the axes."""
-    columns = parse_by(by)
+    axis, y = frequency, rate or (with `degradation`) degradation rate in percent, one line with
+    its own marker and colour per value of the other `by` columns and kind of prompt (default: per
+    dataset and method), legend outside the axes."""
+    columns = group_columns(by, pool)
+    columns = [column for column in columns if column in table.columns]
     if rate and degradation:
         raise NemesisError("--rate and --degradation plot different values; pass one of them")
     if rate:
         require_rates(table, columns)
     if degradation:
         require_rates(table, columns, "degradation_rate")
+    fixed = _single_kind(table, columns)
     x_column = "shots" if "shots" in columns else columns[-1]
-    series_columns = [column for column in columns if column != x_column]
+    series_columns = [column for column in columns if column != x_column and column not in fixed]
     y_column = "degradation_rate" if degradation else "rate" if rate else "frequency"
     x_values = _category_order(table[x_column])
     if series_columns:
@@ -211,8 +242,9 @@ def plot_frequency_table(
             match = rows[rows[x_column].map(lambda other, x_value=x_value: _same(x_value, other))]
             if not match.empty:
                 positions.append(position)
-                values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
-        label = " / ".join(_category_label(column, value) for column, value in zip(series_columns, key, strict=True))
+                value = float(match[y_column].iloc[0])  # one row: the table is grouped by exactly these
+                values.append(value if y_column == "frequency" else 100 * value)  # rates in percent, as the tables
+        label = _series_label(series_columns, key, fixed)
         axes.plot(
             positions,
             values,
@@ -224,50 +256,99 @@ def plot_frequency_table(
     axes.set_xlim(-0.5, len(x_values) - 0.5)
     axes.set_xlabel("shots per class" if x_column == "shots" else x_column)
     if degradation:
-        axes.set_ylabel("share of norm-increasing cells that lower accuracy")
+        axes.set_ylabel("norm-increasing cells that lower accuracy (%)")
     elif rate:
-        axes.set_ylabel("LNE rate (occurrences / norm-reducing cells)")
+        axes.set_ylabel("LNE rate (% of norm-reducing cells)")
     else:
         axes.set_ylabel("LNE frequency (number of occurrences)")
-    axes.set_ylim(bottom=0)
+    plotted = table[y_column].astype(float) * (1 if y_column == "frequency" else 100)
+    _y_headroom(axes, float(plotted.max()) if len(plotted) else 0.0, percent=y_column != "frequency")
     if y_column == "frequency":
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
     axes.grid(axis="y", alpha=0.3)
     if degradation:
-        axes.set_title("Norm-increasing cells that lower accuracy (Δacc < 0)")
+        title = "Norm-increasing cells that lower accuracy (Δacc < 0)"
     else:
         criterion = f"Δacc > {margin:g} pp" + (f", McNemar p < {alpha:g}" if significant else "")
-        axes.set_title(f"Low-Norm Effect {'rate' if rate else 'frequency'} ({criterion})")
-    legend_title = " / ".join(series_columns) if series_columns else None
-    _legend_outside(axes, title=legend_title)
+        title = f"Low-Norm Effect {'rate' if rate else 'frequency'} ({criterion})"
+    counted = "increasing" if degradation else "reducing"
+    pooled = f"; {POOLED_NOTE}" if pool else ""
+    if fixed and len(fixed) == len([column for column in columns if column in PROMPT_KIND]):
+        pooled = f"; prompts: {_series_label(list(fixed), list(fixed.values()))}" + pooled
+    axes.set_title(
+        f"{title}\neach point: {_count_range(table['cells'])} corrupted cells ({_count_range(table[counted])} "
+        f"norm-{counted}), summed over seeds, positions and factors{pooled}",
+        fontsize=9,
+        loc="left",
+    )
+    names = [column for column in series_columns if column not in PROMPT_KIND]
+    if len(names) < len(series_columns):
+        names.append("prompts")
+    _legend_outside(axes, title=" / ".join(names) if names else None)
     figure.tight_layout()
     return figure
 
 
-def plot_position_heatmap(cells: pd.DataFrame) -> Figure:
-    """Mean accuracy change (delta_acc, pp) per position (rows) and factor (columns), one panel per op."""
-    maps = mean_change_by_position(cells)
+def _count_range(counts: pd.Series) -> str:
+    """ "480" when every point pools as many, else "120-480"."""
+    low, high = int(counts.min()), int(counts.max())
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
+def _y_headroom(axes, top: float, percent: bool = False, bottom: float = 0.0) -> None:
+    """Room above the highest value so no line or marker sits on the frame; percents stop at 100 (+ room)."""
+    if not np.isfinite(top) or top <= bottom:
+        top = bottom + (10.0 if percent else 1.0)
+    axes.set_ylim(bottom, top + 0.12 * (top - bottom))
+
+
+def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
+    """Mean accuracy change (delta_acc, pp) per position (rows) and factor (columns), one panel per
+    op and kind of prompt (unless `pool`). Cell text is dark on light cells and light on dark ones;
+    a vertical rule separates the factors that reduce the norm (left) from those that increase it."""
+    maps = mean_change_by_position(cells, pool=pool)
     largest = max(float(np.nanmax(np.abs(frame.to_numpy(dtype=float)), initial=0.0)) for frame in maps.values())
     largest = largest if largest > 0 else 1.0  # a symmetric colour scale around "no change"
     rows = max(len(frame) for frame in maps.values())
-    figure = new_figure(4.5 * len(maps) + 1.5, 0.35 * rows + 2.0, layout="constrained")
+    figure = new_figure(4.5 * len(maps) + 1.5, 0.35 * rows + 2.4, layout="constrained")
     panels = figure.subplots(1, len(maps), squeeze=False)[0]
     factor_names = {"rescale": "tau", "replace": "sigma"}
+    colour_map = matplotlib.colormaps["RdBu"]
+    kind_columns = [] if pool else list(PROMPT_KIND)  # the key order of `mean_change_by_position`
+    corrupted = with_prompt_kind(cells[cells["op"] != "original"])
+    single = _single_kind(corrupted, kind_columns)
     image = None
-    for axes, (op, frame) in zip(panels, maps.items(), strict=True):
+    for axes, (key, frame) in zip(panels, maps.items(), strict=True):
+        op, kind = key[0], dict(zip(kind_columns, key[1:], strict=True))
         values = frame.to_numpy(dtype=float)  # [positions, factors]
-        image = axes.imshow(values, cmap="RdBu", vmin=-largest, vmax=largest, aspect="auto")
+        image = axes.imshow(values, cmap=colour_map, vmin=-largest, vmax=largest, aspect="auto")
         axes.set_xticks(range(values.shape[1]), [f"{factor:g}" for factor in frame.columns])
         axes.set_yticks(range(values.shape[0]), [str(int(position)) for position in frame.index])
         if values.size <= 160:  # numbers stay legible only on small grids
             for (row, column), value in np.ndenumerate(values):
                 if np.isfinite(value):
-                    axes.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=7)
-        axes.set_title(op)
-        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})")
+                    red, green, blue, _ = colour_map(0.5 + 0.5 * value / largest)
+                    dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived brightness
+                    axes.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                              color="white" if dark else "black")  # fmt: skip
+        panel_cells = corrupted[corrupted["op"] == op]
+        for column, value in kind.items():
+            panel_cells = panel_cells[panel_cells[column].map(lambda other, value=value: _same(value, other))]
+        share = reducing_share_by_factor(panel_cells).reindex(frame.columns)
+        reducing = [index for index, value in enumerate(share.to_numpy(dtype=float)) if value >= 0.5]
+        if reducing and len(reducing) < len(frame.columns) and reducing == list(range(len(reducing))):
+            axes.axvline(len(reducing) - 0.5, color="black", linewidth=1.5)
+        varying = {column: value for column, value in kind.items() if column not in single}
+        title = f"{op}, {_series_label(list(kind), list(kind.values()))}" if varying else op
+        axes.set_title(title)
+        rule = "; norm-reducing factors left of the rule" if axes.lines else ""
+        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{len(panel_cells):,} cells{rule}")
         axes.set_ylabel("position")
     figure.colorbar(image, ax=list(panels), label="mean accuracy change (pp)")
-    figure.suptitle("Mean accuracy change by corrupted position")
+    pooled = f" ({POOLED_NOTE})" if pool else ""
+    if single and len(single) == len(kind_columns):
+        pooled = f" (prompts: {_series_label(list(single), list(single.values()))})"
+    figure.suptitle(f"Mean accuracy change by corrupted position{pooled}")
     return figure
 
 

@@ -138,7 +138,7 @@ class SweepInput:
     """One checkpoint of a sweep: its file and what it is evaluated as."""
 
     file: Path  # the checkpoint file itself (absolute)
-    identity: dict[str, Any]  # checkpoint, model, pretrained, dataset, shots, seed, subsample, method
+    identity: dict[str, Any]  # checkpoint, model, pretrained, dataset, train_dataset, shots, seed, subsample, method
     n_ctx: int
     class_specific: bool
     n_classes: int | None = None  # classes of a class-specific ctx
@@ -172,6 +172,9 @@ def _resolve_one(
         subsample=None if metadata.source_format != "dassl" else from_path.subsample,
     )
     identity["dataset"] = resolve_name(identity["dataset"])
+    # Dassl files do not name their training dataset: their path does (the --dataset flag names the test data).
+    trained_on = metadata.dataset or from_path.dataset
+    identity["train_dataset"] = resolve_name(trained_on) if trained_on else identity["dataset"]
     if identity["method"] in (None, UNKNOWN_METHOD):
         identity["method"] = from_path.method
     identity["checkpoint"] = str(checkpoint.path)
@@ -189,7 +192,17 @@ def _resolve_one(
             raise NemesisError(f"{checkpoint.path}: {key} {value!r} is not a non-negative whole number")
     return {
         key: identity[key]
-        for key in ("checkpoint", "model", "pretrained", "dataset", "shots", "seed", "subsample", "method")
+        for key in (
+            "checkpoint",
+            "model",
+            "pretrained",
+            "dataset",
+            "train_dataset",
+            "shots",
+            "seed",
+            "subsample",
+            "method",
+        )
     }
 
 

@@ -56,6 +56,9 @@ def checkpoint_rows(
     model: str = "tiny",
     key: str | None = None,
     first_number: int = 0,
+    subsample: str = "all",
+    train_dataset: str | None = None,
+    n_classes: int = 37,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Rows of one checkpoint (its original row first) and their per-sample correctness.
 
@@ -68,6 +71,7 @@ def checkpoint_rows(
     original[:correct] = True
     base = {"checkpoint": checkpoint, "model": model, "dataset": dataset, "shots": shots, "seed": seed}
     base["method"] = method
+    base |= {"subsample": subsample, "train_dataset": train_dataset or dataset, "n_classes": n_classes}
     rows = [
         {
             "cell_id": f"{key}:original:-:-:-",
@@ -111,7 +115,7 @@ def checkpoint_rows(
 
 def sweep_frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
-    for column in ("shots", "seed", "position", "noise_seed"):
+    for column in ("shots", "seed", "position", "noise_seed", "n_classes"):
         frame[column] = pd.array(frame[column], dtype="Int64")
     return frame
 

@@ -60,8 +60,8 @@ def test_rate_figure_plots_rates():
     (axes,) = figure.axes
     assert "rate" in axes.get_ylabel()
     for line in axes.get_lines():
-        assert all(0 <= value <= 1 for value in line.get_ydata())
-        assert list(line.get_ydata()) == [0.5] * 5  # one occurrence of two reducing cells
+        assert all(0 <= value <= 100 for value in line.get_ydata())  # percent, as the tables
+        assert list(line.get_ydata()) == [50.0] * 5  # one occurrence of two reducing cells
 
 
 def test_position_heatmap_has_one_panel_per_op():
@@ -76,12 +76,12 @@ def test_position_heatmap_has_one_panel_per_op():
 def test_degradation_figure_plots_the_share_of_increasing_cells_that_lose_accuracy():
     figure = plot_frequency(_cells(), degradation=True)
     (axes,) = figure.axes
-    assert axes.get_ylabel() == "share of norm-increasing cells that lower accuracy"
+    assert axes.get_ylabel() == "norm-increasing cells that lower accuracy (%)"
     assert axes.get_xlabel() == "shots per class"
     assert len(axes.get_lines()) == len(DATASETS)
     assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["DTD", "Food101", "OxfordPets"]
     for line in axes.get_lines():
-        assert list(line.get_ydata()) == [1.0] * 5  # each checkpoint's one increasing cell loses a sample
+        assert list(line.get_ydata()) == [100.0] * 5  # each checkpoint's one increasing cell loses a sample
 
 
 def test_degradation_of_a_group_without_increasing_cells_fails():

@@ -186,7 +186,8 @@ def _cells():
 
 def test_lne_frequency_table():
     table = lne_frequency_table(_cells(), paper=False)
-    assert list(table.display.columns) == ["Dataset", "1 shot", "2 shots"]
+    assert list(table.display.columns) == ["Dataset", "Prompts", "1 shot", "2 shots"]
+    assert set(table.display["Prompts"]) == {"CoOp"}
     display = table.display.set_index("Dataset")
     # frequency (rate); degr. = share of norm-increasing cells that lose accuracy.
     assert display.loc["OxfordPets", "1 shot"] == "1 (50.0%); degr. 100.0%"
@@ -227,10 +228,10 @@ def test_few_shot_table_counts_finished_runs_only(tmp_path):
 def test_writers_produce_markdown_csv_and_latex(tmp_path):
     table = lne_frequency_table(_cells())
     markdown = to_markdown(table)
-    assert markdown.startswith("## Low-Norm Effect") and "| Dataset | 1 shot | 2 shots |" in markdown
+    assert markdown.startswith("## Low-Norm Effect") and "| Dataset | Prompts | 1 shot | 2 shots |" in markdown
     assert "OxfordPets [paper]" in markdown  # reference rows, clearly marked
     latex = to_latex(table)
-    assert r"\begin{tabular}{lrr}" in latex and r"50.0\%" in latex and r"\bottomrule" in latex
+    assert r"\begin{tabular}{llrr}" in latex and r"50.0\%" in latex and r"\bottomrule" in latex
     paths = write_table(table, tmp_path)
     assert [path.name for path in paths] == ["lne_frequency.md", "lne_frequency.csv", "lne_frequency.tex"]
     csv = pd.read_csv(tmp_path / "lne_frequency.csv")
