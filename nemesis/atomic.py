@@ -73,3 +73,25 @@ def file_lock(path: str | os.PathLike, shared: bool = False, create: bool = True
         yield True
     finally:
         os.close(handle)  # closing releases the lock
+
+
+def prepare_output(path: str | os.PathLike, folder: bool = False, option: str = "--out") -> Path:
+    """Check an output location before any work: create its missing parent folders, then prove the
+    folder that will hold it writable by creating and removing a file there.
+
+    A location that cannot be written fails here, in one line naming it, not after the work.
+    """
+    path = Path(path)
+    target = path if folder and path.is_dir() else path.parent  # a new folder is left to the command
+    if folder and path.exists() and not path.is_dir():
+        raise NemesisError(f"{option} {path} is a file; pass a folder")
+    if not folder and path.is_dir():
+        raise NemesisError(f"{option} {path} is a folder; pass a file name")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise NemesisError(f"{option} {path}: cannot write to {target} ({reason}); pass a writable location") from None
+    return path

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from nemesis.errors import NemesisError
+from nemesis.atomic import prepare_output
 
 from .common import reports_errors
 
@@ -37,9 +37,15 @@ def eval_command(
     from nemesis.checkpoint import load_checkpoint
     from nemesis.evaluate import append_record, evaluate, weights_mismatch
 
-    if out is not None and not out.parent.is_dir():
-        raise NemesisError(f"--out: folder {out.parent} does not exist; create it first")
+    if out is not None:
+        prepare_output(out)
     prompt = load_checkpoint(checkpoint, epoch)
+    if subsample in ("base", "new") and prompt.metadata.source_format != "dassl" and prompt.metadata.subsample == "all":
+        typer.echo(
+            f"warning: --subsample {subsample} on a prompt trained on all classes: its '{subsample}' classes were "
+            "seen in training, so this is not a base-to-new result",
+            err=True,
+        )
     result = evaluate(
         prompt,
         model=model,
