@@ -26,7 +26,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from .atomic import write_text_atomic
 from .backbone import Backbone, load_clip, model_config, resolve_device
@@ -39,11 +39,13 @@ from .errors import NemesisError
 from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss, position_norms
+from .progress import progress_bar
 from .prompt_learner import PromptedCLIP, PromptLearner
 from .run_state import RUN_STATE, Journal, RunState, load_state, read_finished_metrics, save_state
 
-# Keys of config.json that may change when a run is resumed (they do not change what is learned).
-RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every")
+# Keys of config.json that may change when a run is resumed: they do not change what was learned so
+# far (more epochs continue it; `nemesis train --resume` checks the options a user passes).
+RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every", "epochs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def train(
         seed=config.seed,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / RUN_CONFIG).is_file():
+    if resume or not (out_dir / RUN_CONFIG).is_file():  # a resumed run records what it continues with
         write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
     journal = Journal(out_dir, echo)
     write_text_atomic(out_dir / RUN_METRICS, read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0))
@@ -380,7 +382,7 @@ def train(
     test_features, test_labels = test_features.to(device), test_labels.to(device)
     stepper = _Stepper(config, learner, optimizer, scaler, device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("training", total=config.epochs, completed=start_epoch)
         for epoch in range(start_epoch, config.epochs):
             lr = learning_rate(config, epoch)
