@@ -72,6 +72,6 @@ def export(
 
     prepare_output(out, folder=True)
     prompt = load_checkpoint(checkpoint)
-    out.mkdir(exist_ok=True)  # after the checkpoint is read: a bad one leaves no folder behind
+    out.mkdir(parents=True, exist_ok=True)  # after the checkpoint is read: a bad one leaves no folder behind
     target = export_dassl(prompt, out, epoch)
     typer.echo(f"wrote {target}")
