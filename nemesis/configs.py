@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -287,3 +288,15 @@ def ignored_nemesis_options(config: TrainConfig, passed: dict) -> list[str]:
     if config.method is Method.nemesis:
         return []
     return [_flag(name) for name in NEMESIS_OPTIONS if name in passed]
+
+
+def run_root(path: str | os.PathLike) -> str | None:
+    """The data folder (`root`) of the run holding `path` (its folder, prompt or checkpoint), if any."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / RUN_CONFIG).is_file():
+            try:
+                return json.loads((folder / RUN_CONFIG).read_text(encoding="utf-8")).get("root")
+            except (OSError, json.JSONDecodeError):
+                return None
+    return None
