@@ -125,9 +125,9 @@ def test_ctrl_c_in_a_sweep_keeps_the_cells(tmp_path, monkeypatch):
     )
 
 
-def test_subsample_new_on_an_all_class_prompt_warns(pets, run):
+def test_subsample_new_on_an_all_class_prompt_warns_and_eval_takes_the_runs_root(run):
     out, _ = run
-    args = ["eval", str(out), "--root", str(pets), "--subsample", "new", "--device", "cpu"]
+    args = ["eval", str(out), "--subsample", "new", "--device", "cpu"]  # no --root: the run's config.json has it
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert _warnings(result.output) == [
