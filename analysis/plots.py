@@ -8,6 +8,7 @@ artists. `save_figure` writes PNG and PDF atomically.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TABLEAU_COLORS
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from nemesis.atomic import atomic_path
@@ -41,6 +43,9 @@ from .results import Run
 from .trajectories import epoch_frame
 
 FIGURE_SUFFIXES = (".png", ".pdf")
+SINGLE_SUFFIXES = (".svg",)  # `--out fig.svg` writes that one file
+# Conferences require embedded TrueType (Type 42) fonts in PDFs, not Type 3 bitmaps.
+SAVE_SETTINGS = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path"}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 METHOD_MARKERS = {"coop": "o", "nemesis": "^"}
 DPI = 150
@@ -50,19 +55,22 @@ DPI = 150
 
 
 def figure_paths(out: str | os.PathLike) -> list[Path]:
-    """FIG, FIG.png or FIG.pdf -> [FIG.png, FIG.pdf]."""
+    """FIG, FIG.png or FIG.pdf -> [FIG.png, FIG.pdf]; FIG.svg -> [FIG.svg]."""
     out = Path(out)
+    if out.suffix.lower() in SINGLE_SUFFIXES:
+        return [out]
     stem = out.with_suffix("") if out.suffix.lower() in FIGURE_SUFFIXES else out
     return [stem.with_name(stem.name + suffix) for suffix in FIGURE_SUFFIXES]
 
 
 def save_figure(figure: Figure, out: str | os.PathLike) -> list[Path]:
-    """Write `figure` as FIG.png and FIG.pdf; both appear together or neither does."""
+    """Write `figure` as FIG.png and FIG.pdf (Type 42 fonts), or only FIG.svg; all appear or none does."""
     paths = figure_paths(out)
     with contextlib.ExitStack() as stack:
         temporaries = [stack.enter_context(atomic_path(path)) for path in paths]
-        for temporary, path in zip(temporaries, paths, strict=True):
-            figure.savefig(temporary, format=path.suffix[1:], dpi=DPI, bbox_inches="tight")
+        with matplotlib.rc_context(SAVE_SETTINGS):
+            for temporary, path in zip(temporaries, paths, strict=True):
+                figure.savefig(temporary, format=path.suffix[1:].lower(), dpi=DPI, bbox_inches="tight")
     return paths
 
 
@@ -355,44 +363,118 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
 # ----------------------------------------------------------------------------- norm trajectories
 
 
+def _norm_series(frame: pd.DataFrame) -> list[tuple[tuple, str, pd.DataFrame, int]]:
+    """(panel key, legend label, epoch rows, seeds) per series: runs that differ only by seed are one
+    series (their mean, a band for the spread); any other runs keep a series each."""
+    series = []
+    for (dataset, shots, _method, label), rows in frame.groupby(
+        ["dataset", "shots", "method", "method_label"], sort=False, dropna=False
+    ):
+        runs = rows[["run", "seed"]].drop_duplicates()
+        if len(runs) > 1 and runs["seed"].is_unique and runs["seed"].notna().all():
+            series.append(((dataset, shots), str(label), rows, len(runs)))
+            continue
+        for _run, run_rows in rows.groupby("run", sort=False):
+            series.append(((dataset, shots), str(run_rows["label"].iloc[0]), run_rows, 1))
+    return series
+
+
+def _panel_title(dataset, shots, seeds: set[int]) -> str:
+    shots_text = f"{shots_label(shots)} shot{'' if str(shots) == '1' else 's'}"
+    seeds_text = f"{max(seeds)} seed{'' if max(seeds) == 1 else 's'}" if len(seeds) == 1 else "seeds vary"
+    return f"{dataset_name(dataset)}, {shots_text} ({seeds_text} per line)"
+
+
 def plot_norms(runs: Sequence[Run]) -> Figure:
     """Test accuracy (left axis, solid) and mean prompt norm (right axis, dashed) against epoch.
 
-    One series and colour per run, labelled with its method label (plus what tells it apart from
-    runs sharing that label); CoOp runs use circles, Nemesis runs triangles.
+    Runs that differ only by seed become one series: the mean over seeds, with a band of ±1 std.
+    One panel per dataset and shot count when the runs differ in them; one colour per method label
+    (CoOp circles, Nemesis triangles); the legend sits outside, right of the panels, which keep at
+    least 60% of the figure's width.
     """
     if not runs:
         raise NemesisError("no runs to plot; pass run folders written by `nemesis train --out DIR`")
     frame = epoch_frame(runs)
     if frame.empty:
         raise NemesisError("the runs logged no epochs yet; wait for the first epoch to finish")
-    # Grouped by run (the label is unique per run too, even for a folder passed twice): runs
-    # sharing a method label must not merge into one line.
-    series = list(frame.groupby(["run", "label"], sort=False))
-    colours = _palette(len(series))
-    figure = new_figure(8.0, 4.8)
-    accuracy_axes = figure.subplots()
-    norm_axes = accuracy_axes.twinx()
-    handles = []
-    for colour, ((_run, label), rows) in zip(colours, series, strict=True):
-        marker = METHOD_MARKERS.get(str(rows["method"].iloc[0]), "s")
-        evaluated = rows.dropna(subset=["test_acc"])
-        style = {"color": colour, "marker": marker, "markersize": 4, "markevery": max(1, len(rows) // 15)}
-        if not evaluated.empty:
-            accuracy_axes.plot(evaluated["epoch"], evaluated["test_acc"], **style)
-        norm_axes.plot(rows["epoch"], rows["mean_norm"], linestyle="--", fillstyle="none", **style)
-        handles.append(Line2D([], [], color=colour, marker=marker, label=label))
-    handles.append(Line2D([], [], color="black", linestyle="-", label="test accuracy (left)"))
-    handles.append(Line2D([], [], color="black", linestyle="--", label="mean prompt norm (right)"))
-    accuracy_axes.set_xlabel("epoch")
-    accuracy_axes.set_ylabel("test accuracy (%)")
-    norm_axes.set_ylabel("mean prompt norm (L2)")
-    datasets = sorted({dataset_name(value) for value in frame["dataset"]})
-    accuracy_axes.set_title(f"Prompt norm and accuracy over training ({', '.join(datasets)})")
-    accuracy_axes.grid(alpha=0.3)
-    accuracy_axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.12, 1.0), borderaxespad=0.0)
-    figure.tight_layout()
+    labels_by_run = {str(run.path): run.label for run in runs}
+    frame["method_label"] = frame["run"].map(labels_by_run).fillna(frame["label"])
+    series = _norm_series(frame)
+    panels = list(dict.fromkeys(key for key, _, _, _ in series))
+    colours = dict(zip(dict.fromkeys(label for _, label, _, _ in series), _palette(len(series)), strict=False))
+
+    columns = min(len(panels), 3)
+    rows_count = math.ceil(len(panels) / columns)
+    legend_width = 3.0
+    figure = new_figure(4.6 * columns + legend_width, 3.6 * rows_count + 0.9)
+    grid = figure.subplots(rows_count, columns, squeeze=False)
+    handles = {}
+    banded = False
+    for index, key in enumerate(panels):
+        accuracy_axes = grid[index // columns][index % columns]
+        norm_axes = accuracy_axes.twinx()
+        seeds, accuracy_values, norm_values = set(), [], []
+        for panel, label, rows, count in series:
+            if panel != key:
+                continue
+            seeds.add(count)
+            colour = colours[label]
+            marker = METHOD_MARKERS.get(str(rows["method"].iloc[0]), "s")
+            by_epoch = rows.groupby("epoch", sort=True)
+            accuracy = by_epoch["test_acc"].agg(["mean", "std", "count"]).dropna(subset=["mean"])
+            norm = by_epoch["mean_norm"].agg(["mean", "std", "count"]).dropna(subset=["mean"])
+            style = {"color": colour, "marker": marker, "markersize": 4, "markevery": max(1, len(norm) // 12)}
+            if not accuracy.empty:
+                accuracy_axes.plot(accuracy.index, accuracy["mean"], **style)
+                accuracy_values.extend((accuracy["mean"] + accuracy["std"].fillna(0)).tolist())
+            norm_axes.plot(norm.index, norm["mean"], linestyle="--", fillstyle="none", **style)
+            norm_values.extend((norm["mean"] + norm["std"].fillna(0)).tolist())
+            if count > 1:
+                banded = True
+                for axes, values in ((accuracy_axes, accuracy), (norm_axes, norm)):
+                    spread = values["std"].fillna(0)
+                    axes.fill_between(values.index, values["mean"] - spread, values["mean"] + spread,
+                                      color=colour, alpha=0.15, linewidth=0)  # fmt: skip
+            handles.setdefault(label, Line2D([], [], color=colour, marker=marker, label=label))
+        dataset, shots = key
+        accuracy_axes.set_title(_panel_title(dataset, shots, seeds), fontsize=10)
+        accuracy_axes.set_xlabel("epoch")
+        accuracy_axes.set_ylabel("test accuracy (%)")
+        norm_axes.set_ylabel("mean prompt norm (L2)")
+        accuracy_axes.grid(alpha=0.3)
+        _y_headroom(accuracy_axes, max(accuracy_values, default=0.0), percent=True,
+                    bottom=max(0.0, min(accuracy_axes.get_ylim()[0], 100.0)))  # fmt: skip
+        _y_headroom(norm_axes, max(norm_values, default=0.0), bottom=max(0.0, norm_axes.get_ylim()[0]))
+    for index in range(len(panels), rows_count * columns):
+        grid[index // columns][index % columns].set_visible(False)
+    keys = list(handles.values())
+    keys.append(Line2D([], [], color="black", linestyle="-", label="test accuracy (left axis)"))
+    keys.append(Line2D([], [], color="black", linestyle="--", label="mean prompt norm (right axis)"))
+    if banded:
+        keys.append(Patch(color="grey", alpha=0.3, label="band: ±1 std over seeds"))
+    seeds_total = frame["seed"].nunique()
+    figure.suptitle(
+        f"Prompt norm and accuracy over training: {len(runs)} run{'' if len(runs) == 1 else 's'}, "
+        f"{seeds_total} seed{'' if seeds_total == 1 else 's'}; lines are means over seeds",
+        fontsize=11,
+    )
+    right = 1.0 - legend_width / figure.get_figwidth()
+    figure.tight_layout(rect=(0.0, 0.0, right, 0.95))
+    figure.legend(handles=keys, loc="upper left", bbox_to_anchor=(right + 0.01, 0.93), borderaxespad=0.0,
+                  fontsize=8, frameon=False)  # fmt: skip
     return figure
+
+
+def axes_width_share(figure: Figure) -> float:
+    """Width of the panels (leftmost to rightmost axes) over the width of everything drawn, as saved
+    with a tight bounding box: a legend must not squeeze the axes."""
+    renderer = figure.canvas.get_renderer()
+    visible = [axes for axes in figure.axes if axes.get_visible()]
+    left = min(axes.get_window_extent(renderer).x0 for axes in visible)
+    right = max(axes.get_window_extent(renderer).x1 for axes in visible)
+    drawn = figure.get_tightbbox(renderer)  # inches
+    return (right - left) / figure.dpi / drawn.width
 
 
 # ----------------------------------------------------------------------------- few-shot curve
