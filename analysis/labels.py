@@ -63,8 +63,8 @@ def format_number(value: float) -> str:
 def method_label(method: str | None, beta: float | None = None, weight: float | None = None) -> str:
     """The label of a method in tables and legends.
 
-    coop -> "CoOp"; nemesis with beta 1 -> "CoOp+Nemesis (PEN, w=<weight>)", beta 0 -> PAN,
-    any other beta -> "CoOp+Nemesis (PEN+PAN, beta=<beta>, w=<weight>)".
+    coop -> "CoOp"; nemesis with beta 1 -> "CoOp+Nemesis (PUN, weight <weight>)", beta 0 -> PAN,
+    any other beta -> "CoOp+Nemesis (PUN+PAN, beta <beta>, weight <weight>)".
     """
     if method is None or (isinstance(method, float) and pd.isna(method)):
         return "unknown"
@@ -77,10 +77,10 @@ def method_label(method: str | None, beta: float | None = None, weight: float | 
         return "CoOp+Nemesis"
     weight_text = format_number(weight)
     if float(beta) == 1.0:
-        return f"CoOp+Nemesis (PEN, w={weight_text})"
+        return f"CoOp+Nemesis (PUN, weight {weight_text})"
     if float(beta) == 0.0:
-        return f"CoOp+Nemesis (PAN, w={weight_text})"
-    return f"CoOp+Nemesis (PEN+PAN, beta={format_number(beta)}, w={weight_text})"
+        return f"CoOp+Nemesis (PAN, weight {weight_text})"
+    return f"CoOp+Nemesis (PUN+PAN, beta {format_number(beta)}, weight {weight_text})"
 
 
 def method_label_from_config(config: Mapping[str, Any]) -> str:

@@ -20,6 +20,7 @@ _SHOTS_FOLDER = re.compile(r"shots_(\d+)")  # base-to-new: shots_<K>
 _SEED_FOLDER = re.compile(r"seed(\d+)")
 _CLASS_POSITION = re.compile(r"ctp(end|middle|front)(?![a-z])")  # CoOp: nctx16_cscFalse_ctpend
 BASE_TRAINING_FOLDER = "train_base"  # base-to-new runs train on the base classes
+NEW_TESTING_FOLDER = "test_new"  # ... and are tested on the new ones in evaluation-only runs
 UNKNOWN_METHOD = "unknown"
 
 
@@ -62,6 +63,6 @@ def identity_from_path(path: str | os.PathLike) -> PathIdentity:
         shots=shots,
         seed=seed,
         method=method,
-        subsample="base" if BASE_TRAINING_FOLDER in parts else None,
+        subsample="base" if BASE_TRAINING_FOLDER in parts else "new" if NEW_TESTING_FOLDER in parts else None,
         class_position=class_position,
     )

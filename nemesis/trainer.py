@@ -369,8 +369,9 @@ def train(
         (out_dir / RUN_LOG).write_text("", encoding="utf-8")
         journal.say(
             f"nemesis train: {config.method.value} on {config.dataset} ({len(data.classnames)} classes, "
-            f"{len(data.train)} training images), {config.shots} shots, seed {config.seed}, "
-            f"{config.model} ({config.pretrained}), {config.epochs} epochs, device {device}",
+            f"{len(data.train)} training images), {config.shots} shot{'' if config.shots == 1 else 's'}, "
+            f"seed {config.seed}, {config.model} ({config.pretrained or 'random weights'}), {config.epochs} epochs, "
+            f"device {device}",
             show=True,
         )
         journal.say(f"config: {json.dumps(config.to_json())}")

@@ -211,3 +211,50 @@ def eval_record(**overrides) -> dict:
 def write_evals(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
+
+
+def write_dassl_log(folder: Path, accuracy: float | None, total: int = 3669, backbone: str = "RN50") -> Path:
+    """A Dassl run's log.txt as CoOp's `train.py` leaves it: arguments, the config dump, epoch lines,
+    and (unless `accuracy` is None: a run still training) the final test result block."""
+    correct = round(total * (accuracy or 0) / 100)
+    lines = [
+        "Setting fixed seed: 1",
+        "***************",
+        "** Arguments **",
+        "***************",
+        "backbone: ",
+        "config_file: configs/trainers/CoOp/rn50.yaml",
+        "************",
+        "** Config **",
+        "************",
+        "DATASET:",
+        "  NAME: OxfordPets",
+        "  NUM_SHOTS: 16",
+        "MODEL:",
+        "  BACKBONE:",
+        f"    NAME: {backbone}",
+        "  HEAD:",
+        "    NAME: ",
+        "OPTIM:",
+        "  MAX_EPOCH: 200",
+        "Loading trainer: CoOp",
+        "epoch [1/200] batch [5/18] time 0.081 (0.262) data 0.000 (0.172) loss 1.3652 (1.5024) acc 62.5000 (56.2500) "
+        "lr 1.0000e-05 eta 0:15:42",
+    ]
+    if accuracy is not None:
+        lines += [
+            "Checkpoint saved to output/prompt_learner/model.pth.tar-200",
+            "Finish training",
+            "Deploy the last-epoch model",
+            "Evaluate on the *test* set",
+            "=> result",
+            f"* total: {total:,}",
+            f"* correct: {correct:,}",
+            f"* accuracy: {accuracy:.1f}%",
+            f"* error: {100 - accuracy:.1f}%",
+            f"* macro_f1: {accuracy - 0.4:.1f}%",
+            "Elapsed: 0:17:09",
+        ]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.txt").write_text("\n".join(lines) + "\n")
+    return folder / "log.txt"

@@ -98,7 +98,7 @@ def test_report_writes_every_supported_table(tmp_path):
     assert "| Method | Shots | OxfordPets | ImageNet | Average |" in few_shot
     assert "| CoOp | 1 | 56.50 ± 0.71 |  | 56.50 ± 0.71 |" in few_shot
     assert "| CoOp | 16 |  | 62.00 | 62.00 |" in few_shot
-    assert "CoOp+Nemesis (PAN, w=1)" in few_shot
+    assert "CoOp+Nemesis (PAN, weight 1)" in few_shot
 
 
 def test_report_writes_only_what_the_inputs_support(tmp_path):

@@ -125,7 +125,7 @@ def test_norm_figure_has_both_axes_and_one_series_per_run(tmp_path):
     assert "accuracy" in accuracy_axes.get_ylabel()
     assert "norm" in norm_axes.get_ylabel()
     labels = _legend(figure)
-    assert {"CoOp", "CoOp+Nemesis (PEN, w=10)", "CoOp+Nemesis (PAN, w=1)"} <= set(labels)
+    assert {"CoOp", "CoOp+Nemesis (PUN, weight 10)", "CoOp+Nemesis (PAN, weight 1)"} <= set(labels)
     # The PAN run evaluated once: its accuracy line has one point, its norm line three.
     colours = [line.get_color() for line in norm_axes.get_lines()]
     assert len(set(colours)) == len(runs)
@@ -164,7 +164,7 @@ def test_few_shot_curve_has_one_series_per_method():
 
     averages = pd.DataFrame(
         {
-            "method": ["CoOp"] * 3 + ["CoOp+Nemesis (PEN, w=1)"] * 3,
+            "method": ["CoOp"] * 3 + ["CoOp+Nemesis (PUN, weight 1)"] * 3,
             "shots": [1, 2, 4] * 2,
             "mean": [60.0, 62.0, 66.0, 61.0, 63.0, 67.0],
             "std": [1.0, 0.5, float("nan")] * 2,
@@ -232,7 +232,7 @@ def test_twelve_runs_paper_style_norm_figure(tmp_path):
         top = max(max(line.get_ydata()) for line in axes.get_lines())
         assert axes.get_ylim()[1] > top  # headroom: no line on the frame
     assert "band: ±1 std over seeds" in _legend(figure)
-    assert {"CoOp", "CoOp+Nemesis (PEN, w=1)"} <= set(_legend(figure))
+    assert {"CoOp", "CoOp+Nemesis (PUN, weight 1)"} <= set(_legend(figure))
     assert axes_width_share(figure) >= 0.6
     (_png, pdf) = save_figure(figure, tmp_path / "norms")
     assert _pdf_font_types(pdf) and _pdf_font_types(pdf) <= {b"TrueType", b"CIDFontType2", b"Type0"}

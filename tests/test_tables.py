@@ -57,9 +57,9 @@ def _cell(data: pd.DataFrame, method: str, shots: int, dataset: str) -> pd.Serie
 
 def test_method_labels():
     assert method_label("coop") == "CoOp"
-    assert method_label("nemesis", beta=1.0, weight=1.0) == "CoOp+Nemesis (PEN, w=1)"
-    assert method_label("nemesis", beta=0.0, weight=10.0) == "CoOp+Nemesis (PAN, w=10)"
-    assert method_label("nemesis", beta=0.5, weight=0.5) == "CoOp+Nemesis (PEN+PAN, beta=0.5, w=0.5)"
+    assert method_label("nemesis", beta=1.0, weight=1.0) == "CoOp+Nemesis (PUN, weight 1)"
+    assert method_label("nemesis", beta=0.0, weight=10.0) == "CoOp+Nemesis (PAN, weight 10)"
+    assert method_label("nemesis", beta=0.5, weight=0.5) == "CoOp+Nemesis (PUN+PAN, beta 0.5, weight 0.5)"
 
 
 def test_few_shot_means_and_sample_std(tmp_path):
@@ -72,7 +72,7 @@ def test_few_shot_means_and_sample_std(tmp_path):
     assert pets["seeds"] == 3
     food = _cell(data, "CoOp", 2, "food101")
     assert (food["mean"], food["std"]) == (75.0, 0.0)
-    assert _cell(data, "CoOp+Nemesis (PEN, w=10)", 1, "oxford_pets")["mean"] == pytest.approx(64.0)
+    assert _cell(data, "CoOp+Nemesis (PUN, weight 10)", 1, "oxford_pets")["mean"] == pytest.approx(64.0)
     # Average over datasets, 1 shot: per-seed averages 65, 66.5, 69.5 -> mean 67, variance 5.25.
     average = _cell(data, "CoOp", 1, "Average")
     assert average["mean"] == pytest.approx(67.0)
