@@ -517,7 +517,14 @@ def plot_few_shot_curve(averages: pd.DataFrame) -> Figure:
     axes.set_xlim(-0.5, len(shots) - 0.5)
     axes.set_xlabel("shots per class")
     axes.set_ylabel("test accuracy (%), average over datasets")
-    axes.set_title("Few-shot classification")
+    seeds = sorted({int(value) for value in rows["seeds"].dropna()}) if "seeds" in rows else []
+    pooled = "each point: mean over the row's datasets"
+    if seeds:
+        count = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+        pooled += f", {count} seed{'' if seeds == [1] else 's'}"
+    axes.set_title(f"Few-shot classification\n{pooled}; band: ±1 std over per-seed averages", fontsize=10)
+    top = float((rows["mean"] + rows["std"].fillna(0)).max()) if "std" in rows else float(rows["mean"].max())
+    _y_headroom(axes, top, percent=True, bottom=max(0.0, axes.get_ylim()[0]))
     axes.grid(alpha=0.3)
     _legend_outside(axes)
     figure.tight_layout()
