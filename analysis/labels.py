@@ -63,8 +63,8 @@ def format_number(value: float) -> str:
 def method_label(method: str | None, beta: float | None = None, weight: float | None = None) -> str:
     """The label of a method in tables and legends.
 
-    coop -> "CoOp"; nemesis with beta 1 -> "CoOp+Nemesis (PEN, w=<weight>)", beta 0 -> PAN,
-    any other beta -> "CoOp+Nemesis (PEN+PAN, beta=<beta>, w=<weight>)".
+    coop -> "CoOp"; nemesis with beta 1 -> "CoOp+Nemesis (PUN, weight <weight>)", beta 0 -> PAN,
+    any other beta -> "CoOp+Nemesis (PUN+PAN, beta <beta>, weight <weight>)".
     """
     if method is None or (isinstance(method, float) and pd.isna(method)):
         return "unknown"
@@ -77,16 +77,50 @@ def method_label(method: str | None, beta: float | None = None, weight: float | 
         return "CoOp+Nemesis"
     weight_text = format_number(weight)
     if float(beta) == 1.0:
-        return f"CoOp+Nemesis (PEN, w={weight_text})"
+        return f"CoOp+Nemesis (PUN, weight {weight_text})"
     if float(beta) == 0.0:
-        return f"CoOp+Nemesis (PAN, w={weight_text})"
-    return f"CoOp+Nemesis (PEN+PAN, beta={format_number(beta)}, w={weight_text})"
+        return f"CoOp+Nemesis (PAN, weight {weight_text})"
+    return f"CoOp+Nemesis (PUN+PAN, beta {format_number(beta)}, weight {weight_text})"
 
 
 def method_label_from_config(config: Mapping[str, Any]) -> str:
     """The method label of a run from its `config.json` (method plus the `nemesis` block)."""
     nemesis = config.get("nemesis") or {}
     return method_label(config.get("method"), nemesis.get("beta"), nemesis.get("weight"))
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+
+
+OWN_DATASET = "own"  # `trained_on` of a prompt tested on the dataset it was trained on
+
+
+def prompt_kind_label(method: Any, subsample: Any = None, trained_on: Any = OWN_DATASET) -> str:
+    """What kind of prompt a sweep group holds: "CoOp", "CoOp, base classes", "CoOp, trained on ImageNet".
+
+    A table written before sweeps recorded the prompt kind says so: "(classes not recorded)".
+    """
+    parts = [method_label(None if _missing(method) else str(method))]
+    if _missing(subsample):
+        parts.append("classes not recorded")
+    elif str(subsample) != "all":
+        parts.append(f"{subsample} classes")
+    if not _missing(trained_on) and str(trained_on) != OWN_DATASET:
+        parts.append(f"trained on {dataset_name(trained_on)}")
+    return ", ".join(parts)
+
+
+def is_paper_kind(method: Any, subsample: Any, trained_on: Any, dataset: Any) -> bool:
+    """Whether a group is the kind of prompt the paper's LNE figure counts: CoOp, all classes, its own dataset."""
+    known = not any(_missing(value) for value in (method, subsample, trained_on))
+    return (
+        known
+        and str(method) == "coop"
+        and str(subsample) == "all"
+        and str(trained_on) == OWN_DATASET
+        and str(dataset) in PAPER_DATASETS
+    )
 
 
 def shots_label(shots: Any) -> str:

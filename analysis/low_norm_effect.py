@@ -19,6 +19,7 @@ from nemesis.errors import NemesisError
 from nemesis.sweep_format import ORIGINAL_OP, checkpoint_key_of
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
+from .labels import OWN_DATASET
 from .results import SOURCE_COLUMN, read_correctness
 
 # Accuracy changes smaller than this (percentage points) are float noise, not a change.
@@ -29,6 +30,12 @@ CHANGE_TOLERANCE = 1e-9
 GAINED, LOST, P_VALUE = "gained", "lost", "p_value"
 
 
+# Columns saying what kind of prompt a cell corrupts; groups never mix kinds unless pooling is asked.
+# `trained_on` is derived from the sweep's train_dataset: "own" for a prompt tested on its own dataset.
+PROMPT_KIND = ("method", "subsample", "trained_on")
+POOLED_NOTE = "pooled over methods and prompt kinds (--pool)"
+
+
 def parse_by(by: str | Sequence[str]) -> list[str]:
     """ "dataset,shots" or ["dataset", "shots"] -> ["dataset", "shots"]."""
     columns = [part.strip() for part in by.split(",")] if isinstance(by, str) else [str(part) for part in by]
@@ -36,6 +43,26 @@ def parse_by(by: str | Sequence[str]) -> list[str]:
     if not columns:
         raise NemesisError("--by names no column; pass e.g. --by dataset,shots or --by position")
     return columns
+
+
+def group_columns(by: str | Sequence[str], pool: bool = False) -> list[str]:
+    """The `by` columns plus, unless `pool`, the prompt-kind columns (`PROMPT_KIND`) they lack.
+
+    The Low-Norm Effect is a property of one kind of prompt: CoOp and Nemesis prompts, base-class
+    and all-class prompts, or a prompt tested on another dataset than its own are separate groups.
+    """
+    columns = parse_by(by)
+    return columns if pool else columns + [column for column in PROMPT_KIND if column not in columns]
+
+
+def with_prompt_kind(cells: pd.DataFrame) -> pd.DataFrame:
+    """A copy with `trained_on`: "own" where a prompt is tested on the dataset it was trained on,
+    else that training dataset (domain shift); <NA> where the table does not say."""
+    marked = cells.copy()
+    train = marked["train_dataset"].astype("string") if "train_dataset" in marked else pd.NA
+    own = train == marked["dataset"].astype("string")
+    marked["trained_on"] = pd.Series(train, index=marked.index, dtype="string").where(~own.fillna(False), OWN_DATASET)
+    return marked
 
 
 def check_by(cells: pd.DataFrame, by: Sequence[str]) -> list[str]:
@@ -61,8 +88,9 @@ def corrupted_cells(cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def mark_cells(cells: pd.DataFrame) -> pd.DataFrame:
-    """A copy with boolean columns `reduces` and `increases` (both False for original rows)."""
-    marked = cells.copy()
+    """A copy with boolean columns `reduces` and `increases` (both False for original rows) and the
+    prompt kind's `trained_on` (`with_prompt_kind`)."""
+    marked = with_prompt_kind(cells)
     corrupted = marked["op"] != ORIGINAL_OP
     # NaN norms compare False on both sides, so original rows are neither.
     marked["reduces"] = corrupted & (marked["norm_after"] < marked["norm_before"])
@@ -214,15 +242,18 @@ def lne_frequency(
     margin: float = 0.0,
     significant: bool = False,
     alpha: float = DEFAULT_ALPHA,
+    pool: bool = False,
 ) -> pd.DataFrame:
     """LNE frequency per group, summed over everything not in `by` (seeds, positions, settings).
 
-    Columns: the `by` columns, then cells (corrupted cells), reducing (norm-reducing cells),
+    Groups are `by` plus the prompt kind (method, subsample, training dataset) unless `pool`.
+    Columns: the group columns, then cells (corrupted cells), reducing (norm-reducing cells),
     frequency (occurrences), rate (frequency / reducing; NaN without reducing cells), increasing,
     degrading (increasing cells with lower accuracy) and degradation_rate (degrading / increasing).
     """
-    columns = check_by(cells, by)
+    check_by(cells, by)
     marked = corrupted_cells(mark_occurrences(cells, margin, significant, alpha))
+    columns = [column for column in group_columns(by, pool) if column in marked.columns]
     table = (
         marked.groupby(columns, dropna=False, sort=True)
         .agg(
@@ -262,18 +293,26 @@ def require_rates(table: pd.DataFrame, by: Sequence[str], column: str = "rate") 
     )
 
 
-def mean_change_by_position(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """op -> position x factor frame of the mean accuracy change (delta_acc) over everything else."""
-    corrupted = corrupted_cells(cells)
+def mean_change_by_position(cells: pd.DataFrame, pool: bool = False) -> dict[tuple, pd.DataFrame]:
+    """(op, *prompt kind) -> position x factor frame of the mean accuracy change (delta_acc) over
+    everything else; with `pool`, keys are (op,) and kinds of prompt are averaged together."""
+    corrupted = with_prompt_kind(corrupted_cells(cells))
     if corrupted.empty:
         raise NemesisError("the results hold no corrupted cells; run `nemesis corrupt` with a non-empty grid")
     if corrupted["position"].isna().all():
         raise NemesisError("--by position: the corrupted cells carry no position")
+    keys = ["op"] + ([] if pool else [column for column in PROMPT_KIND if column in corrupted.columns])
     maps = {}
-    for op, group in corrupted.groupby("op", sort=True):
-        maps[str(op)] = (
+    for key, group in corrupted.groupby(keys, sort=True, dropna=False):
+        maps[tuple(key)] = (
             group.pivot_table(index="position", columns="factor", values="delta_acc", aggfunc="mean", dropna=False)
             .sort_index(axis=0)
             .sort_index(axis=1)
         )
     return maps
+
+
+def reducing_share_by_factor(cells: pd.DataFrame) -> pd.Series:
+    """factor -> share of the corrupted cells at that factor that reduce the norm (one op's cells)."""
+    marked = mark_cells(corrupted_cells(cells))
+    return marked.groupby("factor", sort=True)["reduces"].mean()

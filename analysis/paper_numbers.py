@@ -2,7 +2,8 @@
 
 Source: shared/reference/paper-numbers.md (read from the paper's figures and tables). The few-shot
 averages and LNE frequencies were read off plots (about +-0.5): `APPROXIMATE` marks them.
-These are facts for comparison, never expected outputs of tests.
+These are facts for comparison, never expected outputs of tests. The paper's tables call PUN "PEN";
+the labels here use the toolkit's one vocabulary (PUN, PAN, beta, weight), as `method_label` does.
 """
 
 from __future__ import annotations
@@ -17,28 +18,28 @@ DOMAIN_GENERALIZATION = {
         "imagenet_a": 22.44,
         "imagenet_r": 54.60,
     },
-    "CoOp+Nemesis (PEN, w=1)": {
+    "CoOp+Nemesis (PUN, weight 1)": {
         "imagenet": 62.96,
         "imagenetv2": 55.48,
         "imagenet_sketch": 33.64,
         "imagenet_a": 22.96,
         "imagenet_r": 55.72,
     },
-    "CoOp+Nemesis (PEN, w=10)": {
+    "CoOp+Nemesis (PUN, weight 10)": {
         "imagenet": 63.08,
         "imagenetv2": 55.50,
         "imagenet_sketch": 34.34,
         "imagenet_a": 23.40,
         "imagenet_r": 56.78,
     },
-    "CoOp+Nemesis (PAN, w=1)": {
+    "CoOp+Nemesis (PAN, weight 1)": {
         "imagenet": 63.28,
         "imagenetv2": 55.16,
         "imagenet_sketch": 32.70,
         "imagenet_a": 22.48,
         "imagenet_r": 54.72,
     },
-    "CoOp+Nemesis (PAN, w=10)": {
+    "CoOp+Nemesis (PAN, weight 10)": {
         "imagenet": 63.14,
         "imagenetv2": 55.20,
         "imagenet_sketch": 33.50,
@@ -50,18 +51,18 @@ DOMAIN_GENERALIZATION = {
 # Base-to-new, average over the 11 datasets (CoCoOp based). method -> (base, new, H).
 BASE_TO_NEW_AVERAGE = {
     "CoCoOp": (80.8, 72.6, 76.5),
-    "CoCoOp+Nemesis (PEN, w=1)": (80.7, 72.6, 76.4),
-    "CoCoOp+Nemesis (PEN, w=10)": (80.4, 73.2, 76.6),
-    "CoCoOp+Nemesis (PEN, w=20)": (80.5, 73.3, 76.7),
-    "CoCoOp+Nemesis (PAN, w=1)": (80.4, 72.6, 76.3),
-    "CoCoOp+Nemesis (PAN, w=10)": (80.5, 73.3, 76.7),
-    "CoCoOp+Nemesis (PAN, w=20)": (80.3, 73.9, 77.0),
+    "CoCoOp+Nemesis (PUN, weight 1)": (80.7, 72.6, 76.4),
+    "CoCoOp+Nemesis (PUN, weight 10)": (80.4, 73.2, 76.6),
+    "CoCoOp+Nemesis (PUN, weight 20)": (80.5, 73.3, 76.7),
+    "CoCoOp+Nemesis (PAN, weight 1)": (80.4, 72.6, 76.3),
+    "CoCoOp+Nemesis (PAN, weight 10)": (80.5, 73.3, 76.7),
+    "CoCoOp+Nemesis (PAN, weight 20)": (80.3, 73.9, 77.0),
 }
 
 # Few-shot classification, average over the 11 datasets (approximate). method -> shots -> accuracy (%).
 FEW_SHOT_AVERAGE = {
     "CoOp": {1: 59.2, 2: 62.2, 4: 66.3, 8: 69.8, 16: 73.1},
-    "CoOp+Nemesis (PEN)": {1: 59.8, 2: 64.0, 4: 67.8, 8: 71.1, 16: 74.0},
+    "CoOp+Nemesis (PUN)": {1: 59.8, 2: 64.0, 4: 67.8, 8: 71.1, 16: 74.0},
     "CoOp+Nemesis (PAN)": {1: 59.8, 2: 63.2, 4: 67.4, 8: 71.5, 16: 74.6},
 }
 

@@ -8,6 +8,7 @@ artists. `save_figure` writes PNG and PDF atomically.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,24 +20,32 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TABLEAU_COLORS
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from nemesis.atomic import atomic_path
 from nemesis.errors import NemesisError
 
-from .labels import dataset_name, shots_label
+from .defaults import DEFAULT_ALPHA, DEFAULT_BY
+from .labels import OWN_DATASET, dataset_name, prompt_kind_label, shots_label
 from .low_norm_effect import (
-    DEFAULT_ALPHA,
-    DEFAULT_BY,
+    POOLED_NOTE,
+    PROMPT_KIND,
+    group_columns,
     lne_frequency,
     mean_change_by_position,
     parse_by,
+    reducing_share_by_factor,
     require_rates,
+    with_prompt_kind,
 )
 from .results import Run
 from .trajectories import epoch_frame
 
 FIGURE_SUFFIXES = (".png", ".pdf")
+SINGLE_SUFFIXES = (".svg",)  # `--out fig.svg` writes that one file
+# Conferences require embedded TrueType (Type 42) fonts in PDFs, not Type 3 bitmaps.
+SAVE_SETTINGS = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path"}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 METHOD_MARKERS = {"coop": "o", "nemesis": "^"}
 DPI = 150
@@ -46,19 +55,22 @@ DPI = 150
 
 
 def figure_paths(out: str | os.PathLike) -> list[Path]:
-    """FIG, FIG.png or FIG.pdf -> [FIG.png, FIG.pdf]."""
+    """FIG, FIG.png or FIG.pdf -> [FIG.png, FIG.pdf]; FIG.svg -> [FIG.svg]."""
     out = Path(out)
+    if out.suffix.lower() in SINGLE_SUFFIXES:
+        return [out]
     stem = out.with_suffix("") if out.suffix.lower() in FIGURE_SUFFIXES else out
     return [stem.with_name(stem.name + suffix) for suffix in FIGURE_SUFFIXES]
 
 
 def save_figure(figure: Figure, out: str | os.PathLike) -> list[Path]:
-    """Write `figure` as FIG.png and FIG.pdf; both appear together or neither does."""
+    """Write `figure` as FIG.png and FIG.pdf (Type 42 fonts), or only FIG.svg; all appear or none does."""
     paths = figure_paths(out)
     with contextlib.ExitStack() as stack:
         temporaries = [stack.enter_context(atomic_path(path)) for path in paths]
-        for temporary, path in zip(temporaries, paths, strict=True):
-            figure.savefig(temporary, format=path.suffix[1:], dpi=DPI, bbox_inches="tight")
+        with matplotlib.rc_context(SAVE_SETTINGS):
+            for temporary, path in zip(temporaries, paths, strict=True):
+                figure.savefig(temporary, format=path.suffix[1:].lower(), dpi=DPI, bbox_inches="tight")
     return paths
 
 
@@ -89,9 +101,29 @@ def _category_order(values: pd.Series) -> list:
 def _category_label(column: str, value) -> str:
     if column == "shots":
         return shots_label(value)
-    if column in ("dataset", "train_dataset"):
+    if column in ("dataset", "train_dataset", "trained_on"):
         return dataset_name(value)
     return "n/a" if value is None or pd.isna(value) else str(value)
+
+
+def _series_label(columns: Sequence[str], key: Sequence, fixed: dict | None = None) -> str:
+    """A legend label: the grouping values, the kind of prompt (with the `fixed` kind values) as one phrase."""
+    values = dict(zip(columns, key, strict=True))
+    parts = [_category_label(column, value) for column, value in values.items() if column not in PROMPT_KIND]
+    if any(column in values for column in PROMPT_KIND):
+        kind = (fixed or {}) | values
+        subsample = kind.get("subsample", "all")  # a column not grouped by is not a distinction
+        parts.append(prompt_kind_label(kind.get("method"), subsample, kind.get("trained_on", OWN_DATASET)))
+    return " / ".join(parts)
+
+
+def _single_kind(table: pd.DataFrame, columns: Sequence[str]) -> dict:
+    """The prompt-kind columns among `columns` that hold one value only: said once, not in every label."""
+    return {
+        column: table[column].iloc[0]
+        for column in columns
+        if column in PROMPT_KIND and len(table) and table[column].nunique(dropna=False) == 1
+    }
 
 
 def _same(value, other) -> bool:
@@ -142,17 +174,20 @@ def frequency_table_and_figure(
     alpha: float = DEFAULT_ALPHA,
     margin: float = 0.0,
     degradation: bool = False,
+    pool: bool = False,
 ) -> tuple[pd.DataFrame, Figure]:
     """The frequency table of `lne_frequency` and its figure: the paper's LNE figure, the companion
     figure with `degradation` (share of norm-increasing cells that lower accuracy), or with
-    `by="position"` the position x factor heat map of the mean accuracy change."""
+    `by="position"` the position x factor heat map of the mean accuracy change. Kinds of prompt
+    (method, class subset, training dataset) stay apart unless `pool`."""
     columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
-    table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
+    table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha, pool=pool)
     if columns == ["position"]:
-        return table, plot_position_heatmap(cells)
+        return table, plot_position_heatmap(cells, pool=pool)
     figure = plot_frequency_table(
-        table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation
-    )
+        table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation,
+        pool=pool,
+    )  # fmt: skip
     return table, figure
 
 
@@ -164,9 +199,10 @@ def plot_frequency(
     alpha: float = DEFAULT_ALPHA,
     margin: float = 0.0,
     degradation: bool = False,
+    pool: bool = False,
 ) -> Figure:
     """The figure of `frequency_table_and_figure`."""
-    return frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation)[1]
+    return frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation, pool)[1]
 
 
 def plot_frequency_table(
@@ -177,20 +213,23 @@ def plot_frequency_table(
     alpha: float = DEFAULT_ALPHA,
     margin: float = 0.0,
     degradation: bool = False,
+    pool: bool = False,
 ) -> Figure:
     """Draw a table from `lne_frequency`: x = shots (else the last `by` column) on a categorical
-    axis, y = frequency, rate or (with `degradation`) degradation rate, one line with its own
-    marker and colour per value of the other `by` columns (default: per dataset), legend outside
-    the axes."""
-    columns = parse_by(by)
+    axis, y = frequency, rate or (with `degradation`) degradation rate in percent, one line with
+    its own marker and colour per value of the other `by` columns and kind of prompt (default: per
+    dataset and method), legend outside the axes."""
+    columns = group_columns(by, pool)
+    columns = [column for column in columns if column in table.columns]
     if rate and degradation:
         raise NemesisError("--rate and --degradation plot different values; pass one of them")
     if rate:
         require_rates(table, columns)
     if degradation:
         require_rates(table, columns, "degradation_rate")
+    fixed = _single_kind(table, columns)
     x_column = "shots" if "shots" in columns else columns[-1]
-    series_columns = [column for column in columns if column != x_column]
+    series_columns = [column for column in columns if column != x_column and column not in fixed]
     y_column = "degradation_rate" if degradation else "rate" if rate else "frequency"
     x_values = _category_order(table[x_column])
     if series_columns:
@@ -211,8 +250,9 @@ def plot_frequency_table(
             match = rows[rows[x_column].map(lambda other, x_value=x_value: _same(x_value, other))]
             if not match.empty:
                 positions.append(position)
-                values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
-        label = " / ".join(_category_label(column, value) for column, value in zip(series_columns, key, strict=True))
+                value = float(match[y_column].iloc[0])  # one row: the table is grouped by exactly these
+                values.append(value if y_column == "frequency" else 100 * value)  # rates in percent, as the tables
+        label = _series_label(series_columns, key, fixed)
         axes.plot(
             positions,
             values,
@@ -224,94 +264,217 @@ def plot_frequency_table(
     axes.set_xlim(-0.5, len(x_values) - 0.5)
     axes.set_xlabel("shots per class" if x_column == "shots" else x_column)
     if degradation:
-        axes.set_ylabel("share of norm-increasing cells that lower accuracy")
+        axes.set_ylabel("norm-increasing cells that lower accuracy (%)")
     elif rate:
-        axes.set_ylabel("LNE rate (occurrences / norm-reducing cells)")
+        axes.set_ylabel("LNE rate (% of norm-reducing cells)")
     else:
         axes.set_ylabel("LNE frequency (number of occurrences)")
-    axes.set_ylim(bottom=0)
+    plotted = table[y_column].astype(float) * (1 if y_column == "frequency" else 100)
+    _y_headroom(axes, float(plotted.max()) if len(plotted) else 0.0, percent=y_column != "frequency")
     if y_column == "frequency":
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
     axes.grid(axis="y", alpha=0.3)
     if degradation:
-        axes.set_title("Norm-increasing cells that lower accuracy (Δacc < 0)")
+        title = "Norm-increasing cells that lower accuracy (Δacc < 0)"
     else:
         criterion = f"Δacc > {margin:g} pp" + (f", McNemar p < {alpha:g}" if significant else "")
-        axes.set_title(f"Low-Norm Effect {'rate' if rate else 'frequency'} ({criterion})")
-    legend_title = " / ".join(series_columns) if series_columns else None
-    _legend_outside(axes, title=legend_title)
+        title = f"Low-Norm Effect {'rate' if rate else 'frequency'} ({criterion})"
+    counted = "increasing" if degradation else "reducing"
+    pooled = f"; {POOLED_NOTE}" if pool else ""
+    if fixed and len(fixed) == len([column for column in columns if column in PROMPT_KIND]):
+        pooled = f"; prompts: {_series_label(list(fixed), list(fixed.values()))}" + pooled
+    axes.set_title(
+        f"{title}\neach point: {_count_range(table['cells'])} corrupted cells ({_count_range(table[counted])} "
+        f"norm-{counted}), summed over seeds, positions and factors{pooled}",
+        fontsize=9,
+        loc="left",
+    )
+    names = [column for column in series_columns if column not in PROMPT_KIND]
+    if len(names) < len(series_columns):
+        names.append("prompts")
+    _legend_outside(axes, title=" / ".join(names) if names else None)
     figure.tight_layout()
     return figure
 
 
-def plot_position_heatmap(cells: pd.DataFrame) -> Figure:
-    """Mean accuracy change (delta_acc, pp) per position (rows) and factor (columns), one panel per op."""
-    maps = mean_change_by_position(cells)
+def _count_range(counts: pd.Series) -> str:
+    """ "480" when every point pools as many, else "120-480"."""
+    low, high = int(counts.min()), int(counts.max())
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
+def _y_headroom(axes, top: float, percent: bool = False, bottom: float = 0.0) -> None:
+    """Room above the highest value so no line or marker sits on the frame; percents stop at 100 (+ room)."""
+    if not np.isfinite(top) or top <= bottom:
+        top = bottom + (10.0 if percent else 1.0)
+    axes.set_ylim(bottom, top + 0.12 * (top - bottom))
+
+
+def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
+    """Mean accuracy change (delta_acc, pp) per position (rows) and factor (columns), one panel per
+    op and kind of prompt (unless `pool`). Cell text is dark on light cells and light on dark ones;
+    a vertical rule separates the factors that reduce the norm (left) from those that increase it."""
+    maps = mean_change_by_position(cells, pool=pool)
     largest = max(float(np.nanmax(np.abs(frame.to_numpy(dtype=float)), initial=0.0)) for frame in maps.values())
     largest = largest if largest > 0 else 1.0  # a symmetric colour scale around "no change"
     rows = max(len(frame) for frame in maps.values())
-    figure = new_figure(4.5 * len(maps) + 1.5, 0.35 * rows + 2.0, layout="constrained")
+    figure = new_figure(4.5 * len(maps) + 1.5, 0.35 * rows + 2.4, layout="constrained")
     panels = figure.subplots(1, len(maps), squeeze=False)[0]
     factor_names = {"rescale": "tau", "replace": "sigma"}
+    colour_map = matplotlib.colormaps["RdBu"]
+    kind_columns = [] if pool else list(PROMPT_KIND)  # the key order of `mean_change_by_position`
+    corrupted = with_prompt_kind(cells[cells["op"] != "original"])
+    single = _single_kind(corrupted, kind_columns)
     image = None
-    for axes, (op, frame) in zip(panels, maps.items(), strict=True):
+    for axes, (key, frame) in zip(panels, maps.items(), strict=True):
+        op, kind = key[0], dict(zip(kind_columns, key[1:], strict=True))
         values = frame.to_numpy(dtype=float)  # [positions, factors]
-        image = axes.imshow(values, cmap="RdBu", vmin=-largest, vmax=largest, aspect="auto")
+        image = axes.imshow(values, cmap=colour_map, vmin=-largest, vmax=largest, aspect="auto")
         axes.set_xticks(range(values.shape[1]), [f"{factor:g}" for factor in frame.columns])
         axes.set_yticks(range(values.shape[0]), [str(int(position)) for position in frame.index])
         if values.size <= 160:  # numbers stay legible only on small grids
             for (row, column), value in np.ndenumerate(values):
                 if np.isfinite(value):
-                    axes.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=7)
-        axes.set_title(op)
-        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})")
+                    red, green, blue, _ = colour_map(0.5 + 0.5 * value / largest)
+                    dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived brightness
+                    axes.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                              color="white" if dark else "black")  # fmt: skip
+        panel_cells = corrupted[corrupted["op"] == op]
+        for column, value in kind.items():
+            panel_cells = panel_cells[panel_cells[column].map(lambda other, value=value: _same(value, other))]
+        share = reducing_share_by_factor(panel_cells).reindex(frame.columns)
+        reducing = [index for index, value in enumerate(share.to_numpy(dtype=float)) if value >= 0.5]
+        if reducing and len(reducing) < len(frame.columns) and reducing == list(range(len(reducing))):
+            axes.axvline(len(reducing) - 0.5, color="black", linewidth=1.5)
+        varying = {column: value for column, value in kind.items() if column not in single}
+        title = f"{op}, {_series_label(list(kind), list(kind.values()))}" if varying else op
+        axes.set_title(title)
+        rule = "; norm-reducing factors left of the rule" if axes.lines else ""
+        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{len(panel_cells):,} cells{rule}")
         axes.set_ylabel("position")
     figure.colorbar(image, ax=list(panels), label="mean accuracy change (pp)")
-    figure.suptitle("Mean accuracy change by corrupted position")
+    pooled = f" ({POOLED_NOTE})" if pool else ""
+    if single and len(single) == len(kind_columns):
+        pooled = f" (prompts: {_series_label(list(single), list(single.values()))})"
+    figure.suptitle(f"Mean accuracy change by corrupted position{pooled}")
     return figure
 
 
 # ----------------------------------------------------------------------------- norm trajectories
 
 
+def _norm_series(frame: pd.DataFrame) -> list[tuple[tuple, str, pd.DataFrame, int]]:
+    """(panel key, legend label, epoch rows, seeds) per series: runs that differ only by seed are one
+    series (their mean, a band for the spread); any other runs keep a series each."""
+    series = []
+    for (dataset, shots, _method, label), rows in frame.groupby(
+        ["dataset", "shots", "method", "method_label"], sort=False, dropna=False
+    ):
+        runs = rows[["run", "seed"]].drop_duplicates()
+        if len(runs) > 1 and runs["seed"].is_unique and runs["seed"].notna().all():
+            series.append(((dataset, shots), str(label), rows, len(runs)))
+            continue
+        for _run, run_rows in rows.groupby("run", sort=False):
+            series.append(((dataset, shots), str(run_rows["label"].iloc[0]), run_rows, 1))
+    return series
+
+
+def _panel_title(dataset, shots, seeds: set[int]) -> str:
+    shots_text = f"{shots_label(shots)} shot{'' if str(shots) == '1' else 's'}"
+    seeds_text = f"{max(seeds)} seed{'' if max(seeds) == 1 else 's'}" if len(seeds) == 1 else "seeds vary"
+    return f"{dataset_name(dataset)}, {shots_text} ({seeds_text} per line)"
+
+
 def plot_norms(runs: Sequence[Run]) -> Figure:
     """Test accuracy (left axis, solid) and mean prompt norm (right axis, dashed) against epoch.
 
-    One series and colour per run, labelled with its method label (plus what tells it apart from
-    runs sharing that label); CoOp runs use circles, Nemesis runs triangles.
+    Runs that differ only by seed become one series: the mean over seeds, with a band of ±1 std.
+    One panel per dataset and shot count when the runs differ in them; one colour per method label
+    (CoOp circles, Nemesis triangles); the legend sits outside, right of the panels, which keep at
+    least 60% of the figure's width.
     """
     if not runs:
         raise NemesisError("no runs to plot; pass run folders written by `nemesis train --out DIR`")
     frame = epoch_frame(runs)
     if frame.empty:
         raise NemesisError("the runs logged no epochs yet; wait for the first epoch to finish")
-    # Grouped by run (the label is unique per run too, even for a folder passed twice): runs
-    # sharing a method label must not merge into one line.
-    series = list(frame.groupby(["run", "label"], sort=False))
-    colours = _palette(len(series))
-    figure = new_figure(8.0, 4.8)
-    accuracy_axes = figure.subplots()
-    norm_axes = accuracy_axes.twinx()
-    handles = []
-    for colour, ((_run, label), rows) in zip(colours, series, strict=True):
-        marker = METHOD_MARKERS.get(str(rows["method"].iloc[0]), "s")
-        evaluated = rows.dropna(subset=["test_acc"])
-        style = {"color": colour, "marker": marker, "markersize": 4, "markevery": max(1, len(rows) // 15)}
-        if not evaluated.empty:
-            accuracy_axes.plot(evaluated["epoch"], evaluated["test_acc"], **style)
-        norm_axes.plot(rows["epoch"], rows["mean_norm"], linestyle="--", fillstyle="none", **style)
-        handles.append(Line2D([], [], color=colour, marker=marker, label=label))
-    handles.append(Line2D([], [], color="black", linestyle="-", label="test accuracy (left)"))
-    handles.append(Line2D([], [], color="black", linestyle="--", label="mean prompt norm (right)"))
-    accuracy_axes.set_xlabel("epoch")
-    accuracy_axes.set_ylabel("test accuracy (%)")
-    norm_axes.set_ylabel("mean prompt norm (L2)")
-    datasets = sorted({dataset_name(value) for value in frame["dataset"]})
-    accuracy_axes.set_title(f"Prompt norm and accuracy over training ({', '.join(datasets)})")
-    accuracy_axes.grid(alpha=0.3)
-    accuracy_axes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.12, 1.0), borderaxespad=0.0)
-    figure.tight_layout()
+    labels_by_run = {str(run.path): run.label for run in runs}
+    frame["method_label"] = frame["run"].map(labels_by_run).fillna(frame["label"])
+    series = _norm_series(frame)
+    panels = list(dict.fromkeys(key for key, _, _, _ in series))
+    colours = dict(zip(dict.fromkeys(label for _, label, _, _ in series), _palette(len(series)), strict=False))
+
+    columns = min(len(panels), 3)
+    rows_count = math.ceil(len(panels) / columns)
+    legend_width = 3.0
+    figure = new_figure(4.6 * columns + legend_width, 3.6 * rows_count + 0.9)
+    grid = figure.subplots(rows_count, columns, squeeze=False)
+    handles = {}
+    banded = False
+    for index, key in enumerate(panels):
+        accuracy_axes = grid[index // columns][index % columns]
+        norm_axes = accuracy_axes.twinx()
+        seeds, accuracy_values, norm_values = set(), [], []
+        for panel, label, rows, count in series:
+            if panel != key:
+                continue
+            seeds.add(count)
+            colour = colours[label]
+            marker = METHOD_MARKERS.get(str(rows["method"].iloc[0]), "s")
+            by_epoch = rows.groupby("epoch", sort=True)
+            accuracy = by_epoch["test_acc"].agg(["mean", "std", "count"]).dropna(subset=["mean"])
+            norm = by_epoch["mean_norm"].agg(["mean", "std", "count"]).dropna(subset=["mean"])
+            style = {"color": colour, "marker": marker, "markersize": 4, "markevery": max(1, len(norm) // 12)}
+            if not accuracy.empty:
+                accuracy_axes.plot(accuracy.index, accuracy["mean"], **style)
+                accuracy_values.extend((accuracy["mean"] + accuracy["std"].fillna(0)).tolist())
+            norm_axes.plot(norm.index, norm["mean"], linestyle="--", fillstyle="none", **style)
+            norm_values.extend((norm["mean"] + norm["std"].fillna(0)).tolist())
+            if count > 1:
+                banded = True
+                for axes, values in ((accuracy_axes, accuracy), (norm_axes, norm)):
+                    spread = values["std"].fillna(0)
+                    axes.fill_between(values.index, values["mean"] - spread, values["mean"] + spread,
+                                      color=colour, alpha=0.15, linewidth=0)  # fmt: skip
+            handles.setdefault(label, Line2D([], [], color=colour, marker=marker, label=label))
+        dataset, shots = key
+        accuracy_axes.set_title(_panel_title(dataset, shots, seeds), fontsize=10)
+        accuracy_axes.set_xlabel("epoch")
+        accuracy_axes.set_ylabel("test accuracy (%)")
+        norm_axes.set_ylabel("mean prompt norm (L2)")
+        accuracy_axes.grid(alpha=0.3)
+        _y_headroom(accuracy_axes, max(accuracy_values, default=0.0), percent=True,
+                    bottom=max(0.0, min(accuracy_axes.get_ylim()[0], 100.0)))  # fmt: skip
+        _y_headroom(norm_axes, max(norm_values, default=0.0), bottom=max(0.0, norm_axes.get_ylim()[0]))
+    for index in range(len(panels), rows_count * columns):
+        grid[index // columns][index % columns].set_visible(False)
+    keys = list(handles.values())
+    keys.append(Line2D([], [], color="black", linestyle="-", label="test accuracy (left axis)"))
+    keys.append(Line2D([], [], color="black", linestyle="--", label="mean prompt norm (right axis)"))
+    if banded:
+        keys.append(Patch(color="grey", alpha=0.3, label="band: ±1 std over seeds"))
+    seeds_total = frame["seed"].nunique()
+    figure.suptitle(
+        f"Prompt norm and accuracy over training: {len(runs)} run{'' if len(runs) == 1 else 's'}, "
+        f"{seeds_total} seed{'' if seeds_total == 1 else 's'}; lines are means over seeds",
+        fontsize=11,
+    )
+    right = 1.0 - legend_width / figure.get_figwidth()
+    figure.tight_layout(rect=(0.0, 0.0, right, 0.95))
+    figure.legend(handles=keys, loc="upper left", bbox_to_anchor=(right + 0.01, 0.93), borderaxespad=0.0,
+                  fontsize=8, frameon=False)  # fmt: skip
     return figure
+
+
+def axes_width_share(figure: Figure) -> float:
+    """Width of the panels (leftmost to rightmost axes) over the width of everything drawn, as saved
+    with a tight bounding box: a legend must not squeeze the axes."""
+    renderer = figure.canvas.get_renderer()
+    visible = [axes for axes in figure.axes if axes.get_visible()]
+    left = min(axes.get_window_extent(renderer).x0 for axes in visible)
+    right = max(axes.get_window_extent(renderer).x1 for axes in visible)
+    drawn = figure.get_tightbbox(renderer)  # inches
+    return (right - left) / figure.dpi / drawn.width
 
 
 # ----------------------------------------------------------------------------- few-shot curve
@@ -354,7 +517,14 @@ def plot_few_shot_curve(averages: pd.DataFrame) -> Figure:
     axes.set_xlim(-0.5, len(shots) - 0.5)
     axes.set_xlabel("shots per class")
     axes.set_ylabel("test accuracy (%), average over datasets")
-    axes.set_title("Few-shot classification")
+    seeds = sorted({int(value) for value in rows["seeds"].dropna()}) if "seeds" in rows else []
+    pooled = "each point: mean over the row's datasets"
+    if seeds:
+        count = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+        pooled += f", {count} seed{'' if seeds == [1] else 's'}"
+    axes.set_title(f"Few-shot classification\n{pooled}; band: ±1 std over per-seed averages", fontsize=10)
+    top = float((rows["mean"] + rows["std"].fillna(0)).max()) if "std" in rows else float(rows["mean"].max())
+    _y_headroom(axes, top, percent=True, bottom=max(0.0, axes.get_ylim()[0]))
     axes.grid(alpha=0.3)
     _legend_outside(axes)
     figure.tight_layout()

@@ -53,10 +53,11 @@ def build_report(
     significant: bool = False,
     alpha: float = DEFAULT_ALPHA,
     paper: bool = True,
+    pool: bool = False,
 ) -> Report:
     """The tables the inputs support: few-shot (+ curve) from finished runs or own-dataset eval
     records, base-to-new and domain generalisation from eval records, LNE frequency (grouped by
-    `by`) from sweep tables."""
+    `by` and the kind of prompt, unless `pool`) from sweep tables."""
     report = Report()
     skipped = len(unfinished_runs(inputs.runs))
     results = few_shot_results(inputs.runs, inputs.evals)
@@ -81,6 +82,7 @@ def build_report(
                 alpha=alpha,
                 paper=paper,
                 duplicate_cells=inputs.duplicate_cells,
+                pool=pool,
             )
         )
     if not report.tables:

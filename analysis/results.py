@@ -22,6 +22,7 @@ from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
 from nemesis.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_sweep_table
 
+from .coop_logs import is_dassl_log, read_dassl_log
 from .labels import method_label, method_label_from_config
 
 SWEEP_SUFFIXES = (".parquet", ".csv")
@@ -145,7 +146,7 @@ def _walk(folder: Path) -> Iterable[Path]:
             path = root_path / name
             if name.startswith("."):
                 continue
-            if (path.suffix == ".parquet" and _is_sweep_file(path)) or path.suffix == EVAL_SUFFIX:
+            if (path.suffix == ".parquet" and _is_sweep_file(path)) or path.suffix == EVAL_SUFFIX or is_dassl_log(path):
                 yield path
 
 
@@ -369,6 +370,11 @@ def read_evals(path: str | os.PathLike) -> pd.DataFrame:
         raise NemesisError(
             f"{path} holds no evaluation records (rows with kind 'eval'); pass files `nemesis eval --out` wrote"
         )
+    return eval_frame(rows, path)
+
+
+def eval_frame(rows: list[dict], path: str | os.PathLike) -> pd.DataFrame:
+    """Evaluation records as a frame with every column analysis uses, normalised; `path` names their file."""
     frame = pd.DataFrame(rows)
     missing = _missing(frame.columns, EVAL_COLUMNS)
     if missing:
@@ -422,9 +428,12 @@ def load_inputs(paths: Sequence[str | os.PathLike]) -> Inputs:
     """Sort `paths` into sweep tables, run folders and evaluation records and load each."""
     if not paths:
         raise NemesisError("no inputs given; pass run folders, sweep tables (.parquet/.csv) or eval records (.jsonl)")
-    sweeps, runs, evals = [], [], []
+    sweeps, runs, evals, dassl = [], [], [], []
     for path, _named in _expand(paths):
-        if _is_run_folder(path):
+        if is_dassl_log(path):
+            if (record := read_dassl_log(path)) is not None:  # None: still training, or stopped
+                dassl.append(record)
+        elif _is_run_folder(path):
             runs.append(read_run(path))
         elif _is_sweep_file(path):
             sweeps.append(read_sweep(path))
@@ -432,6 +441,8 @@ def load_inputs(paths: Sequence[str | os.PathLike]) -> Inputs:
             evals.append(read_evals(path))
         else:
             raise NemesisError(f"{path}: not a run folder, sweep table (.parquet/.csv) or eval records (.jsonl)")
+    if dassl:
+        evals.append(eval_frame(dassl, "CoOp output tree"))
     cells, dropped = combine_sweeps(sweeps) if sweeps else (None, 0)
     inputs = Inputs(
         cells=cells,

@@ -21,8 +21,17 @@ from nemesis.errors import NemesisError
 
 from . import paper_numbers
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
-from .labels import IMAGENET_VARIANTS, MISSING_LABEL, PAPER_DATASETS, dataset_name, shots_label
-from .low_norm_effect import lne_frequency, parse_by
+from .labels import (
+    IMAGENET_VARIANTS,
+    MISSING_LABEL,
+    OWN_DATASET,
+    PAPER_DATASETS,
+    dataset_name,
+    is_paper_kind,
+    prompt_kind_label,
+    shots_label,
+)
+from .low_norm_effect import POOLED_NOTE, PROMPT_KIND, lne_frequency, parse_by
 from .results import Run, runs_frame
 
 AVERAGE = "Average"
@@ -394,64 +403,96 @@ def lne_frequency_table(
     alpha: float = DEFAULT_ALPHA,
     paper: bool = True,
     duplicate_cells: int = 0,
+    pool: bool = False,
 ) -> Table:
     """LNE frequency (occurrences), rate and degradation rate per group; by dataset x shots it is
-    laid out as the paper's figure: one row per dataset, one column per shots value, cells
-    "frequency (rate); degr. degradation rate". `duplicate_cells` (dropped by the loader) is
-    stated in the notes."""
+    laid out as the paper's figure: one row per dataset and kind of prompt, one column per shots
+    value, cells "frequency (rate); degr. degradation rate". Groups never mix kinds of prompt
+    (method, class subset, training dataset) unless `pool`, which the title then states; the
+    paper's numbers appear only under the CoOp all-class row of one of its datasets.
+    `duplicate_cells` (dropped by the loader) is stated in the notes."""
     columns = parse_by(by)
-    frequency = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha)
+    frequency = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha, pool=pool)
+    kind_columns = [column for column in PROMPT_KIND if column in frequency.columns]  # none when pooled
+
+    def kind_of(item) -> tuple:
+        return tuple(getattr(item, column) for column in kind_columns)
+
+    def label_of(kind: tuple) -> str:
+        values = dict(zip(kind_columns, kind, strict=True))
+        return prompt_kind_label(
+            values.get("method"), values.get("subsample", "all"), values.get("trained_on", OWN_DATASET)
+        )
+
     data = frequency.copy()
     data.insert(0, "origin", OURS)
     criterion = f"accuracy change > {margin:g} pp" + (f" and exact McNemar p < {alpha:g}" if significant else "")
     notes = [f"An occurrence: a norm-reducing cell with {criterion}."]
+    pooled = f" ({POOLED_NOTE})" if pool else ""
+    if pool:
+        notes.append("Cells of every method and kind of prompt are counted together, as --pool asked.")
     if duplicate_cells:
         notes.append(f"{duplicate_cells} cells found in more than one results table were counted once (first file).")
     if columns != ["dataset", "shots"]:
         notes.append(
             "rate = frequency / reducing cells; degradation_rate = degrading / increasing cells "
-            "(norm-increasing cells that lower accuracy)."
+            "(norm-increasing cells that lower accuracy), in percent."
         )
         display = frequency.copy()
+        added = [column for column in kind_columns if column not in columns]
+        if added:  # one readable label instead of the raw kind columns (the CSV keeps them)
+            labels = [label_of(tuple(values)) for values in display[kind_columns].itertuples(index=False)]
+            display = display.drop(columns=added)
+            display.insert(len(columns), "prompts", labels)
         display["rate"] = [_percent(value) for value in display["rate"]]
         display["degradation_rate"] = [_percent(value) for value in display["degradation_rate"]]
-        return Table("lne_frequency", "Low-Norm Effect frequency", data, display.astype(str), notes)
+        return Table("lne_frequency", f"Low-Norm Effect frequency{pooled}", data, display.astype(str), notes)
 
     datasets = sorted(frequency["dataset"].unique(), key=_dataset_order)
     shots_values = sorted(frequency["shots"].dropna().unique()) + ([pd.NA] if frequency["shots"].isna().any() else [])
-    display_rows = []
+    present_shots = {int(value) for value in frequency["shots"].dropna()}
+    display_rows, paper_rows = [], []
     for dataset in datasets:
-        row = {"Dataset": dataset_name(dataset)}
-        for item in frequency[frequency["dataset"] == dataset].itertuples(index=False):
-            row[shots_label(item.shots)] = (
-                f"{item.frequency} ({_percent(item.rate)}); {DEGRADATION_MARK} {_percent(item.degradation_rate)}"
+        rows = frequency[frequency["dataset"] == dataset]
+        kinds = list(dict.fromkeys(kind_of(item) for item in rows.itertuples(index=False)))
+        kinds.sort(key=lambda kind: tuple((pd.isna(value), str(value)) for value in kind))  # as the figure
+        for kind in kinds:
+            row = {"Dataset": dataset_name(dataset)}
+            if not pool:
+                row["Prompts"] = label_of(kind)
+            for item in rows.itertuples(index=False):
+                if kind_of(item) == kind:
+                    rates = f"({_percent(item.rate)}); {DEGRADATION_MARK} {_percent(item.degradation_rate)}"
+                    row[shots_label(item.shots)] = f"{item.frequency} {rates}"
+            display_rows.append(row)
+            values = dict(zip(kind_columns, kind, strict=True))
+            same_kind = not pool and is_paper_kind(
+                values.get("method"), values.get("subsample"), values.get("trained_on"), dataset
             )
-        display_rows.append(row)
+            published = paper_numbers.LNE_FREQUENCY.get(dataset) if paper and same_kind else None
+            if published:
+                row = {"Dataset": dataset_name(dataset) + PAPER_MARK, "Prompts": "CoOp"}
+                for shots, value in published.items():
+                    if shots in present_shots:
+                        row[shots_label(shots)] = f"~{value}"
+                        paper_rows.append({"origin": PAPER, "dataset": dataset, "shots": shots, "frequency": value})
+                display_rows.append(row)
     notes.append(
         f"Cell: frequency (rate = frequency / reducing cells); {DEGRADATION_MARK} = share of norm-increasing "
         "cells that lower accuracy (n/a: no norm-increasing cell)."
     )
-    if paper:
-        paper_rows = []
-        present_shots = {int(value) for value in frequency["shots"].dropna()}
-        for dataset in datasets:
-            values = paper_numbers.LNE_FREQUENCY.get(dataset)
-            if values is None:
-                continue
-            row = {"Dataset": dataset_name(dataset) + PAPER_MARK}
-            for shots, value in values.items():
-                if shots in present_shots:
-                    row[shots_label(shots)] = f"~{value}"
-                    paper_rows.append({"origin": PAPER, "dataset": dataset, "shots": shots, "frequency": value})
-            display_rows.append(row)
-        if paper_rows:
-            data = pd.concat([data, pd.DataFrame(paper_rows)], ignore_index=True)
-            data = _integers(data, ["shots", "cells", "reducing", "frequency", "increasing", "degrading"])
-            notes.append("[paper] rows: published frequencies read off a plot; what the paper counts is not stated.")
+    if paper_rows:
+        data = pd.concat([data, pd.DataFrame(paper_rows).assign(method="coop", subsample="all")], ignore_index=True)
+        data = _integers(data, ["shots", "cells", "reducing", "frequency", "increasing", "degrading"])
+        notes.append(
+            "[paper] rows: published frequencies of CoOp prompts (all classes) read off a plot; what the paper "
+            "counts is not stated. They are shown only beside groups of the same kind."
+        )
     shot_columns = [shots_label(value) for value in shots_values]
-    display = pd.DataFrame(display_rows).reindex(columns=["Dataset", *shot_columns]).fillna("")
+    label_columns = ["Dataset"] if pool else ["Dataset", "Prompts"]
+    display = pd.DataFrame(display_rows).reindex(columns=[*label_columns, *shot_columns]).fillna("")
     display = display.rename(columns={label: f"{label} shot{'' if label == '1' else 's'}" for label in shot_columns})
-    return Table("lne_frequency", "Low-Norm Effect frequency by dataset and shots", data, display, notes)
+    return Table("lne_frequency", f"Low-Norm Effect frequency by dataset and shots{pooled}", data, display, notes)
 
 
 def _percent(value: float) -> str:
@@ -498,7 +539,7 @@ def _escape_latex(text: str) -> str:
 def to_latex(table: Table) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs}); title and notes as comments."""
     columns = list(table.display.columns)
-    label_count = sum(1 for column in columns if column in ("Model", "Method", "Shots", "Dataset", "Source"))
+    label_count = sum(1 for column in columns if column in ("Model", "Method", "Shots", "Dataset", "Source", "Prompts"))
     alignment = "l" * max(label_count, 1) + "r" * (len(columns) - max(label_count, 1))
     lines = [f"% {table.title}", *(f"% {note}" for note in table.notes)]
     lines += [rf"\begin{{tabular}}{{{alignment}}}", r"\toprule"]

@@ -23,7 +23,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
@@ -34,6 +33,7 @@ from nemesis.backbone import Backbone, resolve_device
 from nemesis.datasets import FASHION_MNIST, dataset_dir
 from nemesis.errors import NemesisError
 from nemesis.evaluate import EvaluationSetup, predictions, prepare_evaluation
+from nemesis.progress import progress_bar
 
 from .grid import Cell, Grid
 from .inputs import SweepInput, check_against_data, check_factors
@@ -101,6 +101,9 @@ def cell_rows(
                 "shots": identity["shots"],
                 "seed": identity["seed"],
                 "method": identity["method"],
+                "subsample": identity.get("subsample"),
+                "train_dataset": identity.get("train_dataset"),
+                "n_classes": identity.get("n_classes"),
                 "op": cell.op,
                 "position": cell.position,
                 "factor": math.nan if cell.factor is None else cell.factor,
@@ -236,7 +239,7 @@ def run_sweep(
     with contextlib.ExitStack() as stack:
         if compact:
             stack.callback(results.compact)
-        bar = stack.enter_context(Progress(*columns, console=console, disable=not progress))
+        bar = stack.enter_context(progress_bar(*columns, console=console, disable=not progress))
         task = bar.add_task("corrupting", total=total_missing)
         for item, _, missing in plan:
             if not missing:
@@ -259,7 +262,8 @@ def run_sweep(
                 original_accuracy = accuracy_percent(int(outcome.correct[0].sum()), outcome.correct.shape[1])
             else:  # the original row was written by an earlier run of a smaller grid
                 original_accuracy = results.accuracy_of(cell_id(item.identity, Cell(ORIGINAL)))
-            rows = cell_rows(item.identity, missing, outcome, original_accuracy)
+            identity = {**item.identity, "n_classes": len(setup.dataset.classnames)}
+            rows = cell_rows(identity, missing, outcome, original_accuracy)
             correctness = [row.numpy() for row in outcome.correct]
             results.append(rows, correctness)
     seconds = time.perf_counter() - start

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,55 +28,10 @@ from nemesis.constants import (
     RUN_CHECKPOINTS,
     RUN_PROMPT,
 )
-from nemesis.datasets import DATASET_NAMES, Subsample, load_dataset, resolve_name
+from nemesis.coop_paths import UNKNOWN_METHOD, identity_from_path
+from nemesis.datasets import Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
 from nemesis.evaluate import resolve_source
-
-_SHOTS_IN_CONFIG = re.compile(r"(?:^|_)(\d+)shots$")  # CoOp: <cfg>_<K>shots
-_SHOTS_FOLDER = re.compile(r"shots_(\d+)")  # base-to-new: shots_<K>
-_SEED_FOLDER = re.compile(r"seed(\d+)")
-BASE_TRAINING_FOLDER = "train_base"  # base-to-new runs train on the base classes
-UNKNOWN_METHOD = "unknown"
-
-
-@dataclass(frozen=True)
-class PathIdentity:
-    """What a CoOp output path says about the run inside it (None where it says nothing)."""
-
-    dataset: str | None = None
-    shots: int | None = None
-    seed: int | None = None
-    method: str = UNKNOWN_METHOD
-    subsample: str | None = None
-
-
-def identity_from_path(path: str | os.PathLike) -> PathIdentity:
-    """Dataset, shots, seed, method and class subset read from a CoOp output path (rightmost match wins)."""
-    parts = Path(path).resolve().parts
-    dataset_index = max((i for i, part in enumerate(parts) if part in DATASET_NAMES), default=None)
-    shots = seed = None
-    for part in parts:
-        if match := _SHOTS_IN_CONFIG.search(part) or _SHOTS_FOLDER.fullmatch(part):
-            shots = int(match.group(1))
-        if match := _SEED_FOLDER.fullmatch(part):
-            seed = int(match.group(1))
-    # The trainer folder follows the dataset folder (after `shots_<K>` in base-to-new trees).
-    below = parts[dataset_index + 1 :] if dataset_index is not None else ()  # no tree: no method from folders
-    trainer = next((part for part in below if not _SHOTS_FOLDER.fullmatch(part)), "")
-    if any("nemesis" in part.lower() for part in below):
-        method = "nemesis"
-    elif trainer.lower() == "coop":
-        method = "coop"
-    else:
-        method = UNKNOWN_METHOD
-    return PathIdentity(
-        dataset=parts[dataset_index] if dataset_index is not None else None,
-        shots=shots,
-        seed=seed,
-        method=method,
-        subsample="base" if BASE_TRAINING_FOLDER in parts else None,
-    )
-
 
 # --- finding checkpoints ------------------------------------------------------------------------
 
@@ -138,7 +92,7 @@ class SweepInput:
     """One checkpoint of a sweep: its file and what it is evaluated as."""
 
     file: Path  # the checkpoint file itself (absolute)
-    identity: dict[str, Any]  # checkpoint, model, pretrained, activation, ctx_init, dataset, shots, seed, ...
+    identity: dict[str, Any]  # checkpoint, model, pretrained, activation, ctx_init, dataset, train_dataset, ...
     n_ctx: int
     class_specific: bool
     n_classes: int | None = None  # classes of a class-specific ctx
@@ -179,6 +133,9 @@ def _resolve_one(
         subsample=None if metadata.source_format != "dassl" else from_path.subsample,
     )
     identity["dataset"] = resolve_name(identity["dataset"])
+    # Dassl files do not name their training dataset: their path does (the --dataset flag names the test data).
+    trained_on = metadata.dataset or from_path.dataset
+    identity["train_dataset"] = resolve_name(trained_on) if trained_on else identity["dataset"]
     if identity["method"] in (None, UNKNOWN_METHOD):
         identity["method"] = from_path.method
     identity["checkpoint"] = str(checkpoint.path)
@@ -195,8 +152,20 @@ def _resolve_one(
         value = identity[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise NemesisError(f"{checkpoint.path}: {key} {value!r} is not a non-negative whole number")
-    keys = ("checkpoint", "model", "pretrained", "activation", "ctx_init", "dataset", "shots", "seed", "subsample")
-    return {key: identity[key] for key in (*keys, "method")}
+    keys = (
+        "checkpoint",
+        "model",
+        "pretrained",
+        "activation",
+        "ctx_init",
+        "dataset",
+        "train_dataset",
+        "shots",
+        "seed",
+        "subsample",
+        "method",
+    )
+    return {key: identity[key] for key in keys}
 
 
 def _check_choice(choices: type, value: Any, what: str, origin: Any) -> None:

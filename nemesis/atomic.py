@@ -17,8 +17,10 @@ from .errors import NemesisError
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise NemesisError(f"output folder {path.parent} does not exist; create it first")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # missing parent folders of an output are created
+    except OSError as error:
+        raise NemesisError(f"cannot create the output folder {path.parent} ({error.strerror or error})") from None
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     temporary = Path(temporary)
@@ -73,3 +75,28 @@ def file_lock(path: str | os.PathLike, shared: bool = False, create: bool = True
         yield True
     finally:
         os.close(handle)  # closing releases the lock
+
+
+def prepare_output(path: str | os.PathLike, folder: bool = False, option: str = "--out") -> Path:
+    """Check an output location before any work: the folder that will hold it, or its nearest existing
+    ancestor when folders are missing (they are created on writing), must be a writable folder;
+    a file is created and removed there to prove it. Nothing is left behind, so bad input that fails
+    later still writes nothing.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise NemesisError(f"{option} {path} is a file; pass a folder")
+    if not folder and path.is_dir():
+        raise NemesisError(f"{option} {path} is a folder; pass a file name")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise NemesisError(f"{option} {path}: cannot write to {existing} ({reason}); pass a writable place") from None
+    return path

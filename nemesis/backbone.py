@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import logging
 import os
+import socket
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,6 +126,8 @@ def _weights_identity(name: str, pretrained: str | None) -> str:
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     """Check a tag or file before any download so mistakes fail at once with the alternatives."""
     check_pretrained(name, pretrained)
+    if pretrained is not None and not Path(pretrained).is_file() and not (name == "tiny" and pretrained == "fmnist"):
+        _check_downloadable(name, pretrained)
     if name == "tiny" and pretrained == "fmnist":
         from .tiny import pretrained_tiny_weights  # trains once, then cached
 
@@ -144,6 +147,50 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
         raise NemesisError(
             f"unknown pretrained tag '{pretrained}' for {name} (known tags: {known}); or pass a local weights file"
         )
+
+
+HUB_HOST = "huggingface.co"
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "NEMESIS_OFFLINE")
+    )
+
+
+def _weights_cached(config: dict) -> bool:
+    """Whether open_clip would find these weights without downloading (Hugging Face cache or ~/.cache/clip)."""
+    if config.get("file"):
+        return Path(config["file"]).is_file()
+    if hub := config.get("hf_hub", ""):
+        from huggingface_hub import try_to_load_from_cache
+
+        model_id, filename = os.path.split(hub)
+        filename = filename or "open_clip_pytorch_model.bin"
+        names = [filename, str(Path(filename).with_suffix(".safetensors")), "open_clip_model.safetensors"]
+        return any(isinstance(try_to_load_from_cache(model_id, candidate), str) for candidate in names)
+    if url := config.get("url", ""):
+        return (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
+    return False
+
+
+def _check_downloadable(name: str, tag: str) -> None:
+    """Fail at once, in one line, when weights must be downloaded but cannot be: open_clip would
+    otherwise retry for most of a minute and log before failing."""
+    if _weights_cached(open_clip.get_pretrained_cfg(name, tag)):
+        return
+    if _offline():
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            socket.create_connection((HUB_HOST, 443), timeout=1.0).close()
+            return
+        except OSError:
+            reason = f"{HUB_HOST} cannot be reached"
+    raise NemesisError(
+        f"weights '{tag}' for {name} are not downloaded yet and {reason}; download them where there is internet "
+        "and pass the file with --pretrained PATH, or --pretrained none for random weights"
+    )
 
 
 def uses_quick_gelu(name: str, pretrained: str | None) -> bool:

@@ -37,6 +37,7 @@ from .constants import (
     RUN_CONFIG,
     RUN_PROMPT,
 )
+from .coop_paths import identity_from_path
 from .errors import NemesisError
 from .unpickle import load_torch_file
 
@@ -294,15 +295,6 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
     raise NemesisError(f"no prompt checkpoint in {path} (looked for {DASSL_FILE_PREFIX}<epoch> or {DASSL_BEST_FILE})")
 
 
-def _class_position_from_path(path: Path) -> str:
-    """CoOp names its run folders `nctx16_cscFalse_ctpend`: the class position is in the path, not the file."""
-    for part in reversed(path.parts):
-        match = re.search(r"ctp(end|middle|front)(?![a-z])", part)
-        if match:
-            return match.group(1)
-    return "end"
-
-
 def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     """Read a Dassl checkpoint file: `state_dict["ctx"]`; buffers and optimiser state are ignored."""
     path = Path(path)
@@ -311,10 +303,17 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     if not isinstance(state, dict) or CTX_TENSOR not in state or not isinstance(state[CTX_TENSOR], torch.Tensor):
         raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
     epoch = content.get("epoch")
+    # The file names nothing else: dataset, shots, seed, method, classes and class position come from its path.
+    where = identity_from_path(path)
     metadata = PromptMetadata(
         epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None,
-        class_position=_class_position_from_path(path),
+        class_position=where.class_position or "end",
+        dataset=where.dataset,
+        shots=where.shots,
+        seed=where.seed,
+        method=where.method,
         activation="quickgelu",  # CoOp and the official Nemesis code train on OpenAI's CLIP, which uses QuickGELU
+        subsample=where.subsample or "all",
         source_format="dassl",
     )
     return PromptCheckpoint(_checked(state[CTX_TENSOR], str(path)), metadata, path)

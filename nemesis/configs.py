@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -243,3 +244,75 @@ def read_run_config(out_dir: str | Path) -> TrainConfig:
         raise NemesisError(
             f"{path} holds a value of the wrong type ({error}); restore it, or delete {out_dir}"
         ) from None
+
+
+# Options a resumed run can take from the command line: they change where or how often it reports,
+# or (epochs) how long it goes on; every other option would make it another run.
+RESUMABLE_OPTIONS = ("device", "cache_dir", "eval_every", "save_every", "epochs")
+NEMESIS_OPTIONS = (
+    "beta",
+    "weight",
+    "norm",
+    "schedule",
+    "positions",
+    "corrupt_weight",
+    "pan_weight",
+    "official_override",
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_config(saved: TrainConfig, passed: dict, out_dir: str | Path) -> tuple[TrainConfig, list[str]]:
+    """The config a `--resume` continues with: the run's own, plus the `passed` options it can honour.
+
+    Only options the user passed are compared. Device, cache, reporting and more epochs are applied
+    (more epochs come back as a warning line: the cosine schedule then spans the new count); any
+    other option that differs is refused, naming each with the run's value.
+    """
+    candidate = dataclasses.replace(saved, **passed)
+    changed = [name for name in passed if getattr(candidate, name) != getattr(saved, name)]
+    refused = [name for name in changed if name not in RESUMABLE_OPTIONS]
+    if "epochs" in changed and candidate.epochs < saved.epochs:
+        refused.append("epochs")
+    if refused:
+
+        def shown(value: object) -> object:
+            return value.value if isinstance(value, Enum) else value
+
+        described = ", ".join(
+            f"{_flag(name)} {shown(getattr(candidate, name))} (the run has {shown(getattr(saved, name))})"
+            for name in refused
+        )
+        raise NemesisError(
+            f"cannot resume {out_dir} with {described}: resume continues the same run; drop "
+            f"{'it' if len(refused) == 1 else 'them'}, or train a new run with another --out"
+        )
+    warnings = []
+    if "epochs" in changed:
+        warnings.append(
+            f"--resume continues {out_dir} to {candidate.epochs} epochs (was {saved.epochs}); the cosine "
+            f"learning-rate schedule now spans {candidate.epochs} epochs"
+        )
+    return candidate, warnings
+
+
+def ignored_nemesis_options(config: TrainConfig, passed: dict) -> list[str]:
+    """The Nemesis-only options among `passed` when the method is not Nemesis (they change nothing)."""
+    if config.method is Method.nemesis:
+        return []
+    return [_flag(name) for name in NEMESIS_OPTIONS if name in passed]
+
+
+def run_root(path: str | os.PathLike) -> str | None:
+    """The data folder (`root`) of the run holding `path` (its folder, prompt or checkpoint), if any."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / RUN_CONFIG).is_file():
+            try:
+                return json.loads((folder / RUN_CONFIG).read_text(encoding="utf-8")).get("root")
+            except (OSError, json.JSONDecodeError):
+                return None
+    return None

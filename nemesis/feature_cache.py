@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from torchvision.transforms import InterpolationMode
@@ -29,6 +29,7 @@ from .checksum import tensors_sha256
 from .constants import cache_root
 from .datasets import Dataset, Sample, missing_files
 from .errors import NemesisError
+from .progress import progress_bar
 
 FEATURES = "features"
 LABELS = "labels"
@@ -173,7 +174,7 @@ def _encode(
     )
     chunks = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task(description, total=len(samples))
         # Evaluation only: no autograd, and half precision on the GPU.
         with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):

@@ -38,6 +38,12 @@ SWEEP_DTYPES = {
     "shots": "Int64",
     "seed": "Int64",
     "method": "string",
+    # What kind of prompt it is, so analysis never pools kinds unasked: the classes it was trained
+    # and evaluated on (all, base or new), the dataset it was trained on (differs from `dataset`
+    # under domain shift) and the number of classes evaluated.
+    "subsample": "string",
+    "train_dataset": "string",
+    "n_classes": "Int64",
     "op": "string",  # original | replace | rescale
     "position": "Int64",  # null for the original row
     "factor": "float64",  # tau (rescale) or sigma (replace); NaN for the original row
@@ -50,6 +56,9 @@ SWEEP_DTYPES = {
     "norm_after": "float64",
 }
 SWEEP_COLUMNS = tuple(SWEEP_DTYPES)
+# Columns added after the first tables were written: an older table reads with them unknown (<NA>),
+# and analysis then shows its prompts as a kind of their own, never beside the paper's numbers.
+KIND_COLUMNS = ("subsample", "train_dataset", "n_classes")
 CORRECTNESS_COLUMNS = ("cell_id", "correct")
 CORRECTNESS_SUFFIX = ".correct.parquet"
 CORRECTNESS_SCHEMA = pa.schema([("cell_id", pa.string()), ("correct", pa.list_(pa.bool_()))])
@@ -105,13 +114,13 @@ def part_files(table: str | os.PathLike) -> list[Path]:
 
 def typed_sweep_frame(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     """`frame` with exactly the sweep columns, in order, with their dtypes; NemesisError if it is not one."""
-    missing = [column for column in SWEEP_COLUMNS if column not in frame.columns]
+    missing = [column for column in SWEEP_COLUMNS if column not in frame.columns and column not in KIND_COLUMNS]
     if missing:
         raise NemesisError(
             f"{origin} is not a sweep results table: missing columns {', '.join(missing)}; "
             "pass the table `nemesis corrupt` wrote"
         )
-    frame = frame[list(SWEEP_COLUMNS)].copy()
+    frame = frame.reindex(columns=list(SWEEP_COLUMNS))  # a copy; absent kind columns come back empty
     try:
         for column, dtype in SWEEP_DTYPES.items():
             if dtype == "string":

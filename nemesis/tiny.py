@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -37,6 +37,7 @@ from .backbone import Backbone, load_clip
 from .constants import cache_root
 from .errors import NemesisError
 from .fashion_mnist import CLASSNAMES, VAL_EVERY, find_fashion_mnist_files, read_idx
+from .progress import progress_bar
 from .text_encoder import TextEncoder
 
 MODEL = "tiny"
@@ -192,7 +193,7 @@ def pretrain_tiny(
         rng = torch.Generator().manual_seed(recipe.seed)
         n_classes = len(CLASSNAMES)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        with progress_bar(*columns, disable=not progress, transient=True) as bar:
             task = bar.add_task("pretraining tiny on Fashion-MNIST", total=recipe.steps)
             for step in range(recipe.steps):
                 warmup = min(1.0, (step + 1) / max(1, recipe.warmup_steps))

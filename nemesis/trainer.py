@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from .atomic import write_text_atomic
 from .backbone import Backbone, load_clip, model_config, resolve_device
@@ -41,6 +41,7 @@ from .errors import NemesisError
 from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss, position_norms
+from .progress import progress_bar
 from .prompt_learner import PromptedCLIP, PromptLearner, init_word_count
 from .run_state import (
     DASSL_CLOSING,
@@ -54,8 +55,9 @@ from .run_state import (
     save_state,
 )
 
-# Keys of config.json that may change when a run is resumed (they do not change what is learned).
-RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every")
+# Keys of config.json that may change when a run is resumed: they do not change what was learned so
+# far (more epochs continue it; `nemesis train --resume` checks the options a user passes).
+RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every", "epochs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def train(
     remove_orphans(out_dir)  # temporary files of writes a kill interrupted
     if (out_dir / RUN_CHECKPOINTS).is_dir():
         remove_orphans(out_dir / RUN_CHECKPOINTS)
-    if not (out_dir / RUN_CONFIG).is_file():
+    if resume or not (out_dir / RUN_CONFIG).is_file():  # a resumed run records what it continues with
         write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
     journal = Journal(out_dir, echo)
     write_text_atomic(out_dir / RUN_METRICS, finished_metrics)
@@ -396,8 +398,9 @@ def train(
         (out_dir / RUN_LOG).write_text("", encoding="utf-8")
         journal.say(
             f"nemesis train: {config.method.value} on {config.dataset} ({len(data.classnames)} classes, "
-            f"{len(data.train)} training images), {config.shots} shots, seed {config.seed}, "
-            f"{config.model} ({config.pretrained}, {backbone.activation.value}), {config.epochs} epochs, "
+            f"{len(data.train)} training images), {config.shots} shot{'' if config.shots == 1 else 's'}, "
+            f"seed {config.seed}, {config.model} ({config.pretrained or 'random weights'}, "
+            f"{backbone.activation.value}), {config.epochs} epochs, "
             f"device {device}",
             show=True,
         )
@@ -410,7 +413,7 @@ def train(
     test_features, test_labels = test_features.to(device), test_labels.to(device)
     stepper = _Stepper(config, learner, optimizer, scaler, device)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("training", total=config.epochs, completed=start_epoch)
         for epoch in range(start_epoch, config.epochs):
             lr = learning_rate(config, epoch)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from analysis.defaults import DEFAULT_ALPHA
+from nemesis.atomic import prepare_output
 
 from .common import reports_errors
 
@@ -31,6 +32,14 @@ SignificantOption = Annotated[
     typer.Option("--significant", help="Also require the exact McNemar test on per-sample correctness: p < --alpha."),
 ]
 AlphaOption = Annotated[float, typer.Option(help="Significance level of --significant.")]
+PoolOption = Annotated[
+    bool,
+    typer.Option(
+        "--pool",
+        help="Count CoOp and Nemesis prompts, base-class and all-class prompts together (the title says so); "
+        "by default each method and kind of prompt is its own group.",
+    ),
+]
 ByOption = Annotated[
     str,
     typer.Option(
@@ -69,6 +78,7 @@ def plot_frequency(
             help="Plot the companion figure: the share of norm-increasing cells that lower accuracy.",
         ),
     ] = False,
+    pool: PoolOption = False,
 ) -> None:
     """Plot how often the Low-Norm Effect occurs, the paper's figure; print the frequency table.
 
@@ -79,8 +89,9 @@ def plot_frequency(
     from analysis.results import DUPLICATE_CELLS
 
     check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
+    prepare_output(out)
     cells = analysis.load_sweeps(results or [])
-    table, figure = analysis.frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation)
+    table, figure = analysis.frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation, pool)
     paths = analysis.save_figure(figure, out)
     _echo_duplicates(cells.attrs.get(DUPLICATE_CELLS, 0))
     typer.echo(table.to_string(index=False))
@@ -102,6 +113,7 @@ def plot_norms(
     """
     import analysis
 
+    prepare_output(out)
     loaded = analysis.load_runs(runs or [])
     paths = analysis.save_figure(analysis.plot_norms(loaded), out)
     for path in paths:
@@ -125,6 +137,7 @@ def report(
     paper: Annotated[
         bool, typer.Option("--paper/--no-paper", help="Add the paper's published numbers as [paper] rows.")
     ] = True,
+    pool: PoolOption = False,
 ) -> None:
     """Write the few-shot, base-to-new, domain-generalisation and LNE frequency tables the inputs support.
 
@@ -133,9 +146,10 @@ def report(
     import analysis
     from analysis.low_norm_effect import parse_by
 
+    prepare_output(out, folder=True)
     loaded = analysis.load_inputs(inputs or [])
     built = analysis.build_report(
-        loaded, parse_by(by), margin=margin, significant=significant, alpha=alpha, paper=paper
+        loaded, parse_by(by), margin=margin, significant=significant, alpha=alpha, paper=paper, pool=pool
     )
     _echo_duplicates(loaded.duplicate_cells)
     for path in analysis.write_report(built, out):

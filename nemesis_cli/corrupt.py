@@ -66,9 +66,11 @@ def corrupt(
     from corrupt.grid import parse_grid
     from corrupt.inputs import resolve_inputs
     from corrupt.results import ResultsFile
+    from nemesis.atomic import prepare_output
 
     # Everything that can be checked is checked before any work, so bad input writes nothing.
     grid = parse_grid(rescale, replace, positions, noise_seeds, paper_preset, op or ())
+    prepare_output(out)
     results = ResultsFile(out, csv=csv)
     inputs = resolve_inputs(
         checkpoints,
@@ -80,19 +82,38 @@ def corrupt(
         ctx_init=ctx_init,
     )
     console = Console(highlight=False)  # paths and method names from files are printed as they are
-    summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
+    try:
+        summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted; the cells computed so far are kept in {out}; rerun the same command to finish", err=True
+        )
+        raise typer.Exit(code=130) from None
     print_summary(summary, results, console)
+
+
+def _run_folder(checkpoint: str) -> str:
+    """The run a checkpoint belongs to, as the user would name it: its folder, relative when below here."""
+    from nemesis.constants import DASSL_PROMPT_FOLDER, RUN_CHECKPOINTS
+
+    path = Path(checkpoint)
+    folder = path.parent
+    if folder.name in (DASSL_PROMPT_FOLDER, RUN_CHECKPOINTS):
+        folder = folder.parent
+    try:
+        return str(folder.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(folder)
 
 
 def _run_label(row) -> str:
     import pandas as pd
 
-    parts = [row.dataset]
-    if not pd.isna(row.shots):
-        parts.append(f"{row.shots}shots")
-    if not pd.isna(row.seed):
-        parts.append(f"seed{row.seed}")
-    return "/".join(parts)
+    epoch = Path(str(row.checkpoint)).name
+    details = [str(row.method)] + (
+        [f"{row.subsample} classes"] if not pd.isna(row.subsample) and row.subsample != "all" else []
+    )
+    return f"{_run_folder(str(row.checkpoint))} ({', '.join(details)}; {epoch})"
 
 
 def _cell_label(row) -> str:
@@ -116,7 +137,10 @@ def _cells_table(title: str, cells) -> Table:
 
 
 def print_summary(summary: SweepSummary, results: ResultsFile, console: Console) -> None:
-    """One screen: what ran, where it went, the Low-Norm Effect count, best and worst cells."""
+    """One screen: what ran, where it went, the Low-Norm Effect count per kind of prompt, best and worst cells."""
+    from analysis.labels import prompt_kind_label
+    from analysis.low_norm_effect import PROMPT_KIND, with_prompt_kind
+
     total = summary.computed + summary.skipped
     console.print(
         f"{summary.checkpoints} checkpoints, {total} cells: {summary.computed} computed in "
@@ -128,13 +152,14 @@ def print_summary(summary: SweepSummary, results: ResultsFile, console: Console)
     console.print(
         f"results: {results.path} (per-sample correctness: {results.correctness_path})", soft_wrap=True, markup=False
     )
-    reducing = len(summary.reducing)
-    methods = ", ".join(sorted(set(summary.cells["method"])))
-    console.print(
-        f"norm-reducing cells that raised accuracy: {summary.reducing_raised} of {reducing} (methods: {methods})",
-        soft_wrap=True,
-        markup=False,
-    )
+    # One count per kind of prompt: the Low-Norm Effect of CoOp and Nemesis prompts is never pooled.
+    reducing = with_prompt_kind(summary.reducing)
+    for kind, group in reducing.groupby(list(PROMPT_KIND), dropna=False, sort=True):
+        label = prompt_kind_label(*kind)
+        raised = int((group["delta_acc"] > 0).sum())
+        console.print(
+            f"norm-reducing cells that raised accuracy, {label}: {raised} of {len(group)}", soft_wrap=True, markup=False
+        )
     if len(summary.corrupted):
         console.print(_cells_table("best cells", summary.best()))
         console.print(_cells_table("worst cells", summary.worst()))

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from nemesis.atomic import prepare_output
+
 from .common import reports_errors
 
 
@@ -19,6 +21,8 @@ def demo(
     Example: nemesis demo --out nemesis-demo   (a few minutes on two CPU cores; reruns resume)
     """
     from figures.demo_pipeline import run_demo
+
+    prepare_output(out, folder=True)
 
     outputs = run_demo(out)
     typer.echo(f"runs:    {len(outputs.runs)} run folders under {out / 'runs'}")

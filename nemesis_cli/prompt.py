@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from nemesis.atomic import prepare_output
+
 from .common import reports_errors
 
 app = typer.Typer(help="Inspect and convert prompt checkpoints.", no_args_is_help=True)
@@ -68,5 +70,8 @@ def export(
     """
     from nemesis.checkpoint import export_dassl, load_checkpoint
 
-    target = export_dassl(load_checkpoint(checkpoint), out, epoch)
+    prepare_output(out, folder=True)
+    prompt = load_checkpoint(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)  # after the checkpoint is read: a bad one leaves no folder behind
+    target = export_dassl(prompt, out, epoch)
     typer.echo(f"wrote {target}")

@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from nemesis.configs import TrainConfig, read_run_config
+from nemesis.atomic import prepare_output
+from nemesis.configs import TrainConfig, ignored_nemesis_options, read_run_config, resume_config
+from nemesis.constants import RUN_CONFIG
 from nemesis.errors import NemesisError
 
 from .common import ACTIVATION_HELP, reports_errors
@@ -93,19 +95,34 @@ def train(
     """
     options = {name: value for name, value in locals().items() if name not in ("out", "resume")}  # first line
     given = {name: value for name, value in options.items() if value is not None and value is not False}
-    runtime = {name: given[name] for name in ("device", "cache_dir") if name in given}
-    if "dataset" not in given:
-        if not resume:
-            raise NemesisError("--dataset is required (e.g. --dataset fashion_mnist)")
-        config = dataclasses.replace(read_run_config(out), **{k: str(v) for k, v in runtime.items()})
+    for name in ("root", "cache_dir"):
+        if name in given:
+            given[name] = str(given[name])
+    if resume and (out / RUN_CONFIG).is_file():
+        config, warnings = resume_config(read_run_config(out), given, out)
+    elif "dataset" not in given:
+        raise NemesisError("--dataset is required (e.g. --dataset fashion_mnist)")
     else:
-        for name in ("root", "cache_dir"):
-            if name in given:
-                given[name] = str(given[name])
-        config = TrainConfig(**given)
+        config, warnings = TrainConfig(**given), []
+    if ignored := ignored_nemesis_options(config, given):
+        verb = "applies" if len(ignored) == 1 else "apply"
+        warnings.append(
+            f"{', '.join(ignored)} only {verb} to --method nemesis; ignored for --method {config.method.value}"
+        )
+    for line in warnings:
+        typer.echo(f"warning: {line}", err=True)
+    prepare_output(out, folder=True)
     from nemesis.trainer import train as train_prompt  # torch: only once the options are checked
 
-    folder = train_prompt(config, out, resume=resume, echo=typer.echo)
+    try:
+        folder = train_prompt(config, out, resume=resume, echo=typer.echo)
+    except KeyboardInterrupt:
+        from nemesis.run_state import RUN_STATE, load_state
+
+        state = out / RUN_STATE  # saved after every finished epoch
+        epoch = load_state(state).epoch if state.is_file() else 0
+        typer.echo(f"interrupted after epoch {epoch}; rerun with --resume", err=True)
+        raise typer.Exit(code=130) from None
     typer.echo(f"wrote {folder}")
 
 
@@ -126,8 +143,8 @@ def pretrain_tiny_command(
         typer.echo(f"cached: {cached} (--force pretrains again)")
         typer.echo(f"zero-shot accuracy on Fashion-MNIST test: {info['zero_shot_accuracy']:.2f}%")
         return
-    if out is not None and not out.parent.is_dir():
-        raise NemesisError(f"--out: folder {out.parent} does not exist; create it first")
+    if out is not None:
+        prepare_output(out)
     result = pretrain_tiny(out=out)
     typer.echo(f"wrote {result.path} (pretrained in {result.seconds:.1f} s)")
     typer.echo(f"zero-shot accuracy on Fashion-MNIST test: {result.zero_shot_accuracy:.2f}%")

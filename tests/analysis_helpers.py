@@ -56,6 +56,9 @@ def checkpoint_rows(
     model: str = "tiny",
     key: str | None = None,
     first_number: int = 0,
+    subsample: str = "all",
+    train_dataset: str | None = None,
+    n_classes: int = 37,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Rows of one checkpoint (its original row first) and their per-sample correctness.
 
@@ -68,6 +71,7 @@ def checkpoint_rows(
     original[:correct] = True
     base = {"checkpoint": checkpoint, "model": model, "dataset": dataset, "shots": shots, "seed": seed}
     base["method"] = method
+    base |= {"subsample": subsample, "train_dataset": train_dataset or dataset, "n_classes": n_classes}
     rows = [
         {
             "cell_id": f"{key}:original:-:-:-",
@@ -111,7 +115,7 @@ def checkpoint_rows(
 
 def sweep_frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
-    for column in ("shots", "seed", "position", "noise_seed"):
+    for column in ("shots", "seed", "position", "noise_seed", "n_classes"):
         frame[column] = pd.array(frame[column], dtype="Int64")
     return frame
 
@@ -207,3 +211,50 @@ def eval_record(**overrides) -> dict:
 def write_evals(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
     return path
+
+
+def write_dassl_log(folder: Path, accuracy: float | None, total: int = 3669, backbone: str = "RN50") -> Path:
+    """A Dassl run's log.txt as CoOp's `train.py` leaves it: arguments, the config dump, epoch lines,
+    and (unless `accuracy` is None: a run still training) the final test result block."""
+    correct = round(total * (accuracy or 0) / 100)
+    lines = [
+        "Setting fixed seed: 1",
+        "***************",
+        "** Arguments **",
+        "***************",
+        "backbone: ",
+        "config_file: configs/trainers/CoOp/rn50.yaml",
+        "************",
+        "** Config **",
+        "************",
+        "DATASET:",
+        "  NAME: OxfordPets",
+        "  NUM_SHOTS: 16",
+        "MODEL:",
+        "  BACKBONE:",
+        f"    NAME: {backbone}",
+        "  HEAD:",
+        "    NAME: ",
+        "OPTIM:",
+        "  MAX_EPOCH: 200",
+        "Loading trainer: CoOp",
+        "epoch [1/200] batch [5/18] time 0.081 (0.262) data 0.000 (0.172) loss 1.3652 (1.5024) acc 62.5000 (56.2500) "
+        "lr 1.0000e-05 eta 0:15:42",
+    ]
+    if accuracy is not None:
+        lines += [
+            "Checkpoint saved to output/prompt_learner/model.pth.tar-200",
+            "Finish training",
+            "Deploy the last-epoch model",
+            "Evaluate on the *test* set",
+            "=> result",
+            f"* total: {total:,}",
+            f"* correct: {correct:,}",
+            f"* accuracy: {accuracy:.1f}%",
+            f"* error: {100 - accuracy:.1f}%",
+            f"* macro_f1: {accuracy - 0.4:.1f}%",
+            "Elapsed: 0:17:09",
+        ]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "log.txt").write_text("\n".join(lines) + "\n")
+    return folder / "log.txt"

@@ -98,7 +98,7 @@ def test_report_writes_every_supported_table(tmp_path):
     assert "| Method | Shots | OxfordPets | ImageNet | Average |" in few_shot
     assert "| CoOp | 1 | 56.50 ± 0.71 |  | 56.50 ± 0.71 |" in few_shot
     assert "| CoOp | 16 |  | 62.00 | 62.00 |" in few_shot
-    assert "CoOp+Nemesis (PAN, w=1)" in few_shot
+    assert "CoOp+Nemesis (PAN, weight 1)" in few_shot
 
 
 def test_report_writes_only_what_the_inputs_support(tmp_path):
@@ -193,12 +193,12 @@ def test_report_groups_the_lne_table_by_any_columns(tmp_path):
     sweeps = _sweeps(tmp_path / "sweeps")
     _ok(["report", str(sweeps), "--out", str(tmp_path / "report"), "--by", "dataset,position", "--no-paper"])
     markdown = (tmp_path / "report" / "lne_frequency.md").read_text()
-    assert "| dataset | position | cells | reducing | frequency | rate |" in markdown
+    assert "| dataset | position | prompts | cells | reducing | frequency | rate |" in markdown
     assert "degradation_rate" in markdown
     default = _ok(["report", str(sweeps), "--out", str(tmp_path / "default")])
     assert "wrote" in default
     markdown = (tmp_path / "default" / "lne_frequency.md").read_text()
-    assert "| Dataset | 1 shot | 2 shots |" in markdown and "degr." in markdown
+    assert "| Dataset | Prompts | 1 shot | 2 shots |" in markdown and "degr." in markdown
     fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "bad"), "--by", "epoch"], "not in the results")
     assert not (tmp_path / "bad").exists()
 

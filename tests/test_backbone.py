@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nemesis.backbone as backbone
 from nemesis.backbone import load_clip, text_width
 from nemesis.errors import NemesisError
 
@@ -42,9 +43,37 @@ def test_unknown_tag_lists_known_tags():
         load_clip("RN50", "nope")
 
 
-def test_offline_tag_says_how_to_supply_a_file():
-    with pytest.raises(NemesisError, match=r"could not be loaded.*--pretrained PATH with --activation quickgelu"):
+def test_offline_tag_fails_at_once_saying_how_to_supply_a_file(monkeypatch, caplog):
+    import open_clip
+
+    def never(*args, **kwargs):
+        raise AssertionError("open_clip was asked to build the model")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", never)
+    with pytest.raises(NemesisError, match=r"not downloaded yet and HF_HUB_OFFLINE is set.*--pretrained PATH"):
         load_clip("RN50", "openai")
+    assert not caplog.records  # no logging line before the error
+
+
+def test_unreachable_hub_fails_at_once(monkeypatch):
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(NemesisError, match=r"huggingface.co cannot be reached"):
+        load_clip("RN50", "openai")
+
+
+def test_offline_cli_eval_is_one_line(tmp_path):
+    from nemesis.checkpoint import PromptMetadata, save_prompt
+
+    from .conftest import fails_with_one_line
+
+    prompt = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 512), PromptMetadata(dataset="fashion_mnist"))
+    fails_with_one_line(["eval", str(prompt), "--model", "RN50", "--pretrained", "openai"], "not downloaded yet")
 
 
 def test_missing_weights_file():
@@ -74,6 +103,7 @@ def test_openai_tags_build_with_quick_gelu(monkeypatch, tmp_path):
     weights = tmp_path / "rn50.pt"
     torch.save(load_clip("RN50").model.state_dict(), weights)
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *args, **kwargs: str(weights))
+    monkeypatch.setattr(backbone, "_weights_cached", lambda config: True)  # as if downloaded before
     clip = load_clip("RN50", "openai")
     activations = {type(module).__name__ for module in clip.model.modules() if "GELU" in type(module).__name__}
     assert activations == {"QuickGELU"} and clip.weights_id == "tag:openai+quickgelu"

@@ -114,8 +114,9 @@ def test_bad_input_writes_nothing(tmp_path, pets_root):
     # a partial dataset: one test image deleted
     next((pets_root / "oxford_pets" / "images").rglob("*.png")).unlink()
     _fails_with_one_line(["eval", str(path), "--root", str(pets_root)], "missing", cache)
+    (tmp_path / "a-file").write_text("not a folder")
     _fails_with_one_line(
-        ["eval", str(path), "--root", str(pets_root), "--out", str(tmp_path / "no/x.jsonl")], "does not exist", cache
+        ["eval", str(path), "--root", str(pets_root), "--out", str(tmp_path / "a-file/x.jsonl")], "cannot write", cache
     )
 
 

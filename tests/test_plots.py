@@ -11,7 +11,7 @@ from analysis import (
     plot_norms,
     save_figure,
 )
-from analysis.plots import figure_paths
+from analysis.plots import axes_width_share, figure_paths
 from analysis.trajectories import run_labels
 from nemesis.errors import NemesisError
 
@@ -60,8 +60,8 @@ def test_rate_figure_plots_rates():
     (axes,) = figure.axes
     assert "rate" in axes.get_ylabel()
     for line in axes.get_lines():
-        assert all(0 <= value <= 1 for value in line.get_ydata())
-        assert list(line.get_ydata()) == [0.5] * 5  # one occurrence of two reducing cells
+        assert all(0 <= value <= 100 for value in line.get_ydata())  # percent, as the tables
+        assert list(line.get_ydata()) == [50.0] * 5  # one occurrence of two reducing cells
 
 
 def test_position_heatmap_has_one_panel_per_op():
@@ -76,12 +76,12 @@ def test_position_heatmap_has_one_panel_per_op():
 def test_degradation_figure_plots_the_share_of_increasing_cells_that_lose_accuracy():
     figure = plot_frequency(_cells(), degradation=True)
     (axes,) = figure.axes
-    assert axes.get_ylabel() == "share of norm-increasing cells that lower accuracy"
+    assert axes.get_ylabel() == "norm-increasing cells that lower accuracy (%)"
     assert axes.get_xlabel() == "shots per class"
     assert len(axes.get_lines()) == len(DATASETS)
     assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["DTD", "Food101", "OxfordPets"]
     for line in axes.get_lines():
-        assert list(line.get_ydata()) == [1.0] * 5  # each checkpoint's one increasing cell loses a sample
+        assert list(line.get_ydata()) == [100.0] * 5  # each checkpoint's one increasing cell loses a sample
 
 
 def test_degradation_of_a_group_without_increasing_cells_fails():
@@ -112,6 +112,10 @@ def _runs(tmp_path):
     return load_runs([tmp_path])
 
 
+def _legend(figure) -> list[str]:
+    return [text.get_text() for text in figure.legends[0].get_texts()]
+
+
 def test_norm_figure_has_both_axes_and_one_series_per_run(tmp_path):
     runs = _runs(tmp_path)
     figure = plot_norms(runs)
@@ -120,8 +124,8 @@ def test_norm_figure_has_both_axes_and_one_series_per_run(tmp_path):
     assert accuracy_axes.get_xlabel() == "epoch"
     assert "accuracy" in accuracy_axes.get_ylabel()
     assert "norm" in norm_axes.get_ylabel()
-    labels = [text.get_text() for text in accuracy_axes.get_legend().get_texts()]
-    assert {"CoOp", "CoOp+Nemesis (PEN, w=10)", "CoOp+Nemesis (PAN, w=1)"} <= set(labels)
+    labels = _legend(figure)
+    assert {"CoOp", "CoOp+Nemesis (PUN, weight 10)", "CoOp+Nemesis (PAN, weight 1)"} <= set(labels)
     # The PAN run evaluated once: its accuracy line has one point, its norm line three.
     colours = [line.get_color() for line in norm_axes.get_lines()]
     assert len(set(colours)) == len(runs)
@@ -135,18 +139,18 @@ def test_runs_sharing_a_label_get_one_series_each(tmp_path):
     write_run(tmp_path / "seeds" / "a", [30.0, 35.0], seed=1, dataset="dtd")
     write_run(tmp_path / "seeds" / "b", [31.0, 36.0], seed=2, dataset="dtd")
     figure = plot_norms(load_runs([tmp_path]))
-    accuracy_axes, norm_axes = figure.axes
-    assert len(accuracy_axes.get_lines()) == len(norm_axes.get_lines()) == 4
-    for line in [*accuracy_axes.get_lines(), *norm_axes.get_lines()]:
+    axes = [panel for panel in figure.axes if panel.get_visible()]
+    assert len(axes) == 4  # two panels (DTD, OxfordPets), each with its accuracy and norm axes
+    lines = [line for panel in axes for line in panel.get_lines()]
+    assert len(lines) == 2 * 3  # DTD: one mean over its two seeds; OxfordPets: one series per experiment
+    for line in lines:
         epochs = list(line.get_xdata())
-        assert epochs == sorted(set(epochs))  # one run per line: no zig-zag back to epoch 1
-    labels = [text.get_text() for text in accuracy_axes.get_legend().get_texts()]
-    assert {
-        "CoOp (OxfordPets, seed 1) [exp1/coop]",
-        "CoOp (OxfordPets, seed 1) [exp2/coop]",
-        "CoOp (DTD, seed 1)",
-        "CoOp (DTD, seed 2)",
-    } <= set(labels)
+        assert epochs == sorted(set(epochs))  # one run (or one mean) per line: no zig-zag back to epoch 1
+    assert {"CoOp (OxfordPets, seed 1) [exp1/coop]", "CoOp (OxfordPets, seed 1) [exp2/coop]", "CoOp"} <= set(
+        _legend(figure)
+    )
+    dtd = next(panel for panel in axes if panel.get_title().startswith("DTD"))
+    assert list(dtd.get_lines()[0].get_ydata()) == [30.5, 35.5]  # the mean over seeds 1 and 2
 
 
 def test_run_labels_fall_back_to_a_number(tmp_path):
@@ -160,7 +164,7 @@ def test_few_shot_curve_has_one_series_per_method():
 
     averages = pd.DataFrame(
         {
-            "method": ["CoOp"] * 3 + ["CoOp+Nemesis (PEN, w=1)"] * 3,
+            "method": ["CoOp"] * 3 + ["CoOp+Nemesis (PUN, weight 1)"] * 3,
             "shots": [1, 2, 4] * 2,
             "mean": [60.0, 62.0, 66.0, 61.0, 63.0, 67.0],
             "std": [1.0, 0.5, float("nan")] * 2,
@@ -185,7 +189,50 @@ def test_figure_paths_keep_other_dots():
     assert [path.name for path in figure_paths("out/lne.v2")] == ["lne.v2.png", "lne.v2.pdf"]
 
 
-def test_save_into_missing_folder_writes_nothing(tmp_path):
-    with pytest.raises(NemesisError, match="does not exist"):
-        save_figure(plot_frequency(_cells()), tmp_path / "missing" / "fig")
-    assert not (tmp_path / "missing").exists()
+def test_save_creates_a_missing_folder(tmp_path):
+    save_figure(plot_frequency(_cells()), tmp_path / "missing" / "fig")
+    assert sorted(path.name for path in (tmp_path / "missing").iterdir()) == ["fig.pdf", "fig.png"]
+
+
+def test_svg_out_writes_one_svg(tmp_path):
+    assert save_figure(plot_frequency(_cells()), tmp_path / "fig.svg") == [tmp_path / "fig.svg"]
+    assert b"<svg" in (tmp_path / "fig.svg").read_bytes()[:500]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fig.svg"]
+
+
+def _pdf_font_types(path) -> set[bytes]:
+    """The /Subtype of every font dictionary in a PDF, read from its bytes."""
+    import re
+
+    data = path.read_bytes()
+    return set(re.findall(rb"/Type\s*/Font\b.*?/Subtype\s*/(\w+)", data, flags=re.S)) | set(
+        re.findall(rb"/Subtype\s*/(\w+)\s*/Type\s*/Font\b", data)
+    )
+
+
+def test_twelve_runs_paper_style_norm_figure(tmp_path):
+    """3 seeds x 2 methods x 2 shot counts: one series per method and shots with a band, the legend
+    outside without squeezing the axes, TrueType (Type 42) fonts in the PDF."""
+    for method in ("coop", "nemesis"):
+        for shots in (1, 16):
+            for seed in (1, 2, 3):
+                accuracies = [50.0 + seed, 55.0 + seed, 56.0 + seed + (method == "nemesis")]
+                write_run(tmp_path / f"{method}-{shots}-{seed}", accuracies, method=method, shots=shots, seed=seed)
+    runs = load_runs([tmp_path])
+    assert len(runs) == 12
+    figure = plot_norms(runs)
+    accuracy_panels = [axes for axes in figure.axes if axes.get_ylabel() == "test accuracy (%)"]
+    assert [axes.get_title() for axes in accuracy_panels] == [
+        "OxfordPets, 1 shot (3 seeds per line)",
+        "OxfordPets, 16 shots (3 seeds per line)",
+    ]
+    for axes in accuracy_panels:
+        assert len(axes.get_lines()) == 2  # CoOp and Nemesis: means over the three seeds
+        assert len(axes.collections) == 2  # ... each with its band
+        top = max(max(line.get_ydata()) for line in axes.get_lines())
+        assert axes.get_ylim()[1] > top  # headroom: no line on the frame
+    assert "band: ±1 std over seeds" in _legend(figure)
+    assert {"CoOp", "CoOp+Nemesis (PUN, weight 1)"} <= set(_legend(figure))
+    assert axes_width_share(figure) >= 0.6
+    (_png, pdf) = save_figure(figure, tmp_path / "norms")
+    assert _pdf_font_types(pdf) and _pdf_font_types(pdf) <= {b"TrueType", b"CIDFontType2", b"Type0"}

@@ -41,10 +41,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     fails_with_one_line(["prompt", "info", str(tmp_path / "nan.pth")], "NaN or Inf")
 
 
-def test_export_dassl_into_missing_folder_writes_nothing(tmp_path):
+def test_export_dassl_creates_a_missing_folder_but_not_for_a_bad_checkpoint(tmp_path):
     path = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata())
-    fails_with_one_line(["prompt", "export-dassl", str(path), "--out", str(tmp_path / "nope")], "does not exist")
+    fails_with_one_line(
+        ["prompt", "export-dassl", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "nope")], "not found"
+    )
     assert not (tmp_path / "nope").exists()
+    result = runner.invoke(app, ["prompt", "export-dassl", str(path), "--out", str(tmp_path / "new" / "run")])
+    assert result.exit_code == 0 and (tmp_path / "new/run/prompt_learner/model.pth.tar-0").is_file()
     (tmp_path / "out").mkdir()
     result = runner.invoke(app, ["prompt", "export-dassl", str(path), "--out", str(tmp_path / "out"), "--epoch", "3"])
     assert result.exit_code == 0 and (tmp_path / "out/prompt_learner/model.pth.tar-3").is_file()

@@ -36,7 +36,7 @@ def test_run_summary_and_epochs(tmp_path):
     (run,) = load_runs([tmp_path / "r"])
     assert run.final_test_acc == 61.0  # the last evaluated epoch
     summary = runs_frame([run])
-    assert summary.loc[0, "method_label"] == "CoOp+Nemesis (PAN, w=50)"
+    assert summary.loc[0, "method_label"] == "CoOp+Nemesis (PAN, weight 50)"
     epochs = epoch_frame([run])
     assert epochs["mean_norm"].tolist() == [0.8, 1.0, 1.1] and epochs["epoch"].tolist() == [1, 2, 3]
     assert not run.finished  # its last epoch (3 of 3) was not evaluated: the trainer always evaluates it
@@ -73,7 +73,7 @@ def test_eval_label_falls_back_to_method_config(tmp_path):
     record = eval_record(method="nemesis", method_config={"beta": 0.0, "weight": 10.0})
     del record["method_label"]
     evals = load_evals([write_evals(tmp_path / "e.jsonl", [record])])
-    assert evals.loc[0, "method_label"] == "CoOp+Nemesis (PAN, w=10)"
+    assert evals.loc[0, "method_label"] == "CoOp+Nemesis (PAN, weight 10)"
 
 
 def test_bad_files_name_the_problem(tmp_path):

@@ -170,6 +170,20 @@ def test_sweep_over_a_coop_output_tree_reads_identity_from_paths(tmp_path, data_
     }
     assert found == expected
     assert all(path.endswith("model.pth.tar-5") for path in table.checkpoint)
+    kinds = {
+        (row.dataset, row.shots, row.seed): (row.subsample, row.train_dataset, row.n_classes)
+        for row in table.drop_duplicates("checkpoint").itertuples()
+    }
+    assert kinds[("dtd", 16, 2)] == ("base", "dtd", 2)  # a base-class prompt is recorded as one
+    assert kinds[("oxford_pets", 1, 1)] == ("all", "oxford_pets", 4)
+
+
+def test_rows_record_the_kind_of_prompt_under_domain_shift(tmp_path, data_root):
+    path = _prompt(tmp_path, "p", 1)  # trained on oxford_pets
+    grid = parse_grid(paper_preset=True, positions="0")
+    shifted = _sweep([path], tmp_path / "shift.parquet", grid, data_root, dataset="dtd").cells
+    assert set(shifted.dataset) == {"dtd"} and set(shifted.train_dataset) == {"oxford_pets"}
+    assert set(shifted.subsample) == {"all"} and set(shifted.n_classes) == {4}
 
 
 @pytest.mark.parametrize(

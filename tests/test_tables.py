@@ -57,9 +57,9 @@ def _cell(data: pd.DataFrame, method: str, shots: int, dataset: str) -> pd.Serie
 
 def test_method_labels():
     assert method_label("coop") == "CoOp"
-    assert method_label("nemesis", beta=1.0, weight=1.0) == "CoOp+Nemesis (PEN, w=1)"
-    assert method_label("nemesis", beta=0.0, weight=10.0) == "CoOp+Nemesis (PAN, w=10)"
-    assert method_label("nemesis", beta=0.5, weight=0.5) == "CoOp+Nemesis (PEN+PAN, beta=0.5, w=0.5)"
+    assert method_label("nemesis", beta=1.0, weight=1.0) == "CoOp+Nemesis (PUN, weight 1)"
+    assert method_label("nemesis", beta=0.0, weight=10.0) == "CoOp+Nemesis (PAN, weight 10)"
+    assert method_label("nemesis", beta=0.5, weight=0.5) == "CoOp+Nemesis (PUN+PAN, beta 0.5, weight 0.5)"
 
 
 def test_few_shot_means_and_sample_std(tmp_path):
@@ -72,7 +72,7 @@ def test_few_shot_means_and_sample_std(tmp_path):
     assert pets["seeds"] == 3
     food = _cell(data, "CoOp", 2, "food101")
     assert (food["mean"], food["std"]) == (75.0, 0.0)
-    assert _cell(data, "CoOp+Nemesis (PEN, w=10)", 1, "oxford_pets")["mean"] == pytest.approx(64.0)
+    assert _cell(data, "CoOp+Nemesis (PUN, weight 10)", 1, "oxford_pets")["mean"] == pytest.approx(64.0)
     # Average over datasets, 1 shot: per-seed averages 65, 66.5, 69.5 -> mean 67, variance 5.25.
     average = _cell(data, "CoOp", 1, "Average")
     assert average["mean"] == pytest.approx(67.0)
@@ -186,7 +186,8 @@ def _cells():
 
 def test_lne_frequency_table():
     table = lne_frequency_table(_cells(), paper=False)
-    assert list(table.display.columns) == ["Dataset", "1 shot", "2 shots"]
+    assert list(table.display.columns) == ["Dataset", "Prompts", "1 shot", "2 shots"]
+    assert set(table.display["Prompts"]) == {"CoOp"}
     display = table.display.set_index("Dataset")
     # frequency (rate); degr. = share of norm-increasing cells that lose accuracy.
     assert display.loc["OxfordPets", "1 shot"] == "1 (50.0%); degr. 100.0%"
@@ -227,10 +228,10 @@ def test_few_shot_table_counts_finished_runs_only(tmp_path):
 def test_writers_produce_markdown_csv_and_latex(tmp_path):
     table = lne_frequency_table(_cells())
     markdown = to_markdown(table)
-    assert markdown.startswith("## Low-Norm Effect") and "| Dataset | 1 shot | 2 shots |" in markdown
+    assert markdown.startswith("## Low-Norm Effect") and "| Dataset | Prompts | 1 shot | 2 shots |" in markdown
     assert "OxfordPets [paper]" in markdown  # reference rows, clearly marked
     latex = to_latex(table)
-    assert r"\begin{tabular}{lrr}" in latex and r"50.0\%" in latex and r"\bottomrule" in latex
+    assert r"\begin{tabular}{llrr}" in latex and r"50.0\%" in latex and r"\bottomrule" in latex
     paths = write_table(table, tmp_path)
     assert [path.name for path in paths] == ["lne_frequency.md", "lne_frequency.csv", "lne_frequency.tex"]
     csv = pd.read_csv(tmp_path / "lne_frequency.csv")

@@ -1,0 +1,83 @@
+"""The zero-shot baseline: CLIP with CoOp's hand-crafted prompt per dataset, no learned context.
+
+The templates are the ones CoOp's zero-shot trainer uses (its `CUSTOM_TEMPLATES`), keyed here by
+CoOp's dataset folder names. The result is recorded like any `nemesis eval` so `nemesis report`
+puts a zero-shot row (0 shots) in its few-shot table.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .backbone import load_clip, resolve_device
+from .datasets import load_dataset
+from .evaluate import EvaluationResult, autocast_for, macro_f1
+from .feature_cache import encode_split
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+TEMPLATES = {
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "dtd": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "stanford_cars": "a photo of a {}.",
+    "food101": "a photo of {}, a type of food.",
+    "sun397": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "imagenet": "a photo of a {}.",
+    "imagenet_sketch": "a photo of a {}.",
+    "imagenetv2": "a photo of a {}.",
+    "imagenet_a": "a photo of a {}.",
+    "imagenet_r": "a photo of a {}.",
+}
+ZERO_SHOT_METHOD = "zero-shot"
+ZERO_SHOT_LABEL = "Zero-shot CLIP"
+
+
+def template_for(dataset: str) -> str:
+    return TEMPLATES.get(dataset, DEFAULT_TEMPLATE)
+
+
+def zero_shot_evaluate(
+    model: str,
+    pretrained: str | None,
+    dataset: str,
+    root: str | os.PathLike | None = None,
+    subsample: str = "all",
+    cache_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+) -> EvaluationResult:
+    """Test accuracy of `model` with the dataset's hand-crafted prompt, from cached test features."""
+    data = load_dataset(dataset, root, subsample=subsample)
+    device = resolve_device(device)
+    backbone = load_clip(model, pretrained, device=device)
+    template = template_for(data.name)
+    texts = [template.format(name.replace("_", " ")) for name in data.classnames]
+    features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device)
+    with torch.inference_mode(), autocast_for(device):
+        text = F.normalize(backbone.model.encode_text(backbone.tokenizer(texts).to(device)).float(), dim=-1)
+        images = F.normalize(features.to(device).float(), dim=-1)
+        predicted = (images @ text.T).argmax(dim=-1).cpu()  # [N]
+    correct = int((predicted == labels).sum())
+    n = int(labels.numel())
+    source = {
+        "checkpoint": f"{ZERO_SHOT_METHOD}:{model}:{pretrained}",  # one record per model and weights
+        "model": model,
+        "pretrained": pretrained,
+        "weights_id": backbone.weights_id,
+        "dataset": data.name,
+        "train_dataset": data.name,
+        "shots": 0,
+        "seed": None,
+        "subsample": subsample,
+        "method": ZERO_SHOT_METHOD,
+        "method_label": ZERO_SHOT_LABEL,
+        "method_config": {"template": template},
+        "epoch": None,
+    }
+    return EvaluationResult(n, correct, 100.0 * correct / n, macro_f1(predicted, labels), source)
