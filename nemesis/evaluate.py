@@ -16,22 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .atomic import write_text_atomic
-from .backbone import Backbone, load_clip, resolve_device, text_width
+from .backbone import Backbone, embed_dim, load_clip, resolve_device, text_width
 from .checkpoint import PromptCheckpoint
 from .datasets import Dataset, load_dataset
 from .errors import NemesisError
 from .feature_cache import encode_split
-from .prompt_learner import PromptLearner
+from .prompt_methods import PromptMethod, build_learner
 
 
 @dataclass
 class EvaluationSetup:
     backbone: Backbone
     dataset: Dataset
-    learner: PromptLearner  # the checkpoint's ctx with the evaluated dataset's class names
+    learner: PromptMethod  # the checkpoint's learner (ctx, meta-net...) with the evaluated dataset's class names
     features: torch.Tensor  # cached test image features [N, D]
     labels: torch.Tensor  # [N]
     source: dict[str, Any]  # checkpoint, model, pretrained, dataset, train_dataset, shots, seed, subsample, method...
@@ -64,6 +63,9 @@ def resolve_source(
         raise NemesisError(f"{checkpoint.path}: the checkpoint does not name its dataset; pass --dataset")
     if pretrained is None and model == metadata.model:
         pretrained = metadata.pretrained
+    method = metadata.method
+    if method in (None, "unknown") and checkpoint.prompt_method != "coop":
+        method = checkpoint.prompt_method  # a Dassl CoCoOp file says what it is through its tensors
     return {
         "checkpoint": str(Path(checkpoint.path).resolve()) if checkpoint.path else None,
         "model": model,
@@ -73,7 +75,7 @@ def resolve_source(
         "shots": shots if shots is not None else metadata.shots,
         "seed": seed if seed is not None else metadata.seed,
         "subsample": subsample or metadata.subsample or "all",
-        "method": metadata.method,
+        "method": method,
         "method_config": metadata.method_config,
         "epoch": metadata.epoch,
     }
@@ -104,6 +106,7 @@ def prepare_evaluation(
     )
     width = text_width(source["model"])
     checkpoint.check_compatible(width, source["model"])  # before the dataset is read
+    checkpoint.check_method(embed_dim(source["model"]), width, source["model"])
     data = load_dataset(source["dataset"], root, subsample=source["subsample"])
     checkpoint.check_compatible(width, source["model"], len(data.classnames))
     device = resolve_device(device)
@@ -114,9 +117,12 @@ def prepare_evaluation(
     backbone = backbones[key]
     source["weights_id"] = backbone.weights_id
     metadata = checkpoint.metadata
-    learner = PromptLearner(
+    learner = build_learner(
+        checkpoint.prompt_method,
         backbone,
         data.classnames,
+        extra=checkpoint.extra,
+        origin=str(checkpoint.path),
         ctx=checkpoint.ctx,
         class_specific=checkpoint.class_specific,
         class_position=metadata.class_position,
@@ -126,21 +132,19 @@ def prepare_evaluation(
 
 
 def predictions(
-    learner: PromptLearner, features: torch.Tensor, ctx_variants: torch.Tensor, variants_per_pass: int = 32
+    learner: PromptMethod, features: torch.Tensor, ctx_variants: torch.Tensor, variants_per_pass: int = 32
 ) -> torch.Tensor:
     """Predicted labels [K, N] of image features [N, D] under K ctx variants, without autograd.
 
     The logit scale is left out: a positive factor does not change the arg-max.
     """
     device = features.device
-    images = F.normalize(features.float(), dim=-1)  # [N, D]
     rows = []
     with torch.inference_mode(), autocast_for(device):
         for start in range(0, ctx_variants.shape[0], variants_per_pass):
             chunk = ctx_variants[start : start + variants_per_pass].to(device)
-            text = F.normalize(learner.encode(chunk).float(), dim=-1)  # [k, n_cls, D]
-            rows.extend((images @ variant.T).argmax(dim=-1) for variant in text)  # each [N]
-    return torch.stack(rows)
+            rows.append(learner.similarities(features, chunk).argmax(dim=-1))  # [k, N]
+    return torch.cat(rows)
 
 
 def macro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:

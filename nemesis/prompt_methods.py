@@ -39,6 +39,11 @@ def prompt_method(name: str) -> type:
     return PROMPT_METHODS[name]
 
 
+def extra_tensor_names() -> set[str]:
+    """Names of every registered method's tensors besides ctx (what a Dassl state dict may hold)."""
+    return {name for learner in PROMPT_METHODS.values() for name in learner.extra_shapes(16, 1)}
+
+
 def _method_with_extra(names: set[str]) -> str | None:
     for name, learner in PROMPT_METHODS.items():
         if set(learner.extra_shapes(16, 1)) == names:  # names do not depend on the widths

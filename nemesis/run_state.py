@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from .errors import NemesisError
 
 RUN_STATE = "state.safetensors"
 STATE_KEY = "nemesis_state"
+LEARNER_PREFIX = "learner."  # tensors of the learner besides ctx (CoCoOp's meta-net) and their momenta
 
 
 @dataclass
@@ -32,12 +33,15 @@ class RunState:
     ctx: torch.Tensor
     momentum: torch.Tensor | None
     extra: dict  # RNG states and the loss scaler
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the learner's other parameters and momenta
 
 
 def save_state(path: Path, state: RunState) -> None:
     tensors = {"ctx": state.ctx.detach().float().cpu().contiguous(), "torch_rng": torch.get_rng_state()}
     if state.momentum is not None:
         tensors["momentum"] = state.momentum.detach().float().cpu().contiguous()
+    for name, tensor in state.tensors.items():
+        tensors[LEARNER_PREFIX + name] = tensor.detach().float().cpu().contiguous()
     if torch.cuda.is_available():
         for index, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_rng_{index}"] = rng
@@ -71,7 +75,8 @@ def load_state(path: Path) -> RunState:
     name, keys, position, has_gauss, cached = header.pop("numpy_rng")
     np.random.set_state((name, np.array(keys, dtype=np.uint32), int(position), int(has_gauss), cached))
     epoch, step = header.pop("epoch"), header.pop("step")
-    return RunState(epoch, step, tensors["ctx"], tensors.get("momentum"), header)
+    learner = {key[len(LEARNER_PREFIX) :]: value for key, value in tensors.items() if key.startswith(LEARNER_PREFIX)}
+    return RunState(epoch, step, tensors["ctx"], tensors.get("momentum"), header, learner)
 
 
 def read_finished_metrics(path: Path, last_epoch: int) -> str:

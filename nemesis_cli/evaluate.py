@@ -25,6 +25,9 @@ def eval_command(
     seed: Annotated[int | None, Option(help="Seed the prompt was trained with (recorded only).")] = None,
     subsample: Annotated[str | None, Option(help="Classes to test: all, base or new.")] = None,
     epoch: Annotated[int | None, Option(help="Epoch of a CoOp run folder (default: the latest).")] = None,
+    prompt_method: Annotated[
+        str | None, Option(help="Refuse checkpoints of another prompt method: coop or cocoop (default: any).")
+    ] = None,
     cache_dir: Annotated[Path | None, Option(help="Feature cache folder (default: the user cache).")] = None,
     device: Annotated[str | None, Option(help="cpu or cuda (default: cuda when available).")] = None,
     out: Annotated[Path | None, Option(help="Append the result as one JSON line to this file.")] = None,
@@ -39,7 +42,7 @@ def eval_command(
 
     if out is not None and not out.parent.is_dir():
         raise NemesisError(f"--out: folder {out.parent} does not exist; create it first")
-    prompt = load_checkpoint(checkpoint, epoch)
+    prompt = load_checkpoint(checkpoint, epoch, prompt_method)
     result = evaluate(
         prompt,
         model=model,

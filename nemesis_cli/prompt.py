@@ -16,6 +16,9 @@ CheckpointArgument = Annotated[
     typer.Argument(help="Our .safetensors prompt or run folder, or a CoOp/Nemesis (Dassl) file or folder."),
 ]
 EpochOption = Annotated[int | None, typer.Option(help="Epoch of a Dassl folder (default: the latest).")]
+MethodOption = Annotated[
+    str | None, typer.Option(help="Refuse checkpoints of another prompt method: coop or cocoop (default: any).")
+]
 
 
 @app.command()
@@ -24,6 +27,7 @@ def info(
     checkpoint: CheckpointArgument,
     epoch: EpochOption = None,
     model: Annotated[str | None, typer.Option(help="Check the prompt fits this open_clip model's text width.")] = None,
+    prompt_method: MethodOption = None,
 ) -> None:
     """Show a checkpoint's metadata, ctx shape and per-position norms.
 
@@ -33,16 +37,19 @@ def info(
     from rich.table import Table
     from rich.text import Text
 
-    from nemesis.backbone import text_width
+    from nemesis.backbone import embed_dim, text_width
     from nemesis.checkpoint import load_checkpoint
     from nemesis.losses import position_norms
 
-    prompt = load_checkpoint(checkpoint, epoch)
+    prompt = load_checkpoint(checkpoint, epoch, prompt_method)
     if model is not None:
         prompt.check_compatible(text_width(model), model)
+        prompt.check_method(embed_dim(model), text_width(model), model)
     console = Console(highlight=False)  # file contents are shown as they are: no markup, no highlighting
     console.print(Text(str(prompt.path), style="bold"))
     console.print(f"ctx shape {tuple(prompt.ctx.shape)}, {'class-specific' if prompt.class_specific else 'unified'}")
+    for name, tensor in prompt.extra.items():
+        console.print(f"{name} shape {tuple(tensor.shape)}")
     metadata = Table(show_header=False, box=None)
     for key, value in vars(prompt.metadata).items():
         if key == "classnames" and value:
@@ -61,6 +68,7 @@ def export(
     checkpoint: CheckpointArgument,
     out: Annotated[Path, typer.Option(help="Run folder to write prompt_learner/model.pth.tar-<E> into.")],
     epoch: Annotated[int | None, typer.Option(help="Epoch number in the file name (default: the prompt's).")] = None,
+    prompt_method: MethodOption = None,
 ) -> None:
     """Write a prompt in CoOp's layout so CoOp's own tools can load it.
 
@@ -68,5 +76,5 @@ def export(
     """
     from nemesis.checkpoint import export_dassl, load_checkpoint
 
-    target = export_dassl(load_checkpoint(checkpoint), out, epoch)
+    target = export_dassl(load_checkpoint(checkpoint, prompt_method=prompt_method), out, epoch)
     typer.echo(f"wrote {target}")

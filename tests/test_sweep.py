@@ -180,7 +180,7 @@ def test_sweep_over_a_coop_output_tree_reads_identity_from_paths(tmp_path, data_
         ("runs/output/food101/NemesisCoOp/vit_b16_ep50_2shots/nctx16_cscTrue_ctpend/seed3",
          "food101", 2, 3, "nemesis", None),
         ("output/base2new/train_base/stanford_cars/shots_16/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1/seed1",
-         "stanford_cars", 16, 1, "unknown", "base"),
+         "stanford_cars", 16, 1, "cocoop", "base"),
         ("somewhere/else/model.pth.tar-5", None, None, None, "unknown", None),
     ],
 )  # fmt: skip
