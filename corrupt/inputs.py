@@ -175,7 +175,9 @@ def _resolve_one(
         subsample=None if metadata.source_format != "dassl" else from_path.subsample,
     )
     identity["dataset"] = resolve_name(identity["dataset"])
-    if identity["method"] in (None, UNKNOWN_METHOD):
+    if metadata.method in (None, UNKNOWN_METHOD) and from_path.method != UNKNOWN_METHOD:
+        identity["method"] = from_path.method  # a Dassl file: its trainer folder names the method
+    elif identity["method"] in (None, UNKNOWN_METHOD):
         identity["method"] = from_path.method
     identity["checkpoint"] = str(checkpoint.path)
     width = text_width(identity["model"])  # unknown model names fail here, before any work

@@ -206,6 +206,17 @@ def evaluate(checkpoint: PromptCheckpoint, **options: Any) -> EvaluationResult:
     return EvaluationResult(n, correct, 100.0 * correct / n, macro_f1(predicted, setup.labels), setup.source)
 
 
+BASE_TO_NEW = ("base", "new")
+
+
+def evaluate_base_to_new(checkpoint: PromptCheckpoint, **options: Any) -> list[EvaluationResult]:
+    """The base-to-new protocol on one prompt: test accuracy on the dataset's base classes, then on its new
+    classes (`options` as `prepare_evaluation`'s, without `subsample`; pass `backbones` to share models)."""
+    if "subsample" in options:
+        raise NemesisError("base-to-new evaluates both --subsample base and new; do not name a subsample")
+    return [evaluate(checkpoint, subsample=subsample, **options) for subsample in BASE_TO_NEW]
+
+
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Add one row to a JSON Lines file: the whole file is rewritten atomically with the new line."""
     path = Path(path)

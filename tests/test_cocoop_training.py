@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 import nemesis.trainer as trainer
 from nemesis.backbone import load_clip
 from nemesis.checkpoint import load_checkpoint, load_prompt
+from nemesis.configs import TrainConfig
 from nemesis.errors import NemesisError
 from nemesis.testing import make_coop_folder
-from nemesis.configs import TrainConfig
 from nemesis.trainer import train
 
 from .test_trainer import CLASSNAMES, rows
