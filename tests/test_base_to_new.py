@@ -86,3 +86,13 @@ def test_fashion_mnist_cocoop_beats_zero_shot_on_base_classes(pretrained_tiny, t
     assert report.exit_code == 0, report.output
     text = (tmp_path / "report" / "base_to_new.md").read_text()
     assert "CoCoOp+Nemesis (PAN, w=20)" in text
+
+
+def test_cocoop_labels_match_the_paper_rows():
+    from analysis.labels import method_label
+    from analysis.paper_numbers import BASE_TO_NEW_AVERAGE
+
+    assert method_label("cocoop") == "CoCoOp"
+    assert method_label("cocoop-nemesis", 0.0, 20.0) in BASE_TO_NEW_AVERAGE
+    assert method_label("cocoop-nemesis", 1.0, 10.0) == "CoCoOp+Nemesis (PEN, w=10)"
+    assert method_label("nemesis", 0.0, 1.0) == "CoOp+Nemesis (PAN, w=1)"
