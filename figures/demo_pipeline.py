@@ -2,7 +2,7 @@
 
 Steps: pretrain `tiny` (once, cached), train CoOp and Nemesis (PUN) prompts for shots 1-16 and
 three seeds with reduced epochs on cached augmented views, sweep every CoOp prompt over the
-default corruption grid, train CoCoOp and CoCoOp+Nemesis (PAN, weight 20) on the 5 base classes
+default corruption grid, train CoCoOp and CoCoOp+Nemesis (PEN and PAN, weight 20) on the 5 base classes
 and test them on base and new classes (the base-to-new protocol, at a reduced size), then draw
 every figure and table. Each step resumes: finished runs are kept, the sweep computes only
 missing cells, evaluated prompts are not evaluated again, so an interrupted demo picks up where
@@ -34,8 +34,12 @@ from nemesis.trainer import train
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
 METHODS = ("coop", "nemesis")
-# Base-to-new: method -> (beta, weight); PAN with weight 20 is the paper's best CoCoOp+Nemesis row.
-BASE_TO_NEW_METHODS = {"cocoop": (1.0, 1.0), "cocoop-nemesis": (0.0, 20.0)}
+# Base-to-new: run name -> (method, beta, weight); weight 20 as the paper's best CoCoOp+Nemesis rows.
+BASE_TO_NEW_RUNS = {
+    "cocoop": ("cocoop", 1.0, 1.0),
+    "cocoop-nemesis-pen": ("cocoop-nemesis", 1.0, 20.0),
+    "cocoop-nemesis-pan": ("cocoop-nemesis", 0.0, 20.0),
+}
 MODEL, WEIGHTS, DATASET = "tiny", "fmnist", "fashion_mnist"
 
 
@@ -50,7 +54,7 @@ class DemoSettings:
     shots: tuple[int, ...] = SHOTS
     seeds: tuple[int, ...] = SEEDS
     base_to_new_shots: int = 16  # CoCoOp's shots, on the 5 base classes
-    base_to_new_epochs: int = 2  # instead of CoCoOp's 10 (batch 1: 80 steps per epoch)
+    base_to_new_epochs: int = 4  # instead of CoCoOp's 10 (batch 1: 80 steps per epoch; the first is warm-up)
     base_to_new_views: int = 4  # cached augmented views per training image
 
 
@@ -106,16 +110,16 @@ def sweep_runs(out_dir: Path, runs: list[Path], console: Console) -> Path:
 
 
 def base_to_new(out_dir: Path, settings: DemoSettings, console: Console) -> Path:
-    """CoCoOp and CoCoOp+Nemesis trained on the base classes, each tested on base and new classes."""
+    """CoCoOp and CoCoOp+Nemesis (PEN, PAN) trained on the base classes, each tested on base and new classes."""
     records = out_dir / "evals" / "base_to_new.jsonl"
     records.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if records.is_file():
         done = {json.loads(line)["checkpoint"] for line in records.read_text(encoding="utf-8").splitlines() if line}
-    for method, (beta, weight) in BASE_TO_NEW_METHODS.items():
-        folder = out_dir / "runs" / "base_to_new" / method
+    for name, (method, beta, weight) in BASE_TO_NEW_RUNS.items():
+        folder = out_dir / "runs" / "base_to_new" / name
         if not (folder / RUN_PROMPT).is_file():
-            console.print(f"[bold]train[/bold] {method} on the base classes")
+            console.print(f"[bold]train[/bold] {name} on the base classes")
             config = TrainConfig(
                 dataset=DATASET,
                 shots=settings.base_to_new_shots,
@@ -139,7 +143,7 @@ def base_to_new(out_dir: Path, settings: DemoSettings, console: Console) -> Path
         results = evaluate_base_to_new(checkpoint, device="cpu")
         for result in results:
             append_record(records, result.record())
-        console.print(f"{method}: base {results[0].accuracy:.1f}%, new {results[1].accuracy:.1f}%")
+        console.print(f"{name}: base {results[0].accuracy:.1f}%, new {results[1].accuracy:.1f}%")
     return records
 
 

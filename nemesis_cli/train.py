@@ -1,4 +1,4 @@
-"""`nemesis train` (CoOp / CoOp+Nemesis prompts) and `nemesis pretrain-tiny` (the embedded default model)."""
+"""`nemesis train` (CoOp, CoCoOp, their Nemesis variants) and `nemesis pretrain-tiny` (the embedded model)."""
 
 from __future__ import annotations
 
