@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from nemesis.backbone import check_pretrained, model_config, text_width
+from nemesis.backbone import check_pretrained, embed_dim, model_config, text_width
 from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
 from nemesis.choices import ClassPosition
 from nemesis.constants import (
@@ -182,6 +182,7 @@ def _resolve_one(
     identity["checkpoint"] = str(checkpoint.path)
     width = text_width(identity["model"])  # unknown model names fail here, before any work
     checkpoint.check_compatible(width, identity["model"])
+    checkpoint.check_method(embed_dim(identity["model"]), width, identity["model"])  # CoCoOp's meta-net widths
     try:
         check_pretrained(identity["model"], identity["pretrained"])
     except NemesisError as error:

@@ -71,3 +71,17 @@ def test_corruption_acts_on_ctx_before_the_shift(tmp_path, data_root, cell):  # 
             expected.append(int((F.normalize(text, dim=-1) @ unit).argmax()))
     labels = setup.labels[:6]
     assert predicted[:6].tolist() == (torch.tensor(expected) == labels).tolist()
+
+
+def test_a_meta_net_for_another_model_is_refused_before_the_sweep(tmp_path, data_root):  # noqa: F811
+    from corrupt.inputs import resolve_inputs
+    from nemesis.errors import NemesisError
+
+    path = _cocoop_prompt(tmp_path)
+    checkpoint = load_checkpoint(path)
+    extra = dict(
+        checkpoint.extra, **{"meta_net.linear1.weight": torch.zeros(32, 512), "meta_net.linear1.bias": torch.zeros(32)}
+    )
+    wide = save_prompt(tmp_path / "wide.safetensors", checkpoint.ctx, checkpoint.metadata, extra)
+    with pytest.raises(NemesisError, match="image width 64"):
+        resolve_inputs([wide])
