@@ -1,8 +1,9 @@
 """A CoCoOp evaluation, 200 images x 50 classes on ViT-B-32 (random weights): ours vs CoOp's repository's way.
 
-Ours: every (image, class) prompt row in batched, chunked text passes cut after the end-of-text
-token (`CoCoOp.similarities`). The slow way, as CoOp's `trainers/cocoop.py` evaluates: per image,
-one full 77-token text pass of all class prompts built from that image's shifted context.
+Ours: every (image, class) prompt row in batched text passes cut after the end-of-text token,
+[SOS] + each image's context run once and shared by its class prompts (`CoCoOp.similarities`).
+The slow way, as CoOp's `trainers/cocoop.py` evaluates: per image, one full 77-token text pass of
+all class prompts built from that image's shifted context.
 
 The slow way is timed on the first `--slow-images` images and scaled to all of them (it is linear
 in the number of images); both ways must predict the same classes for those images. The last
@@ -28,10 +29,12 @@ CLASSNAMES = [f"class number {index}" for index in range(50)]
 
 def their_predictions(learner: CoCoOp, features: torch.Tensor) -> torch.Tensor:
     """Per image: ctx + meta_net(f), then one full-length text pass of every class prompt."""
+    prompts, classes = learner.prompts, torch.arange(learner.n_classes)
     predicted = []
     for feature in features:
         shifted = learner.shifted_ctx(feature.unsqueeze(0))  # [1, M, W]
-        text = learner.prompts.encode(shifted, cut=False)[0]  # [n_cls, D], all 77 tokens
+        embeddings = prompts.prompt_embeddings(shifted.expand(learner.n_classes, -1, -1), classes)  # [n_cls, 77, W]
+        text = prompts.encoder(embeddings, prompts.pool_index, cut=False)  # [n_cls, D], all 77 tokens
         logits = F.normalize(feature, dim=-1) @ F.normalize(text, dim=-1).T  # [n_cls]
         predicted.append(logits.argmax())
     return torch.stack(predicted)

@@ -5,8 +5,9 @@ and image i is classified against the text features of its own prompts [SOS] ctx
 The meta-net is Linear(D, D // 16) - ReLU - Linear(D // 16, W), named as in CoOp's repository so
 its state dict keys (`meta_net.linear1.weight`, ...) are those of CoCoOp's Dassl checkpoints.
 
-The (image, class) prompt rows go through the CoOp learner's chunked, cut text pass, a bounded
-number of rows at a time, so memory does not grow with the number of images or classes.
+The (image, class) prompt rows go through the CoOp learner's shared-prefix text pass ([SOS] + each
+image's context once, the class suffixes against it, cut at end-of-text), a bounded number of
+images at a time, so memory does not grow with the number of images or classes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import nn
 from .backbone import Backbone
 from .errors import NemesisError
 from .losses import position_norms
-from .prompt_learner import DEFAULT_CHUNK_SIZE, ClassPosition, PromptLearner
+from .prompt_learner import ClassPosition, PromptLearner
+from .text_encoder import DEFAULT_TOKEN_BUDGET
 
 META_NET = "meta_net"
 META_NET_REDUCTION = 16  # hidden width D // 16, CoCoOp's choice
@@ -65,7 +67,8 @@ class CoCoOp(nn.Module):
         class_position: ClassPosition | str = "end",
         seed: int = 0,
         ctx: torch.Tensor | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
     ) -> None:
         super().__init__()
         if class_specific or (ctx is not None and ctx.dim() != 2):
@@ -79,6 +82,7 @@ class CoCoOp(nn.Module):
             seed=seed,
             ctx=ctx,
             chunk_size=chunk_size,
+            token_budget=token_budget,
         )
         self.clip = clip
         device = self.prompts.ctx.device
@@ -137,6 +141,7 @@ class CoCoOp(nn.Module):
             class_position=self.class_position,
             ctx=self.ctx.detach(),
             chunk_size=self.prompts.chunk_size,
+            token_budget=self.prompts.token_budget,
         )
         other.meta_net.load_state_dict(self.meta_net.state_dict())
         return other
@@ -153,8 +158,9 @@ class CoCoOp(nn.Module):
     def encode_shifted(self, shifted: torch.Tensor) -> torch.Tensor:
         """Text features [B, n_cls, D] of every class's prompt under each image's context [B, M, W].
 
-        The single place CoCoOp's (image, class) rows are encoded: the CoOp learner's chunked pass,
-        cut after the end-of-text token, treating each image's context as one variant.
+        The single place CoCoOp's (image, class) rows are encoded: the CoOp learner's shared-prefix
+        pass, each image's context one variant, so [SOS] + ctx_i runs once per image and every class
+        suffix attends to it, in token-budgeted chunks cut after the end-of-text token.
         """
         return self.prompts.encode(shifted)
 
