@@ -64,23 +64,26 @@ def method_label(method: str | None, beta: float | None = None, weight: float | 
     """The label of a method in tables and legends.
 
     coop -> "CoOp"; nemesis with beta 1 -> "CoOp+Nemesis (PUN, weight <weight>)", beta 0 -> PAN,
-    any other beta -> "CoOp+Nemesis (PUN+PAN, beta <beta>, weight <weight>)".
+    any other beta -> "CoOp+Nemesis (PUN+PAN, beta <beta>, weight <weight>)"; cocoop and cocoop-nemesis
+    alike with "CoCoOp" (the paper's base-to-new rows).
     """
     if method is None or (isinstance(method, float) and pd.isna(method)):
         return "unknown"
     method = str(method).lower()
-    if method == "coop":
-        return "CoOp"
-    if method != "nemesis":
+    bases = {"coop": "CoOp", "nemesis": "CoOp", "cocoop": "CoCoOp", "cocoop-nemesis": "CoCoOp"}
+    if method not in bases:
         return method
+    base = bases[method]
+    if method in ("coop", "cocoop"):
+        return base
     if beta is None or weight is None:
-        return "CoOp+Nemesis"
+        return f"{base}+Nemesis"
     weight_text = format_number(weight)
     if float(beta) == 1.0:
-        return f"CoOp+Nemesis (PUN, weight {weight_text})"
+        return f"{base}+Nemesis (PUN, weight {weight_text})"
     if float(beta) == 0.0:
-        return f"CoOp+Nemesis (PAN, weight {weight_text})"
-    return f"CoOp+Nemesis (PUN+PAN, beta {format_number(beta)}, weight {weight_text})"
+        return f"{base}+Nemesis (PAN, weight {weight_text})"
+    return f"{base}+Nemesis (PUN+PAN, beta {format_number(beta)}, weight {weight_text})"
 
 
 def method_label_from_config(config: Mapping[str, Any]) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from nemesis.backbone import check_pretrained, model_config, text_width
+from nemesis.backbone import check_pretrained, embed_dim, model_config, text_width
 from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
 from nemesis.choices import ClassPosition
 from nemesis.constants import (
@@ -136,12 +136,15 @@ def _resolve_one(
     # Dassl files do not name their training dataset: their path does (the --dataset flag names the test data).
     trained_on = metadata.dataset or from_path.dataset
     identity["train_dataset"] = resolve_name(trained_on) if trained_on else identity["dataset"]
-    if identity["method"] in (None, UNKNOWN_METHOD):
+    if metadata.method in (None, UNKNOWN_METHOD) and from_path.method != UNKNOWN_METHOD:
+        identity["method"] = from_path.method  # a Dassl file: its trainer folder names the method
+    elif identity["method"] in (None, UNKNOWN_METHOD):
         identity["method"] = from_path.method
     identity["checkpoint"] = str(checkpoint.path)
     identity["ctx_init"] = ctx_init  # only a named init: the file's own is part of the file
     width = text_width(identity["model"])  # unknown model names fail here, before any work
     checkpoint.check_compatible(width, identity["model"])
+    checkpoint.check_method(embed_dim(identity["model"]), width, identity["model"])  # CoCoOp's meta-net widths
     try:
         check_pretrained(identity["model"], identity["pretrained"])
     except NemesisError as error:

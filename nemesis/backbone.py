@@ -107,6 +107,11 @@ def text_tower_problem(name: str) -> str | None:
     return None
 
 
+def embed_dim(name: str) -> int:
+    """Width D of `name`'s image (and projected text) features, read from its config."""
+    return int(model_config(name)["embed_dim"])
+
+
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

@@ -62,6 +62,7 @@ class PromptMetadata:
     seed: int | None = None
     subsample: str = "all"
     method: str = "unknown"
+    prompt_method: str = "coop"  # the learner (nemesis.prompt_methods): coop, cocoop
     method_config: dict[str, Any] = field(default_factory=dict)
     epoch: int | None = None
     source_format: str = "nemesis"  # "nemesis" or "dassl"
@@ -195,10 +196,21 @@ class PromptCheckpoint:
     ctx: torch.Tensor  # fp32, [M, W] unified or [n_cls, M, W] class-specific
     metadata: PromptMetadata
     path: Path | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's other tensors (CoCoOp's meta-net)
 
     @property
     def class_specific(self) -> bool:
         return self.ctx.dim() == 3
+
+    @property
+    def prompt_method(self) -> str:
+        return self.metadata.prompt_method
+
+    def check_method(self, embed_dim: int, text_width: int, model: str) -> None:
+        """Refuse extra tensors (a meta-net) whose widths do not fit `model`."""
+        from .prompt_methods import check_extra  # the learners' module: only when a model is named
+
+        check_extra(self.prompt_method, self.extra, embed_dim, text_width, str(self.path), model)
 
     def check_compatible(self, text_width: int, model: str, n_classes: int | None = None) -> None:
         """Refuse a checkpoint that cannot run on `model` (width) or on `n_classes` classes."""
@@ -240,15 +252,60 @@ def _checked(ctx: Any, origin: str) -> torch.Tensor:
     return ctx.contiguous()
 
 
-def save_prompt(path: str | os.PathLike, ctx: torch.Tensor, metadata: PromptMetadata) -> Path:
-    """Write ctx and its metadata as one safetensors file, atomically."""
+def _extra_names() -> set[str]:
+    from .prompt_methods import extra_tensor_names  # the learners' registry
+
+    return extra_tensor_names()
+
+
+def _check_extra_shape(shape: Any, name: str, origin: str) -> None:
+    shape = tuple(shape)
+    if not 1 <= len(shape) <= 2 or not all(0 < size <= MAX_TEXT_WIDTH for size in shape):
+        raise NemesisError(f"{origin}: {name} of shape {shape} is not a prompt method's weight")
+
+
+def _checked_extra(tensor: Any, name: str, origin: str) -> torch.Tensor:
+    """A prompt method's tensor besides ctx (e.g. CoCoOp's meta-net weight): dense, finite, bounded; as fp32."""
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or not tensor.is_floating_point():
+        raise NemesisError(f"{origin}: {name} is not a dense floating-point tensor")
+    _check_extra_shape(tensor.shape, name, origin)
+    tensor = tensor.detach().to(torch.float32).contiguous()
+    if not torch.isfinite(tensor).all():
+        raise NemesisError(f"{origin}: {name} contains NaN or Inf values")
+    return tensor
+
+
+def _prompt_method_of(extra: dict[str, torch.Tensor], origin: str, declared: str | None = None) -> str:
+    """The learner whose tensors a file holds; a file that says otherwise is refused."""
+    from .prompt_methods import detect_prompt_method
+
+    found = detect_prompt_method(extra, origin)
+    if declared is not None and declared != found:
+        raise NemesisError(f"{origin} says it is a {declared} prompt but holds the tensors of {found}")
+    return found
+
+
+def save_prompt(
+    path: str | os.PathLike,
+    ctx: torch.Tensor,
+    metadata: PromptMetadata,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ctx, the method's other tensors (`extra`, e.g. CoCoOp's meta-net) and the metadata as one
+    safetensors file, atomically."""
     path = Path(path)
     ctx = _checked(ctx.detach().cpu().contiguous(), str(path))
+    extra = {
+        name: _checked_extra(tensor.detach().cpu().contiguous(), name, str(path))
+        for name, tensor in (extra or {}).items()
+    }
     metadata.n_ctx = ctx.shape[-2]
     metadata.text_width = ctx.shape[-1]
     metadata.class_specific = ctx.dim() == 3
+    metadata.prompt_method = _prompt_method_of(extra, str(path))
     with atomic_path(path) as temporary:
-        save_file({CTX_TENSOR: ctx}, str(temporary), metadata={METADATA_KEY: json.dumps(asdict(metadata))})
+        tensors = {CTX_TENSOR: ctx, **extra}
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(asdict(metadata))})
     return path
 
 
@@ -262,13 +319,21 @@ def load_prompt(path: str | os.PathLike) -> PromptCheckpoint:
             header = file.metadata() or {}
             if CTX_TENSOR not in file.keys():  # noqa: SIM118 (safe_open has no __contains__)
                 raise NemesisError(f"{path} holds no '{CTX_TENSOR}' tensor; it is not a prompt checkpoint")
-            ctx = file.get_tensor(CTX_TENSOR)  # only ctx: other tensors of the file are never read
+            ctx = file.get_tensor(CTX_TENSOR)
+            # Besides ctx, only the tensors a registered prompt method learns (CoCoOp's meta-net) are read,
+            # each after its shape is checked from the header.
+            extra = {}
+            for name in sorted(_extra_names() & set(file.keys())):
+                _check_extra_shape(file.get_slice(name).get_shape(), name, str(path))
+                extra[name] = file.get_tensor(name)
     except (SafetensorError, OSError, ValueError) as error:
         if isinstance(error, NemesisError):
             raise
         raise NemesisError(f"{path} is not a safetensors prompt checkpoint ({error})") from error
     metadata = PromptMetadata.from_json(header[METADATA_KEY], str(path)) if METADATA_KEY in header else PromptMetadata()
-    return PromptCheckpoint(_checked(ctx, str(path)), metadata, path)
+    extra = {name: _checked_extra(tensor, name, str(path)) for name, tensor in extra.items()}
+    metadata.prompt_method = _prompt_method_of(extra, str(path), metadata.prompt_method)
+    return PromptCheckpoint(_checked(ctx, str(path)), metadata, path, extra)
 
 
 # --- Dassl (CoOp / official Nemesis) ----------------------------------------------------------
@@ -296,7 +361,8 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
 
 
 def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
-    """Read a Dassl checkpoint file: `state_dict["ctx"]`; buffers and optimiser state are ignored."""
+    """Read a Dassl checkpoint file: `state_dict["ctx"]` and, for CoCoOp, `meta_net.*`; buffers
+    (`token_prefix`, `token_suffix`) and optimiser state are ignored."""
     path = Path(path)
     content = load_torch_file(path)
     state = content.get("state_dict") if isinstance(content, dict) else None
@@ -305,6 +371,7 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     epoch = content.get("epoch")
     # The file names nothing else: dataset, shots, seed, method, classes and class position come from its path.
     where = identity_from_path(path)
+    extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(_extra_names() & set(state))}
     metadata = PromptMetadata(
         epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None,
         class_position=where.class_position or "end",
@@ -315,8 +382,9 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
         activation="quickgelu",  # CoOp and the official Nemesis code train on OpenAI's CLIP, which uses QuickGELU
         subsample=where.subsample or "all",
         source_format="dassl",
+        prompt_method=_prompt_method_of(extra, str(path)),
     )
-    return PromptCheckpoint(_checked(state[CTX_TENSOR], str(path)), metadata, path)
+    return PromptCheckpoint(_checked(state[CTX_TENSOR], str(path)), metadata, path, extra)
 
 
 def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch: int | None = None) -> Path:
@@ -331,7 +399,7 @@ def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch
     folder.mkdir(exist_ok=True)
     target = folder / f"{DASSL_FILE_PREFIX}{epoch}"
     content = {
-        "state_dict": {CTX_TENSOR: checkpoint.ctx.clone()},
+        "state_dict": {CTX_TENSOR: checkpoint.ctx.clone(), **{k: v.clone() for k, v in checkpoint.extra.items()}},
         "epoch": epoch,
         "optimizer": None,
         "scheduler": None,
@@ -370,10 +438,27 @@ def _load_from_run_folder(path: Path, epoch: int | None) -> PromptCheckpoint:
     )
 
 
-def load_checkpoint(path: str | os.PathLike, epoch: int | None = None) -> PromptCheckpoint:
+def load_checkpoint(
+    path: str | os.PathLike, epoch: int | None = None, prompt_method: str | None = None
+) -> PromptCheckpoint:
     """Load a prompt from any accepted place: our file or run folder, a Dassl file, `prompt_learner/`
-    folder or run folder (latest epoch unless `epoch` is named)."""
-    path = Path(path)
+    folder or run folder (latest epoch unless `epoch` is named).
+
+    `prompt_method` (coop, cocoop) refuses a checkpoint of another method; None accepts any.
+    """
+    checkpoint = _load_any(Path(path), epoch)
+    if prompt_method is not None and checkpoint.prompt_method != prompt_method:
+        from .prompt_methods import prompt_method as registered
+
+        registered(prompt_method)  # an unknown name fails with the choices
+        found = checkpoint.prompt_method
+        raise NemesisError(
+            f"{checkpoint.path} is a {found} checkpoint, not {prompt_method}; pass --prompt-method {found} or drop it"
+        )
+    return checkpoint
+
+
+def _load_any(path: Path, epoch: int | None) -> PromptCheckpoint:
     if not path.exists():
         raise NemesisError(f"checkpoint not found: {path}")
     if path.is_dir():

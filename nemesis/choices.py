@@ -22,7 +22,18 @@ def choice(enum: type[Choice], value: object, what: str) -> Choice:
 
 class Method(str, Enum):
     coop = "coop"
-    nemesis = "nemesis"
+    nemesis = "nemesis"  # CoOp + Nemesis
+    cocoop = "cocoop"
+    cocoop_nemesis = "cocoop-nemesis"  # CoCoOp + Nemesis: the norm losses on the learned ctx
+
+    @property
+    def prompt_method(self) -> str:
+        """The learner it trains (nemesis.prompt_methods)."""
+        return "cocoop" if self in (Method.cocoop, Method.cocoop_nemesis) else "coop"
+
+    @property
+    def uses_nemesis(self) -> bool:
+        return self in (Method.nemesis, Method.cocoop_nemesis)
 
 
 class Precision(str, Enum):

@@ -78,6 +78,24 @@ class NemesisConfig:
         }
 
 
+@dataclass(frozen=True)
+class MethodDefaults:
+    """Defaults that differ between prompt methods (the rest are shared)."""
+
+    n_ctx: int
+    ctx_init: str | None
+    batch_size: int
+    epochs: int | None  # None: CoOp's count for the shots
+
+
+# CoOp's defaults; CoCoOp's from its base-to-new config (vit_b16_c4_ep10_batch1_ctxv1): 4 ctx from
+# "a photo of a", batch 1, 10 epochs (SGD lr 0.002, cosine, 1 warm-up epoch at 1e-5, as CoOp).
+METHOD_DEFAULTS = {
+    "coop": MethodDefaults(n_ctx=16, ctx_init=None, batch_size=32, epochs=None),
+    "cocoop": MethodDefaults(n_ctx=4, ctx_init="a photo of a", batch_size=1, epochs=10),
+}
+
+
 def default_epochs(dataset: str, shots: int) -> int:
     """CoOp's epochs: 50 for 1 shot, 100 for 2 and 4, 200 for 8 and 16; ImageNet always 50."""
     if dataset == "imagenet" or shots <= 1:
@@ -93,17 +111,17 @@ class TrainConfig:
     root: str | None = None  # folder holding the CoOp-format datasets
     shots: int = 16  # training images per class, drawn CoOp's way (or read from CoOp's split_fewshot)
     seed: int = 1  # seeds the few-shot draw, ctx initialisation, data order, views and PAN's draws
-    method: Method = Method.coop  # coop, or nemesis (CoOp + the norm penalty)
+    method: Method = Method.coop  # coop, nemesis (CoOp + the norm penalty), cocoop or cocoop-nemesis
     subsample: str = "all"  # classes to train on: all, base or new (base-to-new)
     model: str = "RN50"  # open_clip model name
     pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
     activation: str | None = None  # quickgelu or gelu; None: the weights' own (QuickGELU for OpenAI's)
-    n_ctx: int = 16  # context vectors M (ignored when ctx_init is given: its word count, as in CoOp)
+    n_ctx: int | None = None  # context vectors M (ignored when ctx_init is given); None: 16 (CoCoOp: "a photo of a")
     ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"; None: N(0, 0.02^2)
     class_specific: bool = False  # one ctx per class (CoOp's CSC)
     class_position: str = "end"  # where the class name goes: end, middle or front
-    epochs: int | None = None  # None: CoOp's count for the shots (1: 50, 2/4: 100, 8/16: 200, ImageNet 50)
-    batch_size: int = 32  # images per step
+    epochs: int | None = None  # None: CoOp's count for the shots (1: 50, 2/4: 100, 8/16: 200, ImageNet 50); CoCoOp 10
+    batch_size: int | None = None  # images per step; None: 32 (CoCoOp: 1)
     lr: float = 0.002  # SGD learning rate after warm-up, cosine-annealed over the epochs
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD weight decay on ctx
@@ -127,6 +145,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.dataset = resolve_name(self.dataset)
         self.method = choice(Method, self.method, "method")
+        defaults = METHOD_DEFAULTS[self.method.prompt_method]
+        if self.n_ctx is None:
+            self.ctx_init = defaults.ctx_init if self.ctx_init is None else self.ctx_init
+            self.n_ctx = defaults.n_ctx
+        self.batch_size = defaults.batch_size if self.batch_size is None else self.batch_size
         self.precision = choice(Precision, self.precision, "precision")
         self.subsample = choice(Subsample, self.subsample, "subsample").value
         self.class_position = choice(ClassPosition, self.class_position, "class position").value
@@ -163,9 +186,11 @@ class TrainConfig:
             raise NemesisError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.ctx_init is not None and not self.ctx_init.strip():
             self.ctx_init = None
+        if self.class_specific and self.method.prompt_method != "coop":
+            raise NemesisError(f"--class-specific is CoOp's; {self.method.value} learns one unified context")
         nemesis = self.nemesis_config()  # checks beta, weight, norm, schedule, positions, corrupt_weight
         self.norm, self.schedule = nemesis.norm, nemesis.schedule
-        if self.method is Method.nemesis and self.ctx_init is None and self.positions > self.n_ctx:
+        if self.method.uses_nemesis and self.ctx_init is None and self.positions > self.n_ctx:
             raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {self.n_ctx}, got {self.positions}")
 
     def nemesis_config(self) -> NemesisConfig:
@@ -185,9 +210,10 @@ class TrainConfig:
         from .backbone import resolve_device  # torch, only when a run starts
 
         values = dataclasses.asdict(self)
-        values["epochs"] = self.epochs or default_epochs(self.dataset, self.shots)
+        method_epochs = METHOD_DEFAULTS[self.method.prompt_method].epochs
+        values["epochs"] = self.epochs or method_epochs or default_epochs(self.dataset, self.shots)
         values["device"] = resolve_device(self.device)
-        if self.method is Method.nemesis:
+        if self.method.uses_nemesis:
             nemesis = self.nemesis_config().for_dataset(self.dataset)
             values["pan_weight"], values["schedule"] = nemesis.pan_weight, nemesis.schedule
         return TrainConfig(**values)
@@ -208,7 +234,7 @@ class TrainConfig:
             "official_override",
         ):
             del values[name]
-        values["nemesis"] = self.nemesis_config().to_json() if self.method is Method.nemesis else None
+        values["nemesis"] = self.nemesis_config().to_json() if self.method.uses_nemesis else None
         values["toolkit_version"] = __version__
         return values
 

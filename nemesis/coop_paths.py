@@ -52,7 +52,10 @@ def identity_from_path(path: str | os.PathLike) -> PathIdentity:
     # The trainer folder follows the dataset folder (after `shots_<K>` in base-to-new trees).
     below = parts[dataset_index + 1 :] if dataset_index is not None else ()  # no tree: no method from folders
     trainer = next((part for part in below if not _SHOTS_FOLDER.fullmatch(part)), "")
-    if any("nemesis" in part.lower() for part in below):
+    nemesis = any("nemesis" in part.lower() for part in below)
+    if trainer.lower() == "cocoop":
+        method = "cocoop-nemesis" if nemesis else "cocoop"
+    elif nemesis:
         method = "nemesis"
     elif trainer.lower() == "coop":
         method = "coop"

@@ -17,22 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .atomic import write_text_atomic
-from .backbone import QUICKGELU_SUFFIX, Activation, Backbone, load_clip, resolve_device, text_width
+from .backbone import QUICKGELU_SUFFIX, Activation, Backbone, embed_dim, load_clip, resolve_device, text_width
 from .checkpoint import PromptCheckpoint
 from .datasets import Dataset, load_dataset
 from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
-from .prompt_learner import PromptLearner, init_word_count
+from .prompt_learner import init_word_count
+from .prompt_methods import PromptMethod, build_learner
 
 
 @dataclass
 class EvaluationSetup:
     backbone: Backbone
     dataset: Dataset
-    learner: PromptLearner  # the checkpoint's ctx with the evaluated dataset's class names
+    learner: PromptMethod  # the checkpoint's learner (ctx, meta-net...) with the evaluated dataset's class names
     features: torch.Tensor  # cached test image features [N, D]
     labels: torch.Tensor  # [N]
     source: dict[str, Any]  # checkpoint, model, pretrained, dataset, train_dataset, shots, seed, subsample, method...
@@ -82,6 +82,9 @@ def resolve_source(
             f"--ctx-init '{ctx_init}' has {init_word_count(ctx_init)} words but {checkpoint.path} holds {n_ctx} "
             "context vectors; CoOp learns one vector per word of the init phrase"
         )
+    method = metadata.method
+    if method in (None, "unknown") and checkpoint.prompt_method != "coop":
+        method = checkpoint.prompt_method  # a Dassl CoCoOp file says what it is through its tensors
     return {
         "checkpoint": str(Path(checkpoint.path).resolve()) if checkpoint.path else None,
         "model": model,
@@ -93,7 +96,7 @@ def resolve_source(
         "shots": shots if shots is not None else metadata.shots,
         "seed": seed if seed is not None else metadata.seed,
         "subsample": subsample or metadata.subsample or "all",
-        "method": metadata.method,
+        "method": method,
         "method_config": metadata.method_config,
         "epoch": metadata.epoch,
     }
@@ -134,6 +137,7 @@ def prepare_evaluation(
     )
     width = text_width(source["model"])
     checkpoint.check_compatible(width, source["model"])  # before the dataset is read
+    checkpoint.check_method(embed_dim(source["model"]), width, source["model"])
     data = load_dataset(source["dataset"], root, subsample=source["subsample"])
     checkpoint.check_compatible(width, source["model"], len(data.classnames))
     device = resolve_device(device)
@@ -147,9 +151,12 @@ def prepare_evaluation(
     if (note := activation_mismatch(checkpoint, backbone.activation)) is not None:
         warnings.warn(note, NemesisNote, stacklevel=2)
     metadata = checkpoint.metadata
-    learner = PromptLearner(
+    learner = build_learner(
+        checkpoint.prompt_method,
         backbone,
         data.classnames,
+        extra=checkpoint.extra,
+        origin=str(checkpoint.path),
         ctx=checkpoint.ctx,
         class_specific=checkpoint.class_specific,
         class_position=metadata.class_position,
@@ -160,21 +167,19 @@ def prepare_evaluation(
 
 
 def predictions(
-    learner: PromptLearner, features: torch.Tensor, ctx_variants: torch.Tensor, variants_per_pass: int = 32
+    learner: PromptMethod, features: torch.Tensor, ctx_variants: torch.Tensor, variants_per_pass: int = 32
 ) -> torch.Tensor:
     """Predicted labels [K, N] of image features [N, D] under K ctx variants, without autograd.
 
     The logit scale is left out: a positive factor does not change the arg-max.
     """
     device = features.device
-    images = F.normalize(features.float(), dim=-1)  # [N, D]
     rows = []
     with torch.inference_mode(), autocast_for(device):
         for start in range(0, ctx_variants.shape[0], variants_per_pass):
             chunk = ctx_variants[start : start + variants_per_pass].to(device)
-            text = F.normalize(learner.encode(chunk).float(), dim=-1)  # [k, n_cls, D]
-            rows.extend((images @ variant.T).argmax(dim=-1) for variant in text)  # each [N]
-    return torch.stack(rows)
+            rows.append(learner.similarities(features, chunk).argmax(dim=-1))  # [k, N]
+    return torch.cat(rows)
 
 
 def macro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -249,6 +254,17 @@ def evaluate(checkpoint: PromptCheckpoint, **options: Any) -> EvaluationResult:
     correct = int((predicted == setup.labels).sum())
     n = int(setup.labels.numel())
     return EvaluationResult(n, correct, 100.0 * correct / n, macro_f1(predicted, setup.labels), setup.source)
+
+
+BASE_TO_NEW = ("base", "new")
+
+
+def evaluate_base_to_new(checkpoint: PromptCheckpoint, **options: Any) -> list[EvaluationResult]:
+    """The base-to-new protocol on one prompt: test accuracy on the dataset's base classes, then on its new
+    classes (`options` as `prepare_evaluation`'s, without `subsample`; pass `backbones` to share models)."""
+    if "subsample" in options:
+        raise NemesisError("base-to-new evaluates both --subsample base and new; do not name a subsample")
+    return [evaluate(checkpoint, subsample=subsample, **options) for subsample in BASE_TO_NEW]
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -258,6 +258,29 @@ class PromptLearner(nn.Module):
         """Per-position norms [M]; class-specific ctx: mean over classes (DESIGN section 5)."""
         return position_norms(self.ctx, p)
 
+    # --- the prompt-method interface (nemesis.prompt_methods) ----------------------------------
+
+    method = "coop"  # registry name: the learner ignores image features
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Training logits [B, n_cls] of image features [B, D], with gradients to ctx."""
+        return PromptedCLIP(self).logits(image_features)
+
+    def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities [K, B, n_cls] of image features [B, D] under K ctx variants."""
+        images = F.normalize(image_features.float(), dim=-1)  # [B, D]
+        text = F.normalize(self.encode(ctx_variants).float(), dim=-1)  # [K, n_cls, D]
+        return images @ text.transpose(1, 2)
+
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        """Learned tensors besides ctx that a checkpoint carries, by checkpoint name: none for CoOp."""
+        return {}
+
+    @classmethod
+    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of `extra_parameters()` on a model of these widths."""
+        return {}
+
 
 class PromptedCLIP(nn.Module):
     """Classifies image features with the learner's prompts: logit_scale * cos(image, text)."""

@@ -11,7 +11,7 @@ import json
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from .errors import NemesisError
 
 RUN_STATE = "state.safetensors"
 STATE_KEY = "nemesis_state"
+LEARNER_PREFIX = "learner."  # tensors of the learner besides ctx (CoCoOp's meta-net) and their momenta
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RunState:
     ctx: torch.Tensor
     momentum: torch.Tensor | None
     extra: dict  # RNG states and the loss scaler
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the learner's other parameters and momenta
 
 
 DIGEST_KEY = "nemesis_state_sha256"
@@ -47,6 +49,8 @@ def save_state(path: Path, state: RunState) -> None:
     tensors = {"ctx": state.ctx.detach().float().cpu().contiguous(), "torch_rng": torch.get_rng_state()}
     if state.momentum is not None:
         tensors["momentum"] = state.momentum.detach().float().cpu().contiguous()
+    for name, tensor in state.tensors.items():
+        tensors[LEARNER_PREFIX + name] = tensor.detach().float().cpu().contiguous()
     if torch.cuda.is_available():
         for index, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_rng_{index}"] = rng
@@ -97,7 +101,8 @@ def load_state(path: Path) -> RunState:
         torch.cuda.set_rng_state_all(cuda_states)
     random.setstate(python_rng)
     np.random.set_state(numpy_rng)
-    return RunState(epoch, step, ctx, tensors.get("momentum"), header)
+    learner = {key[len(LEARNER_PREFIX) :]: value for key, value in tensors.items() if key.startswith(LEARNER_PREFIX)}
+    return RunState(epoch, step, ctx, tensors.get("momentum"), header, learner)
 
 
 def read_finished_metrics(path: Path, last_epoch: int) -> str:

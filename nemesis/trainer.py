@@ -1,10 +1,11 @@
-"""Training CoOp and CoOp+Nemesis prompts on few-shot data: `train(config, out_dir)` writes a run folder.
+"""Training CoOp, CoCoOp and their Nemesis variants on few-shot data: `train(config, out_dir)` writes a run folder.
 
-The CLIP model is frozen; only the learner's `ctx` gets gradients (I5). Every random choice (data
-order, which cached view or live augmentation an image gets, PAN's positions) is drawn from a
-generator seeded by (seed, epoch or step), so a run is a function of its config and an interrupted
-run resumes exactly: the state saved after each epoch holds ctx, SGD's momentum buffer and the
-counters (safetensors + JSON, no pickles), and the lr schedule is a function of the epoch.
+The CLIP model is frozen; only the learner's parameters (ctx, and CoCoOp's meta-net) get gradients
+(I5). Every random choice (data order, which cached view or live augmentation an image gets, PAN's
+positions) is drawn from a generator seeded by (seed, epoch or step), so a run is a function of its
+config and an interrupted run resumes exactly: the state saved after each epoch holds the learner's
+tensors, SGD's momentum buffers and the counters (safetensors + JSON, no pickles), and the lr
+schedule is a function of the epoch.
 
 Run folder (DESIGN section 6): config.json, metrics.jsonl, log.txt, prompt.safetensors,
 checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
@@ -33,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from .atomic import write_text_atomic
 from .backbone import Backbone, load_clip, model_config, resolve_device
 from .checkpoint import PromptMetadata, save_prompt
-from .choices import Method, Precision
+from .choices import Precision
 from .configs import TrainConfig, read_run_config
 from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
 from .datasets import Dataset, load_dataset
@@ -42,7 +43,8 @@ from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss, position_norms
 from .progress import progress_bar
-from .prompt_learner import PromptedCLIP, PromptLearner, init_word_count
+from .prompt_learner import init_word_count
+from .prompt_methods import PromptMethod, build_learner
 from .run_state import (
     DASSL_CLOSING,
     RUN_STATE,
@@ -192,7 +194,7 @@ def load_training_data(config: TrainConfig) -> Dataset:
 def check_config(config: TrainConfig) -> Dataset:
     """Every check that can refuse a run, before a model is built or a file written; returns the data."""
     model_config(config.model)
-    if config.method is Method.nemesis:
+    if config.method.uses_nemesis:
         n_ctx = resolved_n_ctx(config)
         if not 1 <= config.positions <= n_ctx:
             raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {n_ctx}, got {config.positions}")
@@ -235,18 +237,17 @@ def _norm_summary(ctx: torch.Tensor) -> tuple[list[float], float, float]:
         return norms.tolist(), float(norms.mean()), float(torch.linalg.vector_norm(ctx.float()))
 
 
-def _test_accuracy(learner: PromptLearner, features: torch.Tensor, labels: torch.Tensor) -> float:
+def _test_accuracy(learner: PromptMethod, features: torch.Tensor, labels: torch.Tensor) -> float:
     predicted = predictions(learner, features, learner.ctx.detach().unsqueeze(0))[0]
     return 100.0 * float((predicted == labels).float().mean())
 
 
-def _correct_counter(learner: PromptLearner, images: torch.Tensor, labels: torch.Tensor):
-    """PAN's pre-inference: batch samples each ctx variant classifies right [K], in one batched text pass."""
-    images = F.normalize(images.float(), dim=-1)  # [B, D]
+def _correct_counter(learner: PromptMethod, images: torch.Tensor, labels: torch.Tensor):
+    """PAN's pre-inference: batch samples each ctx variant classifies right [K], in batched text passes
+    (CoCoOp: each image's prompts with the meta-net's shift applied to the variant)."""
 
     def count_correct(variants: torch.Tensor) -> torch.Tensor:
-        text = F.normalize(learner.encode(variants).float(), dim=-1)  # [K, n_cls, D]
-        scores = images @ text.transpose(1, 2)  # [K, B, n_cls]
+        scores = learner.similarities(images, variants)  # [K, B, n_cls]
         return (scores.argmax(dim=-1) == labels).sum(dim=-1)  # [K]
 
     return count_correct
@@ -257,7 +258,7 @@ class _Stepper:
     """One optimisation step on a batch of image features; returns the step's metrics row."""
 
     config: TrainConfig
-    learner: PromptLearner
+    learner: PromptMethod
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     device: torch.device
@@ -266,10 +267,10 @@ class _Stepper:
         config, learner = self.config, self.learner
         norm_value, alpha = 0.0, [0.0] * learner.n_ctx
         with _autocast(config, self.device):
-            logits = PromptedCLIP(learner).logits(images, learner.text_features())  # [B, n_cls]
+            logits = learner.logits(images)  # [B, n_cls]
             cross_entropy = F.cross_entropy(logits, labels)
             loss = cross_entropy
-            if config.method is Method.nemesis:
+            if config.method.uses_nemesis:
                 loss, penalty = nemesis_loss(
                     cross_entropy,
                     learner.ctx,
@@ -316,9 +317,31 @@ def _metadata(config: TrainConfig, backbone: Backbone, data: Dataset, epoch: int
         seed=config.seed,
         subsample=config.subsample,
         method=config.method.value,
-        method_config=config.nemesis_config().to_json() if config.method is Method.nemesis else {},
+        method_config=config.nemesis_config().to_json() if config.method.uses_nemesis else {},
         epoch=epoch,
     )
+
+
+def _extra_state(parameters: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
+    """The learner's parameters besides ctx and their SGD momenta, for the resume state."""
+    tensors = {}
+    for name, parameter in parameters.items():
+        if name == "ctx":
+            continue  # saved as the state's own ctx and momentum
+        tensors[f"param:{name}"] = parameter.detach()
+        momentum = optimizer.state.get(parameter, {}).get("momentum_buffer")
+        if momentum is not None:
+            tensors[f"momentum:{name}"] = momentum
+    return tensors
+
+
+def _restore_extra(parameters: dict, optimizer: torch.optim.Optimizer, tensors: dict, device: torch.device) -> None:
+    for name, parameter in parameters.items():
+        if f"param:{name}" in tensors:
+            with torch.no_grad():
+                parameter.copy_(tensors[f"param:{name}"].to(device))
+        if f"momentum:{name}" in tensors:
+            optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum:{name}"].to(device)
 
 
 def train(
@@ -358,7 +381,8 @@ def train(
         return out_dir
 
     backbone = load_clip(config.model, config.pretrained, device=device, activation=config.activation)
-    learner = PromptLearner(
+    learner = build_learner(
+        config.method.prompt_method,
         backbone,
         data.classnames,
         n_ctx=config.n_ctx,
@@ -380,7 +404,10 @@ def train(
     if state is not None:  # drop the log lines of an epoch or result block a kill cut short
         write_text_atomic(out_dir / RUN_LOG, read_finished_log(out_dir / RUN_LOG, state.epoch))
 
-    optimizer = torch.optim.SGD([learner.ctx], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    parameters = {"ctx": learner.ctx, **learner.extra_parameters()}  # what training updates, by checkpoint name
+    optimizer = torch.optim.SGD(
+        list(parameters.values()), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
     scaler = None
     if config.precision is Precision.amp and device.type == "cuda" and _amp_dtype(device) == torch.float16:
         scaler = torch.amp.GradScaler("cuda")
@@ -390,6 +417,7 @@ def train(
             learner.ctx.copy_(state.ctx.to(device))
         if state.momentum is not None:
             optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device)
+        _restore_extra(parameters, optimizer, state.tensors, device)
         if scaler is not None and state.extra.get("scaler"):
             scaler.load_state_dict(state.extra["scaler"])
         start_epoch, step = state.epoch, state.step
@@ -453,17 +481,24 @@ def train(
             if config.save_every and done % config.save_every == 0:
                 (out_dir / RUN_CHECKPOINTS).mkdir(exist_ok=True)
                 checkpoint = out_dir / RUN_CHECKPOINTS / f"epoch-{done:04d}.safetensors"
-                save_prompt(checkpoint, learner.ctx.detach(), _metadata(config, backbone, data, done))
+                save_prompt(
+                    checkpoint,
+                    learner.ctx.detach(),
+                    _metadata(config, backbone, data, done),
+                    learner.extra_parameters(),
+                )
             momentum = optimizer.state.get(learner.ctx, {}).get("momentum_buffer")
             extra = {"scaler": scaler.state_dict() if scaler is not None else None, "config": config_digest}
-            save_state(state_path, RunState(done, step, learner.ctx, momentum, extra))
+            tensors = _extra_state(parameters, optimizer)
+            save_state(state_path, RunState(done, step, learner.ctx, momentum, extra, tensors))
             bar.update(task, completed=done, description=f"epoch {done}{shown}")
             if on_epoch_end is not None:
                 on_epoch_end(done)
 
     predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
     total, correct = len(test_labels), int((predicted == test_labels).sum())
-    save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), _metadata(config, backbone, data, config.epochs))
+    metadata = _metadata(config, backbone, data, config.epochs)
+    save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), metadata, learner.extra_parameters())
     # Dassl's closing lines, word for word: CoOp's parse_test_res.py reads accuracy after "Finish training".
     for line in DASSL_CLOSING:
         journal.say(line)

@@ -51,11 +51,12 @@ def zero_shot_evaluate(
     subsample: str = "all",
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
+    activation: str | None = None,
 ) -> EvaluationResult:
     """Test accuracy of `model` with the dataset's hand-crafted prompt, from cached test features."""
     data = load_dataset(dataset, root, subsample=subsample)
     device = resolve_device(device)
-    backbone = load_clip(model, pretrained, device=device)
+    backbone = load_clip(model, pretrained, device=device, activation=activation)
     template = template_for(data.name)
     texts = [template.format(name.replace("_", " ")) for name in data.classnames]
     features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device)
@@ -70,6 +71,7 @@ def zero_shot_evaluate(
         "model": model,
         "pretrained": pretrained,
         "weights_id": backbone.weights_id,
+        "activation": backbone.activation.value,
         "dataset": data.name,
         "train_dataset": data.name,
         "shots": 0,

@@ -16,7 +16,7 @@ from .common import reports_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for runs, sweep, figures and report.")] = Path("nemesis-demo"),
 ) -> None:
-    """Pretrain the tiny model, train CoOp and Nemesis prompts on Fashion-MNIST, sweep, plot, report.
+    """Pretrain the tiny model, train CoOp and Nemesis prompts on Fashion-MNIST, sweep, base-to-new, plot, report.
 
     Example: nemesis demo --out nemesis-demo   (a few minutes on two CPU cores; reruns resume)
     """
@@ -27,6 +27,7 @@ def demo(
     outputs = run_demo(out)
     typer.echo(f"runs:    {len(outputs.runs)} run folders under {out / 'runs'}")
     typer.echo(f"sweep:   {outputs.sweep}")
+    typer.echo(f"base-to-new: {outputs.base_to_new}")
     for path in outputs.figures:
         typer.echo(f"figure:  {path}")
     for path in outputs.report:

@@ -18,9 +18,11 @@ Option = typer.Option
 
 @reports_errors
 def eval_command(
-    checkpoint: Annotated[
-        Path | None,
-        typer.Argument(help="Our prompt file or run folder, or a CoOp/Nemesis checkpoint (none with --zero-shot)."),
+    checkpoints: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Our prompt files or run folders, or CoOp/CoCoOp/Nemesis checkpoints (none with --zero-shot)."
+        ),
     ] = None,
     dataset: Annotated[str | None, Option(help="Dataset key (default: the checkpoint's own).")] = None,
     root: Annotated[
@@ -35,80 +37,102 @@ def eval_command(
     shots: Annotated[int | None, Option(help="Shots the prompt was trained with (recorded only).")] = None,
     seed: Annotated[int | None, Option(help="Seed the prompt was trained with (recorded only).")] = None,
     subsample: Annotated[str | None, Option(help="Classes to test: all, base or new.")] = None,
+    base_to_new: Annotated[
+        bool, Option("--base-to-new", help="Test each prompt on the base and on the new classes (and print H).")
+    ] = False,
     epoch: Annotated[int | None, Option(help="Epoch of a CoOp run folder (default: the latest).")] = None,
+    prompt_method: Annotated[
+        str | None, Option(help="Refuse checkpoints of another prompt method: coop or cocoop (default: any).")
+    ] = None,
     cache_dir: Annotated[Path | None, Option(help="Feature cache folder (default: the user cache).")] = None,
     device: Annotated[str | None, Option(help="cpu or cuda (default: cuda when available).")] = None,
-    out: Annotated[Path | None, Option(help="Append the result as one JSON line to this file.")] = None,
+    out: Annotated[Path | None, Option(help="Append each result as one JSON line to this file.")] = None,
     zero_shot: Annotated[
         bool,
         Option("--zero-shot", help="No prompt: CLIP with CoOp's hand-crafted template for the dataset (a baseline)."),
     ] = False,
 ) -> None:
-    """Evaluate a prompt on a dataset's test split and print CoOp's result block.
+    """Evaluate prompts on a dataset's test split and print CoOp's result block.
 
     Dataset, shots, seed and class position of CoOp checkpoints are read from their output-tree
     path (`output/<dataset>/CoOp/rn50_16shots/nctx16_cscFalse_ctpend/seed1`) unless given.
 
     Example: nemesis eval output/imagenet/CoOp/rn50_16shots/nctx16_cscFalse_ctpend/seed1
-    --model RN50 --pretrained openai --dataset imagenet_sketch --root ~/data
+    --model RN50 --pretrained openai --dataset imagenet_sketch --root ~/data;
+    base-to-new: nemesis eval runs/b2n-* --base-to-new --out evals.jsonl, then nemesis report evals.jsonl
 
     Example: nemesis eval --zero-shot --model RN50 --pretrained openai --dataset dtd --root ~/data --out evals.jsonl
     """
     from nemesis.checkpoint import load_checkpoint
-    from nemesis.evaluate import evaluate, weights_mismatch
+    from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, weights_mismatch
 
     if out is not None:
         prepare_output(out)
     if zero_shot:
         from nemesis.zero_shot import zero_shot_evaluate
 
-        if checkpoint is not None:
+        if checkpoints:
             raise NemesisError("--zero-shot evaluates no prompt; drop the checkpoint argument")
         if model is None or dataset is None:
             raise NemesisError("--zero-shot needs --model and --dataset (e.g. --model RN50 --pretrained openai)")
         if pretrained in ("none", ""):
             pretrained = None
-        result = zero_shot_evaluate(model, pretrained, dataset, root, subsample or "all", cache_dir, device)
-        _report(result, out)
-        return
-    if checkpoint is None:
-        raise NemesisError("pass a prompt checkpoint or run folder, or --zero-shot for the hand-crafted baseline")
-    if root is None:
-        root = run_root(checkpoint)  # a run folder knows where its data was
-    prompt = load_checkpoint(checkpoint, epoch)
-    if subsample in ("base", "new") and prompt.metadata.source_format != "dassl" and prompt.metadata.subsample == "all":
-        typer.echo(
-            f"warning: --subsample {subsample} on a prompt trained on all classes: its '{subsample}' classes were "
-            "seen in training, so this is not a base-to-new result",
-            err=True,
+        result = zero_shot_evaluate(
+            model, pretrained, dataset, root, subsample or "all", cache_dir, device, activation=activation
         )
-    result = evaluate(
-        prompt,
-        model=model,
-        pretrained=pretrained,
-        activation=activation,
-        ctx_init=ctx_init,
-        dataset=dataset,
-        root=root,
-        shots=shots,
-        seed=seed,
-        subsample=subsample,
-        cache_dir=cache_dir,
-        device=device,
-    )
-    if (note := weights_mismatch(prompt, result.source)) is not None:
-        typer.echo(f"note: {note}", err=True)
-    _report(result, out)
+        _report(result)
+        if out is not None:
+            append_record(out, result.record())
+            typer.echo(f"appended 1 record to {out}")
+        return
+    if not checkpoints:
+        raise NemesisError("pass a prompt checkpoint or run folder, or --zero-shot for the hand-crafted baseline")
+    if base_to_new and subsample is not None:
+        raise NemesisError("--base-to-new tests both base and new classes; drop --subsample")
+    prompts = [load_checkpoint(checkpoint, epoch, prompt_method) for checkpoint in checkpoints]  # all checked first
+    for prompt in prompts:
+        if (
+            subsample in ("base", "new")
+            and prompt.metadata.source_format != "dassl"
+            and prompt.metadata.subsample == "all"
+        ):
+            typer.echo(
+                f"warning: --subsample {subsample} on a prompt trained on all classes: its '{subsample}' classes "
+                "were seen in training, so this is not a base-to-new result",
+                err=True,
+            )
+    backbones: dict = {}
+    for prompt in prompts:
+        options = dict(
+            model=model, pretrained=pretrained, activation=activation, ctx_init=ctx_init, dataset=dataset,
+            root=root if root is not None else run_root(prompt.path),  # a run folder knows where its data was
+            shots=shots, seed=seed, cache_dir=cache_dir, device=device, backbones=backbones,
+        )  # fmt: skip
+        if base_to_new:
+            results = evaluate_base_to_new(prompt, **options)
+        else:
+            results = [evaluate(prompt, subsample=subsample, **options)]
+        for index, result in enumerate(results):
+            _report(result, header=index == 0)
+            if index == 0 and (note := weights_mismatch(prompt, result.source)) is not None:
+                typer.echo(f"note: {note}", err=True)
+            if out is not None:
+                append_record(out, result.record())
+        if base_to_new:
+            from analysis.tables import harmonic_mean  # pandas: only when asked for
 
-
-def _report(result, out: Path | None) -> None:
-    from nemesis.evaluate import append_record
-
-    source = result.source
-    weights = source["pretrained"] or "random weights (pass --pretrained TAG or FILE for real ones)"
-    typer.echo(f"{source['checkpoint']} on {source['dataset']} ({source['subsample']} classes)")
-    typer.echo(f"model {source['model']}, {weights}, activation {source['activation']}")
-    typer.echo(result.result_block())
+            base, new = (result.accuracy for result in results)
+            typer.echo(f"base {base:.2f}%, new {new:.2f}%, H {harmonic_mean(base, new):.2f}%")
+            if prompt.metadata.subsample != "base":
+                typer.echo(f"note: {prompt.path} was not trained on the base classes only", err=True)
     if out is not None:
-        append_record(out, result.record())
-        typer.echo(f"appended to {out}")
+        typer.echo(f"appended {len(prompts) * (2 if base_to_new else 1)} records to {out}")
+
+
+def _report(result, header: bool = True) -> None:
+    source = result.source
+    typer.echo(f"{source['checkpoint']} on {source['dataset']} ({source['subsample']} classes)")
+    if header:
+        weights = source["pretrained"] or "random weights (pass --pretrained TAG or FILE for real ones)"
+        typer.echo(f"model {source['model']}, {weights}, activation {source['activation']}")
+    typer.echo(result.result_block())

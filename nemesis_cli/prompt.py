@@ -18,6 +18,9 @@ CheckpointArgument = Annotated[
     typer.Argument(help="Our .safetensors prompt or run folder, or a CoOp/Nemesis (Dassl) file or folder."),
 ]
 EpochOption = Annotated[int | None, typer.Option(help="Epoch of a Dassl folder (default: the latest).")]
+MethodOption = Annotated[
+    str | None, typer.Option(help="Refuse checkpoints of another prompt method: coop or cocoop (default: any).")
+]
 
 
 @app.command()
@@ -26,6 +29,7 @@ def info(
     checkpoint: CheckpointArgument,
     epoch: EpochOption = None,
     model: Annotated[str | None, typer.Option(help="Check the prompt fits this open_clip model's text width.")] = None,
+    prompt_method: MethodOption = None,
 ) -> None:
     """Show a checkpoint's metadata, ctx shape and per-position norms.
 
@@ -35,16 +39,19 @@ def info(
     from rich.table import Table
     from rich.text import Text
 
-    from nemesis.backbone import text_width
+    from nemesis.backbone import embed_dim, text_width
     from nemesis.checkpoint import load_checkpoint
     from nemesis.losses import position_norms
 
-    prompt = load_checkpoint(checkpoint, epoch)
+    prompt = load_checkpoint(checkpoint, epoch, prompt_method)
     if model is not None:
         prompt.check_compatible(text_width(model), model)
+        prompt.check_method(embed_dim(model), text_width(model), model)
     console = Console(highlight=False)  # file contents are shown as they are: no markup, no highlighting
     console.print(Text(str(prompt.path), style="bold"))
     console.print(f"ctx shape {tuple(prompt.ctx.shape)}, {'class-specific' if prompt.class_specific else 'unified'}")
+    for name, tensor in prompt.extra.items():
+        console.print(f"{name} shape {tuple(tensor.shape)}")
     metadata = Table(show_header=False, box=None)
     for key, value in vars(prompt.metadata).items():
         if key == "classnames" and value:
@@ -63,6 +70,7 @@ def export(
     checkpoint: CheckpointArgument,
     out: Annotated[Path, typer.Option(help="Run folder to write prompt_learner/model.pth.tar-<E> into.")],
     epoch: Annotated[int | None, typer.Option(help="Epoch number in the file name (default: the prompt's).")] = None,
+    prompt_method: MethodOption = None,
 ) -> None:
     """Write a prompt in CoOp's layout so CoOp's own tools can load it.
 
@@ -71,7 +79,7 @@ def export(
     from nemesis.checkpoint import export_dassl, load_checkpoint
 
     prepare_output(out, folder=True)
-    prompt = load_checkpoint(checkpoint)
+    prompt = load_checkpoint(checkpoint, prompt_method=prompt_method)
     out.mkdir(parents=True, exist_ok=True)  # after the checkpoint is read: a bad one leaves no folder behind
     target = export_dassl(prompt, out, epoch)
     typer.echo(f"wrote {target}")

@@ -1,4 +1,4 @@
-"""`nemesis train` (CoOp / CoOp+Nemesis prompts) and `nemesis pretrain-tiny` (the embedded default model)."""
+"""`nemesis train` (CoOp, CoCoOp, their Nemesis variants) and `nemesis pretrain-tiny` (the embedded model)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def train(
     seed: Annotated[
         int | None, Option(help="Seed of the few-shot draw, init and data order." + _default("seed"))
     ] = None,
-    method: Annotated[str | None, Option(help="coop or nemesis." + _default("method"))] = None,
+    method: Annotated[str | None, Option(help="coop, nemesis, cocoop or cocoop-nemesis." + _default("method"))] = None,
     model: Annotated[str | None, Option(help="open_clip model." + _default("model"))] = None,
     pretrained: Annotated[
         str | None,
@@ -44,16 +44,16 @@ def train(
     ] = None,
     activation: Annotated[str | None, Option(help=ACTIVATION_HELP)] = None,
     subsample: Annotated[str | None, Option(help="Classes: all, base or new." + _default("subsample"))] = None,
-    n_ctx: Annotated[int | None, Option(help="Context vectors M." + _default("n_ctx"))] = None,
+    n_ctx: Annotated[int | None, Option(help="Context vectors M (default: 16; CoCoOp: 'a photo of a').")] = None,
     ctx_init: Annotated[str | None, Option(help="Initialise ctx from these words, e.g. 'a photo of a'.")] = None,
     class_specific: Annotated[bool, Option("--class-specific", help="One ctx per class (CoOp's CSC).")] = False,
     class_position: Annotated[
         str | None, Option(help="Class name at the end, middle or front." + _default("class_position"))
     ] = None,
     epochs: Annotated[
-        int | None, Option(help="Epochs (default: CoOp's, 50 / 100 / 200 for 1 / 2-4 / 8-16 shots).")
+        int | None, Option(help="Epochs (default: CoOp's, 50 / 100 / 200 for 1 / 2-4 / 8-16 shots; CoCoOp 10).")
     ] = None,
-    batch_size: Annotated[int | None, Option(help="Images per step." + _default("batch_size"))] = None,
+    batch_size: Annotated[int | None, Option(help="Images per step (default: 32; CoCoOp 1).")] = None,
     lr: Annotated[float | None, Option(help="SGD learning rate, cosine schedule." + _default("lr"))] = None,
     momentum: Annotated[float | None, Option(help="SGD momentum." + _default("momentum"))] = None,
     weight_decay: Annotated[float | None, Option(help="SGD weight decay." + _default("weight_decay"))] = None,
@@ -89,9 +89,10 @@ def train(
         bool, Option("--resume", help="Continue the run in --out; alone, it reuses the run's config.json.")
     ] = False,
 ) -> None:
-    """Train CoOp or CoOp+Nemesis prompts on few-shot data and write a run folder.
+    """Train CoOp, CoCoOp or their Nemesis variants on few-shot data and write a run folder.
 
-    Example: nemesis train --dataset oxford_pets --root ~/data --shots 16 --method nemesis --out runs/pets
+    Example: nemesis train --dataset oxford_pets --root ~/data --shots 16 --method nemesis --out runs/pets;
+    base-to-new: --method cocoop-nemesis --beta 0 --weight 20 --subsample base
     """
     options = {name: value for name, value in locals().items() if name not in ("out", "resume")}  # first line
     given = {name: value for name, value in options.items() if value is not None and value is not False}

@@ -11,7 +11,10 @@ from nemesis_cli.main import app
 
 @pytest.mark.slow
 def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
-    settings = DemoSettings(epochs=2, train_views=1, n_ctx=4, shots=(1, 2), seeds=(1, 2))
+    settings = DemoSettings(
+        epochs=2, train_views=1, n_ctx=4, shots=(1, 2), seeds=(1, 2), base_to_new_shots=2, base_to_new_epochs=1,
+        base_to_new_views=1,
+    )  # fmt: skip
     outputs = run_demo(tmp_path / "demo", settings)
     assert len(outputs.runs) == 2 * 2 * 2
     assert all((run / "prompt.safetensors").is_file() for run in outputs.runs)
@@ -21,10 +24,12 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
         assert {f"{figure}.png", f"{figure}.pdf"} <= names
     report = {path.name for path in outputs.report}
     assert {"few_shot.md", "few_shot.csv", "few_shot.tex", "lne_frequency.md", "few_shot_curve.png"} <= report
+    assert "base_to_new.md" in report and len(outputs.base_to_new.read_text().splitlines()) == 3 * 2
 
     # a rerun resumes: nothing is trained or swept again, the outputs are the same
     again = run_demo(tmp_path / "demo", settings)
     assert again.sweep == outputs.sweep
+    assert len(again.base_to_new.read_text().splitlines()) == 3 * 2  # not evaluated again
 
 
 def test_demo_into_a_file_path_fails_cleanly(tmp_path):

@@ -194,7 +194,7 @@ def test_rows_record_the_kind_of_prompt_under_domain_shift(tmp_path, data_root):
         ("runs/output/food101/NemesisCoOp/vit_b16_ep50_2shots/nctx16_cscTrue_ctpend/seed3",
          "food101", 2, 3, "nemesis", None),
         ("output/base2new/train_base/stanford_cars/shots_16/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1/seed1",
-         "stanford_cars", 16, 1, "unknown", "base"),
+         "stanford_cars", 16, 1, "cocoop", "base"),
         ("somewhere/else/model.pth.tar-5", None, None, None, "unknown", None),
     ],
 )  # fmt: skip

@@ -97,7 +97,7 @@ def test_config_json_round_trip_and_official_override():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"method": "cocoop"}, "unknown method 'cocoop'; choose one of coop, nemesis"),
+        ({"method": "plot"}, "unknown method .plot.; choose one of coop, nemesis, cocoop, cocoop-nemesis"),
         ({"method": "nemesis", "beta": -0.1}, "beta must be between 0 and 1"),
         ({"method": "nemesis", "positions": 17}, "positions"),
         ({"method": "nemesis", "weight": -1}, "weight must be 0 or more"),
@@ -236,7 +236,7 @@ def test_existing_run_and_changed_options_are_refused(pets, tmp_path):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--method", "cocoop"], "unknown method 'cocoop'"),
+        (["--method", "plot"], "unknown method 'plot'"),
         (["--method", "nemesis", "--beta", "1.5"], "beta must be between 0 and 1"),
         (["--method", "nemesis", "--positions", "5"], "positions (NP) must be between 1 and n_ctx = 4"),
         (["--method", "nemesis", "--positions", "0"], "positions"),

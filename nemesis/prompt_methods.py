@@ -1,0 +1,101 @@
+"""Prompt methods: learners of one shape, registered by name (CoOp, CoCoOp; PLOT and deep prompts later).
+
+Every learner is an `nn.Module` whose parameters are what training updates, and has:
+
+- `ctx`: the learned context `[..., M, W]` that Nemesis's norm losses and the corruption operators
+  act on (losses and operators take any leading shape);
+- `logits(image_features)`: training logits [B, n_cls] with gradients;
+- `similarities(image_features, ctx_variants)`: cosine similarities [K, B, n_cls] of the images
+  under K variants of ctx (evaluation, sweeps, PAN's pre-inference); CoOp ignores which image it
+  is, CoCoOp conditions each image's prompts on it;
+- `extra_parameters()` / `extra_shapes(D, W)`: what a checkpoint carries besides ctx (by name);
+- `for_classnames(names)`, `n_ctx`, `n_classes`, `classnames`, `class_specific`, `class_position`.
+
+Adding a method is one module holding its learner class and one line in `PROMPT_METHODS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backbone import Backbone
+from .cocoop import CoCoOp, embed_dim_of
+from .errors import NemesisError
+from .prompt_learner import PromptLearner
+
+PROMPT_METHODS: dict[str, type] = {
+    "coop": PromptLearner,
+    "cocoop": CoCoOp,
+}
+PromptMethod = PromptLearner | CoCoOp  # for type hints
+
+
+def prompt_method(name: str) -> type:
+    """The learner class registered as `name`."""
+    if name not in PROMPT_METHODS:
+        raise NemesisError(f"unknown prompt method '{name}'; choose one of {', '.join(PROMPT_METHODS)}")
+    return PROMPT_METHODS[name]
+
+
+def extra_tensor_names() -> set[str]:
+    """Names of every registered method's tensors besides ctx (what a Dassl state dict may hold)."""
+    return {name for learner in PROMPT_METHODS.values() for name in learner.extra_shapes(16, 1)}
+
+
+def _method_with_extra(names: set[str]) -> str | None:
+    for name, learner in PROMPT_METHODS.items():
+        if set(learner.extra_shapes(16, 1)) == names:  # names do not depend on the widths
+            return name
+    return None
+
+
+def detect_prompt_method(extra: dict[str, torch.Tensor], origin: str = "prompt") -> str:
+    """The method whose extra tensors have exactly these names (no extra tensors: coop)."""
+    found = _method_with_extra(set(extra))
+    if found is None:
+        raise NemesisError(
+            f"{origin}: no prompt method learns the tensors {sorted(extra)}; known: {', '.join(PROMPT_METHODS)}"
+        )
+    return found
+
+
+def check_extra(
+    method: str, extra: dict[str, torch.Tensor], embed_dim: int, text_width: int, origin: str, model: str
+) -> None:
+    """Refuse extra tensors that are not `method`'s, or whose shapes do not fit `model` (widths D and W)."""
+    expected = prompt_method(method).extra_shapes(embed_dim, text_width)
+    if set(extra) != set(expected):
+        found = detect_prompt_method(extra, origin)
+        raise NemesisError(f"{origin} is a {found} prompt, not {method}; read it as {found}")
+    for name, shape in expected.items():
+        if tuple(extra[name].shape) != shape:
+            raise NemesisError(
+                f"{origin}: {name} has shape {tuple(extra[name].shape)}, but {method} on model '{model}' "
+                f"(image width {embed_dim}, text width {text_width}) needs {shape}; name the model it was trained with"
+            )
+        if not torch.isfinite(extra[name]).all():
+            raise NemesisError(f"{origin}: {name} contains NaN or Inf values")
+
+
+def build_learner(
+    method: str,
+    clip: Backbone,
+    classnames: list[str],
+    *,
+    extra: dict[str, torch.Tensor] | None = None,
+    origin: str = "prompt",
+    **options: Any,
+) -> PromptMethod:
+    """A learner of `method` for `classnames`; `options` are its constructor's (n_ctx, ctx_init, ctx, ...).
+
+    `extra` (a checkpoint's tensors besides ctx) is checked against the model and loaded.
+    """
+    learner = prompt_method(method)(clip, classnames, **options)
+    if extra is not None:
+        check_extra(method, extra, embed_dim_of(clip), learner.ctx.shape[-1], origin, clip.name)
+        with torch.no_grad():
+            for name, parameter in learner.extra_parameters().items():
+                parameter.copy_(extra[name].to(parameter.device, parameter.dtype))
+    return learner
