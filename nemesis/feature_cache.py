@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import InterpolationMode
 
-from .atomic import atomic_path
+from .atomic import atomic_path, file_lock
 from .constants import cache_root
 from .datasets import Dataset, Sample, missing_files
 from .errors import NemesisError
@@ -208,12 +208,18 @@ def encode_split(
     if cached is not None:
         return cached, _labels(samples)
     _check_images(dataset, samples)
-
-    transform = _TestTransform(backbone.preprocess)
-    description = f"encoding {dataset.name} {split}"
-    features = _encode(backbone, dataset, samples, transform, 1, description, batch_size, device, num_workers, progress)
-    summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name, "split": split}
-    _write_entry(path, features[0], samples, summary)
+    # One process encodes an entry; others asking for it meanwhile (torchrun ranks) wait, then read it.
+    with file_lock(path):
+        cached = _read_entry(path, samples)
+        if cached is not None:
+            return cached, _labels(samples)
+        transform = _TestTransform(backbone.preprocess)
+        description = f"encoding {dataset.name} {split}"
+        features = _encode(
+            backbone, dataset, samples, transform, 1, description, batch_size, device, num_workers, progress
+        )
+        summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name, "split": split}
+        _write_entry(path, features[0], samples, summary)
     return features[0], _labels(samples)
 
 
@@ -317,18 +323,32 @@ def encode_train_views(
         for view in range(views)
     ]
     found = {view: _read_entry(path, samples) for view, path in enumerate(paths)}
-    todo = [view for view, features in found.items() if features is None]
-    if todo:
+    if any(features is None for features in found.values()):
         _check_images(dataset, samples)
-
-        transform = _ViewTransform(backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed)
-        description = f"encoding {dataset.name} {split} x{len(todo)} views"
-        encoded = _encode(
-            backbone, dataset, samples, transform, len(todo), description, batch_size, device, num_workers, progress
-        )
-        for position, view in enumerate(todo):
-            summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name,
-                       "split": split, "view": view, "seed": seed}  # fmt: skip
-            _write_entry(paths[view], encoded[position], samples, summary)
-            found[view] = encoded[position]
+        with file_lock(paths[0]):  # as in encode_split: one process encodes, the others wait, then read
+            found = {
+                view: _read_entry(path, samples) if found[view] is None else found[view]
+                for view, path in enumerate(paths)
+            }
+            todo = [view for view, features in found.items() if features is None]
+            if todo:
+                transform = _ViewTransform(backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed)
+                description = f"encoding {dataset.name} {split} x{len(todo)} views"
+                encoded = _encode(
+                    backbone,
+                    dataset,
+                    samples,
+                    transform,
+                    len(todo),
+                    description,
+                    batch_size,
+                    device,
+                    num_workers,
+                    progress,
+                )
+                for position, view in enumerate(todo):
+                    summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name,
+                               "split": split, "view": view, "seed": seed}  # fmt: skip
+                    _write_entry(paths[view], encoded[position], samples, summary)
+                    found[view] = encoded[position]
     return torch.stack([found[view] for view in range(views)]), _labels(samples)  # [V, N, D]

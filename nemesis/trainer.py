@@ -35,6 +35,7 @@ from .choices import Method, Precision
 from .configs import TrainConfig, read_run_config
 from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
 from .datasets import Dataset, load_dataset
+from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
 from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
@@ -192,7 +193,8 @@ def _comparable(values: dict) -> dict:
     return {key: value for key, value in values.items() if key not in RESUMABLE_CHANGES}
 
 
-def _check_folder(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+def check_run_folder(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+    """Refuse an --out that is a file, or holds a run (unless resuming) or a run with other options."""
     config_path = out_dir / RUN_CONFIG
     if not config_path.is_file():
         if out_dir.exists() and not out_dir.is_dir():
@@ -224,34 +226,47 @@ def _test_accuracy(learner: PromptLearner, features: torch.Tensor, labels: torch
     return 100.0 * float((predicted == labels).float().mean())
 
 
-def _correct_counter(learner: PromptLearner, images: torch.Tensor, labels: torch.Tensor):
-    """PAN's pre-inference: batch samples each ctx variant classifies right [K], in one batched text pass."""
+def _correct_counter(learner: PromptLearner, images: torch.Tensor, labels: torch.Tensor, ranks: Ranks):
+    """PAN's pre-inference: batch samples each ctx variant classifies right [K], in one batched text pass.
+
+    A batch sharded across ranks is counted whole: each rank's counts are summed over the ranks."""
     images = F.normalize(images.float(), dim=-1)  # [B, D]
 
     def count_correct(variants: torch.Tensor) -> torch.Tensor:
         text = F.normalize(learner.encode(variants).float(), dim=-1)  # [K, n_cls, D]
         scores = images @ text.transpose(1, 2)  # [K, B, n_cls]
-        return (scores.argmax(dim=-1) == labels).sum(dim=-1)  # [K]
+        return ranks.all_reduce_sum((scores.argmax(dim=-1) == labels).sum(dim=-1))  # [K]
 
     return count_correct
 
 
 @dataclass
 class _Stepper:
-    """One optimisation step on a batch of image features; returns the step's metrics row."""
+    """One optimisation step on a batch of image features; returns the step's metrics row.
+
+    Under torchrun with one run (batch sharding) each rank holds a shard of the global batch of
+    `batch_size` images: its loss is its share of the global mean, ctx's gradient is summed over
+    the ranks, so every rank takes the step one process would take on the whole batch.
+    """
 
     config: TrainConfig
     learner: PromptLearner
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     device: torch.device
+    ranks: Ranks = SINGLE_PROCESS
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int, lr: float) -> dict:
-        config, learner = self.config, self.learner
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int, lr: float, batch_size: int
+    ) -> dict:
+        config, learner, ranks = self.config, self.learner, self.ranks
         norm_value, alpha = 0.0, [0.0] * learner.n_ctx
         with _autocast(config, self.device):
             logits = PromptedCLIP(learner).logits(images, learner.text_features())  # [B, n_cls]
-            cross_entropy = F.cross_entropy(logits, labels)
+            if ranks.distributed:
+                cross_entropy = F.cross_entropy(logits, labels, reduction="sum") / batch_size  # this shard's part
+            else:
+                cross_entropy = F.cross_entropy(logits, labels)
             loss = cross_entropy
             if config.method is Method.nemesis:
                 loss, penalty = nemesis_loss(
@@ -260,27 +275,33 @@ class _Stepper:
                     config.nemesis_config(),
                     epoch,
                     config.epochs,
-                    _correct_counter(learner, images, labels),
+                    _correct_counter(learner, images, labels, ranks),
                     generator(config.seed, "pan", step),
                 )
+                if ranks.distributed:  # the penalty's gradient once in the sum over ranks
+                    loss = cross_entropy + penalty.value / ranks.world_size
                 norm_value, alpha = float(penalty.value.detach()), penalty.alpha.tolist()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            ranks.all_reduce_sum(learner.ctx.grad)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            ranks.all_reduce_sum(learner.ctx.grad)
             self.optimizer.step()
         norms, _, _ = _norm_summary(learner.ctx)
+        correct = (logits.argmax(dim=-1) == labels).sum().float()
+        summed = ranks.all_reduce_sum(torch.stack([cross_entropy.detach().float(), correct]))
         return {
             "kind": "step",
             "epoch": epoch + 1,
             "step": step,
             "lr": lr,
-            "ce_loss": float(cross_entropy.detach()),
+            "ce_loss": float(summed[0]),
             "norm_loss": norm_value,
-            "train_acc": 100.0 * float((logits.argmax(dim=-1) == labels).float().mean()),
+            "train_acc": 100.0 * float(summed[1]) / batch_size,
             "norms": norms,
             "alpha": alpha,
         }
@@ -311,17 +332,29 @@ def train(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> Path:
     """Train a prompt and write the run folder `out_dir`; return it.
 
     `resume=True` continues the run saved in `out_dir` (same options) after its last finished epoch.
     `on_epoch_end(epoch)` is called after each epoch's state is saved (tests interrupt runs with it).
+    `backbones` ((model, weights) -> Backbone) is reused and filled, so a grid loads each model once.
+    With `ranks` of a torchrun job, every rank trains the same run on its shard of each batch and
+    rank 0 alone writes the folder.
     """
     config = config.resolved()
     out_dir = Path(out_dir)
-    _check_folder(out_dir, config, resume)
+    check_run_folder(out_dir, config, resume)
     data = check_config(config)
-    device = torch.device(resolve_device(config.device))
+    if ranks.distributed and min(config.batch_size, len(data.train)) < ranks.world_size:
+        raise NemesisError(
+            f"{ranks.world_size} ranks share each batch of {min(config.batch_size, len(data.train))} images; "
+            "use fewer ranks or a larger --batch-size"
+        )
+    ranks.barrier()  # every rank has checked the folder before rank 0 writes into it
+    device = torch.device(resolve_device(rank_device(ranks, config.device)))
+    echo = echo if ranks.is_main else None
     # Only for code outside this module that draws from the global generators; a resumed run restores them.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -333,7 +366,10 @@ def train(
             echo(f"{out_dir} finished its {config.epochs} epochs before; nothing left to do")
         return out_dir
 
-    backbone = load_clip(config.model, config.pretrained, device=device)
+    backbones = {} if backbones is None else backbones
+    if (config.model, config.pretrained) not in backbones:
+        backbones[config.model, config.pretrained] = load_clip(config.model, config.pretrained, device=device)
+    backbone = backbones[config.model, config.pretrained]
     learner = PromptLearner(
         backbone,
         data.classnames,
@@ -343,11 +379,14 @@ def train(
         class_position=config.class_position,
         seed=config.seed,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / RUN_CONFIG).is_file():
-        write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
-    journal = Journal(out_dir, echo)
-    write_text_atomic(out_dir / RUN_METRICS, read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0))
+    writes = ranks.is_main
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not (out_dir / RUN_CONFIG).is_file():
+            write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
+        finished = read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0)
+        write_text_atomic(out_dir / RUN_METRICS, finished)
+    journal = Journal(out_dir, echo, write=writes)
 
     optimizer = torch.optim.SGD([learner.ctx], lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scaler = None
@@ -364,11 +403,13 @@ def train(
         start_epoch, step = state.epoch, state.step
         journal.say(f"resumed after epoch {start_epoch} (step {step})", show=True)
     else:
-        (out_dir / RUN_LOG).write_text("", encoding="utf-8")
+        if writes:
+            (out_dir / RUN_LOG).write_text("", encoding="utf-8")
         journal.say(
             f"nemesis train: {config.method.value} on {config.dataset} ({len(data.classnames)} classes, "
             f"{len(data.train)} training images), {config.shots} shots, seed {config.seed}, "
-            f"{config.model} ({config.pretrained}), {config.epochs} epochs, device {device}",
+            f"{config.model} ({config.pretrained}), {config.epochs} epochs, device {device}"
+            + (f", each batch sharded over {ranks.world_size} ranks" if ranks.distributed else ""),
             show=True,
         )
         journal.say(f"config: {json.dumps(config.to_json())}")
@@ -378,7 +419,7 @@ def train(
         backbone, data, "test", cache_dir=config.cache_dir, device=device, progress=progress
     )
     test_features, test_labels = test_features.to(device), test_labels.to(device)
-    stepper = _Stepper(config, learner, optimizer, scaler, device)
+    stepper = _Stepper(config, learner, optimizer, scaler, device, ranks)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("training", total=config.epochs, completed=start_epoch)
@@ -387,9 +428,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = epoch_batches(len(features), config.batch_size, config.seed, epoch)
-            for images, labels in features.batches(epoch, batches):
+            sizes = [len(indices) for indices in batches]
+            shards = [indices[ranks.rank :: ranks.world_size] for indices in batches]  # whole batches in one process
+            for (images, labels), size in zip(features.batches(epoch, shards), sizes, strict=True):
                 step += 1
-                journal.rows.append(stepper(images, labels, epoch, step, lr))
+                journal.rows.append(stepper(images, labels, epoch, step, lr, size))
             done = epoch + 1
             test_accuracy = None
             if done == config.epochs or (config.eval_every and done % config.eval_every == 0):
@@ -410,20 +453,22 @@ def train(
             shown = "" if test_accuracy is None else f" test_acc {test_accuracy:.2f}"
             journal.say(f"epoch [{done}/{config.epochs}] lr {lr:.4e} loss {loss:.4f}{shown} mean_norm {mean_norm:.4f}")
             journal.flush_rows()
-            if config.save_every and done % config.save_every == 0:
+            if writes and config.save_every and done % config.save_every == 0:
                 (out_dir / RUN_CHECKPOINTS).mkdir(exist_ok=True)
                 checkpoint = out_dir / RUN_CHECKPOINTS / f"epoch-{done:04d}.safetensors"
                 save_prompt(checkpoint, learner.ctx.detach(), _metadata(config, backbone, data, done))
             momentum = optimizer.state.get(learner.ctx, {}).get("momentum_buffer")
             extra = {"scaler": scaler.state_dict() if scaler is not None else None}
-            save_state(state_path, RunState(done, step, learner.ctx, momentum, extra))
+            if writes:
+                save_state(state_path, RunState(done, step, learner.ctx, momentum, extra))
             bar.update(task, completed=done, description=f"epoch {done}{shown}")
             if on_epoch_end is not None:
                 on_epoch_end(done)
 
     predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
     total, correct = len(test_labels), int((predicted == test_labels).sum())
-    save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), _metadata(config, backbone, data, config.epochs))
+    if writes:
+        save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), _metadata(config, backbone, data, config.epochs))
     journal.say("Evaluate on the *test* set")
     for line in coop_result_block(total, correct, macro_f1(predicted, test_labels)).splitlines():
         journal.say(line, show=True)

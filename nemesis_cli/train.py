@@ -24,17 +24,29 @@ def _default(name: str) -> str:
 
 @reports_errors
 def train(
-    out: Annotated[Path, Option(help="Run folder to write (config.json, metrics.jsonl, log.txt, prompt).")],
+    out: Annotated[
+        Path,
+        Option(
+            help="Run folder to write (config.json, metrics.jsonl, log.txt, prompt); for a grid, the folder of "
+            "the tree <dataset>/<method>/<model>_<shots>shots/seed<seed>."
+        ),
+    ],
     dataset: Annotated[
         str | None,
-        Option(help="Dataset key, e.g. oxford_pets, imagenet, or fashion_mnist (needs no --root)."),
+        Option(
+            help="Dataset key, e.g. oxford_pets, imagenet, or fashion_mnist (needs no --root); a list a,b for a grid."
+        ),
     ] = None,
     root: Annotated[Path | None, Option(help="Folder holding the CoOp-format datasets.")] = None,
-    shots: Annotated[int | None, Option(help="Training images per class." + _default("shots"))] = None,
+    shots: Annotated[str | None, Option(help="Training images per class, or a list 1,2,4." + _default("shots"))] = None,
     seed: Annotated[
-        int | None, Option(help="Seed of the few-shot draw, init and data order." + _default("seed"))
+        str | None,
+        Option(help="Seed of the few-shot draw, init and data order, or a list 1,2,3." + _default("seed")),
     ] = None,
-    method: Annotated[str | None, Option(help="coop or nemesis." + _default("method"))] = None,
+    method: Annotated[
+        str | None,
+        Option(help="coop, nemesis, pen (Nemesis PUN, beta 1) or pan (beta 0), or a list." + _default("method")),
+    ] = None,
     model: Annotated[str | None, Option(help="open_clip model." + _default("model"))] = None,
     pretrained: Annotated[
         str | None,
@@ -85,27 +97,51 @@ def train(
     resume: Annotated[
         bool, Option("--resume", help="Continue the run in --out; alone, it reuses the run's config.json.")
     ] = False,
+    tree: Annotated[
+        bool, Option("--tree", help="Write the grid's tree under --out even for a single combination.")
+    ] = False,
 ) -> None:
-    """Train CoOp or CoOp+Nemesis prompts on few-shot data and write a run folder.
+    """Train CoOp or CoOp+Nemesis prompts on few-shot data and write a run folder, or a whole grid of them.
+
+    Lists (--dataset a,b --shots 1,2,4 --seed 1,2,3 --method coop,pen,pan) train every combination
+    in one process, one run folder each under --out; a rerun skips finished runs and resumes the
+    others, a failed run is reported at the end (exit code 1) without stopping the rest. Under
+    `torchrun --nproc-per-node N` the ranks split the grid's runs; a single run shards each batch.
 
     Example: nemesis train --dataset oxford_pets --root ~/data --shots 16 --method nemesis --out runs/pets
+
+    Example: nemesis train --dataset oxford_pets,dtd --root ~/data --shots 1,2,4,8,16 --seed 1,2,3
+    --method coop,pen,pan --out runs/
     """
-    options = {name: value for name, value in locals().items() if name not in ("out", "resume")}  # first line
+    options = {name: value for name, value in locals().items() if name not in ("out", "resume", "tree")}  # first
+    from nemesis.train_grid import parse_values, plan_grid, run_grid_job, single_run_grid
+
     given = {name: value for name, value in options.items() if value is not None and value is not False}
-    runtime = {name: given[name] for name in ("device", "cache_dir") if name in given}
-    if "dataset" not in given:
-        if not resume:
-            raise NemesisError("--dataset is required (e.g. --dataset fashion_mnist)")
-        config = dataclasses.replace(read_run_config(out), **{k: str(v) for k, v in runtime.items()})
+    runtime = {name: str(given[name]) for name in ("device", "cache_dir") if name in given}
+    if "dataset" not in given and resume and not tree:
+        grid = single_run_grid(dataclasses.replace(read_run_config(out), **runtime), out)
     else:
+        axes = {name: given.pop(name, None) for name in ("dataset", "method", "shots", "seed")}
         for name in ("root", "cache_dir"):
             if name in given:
                 given[name] = str(given[name])
-        config = TrainConfig(**given)
-    from nemesis.trainer import train as train_prompt  # torch: only once the options are checked
-
-    folder = train_prompt(config, out, resume=resume, echo=typer.echo)
-    typer.echo(f"wrote {folder}")
+        grid = plan_grid(
+            out,
+            given,
+            datasets=parse_values(axes["dataset"], "dataset"),
+            methods=parse_values(axes["method"], "method"),
+            shots=parse_values(axes["shots"], "shots", int),
+            seeds=parse_values(axes["seed"], "seed", int),
+            tree=tree,
+            resume=resume,
+        )
+    summary = run_grid_job(grid)
+    for run, error in summary.failed:
+        typer.echo(f"failed: {run.folder}: {error}", err=True)
+    if summary.main:
+        typer.echo(summary.line() if grid.tree else f"wrote {grid.runs[0].folder}")
+    if summary.counts[2]:
+        raise typer.Exit(code=1)
 
 
 @reports_errors
