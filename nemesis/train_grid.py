@@ -29,7 +29,8 @@ from .constants import RUN_CONFIG, RUN_PROMPT
 from .datasets import resolve_name
 from .distributed import SINGLE_PROCESS, Ranks
 from .errors import NemesisError
-from .trainer import TrainConfig, check_config, check_run_folder, train
+from .configs import TrainConfig
+from .trainer import check_config, check_run_folder, train
 
 # What each name of `--method` sets. A new preset is one line here.
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
