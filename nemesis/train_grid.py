@@ -25,11 +25,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import distributed
+from .configs import TrainConfig
 from .constants import RUN_CONFIG, RUN_PROMPT
 from .datasets import resolve_name
 from .distributed import SINGLE_PROCESS, Ranks
 from .errors import NemesisError
-from .configs import TrainConfig
 from .trainer import check_config, check_run_folder, train
 
 # What each name of `--method` sets. A new preset is one line here.
