@@ -160,6 +160,7 @@ def _splits() -> tuple[tuple[Sample, ...], tuple[Sample, ...], tuple[Sample, ...
 
 def load_fashion_mnist() -> Dataset:
     """Fashion-MNIST's train (54,000), val (6,000) and test (10,000) samples."""
+    _arrays()  # the files are found (or how to get them is said) before the cached sample lists are used
     train, val, test = _splits()
     return Dataset(
         name=FASHION_MNIST,

@@ -209,7 +209,8 @@ def encode_split(
         return cached, _labels(samples)
     _check_images(dataset, samples)
     # One process encodes an entry; others asking for it meanwhile (torchrun ranks) wait, then read it.
-    with file_lock(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(f"{path}.lock"):
         cached = _read_entry(path, samples)
         if cached is not None:
             return cached, _labels(samples)
@@ -325,7 +326,8 @@ def encode_train_views(
     found = {view: _read_entry(path, samples) for view, path in enumerate(paths)}
     if any(features is None for features in found.values()):
         _check_images(dataset, samples)
-        with file_lock(paths[0]):  # as in encode_split: one process encodes, the others wait, then read
+        folder.mkdir(parents=True, exist_ok=True)
+        with file_lock(f"{paths[0]}.lock"):  # as in encode_split: one process encodes, the others wait, then read
             found = {
                 view: _read_entry(path, samples) if found[view] is None else found[view]
                 for view, path in enumerate(paths)

@@ -28,7 +28,7 @@ from . import distributed
 from .configs import TrainConfig
 from .constants import RUN_CONFIG, RUN_PROMPT
 from .datasets import resolve_name
-from .distributed import SINGLE_PROCESS, Ranks
+from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
 from .trainer import check_config, check_run_folder, train
 
@@ -236,7 +236,7 @@ def run_grid(
             else:
                 try:
                     train(
-                        run.config,
+                        dataclasses.replace(run.config, device=rank_device(ranks, run.config.device)),  # its GPU
                         run.folder,
                         resume=(run.folder / RUN_CONFIG).is_file(),
                         progress=False,
