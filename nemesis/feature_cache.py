@@ -32,6 +32,7 @@ from .errors import NemesisError
 FEATURES = "features"
 LABELS = "labels"
 CACHE_FORMAT_VERSION = 1
+LOCKS_FOLDER = ".locks"  # beside the entries: one lock file per entry, so one process encodes it
 # CoOp's train augmentation: RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip.
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -82,6 +83,13 @@ def feature_key(
 def cache_file(cache_dir: Path, dataset_name: str, split: str, key: str, view: int | None = None) -> Path:
     view_part = "" if view is None else f"-view{view}"
     return cache_dir / f"{dataset_name}-{split}{view_part}-{key}.safetensors"
+
+
+def _lock_file(entry: Path) -> Path:
+    """The lock of one cache entry, in the cache's `.locks/` (a lock file stays: removing it would split the lock)."""
+    folder = entry.parent / LOCKS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{entry.name}.lock"
 
 
 def _read_entry(path: Path, samples: list[Sample]) -> torch.Tensor | None:
@@ -209,8 +217,7 @@ def encode_split(
         return cached, _labels(samples)
     _check_images(dataset, samples)
     # One process encodes an entry; others asking for it meanwhile (torchrun ranks) wait, then read it.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(f"{path}.lock"):
+    with file_lock(_lock_file(path)):
         cached = _read_entry(path, samples)
         if cached is not None:
             return cached, _labels(samples)
@@ -326,8 +333,7 @@ def encode_train_views(
     found = {view: _read_entry(path, samples) for view, path in enumerate(paths)}
     if any(features is None for features in found.values()):
         _check_images(dataset, samples)
-        folder.mkdir(parents=True, exist_ok=True)
-        with file_lock(f"{paths[0]}.lock"):  # as in encode_split: one process encodes, the others wait, then read
+        with file_lock(_lock_file(paths[0])):  # as in encode_split: one process encodes, the others wait, then read
             found = {
                 view: _read_entry(path, samples) if found[view] is None else found[view]
                 for view, path in enumerate(paths)
