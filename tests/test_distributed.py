@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -15,6 +17,7 @@ import analysis
 import nemesis.trainer as trainer
 from corrupt.inputs import identity_from_path, resolve_inputs
 from nemesis.distributed import Ranks, ranks_from_environment
+from nemesis.sweep_format import correctness_path, part_files
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
@@ -176,3 +179,59 @@ def test_batch_sharded_training_matches_one_process_with_the_global_batch(data_r
     assert "each batch sharded over 2 ranks" in (tmp_path / "two" / "log.txt").read_text()
     steps = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
     assert len(steps) == 3 * 2  # the run's folder is written once, by rank 0
+
+
+# --- sweeps: ranks split the cells, rank 0 merges the table ---------------------------------------------
+
+
+def sweep_args(root, runs, table) -> list[str]:
+    return ["corrupt", str(runs), "--out", str(table), "--root", str(root), "--rescale", "0.5,2", "--replace", "0",
+            "--positions", "0,1,2", "--device", "cpu"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def one_process_sweep(data_root, one_process_grid, tmp_path_factory):
+    runs, _ = one_process_grid
+    table = tmp_path_factory.mktemp("one-process-sweep") / "lne.parquet"
+    result = CliRunner().invoke(app, sweep_args(data_root, runs, table))
+    assert result.exit_code == 0, result.output
+    return table
+
+
+def assert_same_table(expected, actual):
+    """Rows, values and per-sample correctness as one process writes them; no parts left over."""
+    pd.testing.assert_frame_equal(pd.read_parquet(expected), pd.read_parquet(actual))
+    mine, theirs = (pq.read_table(correctness_path(path)).to_pylist() for path in (expected, actual))
+    assert mine == theirs
+    assert not part_files(actual)
+
+
+@pytest.mark.slow
+def test_torchrun_sweep_writes_the_one_process_table(data_root, one_process_grid, one_process_sweep, tmp_path):
+    runs, _ = one_process_grid
+    table = tmp_path / "lne.parquet"
+    result = run_torchrun(2, sweep_args(data_root, runs, table))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("16 checkpoints, 160 cells: 160 computed") == 1, result.stdout
+    assert_same_table(one_process_sweep, table)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("whole_job", "rerun_ranks"), [(True, 1), (False, 2)], ids=["job-then-1", "rank-then-2"])
+def test_a_killed_sweep_reruns_to_the_uninterrupted_table(
+    data_root, one_process_grid, one_process_sweep, tmp_path, whole_job, rerun_ranks
+):
+    runs, _ = one_process_grid
+    table = tmp_path / "lne.parquet"
+    arguments = sweep_args(data_root, runs, table)
+    killed = kill_torchrun_when(2, arguments, lambda: len(part_files(table)) >= 2, whole_job=whole_job)
+    assert killed.returncode != 0
+    if rerun_ranks == 1:
+        result = CliRunner().invoke(app, arguments)
+        output, code = result.output, result.exit_code
+    else:
+        finished = run_torchrun(rerun_ranks, arguments)
+        output, code = finished.stdout + finished.stderr, finished.returncode
+    assert code == 0, output
+    assert "already in the results" in output
+    assert_same_table(one_process_sweep, table)
