@@ -29,8 +29,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from nemesis import distributed
 from nemesis.backbone import Backbone, resolve_device
 from nemesis.datasets import FASHION_MNIST, dataset_dir
+from nemesis.distributed import SINGLE_PROCESS, Ranks, rank_device
 from nemesis.errors import NemesisError
 from nemesis.evaluate import EvaluationSetup, predictions, prepare_evaluation
 from nemesis.progress import progress_bar
@@ -152,6 +154,7 @@ class SweepSummary:
     skipped: int  # cells found in the results file already
     seconds: float
     cells: pd.DataFrame  # every row of this sweep's cells (resumed ones included)
+    main: bool = True  # False on torchrun ranks other than 0: their summary holds only their own cells
 
     @property
     def cells_per_second(self) -> float:
@@ -207,6 +210,7 @@ def run_sweep(
     progress: bool = True,
     console: Console | None = None,
     compact: bool = True,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> SweepSummary:
     """Run `grid` on every input, appending each checkpoint's rows to `results` as soon as it is done.
 
@@ -214,6 +218,12 @@ def run_sweep(
     only what is missing. `backbones` is reused across checkpoints (and across calls, if passed).
     With `compact`, the table's parts are merged into its one file at the end, also when the sweep
     is interrupted (`ResultsFile.compact`); a rank that leaves this to rank 0 passes False.
+
+    Under torchrun (`ranks`) the sweep's cells, in input then grid order, are cut into one
+    contiguous block per rank; each rank computes the missing cells of its block and appends them
+    as its own parts, and after all ranks are done rank 0 merges the parts into the one table, the
+    table one process writes. Blocks depend only on the inputs, the grid and the number of ranks,
+    so a rerun with any number of ranks computes exactly the cells still missing.
     """
     check_sweep(inputs, grid, root, device)
     console = console or Console()
@@ -224,11 +234,18 @@ def run_sweep(
         )
     backbones = {} if backbones is None else backbones
     done = results.cell_ids
-    plan = []  # (input, ids of all its cells, cells still missing)
+    plan = []  # (input, ids of all its cells, cells of this rank still missing)
+    first, last = _block(sum(len(grid.cells(item.n_ctx)) for item in inputs), ranks)
+    position = 0
     for item in inputs:
         cells = grid.cells(item.n_ctx)
         ids = [cell_id(item.identity, cell) for cell in cells]
-        missing = [cell for cell, identifier in zip(cells, ids, strict=True) if identifier not in done]
+        missing = [
+            cell
+            for index, (cell, identifier) in enumerate(zip(cells, ids, strict=True), start=position)
+            if first <= index < last and identifier not in done
+        ]
+        position += len(cells)
         plan.append((item, ids, missing))
     total_missing = sum(len(missing) for _, _, missing in plan)
     all_ids = [identifier for _, ids, _ in plan for identifier in ids]
@@ -237,9 +254,9 @@ def run_sweep(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _CellsPerSecond(),
                TimeRemainingColumn())  # fmt: skip
     with contextlib.ExitStack() as stack:
-        if compact:
+        if compact and not ranks.distributed:
             stack.callback(results.compact)
-        bar = stack.enter_context(progress_bar(*columns, console=console, disable=not progress))
+        bar = stack.enter_context(progress_bar(*columns, console=console, disable=not (progress and ranks.is_main)))
         task = bar.add_task("corrupting", total=total_missing)
         for item, _, missing in plan:
             if not missing:
@@ -260,12 +277,44 @@ def run_sweep(
             )
             if missing[0].op == ORIGINAL:
                 original_accuracy = accuracy_percent(int(outcome.correct[0].sum()), outcome.correct.shape[1])
-            else:  # the original row was written by an earlier run of a smaller grid
-                original_accuracy = results.accuracy_of(cell_id(item.identity, Cell(ORIGINAL)))
+            elif (original_id := cell_id(item.identity, Cell(ORIGINAL))) in results.cell_ids:
+                original_accuracy = results.accuracy_of(original_id)  # written by an earlier run of a smaller grid
+            else:  # another rank's cell: evaluated here too (one more variant), written by that rank only
+                original = evaluate_cells(setup, checkpoint.ctx, [Cell(ORIGINAL)], variants_per_pass).correct[0]
+                original_accuracy = accuracy_percent(int(original.sum()), original.numel())
             identity = {**item.identity, "n_classes": len(setup.dataset.classnames)}
             rows = cell_rows(identity, missing, outcome, original_accuracy)
             correctness = [row.numpy() for row in outcome.correct]
             results.append(rows, correctness)
+    if ranks.distributed:
+        ranks.barrier()  # every rank's parts are written
+        computed = int(ranks.all_reduce_sum(torch.tensor([total_missing], device=_collective_device()))[0])
+        if ranks.is_main and compact:
+            results.compact()
+        total_missing = computed
     seconds = time.perf_counter() - start
     cells = results.rows_of(all_ids)
-    return SweepSummary(len(inputs), total_missing, len(all_ids) - total_missing, seconds, cells)
+    return SweepSummary(len(inputs), total_missing, len(all_ids) - total_missing, seconds, cells, ranks.is_main)
+
+
+def _block(count: int, ranks: Ranks) -> tuple[int, int]:
+    """This rank's contiguous share [first, last) of `count` cells (sizes differ by at most one)."""
+    return count * ranks.rank // ranks.world_size, count * (ranks.rank + 1) // ranks.world_size
+
+
+def _collective_device() -> str:
+    return "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+
+
+def run_sweep_job(
+    inputs: Sequence[SweepInput], grid: Grid, results: ResultsFile, *, device: str | None = None, **options: Any
+) -> SweepSummary:
+    """`run_sweep` in one process, or as one rank of the torchrun job that started this process.
+
+    Under torchrun each rank takes its own GPU and its block of the cells; the ranks wait for each
+    other at the end, and rank 0's summary (`main`) covers the merged table.
+    """
+    ranks = distributed.start(device)
+    summary = run_sweep(inputs, grid, results, device=rank_device(ranks, device), ranks=ranks, **options)
+    distributed.stop()
+    return summary

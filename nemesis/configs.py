@@ -327,7 +327,7 @@ def resume_config(saved: TrainConfig, passed: dict, out_dir: str | Path) -> tupl
 
 def ignored_nemesis_options(config: TrainConfig, passed: dict) -> list[str]:
     """The Nemesis-only options among `passed` when the method is not Nemesis (they change nothing)."""
-    if config.method is Method.nemesis:
+    if config.method.uses_nemesis:
         return []
     return [_flag(name) for name in NEMESIS_OPTIONS if name in passed]
 

@@ -144,17 +144,29 @@ def _samples(part: str, indices: np.ndarray, labels: np.ndarray) -> list[Sample]
     ]
 
 
-def load_fashion_mnist() -> Dataset:
-    """Fashion-MNIST's train (54,000), val (6,000) and test (10,000) samples."""
+@functools.lru_cache(maxsize=1)
+def _splits() -> tuple[tuple[Sample, ...], tuple[Sample, ...], tuple[Sample, ...]]:
+    """Train, val and test samples, built once per process (a grid loads the dataset for every run)."""
     arrays = _arrays()
     train_labels, test_labels = arrays["train-labels"], arrays["test-labels"]
     indices = np.arange(len(train_labels))
     is_val = indices % VAL_EVERY == VAL_EVERY - 1
+    return (
+        tuple(_samples("train", indices[~is_val], train_labels)),
+        tuple(_samples("train", indices[is_val], train_labels)),
+        tuple(_samples("test", np.arange(len(test_labels)), test_labels)),
+    )
+
+
+def load_fashion_mnist() -> Dataset:
+    """Fashion-MNIST's train (54,000), val (6,000) and test (10,000) samples."""
+    _arrays()  # the files are found (or how to get them is said) before the cached sample lists are used
+    train, val, test = _splits()
     return Dataset(
         name=FASHION_MNIST,
         classnames=list(CLASSNAMES),
-        train=_samples("train", indices[~is_val], train_labels),
-        val=_samples("train", indices[is_val], train_labels),
-        test=_samples("test", np.arange(len(test_labels)), test_labels),
+        train=list(train),
+        val=list(val),
+        test=list(test),
         image_loader=open_fashion_mnist_image,
     )

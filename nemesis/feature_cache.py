@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 from torchvision.transforms import InterpolationMode
 
-from .atomic import atomic_path
+from .atomic import atomic_path, file_lock
 from .checksum import tensors_sha256
 from .constants import cache_root
 from .datasets import Dataset, Sample, missing_files
@@ -34,6 +34,7 @@ from .progress import progress_bar
 FEATURES = "features"
 LABELS = "labels"
 CACHE_FORMAT_VERSION = 1
+LOCKS_FOLDER = ".locks"  # beside the entries: one lock file per entry, so one process encodes it
 # CoOp's train augmentation: RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip.
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -87,6 +88,13 @@ CHECKSUM_KEY = "sha256"  # of the entry's tensors, checked on every read
 def cache_file(cache_dir: Path, dataset_name: str, split: str, key: str, view: int | None = None) -> Path:
     view_part = "" if view is None else f"-view{view}"
     return cache_dir / f"{dataset_name}-{split}{view_part}-{key}.safetensors"
+
+
+def _lock_file(entry: Path) -> Path:
+    """The lock of one cache entry, in the cache's `.locks/` (a lock file stays: removing it would split the lock)."""
+    folder = entry.parent / LOCKS_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{entry.name}.lock"
 
 
 def _read_entry(path: Path, samples: list[Sample]) -> torch.Tensor | None:
@@ -220,12 +228,18 @@ def encode_split(
     if cached is not None:
         return cached, _labels(samples)
     _check_images(dataset, samples)
-
-    transform = _TestTransform(backbone.preprocess)
-    description = f"encoding {dataset.name} {split}"
-    features = _encode(backbone, dataset, samples, transform, 1, description, batch_size, device, num_workers, progress)
-    summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name, "split": split}
-    _write_entry(path, features[0], samples, summary)
+    # One process encodes an entry; others asking for it meanwhile (torchrun ranks) wait, then read it.
+    with file_lock(_lock_file(path)):
+        cached = _read_entry(path, samples)
+        if cached is not None:
+            return cached, _labels(samples)
+        transform = _TestTransform(backbone.preprocess)
+        description = f"encoding {dataset.name} {split}"
+        features = _encode(
+            backbone, dataset, samples, transform, 1, description, batch_size, device, num_workers, progress
+        )
+        summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name, "split": split}
+        _write_entry(path, features[0], samples, summary)
     return features[0], _labels(samples)
 
 
@@ -329,18 +343,32 @@ def encode_train_views(
         for view in range(views)
     ]
     found = {view: _read_entry(path, samples) for view, path in enumerate(paths)}
-    todo = [view for view, features in found.items() if features is None]
-    if todo:
+    if any(features is None for features in found.values()):
         _check_images(dataset, samples)
-
-        transform = _ViewTransform(backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed)
-        description = f"encoding {dataset.name} {split} x{len(todo)} views"
-        encoded = _encode(
-            backbone, dataset, samples, transform, len(todo), description, batch_size, device, num_workers, progress
-        )
-        for position, view in enumerate(todo):
-            summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name,
-                       "split": split, "view": view, "seed": seed}  # fmt: skip
-            _write_entry(paths[view], encoded[position], samples, summary)
-            found[view] = encoded[position]
+        with file_lock(_lock_file(paths[0])):  # as in encode_split: one process encodes, the others wait, then read
+            found = {
+                view: _read_entry(path, samples) if found[view] is None else found[view]
+                for view, path in enumerate(paths)
+            }
+            todo = [view for view, features in found.items() if features is None]
+            if todo:
+                transform = _ViewTransform(backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed)
+                description = f"encoding {dataset.name} {split} x{len(todo)} views"
+                encoded = _encode(
+                    backbone,
+                    dataset,
+                    samples,
+                    transform,
+                    len(todo),
+                    description,
+                    batch_size,
+                    device,
+                    num_workers,
+                    progress,
+                )
+                for position, view in enumerate(todo):
+                    summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name,
+                               "split": split, "view": view, "seed": seed}  # fmt: skip
+                    _write_entry(paths[view], encoded[position], samples, summary)
+                    found[view] = encoded[position]
     return torch.stack([found[view] for view in range(views)]), _labels(samples)  # [V, N, D]

@@ -163,17 +163,20 @@ def remove_orphans(folder: Path) -> None:
 class Journal:
     """metrics.jsonl and log.txt: rows appended after each epoch, just before the state is saved."""
 
-    def __init__(self, out_dir: Path, echo: Callable[[str], None] | None) -> None:
+    def __init__(self, out_dir: Path, echo: Callable[[str], None] | None, write: bool = True) -> None:
         self.metrics, self.log, self.echo = out_dir / RUN_METRICS, out_dir / RUN_LOG, echo
+        self.write = write  # False on the ranks of a batch-sharded run that do not own the folder
         self.rows: list[dict] = []
 
     def say(self, line: str, show: bool = False) -> None:
-        with open(self.log, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
+        if self.write:
+            with open(self.log, "a", encoding="utf-8") as file:
+                file.write(line + "\n")
         if show and self.echo is not None:
             self.echo(line)
 
     def flush_rows(self) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as file:
-            file.write("".join(json.dumps(row) + "\n" for row in self.rows))
+        if self.write:
+            with open(self.metrics, "a", encoding="utf-8") as file:
+                file.write("".join(json.dumps(row) + "\n" for row in self.rows))
         self.rows = []

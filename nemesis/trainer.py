@@ -38,6 +38,7 @@ from .choices import Precision
 from .configs import TrainConfig, read_run_config
 from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
 from .datasets import Dataset, load_dataset
+from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
 from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
@@ -210,7 +211,8 @@ def _config_digest(config: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(_comparable(config.to_json()), sort_keys=True).encode()).hexdigest()
 
 
-def _check_folder(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+def check_run_folder(out_dir: Path, config: TrainConfig, resume: bool) -> None:
+    """Refuse an --out that is a file, or holds a run (unless resuming) or a run with other options."""
     config_path = out_dir / RUN_CONFIG
     if not config_path.is_file():
         if out_dir.exists() and not out_dir.is_dir():
@@ -242,33 +244,52 @@ def _test_accuracy(learner: PromptMethod, features: torch.Tensor, labels: torch.
     return 100.0 * float((predicted == labels).float().mean())
 
 
-def _correct_counter(learner: PromptMethod, images: torch.Tensor, labels: torch.Tensor):
+def _correct_counter(learner: PromptMethod, images: torch.Tensor, labels: torch.Tensor, ranks: Ranks):
     """PAN's pre-inference: batch samples each ctx variant classifies right [K], in batched text passes
-    (CoCoOp: each image's prompts with the meta-net's shift applied to the variant)."""
+    (CoCoOp: each image's prompts with the meta-net's shift applied to the variant).
+
+    A batch sharded across ranks is counted whole: each rank's counts are summed over the ranks."""
 
     def count_correct(variants: torch.Tensor) -> torch.Tensor:
         scores = learner.similarities(images, variants)  # [K, B, n_cls]
-        return (scores.argmax(dim=-1) == labels).sum(dim=-1)  # [K]
+        return ranks.all_reduce_sum((scores.argmax(dim=-1) == labels).sum(dim=-1))  # [K]
 
     return count_correct
 
 
 @dataclass
 class _Stepper:
-    """One optimisation step on a batch of image features; returns the step's metrics row."""
+    """One optimisation step on a batch of image features; returns the step's metrics row.
+
+    Under torchrun with one run (batch sharding) each rank holds a shard of the global batch of
+    `batch_size` images: its loss is its share of the global mean, ctx's gradient is summed over
+    the ranks, so every rank takes the step one process would take on the whole batch.
+    """
 
     config: TrainConfig
     learner: PromptMethod
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     device: torch.device
+    ranks: Ranks = SINGLE_PROCESS
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int, lr: float) -> dict:
-        config, learner = self.config, self.learner
+    def _sum_gradients(self) -> None:
+        """Sharded batch: every trained tensor's gradient summed over the ranks (no-op in one process)."""
+        for parameter in (self.learner.ctx, *self.learner.extra_parameters().values()):
+            if parameter.grad is not None:
+                self.ranks.all_reduce_sum(parameter.grad)
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int, lr: float, batch_size: int
+    ) -> dict:
+        config, learner, ranks = self.config, self.learner, self.ranks
         norm_value, alpha = 0.0, [0.0] * learner.n_ctx
         with _autocast(config, self.device):
             logits = learner.logits(images)  # [B, n_cls]
-            cross_entropy = F.cross_entropy(logits, labels)
+            if ranks.distributed:
+                cross_entropy = F.cross_entropy(logits, labels, reduction="sum") / batch_size  # this shard's part
+            else:
+                cross_entropy = F.cross_entropy(logits, labels)
             loss = cross_entropy
             if config.method.uses_nemesis:
                 loss, penalty = nemesis_loss(
@@ -277,27 +298,33 @@ class _Stepper:
                     config.nemesis_config(),
                     epoch,
                     config.epochs,
-                    _correct_counter(learner, images, labels),
+                    _correct_counter(learner, images, labels, ranks),
                     generator(config.seed, "pan", step),
                 )
+                if ranks.distributed:  # the penalty's gradient once in the sum over ranks
+                    loss = cross_entropy + penalty.value / ranks.world_size
                 norm_value, alpha = float(penalty.value.detach()), penalty.alpha.tolist()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self._sum_gradients()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            self._sum_gradients()
             self.optimizer.step()
         norms, _, _ = _norm_summary(learner.ctx)
+        correct = (logits.argmax(dim=-1) == labels).sum().float()
+        summed = ranks.all_reduce_sum(torch.stack([cross_entropy.detach().float(), correct]))
         return {
             "kind": "step",
             "epoch": epoch + 1,
             "step": step,
             "lr": lr,
-            "ce_loss": float(cross_entropy.detach()),
+            "ce_loss": float(summed[0]),
             "norm_loss": norm_value,
-            "train_acc": 100.0 * float((logits.argmax(dim=-1) == labels).float().mean()),
+            "train_acc": 100.0 * float(summed[1]) / batch_size,
             "norms": norms,
             "alpha": alpha,
         }
@@ -351,18 +378,30 @@ def train(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    ranks: Ranks = SINGLE_PROCESS,
 ) -> Path:
     """Train a prompt and write the run folder `out_dir`; return it.
 
     `resume=True` continues the run saved in `out_dir` (same options) after its last finished epoch.
     `on_epoch_end(epoch)` is called after each epoch's state is saved (tests interrupt runs with it).
+    `backbones` ((model, weights) -> Backbone) is reused and filled, so a grid loads each model once.
+    With `ranks` of a torchrun job, every rank trains the same run on its shard of each batch and
+    rank 0 alone writes the folder.
     """
     started = time.perf_counter()
     config = config.resolved()
     out_dir = Path(out_dir)
-    _check_folder(out_dir, config, resume)
+    check_run_folder(out_dir, config, resume)
     data = check_config(config)
-    device = torch.device(resolve_device(config.device))
+    if ranks.distributed and min(config.batch_size, len(data.train)) < ranks.world_size:
+        raise NemesisError(
+            f"{ranks.world_size} ranks share each batch of {min(config.batch_size, len(data.train))} images; "
+            "use fewer ranks or a larger --batch-size"
+        )
+    ranks.barrier()  # every rank has checked the folder before rank 0 writes into it
+    device = torch.device(resolve_device(rank_device(ranks, config.device)))
+    echo = echo if ranks.is_main else None
     # Only for code outside this module that draws from the global generators; a resumed run restores them.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -380,7 +419,11 @@ def train(
             echo(f"{out_dir} finished its {config.epochs} epochs before; nothing left to do")
         return out_dir
 
-    backbone = load_clip(config.model, config.pretrained, device=device, activation=config.activation)
+    backbones = {} if backbones is None else backbones
+    key = (config.model, config.pretrained, config.activation)
+    if key not in backbones:
+        backbones[key] = load_clip(config.model, config.pretrained, device=device, activation=config.activation)
+    backbone = backbones[key]
     learner = build_learner(
         config.method.prompt_method,
         backbone,
@@ -391,18 +434,20 @@ def train(
         class_position=config.class_position,
         seed=config.seed,
     )
+    writes = ranks.is_main  # under torchrun, rank 0 alone writes the run folder
     created = not out_dir.exists()  # a run that fails before its first epoch leaves no folder it created
     finished_metrics = read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_orphans(out_dir)  # temporary files of writes a kill interrupted
-    if (out_dir / RUN_CHECKPOINTS).is_dir():
-        remove_orphans(out_dir / RUN_CHECKPOINTS)
-    if resume or not (out_dir / RUN_CONFIG).is_file():  # a resumed run records what it continues with
-        write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
-    journal = Journal(out_dir, echo)
-    write_text_atomic(out_dir / RUN_METRICS, finished_metrics)
-    if state is not None:  # drop the log lines of an epoch or result block a kill cut short
-        write_text_atomic(out_dir / RUN_LOG, read_finished_log(out_dir / RUN_LOG, state.epoch))
+    if writes:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphans(out_dir)  # temporary files of writes a kill interrupted
+        if (out_dir / RUN_CHECKPOINTS).is_dir():
+            remove_orphans(out_dir / RUN_CHECKPOINTS)
+        if resume or not (out_dir / RUN_CONFIG).is_file():  # a resumed run records what it continues with
+            write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
+        write_text_atomic(out_dir / RUN_METRICS, finished_metrics)
+        if state is not None:  # drop the log lines of an epoch or result block a kill cut short
+            write_text_atomic(out_dir / RUN_LOG, read_finished_log(out_dir / RUN_LOG, state.epoch))
+    journal = Journal(out_dir, echo, write=writes)
 
     parameters = {"ctx": learner.ctx, **learner.extra_parameters()}  # what training updates, by checkpoint name
     optimizer = torch.optim.SGD(
@@ -423,13 +468,14 @@ def train(
         start_epoch, step = state.epoch, state.step
         journal.say(f"resumed after epoch {start_epoch} (step {step})", show=True)
     else:
-        (out_dir / RUN_LOG).write_text("", encoding="utf-8")
+        if writes:
+            (out_dir / RUN_LOG).write_text("", encoding="utf-8")
         journal.say(
             f"nemesis train: {config.method.value} on {config.dataset} ({len(data.classnames)} classes, "
             f"{len(data.train)} training images), {config.shots} shot{'' if config.shots == 1 else 's'}, "
             f"seed {config.seed}, {config.model} ({config.pretrained or 'random weights'}, "
-            f"{backbone.activation.value}), {config.epochs} epochs, "
-            f"device {device}",
+            f"{backbone.activation.value}), {config.epochs} epochs, device {device}"
+            + (f", each batch sharded over {ranks.world_size} ranks" if ranks.distributed else ""),
             show=True,
         )
         journal.say(f"config: {json.dumps(config.to_json())}")
@@ -439,7 +485,7 @@ def train(
         backbone, data, "test", cache_dir=config.cache_dir, device=device, progress=progress
     )
     test_features, test_labels = test_features.to(device), test_labels.to(device)
-    stepper = _Stepper(config, learner, optimizer, scaler, device)
+    stepper = _Stepper(config, learner, optimizer, scaler, device, ranks)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with progress_bar(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("training", total=config.epochs, completed=start_epoch)
@@ -448,9 +494,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = epoch_batches(len(features), config.batch_size, config.seed, epoch)
-            for images, labels in features.batches(epoch, batches):
+            sizes = [len(indices) for indices in batches]
+            shards = [indices[ranks.rank :: ranks.world_size] for indices in batches]  # whole batches in one process
+            for (images, labels), size in zip(features.batches(epoch, shards), sizes, strict=True):
                 step += 1
-                journal.rows.append(stepper(images, labels, epoch, step, lr))
+                journal.rows.append(stepper(images, labels, epoch, step, lr, size))
             done = epoch + 1
             test_accuracy = None
             if done == config.epochs or (config.eval_every and done % config.eval_every == 0):
@@ -478,7 +526,7 @@ def train(
             shown = "" if test_accuracy is None else f" test_acc {test_accuracy:.2f}"
             journal.say(f"epoch [{done}/{config.epochs}] lr {lr:.4e} loss {loss:.4f}{shown} mean_norm {mean_norm:.4f}")
             journal.flush_rows()
-            if config.save_every and done % config.save_every == 0:
+            if writes and config.save_every and done % config.save_every == 0:
                 (out_dir / RUN_CHECKPOINTS).mkdir(exist_ok=True)
                 checkpoint = out_dir / RUN_CHECKPOINTS / f"epoch-{done:04d}.safetensors"
                 save_prompt(
@@ -489,16 +537,18 @@ def train(
                 )
             momentum = optimizer.state.get(learner.ctx, {}).get("momentum_buffer")
             extra = {"scaler": scaler.state_dict() if scaler is not None else None, "config": config_digest}
-            tensors = _extra_state(parameters, optimizer)
-            save_state(state_path, RunState(done, step, learner.ctx, momentum, extra, tensors))
+            if writes:
+                tensors = _extra_state(parameters, optimizer)
+                save_state(state_path, RunState(done, step, learner.ctx, momentum, extra, tensors))
             bar.update(task, completed=done, description=f"epoch {done}{shown}")
             if on_epoch_end is not None:
                 on_epoch_end(done)
 
     predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
     total, correct = len(test_labels), int((predicted == test_labels).sum())
-    metadata = _metadata(config, backbone, data, config.epochs)
-    save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), metadata, learner.extra_parameters())
+    if writes:
+        metadata = _metadata(config, backbone, data, config.epochs)
+        save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), metadata, learner.extra_parameters())
     # Dassl's closing lines, word for word: CoOp's parse_test_res.py reads accuracy after "Finish training".
     for line in DASSL_CLOSING:
         journal.say(line)

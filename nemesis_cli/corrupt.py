@@ -55,14 +55,15 @@ def corrupt(
     Without operator flags the default grid runs: RESCALE tau 0.001, 0.01, 0.1, 0.5, 2, 5, 10 and
     REPLACE sigma 0, 0.001, 0.01, 0.1, 1 (noise seed 0) at every position. One row per cell goes to
     --out, per-sample correctness beside it (X.correct.parquet); rerunning the command computes only
-    the missing cells.
+    the missing cells. Under `torchrun --nproc-per-node N` the ranks split the cells and rank 0 writes the
+    one table.
 
     Example: nemesis corrupt output/ --model RN50 --pretrained openai --root ~/data --paper-preset
     --out lne.parquet
     """
     from rich.console import Console
 
-    from corrupt.engine import run_sweep
+    from corrupt.engine import run_sweep_job
     from corrupt.grid import parse_grid
     from corrupt.inputs import resolve_inputs
     from corrupt.results import ResultsFile
@@ -83,13 +84,14 @@ def corrupt(
     )
     console = Console(highlight=False)  # paths and method names from files are printed as they are
     try:
-        summary = run_sweep(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
+        summary = run_sweep_job(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted; the cells computed so far are kept in {out}; rerun the same command to finish", err=True
         )
         raise typer.Exit(code=130) from None
-    print_summary(summary, results, console)
+    if summary.main:  # under torchrun, rank 0 speaks for the merged table
+        print_summary(summary, results, console)
 
 
 def _run_folder(checkpoint: str) -> str:

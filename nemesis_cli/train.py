@@ -11,7 +11,6 @@ import typer
 from nemesis.atomic import prepare_output
 from nemesis.configs import TrainConfig, ignored_nemesis_options, read_run_config, resume_config
 from nemesis.constants import RUN_CONFIG
-from nemesis.errors import NemesisError
 
 from .common import ACTIVATION_HELP, reports_errors
 
@@ -26,17 +25,32 @@ def _default(name: str) -> str:
 
 @reports_errors
 def train(
-    out: Annotated[Path, Option(help="Run folder to write (config.json, metrics.jsonl, log.txt, prompt).")],
+    out: Annotated[
+        Path,
+        Option(
+            help="Run folder to write (config.json, metrics.jsonl, log.txt, prompt); for a grid, the folder of "
+            "the tree <dataset>/<method>/<model>_<shots>shots/seed<seed>."
+        ),
+    ],
     dataset: Annotated[
         str | None,
-        Option(help="Dataset key, e.g. oxford_pets, imagenet, or fashion_mnist (needs no --root)."),
+        Option(
+            help="Dataset key, e.g. oxford_pets, imagenet, or fashion_mnist (needs no --root); a list a,b for a grid."
+        ),
     ] = None,
     root: Annotated[Path | None, Option(help="Folder holding the CoOp-format datasets.")] = None,
-    shots: Annotated[int | None, Option(help="Training images per class." + _default("shots"))] = None,
+    shots: Annotated[str | None, Option(help="Training images per class, or a list 1,2,4." + _default("shots"))] = None,
     seed: Annotated[
-        int | None, Option(help="Seed of the few-shot draw, init and data order." + _default("seed"))
+        str | None,
+        Option(help="Seed of the few-shot draw, init and data order, or a list 1,2,3." + _default("seed")),
     ] = None,
-    method: Annotated[str | None, Option(help="coop, nemesis, cocoop or cocoop-nemesis." + _default("method"))] = None,
+    method: Annotated[
+        str | None,
+        Option(
+            help="coop, nemesis, pen (Nemesis PUN, beta 1), pan (beta 0), cocoop or cocoop-nemesis, or a list."
+            + _default("method")
+        ),
+    ] = None,
     model: Annotated[str | None, Option(help="open_clip model." + _default("model"))] = None,
     pretrained: Annotated[
         str | None,
@@ -88,43 +102,74 @@ def train(
     resume: Annotated[
         bool, Option("--resume", help="Continue the run in --out; alone, it reuses the run's config.json.")
     ] = False,
+    tree: Annotated[
+        bool, Option("--tree", help="Write the grid's tree under --out even for a single combination.")
+    ] = False,
 ) -> None:
-    """Train CoOp, CoCoOp or their Nemesis variants on few-shot data and write a run folder.
+    """Train CoOp, CoCoOp or their Nemesis variants on few-shot data and write a run folder, or a whole grid.
 
-    Example: nemesis train --dataset oxford_pets --root ~/data --shots 16 --method nemesis --out runs/pets;
-    base-to-new: --method cocoop-nemesis --beta 0 --weight 20 --subsample base
+    Lists (--dataset a,b --shots 1,2,4 --seed 1,2,3 --method coop,pen,pan) train every combination
+    in one process, one run folder each under --out; a rerun skips finished runs and resumes the
+    others, a failed run is reported at the end (exit code 1) without stopping the rest. Under
+    `torchrun --nproc-per-node N` the ranks split the grid's runs; a single run shards each batch.
+
+    Example: nemesis train --dataset oxford_pets --root ~/data --shots 16 --method nemesis --out runs/pets
+
+    Example: nemesis train --dataset oxford_pets,dtd --root ~/data --shots 1,2,4,8,16 --seed 1,2,3
+    --method coop,pen,pan --out runs/
+
+    Example (base-to-new): --method cocoop-nemesis --beta 0 --weight 20 --subsample base
     """
-    options = {name: value for name, value in locals().items() if name not in ("out", "resume")}  # first line
+    options = {name: value for name, value in locals().items() if name not in ("out", "resume", "tree")}  # first
+    from nemesis.train_grid import parse_values, plan_grid, run_grid_job, single_run_grid, single_run_options
+
     given = {name: value for name, value in options.items() if value is not None and value is not False}
-    for name in ("root", "cache_dir"):
-        if name in given:
-            given[name] = str(given[name])
-    if resume and (out / RUN_CONFIG).is_file():
-        config, warnings = resume_config(read_run_config(out), given, out)
-    elif "dataset" not in given:
-        raise NemesisError("--dataset is required (e.g. --dataset fashion_mnist)")
+    runtime = {name: str(given[name]) for name in ("root", "cache_dir") if name in given}
+    given |= runtime
+    if resume and not tree and (out / RUN_CONFIG).is_file():  # one run folder, continued from its config.json
+        config, warnings = resume_config(read_run_config(out), single_run_options(given), out)
+        grid = single_run_grid(config, out)
     else:
-        config, warnings = TrainConfig(**given), []
-    if ignored := ignored_nemesis_options(config, given):
-        verb = "applies" if len(ignored) == 1 else "apply"
-        warnings.append(
-            f"{', '.join(ignored)} only {verb} to --method nemesis; ignored for --method {config.method.value}"
+        axes = {name: given.pop(name, None) for name in ("dataset", "method", "shots", "seed")}
+        grid = plan_grid(
+            out,
+            given,
+            datasets=parse_values(axes["dataset"], "dataset"),
+            methods=parse_values(axes["method"], "method"),
+            shots=parse_values(axes["shots"], "shots", int),
+            seeds=parse_values(axes["seed"], "seed", int),
+            tree=tree,
+            resume=resume,
         )
+        warnings = []
+    # Nemesis-only options that no run of the call uses change nothing: say so.
+    ignored = set.intersection(*(set(ignored_nemesis_options(run.config, given)) for run in grid.runs))
+    if ignored:
+        shown = ", ".join(sorted(ignored))
+        verb = "applies" if len(ignored) == 1 else "apply"
+        methods = ", ".join(sorted({run.config.method.value for run in grid.runs}))
+        warnings.append(f"{shown} only {verb} to Nemesis methods; ignored for --method {methods}")
     for line in warnings:
         typer.echo(f"warning: {line}", err=True)
     prepare_output(out, folder=True)
-    from nemesis.trainer import train as train_prompt  # torch: only once the options are checked
-
     try:
-        folder = train_prompt(config, out, resume=resume, echo=typer.echo)
+        summary = run_grid_job(grid)
     except KeyboardInterrupt:
-        from nemesis.run_state import RUN_STATE, load_state
+        if grid.tree:
+            typer.echo("interrupted; rerun the same command to resume the grid", err=True)
+        else:
+            from nemesis.run_state import RUN_STATE, load_state
 
-        state = out / RUN_STATE  # saved after every finished epoch
-        epoch = load_state(state).epoch if state.is_file() else 0
-        typer.echo(f"interrupted after epoch {epoch}; rerun with --resume", err=True)
+            state = grid.runs[0].folder / RUN_STATE  # saved after every finished epoch
+            epoch = load_state(state).epoch if state.is_file() else 0
+            typer.echo(f"interrupted after epoch {epoch}; rerun with --resume", err=True)
         raise typer.Exit(code=130) from None
-    typer.echo(f"wrote {folder}")
+    for run, error in summary.failed:
+        typer.echo(f"failed: {run.folder}: {error}", err=True)
+    if summary.main:
+        typer.echo(summary.line() if grid.tree else f"wrote {grid.runs[0].folder}")
+    if summary.counts[2]:
+        raise typer.Exit(code=1)
 
 
 @reports_errors

@@ -51,7 +51,7 @@ def test_cached_features_equal_live_encoding_and_a_second_call_encodes_nothing(t
     again, _ = feature_cache.encode_split(tiny, pets, "test", cache_dir=cache, progress=False)
     assert feature_cache.encoded_images == encoded
     assert torch.equal(again, features)
-    files = os.listdir(cache)
+    files = [name for name in os.listdir(cache) if name != feature_cache.LOCKS_FOLDER]
     assert len(files) == 1 and files[0].endswith(".safetensors") and not files[0].startswith(".")
 
 
@@ -65,7 +65,7 @@ def test_any_change_gives_a_new_key(tiny, pets, tmp_path):
     feature_cache.encode_split(tiny, pets, "val", cache_dir=cache, progress=False)
     fewer = dataclasses.replace(pets, test=pets.test[:-1])
     feature_cache.encode_split(tiny, fewer, "test", cache_dir=cache, progress=False)
-    assert len(os.listdir(cache)) == 5
+    assert len(list(cache.glob("*.safetensors"))) == 5
     keys = {
         feature_cache.feature_key(tiny, "oxford_pets", "test", pets.test, "p", "fp32", view, seed)
         for view, seed in [(None, None), (0, 0), (1, 0), (0, 1)]
@@ -88,7 +88,7 @@ def test_missing_image_fails_before_anything_is_written(tiny, pets, tmp_path):
 def test_unreadable_cache_file_is_encoded_again(tiny, pets, tmp_path):
     cache = tmp_path / "cache"
     features, _ = feature_cache.encode_split(tiny, pets, "test", cache_dir=cache, progress=False)
-    (path,) = cache.iterdir()
+    (path,) = cache.glob("*.safetensors")
     path.write_bytes(b"truncated")
     before = feature_cache.encoded_images
     again, _ = feature_cache.encode_split(tiny, pets, "test", cache_dir=cache, progress=False)
@@ -100,7 +100,7 @@ def test_default_cache_dir_follows_nemesis_cache(tiny, pets, tmp_path, monkeypat
     monkeypatch.setenv("NEMESIS_CACHE", str(tmp_path / "user-cache"))
     assert feature_cache.default_cache_dir() == tmp_path / "user-cache" / "features"
     feature_cache.encode_split(tiny, pets, "val", progress=True)
-    assert len(list((tmp_path / "user-cache" / "features").iterdir())) == 1
+    assert len(list((tmp_path / "user-cache" / "features").glob("*.safetensors"))) == 1
 
 
 def test_train_views_are_seeded_cached_per_view_and_extendable(tiny, pets, tmp_path):

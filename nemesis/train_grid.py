@@ -1,0 +1,288 @@
+"""Experiment grids: datasets x shots x seeds x method presets trained as one resumable job.
+
+`plan_grid` turns the lists given to `nemesis train` into one run per combination and checks all
+of them before anything is written; `run_grid` trains them in one process, loading each backbone
+once (image features come from the shared feature cache), skipping finished runs, resuming
+unfinished ones and carrying on past a failed one. Under torchrun the ranks split the runs by
+position in the plan; a plan of one run is instead trained by all ranks, each batch sharded.
+
+A grid writes a CoOp-like tree, `<out>/<dataset>/<method>/<model>_<shots>shots/seed<seed>`, which
+`nemesis corrupt`, `plot-norms` and `report` read as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import distributed
+from .configs import TrainConfig
+from .constants import RUN_CONFIG, RUN_PROMPT
+from .datasets import resolve_name
+from .distributed import SINGLE_PROCESS, Ranks, rank_device
+from .errors import NemesisError
+from .trainer import check_config, check_run_folder, train
+
+# What each name of `--method` sets. A new preset is one line here.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "coop": {"method": "coop"},
+    "nemesis": {"method": "nemesis"},  # Nemesis with the other options as given (default: PUN, beta 1)
+    "pen": {"method": "nemesis", "beta": 1.0},  # PUN only: the paper's figures call it PEN
+    "pan": {"method": "nemesis", "beta": 0.0},  # PAN only
+    "cocoop": {"method": "cocoop"},
+    "cocoop-nemesis": {"method": "cocoop-nemesis"},  # CoCoOp with Nemesis as the other options say
+}
+AXES = ("dataset", "method", "shots", "seed")  # the listable options, in the order runs are planned
+
+
+def parse_values(text: str | None, option: str, kind: type = str) -> list | None:
+    """`"1,2,4"` -> [1, 2, 4] for `--option`; None when the option was not given; an empty list is refused."""
+    if text is None:
+        return None
+    values = [part.strip() for part in str(text).split(",")]
+    if not any(values):
+        raise NemesisError(f"--{option} is empty; give one value or a comma-separated list, e.g. --{option} 1,2")
+    if not all(values):
+        raise NemesisError(f"--{option} '{text}' has an empty entry; separate values with single commas")
+    try:
+        return [kind(value) for value in values]
+    except ValueError:
+        raise NemesisError(f"--{option} '{text}' must be a comma-separated list of {kind.__name__}s") from None
+
+
+def run_folder(out: Path, dataset: str, method: str, model: str, shots: int, seed: int) -> Path:
+    """CoOp's layout: `<out>/<dataset>/<method>/<model>_<shots>shots/seed<seed>`."""
+    return Path(out) / dataset / method / f"{model}_{shots}shots" / f"seed{seed}"
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One combination of the grid: its config and its run folder."""
+
+    dataset: str
+    method: str  # the preset name, which names its folder
+    shots: int
+    seed: int
+    config: TrainConfig
+    folder: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} {self.method} {self.shots} shots seed {self.seed}"
+
+    @property
+    def finished(self) -> bool:
+        return (self.folder / RUN_PROMPT).is_file()
+
+
+@dataclass
+class TrainGrid:
+    """The runs of one `nemesis train` call, checked; `tree` is False for one run written to --out itself."""
+
+    runs: list[GridRun]
+    tree: bool
+    resume: bool = False  # a single run (not a tree) resumes only when asked, as `nemesis train --resume`
+
+
+def _preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    key = name.lower()
+    if key not in METHOD_PRESETS:
+        raise NemesisError(f"unknown method '{name}'; choose one of {', '.join(METHOD_PRESETS)}")
+    values = METHOD_PRESETS[key]
+    for option, value in values.items():
+        if option in options and options[option] != value:
+            raise NemesisError(
+                f"--method {key} sets {option} {value}, but --{option.replace('_', '-')} {options[option]} was given; "
+                f"drop --{option.replace('_', '-')} or use --method nemesis"
+            )
+    return values
+
+
+def plan_grid(
+    out: str | Path,
+    options: dict[str, Any],
+    datasets: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    shots: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    tree: bool = False,
+    resume: bool = False,
+) -> TrainGrid:
+    """Every run of the grid, checked before anything is written (bad input raises a NemesisError).
+
+    `options` are the other TrainConfig fields, the same for every run. Axes left as None take
+    TrainConfig's default. With one value per axis and `tree=False` the run is written to `out`
+    itself (as a plain `nemesis train`); otherwise each run gets its folder in the tree under `out`.
+    """
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
+    if not datasets:
+        raise NemesisError("--dataset is required (e.g. --dataset fashion_mnist or --dataset oxford_pets,dtd)")
+    methods = list(methods) if methods else [defaults["method"].value]
+    shots = list(shots) if shots else [defaults["shots"]]
+    seeds = list(seeds) if seeds else [defaults["seed"]]
+    tree = tree or any(len(values) > 1 for values in (datasets, methods, shots, seeds))
+    out = Path(out)
+    runs, folders = [], {}
+    for dataset, method, count, seed in itertools.product(datasets, methods, shots, seeds):
+        values = options | _preset(method, options) | {"dataset": dataset, "shots": count, "seed": seed}
+        config = TrainConfig(**values)  # checks every option
+        name = resolve_name(dataset)
+        folder = run_folder(out, name, method.lower(), config.model, count, seed) if tree else out
+        run = GridRun(name, method.lower(), count, seed, config, folder)
+        if folder in folders:
+            raise NemesisError(
+                f"runs '{folders[folder].label}' and '{run.label}' would both write {folder}; "
+                "list each dataset, method, shots and seed once"
+            )
+        folders[folder] = run
+        runs.append(run)
+    _check_runs(runs, tree, resume)
+    return TrainGrid(runs, tree, resume)
+
+
+def single_run_options(given: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig options of `nemesis train` arguments naming one run (`--resume` of a run folder):
+    each listable axis parsed to its one value, a method preset to what it sets."""
+    options = dict(given)
+    for axis, kind in (("dataset", str), ("method", str), ("shots", int), ("seed", int)):
+        if axis in options:
+            values = parse_values(options.pop(axis), axis, kind)
+            if len(values) > 1:
+                raise NemesisError(f"--resume continues one run; --{axis} lists {len(values)} values (add --tree)")
+            options[axis] = values[0]
+    if "method" in options:
+        options |= _preset(options.pop("method"), options)
+    return options
+
+
+def single_run_grid(config: TrainConfig, out: str | Path) -> TrainGrid:
+    """The grid of one run that `nemesis train --out RUN --resume` continues from its own config.json."""
+    run = GridRun(config.dataset, config.method.value, config.shots, config.seed, config, Path(out))
+    return TrainGrid([run], tree=False, resume=True)
+
+
+def _check_runs(runs: list[GridRun], tree: bool, resume: bool) -> None:
+    """What can refuse a run, for every run: folders that hold other runs, data, shots, model, positions."""
+    if tree and (out := runs[0].folder.parents[3]).exists() and not out.is_dir():
+        raise NemesisError(f"--out {out} is a file; name a folder for the grid's run folders")
+    for run in runs:
+        resolved = run.config.resolved()
+        check_run_folder(run.folder, resolved, resume=resume or tree)
+    # Loading data is the slow check: once per dataset and method, with its largest shots.
+    largest: dict[tuple[str, str], GridRun] = {}
+    for run in runs:
+        key = (run.dataset, run.method)
+        if key not in largest or run.shots > largest[key].shots:
+            largest[key] = run
+    for run in largest.values():
+        check_config(run.config.resolved())
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+@dataclass
+class GridSummary:
+    """What a grid call did (this rank's share under torchrun)."""
+
+    done: list[GridRun] = field(default_factory=list)  # trained (or resumed to the end) now
+    skipped: list[GridRun] = field(default_factory=list)  # finished before this call
+    failed: list[tuple[GridRun, str]] = field(default_factory=list)  # with the error
+    seconds: float = 0.0
+    totals: tuple[int, int, int] | None = None  # trained, skipped, failed over all ranks of a torchrun job
+    main: bool = True  # False on ranks other than 0, which leave the grid's summary to rank 0
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        return self.totals or (len(self.done), len(self.skipped), len(self.failed))
+
+    def line(self) -> str:
+        done, skipped, failed = self.counts
+        return f"grid: {done} trained, {skipped} skipped (finished before), {failed} failed in {self.seconds:.1f} s"
+
+
+def run_grid(
+    grid: TrainGrid,
+    ranks: Ranks = SINGLE_PROCESS,
+    progress: bool = True,
+    console: Console | None = None,
+    backbones: dict | None = None,
+    on_run_end: Callable[[GridRun], None] | None = None,
+) -> GridSummary:
+    """Train the grid's runs; a plan of one run trains in `grid.runs[0].folder` (batch-sharded under torchrun).
+
+    Runs of a grid that fail are reported in the summary with their error and do not stop the
+    others; a single run's error is raised as it is. `backbones` (model, weights) -> Backbone is
+    shared by the runs (and by calls, if passed). `on_run_end(run)` follows each run (tests).
+    """
+    console = console or Console()
+    backbones = {} if backbones is None else backbones
+    summary = GridSummary(main=ranks.is_main)
+    start = time.perf_counter()
+    prefix = f"[rank {ranks.rank}] " if ranks.distributed and grid.tree else ""
+    progress = progress and ranks.is_main  # one bar on the terminal the ranks share
+
+    def say(line: str) -> None:
+        console.print(prefix + line, markup=False, highlight=False, soft_wrap=True)
+
+    if not grid.tree:
+        run = grid.runs[0]
+        resume = grid.resume or run.finished  # (only reachable finished with --resume: checked in the plan)
+        train(run.config, run.folder, resume=resume, progress=progress, echo=say, backbones=backbones, ranks=ranks)
+        summary.done.append(run)
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    mine = ranks.share(grid.runs)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("grid", total=len(mine))
+        for run in mine:
+            bar.update(task, description=f"grid: {run.label}")
+            if run.finished:
+                summary.skipped.append(run)
+            else:
+                try:
+                    train(
+                        dataclasses.replace(run.config, device=rank_device(ranks, run.config.device)),  # its GPU
+                        run.folder,
+                        resume=(run.folder / RUN_CONFIG).is_file(),
+                        progress=False,
+                        echo=say,
+                        backbones=backbones,
+                    )
+                    summary.done.append(run)
+                except Exception as error:  # a failed run is reported at the end; the others go on
+                    reason = " ".join(str(error).split()) or type(error).__name__
+                    summary.failed.append((run, f"{type(error).__name__}: {reason}"))
+                    say(f"failed: {run.label}: {reason}")
+            bar.advance(task)
+            if on_run_end is not None:
+                on_run_end(run)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def run_grid_job(grid: TrainGrid, progress: bool = True, console: Console | None = None) -> GridSummary:
+    """`run_grid` in one process, or as one rank of the torchrun job that started this process.
+
+    Under torchrun the ranks wait for each other at the end (no rank's exit stops a busy one) and
+    the summary's totals count the runs of all ranks. An error escaping a rank ends the job.
+    """
+    ranks = distributed.start(grid.runs[0].config.device)
+    summary = run_grid(grid, ranks, progress=progress, console=console)
+    if ranks.distributed:
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        counts = torch.tensor([len(summary.done), len(summary.skipped), len(summary.failed)], device=device)
+        summary.totals = tuple(int(value) for value in ranks.all_reduce_sum(counts).cpu())
+    distributed.stop()
+    return summary

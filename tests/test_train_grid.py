@@ -1,0 +1,156 @@
+"""Grids in one `nemesis train` call: the tree, backbone reuse, skip / resume / failures, bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import nemesis.feature_cache as feature_cache
+import nemesis.train_grid as train_grid
+from nemesis.datasets import load_dataset
+from nemesis.testing import make_coop_folder
+from nemesis.train_grid import METHOD_PRESETS, parse_values, plan_grid, run_folder, run_grid
+from nemesis_cli.main import app
+
+from .conftest import cached_backbone, fails_with_one_line
+from .distributed_helpers import prompt_ctx, run_folders
+
+CLASSNAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
+SMALL = ["--model", "tiny", "--pretrained", "none", "--n-ctx", "4", "--epochs", "2", "--batch-size", "4",
+         "--lr", "0.05", "--device", "cpu", "--eval-every", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid-data")
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(4, 1, 3), image_size=28)
+    return root
+
+
+def grid_args(root, out, datasets="oxford_pets", shots="1,2", seeds="1,2", methods="coop,pan") -> list[str]:
+    return ["train", "--dataset", datasets, "--root", str(root), "--shots", shots, "--seed", seeds,
+            "--method", methods, *SMALL, "--out", str(out)]  # fmt: skip
+
+
+def test_lists_and_presets():
+    assert parse_values("1, 2,4", "shots", int) == [1, 2, 4] and parse_values(None, "shots") is None
+    assert METHOD_PRESETS["pen"] == {"method": "nemesis", "beta": 1.0}
+    assert METHOD_PRESETS["pan"] == {"method": "nemesis", "beta": 0.0}
+
+
+def test_a_failed_run_is_reported_at_the_end_and_the_others_go_on(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    real_train = train_grid.train
+
+    def failing(config, folder, **options):
+        if config.seed == 2:
+            raise RuntimeError("the GPU fell off")
+        return real_train(config, folder, **options)
+
+    monkeypatch.setattr(train_grid, "train", failing)
+    arguments = grid_args(data_root, out, shots="1", seeds="1,2,3", methods="coop")
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 1, result.output
+    assert "grid: 2 trained, 0 skipped (finished before), 1 failed" in result.output
+    failed_folder = run_folder(out, "oxford_pets", "coop", "tiny", 1, 2)
+    assert f"failed: {failed_folder}: RuntimeError: the GPU fell off" in result.output
+    monkeypatch.setattr(train_grid, "train", real_train)
+    again = CliRunner().invoke(app, arguments)
+    assert again.exit_code == 0 and "grid: 1 trained, 2 skipped" in again.output, again.output
+
+
+def test_an_interrupted_grid_resumes_to_the_uninterrupted_prompts(data_root, tmp_path, monkeypatch):
+    def plan(out):
+        options = dict(root=str(data_root), model="tiny", pretrained=None, n_ctx=4, epochs=3, batch_size=4,
+                       lr=0.05, device="cpu", eval_every=0)  # fmt: skip
+        return plan_grid(out, options, datasets=["oxford_pets"], methods=["coop", "pan"], shots=[2], seeds=[1])
+
+    run_grid(plan(tmp_path / "whole"), progress=False)
+    real_train = train_grid.train
+
+    def interrupted(config, folder, **options):
+        def stop(epoch):
+            if config.method.value == "nemesis" and epoch == 2:
+                raise KeyboardInterrupt
+
+        return real_train(config, folder, on_epoch_end=stop, **options)
+
+    monkeypatch.setattr(train_grid, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(plan(tmp_path / "cut"), progress=False)
+    monkeypatch.setattr(train_grid, "train", real_train)
+    summary = run_grid(plan(tmp_path / "cut"), progress=False)
+    assert [run.method for run in summary.skipped] == ["coop"] and [run.method for run in summary.done] == ["pan"]
+    for folder in run_folders(tmp_path / "whole"):
+        assert torch.equal(prompt_ctx(tmp_path / "whole" / folder), prompt_ctx(tmp_path / "cut" / folder)), folder
+        epochs = (tmp_path / "cut" / folder / "metrics.jsonl").read_text().count('"kind": "epoch"')
+        assert epochs == 3, folder  # nothing lost, nothing duplicated
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"methods": "coop,pun"}, "unknown method 'pun'; choose one of coop, nemesis, pen, pan"),
+        ({"seeds": ""}, "--seed is empty"),
+        ({"shots": "1,,2"}, "--shots '1,,2' has an empty entry"),
+        ({"shots": "one"}, "--shots 'one' must be a comma-separated list of ints"),
+        ({"seeds": "1,1"}, "would both write"),
+        ({"datasets": "oxford_pets,OxfordPets"}, "would both write"),
+        ({"shots": "1,9"}, "more than the 4 training images"),
+    ],
+)
+def test_bad_grids_are_one_line_and_write_nothing(data_root, tmp_path, change, message):
+    out = tmp_path / "runs"
+    fails_with_one_line(grid_args(data_root, out, **change), message)
+    assert not out.exists()
+
+
+def test_a_preset_and_a_contradicting_option_are_refused(data_root, tmp_path):
+    out = tmp_path / "runs"
+    fails_with_one_line([*grid_args(data_root, out, methods="pen,coop"), "--beta", "0.5"], "--method pen sets beta 1.0")
+    assert not out.exists()
+
+
+def test_a_grid_over_runs_of_other_options_is_refused(data_root, tmp_path):
+    out = tmp_path / "runs"
+    first = CliRunner().invoke(
+        app,
+        [*grid_args(data_root, out, shots="1", seeds="1", methods="coop"), "--tree"],
+    )
+    assert first.exit_code == 0, first.output
+    assert run_folders(out) == [run_folder(out, "oxford_pets", "coop", "tiny", 1, 1).relative_to(out)]
+    fails_with_one_line([*grid_args(data_root, out, shots="1", seeds="1,2", methods="coop"), "--lr", "0.1"],
+                        "cannot resume")  # fmt: skip
+    assert len(run_folders(out)) == 1
+
+
+def test_a_cache_entry_is_encoded_once_when_two_ask_at_once(tmp_path, monkeypatch):
+    """Two workers (threads here, torchrun ranks in use) miss the cache together: one encodes, one reads."""
+    backbone = cached_backbone("tiny")
+    dataset = load_dataset("oxford_pets", make_coop_folder(tmp_path, "oxford_pets", CLASSNAMES, (1, 1, 3)).parent)
+    real_encode = feature_cache._encode
+
+    def slow_encode(*args, **kwargs):
+        threading.Event().wait(0.5)  # both workers have missed the cache by now
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(feature_cache, "_encode", slow_encode)
+    before = feature_cache.encoded_images
+    results = []
+    workers = [
+        threading.Thread(
+            target=lambda: results.append(
+                feature_cache.encode_split(backbone, dataset, "test", cache_dir=tmp_path / "cache", progress=False)
+            )
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert feature_cache.encoded_images - before == len(dataset.test)
+    assert torch.equal(results[0][0], results[1][0])
