@@ -54,7 +54,7 @@ def test_base_to_new_is_one_eval_call_and_a_report_table(tmp_path):
     assert report.exit_code == 0, report.output
     table = pd.read_csv(tmp_path / "report" / "base_to_new.csv")
     ours = table[(table["origin"] == "ours") & (table["dataset"] == "oxford_pets")].set_index("method")
-    assert sorted(ours.index) == ["CoCoOp", "CoCoOp+Nemesis (PAN, w=20)"]
+    assert sorted(ours.index) == ["CoCoOp", "CoCoOp+Nemesis (PAN, weight 20)"]
     base = {row["method"]: row["accuracy"] for row in rows if row["subsample"] == "base"}
     assert ours.loc["CoCoOp", "base"] == pytest.approx(base["cocoop"])
     assert ours["H"].notna().all() and ours["new"].notna().all()
@@ -97,7 +97,7 @@ def test_fashion_mnist_cocoop_learns_on_base_classes_and_the_table_has_every_met
     assert report.exit_code == 0, report.output
     table = pd.read_csv(tmp_path / "report" / "base_to_new.csv")
     ours = table[table["dataset"] == "fashion_mnist"].set_index("method")
-    assert sorted(ours.index) == ["CoCoOp", "CoCoOp+Nemesis (PAN, w=20)"]
+    assert sorted(ours.index) == ["CoCoOp", "CoCoOp+Nemesis (PAN, weight 20)"]
     assert ours[["base", "new", "H"]].notna().all().all()
 
 
@@ -107,5 +107,5 @@ def test_cocoop_labels_match_the_paper_rows():
 
     assert method_label("cocoop") == "CoCoOp"
     assert method_label("cocoop-nemesis", 0.0, 20.0) in BASE_TO_NEW_AVERAGE
-    assert method_label("cocoop-nemesis", 1.0, 10.0) == "CoCoOp+Nemesis (PEN, w=10)"
-    assert method_label("nemesis", 0.0, 1.0) == "CoOp+Nemesis (PAN, w=1)"
+    assert method_label("cocoop-nemesis", 1.0, 10.0) == "CoCoOp+Nemesis (PUN, weight 10)"
+    assert method_label("nemesis", 0.0, 1.0) == "CoOp+Nemesis (PAN, weight 1)"

@@ -102,7 +102,7 @@ def test_one_call_loads_the_backbone_once_and_its_tree_reads_everywhere(data_roo
     inputs = resolve_inputs([out])  # what `nemesis corrupt` reads
     assert len(inputs) == 16 and {item.identity["method"] for item in inputs} == {"coop", "nemesis"}
     runs = analysis.load_runs([out])  # what plot-norms and report read
-    assert len(runs) == 16 and {run.label for run in runs} == {"CoOp", "CoOp+Nemesis (PAN, w=1)"}
+    assert len(runs) == 16 and {run.label for run in runs} == {"CoOp", "CoOp+Nemesis (PAN, weight 1)"}
     again = CliRunner().invoke(app, acceptance_grid(data_root, out))
     assert again.exit_code == 0 and "grid: 0 trained, 16 skipped" in again.output, again.output
 
