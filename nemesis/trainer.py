@@ -244,7 +244,7 @@ def _test_accuracy(learner: PromptMethod, features: torch.Tensor, labels: torch.
     return 100.0 * float((predicted == labels).float().mean())
 
 
-def _correct_counter(learner: PromptMethod, images: torch.Tensor, labels: torch.Tensor, ranks: Ranks):
+def _correct_counter(learner: PromptMethod, images: torch.Tensor, labels: torch.Tensor, ranks: Ranks = SINGLE_PROCESS):
     """PAN's pre-inference: batch samples each ctx variant classifies right [K], in batched text passes
     (CoCoOp: each image's prompts with the meta-net's shift applied to the variant).
 
