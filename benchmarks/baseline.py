@@ -3,11 +3,13 @@
 Not a benchmark itself (it prints nothing). `todays_cut_pass` is the encoder before issue 12: one
 [K x n_cls, M, W] copy of the ctx rows, full 77-token prompts assembled, chunks of 256 prompts in
 class order, each cut after its last end-of-text token. `imagenet_like_classnames` gives class
-names of ImageNet's shape: mostly two or three words, some one, some four to six.
+names of ImageNet's shape: mostly two or three words, some one, some four to six; `resident_bytes`
+reads the process's resident memory.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -57,3 +59,9 @@ def todays_cut_pass(learner: PromptLearner, ctx_variants: torch.Tensor) -> torch
         embeddings = learner.prompt_embeddings(ctx_rows[rows], class_rows[rows])  # full 77-token rows
         chunks.append(learner.encoder(embeddings, learner.pool_index[class_rows[rows]]))
     return torch.cat(chunks).reshape(n_variants, n_classes, -1)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

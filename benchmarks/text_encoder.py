@@ -1,7 +1,8 @@
 """Text pass of 100 CoOp prompts on ViT-B-32: full 77-token sequence vs cut after the last end-of-text token.
 
-Both ways run in this one process on the same learner; the script checks they give the same
-features, then prints seconds per pass and, as its last line, `ratio: <full / cut>`.
+Both ways run in this one process on the same learner, on whole prompts (shared prefixes, which
+`benchmarks/shared_prefix.py` measures, are switched off here); the script checks they give the
+same features, then prints seconds per pass and, as its last line, `ratio: <full / cut>`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def seconds_per_pass(learner: PromptLearner, cut: bool, repeats: int) -> float:
 def main(repeats: int = 3) -> None:
     torch.manual_seed(0)
     learner = PromptLearner(load_clip("ViT-B-32"), CLASSNAMES, n_ctx=16, seed=0)
+    learner.share_prefix = False  # whole prompts: this measures the cut alone
     with torch.inference_mode():
         difference = (learner.text_features(cut=True) - learner.text_features(cut=False)).abs().max().item()
     assert difference <= 1e-5, f"cut and full passes disagree by {difference}"

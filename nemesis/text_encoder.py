@@ -24,7 +24,8 @@ from .errors import NemesisError
 
 POOL_TYPES = ("argmax", "eos", "first", "last")
 # Tokens per text pass (prompts x cut length): bounds activation memory whatever the class-name lengths.
-DEFAULT_TOKEN_BUDGET = 16384
+# 8192 is about what 256 whole prompts took before, so no pass needs more memory than then.
+DEFAULT_TOKEN_BUDGET = 8192
 # Matrix products on the CPU round rows in a partial block of rows differently from full blocks;
 # the shared-prefix pass pads its rows to a multiple of this so results do not depend on batch size.
 ROW_BLOCK = 8
@@ -222,24 +223,49 @@ class TextEncoder:
         pool_index: torch.Tensor,
         prefix_length: int,
     ) -> torch.Tensor:
-        """Features [B, D] of suffixes [B, Ls, W] attending to their prefix rows' cached keys and values."""
+        """Features [B, D] of suffixes [B, Ls, W] attending to their prefix rows' cached keys and values.
+
+        Only each suffix's tokens up to its end-of-text go through the blocks, packed into one row
+        per token (no chunk pays for its longest class name); attention alone sees them padded.
+        """
         tower = self.tower
         cast_dtype = tower.transformer.get_cast_dtype()
-        batch, length, width = suffix.shape
+        length = suffix.shape[1]
         end = prefix_length + length
-        x = suffix.to(cast_dtype) + tower.positional_embedding[prefix_length:end].to(cast_dtype)
-        # Padding sequences keep the row count a multiple of ROW_BLOCK, so every prompt's numbers
-        # are the same whatever else shares its chunk (I4).
-        padded = batch
-        while (padded * length) % ROW_BLOCK:
-            padded += 1
-        x = torch.cat([x, x.new_zeros(padded - batch, length, width)])  # [padded, Ls, W]
-        prefix_rows = torch.cat([prefix_rows, prefix_rows.new_zeros(padded - batch)])
+        x = suffix.to(cast_dtype) + tower.positional_embedding[prefix_length:end].to(cast_dtype)  # [B, Ls, W]
+        real = torch.arange(length, device=x.device) <= (pool_index - prefix_length).unsqueeze(1)  # [B, Ls]
+        packing = _Packing(real)
+        x = packing.pack(x)  # [T, W]
         mask = _causal_mask(length, end, x.device)  # suffix queries see the prefix and earlier suffix keys
         for block, (keys, values) in zip(tower.transformer.resblocks, cache, strict=True):
-            x, _, _ = _run_block(block, x, mask, (keys[prefix_rows], values[prefix_rows]))
-        pooled = x[torch.arange(batch, device=x.device), pool_index - prefix_length]  # [B, W]
+            x, _, _ = _run_block(block, x, mask, (keys[prefix_rows], values[prefix_rows]), packing)
+        pooled = x[real.sum(dim=1).cumsum(dim=0) - 1]  # [B, W]: each suffix's end-of-text row
         return self._project(tower.ln_final(pooled))  # a per-token norm: pooling first changes nothing
+
+
+class _Packing:
+    """The real tokens of a padded batch [B, L] as rows [T, C] and back.
+
+    T is rounded up to a multiple of ROW_BLOCK with zero rows, so every prompt's numbers are the
+    same whatever else shares its chunk (I4).
+    """
+
+    def __init__(self, real: torch.Tensor) -> None:
+        self.batch, self.length = real.shape
+        self.index = real.flatten().nonzero().squeeze(1)  # [T] positions in the flattened batch
+        self.rows = _round_up(self.index.numel(), ROW_BLOCK)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, L, C] -> [rows, C]."""
+        rows = padded.reshape(self.batch * self.length, -1)[self.index]
+        return torch.cat([rows, rows.new_zeros(self.rows - rows.shape[0], rows.shape[1])])
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """[rows, C] -> [B, L, C], zeros where there is no token."""
+        channels = packed.shape[1]
+        padded = packed.new_zeros(self.batch * self.length, channels)
+        padded = padded.index_copy(0, self.index, packed[: self.index.numel()])
+        return padded.reshape(self.batch, self.length, channels)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -306,14 +332,18 @@ def _block_supported(block: nn.Module) -> bool:
 
 
 def _run_block(
-    block: nn.Module, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+    block: nn.Module,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+    packing: _Packing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One residual block on x [B, L, W] after `past` keys/values [B, heads, P, head_dim].
+    """One residual block on x [B, L, W] (or its packed rows [T, W]) after `past` keys/values [B, heads, P, head_dim].
 
     Returns the block's output and the keys and values of x's own positions. `mask` [L, P + L] is
-    the tower's additive mask for these queries.
+    the causal mask for these queries.
     """
-    attended, keys, values = _attend(block.attn, block.ln_1(x), mask, past)
+    attended, keys, values = _attend(block.attn, block.ln_1(x), mask, past, packing)
     if isinstance(block, open_clip_transformer.CustomResidualAttentionBlock):
         attended = block.ln_attn(attended)
     x = x + block.ls_1(attended)
@@ -322,12 +352,19 @@ def _run_block(
 
 
 def _attend(
-    attention: nn.Module, h: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+    attention: nn.Module,
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    past: tuple[torch.Tensor, torch.Tensor] | None,
+    packing: _Packing | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Self-attention of h [B, L, W] over past + own keys, as nn.MultiheadAttention or open_clip's Attention do it."""
-    batch, length, width = h.shape
+    projected = F.linear(h, attention.in_proj_weight, attention.in_proj_bias)  # [B, L, 3W] or packed [T, 3W]
+    if packing is not None:
+        projected = packing.unpack(projected)  # [B, L, 3W]
+    batch, length, width = projected.shape[0], projected.shape[1], h.shape[-1]
     heads = attention.num_heads
-    query, key, value = F.linear(h, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    query, key, value = projected.chunk(3, dim=-1)
     query, key, value = (part.reshape(batch, length, heads, -1).transpose(1, 2) for part in (query, key, value))
     custom = isinstance(attention, open_clip_transformer.Attention)
     if custom:
@@ -340,6 +377,8 @@ def _attend(
     if custom and attention.head_scale is not None:
         out = out * attention.head_scale
     out = out.transpose(1, 2).reshape(batch, length, width)
+    if packing is not None:
+        out = packing.pack(out)  # [T, W]
     out = attention.out_drop(attention.out_proj(attention.ln_inner(out))) if custom else attention.out_proj(out)
     return out, own_keys, own_values
 
