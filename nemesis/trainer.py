@@ -226,7 +226,7 @@ def _test_accuracy(learner: PromptLearner, features: torch.Tensor, labels: torch
     return 100.0 * float((predicted == labels).float().mean())
 
 
-def _correct_counter(learner: PromptLearner, images: torch.Tensor, labels: torch.Tensor, ranks: Ranks):
+def _correct_counter(learner: PromptLearner, images: torch.Tensor, labels: torch.Tensor, ranks: Ranks = SINGLE_PROCESS):
     """PAN's pre-inference: batch samples each ctx variant classifies right [K], in one batched text pass.
 
     A batch sharded across ranks is counted whole: each rank's counts are summed over the ranks."""
