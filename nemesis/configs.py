@@ -24,6 +24,19 @@ OFFICIAL_OVERRIDE_DATASETS = ("food101", "oxford_pets")
 OFFICIAL_OVERRIDE_WEIGHT = 50.0
 
 
+# The TrainConfig fields that only Nemesis methods use (config.json keeps them under "nemesis").
+NEMESIS_OPTIONS = (
+    "beta",
+    "weight",
+    "norm",
+    "schedule",
+    "positions",
+    "corrupt_weight",
+    "pan_weight",
+    "official_override",
+)
+
+
 @dataclass
 class NemesisConfig:
     """Nemesis's hyper-parameters; the defaults are the paper's."""
@@ -223,16 +236,7 @@ class TrainConfig:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             values[spec.name] = value.value if isinstance(value, Enum) else value
-        for name in (
-            "beta",
-            "weight",
-            "norm",
-            "schedule",
-            "positions",
-            "corrupt_weight",
-            "pan_weight",
-            "official_override",
-        ):
+        for name in NEMESIS_OPTIONS:  # written once, under "nemesis"
             del values[name]
         values["nemesis"] = self.nemesis_config().to_json() if self.method.uses_nemesis else None
         values["toolkit_version"] = __version__
@@ -275,16 +279,6 @@ def read_run_config(out_dir: str | Path) -> TrainConfig:
 # Options a resumed run can take from the command line: they change where or how often it reports,
 # or (epochs) how long it goes on; every other option would make it another run.
 RESUMABLE_OPTIONS = ("device", "cache_dir", "eval_every", "save_every", "epochs")
-NEMESIS_OPTIONS = (
-    "beta",
-    "weight",
-    "norm",
-    "schedule",
-    "positions",
-    "corrupt_weight",
-    "pan_weight",
-    "official_override",
-)
 
 
 def _flag(name: str) -> str:
