@@ -25,7 +25,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from baseline import imagenet_like_classnames, todays_cut_pass
+from support.baseline import imagenet_like_classnames, todays_cut_pass
 
 from nemesis import PromptLearner, load_clip
 

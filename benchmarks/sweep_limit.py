@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from baseline import imagenet_like_classnames, resident_bytes, todays_cut_pass
+from support.baseline import imagenet_like_classnames, resident_bytes, todays_cut_pass
 
 from corrupt.engine import VARIANTS_PER_PASS, evaluate_cells
 from corrupt.grid import parse_grid

@@ -1,6 +1,6 @@
 """What the shared-prefix benchmarks compare against: the text pass as it was before prefixes were shared.
 
-Not a benchmark itself (it prints nothing). `todays_cut_pass` is the encoder before issue 12: one
+Not a benchmark itself (it prints nothing; hence its own folder). `todays_cut_pass` is the encoder before issue 12: one
 [K x n_cls, M, W] copy of the ctx rows, full 77-token prompts assembled, chunks of 256 prompts in
 class order, each cut after its last end-of-text token. `imagenet_like_classnames` gives class
 names of ImageNet's shape: mostly two or three words, some one, some four to six; `resident_bytes`
