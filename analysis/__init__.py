@@ -6,8 +6,7 @@ imported on first use, so the CLI can read `analysis.defaults` without pandas or
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from nemesis.lazy import lazy_attributes
 
 _PUBLIC = {
     "Inputs": "results",
@@ -54,8 +53,4 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'analysis' has no attribute '{name}'")
-    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

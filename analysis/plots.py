@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -191,18 +192,10 @@ def frequency_table_and_figure(
     return table, figure
 
 
-def plot_frequency(
-    cells: pd.DataFrame,
-    by: str | Sequence[str] = DEFAULT_BY,
-    rate: bool = False,
-    significant: bool = False,
-    alpha: float = DEFAULT_ALPHA,
-    margin: float = 0.0,
-    degradation: bool = False,
-    pool: bool = False,
-) -> Figure:
-    """The figure of `frequency_table_and_figure`."""
-    return frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation, pool)[1]
+def plot_frequency(cells: pd.DataFrame, by: str | Sequence[str] = DEFAULT_BY, **options: Any) -> Figure:
+    """The figure of `frequency_table_and_figure` (same options: rate, significant, alpha, margin,
+    degradation, pool)."""
+    return frequency_table_and_figure(cells, by, **options)[1]
 
 
 def plot_frequency_table(

@@ -6,8 +6,7 @@ The public names below are imported on first use, so light modules such as `neme
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -38,8 +37,4 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'nemesis' has no attribute '{name}'")
-    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+__getattr__ = lazy_attributes(__name__, _PUBLIC)

@@ -12,6 +12,8 @@ images at a time, so memory does not grow with the number of images or classes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,6 @@ from .backbone import Backbone
 from .errors import NemesisError
 from .losses import position_norms
 from .prompt_learner import ClassPosition, PromptLearner
-from .text_encoder import DEFAULT_TOKEN_BUDGET
 
 META_NET = "meta_net"
 META_NET_REDUCTION = 16  # hidden width D // 16, CoCoOp's choice
@@ -62,28 +63,16 @@ class CoCoOp(nn.Module):
         clip: Backbone,
         classnames: list[str],
         n_ctx: int = 4,
-        ctx_init: str | None = None,
         class_specific: bool = False,
-        class_position: ClassPosition | str = "end",
         seed: int = 0,
         ctx: torch.Tensor | None = None,
-        chunk_size: int | None = None,
-        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        **prompt_options: Any,
     ) -> None:
+        """`prompt_options` are PromptLearner's: ctx_init, class_position, chunk_size, token_budget."""
         super().__init__()
         if class_specific or (ctx is not None and ctx.dim() != 2):
             raise NemesisError("CoCoOp learns one unified context [M, W]; class-specific ctx is CoOp's (csc)")
-        self.prompts = PromptLearner(
-            clip,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_position=class_position,
-            seed=seed,
-            ctx=ctx,
-            chunk_size=chunk_size,
-            token_budget=token_budget,
-        )
+        self.prompts = PromptLearner(clip, classnames, n_ctx=n_ctx, seed=seed, ctx=ctx, **prompt_options)
         self.clip = clip
         device = self.prompts.ctx.device
         with torch.random.fork_rng(devices=[]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own copy of click
@@ -20,6 +20,14 @@ ACTIVATION_HELP = (
     "quickgelu or gelu (default: the weights' own: QuickGELU for openai tags and OpenAI archives, "
     "GELU with a note for other files)."
 )
+
+# The options of the commands that read prompt checkpoints (eval, corrupt) and must know their model.
+ModelOption = Annotated[str | None, typer.Option(help="open_clip model (needed for CoOp checkpoints).")]
+WeightsOption = Annotated[
+    str | None, typer.Option(help="Weights: an open_clip tag, a local file, or an OpenAI CLIP archive (RN50.pt).")
+]
+ActivationOption = Annotated[str | None, typer.Option(help=ACTIVATION_HELP)]
+CtxInitOption = Annotated[str | None, typer.Option(help=CTX_INIT_HELP)]
 
 
 def fail(message: str) -> typer.Exit:

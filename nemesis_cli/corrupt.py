@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import ACTIVATION_HELP, CTX_INIT_HELP, reports_errors
+from .common import ActivationOption, CtxInitOption, ModelOption, WeightsOption, reports_errors
 
 if TYPE_CHECKING:  # torch and pandas are imported inside the command, so `--help` answers at once
     from rich.console import Console
@@ -32,12 +32,10 @@ def corrupt(
     csv: Annotated[bool, Option("--csv", help="Write the table as CSV instead of Parquet.")] = False,
     root: Annotated[Path | None, Option(help="Folder holding the CoOp-format datasets.")] = None,
     dataset: Annotated[str | None, Option(help="Dataset key for every checkpoint (default: metadata or path).")] = None,
-    model: Annotated[str | None, Option(help="open_clip model (needed for CoOp checkpoints).")] = None,
-    pretrained: Annotated[
-        str | None, Option(help="Weights: an open_clip tag, a local file, or an OpenAI CLIP archive (RN50.pt).")
-    ] = None,
-    activation: Annotated[str | None, Option(help=ACTIVATION_HELP)] = None,
-    ctx_init: Annotated[str | None, Option(help=CTX_INIT_HELP)] = None,
+    model: ModelOption = None,
+    pretrained: WeightsOption = None,
+    activation: ActivationOption = None,
+    ctx_init: CtxInitOption = None,
     cache_dir: Annotated[Path | None, Option(help="Feature cache folder, shared with eval and train.")] = None,
     device: Annotated[str | None, Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
     rescale: Annotated[str | None, Option(help="RESCALE factors tau, e.g. 0.001,0.01,0.1.")] = None,

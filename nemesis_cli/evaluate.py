@@ -11,7 +11,7 @@ from nemesis.atomic import prepare_output
 from nemesis.configs import run_root
 from nemesis.errors import NemesisError
 
-from .common import ACTIVATION_HELP, CTX_INIT_HELP, reports_errors
+from .common import ActivationOption, CtxInitOption, ModelOption, WeightsOption, reports_errors
 
 Option = typer.Option
 
@@ -28,12 +28,10 @@ def eval_command(
     root: Annotated[
         Path | None, Option(help="Folder holding the CoOp-format datasets (default: a run folder's own).")
     ] = None,
-    model: Annotated[str | None, Option(help="open_clip model (needed for CoOp checkpoints).")] = None,
-    pretrained: Annotated[
-        str | None, Option(help="Weights: an open_clip tag, a local file, or an OpenAI CLIP archive (RN50.pt).")
-    ] = None,
-    activation: Annotated[str | None, Option(help=ACTIVATION_HELP)] = None,
-    ctx_init: Annotated[str | None, Option(help=CTX_INIT_HELP)] = None,
+    model: ModelOption = None,
+    pretrained: WeightsOption = None,
+    activation: ActivationOption = None,
+    ctx_init: CtxInitOption = None,
     shots: Annotated[int | None, Option(help="Shots the prompt was trained with (recorded only).")] = None,
     seed: Annotated[int | None, Option(help="Seed the prompt was trained with (recorded only).")] = None,
     subsample: Annotated[str | None, Option(help="Classes to test: all, base or new.")] = None,

@@ -12,7 +12,7 @@ from nemesis.atomic import prepare_output
 from nemesis.configs import TrainConfig, ignored_nemesis_options, read_run_config, resume_config
 from nemesis.constants import RUN_CONFIG
 
-from .common import ACTIVATION_HELP, reports_errors
+from .common import ActivationOption, reports_errors
 
 Option = typer.Option
 DEFAULTS = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
@@ -56,7 +56,7 @@ def train(
         str | None,
         Option(help="open_clip tag or weights file; 'none' for random weights." + _default("pretrained")),
     ] = None,
-    activation: Annotated[str | None, Option(help=ACTIVATION_HELP)] = None,
+    activation: ActivationOption = None,
     subsample: Annotated[str | None, Option(help="Classes: all, base or new." + _default("subsample"))] = None,
     n_ctx: Annotated[int | None, Option(help="Context vectors M (default: 16; CoCoOp: 'a photo of a').")] = None,
     ctx_init: Annotated[str | None, Option(help="Initialise ctx from these words, e.g. 'a photo of a'.")] = None,
