@@ -436,6 +436,8 @@ def train(
     )
     writes = ranks.is_main  # under torchrun, rank 0 alone writes the run folder
     created = not out_dir.exists()  # a run that fails before its first epoch leaves no folder it created
+    # An empty folder given for a fresh run holds only what this run writes: a diverged run empties it again.
+    emptied = not created and state is None and not any(out_dir.iterdir())
     finished_metrics = read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0)
     if writes:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -506,9 +508,13 @@ def train(
             if not torch.isfinite(learner.ctx).all():
                 if created:
                     shutil.rmtree(out_dir, ignore_errors=True)
+                elif emptied and writes:
+                    for entry in out_dir.iterdir():
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 raise NemesisError(
                     f"training diverged in epoch {done}: the prompt is no longer finite (lr {config.lr:g}); "
-                    "lower --lr" + ("" if created else f" (the run in {out_dir} stays at its last saved epoch)")
+                    "lower --lr"
+                    + ("" if created or emptied else f" (the run in {out_dir} stays at its last saved epoch)")
                 )
             norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
             journal.rows.append(

@@ -705,6 +705,10 @@ def test_learning_rate_that_overflows_is_refused_and_leaves_no_folder(stopped_ru
         train(_run_config(stopped_run / "data", lr=1e30, epochs=2, warmup_epochs=0), tmp_path / "run", progress=False)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "run").exists()
+    (tmp_path / "empty").mkdir()  # a folder made for the run beforehand: kept, and empty again
+    with pytest.raises(NemesisError, match="diverged in epoch"):
+        train(_run_config(stopped_run / "data", lr=1e30, epochs=2, warmup_epochs=0), tmp_path / "empty", progress=False)
+    assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())
     with pytest.raises(NemesisError, match="seed must be below"):
         _run_config(stopped_run / "data", seed=2**64)
 
