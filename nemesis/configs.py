@@ -149,6 +149,7 @@ class TrainConfig:
     pan_weight: float | None = None  # Nemesis: PAN's weight instead of A (None: A)
     official_override: bool = False  # Nemesis on food101/oxford_pets: PAN weight 50, constant schedule
     train_views: int = 0  # 0: live CoOp augmentation each epoch; K: K cached augmented views per image
+    crop_scale: float = 0.08  # smallest area of the random resized crop (Dassl's INPUT.RRCROP_SCALE[0]); 1: flips only
     precision: Precision = Precision.fp32  # fp32, or amp (autocast on CUDA)
     device: str | None = None  # cpu, cuda, cuda:1...; None: cuda when available
     eval_every: int = 1  # test accuracy every this many epochs (and after the last); 0: last only
@@ -195,6 +196,8 @@ class TrainConfig:
         ):
             if not (value >= 0 and math.isfinite(value)):
                 raise NemesisError(f"{name} must be a finite number, 0 or more, got {value}")
+        if not 0 < self.crop_scale <= 1:
+            raise NemesisError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if not 0 <= self.momentum < 1:
             raise NemesisError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.ctx_init is not None and not self.ctx_init.strip():

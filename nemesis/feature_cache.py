@@ -35,7 +35,8 @@ FEATURES = "features"
 LABELS = "labels"
 CACHE_FORMAT_VERSION = 1
 LOCKS_FOLDER = ".locks"  # beside the entries: one lock file per entry, so one process encodes it
-# CoOp's train augmentation: RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip.
+# CoOp's train augmentation: RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip. The smallest
+# crop area is Dassl's INPUT.RRCROP_SCALE[0], an option of training (`crop_scale`).
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 FLIP_PROBABILITY = 0.5
@@ -247,12 +248,14 @@ def encode_split(
 # Augmented training views
 
 
-def _crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random crop covering 8-100% of the area, aspect 3/4-4/3."""
+def _crop_box(
+    width: int, height: int, rng: random.Random, crop_scale: float = CROP_SCALE[0]
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering `crop_scale`-100% of the area, aspect 3/4-4/3."""
     area = width * height
     log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
     for _ in range(10):
-        target_area = area * rng.uniform(*CROP_SCALE)
+        target_area = area * rng.uniform(crop_scale, CROP_SCALE[1])
         aspect = math.exp(rng.uniform(*log_ratio))
         crop_width = round(math.sqrt(target_area * aspect))
         crop_height = round(math.sqrt(target_area / aspect))
@@ -265,19 +268,26 @@ def _crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, in
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def train_augmentation_description(backbone) -> str:
+def train_augmentation_description(backbone, crop_scale: float = CROP_SCALE[0]) -> str:
+    """The augmentation as written into cache keys (unchanged for CoOp's crop, so old entries stay valid)."""
     return (
-        f"coop-train(RandomResizedCrop({backbone.image_size}, scale={CROP_SCALE}, ratio=(3/4, 4/3), bicubic), "
+        f"coop-train(RandomResizedCrop({backbone.image_size}, scale={(crop_scale, CROP_SCALE[1])}, ratio=(3/4, 4/3), "
+        "bicubic), "
         f"HorizontalFlip({FLIP_PROBABILITY}), Normalize(mean={tuple(backbone.image_mean)}, "
         f"std={tuple(backbone.image_std)}))"
     )
 
 
 def augment(
-    image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...], rng: random.Random
+    image: Image.Image,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    rng: random.Random,
+    crop_scale: float = CROP_SCALE[0],
 ) -> torch.Tensor:
     """CoOp's train augmentation of one image with the random numbers of `rng`: tensor [3, size, size]."""
-    top, left, height, width = _crop_box(image.width, image.height, rng)
+    top, left, height, width = _crop_box(image.width, image.height, rng, crop_scale)
     image = TF.resized_crop(image, top, left, height, width, [size, size], InterpolationMode.BICUBIC, antialias=True)
     if rng.random() < FLIP_PROBABILITY:
         image = TF.hflip(image)
@@ -299,12 +309,16 @@ class _TestTransform:
 
 
 class _ViewTransform:
-    def __init__(self, size: int, mean: tuple, std: tuple, views: list[int], seed: int) -> None:
+    def __init__(self, size: int, mean: tuple, std: tuple, views: list[int], seed: int, crop_scale: float) -> None:
         self.size, self.mean, self.std, self.views, self.seed = size, mean, std, views, seed
+        self.crop_scale = crop_scale
 
     def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
         return torch.stack(  # [V, 3, size, size]
-            [augment(image, self.size, self.mean, self.std, view_rng(self.seed, view, index)) for view in self.views]
+            [
+                augment(image, self.size, self.mean, self.std, view_rng(self.seed, view, index), self.crop_scale)
+                for view in self.views
+            ]
         )
 
 
@@ -319,6 +333,7 @@ def encode_train_views(
     device: str | torch.device | None = None,
     progress: bool = True,
     num_workers: int | None = None,
+    crop_scale: float = CROP_SCALE[0],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [views, N, D] of `views` augmented copies of each image, and labels [N].
 
@@ -330,7 +345,7 @@ def encode_train_views(
     samples = dataset.split(split)
     device = torch.device(device) if device is not None else _model_device(backbone)
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    preprocessing = train_augmentation_description(backbone)
+    preprocessing = train_augmentation_description(backbone, crop_scale)
     precision = _precision(device)
     paths = [
         cache_file(
@@ -352,7 +367,9 @@ def encode_train_views(
             }
             todo = [view for view, features in found.items() if features is None]
             if todo:
-                transform = _ViewTransform(backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed)
+                transform = _ViewTransform(
+                    backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed, crop_scale
+                )
                 description = f"encoding {dataset.name} {split} x{len(todo)} views"
                 encoded = _encode(
                     backbone,

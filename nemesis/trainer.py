@@ -61,6 +61,7 @@ from .run_state import (
 # Keys of config.json that may change when a run is resumed: they do not change what was learned so
 # far (more epochs continue it; `nemesis train --resume` checks the options a user passes).
 RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every", "epochs")
+LATER_OPTIONS = {"crop_scale": 0.08}  # options added after runs were saved: at their default, runs still resume
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,8 +101,8 @@ def epoch_batches(n_samples: int, batch_size: int, seed: int, epoch: int) -> lis
 class _AugmentedImages(torch.utils.data.Dataset):
     """CoOp's train augmentation of each image, its random numbers fixed by (seed, epoch, index)."""
 
-    def __init__(self, dataset: Dataset, backbone: Backbone, seed: int, epoch: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+    def __init__(self, dataset: Dataset, backbone: Backbone, seed: int, epoch: int, crop_scale: float) -> None:
+        self.dataset, self.seed, self.epoch, self.crop_scale = dataset, seed, epoch, crop_scale
         self.size, self.mean, self.std = backbone.image_size, backbone.image_mean, backbone.image_std
 
     def __len__(self) -> int:
@@ -110,7 +111,7 @@ class _AugmentedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         rng = random.Random(derived_seed(self.seed, "augment", self.epoch, index))
         image = self.dataset.open_image(self.dataset.train[index])
-        return augment(image, self.size, self.mean, self.std, rng)
+        return augment(image, self.size, self.mean, self.std, rng, self.crop_scale)
 
 
 class TrainFeatures:
@@ -129,6 +130,7 @@ class TrainFeatures:
                 cache_dir=config.cache_dir,
                 device=device,
                 progress=False,
+                crop_scale=config.crop_scale,
             )
             self.views = views.to(device)  # [V, N, D]
 
@@ -142,7 +144,7 @@ class TrainFeatures:
             for indices in batches:
                 yield self.views[view_of[indices], indices], self.labels[indices.to(self.device)]
             return
-        images = _AugmentedImages(self.dataset, self.backbone, self.config.seed, epoch)
+        images = _AugmentedImages(self.dataset, self.backbone, self.config.seed, epoch, self.config.crop_scale)
         workers = 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
         loader = torch.utils.data.DataLoader(
             images,
@@ -203,7 +205,11 @@ def check_config(config: TrainConfig) -> Dataset:
 
 
 def _comparable(values: dict) -> dict:
-    return {key: value for key, value in values.items() if key not in RESUMABLE_CHANGES}
+    values = {key: value for key, value in values.items() if key not in RESUMABLE_CHANGES}
+    for key, default in LATER_OPTIONS.items():  # absent from states saved before the option existed
+        if values.get(key) == default:
+            del values[key]
+    return values
 
 
 def _config_digest(config: TrainConfig) -> str:

@@ -90,6 +90,13 @@ def train(
         int | None,
         Option(help="0: live augmentation; K: K cached augmented views." + _default("train_views")),
     ] = None,
+    crop_scale: Annotated[
+        float | None,
+        Option(
+            help="Smallest area of the random resized crop (Dassl's RRCROP_SCALE); 1: flips only."
+            + _default("crop_scale")
+        ),
+    ] = None,
     precision: Annotated[str | None, Option(help="fp32 or amp (autocast on CUDA)." + _default("precision"))] = None,
     device: Annotated[str | None, Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
     eval_every: Annotated[

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from figures.demo_pipeline import DemoSettings
 from nemesis.backbone import load_clip
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.cocoop import CoCoOp
@@ -63,14 +64,15 @@ def test_base_to_new_is_one_eval_call_and_a_report_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_fashion_mnist_cocoop_learns_on_base_classes_and_the_table_has_every_method(pretrained_tiny, tmp_path):
-    """CoCoOp and CoCoOp+Nemesis trained on the 5 base classes with the pretrained tiny model (demo settings).
-
-    Training lifts CoCoOp above its own start (random meta-net); on this toy setting it stays about
-    zero-shot level on the base classes (71.6% vs 72.0% here, CoOp too: 70.8%), which the report states.
-    """
+def test_fashion_mnist_cocoop_beats_zero_shot_on_base_classes_and_the_table_has_every_method(pretrained_tiny, tmp_path):
+    """CoCoOp and CoCoOp+Nemesis (PAN, weight 20) trained on the 5 base classes with the pretrained
+    tiny model, with the demo's settings (CoCoOp's 16 shots, 10 epochs, batch 1; views flipped, not
+    cropped): CoCoOp beats zero-shot on the base classes (73.2% vs 72.0% here) and its own start."""
+    settings = DemoSettings()
     common = ["--dataset", "fashion_mnist", "--model", "tiny", "--pretrained", "fmnist", "--subsample", "base"]
-    common += ["--shots", "16", "--epochs", "4", "--train-views", "4", "--eval-every", "0", "--device", "cpu"]
+    common += ["--shots", str(settings.base_to_new_shots), "--epochs", str(settings.base_to_new_epochs)]
+    common += ["--train-views", str(settings.base_to_new_views), "--crop-scale", str(settings.base_to_new_crop_scale)]
+    common += ["--eval-every", "0", "--device", "cpu"]
     _train([*common, "--method", "cocoop"], tmp_path / "cocoop")
     _train([*common, "--method", "cocoop-nemesis", "--beta", "0", "--weight", "20"], tmp_path / "pan")
     records = tmp_path / "evals.jsonl"
@@ -87,11 +89,10 @@ def test_fashion_mnist_cocoop_learns_on_base_classes_and_the_table_has_every_met
     metadata = PromptMetadata(model="tiny", pretrained="fmnist", dataset="fashion_mnist")
     start_file = save_prompt(tmp_path / "start.safetensors", start.ctx, metadata, start.extra_parameters())
     untrained = evaluate(load_checkpoint(start_file), subsample="base", device="cpu", progress=False).accuracy
-    assert trained > untrained + 0.5, (trained, untrained)
     hand = PromptLearner(clip, ["x"], ctx_init="a photo of a").ctx.detach()  # I1: the zero-shot prompt
     zero_shot_file = save_prompt(tmp_path / "zero_shot.safetensors", hand, metadata)
     zero_shot = evaluate(load_checkpoint(zero_shot_file), subsample="base", device="cpu", progress=False).accuracy
-    assert abs(trained - zero_shot) < 5, (trained, zero_shot)
+    assert trained > zero_shot + 0.5 and trained > untrained + 0.5, (trained, zero_shot, untrained)
 
     report = CliRunner().invoke(app, ["report", str(records), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output

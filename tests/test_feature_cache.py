@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from nemesis import feature_cache
@@ -139,6 +140,29 @@ def test_augmentation_crops_inside_the_image_and_normalises(tiny):
     assert tensor.shape == (3, 28, 28)
     expected_red = (1.0 - tiny.image_mean[0]) / tiny.image_std[0]
     assert torch.allclose(tensor[0], torch.full((28, 28), expected_red), atol=1e-4)
+
+
+def test_crop_scale_one_keeps_the_whole_image_and_gets_its_own_cache_entries(tiny, pets, tmp_path):
+    # CoOp's crop keeps the description the cache keys were made with, so existing entries stay valid.
+    assert "scale=(0.08, 1.0)" in feature_cache.train_augmentation_description(tiny)
+    assert "scale=(1.0, 1.0)" in feature_cache.train_augmentation_description(tiny, 1.0)
+    pixels = torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(0))
+    image = Image.fromarray((pixels.permute(1, 2, 0) * 255).round().byte().numpy())
+    mean, std = torch.tensor(tiny.image_mean).view(3, 1, 1), torch.tensor(tiny.image_std).view(3, 1, 1)
+    whole = (TF.to_tensor(image) - mean) / std
+    flips = 0
+    for seed in range(20):  # every view is the whole image, flipped or not
+        view = feature_cache.augment(image, 28, tiny.image_mean, tiny.image_std, random.Random(seed), crop_scale=1.0)
+        flipped = torch.allclose(view, whole.flip(-1), atol=1e-5)
+        assert flipped or torch.allclose(view, whole, atol=1e-5)
+        flips += flipped
+    assert 0 < flips < 20
+    cache = tmp_path / "cache"
+    coop, _ = feature_cache.encode_train_views(tiny, pets, 1, seed=3, cache_dir=cache, progress=False)
+    whole_views, _ = feature_cache.encode_train_views(
+        tiny, pets, 1, seed=3, cache_dir=cache, progress=False, crop_scale=1.0
+    )
+    assert len(list(cache.rglob("*.safetensors"))) == 2 and not torch.allclose(coop, whole_views)
 
 
 def test_fashion_mnist_subset_encodes_from_memory(tiny, tmp_path):

@@ -105,11 +105,27 @@ def test_config_json_round_trip_and_official_override():
         ({"precision": "fp8"}, "unknown precision 'fp8'"),
         ({"shots": 0}, "shots must be at least 1"),
         ({"class_position": "left"}, "unknown class position 'left'"),
+        ({"crop_scale": 0}, "crop_scale must be in"),
+        ({"crop_scale": 1.5}, "crop_scale must be in"),
     ],
 )
 def test_bad_config_is_refused(options, message):
     with pytest.raises(NemesisError, match=message):
         TrainConfig(**({"dataset": "dtd"} | options))
+
+
+def test_runs_saved_before_crop_scale_existed_still_resume():
+    import hashlib
+    import json
+
+    from nemesis.trainer import RESUMABLE_CHANGES, _config_digest
+
+    config = TrainConfig(dataset="dtd", epochs=2, device="cpu")
+    older = {key: value for key, value in config.to_json().items() if key != "crop_scale"}  # an older config.json
+    compared = {key: value for key, value in older.items() if key not in RESUMABLE_CHANGES}
+    saved = hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()  # in states saved then
+    assert _config_digest(TrainConfig.from_json(older)) == saved
+    assert _config_digest(TrainConfig(dataset="dtd", epochs=2, device="cpu", crop_scale=1.0)) != _config_digest(config)
 
 
 # --- training ----------------------------------------------------------------------------------
