@@ -7,6 +7,8 @@ from typing import Any
 
 import pandas as pd
 
+from nemesis.choices import nemesis_variant
+
 # CoOp's dataset keys -> the names the paper prints.
 DATASET_NAMES = {
     "oxford_pets": "OxfordPets",
@@ -78,12 +80,7 @@ def method_label(method: str | None, beta: float | None = None, weight: float | 
         return base
     if beta is None or weight is None:
         return f"{base}+Nemesis"
-    weight_text = format_number(weight)
-    if float(beta) == 1.0:
-        return f"{base}+Nemesis (PUN, weight {weight_text})"
-    if float(beta) == 0.0:
-        return f"{base}+Nemesis (PAN, weight {weight_text})"
-    return f"{base}+Nemesis (PUN+PAN, beta {format_number(beta)}, weight {weight_text})"
+    return f"{base}+Nemesis ({nemesis_variant(beta, weight)})"
 
 
 def method_label_from_config(config: Mapping[str, Any]) -> str:
@@ -99,12 +96,15 @@ def _missing(value: Any) -> bool:
 OWN_DATASET = "own"  # `trained_on` of a prompt tested on the dataset it was trained on
 
 
-def prompt_kind_label(method: Any, subsample: Any = None, trained_on: Any = OWN_DATASET) -> str:
-    """What kind of prompt a sweep group holds: "CoOp", "CoOp, base classes", "CoOp, trained on ImageNet".
+def prompt_kind_label(method: Any, subsample: Any = None, trained_on: Any = OWN_DATASET, variant: Any = None) -> str:
+    """What kind of prompt a sweep group holds: "CoOp", "CoOp, base classes", "CoOp, trained on ImageNet",
+    "CoOp+Nemesis (PAN, weight 20)" (`variant`: the sweep's method_variant).
 
     A table written before sweeps recorded the prompt kind says so: "(classes not recorded)".
     """
     parts = [method_label(None if _missing(method) else str(method))]
+    if not _missing(variant) and parts[0].endswith("+Nemesis"):
+        parts[0] += f" ({variant})"
     if _missing(subsample):
         parts.append("classes not recorded")
     elif str(subsample) != "all":

@@ -32,7 +32,7 @@ GAINED, LOST, P_VALUE = "gained", "lost", "p_value"
 
 # Columns saying what kind of prompt a cell corrupts; groups never mix kinds unless pooling is asked.
 # `trained_on` is derived from the sweep's train_dataset: "own" for a prompt tested on its own dataset.
-PROMPT_KIND = ("method", "subsample", "trained_on")
+PROMPT_KIND = ("method", "method_variant", "subsample", "trained_on")
 POOLED_NOTE = "pooled over methods and prompt kinds (--pool)"
 
 

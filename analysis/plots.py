@@ -114,7 +114,8 @@ def _series_label(columns: Sequence[str], key: Sequence, fixed: dict | None = No
     if any(column in values for column in PROMPT_KIND):
         kind = (fixed or {}) | values
         subsample = kind.get("subsample", "all")  # a column not grouped by is not a distinction
-        parts.append(prompt_kind_label(kind.get("method"), subsample, kind.get("trained_on", OWN_DATASET)))
+        trained_on = kind.get("trained_on", OWN_DATASET)
+        parts.append(prompt_kind_label(kind.get("method"), subsample, trained_on, kind.get("method_variant")))
     return " / ".join(parts)
 
 

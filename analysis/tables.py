@@ -415,13 +415,16 @@ def lne_frequency_table(
     frequency = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha, pool=pool)
     kind_columns = [column for column in PROMPT_KIND if column in frequency.columns]  # none when pooled
 
-    def kind_of(item) -> tuple:
-        return tuple(getattr(item, column) for column in kind_columns)
+    def kind_of(item) -> tuple:  # missing values as None, so that kinds compare equal
+        return tuple(None if pd.isna(value) else value for value in (getattr(item, column) for column in kind_columns))
 
     def label_of(kind: tuple) -> str:
         values = dict(zip(kind_columns, kind, strict=True))
         return prompt_kind_label(
-            values.get("method"), values.get("subsample", "all"), values.get("trained_on", OWN_DATASET)
+            values.get("method"),
+            values.get("subsample", "all"),
+            values.get("trained_on", OWN_DATASET),
+            values.get("method_variant"),
         )
 
     data = frequency.copy()

@@ -103,6 +103,7 @@ def cell_rows(
                 "shots": identity["shots"],
                 "seed": identity["seed"],
                 "method": identity["method"],
+                "method_variant": identity.get("method_variant"),
                 "subsample": identity.get("subsample"),
                 "train_dataset": identity.get("train_dataset"),
                 "n_classes": identity.get("n_classes"),

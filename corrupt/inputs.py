@@ -20,7 +20,7 @@ import torch
 
 from nemesis.backbone import check_pretrained, embed_dim, model_config, text_width
 from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
-from nemesis.choices import ClassPosition
+from nemesis.choices import ClassPosition, Method, nemesis_variant
 from nemesis.constants import (
     DASSL_BEST_FILE,
     DASSL_FILE_PREFIX,
@@ -140,6 +140,7 @@ def _resolve_one(
         identity["method"] = from_path.method  # a Dassl file: its trainer folder names the method
     elif identity["method"] in (None, UNKNOWN_METHOD):
         identity["method"] = from_path.method
+    identity["method_variant"] = _nemesis_variant(identity["method"], metadata.method_config)
     identity["checkpoint"] = str(checkpoint.path)
     identity["ctx_init"] = ctx_init  # only a named init: the file's own is part of the file
     width = text_width(identity["model"])  # unknown model names fail here, before any work
@@ -167,8 +168,22 @@ def _resolve_one(
         "seed",
         "subsample",
         "method",
+        "method_variant",
     )
     return {key: identity[key] for key in keys}
+
+
+NEMESIS_METHODS = tuple(method.value for method in Method if method.uses_nemesis)
+
+
+def _nemesis_variant(method: Any, settings: dict[str, Any]) -> str | None:
+    """PUN or PAN and the weight of a Nemesis prompt, from its file's settings; None for other
+    methods and for files that do not say (Dassl's)."""
+    beta, weight = settings.get("beta"), settings.get("weight")
+    numbers = all(isinstance(value, int | float) and not isinstance(value, bool) for value in (beta, weight))
+    if not numbers or method not in NEMESIS_METHODS:
+        return None
+    return nemesis_variant(beta, weight)
 
 
 def _check_choice(choices: type, value: Any, what: str, origin: Any) -> None:

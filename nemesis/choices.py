@@ -36,6 +36,16 @@ class Method(str, Enum):
         return self in (Method.nemesis, Method.cocoop_nemesis)
 
 
+def nemesis_variant(beta: float, weight: float) -> str:
+    """Which Nemesis a prompt was trained with, as labels say it: "PUN, weight 1", "PAN, weight 20",
+    or "PUN+PAN, beta 0.5, weight 1"."""
+    if float(beta) == 1.0:
+        return f"PUN, weight {float(weight):g}"
+    if float(beta) == 0.0:
+        return f"PAN, weight {float(weight):g}"
+    return f"PUN+PAN, beta {float(beta):g}, weight {float(weight):g}"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     amp = "amp"  # bf16 (or fp16 with loss scaling) autocast on CUDA; plain fp32 on the CPU

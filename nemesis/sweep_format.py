@@ -38,6 +38,7 @@ SWEEP_DTYPES = {
     "shots": "Int64",
     "seed": "Int64",
     "method": "string",
+    "method_variant": "string",  # Nemesis prompts: e.g. "PUN, weight 1" (nemesis.choices.nemesis_variant)
     # What kind of prompt it is, so analysis never pools kinds unasked: the classes it was trained
     # and evaluated on (all, base or new), the dataset it was trained on (differs from `dataset`
     # under domain shift) and the number of classes evaluated.
@@ -58,7 +59,7 @@ SWEEP_DTYPES = {
 SWEEP_COLUMNS = tuple(SWEEP_DTYPES)
 # Columns added after the first tables were written: an older table reads with them unknown (<NA>),
 # and analysis then shows its prompts as a kind of their own, never beside the paper's numbers.
-KIND_COLUMNS = ("subsample", "train_dataset", "n_classes")
+KIND_COLUMNS = ("method_variant", "subsample", "train_dataset", "n_classes")
 CORRECTNESS_COLUMNS = ("cell_id", "correct")
 CORRECTNESS_SUFFIX = ".correct.parquet"
 CORRECTNESS_SCHEMA = pa.schema([("cell_id", pa.string()), ("correct", pa.list_(pa.bool_()))])

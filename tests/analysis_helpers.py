@@ -59,6 +59,7 @@ def checkpoint_rows(
     subsample: str = "all",
     train_dataset: str | None = None,
     n_classes: int = 37,
+    method_variant: str | None = None,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Rows of one checkpoint (its original row first) and their per-sample correctness.
 
@@ -70,7 +71,7 @@ def checkpoint_rows(
     original = np.zeros(n, dtype=bool)
     original[:correct] = True
     base = {"checkpoint": checkpoint, "model": model, "dataset": dataset, "shots": shots, "seed": seed}
-    base["method"] = method
+    base |= {"method": method, "method_variant": method_variant}
     base |= {"subsample": subsample, "train_dataset": train_dataset or dataset, "n_classes": n_classes}
     rows = [
         {

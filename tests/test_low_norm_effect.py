@@ -85,7 +85,7 @@ def test_frequency_and_rate_per_group():
 
 def test_group_by_any_columns():
     by_position = lne_frequency(_grid(), by="position")  # one kind of prompt: CoOp, all classes, own dataset
-    assert list(by_position.columns[:4]) == ["position", "method", "subsample", "trained_on"]
+    assert list(by_position.columns[:5]) == ["position", "method", "method_variant", "subsample", "trained_on"]
     assert list(by_position["position"]) == [0, 1]
     assert list(by_position["frequency"]) == [3, 1]
     by_seed = lne_frequency(_grid(), by=["dataset", "seed"])

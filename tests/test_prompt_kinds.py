@@ -97,6 +97,46 @@ def test_cli_pool_flag_and_default_grouping(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_pun_and_pan_prompts_are_kinds_of_their_own(tmp_path):
+    parts = [
+        checkpoint_rows("pun", [reducing(gained=1), reducing()], method="nemesis", method_variant="PUN, weight 1"),
+        checkpoint_rows(
+            "pan", [reducing(gained=1), reducing(gained=1)], method="nemesis", method_variant="PAN, weight 20"
+        ),
+    ]
+    cells = sweep_frame([row for rows, _ in parts for row in rows])
+    assert lne_frequency(cells).set_index("method_variant")["frequency"].to_dict() == {
+        "PAN, weight 20": 2,
+        "PUN, weight 1": 1,
+    }
+    prompts = list(lne_frequency_table(cells).display["Prompts"])
+    assert prompts == ["CoOp+Nemesis (PAN, weight 20)", "CoOp+Nemesis (PUN, weight 1)"]
+    _, figure = frequency_table_and_figure(cells)
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert labels == ["OxfordPets / CoOp+Nemesis (PAN, weight 20)", "OxfordPets / CoOp+Nemesis (PUN, weight 1)"]
+
+
+def test_a_sweep_records_which_nemesis_a_prompt_was_trained_with(tmp_path):
+    import torch
+
+    from corrupt.inputs import resolve_inputs
+    from nemesis.checkpoint import PromptMetadata, save_prompt
+
+    ctx = torch.zeros(4, 64)
+    files = {}
+    for name, method, settings in [
+        ("pan", "nemesis", {"beta": 0.0, "weight": 20.0}),
+        ("both", "cocoop-nemesis", {"beta": 0.5, "weight": 1}),
+        ("coop", "coop", {}),
+    ]:
+        metadata = PromptMetadata(model="tiny", dataset="dtd", shots=1, seed=1, method=method, method_config=settings)
+        files[name] = save_prompt(tmp_path / f"{name}.safetensors", ctx, metadata)
+    variants = {
+        item.identity["method"]: item.identity["method_variant"] for item in resolve_inputs(list(files.values()))
+    }
+    assert variants == {"nemesis": "PAN, weight 20", "cocoop-nemesis": "PUN+PAN, beta 0.5, weight 1", "coop": None}
+
+
 def test_old_tables_without_kind_columns_read_as_unknown_kind(tmp_path):
     frame = sweep_frame([row for rows, _ in _parts()[:2] for row in rows])
     old = frame.drop(columns=["subsample", "train_dataset", "n_classes"])
