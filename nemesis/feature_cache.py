@@ -270,9 +270,9 @@ def _crop_box(
 
 def train_augmentation_description(backbone, crop_scale: float = CROP_SCALE[0]) -> str:
     """The augmentation as written into cache keys (unchanged for CoOp's crop, so old entries stay valid)."""
+    scale = (crop_scale, CROP_SCALE[1])
     return (
-        f"coop-train(RandomResizedCrop({backbone.image_size}, scale={(crop_scale, CROP_SCALE[1])}, ratio=(3/4, 4/3), "
-        "bicubic), "
+        f"coop-train(RandomResizedCrop({backbone.image_size}, scale={scale}, ratio=(3/4, 4/3), bicubic), "
         f"HorizontalFlip({FLIP_PROBABILITY}), Normalize(mean={tuple(backbone.image_mean)}, "
         f"std={tuple(backbone.image_std)}))"
     )
