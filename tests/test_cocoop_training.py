@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,7 +14,7 @@ from nemesis.errors import NemesisError
 from nemesis.testing import make_coop_folder
 from nemesis.trainer import train
 
-from .test_trainer import CLASSNAMES, rows
+from .test_trainer import CLASSNAMES, checksum, rows, small_config
 
 
 @pytest.fixture
@@ -27,20 +25,8 @@ def pets(tmp_path):
 
 
 def small_cocoop(root, **options) -> TrainConfig:
-    """Seconds of CoCoOp training: tiny with random weights, 4 classes x 3 shots, batch 2."""
-    values = dict(
-        dataset="oxford_pets", root=str(root), shots=3, seed=2, model="tiny", pretrained=None,
-        method="cocoop", epochs=3, batch_size=2, lr=0.05, device="cpu",
-    )  # fmt: skip
-    return TrainConfig(**(values | options))
-
-
-def checksum(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """Seconds of CoCoOp training: tiny with random weights, 4 classes x 3 shots, batch 2, "a photo of a"."""
+    return small_config(root, **({"method": "cocoop", "shots": 3, "batch_size": 2, "n_ctx": None} | options))
 
 
 def test_cocoop_defaults_are_its_base_to_new_config():
