@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,20 +222,34 @@ def combine_sweeps(frames: Sequence[pd.DataFrame]) -> tuple[pd.DataFrame, int]:
     return combined[~repeated].reset_index(drop=True), int(repeated.sum())
 
 
+def _find(
+    paths: Sequence[str | os.PathLike], accepts: Callable[[Path], bool], not_one: str, none_found: str
+) -> list[Path]:
+    """The paths among `paths` (and in the folders among them) that `accepts`; a named path it does not
+    accept fails with "<path> <not_one>", and finding none with `none_found`."""
+    found = []
+    for path, named in _expand(paths):
+        if accepts(path):
+            found.append(path)
+        elif named:
+            raise NemesisError(f"{path} {not_one}")
+    if not found:
+        raise NemesisError(none_found)
+    return found
+
+
 def load_sweeps(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
     """All sweep tables among `paths` (tables, or folders searched for .parquet) as one frame.
 
     One row per cell_id: a cell found in several files keeps the first file's row; the number of
     rows dropped is in `frame.attrs[DUPLICATE_CELLS]`.
     """
-    files = []
-    for path, named in _expand(paths):
-        if _is_sweep_file(path):
-            files.append(path)
-        elif named:
-            raise NemesisError(f"{path} is not a sweep table; pass .parquet or .csv results of `nemesis corrupt`")
-    if not files:
-        raise NemesisError("no sweep result files found; pass the .parquet tables `nemesis corrupt` wrote")
+    files = _find(
+        paths,
+        _is_sweep_file,
+        "is not a sweep table; pass .parquet or .csv results of `nemesis corrupt`",
+        "no sweep result files found; pass the .parquet tables `nemesis corrupt` wrote",
+    )
     cells, dropped = combine_sweeps([read_sweep(path) for path in files])
     cells.attrs[DUPLICATE_CELLS] = dropped
     return cells
@@ -305,14 +319,12 @@ def read_run(path: str | os.PathLike) -> Run:
 
 def load_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
     """All run folders among `paths` (run folders, or folders holding run folders)."""
-    folders = []
-    for path, named in _expand(paths):
-        if _is_run_folder(path):
-            folders.append(path)
-        elif named:
-            raise NemesisError(f"{path} is not a run folder; pass folders written by `nemesis train --out DIR`")
-    if not folders:
-        raise NemesisError("no run folders found; pass folders written by `nemesis train --out DIR`")
+    folders = _find(
+        paths,
+        _is_run_folder,
+        "is not a run folder; pass folders written by `nemesis train --out DIR`",
+        "no run folders found; pass folders written by `nemesis train --out DIR`",
+    )
     return [read_run(folder) for folder in folders]
 
 
