@@ -2,11 +2,11 @@
 
 Steps: pretrain `tiny` (once, cached), train CoOp and Nemesis (PUN) prompts for shots 1-16 and
 three seeds with reduced epochs on cached augmented views, sweep every CoOp prompt over the
-default corruption grid, train CoCoOp and CoCoOp+Nemesis (PUN and PAN, weight 20) on the 5 base classes
-and test them on base and new classes (the base-to-new protocol, at a reduced size), then draw
-every figure and table. Each step resumes: finished runs are kept, the sweep computes only
-missing cells, evaluated prompts are not evaluated again, so an interrupted demo picks up where
-it stopped.
+default corruption grid, train CoCoOp and CoCoOp+Nemesis (PUN and PAN, weight 20) on the 5 base
+classes and test them on base and new classes (the base-to-new protocol with CoCoOp's settings, on
+cached flipped views), then draw every figure and table. Each step resumes: finished runs are
+kept, the sweep computes only missing cells, evaluated prompts are not evaluated again, so an
+interrupted demo picks up where it stopped.
 """
 
 from __future__ import annotations
