@@ -129,6 +129,7 @@ class CoCoOp(nn.Module):
             classnames,
             class_position=self.class_position,
             ctx=self.ctx.detach(),
+            ctx_init=self.prompts.ctx_init,  # for the frozen rest of the init phrase; ctx itself is kept
             chunk_size=self.prompts.chunk_size,
             token_budget=self.prompts.token_budget,
         )

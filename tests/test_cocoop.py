@@ -114,6 +114,15 @@ def test_meta_net_is_seeded_and_shaped_like_cocoops(tiny):
     assert not torch.equal(state["meta_net.linear1.weight"], other.meta_net.linear1.weight)
 
 
+def test_other_classnames_keep_the_frozen_rest_of_the_init_phrase(tiny):
+    # "an X-ray of a" is 4 words but more tokens: n_ctx = 4 learned, the rest of the phrase frozen.
+    cocoop = CoCoOp(tiny, CLASSNAMES, n_ctx=4, ctx_init="an X-ray of a", seed=0)
+    with torch.no_grad():
+        same = cocoop.for_classnames(list(CLASSNAMES))
+        assert torch.allclose(same.logits(_images(tiny)), cocoop.logits(_images(tiny)), atol=1e-5)
+        assert torch.equal(same.meta_net.linear1.weight, cocoop.meta_net.linear1.weight)
+
+
 def test_registry_builds_and_checks(tiny):
     assert set(PROMPT_METHODS) >= {"coop", "cocoop"}
     source = CoCoOp(tiny, CLASSNAMES, seed=3)
