@@ -46,19 +46,24 @@ def imagenet_like_classnames(count: int, seed: int = 0) -> list[str]:
     return ordered
 
 
-def todays_cut_pass(learner: PromptLearner, ctx_variants: torch.Tensor) -> torch.Tensor:
-    """Text features [K, n_cls, D] of unified ctx variants [K, M, W], the way the encoder did it before."""
+def todays_cut_pass(learner: PromptLearner, ctx_variants: torch.Tensor, max_chunks: int | None = None) -> torch.Tensor:
+    """Text features [K, n_cls, D] of unified ctx variants [K, M, W], the way the encoder did it before.
+
+    `max_chunks` stops after that many chunks (their features only): enough to see the pass's peak
+    memory, which later chunks reuse.
+    """
     n_variants, n_classes = ctx_variants.shape[0], learner.n_classes
     ctx_rows = (
         ctx_variants.unsqueeze(1).expand(-1, n_classes, -1, -1).reshape(n_variants * n_classes, learner.n_ctx, -1)
     )
     class_rows = torch.arange(n_classes, device=ctx_rows.device).repeat(n_variants)  # [K * n_cls]
     chunks = []
-    for start in range(0, ctx_rows.shape[0], TODAYS_CHUNK):
+    for start in range(0, ctx_rows.shape[0], TODAYS_CHUNK)[:max_chunks]:
         rows = slice(start, start + TODAYS_CHUNK)
         embeddings = learner.prompt_embeddings(ctx_rows[rows], class_rows[rows])  # full 77-token rows
         chunks.append(learner.encoder(embeddings, learner.pool_index[class_rows[rows]]))
-    return torch.cat(chunks).reshape(n_variants, n_classes, -1)
+    features = torch.cat(chunks)
+    return features if max_chunks is not None else features.reshape(n_variants, n_classes, -1)
 
 
 def resident_bytes() -> int:
