@@ -35,11 +35,12 @@ def test_base_to_new_is_one_eval_call_and_a_report_table(tmp_path):
     common += ["--shots", "2", "--epochs", "1", "--subsample", "base", "--device", "cpu"]
     _train([*common, "--method", "cocoop"], tmp_path / "cocoop")
     _train([*common, "--method", "cocoop-nemesis", "--beta", "0", "--weight", "20"], tmp_path / "pan")
+    _train([*common, "--method", "coop", "--n-ctx", "4"], tmp_path / "coop")
     records = tmp_path / "evals.jsonl"
     result = CliRunner().invoke(
         app,
-        ["eval", str(tmp_path / "cocoop"), str(tmp_path / "pan"), "--base-to-new", "--root", str(root),
-         "--device", "cpu", "--out", str(records)],
+        ["eval", str(tmp_path / "cocoop"), str(tmp_path / "pan"), str(tmp_path / "coop"), "--base-to-new",
+         "--root", str(root), "--device", "cpu", "--out", str(records)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in records.read_text().splitlines()]
@@ -48,16 +49,19 @@ def test_base_to_new_is_one_eval_call_and_a_report_table(tmp_path):
         ("cocoop", "new", 6),
         ("cocoop-nemesis", "base", 6),
         ("cocoop-nemesis", "new", 6),
+        ("coop", "base", 6),
+        ("coop", "new", 6),
     ]
-    assert result.output.count(", H ") == 2
+    assert result.output.count(", H ") == 3
 
     report = CliRunner().invoke(app, ["report", str(records), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
     table = pd.read_csv(tmp_path / "report" / "base_to_new.csv")
     ours = table[(table["origin"] == "ours") & (table["dataset"] == "oxford_pets")].set_index("method")
-    assert sorted(ours.index) == ["CoCoOp", "CoCoOp+Nemesis (PAN, weight 20)"]
+    assert sorted(ours.index) == ["CoCoOp", "CoCoOp+Nemesis (PAN, weight 20)", "CoOp"]
     base = {row["method"]: row["accuracy"] for row in rows if row["subsample"] == "base"}
     assert ours.loc["CoCoOp", "base"] == pytest.approx(base["cocoop"])
+    assert ours.loc["CoOp", "base"] == pytest.approx(base["coop"])
     assert ours["H"].notna().all() and ours["new"].notna().all()
 
     fails_with_one_line(["eval", str(tmp_path / "cocoop"), "--base-to-new", "--subsample", "new"], "drop --subsample")
