@@ -17,7 +17,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 TORCHRUN_TIMEOUT = 600
 
 
-def _environment() -> dict[str, str]:
+def subprocess_environment() -> dict[str, str]:
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), environment.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     environment["HF_HUB_OFFLINE"] = "1"
@@ -34,7 +34,7 @@ def torchrun_command(ranks: int, arguments: list[str]) -> list[str]:
 def run_torchrun(ranks: int, arguments: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         torchrun_command(ranks, arguments),
-        env=_environment(),
+        env=subprocess_environment(),
         capture_output=True,
         text=True,
         timeout=TORCHRUN_TIMEOUT,
@@ -47,7 +47,7 @@ def kill_torchrun_when(
     """Start torchrun, wait until `ready()` holds, then SIGKILL the whole job, or only its last rank."""
     process = subprocess.Popen(
         torchrun_command(ranks, arguments),
-        env=_environment(),
+        env=subprocess_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

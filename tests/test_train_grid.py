@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -16,7 +18,7 @@ from nemesis.train_grid import METHOD_PRESETS, parse_values, plan_grid, run_fold
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone, fails_with_one_line
-from .distributed_helpers import prompt_ctx, run_folders
+from .distributed_helpers import prompt_ctx, run_folders, subprocess_environment
 
 CLASSNAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
 SMALL = ["--model", "tiny", "--pretrained", "none", "--n-ctx", "4", "--epochs", "2", "--batch-size", "4",
@@ -154,3 +156,33 @@ def test_a_cache_entry_is_encoded_once_when_two_ask_at_once(tmp_path, monkeypatc
         worker.join()
     assert feature_cache.encoded_images - before == len(dataset.test)
     assert torch.equal(results[0][0], results[1][0])
+
+
+ENCODE_IN_A_PROCESS = """
+import sys, threading
+import nemesis.feature_cache as feature_cache
+from nemesis.backbone import load_clip
+from nemesis.datasets import load_dataset
+
+real_encode = feature_cache._encode
+def slow_encode(*args, **kwargs):
+    threading.Event().wait(2.0)  # the other process has missed the cache by now
+    return real_encode(*args, **kwargs)
+feature_cache._encode = slow_encode
+dataset = load_dataset("oxford_pets", sys.argv[1])
+features, _ = feature_cache.encode_split(load_clip("tiny"), dataset, "test", cache_dir=sys.argv[2], progress=False)
+print(feature_cache.encoded_images, float(features.sum()))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_missing_one_entry_encode_it_once(tmp_path):
+    """As torchrun ranks do: two processes ask for the same missing entry at once; one encodes it."""
+    root = make_coop_folder(tmp_path, "oxford_pets", CLASSNAMES, (1, 1, 3)).parent
+    command = [sys.executable, "-c", ENCODE_IN_A_PROCESS, str(root), str(tmp_path / "cache")]
+    environment = subprocess_environment()
+    workers = [subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=300)[0].split() for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers)
+    assert sorted(int(encoded) for encoded, _ in outputs) == [0, len(CLASSNAMES) * 3]  # one encoded, one read
+    assert outputs[0][1] == outputs[1][1]  # the same features
