@@ -14,7 +14,7 @@ from nemesis.errors import NemesisError
 from nemesis.testing import make_coop_folder
 from nemesis.trainer import train
 
-from .test_trainer import CLASSNAMES, checksum, rows, small_config
+from .test_trainer import CLASSNAMES, checksum, rows, small_config, train_until_interrupted
 
 
 @pytest.fixture
@@ -81,16 +81,7 @@ def test_cocoop_trains_ctx_and_meta_net_only_i5(pets, tmp_path, monkeypatch):
 def test_cocoop_resume_ends_with_the_uninterrupted_prompt(pets, tmp_path):
     config = small_cocoop(pets, epochs=4)
     train(config, tmp_path / "whole", progress=False)
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_two(epoch):
-        if epoch == 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train(config, tmp_path / "cut", progress=False, on_epoch_end=stop_after_two)
+    train_until_interrupted(config, tmp_path / "cut", after_epoch=2)
     train(config, tmp_path / "cut", resume=True, progress=False)
     whole = load_file(str(tmp_path / "whole" / "prompt.safetensors"))
     resumed = load_file(str(tmp_path / "cut" / "prompt.safetensors"))

@@ -596,20 +596,12 @@ def _run_config(root, **options):
 def stopped_run(tmp_path_factory):
     """A run stopped after epoch 2 of 3 (as a kill after the state save leaves it), and its data folder."""
     from nemesis.testing import make_coop_folder
-    from nemesis.trainer import train
+
+    from .test_trainer import train_until_interrupted
 
     base = tmp_path_factory.mktemp("run")
     make_coop_folder(base / "data", "oxford_pets", RUN_CLASSES, per_class=(2, 1, 2), image_size=16)
-
-    class Stop(Exception):
-        pass
-
-    def stop(epoch):
-        if epoch == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(_run_config(base / "data"), base / "run", progress=False, on_epoch_end=stop)
+    train_until_interrupted(_run_config(base / "data"), base / "run", after_epoch=2)
     return base
 
 

@@ -55,6 +55,21 @@ def rows(folder, kind):
     return [row for row in map(json.loads, lines) if row["kind"] == kind]
 
 
+class Interrupted(Exception):
+    """Stops a run between epochs, its state saved, as a kill would."""
+
+
+def train_until_interrupted(config: TrainConfig, out, after_epoch: int) -> None:
+    """Train `config` into `out` and stop it after epoch `after_epoch`."""
+
+    def stop(epoch):
+        if epoch == after_epoch:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(config, out, progress=False, on_epoch_end=stop)
+
+
 # --- config ------------------------------------------------------------------------------------
 
 
@@ -207,16 +222,7 @@ def test_training_changes_ctx_only_i5(pets, tmp_path, monkeypatch):
 def test_resume_ends_with_the_uninterrupted_prompt(pets, tmp_path, train_views):
     config = small_config(pets, method="nemesis", beta=0.5, epochs=5, train_views=train_views)
     train(config, tmp_path / "whole", progress=False)
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_two(epoch):
-        if epoch == 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        train(config, tmp_path / "cut", progress=False, on_epoch_end=stop_after_two)
+    train_until_interrupted(config, tmp_path / "cut", after_epoch=2)
     assert not (tmp_path / "cut" / "prompt.safetensors").exists()
     # Rows of an epoch that did not finish must not survive: fake a torn tail.
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as file:
