@@ -203,7 +203,9 @@ def test_run_folder_holds_every_file_and_row(pets, tmp_path):
     assert re.fullmatch(r"Elapsed: \d+:\d\d:\d\d", log[-1])
 
 
-def test_training_changes_ctx_only_i5(pets, tmp_path, monkeypatch):
+def train_leaving_the_backbone_unchanged(config: TrainConfig, out, monkeypatch):
+    """Train `config` into `out`; the one backbone the run built must be bit-identical afterwards (I5).
+    Returns that backbone."""
     built = []
 
     def recording_load_clip(*args, **kwargs):
@@ -211,9 +213,15 @@ def test_training_changes_ctx_only_i5(pets, tmp_path, monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(trainer, "load_clip", recording_load_clip)
-    before = checksum(load_clip("tiny").model)
-    train(small_config(pets, method="nemesis", beta=0.5, class_specific=True), tmp_path / "run", progress=False)
+    before = checksum(load_clip(config.model, config.pretrained).model)
+    train(config, out, progress=False)
     assert len(built) == 1 and checksum(built[0].model) == before
+    return built[0]
+
+
+def test_training_changes_ctx_only_i5(pets, tmp_path, monkeypatch):
+    config = small_config(pets, method="nemesis", beta=0.5, class_specific=True)
+    train_leaving_the_backbone_unchanged(config, tmp_path / "run", monkeypatch)
     ctx = load_prompt(tmp_path / "run" / "prompt.safetensors").ctx
     assert ctx.shape == (4, 4, 64)
 
