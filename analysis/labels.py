@@ -57,11 +57,6 @@ def dataset_name(key: Any) -> str:
     return DATASET_NAMES.get(str(key), str(key))
 
 
-def format_number(value: float) -> str:
-    """1.0 -> "1", 10.0 -> "10", 0.5 -> "0.5": hyper-parameters without a trailing .0."""
-    return f"{float(value):g}"
-
-
 def method_label(method: str | None, beta: float | None = None, weight: float | None = None) -> str:
     """The label of a method in tables and legends.
 
