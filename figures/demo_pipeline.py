@@ -29,6 +29,7 @@ from nemesis.configs import TrainConfig
 from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
 from nemesis.evaluate import append_record, evaluate_base_to_new
+from nemesis.train_grid import run_folder as grid_run_folder
 from nemesis.trainer import train
 
 SHOTS = (1, 2, 4, 8, 16)
@@ -72,7 +73,8 @@ class DemoOutputs:
 
 
 def run_folder(out_dir: Path, method: str, shots: int, seed: int) -> Path:
-    return out_dir / "runs" / method / f"shots{shots:02d}-seed{seed}"
+    """Where `nemesis train --out DIR/runs` with lists puts a run: runs/<dataset>/<method>/<model>_<K>shots/seed<S>."""
+    return grid_run_folder(out_dir / "runs", DATASET, method, MODEL, shots, seed)
 
 
 def train_runs(out_dir: Path, settings: DemoSettings, console: Console) -> list[Path]:
@@ -104,7 +106,7 @@ def train_runs(out_dir: Path, settings: DemoSettings, console: Console) -> list[
 
 
 def sweep_runs(out_dir: Path, runs: list[Path], console: Console) -> Path:
-    coop_runs = [folder for folder in runs if folder.parent.name == "coop"]
+    coop_runs = [folder for folder in runs if folder.parent.parent.name == "coop"]  # <method>/<model>_<K>shots/seed<S>
     table = out_dir / "sweep" / "lne.parquet"
     table.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]corrupt[/bold] {len(coop_runs)} CoOp prompts over the default grid")
@@ -120,14 +122,15 @@ def base_to_new(out_dir: Path, settings: DemoSettings, console: Console) -> Path
     done = set()
     if records.is_file():
         done = {json.loads(line)["checkpoint"] for line in records.read_text(encoding="utf-8").splitlines() if line}
+    seed = min(settings.seeds)
     for name, (method, beta, weight) in BASE_TO_NEW_RUNS.items():
-        folder = out_dir / "runs" / "base_to_new" / name
+        folder = grid_run_folder(out_dir / "base_to_new", DATASET, name, MODEL, settings.base_to_new_shots, seed)
         if not (folder / RUN_PROMPT).is_file():
             console.print(f"[bold]train[/bold] {name} on the base classes")
             config = TrainConfig(
                 dataset=DATASET,
                 shots=settings.base_to_new_shots,
-                seed=min(settings.seeds),
+                seed=seed,
                 method=method,
                 subsample="base",
                 model=MODEL,

@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from figures.demo_pipeline import DemoSettings, run_demo
+from nemesis.train_grid import plan_grid
 from nemesis_cli.main import app
 
 
@@ -15,9 +16,13 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
         epochs=2, train_views=1, n_ctx=4, shots=(1, 2), seeds=(1, 2), base_to_new_shots=2, base_to_new_epochs=1,
         base_to_new_views=1,
     )  # fmt: skip
+    methods, shots, seeds = ["coop", "nemesis"], [1, 2], [1, 2]
+    grid = plan_grid(tmp_path / "demo" / "runs", {"model": "tiny"}, ["fashion_mnist"], methods, shots, seeds)
     outputs = run_demo(tmp_path / "demo", settings)
     assert len(outputs.runs) == 2 * 2 * 2
     assert all((run / "prompt.safetensors").is_file() for run in outputs.runs)
+    # the demo's runs lie where `nemesis train --out DEMO/runs` with lists puts them
+    assert sorted(outputs.runs) == sorted(run.folder for run in grid.runs)
     assert outputs.sweep.is_file() and outputs.sweep.with_name("lne.correct.parquet").is_file()
     names = {path.name for path in outputs.figures}
     for figure in ("lne_frequency", "lne_degradation", "lne_by_position", "norm_trajectory"):
