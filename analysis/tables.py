@@ -18,6 +18,7 @@ import pandas as pd
 
 from nemesis.atomic import write_text_atomic
 from nemesis.errors import NemesisError
+from nemesis.wording import plural
 
 from . import paper_numbers
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
@@ -26,6 +27,7 @@ from .labels import (
     MISSING_LABEL,
     OWN_DATASET,
     PAPER_DATASETS,
+    ZERO_SHOT_METHOD,
     dataset_name,
     is_paper_kind,
     prompt_kind_label,
@@ -50,6 +52,7 @@ class Table:
     data: pd.DataFrame
     display: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # what the inputs held that changed the table: also notes
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -102,6 +105,63 @@ def _row_sort(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     return frame.sort_values(list(columns), key=key, kind="stable", na_position="last").reset_index(drop=True)
 
 
+# ----------------------------------------------------------------------------- counting each result once
+
+
+def _prompt_name(model, method, dataset, shots, seed) -> str:
+    shots_text = "shots n/a" if pd.isna(shots) else plural(int(shots), "shot")
+    seed_text = "" if pd.isna(seed) else f", seed {int(seed)}"
+    return f"{dataset_name(dataset)}, {method}, {model}, {shots_text}{seed_text}"
+
+
+def count_each_prompt_once(
+    results: pd.DataFrame, keys: Sequence[str], origin: str, what: str
+) -> tuple[pd.DataFrame, list[str]]:
+    """One row per prompt (`keys`: model, method label, dataset, shots, seed, and for domain
+    generalisation the target): a copied run folder or checkpoint given beside its tree, or two grid
+    presets that trained the same settings, is one seed, not two. The first row is kept; a note names
+    the copies (`origin`: the column naming where a row came from). Rows without a seed are kept,
+    except the zero-shot baseline (0 shots), which has none and is the same every time."""
+    known = results["seed"].notna() | (pd.to_numeric(results["shots"]) == 0).fillna(False)
+    repeated = results.duplicated(subset=list(keys), keep=False) & known
+    notes = []
+    for _key, group in results[repeated].groupby(list(keys), dropna=False, sort=False):
+        first = group.iloc[0]
+        name = _prompt_name(first["model"], first["method"], first["dataset"], first["shots"], first["seed"])
+        if "target" in group:
+            name += f", tested on {dataset_name(first['target'])}"
+        notes.append(
+            f"{what}: {name} was given {len(group)} times ({', '.join(map(str, group[origin]))}); "
+            f"counted once ({first[origin]})"
+        )
+    kept = results[~(results.duplicated(subset=list(keys), keep="first") & known)]
+    return kept.reset_index(drop=True), notes
+
+
+def latest_records(evals: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """The last record per checkpoint, `keys` and method label. Records of random weights carry their
+    own label ("(random weights)"), so they never replace a result on real weights."""
+    return evals.drop_duplicates(subset=["checkpoint", *keys, "method_label"], keep="last")
+
+
+def weights_conflicts(evals: pd.DataFrame | None) -> list[str]:
+    """A note per checkpoint evaluated on one dataset and class subset under different real weights
+    (tag, file or activation): the tables count its last record (`latest_records`), the note says so."""
+    if evals is None or evals.empty:
+        return []
+    notes = []
+    keys = ["checkpoint", "model", "dataset", "subsample", "method_label"]
+    for (checkpoint, model, dataset, subsample, _label), group in evals.groupby(keys, dropna=False, sort=False):
+        if group["weights_id"].nunique(dropna=False) > 1:
+            weights = list(dict.fromkeys(group["weights"]))
+            classes = "" if subsample == "all" else f" ({subsample} classes)"
+            notes.append(
+                f"{checkpoint} was evaluated on {dataset_name(dataset)}{classes} with {model} under different "
+                f"weights ({'; '.join(weights)}); the tables count its last record ({group['weights'].iloc[-1]})"
+            )
+    return notes
+
+
 # ----------------------------------------------------------------------------- few-shot
 
 
@@ -121,7 +181,7 @@ def few_shot_results(runs: Sequence[Run] = (), evals: pd.DataFrame | None = None
         run_folders = [run.path.resolve() for run in runs]
         own = evals[(evals["subsample"] == "all") & (evals["dataset"] == evals["train_dataset"])]
         # A checkpoint evaluated twice counts once: its latest record.
-        own = own.drop_duplicates(subset=["checkpoint", "model", "dataset"], keep="last")
+        own = latest_records(own, ["model", "dataset"])
         for row in own.itertuples(index=False):
             checkpoint = Path(row.checkpoint).resolve()
             if any(folder == checkpoint or folder in checkpoint.parents for folder in run_folders):
@@ -168,6 +228,7 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
         )
     keys = ["model", "method", "shots"]
     results = results.assign(model=results["model"].fillna(MISSING_LABEL))
+    results, repeated = count_each_prompt_once(results, [*keys, "dataset", "seed"], "source", "few-shot")
     datasets = sorted(results["dataset"].unique(), key=_dataset_order)
     per_dataset = results.groupby([*keys, "dataset"], dropna=False)["accuracy"].apply(_mean_std).unstack().reset_index()
     # A row's average covers every dataset its model has at its shots, or is left blank.
@@ -204,9 +265,10 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
     ]
     if skipped_runs:
         notes.append(
-            f"{skipped_runs} unfinished run{'' if skipped_runs == 1 else 's'} skipped "
+            f"{plural(skipped_runs, 'unfinished run')} skipped "
             "(last evaluated epoch before the configured count, or no prompt.safetensors)."
         )
+    notes.extend(repeated)
     if paper and set(datasets) == set(PAPER_DATASETS):
         shots_present = set(results["shots"].dropna().astype(int))
         paper_rows = []
@@ -221,7 +283,7 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
         notes.append("[paper] rows: the published 11-dataset averages, read off a plot (~ +-0.5).")
     display = pd.DataFrame(display_rows).reindex(columns=label_columns + value_columns).fillna("")
     data = _integers(data, ["shots", "seeds"])
-    return Table("few_shot", "Few-shot classification accuracy (%)", data, display, notes)
+    return Table("few_shot", "Few-shot classification accuracy (%)", data, display, notes, repeated)
 
 
 def few_shot_averages(table: Table) -> pd.DataFrame:
@@ -234,17 +296,22 @@ def few_shot_averages(table: Table) -> pd.DataFrame:
 
 
 def base_to_new_results(evals: pd.DataFrame) -> pd.DataFrame:
-    """One row per checkpoint evaluated on both its base and its new classes."""
-    keys = ["checkpoint", "model", "dataset"]
-    split = evals[evals["subsample"].isin(["base", "new"])]
-    split = split.drop_duplicates(subset=[*keys, "subsample"], keep="last")
+    """One row per checkpoint evaluated on both its base and its new classes. The zero-shot baseline
+    (the hand-crafted prompt, `eval --zero-shot --subsample base` and `new`) is the table's reference
+    row: it is kept with base or new alone too (the other value blank)."""
+    keys = ["checkpoint", "model", "dataset", "method_label"]
+    columns = ["checkpoint", "model", "dataset", "method", "shots", "seed", "base", "new"]
+    split = latest_records(evals[evals["subsample"].isin(["base", "new"])], ["model", "dataset", "subsample"])
+    if split.empty:
+        return pd.DataFrame(columns=columns)
     pairs = split.pivot_table(index=keys, columns="subsample", values="accuracy", aggfunc="last")
-    if "base" not in pairs or "new" not in pairs:
-        return pd.DataFrame(columns=[*keys, "method", "shots", "seed", "base", "new"])
-    pairs = pairs.dropna(subset=["base", "new"]).reset_index()
-    identity = split.drop_duplicates(subset=keys, keep="last")[[*keys, "method_label", "shots", "seed"]]
-    pairs = pairs.merge(identity, on=keys, how="left").rename(columns={"method_label": "method"})
-    return pairs[[*keys, "method", "shots", "seed", "base", "new"]]
+    pairs = pairs.reindex(columns=["base", "new"]).reset_index()
+    identity = split.drop_duplicates(subset=keys, keep="last")[[*keys, "method", "shots", "seed"]]
+    pairs = pairs.merge(identity, on=keys, how="left")
+    complete = pairs["base"].notna() & pairs["new"].notna()
+    pairs = pairs[complete | (pairs["method"] == ZERO_SHOT_METHOD)]
+    pairs = pairs.drop(columns="method").rename(columns={"method_label": "method"})
+    return pairs[columns].reset_index(drop=True)
 
 
 def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
@@ -260,6 +327,7 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
             "run `nemesis eval` with --subsample base and new"
         )
     keys = ["model", "method", "shots"]
+    pairs, repeated = count_each_prompt_once(pairs, [*keys, "dataset", "seed"], "checkpoint", "base-to-new")
     datasets = sorted(pairs["dataset"].unique(), key=_dataset_order)
     per_dataset = (
         pairs.groupby([*keys, "dataset"], dropna=False)
@@ -285,7 +353,7 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
     ]
     data.insert(0, "origin", OURS)
     data = _row_sort(data, [*keys, "dataset"])
-    notes = ["base and new: mean over seeds; H = 2*base*new/(base+new) of those means."]
+    notes = ["base and new: mean over seeds; H = 2*base*new/(base+new) of those means.", *repeated]
     if paper and set(datasets) == set(PAPER_DATASETS):
         paper_rows = [
             {"origin": PAPER, "method": method, "dataset": AVERAGE, "base": base, "new": new, "H": h}
@@ -312,7 +380,7 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
         }
     )
     data = _integers(data, ["shots", "seeds"])
-    return Table("base_to_new", "Base-to-new generalisation accuracy (%)", data, display, notes)
+    return Table("base_to_new", "Base-to-new generalisation accuracy (%)", data, display, notes, repeated)
 
 
 def _integers(data: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -332,9 +400,10 @@ def _number(value: float) -> str:
 
 def domain_generalization_results(evals: pd.DataFrame) -> pd.DataFrame:
     """Records of checkpoints (subsample "all") evaluated on at least one dataset besides their own."""
-    records = evals[evals["subsample"] == "all"].drop_duplicates(subset=["checkpoint", "model", "dataset"], keep="last")
-    crossed = records[records["dataset"] != records["train_dataset"]][["checkpoint", "model"]].drop_duplicates()
-    selected = records.merge(crossed, on=["checkpoint", "model"])
+    records = latest_records(evals[evals["subsample"] == "all"], ["model", "dataset"])
+    identity = ["checkpoint", "model", "method_label"]
+    crossed = records[records["dataset"] != records["train_dataset"]][identity].drop_duplicates()
+    selected = records.merge(crossed, on=identity)
     selected = selected.drop(columns="method")  # the label names the method in tables
     return selected.rename(columns={"train_dataset": "source", "dataset": "target", "method_label": "method"})[
         ["checkpoint", "model", "method", "shots", "seed", "source", "target", "accuracy"]
@@ -349,6 +418,9 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
             "no checkpoint was evaluated on a dataset besides its own; run `nemesis eval` on the target datasets"
         )
     keys = ["model", "method", "shots", "source"]
+    records = records.assign(dataset=records["source"])  # the prompt's dataset, as the other tables name it
+    identity = [*keys, "seed", "target"]
+    records, repeated = count_each_prompt_once(records, identity, "checkpoint", "domain generalisation")
     data = records.groupby([*keys, "target"], dropna=False)["accuracy"].apply(_mean_std).unstack().reset_index()
     data["seeds"] = data["seeds"].astype(int)
     data.insert(0, "origin", OURS)
@@ -363,7 +435,7 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
         for item in group.itertuples(index=False):
             row[dataset_name(item.target)] = format_mean_std(item.mean, item.std)
         display_rows.append(row)
-    notes = ["mean ± sample std (ddof=1) over seeds; one seed: mean only."]
+    notes = ["mean ± sample std (ddof=1) over seeds; one seed: mean only.", *repeated]
     setting = paper_numbers.DOMAIN_GENERALIZATION_SETTING
     if paper and setting["source"] in sources:
         paper_rows = []
@@ -389,7 +461,8 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
     label_columns = (["Model"] if show_model else []) + ["Method", "Shots", "Source"]
     display = pd.DataFrame(display_rows).reindex(columns=label_columns + [dataset_name(c) for c in columns])
     data = _integers(data, ["shots", "seeds"])
-    return Table("domain_generalization", "Domain generalisation accuracy (%)", data, display.fillna(""), notes)
+    title = "Domain generalisation accuracy (%)"
+    return Table("domain_generalization", title, data, display.fillna(""), notes, repeated)
 
 
 # ----------------------------------------------------------------------------- LNE frequency

@@ -152,5 +152,7 @@ def report(
         loaded, parse_by(by), margin=margin, significant=significant, alpha=alpha, paper=paper, pool=pool
     )
     _echo_duplicates(loaded.duplicate_cells)
+    for note in built.notes:
+        typer.echo(f"note: {note}", err=True)
     for path in analysis.write_report(built, out):
         typer.echo(f"wrote {path}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from typer.testing import CliRunner
 
@@ -251,3 +253,13 @@ def test_a_sidecar_without_its_table_is_one_line(tmp_path):
         ["plot-frequency", str(sweeps / "sweep.correct.parquet"), "--out", str(tmp_path / "fig")],
         "is the per-sample correctness of",
     )
+
+
+def test_report_counts_a_copied_run_once_and_names_the_copy(tmp_path):
+    runs = _runs(tmp_path / "runs")
+    shutil.copytree(runs / "coop-1", tmp_path / "copy")
+    result = runner.invoke(app, ["report", str(runs), str(tmp_path / "copy"), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "seed 1 was given 2 times" in notes[0] and str(tmp_path / "copy") in notes[0]
+    assert "| CoOp | 1 | 56.50 ± 0.71 |" in (tmp_path / "report" / "few_shot.md").read_text()  # seeds 1 and 2

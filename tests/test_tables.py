@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -246,3 +248,103 @@ def test_empty_inputs_fail_clearly(tmp_path):
         base_to_new_table(load_evals([write_evals(tmp_path / "e.jsonl", records)]))
     with pytest.raises(NemesisError, match="besides its own"):
         domain_generalization_table(load_evals([tmp_path / "e.jsonl"]))
+
+
+def test_a_copied_run_folder_is_one_seed_and_a_note_names_the_copy(tmp_path):
+    for seed, accuracy in ((1, 60.0), (2, 62.0)):
+        write_run(tmp_path / "tree" / f"seed{seed}", [accuracy], seed=seed)
+    shutil.copytree(tmp_path / "tree" / "seed1", tmp_path / "copy" / "seed1")
+    table = few_shot_table(few_shot_results(load_runs([tmp_path / "tree", tmp_path / "copy" / "seed1"])))
+    pets = _cell(table.data, "CoOp", 1, "oxford_pets")
+    assert (pets["mean"], pets["seeds"]) == (61.0, 2)
+    assert _cell(table.data, "CoOp", 1, "Average")["seeds"] == 2
+    (note,) = table.findings
+    assert "seed 1 was given 2 times" in note and str(tmp_path / "copy" / "seed1") in note
+    assert note in table.notes
+
+
+def test_two_presets_of_one_setting_are_one_seed_in_the_report(tmp_path):
+    # `--method nemesis,pen` trained before the grid planned such presets once: the same run twice.
+    write_run(tmp_path / "nemesis" / "seed1", [60.0], method="nemesis", beta=1.0)
+    write_run(tmp_path / "pen" / "seed1", [60.0], method="nemesis", beta=1.0)
+    table = few_shot_table(few_shot_results(load_runs([tmp_path])))
+    row = _cell(table.data, "CoOp+Nemesis (PUN, weight 1)", 1, "oxford_pets")
+    assert row["seeds"] == 1 and pd.isna(row["std"])
+    assert len(table.findings) == 1
+
+
+def test_a_copied_checkpoint_is_one_seed_in_the_base_to_new_table(tmp_path):
+    records = [
+        eval_record(checkpoint=checkpoint, subsample=subsample, accuracy=accuracy)
+        for checkpoint in ("runs/seed1", "copy/seed1")
+        for subsample, accuracy in (("base", 80.0), ("new", 60.0))
+    ]
+    table = base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)]))
+    assert table.data.set_index("dataset").loc["oxford_pets", "seeds"] == 1
+    assert len(table.findings) == 1 and "copy/seed1" in table.findings[0]
+
+
+def test_random_weight_records_never_replace_a_real_result(tmp_path):
+    real = {"checkpoint": "official/seed1", "pretrained": "openai", "weights_id": "tag:openai+quickgelu"}
+    random = {"checkpoint": "official/seed1", "pretrained": None, "weights_id": "random-seed0"}
+    records = [eval_record(**real, accuracy=54.34), eval_record(**random, accuracy=10.02)]
+    for subsample, accuracy in (("base", 80.0), ("new", 60.0)):
+        records.append(eval_record(**real, subsample=subsample, accuracy=accuracy))
+        records.append(eval_record(**random, subsample=subsample, accuracy=accuracy / 8))
+    evals = load_evals([write_evals(tmp_path / "e.jsonl", records)])
+    few_shot = few_shot_table(few_shot_results([], evals))
+    assert _cell(few_shot.data, "CoOp", 16, "oxford_pets")["mean"] == 54.34
+    assert _cell(few_shot.data, "CoOp (random weights)", 16, "oxford_pets")["mean"] == 10.02
+    assert set(few_shot.display["Method"]) == {"CoOp", "CoOp (random weights)"}
+    base_to_new = base_to_new_table(evals).data.set_index(["method", "dataset"])
+    assert base_to_new.loc[("CoOp", "oxford_pets"), "base"] == 80.0
+    assert base_to_new.loc[("CoOp (random weights)", "oxford_pets"), "base"] == 10.0
+
+
+def test_runs_on_random_weights_are_labelled(tmp_path):
+    write_run(tmp_path / "run", [55.0])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config | {"pretrained": None}))
+    (run,) = load_runs([tmp_path])
+    assert run.label == "CoOp (random weights)"
+    assert few_shot_table(few_shot_results([run])).display.loc[0, "Method"] == "CoOp (random weights)"
+
+
+def test_a_checkpoint_evaluated_under_two_real_weights_is_stated(tmp_path):
+    from analysis.tables import weights_conflicts
+
+    records = [
+        eval_record(checkpoint="c", pretrained="openai", activation="quickgelu", accuracy=54.0),
+        eval_record(checkpoint="c", pretrained="openai", activation="gelu", accuracy=40.0),
+    ]
+    evals = load_evals([write_evals(tmp_path / "e.jsonl", records)])
+    (note,) = weights_conflicts(evals)
+    assert "openai, quickgelu; openai, gelu" in note and "last record (openai, gelu)" in note
+    assert few_shot_results([], evals)["accuracy"].tolist() == [40.0]
+
+
+def _zero_shot(subsample: str, accuracy: float) -> dict:
+    return eval_record(
+        checkpoint="zero-shot:tiny:fmnist", method="zero-shot", method_label="Zero-shot CLIP", shots=0, seed=None,
+        pretrained="fmnist", subsample=subsample, accuracy=accuracy,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("subsamples", "expected"),
+    [(("base", "new"), (72.0, 60.0, harmonic_mean(72.0, 60.0))), (("base",), (72.0, None, None))],
+)
+def test_the_zero_shot_row_shows_what_was_evaluated(tmp_path, subsamples, expected):
+    records = [eval_record(checkpoint="p", subsample=s, accuracy=a) for s, a in (("base", 80.0), ("new", 50.0))]
+    records += [_zero_shot(subsample, {"base": 72.0, "new": 60.0}[subsample]) for subsample in subsamples]
+    table = base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)]))
+    row = table.data[(table.data["method"] == "Zero-shot CLIP") & (table.data["dataset"] == "oxford_pets")].iloc[0]
+    values = tuple(None if pd.isna(value) else value for value in (row["base"], row["new"], row["H"]))
+    assert values == pytest.approx(expected)
+    shown = table.display[table.display["Method"] == "Zero-shot CLIP"].iloc[0]
+    assert shown["Base"] == "72.00" and (shown["H"] == "") == (len(subsamples) == 1)
+
+
+def test_a_lone_zero_shot_record_makes_a_base_to_new_table(tmp_path):
+    evals = load_evals([write_evals(tmp_path / "b2n.jsonl", [_zero_shot("new", 60.0)])])
+    assert base_to_new_table(evals).display.loc[0, "New"] == "60.00"
