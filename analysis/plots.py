@@ -102,6 +102,8 @@ def _category_order(values: pd.Series) -> list:
 def _category_label(column: str, value) -> str:
     if column == "shots":
         return shots_label(value)
+    if column == "seed":  # a bare "1" in a legend reads as anything
+        return "seed n/a" if value is None or pd.isna(value) else f"seed {int(value)}"
     if column in ("dataset", "train_dataset", "trained_on"):
         return dataset_name(value)
     return "n/a" if value is None or pd.isna(value) else str(value)
@@ -222,7 +224,8 @@ def plot_frequency_table(
     if degradation:
         require_rates(table, columns, "degradation_rate")
     fixed = _single_kind(table, columns)
-    x_column = "shots" if "shots" in columns else columns[-1]
+    asked = [column for column in parse_by(by) if column in columns]  # without the prompt-kind columns
+    x_column = "shots" if "shots" in asked else asked[-1]
     series_columns = [column for column in columns if column != x_column and column not in fixed]
     y_column = "degradation_rate" if degradation else "rate" if rate else "frequency"
     x_values = _category_order(table[x_column])
@@ -279,7 +282,7 @@ def plot_frequency_table(
         pooled = f"; prompts: {_series_label(list(fixed), list(fixed.values()))}" + pooled
     axes.set_title(
         f"{title}\neach point: {_count_range(table['cells'])} corrupted cells ({_count_range(table[counted])} "
-        f"norm-{counted}), summed over seeds, positions and factors{pooled}",
+        f"norm-{counted}), {_summed_over(columns)}{pooled}",
         fontsize=9,
         loc="left",
     )
@@ -289,6 +292,19 @@ def plot_frequency_table(
     _legend_outside(axes, title=" / ".join(names) if names else None)
     figure.tight_layout()
     return figure
+
+
+# What a frequency point can sum over, unless grouped by it: (column, as the title names it).
+SUMMED_COLUMNS = (("dataset", "datasets"), ("shots", "shots"), ("seed", "seeds"), ("position", "positions"))
+
+
+def _summed_over(columns: Sequence[str]) -> str:
+    """ "summed over seeds, positions and factors" for the default grouping: what the points pool."""
+    names = [name for column, name in SUMMED_COLUMNS if column not in columns]
+    names += [] if "factor" in columns else ["factors"]
+    if not names:
+        return "one setting each"
+    return "summed over " + (f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0])
 
 
 def _count_range(counts: pd.Series) -> str:
