@@ -17,6 +17,7 @@ import pandas as pd
 
 from nemesis.errors import NemesisError
 from nemesis.sweep_format import ORIGINAL_OP, checkpoint_key_of
+from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import OWN_DATASET
@@ -182,7 +183,7 @@ def add_mcnemar(cells: pd.DataFrame) -> pd.DataFrame:
                 after = _correctness_of(correctness, cell_id, results_file)
                 if before.shape != after.shape:
                     raise NemesisError(
-                        f"{results_file}: cell {cell_id} has {after.size} samples but its original "
+                        f"{results_file}: cell {cell_id} has {plural(after.size, 'sample')} but its original "
                         f"has {before.size}; the pairs must cover the same test samples"
                     )
                 gained[index] = int(np.count_nonzero(after & ~before))

@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from nemesis.atomic import atomic_path
 from nemesis.errors import NemesisError
+from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import OWN_DATASET, dataset_name, prompt_kind_label, shots_label
@@ -360,7 +361,7 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
         title = f"{op}, {_series_label(list(kind), list(kind.values()))}" if varying else op
         axes.set_title(title)
         rule = "; norm-reducing factors left of the rule" if axes.lines else ""
-        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{len(panel_cells):,} cells{rule}")
+        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{plural(len(panel_cells), 'cell')}{rule}")
         axes.set_ylabel("position")
     figure.colorbar(image, ax=list(panels), label="mean accuracy change (pp)")
     pooled = f" ({POOLED_NOTE})" if pool else ""
@@ -391,7 +392,7 @@ def _norm_series(frame: pd.DataFrame) -> list[tuple[tuple, str, pd.DataFrame, in
 
 def _panel_title(dataset, shots, seeds: set[int]) -> str:
     shots_text = f"{shots_label(shots)} shot{'' if str(shots) == '1' else 's'}"
-    seeds_text = f"{max(seeds)} seed{'' if max(seeds) == 1 else 's'}" if len(seeds) == 1 else "seeds vary"
+    seeds_text = plural(max(seeds), "seed") if len(seeds) == 1 else "seeds vary"
     return f"{dataset_name(dataset)}, {shots_text} ({seeds_text} per line)"
 
 
@@ -465,8 +466,8 @@ def plot_norms(runs: Sequence[Run]) -> Figure:
         keys.append(Patch(color="grey", alpha=0.3, label="band: ±1 std over seeds"))
     seeds_total = frame["seed"].nunique()
     figure.suptitle(
-        f"Prompt norm and accuracy over training: {len(runs)} run{'' if len(runs) == 1 else 's'}, "
-        f"{seeds_total} seed{'' if seeds_total == 1 else 's'}; lines are means over seeds",
+        f"Prompt norm and accuracy over training: {plural(len(runs), 'run')}, "
+        f"{plural(seeds_total, 'seed')}; lines are means over seeds",
         fontsize=11,
     )
     right = 1.0 - legend_width / figure.get_figwidth()

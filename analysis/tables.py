@@ -508,7 +508,10 @@ def lne_frequency_table(
     if pool:
         notes.append("Cells of every method and kind of prompt are counted together, as --pool asked.")
     if duplicate_cells:
-        notes.append(f"{duplicate_cells} cells found in more than one results table were counted once (first file).")
+        were = "was" if duplicate_cells == 1 else "were"
+        notes.append(
+            f"{plural(duplicate_cells, 'cell')} found in more than one results table {were} counted once (first file)."
+        )
     if columns != ["dataset", "shots"]:
         notes.append(
             "rate = frequency / reducing cells; degradation_rate = degrading / increasing cells "

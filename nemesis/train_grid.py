@@ -31,6 +31,7 @@ from .datasets import resolve_name
 from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
 from .trainer import check_config, check_run_folder, train
+from .wording import plural
 
 # What each name of `--method` sets. A new preset is one line here.
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
@@ -77,7 +78,7 @@ class GridRun:
 
     @property
     def label(self) -> str:
-        return f"{self.dataset} {self.method} {self.shots} shots seed {self.seed}"
+        return f"{self.dataset} {self.method} {plural(self.shots, 'shot')} seed {self.seed}"
 
     @property
     def finished(self) -> bool:

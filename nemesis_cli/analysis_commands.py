@@ -9,6 +9,7 @@ import typer
 
 from analysis.defaults import DEFAULT_ALPHA
 from nemesis.atomic import prepare_output
+from nemesis.wording import plural
 
 from .common import reports_errors
 
@@ -50,7 +51,10 @@ ByOption = Annotated[
 
 def _echo_duplicates(count: int) -> None:
     if count:
-        typer.echo(f"note: {count} cells found in more than one results table were counted once (first file's row)")
+        typer.echo(
+            f"note: {plural(count, 'cell')} found in more than one results table {'was' if count == 1 else 'were'} "
+            "counted once (first file's row)"
+        )
 
 
 @reports_errors
