@@ -138,8 +138,9 @@ def report(
     margin: MarginOption = 0.0,
     significant: SignificantOption = False,
     alpha: AlphaOption = DEFAULT_ALPHA,
+    # "\\[" keeps rich from reading "[paper]" as markup and dropping the word.
     paper: Annotated[
-        bool, typer.Option("--paper/--no-paper", help="Add the paper's published numbers as [paper] rows.")
+        bool, typer.Option("--paper/--no-paper", help="Add the paper's published numbers as \\[paper] rows.")
     ] = True,
     pool: PoolOption = False,
 ) -> None:

@@ -263,3 +263,8 @@ def test_report_counts_a_copied_run_once_and_names_the_copy(tmp_path):
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "seed 1 was given 2 times" in notes[0] and str(tmp_path / "copy") in notes[0]
     assert "| CoOp | 1 | 56.50 ± 0.71 |" in (tmp_path / "report" / "few_shot.md").read_text()  # seeds 1 and 2
+
+
+def test_report_help_keeps_every_word():
+    result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "published numbers as [paper] rows" in result.output
