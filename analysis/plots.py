@@ -31,8 +31,10 @@ from nemesis.wording import plural
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import OWN_DATASET, dataset_name, prompt_kind_label, shots_label
 from .low_norm_effect import (
+    DEGRADATION_RATE,
     POOLED_NOTE,
     PROMPT_KIND,
+    RATE,
     group_columns,
     lne_frequency,
     mean_change_by_position,
@@ -223,12 +225,12 @@ def plot_frequency_table(
     if rate:
         require_rates(table, columns)
     if degradation:
-        require_rates(table, columns, "degradation_rate")
+        require_rates(table, columns, DEGRADATION_RATE)
     fixed = _single_kind(table, columns)
     asked = [column for column in parse_by(by) if column in columns]  # without the prompt-kind columns
     x_column = "shots" if "shots" in asked else asked[-1]
     series_columns = [column for column in columns if column != x_column and column not in fixed]
-    y_column = "degradation_rate" if degradation else "rate" if rate else "frequency"
+    y_column = DEGRADATION_RATE if degradation else RATE if rate else "frequency"
     x_values = _category_order(table[x_column])
     if series_columns:
         keys = table[series_columns].drop_duplicates().sort_values(series_columns, na_position="last")
@@ -248,8 +250,7 @@ def plot_frequency_table(
             match = rows[rows[x_column].map(lambda other, x_value=x_value: _same(x_value, other))]
             if not match.empty:
                 positions.append(position)
-                value = float(match[y_column].iloc[0])  # one row: the table is grouped by exactly these
-                values.append(value if y_column == "frequency" else 100 * value)  # rates in percent, as the tables
+                values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
         label = _series_label(series_columns, key, fixed)
         axes.plot(
             positions,
@@ -267,7 +268,7 @@ def plot_frequency_table(
         axes.set_ylabel("LNE rate (% of norm-reducing cells)")
     else:
         axes.set_ylabel("LNE frequency (number of occurrences)")
-    plotted = table[y_column].astype(float) * (1 if y_column == "frequency" else 100)
+    plotted = table[y_column].astype(float)
     _y_headroom(axes, float(plotted.max()) if len(plotted) else 0.0, percent=y_column != "frequency")
     if y_column == "frequency":
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts

@@ -33,13 +33,15 @@ from .labels import (
     prompt_kind_label,
     shots_label,
 )
-from .low_norm_effect import POOLED_NOTE, PROMPT_KIND, lne_frequency, parse_by
+from .low_norm_effect import DEGRADATION_RATE, POOLED_NOTE, PROMPT_KIND, RATE, lne_frequency, parse_by
 from .results import Run, runs_frame
 
 AVERAGE = "Average"
 PAPER_MARK = " [paper]"
 OURS, PAPER = "ours", "paper"
 TABLE_SUFFIXES = (".md", ".csv", ".tex")
+# Decimals of the floats a CSV holds: percents from float32 accuracies (49.06999965508779) read 49.07.
+CSV_DECIMALS = 4
 DEGRADATION_MARK = "degr."
 
 
@@ -514,8 +516,8 @@ def lne_frequency_table(
         )
     if columns != ["dataset", "shots"]:
         notes.append(
-            "rate = frequency / reducing cells; degradation_rate = degrading / increasing cells "
-            "(norm-increasing cells that lower accuracy), in percent."
+            f"{RATE} = frequency / reducing cells; {DEGRADATION_RATE} = degrading / increasing cells "
+            "(norm-increasing cells that lower accuracy), both in percent."
         )
         display = frequency.copy()
         added = [column for column in kind_columns if column not in columns]
@@ -523,8 +525,8 @@ def lne_frequency_table(
             labels = [label_of(tuple(values)) for values in display[kind_columns].itertuples(index=False)]
             display = display.drop(columns=added)
             display.insert(len(columns), "prompts", labels)
-        display["rate"] = [_percent(value) for value in display["rate"]]
-        display["degradation_rate"] = [_percent(value) for value in display["degradation_rate"]]
+        display[RATE] = [_percent(value) for value in display[RATE]]
+        display[DEGRADATION_RATE] = [_percent(value) for value in display[DEGRADATION_RATE]]
         return Table("lne_frequency", f"Low-Norm Effect frequency{pooled}", data, display.astype(str), notes)
 
     datasets = sorted(frequency["dataset"].unique(), key=_dataset_order)
@@ -541,7 +543,8 @@ def lne_frequency_table(
                 row["Prompts"] = label_of(kind)
             for item in rows.itertuples(index=False):
                 if kind_of(item) == kind:
-                    rates = f"({_percent(item.rate)}); {DEGRADATION_MARK} {_percent(item.degradation_rate)}"
+                    rate, degradation = _percent(getattr(item, RATE)), _percent(getattr(item, DEGRADATION_RATE))
+                    rates = f"({rate}); {DEGRADATION_MARK} {degradation}"
                     row[shots_label(item.shots)] = f"{item.frequency} {rates}"
             display_rows.append(row)
             values = dict(zip(kind_columns, kind, strict=True))
@@ -575,10 +578,16 @@ def lne_frequency_table(
 
 
 def _percent(value: float) -> str:
-    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
+    return "n/a" if value is None or pd.isna(value) else f"{value:.1f}%"
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def rounded(frame: pd.DataFrame, decimals: int = CSV_DECIMALS) -> pd.DataFrame:
+    """A copy with its float columns rounded: digits beyond float32's precision are noise, not results."""
+    floats = frame.select_dtypes("float").columns
+    return frame.assign(**{column: frame[column].round(decimals) for column in floats})
 
 
 def _escape_markdown(text: str) -> str:
@@ -638,6 +647,6 @@ def write_table(table: Table, out_dir: str | os.PathLike) -> list[Path]:
     """Write TABLE.md, TABLE.csv and TABLE.tex into `out_dir`, each atomically."""
     markdown, csv, latex = table_paths(table, out_dir)
     write_text_atomic(markdown, to_markdown(table))
-    write_text_atomic(csv, table.data.to_csv(index=False))
+    write_text_atomic(csv, rounded(table.data).to_csv(index=False))
     write_text_atomic(latex, to_latex(table))
     return [markdown, csv, latex]

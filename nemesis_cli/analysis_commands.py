@@ -91,6 +91,7 @@ def plot_frequency(
     import analysis
     from analysis.plots import check_frequency_options
     from analysis.results import DUPLICATE_CELLS
+    from analysis.tables import rounded
 
     check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
     prepare_output(out)
@@ -98,7 +99,7 @@ def plot_frequency(
     table, figure = analysis.frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation, pool)
     paths = analysis.save_figure(figure, out)
     _echo_duplicates(cells.attrs.get(DUPLICATE_CELLS, 0))
-    typer.echo(table.to_string(index=False))
+    typer.echo(rounded(table, 2).to_string(index=False))
     for path in paths:
         typer.echo(f"wrote {path}")
 

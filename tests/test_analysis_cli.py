@@ -195,8 +195,8 @@ def test_report_groups_the_lne_table_by_any_columns(tmp_path):
     sweeps = _sweeps(tmp_path / "sweeps")
     _ok(["report", str(sweeps), "--out", str(tmp_path / "report"), "--by", "dataset,position", "--no-paper"])
     markdown = (tmp_path / "report" / "lne_frequency.md").read_text()
-    assert "| dataset | position | prompts | cells | reducing | frequency | rate |" in markdown
-    assert "degradation_rate" in markdown
+    assert "| dataset | position | prompts | cells | reducing | frequency | rate_percent |" in markdown
+    assert "degradation_rate_percent" in markdown
     default = _ok(["report", str(sweeps), "--out", str(tmp_path / "default")])
     assert "wrote" in default
     markdown = (tmp_path / "default" / "lne_frequency.md").read_text()
@@ -268,3 +268,21 @@ def test_report_counts_a_copied_run_once_and_names_the_copy(tmp_path):
 def test_report_help_keeps_every_word():
     result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "published numbers as [paper] rows" in result.output
+
+
+def test_rates_are_percent_in_stdout_and_csv_with_sensible_decimals(tmp_path):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    output = _ok(["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig"), "--rate"])
+    header, first = output.splitlines()[:2]
+    assert "rate_percent" in header and "degradation_rate_percent" in header
+    assert " 66.67 " in first  # 2 of 3 reducing cells gain: 66.67 %, not 0.666667
+    _ok(["report", str(sweeps), "--out", str(tmp_path / "report"), "--no-paper"])
+    csv = (tmp_path / "report" / "lne_frequency.csv").read_text()
+    assert ",66.6667," in csv and "0.666" not in csv
+
+
+def test_report_csv_has_no_float32_noise(tmp_path):
+    write_run(tmp_path / "runs" / "seed1", [49.06999965508779])  # a float32 accuracy read back as a double
+    _ok(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    csv = (tmp_path / "report" / "few_shot.csv").read_text()
+    assert ",49.07," in csv and "49.0699" not in csv

@@ -205,9 +205,9 @@ def test_lne_frequency_table():
 def test_lne_frequency_table_by_other_columns_shows_the_degradation_rate():
     table = lne_frequency_table(_cells(), by="dataset", paper=False, duplicate_cells=3)
     display = table.display.set_index("dataset")
-    assert display.loc["oxford_pets", "degradation_rate"] == "100.0%"
-    assert display.loc["fashion_mnist", "degradation_rate"] == "0.0%"
-    assert "degradation_rate" in to_markdown(table)
+    assert display.loc["oxford_pets", "degradation_rate_percent"] == "100.0%"
+    assert display.loc["fashion_mnist", "degradation_rate_percent"] == "0.0%"
+    assert "degradation_rate_percent" in to_markdown(table)
     assert any("3 cells found in more than one results table were counted once" in note for note in table.notes)
 
 
@@ -237,7 +237,8 @@ def test_writers_produce_markdown_csv_and_latex(tmp_path):
     paths = write_table(table, tmp_path)
     assert [path.name for path in paths] == ["lne_frequency.md", "lne_frequency.csv", "lne_frequency.tex"]
     csv = pd.read_csv(tmp_path / "lne_frequency.csv")
-    assert {"origin", "dataset", "shots", "frequency", "rate"} <= set(csv.columns)
+    assert {"origin", "dataset", "shots", "frequency", "rate_percent"} <= set(csv.columns)
+    assert csv.set_index(["origin", "dataset", "shots"]).loc[("ours", "oxford_pets", 1), "rate_percent"] == 50.0
 
 
 def test_empty_inputs_fail_clearly(tmp_path):
