@@ -349,7 +349,8 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
                 if np.isfinite(value):
                     red, green, blue, _ = colour_map(0.5 + 0.5 * value / largest)
                     dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived brightness
-                    axes.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                    shown = round(value, 1) + 0.0  # + 0.0 turns -0.0 (a change that rounds away) into 0.0
+                    axes.text(column, row, f"{shown:.1f}", ha="center", va="center", fontsize=7,
                               color="white" if dark else "black")  # fmt: skip
         panel_cells = corrupted[corrupted["op"] == op]
         for column, value in kind.items():

@@ -265,3 +265,11 @@ def test_frequency_by_seed_and_dataset_labels_the_seeds_in_the_legend():
     (axes,) = figure.axes
     assert [tick.get_text() for tick in axes.get_xticklabels()] == ["Food101", "OxfordPets"]
     assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["seed 1", "seed 2"]
+
+
+def test_position_heatmap_never_shows_minus_zero():
+    cells = _cells()
+    cells.loc[cells["op"] != "original", "delta_acc"] = -0.04  # rounds to 0.0, not "-0.0"
+    figure = plot_frequency(cells, by="position")
+    texts = [text.get_text() for axes in figure.axes for text in axes.texts]
+    assert texts and "-0.0" not in texts and "0.0" in texts
