@@ -37,6 +37,7 @@ from .low_norm_effect import DEGRADATION_RATE, POOLED_NOTE, PROMPT_KIND, RATE, l
 from .results import Run, runs_frame
 
 AVERAGE = "Average"
+SEEDS = "Seeds"  # the display column saying how many seeds each row's means are over
 PAPER_MARK = " [paper]"
 OURS, PAPER = "ours", "paper"
 TABLE_SUFFIXES = (".md", ".csv", ".tex")
@@ -74,6 +75,15 @@ def format_mean_std(mean: float, std: float) -> str:
     if std is None or pd.isna(std):
         return f"{mean:.2f}"
     return f"{mean:.2f} ± {std:.2f}"
+
+
+def _seeds_text(counts: Sequence[int]) -> str:
+    """The seeds behind a row's cells, as its Seeds column shows them: "3", or "2-3" when they differ."""
+    counts = [int(count) for count in counts if not pd.isna(count) and count > 0]
+    if not counts:
+        return ""
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _mean_std(values: pd.Series) -> pd.Series:
@@ -251,17 +261,18 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
     data = _row_sort(data, [*keys, "dataset"])
 
     show_model = _show_model(results)
-    label_columns = (["Model"] if show_model else []) + ["Method", "Shots"]
+    label_columns = (["Model"] if show_model else []) + ["Method", "Shots", SEEDS]
     value_columns = [dataset_name(dataset) for dataset in datasets] + [AVERAGE]
     display_rows = []
     for (model, method, shots), group in data.groupby(keys, dropna=False, sort=False):
         row = {"Model": model, "Method": method, "Shots": shots_label(shots)}
+        row[SEEDS] = _seeds_text(group.loc[group["dataset"] != AVERAGE, "seeds"])
         for item in group.itertuples(index=False):
             name = AVERAGE if item.dataset == AVERAGE else dataset_name(item.dataset)
             row[name] = format_mean_std(item.mean, item.std)
         display_rows.append(row)
     notes = [
-        "mean ± sample std (ddof=1) over seeds; one seed: mean only.",
+        "mean ± sample std (ddof=1) over seeds; one seed: mean only. Seeds: per dataset (a range where they differ).",
         "Average: mean over the datasets of the row's model and shots (blank if the row lacks one);"
         " its std is over per-seed averages.",
     ]
@@ -356,6 +367,7 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
     data.insert(0, "origin", OURS)
     data = _row_sort(data, [*keys, "dataset"])
     notes = ["base and new: mean over seeds; H = 2*base*new/(base+new) of those means.", *repeated]
+    notes[0] += " Average: over datasets, its Seeds the fewest of any dataset."
     if paper and set(datasets) == set(PAPER_DATASETS):
         paper_rows = [
             {"origin": PAPER, "method": method, "dataset": AVERAGE, "base": base, "new": new, "H": h}
@@ -376,6 +388,7 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
                 for shots, origin in zip(data["shots"], data["origin"], strict=True)
             ],
             "Dataset": [AVERAGE if dataset == AVERAGE else dataset_name(dataset) for dataset in data["dataset"]],
+            SEEDS: [_seeds_text([count]) for count in data["seeds"]],
             "Base": [_number(value) for value in data["base"]],
             "New": [_number(value) for value in data["new"]],
             "H": [_number(value) for value in data["H"]],
@@ -434,10 +447,14 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
     display_rows = []
     for (model, method, shots, source), group in data.groupby(keys, dropna=False, sort=False):
         row = {"Model": model, "Method": method, "Shots": shots_label(shots), "Source": dataset_name(source)}
+        row[SEEDS] = _seeds_text(group["seeds"])
         for item in group.itertuples(index=False):
             row[dataset_name(item.target)] = format_mean_std(item.mean, item.std)
         display_rows.append(row)
-    notes = ["mean ± sample std (ddof=1) over seeds; one seed: mean only.", *repeated]
+    notes = [
+        "mean ± sample std (ddof=1) over seeds; one seed: mean only. Seeds: per target (a range where they differ).",
+        *repeated,
+    ]
     setting = paper_numbers.DOMAIN_GENERALIZATION_SETTING
     if paper and setting["source"] in sources:
         paper_rows = []
@@ -460,7 +477,7 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
             display_rows.append(row)
         data = pd.concat([data, pd.DataFrame(paper_rows)], ignore_index=True)
         notes.append("[paper] rows: the published numbers (RN50, 16 shots, source ImageNet).")
-    label_columns = (["Model"] if show_model else []) + ["Method", "Shots", "Source"]
+    label_columns = (["Model"] if show_model else []) + ["Method", "Shots", "Source", SEEDS]
     display = pd.DataFrame(display_rows).reindex(columns=label_columns + [dataset_name(c) for c in columns])
     data = _integers(data, ["shots", "seeds"])
     title = "Domain generalisation accuracy (%)"

@@ -97,9 +97,9 @@ def test_report_writes_every_supported_table(tmp_path):
     assert output.count("wrote") == len(expected)
     few_shot = (tmp_path / "report" / "few_shot.md").read_text()
     # The ImageNet source evaluation is a 16-shot result of its own; the 1-shot average covers OxfordPets.
-    assert "| Method | Shots | OxfordPets | ImageNet | Average |" in few_shot
-    assert "| CoOp | 1 | 56.50 ± 0.71 |  | 56.50 ± 0.71 |" in few_shot
-    assert "| CoOp | 16 |  | 62.00 | 62.00 |" in few_shot
+    assert "| Method | Shots | Seeds | OxfordPets | ImageNet | Average |" in few_shot
+    assert "| CoOp | 1 | 2 | 56.50 ± 0.71 |  | 56.50 ± 0.71 |" in few_shot
+    assert "| CoOp | 16 | 1 |  | 62.00 | 62.00 |" in few_shot
     assert "CoOp+Nemesis (PAN, weight 1)" in few_shot
 
 
@@ -210,7 +210,7 @@ def test_report_skips_unfinished_runs_and_says_so(tmp_path):
     write_run(runs / "coop-3", [50.0, 99.0], seed=3, epochs=50)  # still training
     _ok(["report", str(runs), "--out", str(tmp_path / "report")])
     few_shot = (tmp_path / "report" / "few_shot.md").read_text()
-    assert "| CoOp | 1 | 56.50 ± 0.71 |" in few_shot  # seeds 1 and 2 only
+    assert "| CoOp | 1 | 2 | 56.50 ± 0.71 |" in few_shot  # seeds 1 and 2 only
     assert "1 unfinished run skipped" in few_shot
     write_run(tmp_path / "stopped" / "run", [50.0], epochs=5)
     args = ["report", str(tmp_path / "stopped"), "--out", str(tmp_path / "out")]
@@ -262,7 +262,7 @@ def test_report_counts_a_copied_run_once_and_names_the_copy(tmp_path):
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "seed 1 was given 2 times" in notes[0] and str(tmp_path / "copy") in notes[0]
-    assert "| CoOp | 1 | 56.50 ± 0.71 |" in (tmp_path / "report" / "few_shot.md").read_text()  # seeds 1 and 2
+    assert "| CoOp | 1 | 2 | 56.50 ± 0.71 |" in (tmp_path / "report" / "few_shot.md").read_text()
 
 
 def test_report_help_keeps_every_word():

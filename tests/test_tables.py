@@ -82,7 +82,8 @@ def test_few_shot_means_and_sample_std(tmp_path):
     display = table.display.set_index(["Method", "Shots"])
     assert display.loc[("CoOp", "1"), "OxfordPets"] == f"63.00 ± {math.sqrt(13.0):.2f}"
     assert display.loc[("CoOp", "1"), "Average"] == "67.00 ± 2.29"
-    assert list(table.display.columns) == ["Method", "Shots", "OxfordPets", "Food101", "Average"]
+    assert list(table.display.columns) == ["Method", "Shots", "Seeds", "OxfordPets", "Food101", "Average"]
+    assert set(table.display["Seeds"]) == {"3"}
 
 
 def test_one_seed_has_a_blank_std(tmp_path):
@@ -163,7 +164,8 @@ def test_domain_generalization_table(tmp_path):
     data = table.data.set_index("target")
     assert data.loc["imagenetv2", "mean"] == 56.0
     assert data.loc["imagenetv2", "std"] == pytest.approx(math.sqrt(2.0))
-    assert list(table.display.columns) == ["Method", "Shots", "Source", "ImageNet", "ImageNet-V2", "ImageNet-A"]
+    columns = ["Method", "Shots", "Source", "Seeds", "ImageNet", "ImageNet-V2", "ImageNet-A"]
+    assert list(table.display.columns) == columns and table.display.loc[0, "Seeds"] == "2"
     assert table.display.loc[0, "ImageNet-V2"] == "56.00 ± 1.41"
 
 
@@ -349,3 +351,18 @@ def test_the_zero_shot_row_shows_what_was_evaluated(tmp_path, subsamples, expect
 def test_a_lone_zero_shot_record_makes_a_base_to_new_table(tmp_path):
     evals = load_evals([write_evals(tmp_path / "b2n.jsonl", [_zero_shot("new", 60.0)])])
     assert base_to_new_table(evals).display.loc[0, "New"] == "60.00"
+
+
+def test_markdown_tables_say_how_many_seeds(tmp_path):
+    for seed in (1, 2, 3):
+        write_run(tmp_path / "runs" / f"pets{seed}", [60.0 + seed], seed=seed)
+    write_run(tmp_path / "runs" / "dtd1", [40.0], dataset="dtd", seed=1)
+    markdown = to_markdown(few_shot_table(few_shot_results(load_runs([tmp_path / "runs"]))))
+    assert "| Method | Shots | Seeds | OxfordPets | DTD | Average |" in markdown
+    assert "| CoOp | 1 | 1-3 | 62.00 ± 1.00 | 40.00 | 51.00 |" in markdown
+    records = [
+        eval_record(checkpoint=f"c{seed}", seed=seed, subsample=part) for seed in (1, 2) for part in ("base", "new")
+    ]
+    base_to_new = to_markdown(base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)])))
+    assert "| Method | Shots | Dataset | Seeds | Base | New | H |" in base_to_new
+    assert "| CoOp | 16 | OxfordPets | 2 | 50.00 | 50.00 | 50.00 |" in base_to_new
