@@ -73,7 +73,7 @@ def build_report(
         if not base_to_new_results(inputs.evals).empty:
             report.tables.append(base_to_new_table(inputs.evals, paper=paper))
         if not domain_generalization_results(inputs.evals).empty:
-            report.tables.append(domain_generalization_table(inputs.evals, paper=paper))
+            report.tables.append(domain_generalization_table(inputs.evals, paper=paper, runs=inputs.runs))
     if inputs.cells is not None:
         report.tables.append(
             lne_frequency_table(

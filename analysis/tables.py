@@ -413,21 +413,49 @@ def _number(value: float) -> str:
 # ----------------------------------------------------------------------------- domain generalisation
 
 
-def domain_generalization_results(evals: pd.DataFrame) -> pd.DataFrame:
-    """Records of checkpoints (subsample "all") evaluated on at least one dataset besides their own."""
+DG_COLUMNS = ["checkpoint", "model", "method", "shots", "seed", "source", "target", "accuracy"]
+
+
+def domain_generalization_results(evals: pd.DataFrame, runs: Sequence[Run] = ()) -> pd.DataFrame:
+    """Records of checkpoints (subsample "all") evaluated on at least one dataset besides their own.
+
+    A checkpoint evaluated only on other datasets takes its own-dataset accuracy from its run
+    folder among `runs` (the final test accuracy of a finished run), so that cell is not blank.
+    """
     records = latest_records(evals[evals["subsample"] == "all"], ["model", "dataset"])
     identity = ["checkpoint", "model", "method_label"]
     crossed = records[records["dataset"] != records["train_dataset"]][identity].drop_duplicates()
     selected = records.merge(crossed, on=identity)
     selected = selected.drop(columns="method")  # the label names the method in tables
-    return selected.rename(columns={"train_dataset": "source", "dataset": "target", "method_label": "method"})[
-        ["checkpoint", "model", "method", "shots", "seed", "source", "target", "accuracy"]
-    ]
+    selected = selected.rename(columns={"train_dataset": "source", "dataset": "target", "method_label": "method"})
+    selected = selected[DG_COLUMNS].reset_index(drop=True)
+    own = _own_results_of_runs(selected, runs)
+    return pd.concat([selected, own], ignore_index=True) if not own.empty else selected
 
 
-def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Table:
-    """Source and target datasets per method: mean ± std over seeds of each evaluation."""
-    records = domain_generalization_results(evals)
+def _own_results_of_runs(records: pd.DataFrame, runs: Sequence[Run]) -> pd.DataFrame:
+    """Own-dataset rows, from their finished run folders, of the checkpoints `records` lacks them for."""
+    summary = runs_frame(runs)
+    summary = summary[(summary["subsample"] == "all") & summary["finished"] & summary["test_acc"].notna()]
+    rows = []
+    for (checkpoint, method), group in records.groupby(["checkpoint", "method"], sort=False):
+        if (group["target"] == group["source"]).any():
+            continue
+        path = Path(checkpoint).resolve()
+        for run in summary.itertuples(index=False):
+            folder = Path(run.run).resolve()
+            if (folder == path or folder in path.parents) and run.method_label == method:
+                first = group.iloc[0]
+                own = [first["source"], first["source"], run.test_acc]  # source, target, accuracy
+                rows.append([checkpoint, first["model"], method, first["shots"], first["seed"], *own])
+                break
+    return pd.DataFrame(rows, columns=DG_COLUMNS)
+
+
+def domain_generalization_table(evals: pd.DataFrame, paper: bool = True, runs: Sequence[Run] = ()) -> Table:
+    """Source and target datasets per method: mean ± std over seeds of each evaluation (own-dataset
+    cells of checkpoints not evaluated there: from their run folders among `runs`)."""
+    records = domain_generalization_results(evals, runs)
     if records.empty:
         raise NemesisError(
             "no checkpoint was evaluated on a dataset besides its own; run `nemesis eval` on the target datasets"
@@ -454,6 +482,7 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
     notes = [
         "mean ± sample std (ddof=1) over seeds; one seed: mean only. Seeds: per target (a range where they differ).",
         *repeated,
+        *_own_cells_missing(records),
     ]
     setting = paper_numbers.DOMAIN_GENERALIZATION_SETTING
     if paper and setting["source"] in sources:
@@ -481,7 +510,21 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
     display = pd.DataFrame(display_rows).reindex(columns=label_columns + [dataset_name(c) for c in columns])
     data = _integers(data, ["shots", "seeds"])
     title = "Domain generalisation accuracy (%)"
-    return Table("domain_generalization", title, data, display.fillna(""), notes, repeated)
+    display = display.astype(object).fillna("")  # a column no row fills (a blank source) is float NaN
+    return Table("domain_generalization", title, data, display, notes, repeated)
+
+
+def _own_cells_missing(records: pd.DataFrame) -> list[str]:
+    """A note naming the checkpoints whose own-dataset cell is left out: neither an eval record nor a run."""
+    tested_own = set(records.loc[records["target"] == records["source"], "checkpoint"])
+    missing = [checkpoint for checkpoint in dict.fromkeys(records["checkpoint"]) if checkpoint not in tested_own]
+    if not missing:
+        return []
+    return [
+        f"{plural(len(missing), 'checkpoint')} without a result on its own dataset (the source column is blank "
+        f"or over fewer seeds): {', '.join(map(str, missing))}; evaluate it there with `nemesis eval` or pass its "
+        "run folder."
+    ]
 
 
 # ----------------------------------------------------------------------------- LNE frequency

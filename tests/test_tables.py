@@ -366,3 +366,14 @@ def test_markdown_tables_say_how_many_seeds(tmp_path):
     base_to_new = to_markdown(base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)])))
     assert "| Method | Shots | Dataset | Seeds | Base | New | H |" in base_to_new
     assert "| CoOp | 16 | OxfordPets | 2 | 50.00 | 50.00 | 50.00 |" in base_to_new
+
+
+def test_the_own_dataset_cell_comes_from_the_run_folder_or_a_note_says_why_it_is_blank(tmp_path):
+    run = write_run(tmp_path / "runs" / "seed1", [61.0])
+    record = eval_record(checkpoint=str(run / "prompt.safetensors"), dataset="dtd", shots=1, accuracy=30.0)
+    evals = load_evals([write_evals(tmp_path / "e.jsonl", [record])])
+    table = domain_generalization_table(evals, paper=False, runs=load_runs([tmp_path / "runs"]))
+    assert (table.display.loc[0, "OxfordPets"], table.display.loc[0, "DTD"]) == ("61.00", "30.00")
+    alone = domain_generalization_table(evals, paper=False)
+    assert alone.display.loc[0, "OxfordPets"] == ""
+    assert any("1 checkpoint without a result on its own dataset" in note for note in alone.notes)
