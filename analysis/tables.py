@@ -366,8 +366,11 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
     ]
     data.insert(0, "origin", OURS)
     data = _row_sort(data, [*keys, "dataset"])
-    notes = ["base and new: mean over seeds; H = 2*base*new/(base+new) of those means.", *repeated]
-    notes[0] += " Average: over datasets, its Seeds the fewest of any dataset."
+    notes = [
+        "base and new: mean over seeds; H = 2*base*new/(base+new) of those means. Average: over datasets, "
+        "its Seeds the fewest of any dataset.",
+        *repeated,
+    ]
     if paper and set(datasets) == set(PAPER_DATASETS):
         paper_rows = [
             {"origin": PAPER, "method": method, "dataset": AVERAGE, "base": base, "new": new, "H": h}
@@ -520,10 +523,11 @@ def _own_cells_missing(records: pd.DataFrame) -> list[str]:
     missing = [checkpoint for checkpoint in dict.fromkeys(records["checkpoint"]) if checkpoint not in tested_own]
     if not missing:
         return []
+    its, it = ("its", "it") if len(missing) == 1 else ("their", "them")
     return [
-        f"{plural(len(missing), 'checkpoint')} without a result on its own dataset (the source column is blank "
-        f"or over fewer seeds): {', '.join(map(str, missing))}; evaluate it there with `nemesis eval` or pass its "
-        "run folder."
+        f"{plural(len(missing), 'checkpoint')} without a result on {its} own dataset (the source column is blank "
+        f"or over fewer seeds): {', '.join(map(str, missing))}; evaluate {it} there with `nemesis eval` or pass "
+        f"{its} run folder."
     ]
 
 
