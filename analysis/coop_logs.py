@@ -69,7 +69,7 @@ def read_dassl_log(path: str | Path) -> dict[str, Any] | None:
         "kind": "eval",
         "checkpoint": str(path.parent),
         "model": _model(text, path.parent),
-        "pretrained": None,
+        "pretrained": "openai",  # CoOp and CoCoOp build OpenAI's CLIP weights (`clip.load`)
         "dataset": where.dataset,
         "train_dataset": where.dataset,
         "subsample": where.subsample or "all",

@@ -17,6 +17,7 @@ import pandas as pd
 
 from nemesis.errors import NemesisError
 from nemesis.sweep_format import ORIGINAL_OP, checkpoint_key_of
+from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import OWN_DATASET
@@ -182,7 +183,7 @@ def add_mcnemar(cells: pd.DataFrame) -> pd.DataFrame:
                 after = _correctness_of(correctness, cell_id, results_file)
                 if before.shape != after.shape:
                     raise NemesisError(
-                        f"{results_file}: cell {cell_id} has {after.size} samples but its original "
+                        f"{results_file}: cell {cell_id} has {plural(after.size, 'sample')} but its original "
                         f"has {before.size}; the pairs must cover the same test samples"
                     )
                 gained[index] = int(np.count_nonzero(after & ~before))
@@ -225,14 +226,16 @@ def mark_occurrences(
     return marked
 
 
+# Rates are in percent everywhere (tables, CSV, stdout, figures), and their names say so.
+RATE, DEGRADATION_RATE = "rate_percent", "degradation_rate_percent"
 FREQUENCY_COLUMNS = (
     "cells",
     "reducing",
     "frequency",
-    "rate",
+    RATE,
     "increasing",
     "degrading",
-    "degradation_rate",
+    DEGRADATION_RATE,
 )
 
 
@@ -248,8 +251,9 @@ def lne_frequency(
 
     Groups are `by` plus the prompt kind (method, subsample, training dataset) unless `pool`.
     Columns: the group columns, then cells (corrupted cells), reducing (norm-reducing cells),
-    frequency (occurrences), rate (frequency / reducing; NaN without reducing cells), increasing,
-    degrading (increasing cells with lower accuracy) and degradation_rate (degrading / increasing).
+    frequency (occurrences), rate_percent (100 * frequency / reducing; NaN without reducing cells),
+    increasing, degrading (increasing cells with lower accuracy) and degradation_rate_percent
+    (100 * degrading / increasing).
     """
     check_by(cells, by)
     marked = corrupted_cells(mark_occurrences(cells, margin, significant, alpha))
@@ -267,8 +271,8 @@ def lne_frequency(
     )
     for column in ("cells", "reducing", "frequency", "increasing", "degrading"):
         table[column] = table[column].astype("int64")
-    table["rate"] = _ratio(table["frequency"], table["reducing"])
-    table["degradation_rate"] = _ratio(table["degrading"], table["increasing"])
+    table[RATE] = 100 * _ratio(table["frequency"], table["reducing"])
+    table[DEGRADATION_RATE] = 100 * _ratio(table["degrading"], table["increasing"])
     return table[[*columns, *FREQUENCY_COLUMNS]]
 
 
@@ -276,14 +280,14 @@ def _ratio(numerator: pd.Series, denominator: pd.Series) -> pd.Series:
     return (numerator / denominator.where(denominator > 0)).astype(float)
 
 
-def require_rates(table: pd.DataFrame, by: Sequence[str], column: str = "rate") -> None:
+def require_rates(table: pd.DataFrame, by: Sequence[str], column: str = RATE) -> None:
     """Fail naming the first group whose rate is undefined (no reducing or increasing cells)."""
     undefined = table[table[column].isna()]
     if undefined.empty:
         return
     first = undefined.iloc[0]
     group = ", ".join(f"{name}={first[name]}" for name in parse_by(by))
-    if column == "rate":
+    if column == RATE:
         raise NemesisError(
             f"group {group} has no norm-reducing cells, so its rate is undefined; "
             "plot the frequency instead or regroup with --by"

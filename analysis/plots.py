@@ -26,12 +26,15 @@ from matplotlib.ticker import MaxNLocator
 
 from nemesis.atomic import atomic_path
 from nemesis.errors import NemesisError
+from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import OWN_DATASET, dataset_name, prompt_kind_label, shots_label
 from .low_norm_effect import (
+    DEGRADATION_RATE,
     POOLED_NOTE,
     PROMPT_KIND,
+    RATE,
     group_columns,
     lne_frequency,
     mean_change_by_position,
@@ -102,6 +105,8 @@ def _category_order(values: pd.Series) -> list:
 def _category_label(column: str, value) -> str:
     if column == "shots":
         return shots_label(value)
+    if column == "seed":  # a bare "1" in a legend reads as anything
+        return "seed n/a" if value is None or pd.isna(value) else f"seed {int(value)}"
     if column in ("dataset", "train_dataset", "trained_on"):
         return dataset_name(value)
     return "n/a" if value is None or pd.isna(value) else str(value)
@@ -220,11 +225,12 @@ def plot_frequency_table(
     if rate:
         require_rates(table, columns)
     if degradation:
-        require_rates(table, columns, "degradation_rate")
+        require_rates(table, columns, DEGRADATION_RATE)
     fixed = _single_kind(table, columns)
-    x_column = "shots" if "shots" in columns else columns[-1]
+    asked = [column for column in parse_by(by) if column in columns]  # without the prompt-kind columns
+    x_column = "shots" if "shots" in asked else asked[-1]
     series_columns = [column for column in columns if column != x_column and column not in fixed]
-    y_column = "degradation_rate" if degradation else "rate" if rate else "frequency"
+    y_column = DEGRADATION_RATE if degradation else RATE if rate else "frequency"
     x_values = _category_order(table[x_column])
     if series_columns:
         keys = table[series_columns].drop_duplicates().sort_values(series_columns, na_position="last")
@@ -244,8 +250,7 @@ def plot_frequency_table(
             match = rows[rows[x_column].map(lambda other, x_value=x_value: _same(x_value, other))]
             if not match.empty:
                 positions.append(position)
-                value = float(match[y_column].iloc[0])  # one row: the table is grouped by exactly these
-                values.append(value if y_column == "frequency" else 100 * value)  # rates in percent, as the tables
+                values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
         label = _series_label(series_columns, key, fixed)
         axes.plot(
             positions,
@@ -263,7 +268,7 @@ def plot_frequency_table(
         axes.set_ylabel("LNE rate (% of norm-reducing cells)")
     else:
         axes.set_ylabel("LNE frequency (number of occurrences)")
-    plotted = table[y_column].astype(float) * (1 if y_column == "frequency" else 100)
+    plotted = table[y_column].astype(float)
     _y_headroom(axes, float(plotted.max()) if len(plotted) else 0.0, percent=y_column != "frequency")
     if y_column == "frequency":
         axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
@@ -279,7 +284,7 @@ def plot_frequency_table(
         pooled = f"; prompts: {_series_label(list(fixed), list(fixed.values()))}" + pooled
     axes.set_title(
         f"{title}\neach point: {_count_range(table['cells'])} corrupted cells ({_count_range(table[counted])} "
-        f"norm-{counted}), summed over seeds, positions and factors{pooled}",
+        f"norm-{counted}), {_summed_over(columns)}{pooled}",
         fontsize=9,
         loc="left",
     )
@@ -289,6 +294,19 @@ def plot_frequency_table(
     _legend_outside(axes, title=" / ".join(names) if names else None)
     figure.tight_layout()
     return figure
+
+
+# What a frequency point can sum over, unless grouped by it: (column, as the title names it).
+SUMMED_COLUMNS = (("dataset", "datasets"), ("shots", "shots"), ("seed", "seeds"), ("position", "positions"))
+
+
+def _summed_over(columns: Sequence[str]) -> str:
+    """ "summed over seeds, positions and factors" for the default grouping: what the points pool."""
+    names = [name for column, name in SUMMED_COLUMNS if column not in columns]
+    names += [] if "factor" in columns else ["factors"]
+    if not names:
+        return "one setting each"
+    return "summed over " + (f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else names[0])
 
 
 def _count_range(counts: pd.Series) -> str:
@@ -331,7 +349,8 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
                 if np.isfinite(value):
                     red, green, blue, _ = colour_map(0.5 + 0.5 * value / largest)
                     dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived brightness
-                    axes.text(column, row, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                    shown = round(value, 1) + 0.0  # + 0.0 turns -0.0 (a change that rounds away) into 0.0
+                    axes.text(column, row, f"{shown:.1f}", ha="center", va="center", fontsize=7,
                               color="white" if dark else "black")  # fmt: skip
         panel_cells = corrupted[corrupted["op"] == op]
         for column, value in kind.items():
@@ -344,7 +363,7 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
         title = f"{op}, {_series_label(list(kind), list(kind.values()))}" if varying else op
         axes.set_title(title)
         rule = "; norm-reducing factors left of the rule" if axes.lines else ""
-        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{len(panel_cells):,} cells{rule}")
+        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{plural(len(panel_cells), 'cell')}{rule}")
         axes.set_ylabel("position")
     figure.colorbar(image, ax=list(panels), label="mean accuracy change (pp)")
     pooled = f" ({POOLED_NOTE})" if pool else ""
@@ -375,7 +394,7 @@ def _norm_series(frame: pd.DataFrame) -> list[tuple[tuple, str, pd.DataFrame, in
 
 def _panel_title(dataset, shots, seeds: set[int]) -> str:
     shots_text = f"{shots_label(shots)} shot{'' if str(shots) == '1' else 's'}"
-    seeds_text = f"{max(seeds)} seed{'' if max(seeds) == 1 else 's'}" if len(seeds) == 1 else "seeds vary"
+    seeds_text = plural(max(seeds), "seed") if len(seeds) == 1 else "seeds vary"
     return f"{dataset_name(dataset)}, {shots_text} ({seeds_text} per line)"
 
 
@@ -449,8 +468,8 @@ def plot_norms(runs: Sequence[Run]) -> Figure:
         keys.append(Patch(color="grey", alpha=0.3, label="band: ±1 std over seeds"))
     seeds_total = frame["seed"].nunique()
     figure.suptitle(
-        f"Prompt norm and accuracy over training: {len(runs)} run{'' if len(runs) == 1 else 's'}, "
-        f"{seeds_total} seed{'' if seeds_total == 1 else 's'}; lines are means over seeds",
+        f"Prompt norm and accuracy over training: {plural(len(runs), 'run')}, "
+        f"{plural(seeds_total, 'seed')}; lines are means over seeds",
         fontsize=11,
     )
     right = 1.0 - legend_width / figure.get_figwidth()

@@ -29,6 +29,7 @@ from .tables import (
     lne_frequency_table,
     table_paths,
     unfinished_runs,
+    weights_conflicts,
     write_table,
 )
 
@@ -39,6 +40,7 @@ FEW_SHOT_CURVE = "few_shot_curve"
 class Report:
     tables: list[Table] = field(default_factory=list)
     figures: dict[str, Figure] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the inputs held that changed a table (`note:` lines)
 
     def paths(self, out_dir: str | os.PathLike) -> list[Path]:
         tables = [path for table in self.tables for path in table_paths(table, out_dir)]
@@ -71,7 +73,7 @@ def build_report(
         if not base_to_new_results(inputs.evals).empty:
             report.tables.append(base_to_new_table(inputs.evals, paper=paper))
         if not domain_generalization_results(inputs.evals).empty:
-            report.tables.append(domain_generalization_table(inputs.evals, paper=paper))
+            report.tables.append(domain_generalization_table(inputs.evals, paper=paper, runs=inputs.runs))
     if inputs.cells is not None:
         report.tables.append(
             lne_frequency_table(
@@ -85,6 +87,11 @@ def build_report(
                 pool=pool,
             )
         )
+    conflicts = weights_conflicts(inputs.evals)
+    for table in report.tables:
+        if table.name != "lne_frequency":  # the tables built from eval records
+            table.notes.extend(conflicts)
+    report.notes = [finding for table in report.tables for finding in table.findings] + conflicts
     if not report.tables:
         raise NemesisError(
             "the inputs support no report table: runs need to finish their epochs"

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nemesis.constants import RUN_PROMPT
+from nemesis.constants import RANDOM_WEIGHTS, RUN_PROMPT
 from nemesis.errors import NemesisError
 from nemesis.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_sweep_table
 
@@ -53,7 +53,29 @@ EVAL_COLUMNS = (
     "n",
     "accuracy",
 )
-EVAL_OPTIONAL_COLUMNS = ("pretrained", "method_label", "macro_f1")
+EVAL_OPTIONAL_COLUMNS = ("pretrained", "weights_id", "activation", "method_label", "macro_f1")
+
+# Results of random weights (`--pretrained none`) are no method's result: their label says so, which
+# also keeps them apart from the same prompt's results on real weights.
+RANDOM_WEIGHTS_MARK = " (random weights)"
+RANDOM_WEIGHTS_LABEL = "random weights"
+
+
+def is_random_weights(pretrained: Any, weights_id: Any = None) -> bool:
+    """Whether a record or run config was made with random weights: `pretrained` null or "none" (the
+    commands' explicit choice), or the random backbone's weights id. A value that is missing altogether
+    (NaN: a record without the key) is not taken for random."""
+    if isinstance(weights_id, str) and weights_id.startswith(RANDOM_WEIGHTS):
+        return True
+    return pretrained is None or (isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none"))
+
+
+def weights_label(pretrained: Any, activation: Any = None, weights_id: Any = None) -> str:
+    """The weights as a note names them: "random weights", or the tag or file name and the activation."""
+    if is_random_weights(pretrained, weights_id):
+        return RANDOM_WEIGHTS_LABEL
+    name = "not recorded" if pd.isna(pretrained) else Path(str(pretrained)).name
+    return name if pd.isna(activation) else f"{name}, {activation}"
 
 
 @dataclass
@@ -71,7 +93,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        return method_label_from_config(self.config)
+        random = "pretrained" in self.config and is_random_weights(self.config["pretrained"])
+        return method_label_from_config(self.config) + (RANDOM_WEIGHTS_MARK if random else "")
 
     def _evaluated(self) -> pd.DataFrame:
         if self.epochs.empty or "test_acc" not in self.epochs:
@@ -393,7 +416,7 @@ def eval_frame(rows: list[dict], path: str | os.PathLike) -> pd.DataFrame:
         raise NemesisError(f"{path}: evaluation records lack keys {', '.join(missing)}")
     for column in EVAL_OPTIONAL_COLUMNS:
         if column not in frame:
-            frame[column] = None
+            frame[column] = np.nan  # missing, which `is_random_weights` does not read as "none"
     for column in ("shots", "seed"):
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")
     frame["accuracy"] = pd.to_numeric(frame["accuracy"]).astype(float)
@@ -410,6 +433,13 @@ def eval_frame(rows: list[dict], path: str | os.PathLike) -> pd.DataFrame:
         index=frame.index,
     )
     frame["method_label"] = frame["method_label"].where(frame["method_label"].notna(), fallback)
+    weights = list(zip(frame["pretrained"], frame["activation"], frame["weights_id"], strict=True))
+    random = [is_random_weights(pretrained, weights_id) for pretrained, _, weights_id in weights]
+    marks = [RANDOM_WEIGHTS_MARK if flag else "" for flag in random]
+    frame["method_label"] = [label + mark for label, mark in zip(frame["method_label"], marks, strict=True)]
+    frame["weights"] = [weights_label(*values) for values in weights]
+    # What tells weights apart: the backbone's id (tag or file hash, and the activation) where recorded.
+    frame["weights_id"] = frame["weights_id"].where(frame["weights_id"].notna(), frame["weights"])
     frame[SOURCE_COLUMN] = str(path)
     return frame
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from nemesis.atomic import write_text_atomic
 from nemesis.errors import NemesisError
+from nemesis.wording import plural
 
 from . import paper_numbers
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
@@ -26,18 +27,22 @@ from .labels import (
     MISSING_LABEL,
     OWN_DATASET,
     PAPER_DATASETS,
+    ZERO_SHOT_METHOD,
     dataset_name,
     is_paper_kind,
     prompt_kind_label,
     shots_label,
 )
-from .low_norm_effect import POOLED_NOTE, PROMPT_KIND, lne_frequency, parse_by
+from .low_norm_effect import DEGRADATION_RATE, POOLED_NOTE, PROMPT_KIND, RATE, lne_frequency, parse_by
 from .results import Run, runs_frame
 
 AVERAGE = "Average"
+SEEDS = "Seeds"  # the display column saying how many seeds each row's means are over
 PAPER_MARK = " [paper]"
 OURS, PAPER = "ours", "paper"
 TABLE_SUFFIXES = (".md", ".csv", ".tex")
+# Decimals of the floats a CSV holds: percents from float32 accuracies (49.06999965508779) read 49.07.
+CSV_DECIMALS = 4
 DEGRADATION_MARK = "degr."
 
 
@@ -50,6 +55,7 @@ class Table:
     data: pd.DataFrame
     display: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # what the inputs held that changed the table: also notes
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -69,6 +75,15 @@ def format_mean_std(mean: float, std: float) -> str:
     if std is None or pd.isna(std):
         return f"{mean:.2f}"
     return f"{mean:.2f} ± {std:.2f}"
+
+
+def _seeds_text(counts: Sequence[int]) -> str:
+    """The seeds behind a row's cells, as its Seeds column shows them: "3", or "2-3" when they differ."""
+    counts = [int(count) for count in counts if not pd.isna(count) and count > 0]
+    if not counts:
+        return ""
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _mean_std(values: pd.Series) -> pd.Series:
@@ -102,6 +117,63 @@ def _row_sort(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     return frame.sort_values(list(columns), key=key, kind="stable", na_position="last").reset_index(drop=True)
 
 
+# ----------------------------------------------------------------------------- counting each result once
+
+
+def _prompt_name(model, method, dataset, shots, seed) -> str:
+    shots_text = "shots n/a" if pd.isna(shots) else plural(int(shots), "shot")
+    seed_text = "" if pd.isna(seed) else f", seed {int(seed)}"
+    return f"{dataset_name(dataset)}, {method}, {model}, {shots_text}{seed_text}"
+
+
+def count_each_prompt_once(
+    results: pd.DataFrame, keys: Sequence[str], origin: str, what: str
+) -> tuple[pd.DataFrame, list[str]]:
+    """One row per prompt (`keys`: model, method label, dataset, shots, seed, and for domain
+    generalisation the target): a copied run folder or checkpoint given beside its tree, or two grid
+    presets that trained the same settings, is one seed, not two. The first row is kept; a note names
+    the copies (`origin`: the column naming where a row came from). Rows without a seed are kept,
+    except the zero-shot baseline (0 shots), which has none and is the same every time."""
+    known = results["seed"].notna() | (pd.to_numeric(results["shots"]) == 0).fillna(False)
+    repeated = results.duplicated(subset=list(keys), keep=False) & known
+    notes = []
+    for _key, group in results[repeated].groupby(list(keys), dropna=False, sort=False):
+        first = group.iloc[0]
+        name = _prompt_name(first["model"], first["method"], first["dataset"], first["shots"], first["seed"])
+        if "target" in group:
+            name += f", tested on {dataset_name(first['target'])}"
+        notes.append(
+            f"{what}: {name} was given {len(group)} times ({', '.join(map(str, group[origin]))}); "
+            f"counted once ({first[origin]})"
+        )
+    kept = results[~(results.duplicated(subset=list(keys), keep="first") & known)]
+    return kept.reset_index(drop=True), notes
+
+
+def latest_records(evals: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """The last record per checkpoint, `keys` and method label. Records of random weights carry their
+    own label ("(random weights)"), so they never replace a result on real weights."""
+    return evals.drop_duplicates(subset=["checkpoint", *keys, "method_label"], keep="last")
+
+
+def weights_conflicts(evals: pd.DataFrame | None) -> list[str]:
+    """A note per checkpoint evaluated on one dataset and class subset under different real weights
+    (tag, file or activation): the tables count its last record (`latest_records`), the note says so."""
+    if evals is None or evals.empty:
+        return []
+    notes = []
+    keys = ["checkpoint", "model", "dataset", "subsample", "method_label"]
+    for (checkpoint, model, dataset, subsample, _label), group in evals.groupby(keys, dropna=False, sort=False):
+        if group["weights_id"].nunique(dropna=False) > 1:
+            weights = list(dict.fromkeys(group["weights"]))
+            classes = "" if subsample == "all" else f" ({subsample} classes)"
+            notes.append(
+                f"{checkpoint} was evaluated on {dataset_name(dataset)}{classes} with {model} under different "
+                f"weights ({'; '.join(weights)}); the tables count its last record ({group['weights'].iloc[-1]})"
+            )
+    return notes
+
+
 # ----------------------------------------------------------------------------- few-shot
 
 
@@ -121,7 +193,7 @@ def few_shot_results(runs: Sequence[Run] = (), evals: pd.DataFrame | None = None
         run_folders = [run.path.resolve() for run in runs]
         own = evals[(evals["subsample"] == "all") & (evals["dataset"] == evals["train_dataset"])]
         # A checkpoint evaluated twice counts once: its latest record.
-        own = own.drop_duplicates(subset=["checkpoint", "model", "dataset"], keep="last")
+        own = latest_records(own, ["model", "dataset"])
         for row in own.itertuples(index=False):
             checkpoint = Path(row.checkpoint).resolve()
             if any(folder == checkpoint or folder in checkpoint.parents for folder in run_folders):
@@ -168,6 +240,7 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
         )
     keys = ["model", "method", "shots"]
     results = results.assign(model=results["model"].fillna(MISSING_LABEL))
+    results, repeated = count_each_prompt_once(results, [*keys, "dataset", "seed"], "source", "few-shot")
     datasets = sorted(results["dataset"].unique(), key=_dataset_order)
     per_dataset = results.groupby([*keys, "dataset"], dropna=False)["accuracy"].apply(_mean_std).unstack().reset_index()
     # A row's average covers every dataset its model has at its shots, or is left blank.
@@ -188,25 +261,27 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
     data = _row_sort(data, [*keys, "dataset"])
 
     show_model = _show_model(results)
-    label_columns = (["Model"] if show_model else []) + ["Method", "Shots"]
+    label_columns = (["Model"] if show_model else []) + ["Method", "Shots", SEEDS]
     value_columns = [dataset_name(dataset) for dataset in datasets] + [AVERAGE]
     display_rows = []
     for (model, method, shots), group in data.groupby(keys, dropna=False, sort=False):
         row = {"Model": model, "Method": method, "Shots": shots_label(shots)}
+        row[SEEDS] = _seeds_text(group.loc[group["dataset"] != AVERAGE, "seeds"])
         for item in group.itertuples(index=False):
             name = AVERAGE if item.dataset == AVERAGE else dataset_name(item.dataset)
             row[name] = format_mean_std(item.mean, item.std)
         display_rows.append(row)
     notes = [
-        "mean ± sample std (ddof=1) over seeds; one seed: mean only.",
+        "mean ± sample std (ddof=1) over seeds; one seed: mean only. Seeds: per dataset (a range where they differ).",
         "Average: mean over the datasets of the row's model and shots (blank if the row lacks one);"
         " its std is over per-seed averages.",
     ]
     if skipped_runs:
         notes.append(
-            f"{skipped_runs} unfinished run{'' if skipped_runs == 1 else 's'} skipped "
+            f"{plural(skipped_runs, 'unfinished run')} skipped "
             "(last evaluated epoch before the configured count, or no prompt.safetensors)."
         )
+    notes.extend(repeated)
     if paper and set(datasets) == set(PAPER_DATASETS):
         shots_present = set(results["shots"].dropna().astype(int))
         paper_rows = []
@@ -221,7 +296,7 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
         notes.append("[paper] rows: the published 11-dataset averages, read off a plot (~ +-0.5).")
     display = pd.DataFrame(display_rows).reindex(columns=label_columns + value_columns).fillna("")
     data = _integers(data, ["shots", "seeds"])
-    return Table("few_shot", "Few-shot classification accuracy (%)", data, display, notes)
+    return Table("few_shot", "Few-shot classification accuracy (%)", data, display, notes, repeated)
 
 
 def few_shot_averages(table: Table) -> pd.DataFrame:
@@ -234,17 +309,22 @@ def few_shot_averages(table: Table) -> pd.DataFrame:
 
 
 def base_to_new_results(evals: pd.DataFrame) -> pd.DataFrame:
-    """One row per checkpoint evaluated on both its base and its new classes."""
-    keys = ["checkpoint", "model", "dataset"]
-    split = evals[evals["subsample"].isin(["base", "new"])]
-    split = split.drop_duplicates(subset=[*keys, "subsample"], keep="last")
+    """One row per checkpoint evaluated on both its base and its new classes. The zero-shot baseline
+    (the hand-crafted prompt, `eval --zero-shot --subsample base` and `new`) is the table's reference
+    row: it is kept with base or new alone too (the other value blank)."""
+    keys = ["checkpoint", "model", "dataset", "method_label"]
+    columns = ["checkpoint", "model", "dataset", "method", "shots", "seed", "base", "new"]
+    split = latest_records(evals[evals["subsample"].isin(["base", "new"])], ["model", "dataset", "subsample"])
+    if split.empty:
+        return pd.DataFrame(columns=columns)
     pairs = split.pivot_table(index=keys, columns="subsample", values="accuracy", aggfunc="last")
-    if "base" not in pairs or "new" not in pairs:
-        return pd.DataFrame(columns=[*keys, "method", "shots", "seed", "base", "new"])
-    pairs = pairs.dropna(subset=["base", "new"]).reset_index()
-    identity = split.drop_duplicates(subset=keys, keep="last")[[*keys, "method_label", "shots", "seed"]]
-    pairs = pairs.merge(identity, on=keys, how="left").rename(columns={"method_label": "method"})
-    return pairs[[*keys, "method", "shots", "seed", "base", "new"]]
+    pairs = pairs.reindex(columns=["base", "new"]).reset_index()
+    identity = split.drop_duplicates(subset=keys, keep="last")[[*keys, "method", "shots", "seed"]]
+    pairs = pairs.merge(identity, on=keys, how="left")
+    complete = pairs["base"].notna() & pairs["new"].notna()
+    pairs = pairs[complete | (pairs["method"] == ZERO_SHOT_METHOD)]
+    pairs = pairs.drop(columns="method").rename(columns={"method_label": "method"})
+    return pairs[columns].reset_index(drop=True)
 
 
 def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
@@ -260,6 +340,7 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
             "run `nemesis eval` with --subsample base and new"
         )
     keys = ["model", "method", "shots"]
+    pairs, repeated = count_each_prompt_once(pairs, [*keys, "dataset", "seed"], "checkpoint", "base-to-new")
     datasets = sorted(pairs["dataset"].unique(), key=_dataset_order)
     per_dataset = (
         pairs.groupby([*keys, "dataset"], dropna=False)
@@ -285,7 +366,11 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
     ]
     data.insert(0, "origin", OURS)
     data = _row_sort(data, [*keys, "dataset"])
-    notes = ["base and new: mean over seeds; H = 2*base*new/(base+new) of those means."]
+    notes = [
+        "base and new: mean over seeds; H = 2*base*new/(base+new) of those means. Average: over datasets, "
+        "its Seeds the fewest of any dataset.",
+        *repeated,
+    ]
     if paper and set(datasets) == set(PAPER_DATASETS):
         paper_rows = [
             {"origin": PAPER, "method": method, "dataset": AVERAGE, "base": base, "new": new, "H": h}
@@ -306,13 +391,14 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
                 for shots, origin in zip(data["shots"], data["origin"], strict=True)
             ],
             "Dataset": [AVERAGE if dataset == AVERAGE else dataset_name(dataset) for dataset in data["dataset"]],
+            SEEDS: [_seeds_text([count]) for count in data["seeds"]],
             "Base": [_number(value) for value in data["base"]],
             "New": [_number(value) for value in data["new"]],
             "H": [_number(value) for value in data["H"]],
         }
     )
     data = _integers(data, ["shots", "seeds"])
-    return Table("base_to_new", "Base-to-new generalisation accuracy (%)", data, display, notes)
+    return Table("base_to_new", "Base-to-new generalisation accuracy (%)", data, display, notes, repeated)
 
 
 def _integers(data: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -330,25 +416,57 @@ def _number(value: float) -> str:
 # ----------------------------------------------------------------------------- domain generalisation
 
 
-def domain_generalization_results(evals: pd.DataFrame) -> pd.DataFrame:
-    """Records of checkpoints (subsample "all") evaluated on at least one dataset besides their own."""
-    records = evals[evals["subsample"] == "all"].drop_duplicates(subset=["checkpoint", "model", "dataset"], keep="last")
-    crossed = records[records["dataset"] != records["train_dataset"]][["checkpoint", "model"]].drop_duplicates()
-    selected = records.merge(crossed, on=["checkpoint", "model"])
+DG_COLUMNS = ["checkpoint", "model", "method", "shots", "seed", "source", "target", "accuracy"]
+
+
+def domain_generalization_results(evals: pd.DataFrame, runs: Sequence[Run] = ()) -> pd.DataFrame:
+    """Records of checkpoints (subsample "all") evaluated on at least one dataset besides their own.
+
+    A checkpoint evaluated only on other datasets takes its own-dataset accuracy from its run
+    folder among `runs` (the final test accuracy of a finished run), so that cell is not blank.
+    """
+    records = latest_records(evals[evals["subsample"] == "all"], ["model", "dataset"])
+    identity = ["checkpoint", "model", "method_label"]
+    crossed = records[records["dataset"] != records["train_dataset"]][identity].drop_duplicates()
+    selected = records.merge(crossed, on=identity)
     selected = selected.drop(columns="method")  # the label names the method in tables
-    return selected.rename(columns={"train_dataset": "source", "dataset": "target", "method_label": "method"})[
-        ["checkpoint", "model", "method", "shots", "seed", "source", "target", "accuracy"]
-    ]
+    selected = selected.rename(columns={"train_dataset": "source", "dataset": "target", "method_label": "method"})
+    selected = selected[DG_COLUMNS].reset_index(drop=True)
+    own = _own_results_of_runs(selected, runs)
+    return pd.concat([selected, own], ignore_index=True) if not own.empty else selected
 
 
-def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Table:
-    """Source and target datasets per method: mean ± std over seeds of each evaluation."""
-    records = domain_generalization_results(evals)
+def _own_results_of_runs(records: pd.DataFrame, runs: Sequence[Run]) -> pd.DataFrame:
+    """Own-dataset rows, from their finished run folders, of the checkpoints `records` lacks them for."""
+    summary = runs_frame(runs)
+    summary = summary[(summary["subsample"] == "all") & summary["finished"] & summary["test_acc"].notna()]
+    rows = []
+    for (checkpoint, method), group in records.groupby(["checkpoint", "method"], sort=False):
+        if (group["target"] == group["source"]).any():
+            continue
+        path = Path(checkpoint).resolve()
+        for run in summary.itertuples(index=False):
+            folder = Path(run.run).resolve()
+            if (folder == path or folder in path.parents) and run.method_label == method:
+                first = group.iloc[0]
+                own = [first["source"], first["source"], run.test_acc]  # source, target, accuracy
+                rows.append([checkpoint, first["model"], method, first["shots"], first["seed"], *own])
+                break
+    return pd.DataFrame(rows, columns=DG_COLUMNS)
+
+
+def domain_generalization_table(evals: pd.DataFrame, paper: bool = True, runs: Sequence[Run] = ()) -> Table:
+    """Source and target datasets per method: mean ± std over seeds of each evaluation (own-dataset
+    cells of checkpoints not evaluated there: from their run folders among `runs`)."""
+    records = domain_generalization_results(evals, runs)
     if records.empty:
         raise NemesisError(
             "no checkpoint was evaluated on a dataset besides its own; run `nemesis eval` on the target datasets"
         )
     keys = ["model", "method", "shots", "source"]
+    records = records.assign(dataset=records["source"])  # the prompt's dataset, as the other tables name it
+    identity = [*keys, "seed", "target"]
+    records, repeated = count_each_prompt_once(records, identity, "checkpoint", "domain generalisation")
     data = records.groupby([*keys, "target"], dropna=False)["accuracy"].apply(_mean_std).unstack().reset_index()
     data["seeds"] = data["seeds"].astype(int)
     data.insert(0, "origin", OURS)
@@ -360,10 +478,15 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
     display_rows = []
     for (model, method, shots, source), group in data.groupby(keys, dropna=False, sort=False):
         row = {"Model": model, "Method": method, "Shots": shots_label(shots), "Source": dataset_name(source)}
+        row[SEEDS] = _seeds_text(group["seeds"])
         for item in group.itertuples(index=False):
             row[dataset_name(item.target)] = format_mean_std(item.mean, item.std)
         display_rows.append(row)
-    notes = ["mean ± sample std (ddof=1) over seeds; one seed: mean only."]
+    notes = [
+        "mean ± sample std (ddof=1) over seeds; one seed: mean only. Seeds: per target (a range where they differ).",
+        *repeated,
+        *_own_cells_missing(records),
+    ]
     setting = paper_numbers.DOMAIN_GENERALIZATION_SETTING
     if paper and setting["source"] in sources:
         paper_rows = []
@@ -386,10 +509,26 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True) -> Tabl
             display_rows.append(row)
         data = pd.concat([data, pd.DataFrame(paper_rows)], ignore_index=True)
         notes.append("[paper] rows: the published numbers (RN50, 16 shots, source ImageNet).")
-    label_columns = (["Model"] if show_model else []) + ["Method", "Shots", "Source"]
+    label_columns = (["Model"] if show_model else []) + ["Method", "Shots", "Source", SEEDS]
     display = pd.DataFrame(display_rows).reindex(columns=label_columns + [dataset_name(c) for c in columns])
     data = _integers(data, ["shots", "seeds"])
-    return Table("domain_generalization", "Domain generalisation accuracy (%)", data, display.fillna(""), notes)
+    title = "Domain generalisation accuracy (%)"
+    display = display.astype(object).fillna("")  # a column no row fills (a blank source) is float NaN
+    return Table("domain_generalization", title, data, display, notes, repeated)
+
+
+def _own_cells_missing(records: pd.DataFrame) -> list[str]:
+    """A note naming the checkpoints whose own-dataset cell is left out: neither an eval record nor a run."""
+    tested_own = set(records.loc[records["target"] == records["source"], "checkpoint"])
+    missing = [checkpoint for checkpoint in dict.fromkeys(records["checkpoint"]) if checkpoint not in tested_own]
+    if not missing:
+        return []
+    its, it = ("its", "it") if len(missing) == 1 else ("their", "them")
+    return [
+        f"{plural(len(missing), 'checkpoint')} without a result on {its} own dataset (the source column is blank "
+        f"or over fewer seeds): {', '.join(map(str, missing))}; evaluate {it} there with `nemesis eval` or pass "
+        f"{its} run folder."
+    ]
 
 
 # ----------------------------------------------------------------------------- LNE frequency
@@ -435,11 +574,14 @@ def lne_frequency_table(
     if pool:
         notes.append("Cells of every method and kind of prompt are counted together, as --pool asked.")
     if duplicate_cells:
-        notes.append(f"{duplicate_cells} cells found in more than one results table were counted once (first file).")
+        were = "was" if duplicate_cells == 1 else "were"
+        notes.append(
+            f"{plural(duplicate_cells, 'cell')} found in more than one results table {were} counted once (first file)."
+        )
     if columns != ["dataset", "shots"]:
         notes.append(
-            "rate = frequency / reducing cells; degradation_rate = degrading / increasing cells "
-            "(norm-increasing cells that lower accuracy), in percent."
+            f"{RATE} = frequency / reducing cells; {DEGRADATION_RATE} = degrading / increasing cells "
+            "(norm-increasing cells that lower accuracy), both in percent."
         )
         display = frequency.copy()
         added = [column for column in kind_columns if column not in columns]
@@ -447,8 +589,8 @@ def lne_frequency_table(
             labels = [label_of(tuple(values)) for values in display[kind_columns].itertuples(index=False)]
             display = display.drop(columns=added)
             display.insert(len(columns), "prompts", labels)
-        display["rate"] = [_percent(value) for value in display["rate"]]
-        display["degradation_rate"] = [_percent(value) for value in display["degradation_rate"]]
+        display[RATE] = [_percent(value) for value in display[RATE]]
+        display[DEGRADATION_RATE] = [_percent(value) for value in display[DEGRADATION_RATE]]
         return Table("lne_frequency", f"Low-Norm Effect frequency{pooled}", data, display.astype(str), notes)
 
     datasets = sorted(frequency["dataset"].unique(), key=_dataset_order)
@@ -465,7 +607,8 @@ def lne_frequency_table(
                 row["Prompts"] = label_of(kind)
             for item in rows.itertuples(index=False):
                 if kind_of(item) == kind:
-                    rates = f"({_percent(item.rate)}); {DEGRADATION_MARK} {_percent(item.degradation_rate)}"
+                    rate, degradation = _percent(getattr(item, RATE)), _percent(getattr(item, DEGRADATION_RATE))
+                    rates = f"({rate}); {DEGRADATION_MARK} {degradation}"
                     row[shots_label(item.shots)] = f"{item.frequency} {rates}"
             display_rows.append(row)
             values = dict(zip(kind_columns, kind, strict=True))
@@ -499,10 +642,16 @@ def lne_frequency_table(
 
 
 def _percent(value: float) -> str:
-    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}%"
+    return "n/a" if value is None or pd.isna(value) else f"{value:.1f}%"
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def rounded(frame: pd.DataFrame, decimals: int = CSV_DECIMALS) -> pd.DataFrame:
+    """A copy with its float columns rounded: digits beyond float32's precision are noise, not results."""
+    floats = frame.select_dtypes("float").columns
+    return frame.assign(**{column: frame[column].round(decimals) for column in floats})
 
 
 def _escape_markdown(text: str) -> str:
@@ -562,6 +711,6 @@ def write_table(table: Table, out_dir: str | os.PathLike) -> list[Path]:
     """Write TABLE.md, TABLE.csv and TABLE.tex into `out_dir`, each atomically."""
     markdown, csv, latex = table_paths(table, out_dir)
     write_text_atomic(markdown, to_markdown(table))
-    write_text_atomic(csv, table.data.to_csv(index=False))
+    write_text_atomic(csv, rounded(table.data).to_csv(index=False))
     write_text_atomic(latex, to_latex(table))
     return [markdown, csv, latex]

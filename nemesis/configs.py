@@ -18,6 +18,7 @@ from .choices import Activation, ClassPosition, Method, Norm, Precision, Schedul
 from .constants import RUN_CONFIG
 from .datasets import Subsample, resolve_name
 from .errors import NemesisError
+from .wording import plural
 
 LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value
 OFFICIAL_OVERRIDE_DATASETS = ("food101", "oxford_pets")
@@ -316,8 +317,8 @@ def resume_config(saved: TrainConfig, passed: dict, out_dir: str | Path) -> tupl
     warnings = []
     if "epochs" in changed:
         warnings.append(
-            f"--resume continues {out_dir} to {candidate.epochs} epochs (was {saved.epochs}); the cosine "
-            f"learning-rate schedule now spans {candidate.epochs} epochs"
+            f"--resume continues {out_dir} to {plural(candidate.epochs, 'epoch')} (was {saved.epochs}); the cosine "
+            f"learning-rate schedule now spans {plural(candidate.epochs, 'epoch')}"
         )
     return candidate, warnings
 

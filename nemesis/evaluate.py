@@ -26,6 +26,7 @@ from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
 from .prompt_learner import init_word_count
 from .prompt_methods import PromptMethod, build_learner
+from .wording import plural
 
 
 @dataclass
@@ -79,8 +80,8 @@ def resolve_source(
     n_ctx = checkpoint.ctx.shape[-2]
     if ctx_init is not None and init_word_count(ctx_init) != n_ctx:
         raise NemesisError(
-            f"--ctx-init '{ctx_init}' has {init_word_count(ctx_init)} words but {checkpoint.path} holds {n_ctx} "
-            "context vectors; CoOp learns one vector per word of the init phrase"
+            f"--ctx-init '{ctx_init}' has {plural(init_word_count(ctx_init), 'word')} but {checkpoint.path} holds "
+            f"{plural(n_ctx, 'context vector')}; CoOp learns one vector per word of the init phrase"
         )
     method = metadata.method
     if method in (None, "unknown") and checkpoint.prompt_method != "coop":

@@ -30,6 +30,7 @@ from .constants import cache_root
 from .datasets import Dataset, Sample, missing_files
 from .errors import NemesisError
 from .progress import progress_bar
+from .wording import plural
 
 FEATURES = "features"
 LABELS = "labels"
@@ -370,7 +371,7 @@ def encode_train_views(
                 transform = _ViewTransform(
                     backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed, crop_scale
                 )
-                description = f"encoding {dataset.name} {split} x{len(todo)} views"
+                description = f"encoding {dataset.name} {split} x{plural(len(todo), 'view')}"
                 encoded = _encode(
                     backbone,
                     dataset,

@@ -20,6 +20,7 @@ from .choices import ClassPosition
 from .errors import NemesisError
 from .losses import position_norms
 from .text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
+from .wording import plural
 
 PLACEHOLDER = "X"  # CoOp's stand-in word for context positions before their embeddings are swapped in
 
@@ -81,7 +82,9 @@ class PromptLearner(nn.Module):
                 "such an init keeps the rest of the phrase before the class name, so use class position end"
             )
         if init_tokens is not None and len(init_tokens) < n_ctx:
-            raise NemesisError(f"ctx init '{ctx_init}' has {len(init_tokens)} tokens for {n_ctx} context vectors")
+            raise NemesisError(
+                f"ctx init '{ctx_init}' has {plural(len(init_tokens), 'token')} for {plural(n_ctx, 'context vector')}"
+            )
         if ctx is None:
             ctx = self._initial_ctx(init_tokens, seed)
         self.ctx = nn.Parameter(self._checked_ctx(ctx))

@@ -22,6 +22,7 @@ from .atomic import atomic_path
 from .checksum import tensors_sha256
 from .constants import RUN_LOG, RUN_METRICS
 from .errors import NemesisError
+from .wording import plural
 
 RUN_STATE = "state.safetensors"
 STATE_KEY = "nemesis_state"
@@ -113,7 +114,9 @@ def read_finished_metrics(path: Path, last_epoch: int) -> str:
     """
     if not path.is_file():
         if last_epoch:
-            raise NemesisError(f"{path} is missing but the run finished {last_epoch} epochs; restore it or rerun")
+            raise NemesisError(
+                f"{path} is missing but the run finished {plural(last_epoch, 'epoch')}; restore it or rerun"
+            )
         return ""
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .atomic import file_lock
 from .errors import NemesisError
+from .wording import plural
 
 SWEEP_DTYPES = {
     "cell_id": "string",
@@ -222,7 +223,8 @@ def _correctness_of(rows: pd.DataFrame, path: Path, table: Path, ids_only: bool,
     count = 0 if found is None else len(set(found.column("cell_id").to_pylist()))
     if required and count < len(rows):
         raise NemesisError(
-            f"{path} lacks the per-sample correctness of {len(rows) - count} rows of {table}; restore it, or {advice}"
+            f"{path} lacks the per-sample correctness of {plural(len(rows) - count, 'row')} of {table}; "
+            f"restore it, or {advice}"
         )
     return found
 

@@ -31,6 +31,7 @@ from .datasets import resolve_name
 from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
 from .trainer import check_config, check_run_folder, train
+from .wording import plural
 
 # What each name of `--method` sets. A new preset is one line here.
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
@@ -77,7 +78,7 @@ class GridRun:
 
     @property
     def label(self) -> str:
-        return f"{self.dataset} {self.method} {self.shots} shots seed {self.seed}"
+        return f"{self.dataset} {self.method} {plural(self.shots, 'shot')} seed {self.seed}"
 
     @property
     def finished(self) -> bool:
@@ -91,6 +92,7 @@ class TrainGrid:
     runs: list[GridRun]
     tree: bool
     resume: bool = False  # a single run (not a tree) resumes only when asked, as `nemesis train --resume`
+    warnings: list[str] = field(default_factory=list)  # what the plan changed in what was asked
 
 
 def _preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +107,29 @@ def _preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
                 f"drop --{option.replace('_', '-')} or use --method nemesis"
             )
     return values
+
+
+def _distinct_presets(
+    methods: Sequence[str], options: dict[str, Any], example: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """The presets that train different settings, in the order given, and a warning per preset that
+    resolves to the settings of an earlier one (`--method nemesis,pen` without --beta: both PUN,
+    beta 1). Such a preset is trained once, under the first name: twice, the report would count one
+    seed as two. `example` is one (dataset, shots, seed): presets do not depend on them."""
+    kept: dict[str, TrainConfig] = {}
+    warnings = []
+    for method in methods:
+        config = TrainConfig(**(options | _preset(method, options) | example))  # checks every option
+        same = next((name for name, other in kept.items() if other == config and name != method.lower()), None)
+        if same is None:
+            kept.setdefault(method.lower(), config)  # a name listed twice is refused with its folder below
+            continue
+        warnings.append(
+            f"--method {same} and {method.lower()} resolve to the same settings; their runs are trained once, "
+            f"under {same}"
+        )
+    repeated = [method for method in methods if method.lower() not in kept]
+    return [method for method in methods if method not in repeated], warnings
 
 
 def plan_grid(
@@ -130,6 +155,8 @@ def plan_grid(
     shots = list(shots) if shots else [defaults["shots"]]
     seeds = list(seeds) if seeds else [defaults["seed"]]
     tree = tree or any(len(values) > 1 for values in (datasets, methods, shots, seeds))
+    example = {"dataset": datasets[0], "shots": shots[0], "seed": seeds[0]}
+    methods, warnings = _distinct_presets(methods, options, example)
     out = Path(out)
     runs, folders = [], {}
     for dataset, method, count, seed in itertools.product(datasets, methods, shots, seeds):
@@ -146,7 +173,7 @@ def plan_grid(
         folders[folder] = run
         runs.append(run)
     _check_runs(runs, tree, resume)
-    return TrainGrid(runs, tree, resume)
+    return TrainGrid(runs, tree, resume, warnings)
 
 
 def single_run_options(given: dict[str, Any]) -> dict[str, Any]:

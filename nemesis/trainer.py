@@ -57,6 +57,7 @@ from .run_state import (
     remove_orphans,
     save_state,
 )
+from .wording import plural
 
 # Keys of config.json that may change when a run is resumed: they do not change what was learned so
 # far (more epochs continue it; `nemesis train --resume` checks the options a user passes).
@@ -189,7 +190,7 @@ def load_training_data(config: TrainConfig) -> Dataset:
     if config.shots > sizes[smallest]:
         raise NemesisError(
             f"--shots {config.shots} is more than the {sizes[smallest]} training images of class "
-            f"'{full.classnames[smallest]}' in {config.dataset}; use at most {sizes[smallest]} shots"
+            f"'{full.classnames[smallest]}' in {config.dataset}; use at most {plural(sizes[smallest], 'shot')}"
         )
     return load_dataset(config.dataset, config.root, shots=config.shots, seed=config.seed, subsample=config.subsample)
 
@@ -402,7 +403,7 @@ def train(
     data = check_config(config)
     if ranks.distributed and min(config.batch_size, len(data.train)) < ranks.world_size:
         raise NemesisError(
-            f"{ranks.world_size} ranks share each batch of {min(config.batch_size, len(data.train))} images; "
+            f"{ranks.world_size} ranks share each batch of {plural(min(config.batch_size, len(data.train)), 'image')}; "
             "use fewer ranks or a larger --batch-size"
         )
     ranks.barrier()  # every rank has checked the folder before rank 0 writes into it
@@ -422,7 +423,7 @@ def train(
         )
     if state is not None and state.epoch >= config.epochs and (out_dir / RUN_PROMPT).is_file():
         if echo is not None:
-            echo(f"{out_dir} finished its {config.epochs} epochs before; nothing left to do")
+            echo(f"{out_dir} finished its {plural(config.epochs, 'epoch')} before; nothing left to do")
         return out_dir
 
     backbones = {} if backbones is None else backbones
@@ -479,10 +480,11 @@ def train(
         if writes:
             (out_dir / RUN_LOG).write_text("", encoding="utf-8")
         journal.say(
-            f"nemesis train: {config.method.value} on {config.dataset} ({len(data.classnames)} classes, "
-            f"{len(data.train)} training images), {config.shots} shot{'' if config.shots == 1 else 's'}, "
+            f"nemesis train: {config.method.value} on {config.dataset} "
+            f"({plural(len(data.classnames), 'class', 'classes')}, "
+            f"{plural(len(data.train), 'training image')}), {plural(config.shots, 'shot')}, "
             f"seed {config.seed}, {config.model} ({config.pretrained or 'random weights'}, "
-            f"{backbone.activation.value}), {config.epochs} epochs, device {device}"
+            f"{backbone.activation.value}), {plural(config.epochs, 'epoch')}, device {device}"
             + (f", each batch sharded over {ranks.world_size} ranks" if ranks.distributed else ""),
             show=True,
         )

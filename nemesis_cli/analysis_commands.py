@@ -9,6 +9,7 @@ import typer
 
 from analysis.defaults import DEFAULT_ALPHA
 from nemesis.atomic import prepare_output
+from nemesis.wording import plural
 
 from .common import reports_errors
 
@@ -50,7 +51,10 @@ ByOption = Annotated[
 
 def _echo_duplicates(count: int) -> None:
     if count:
-        typer.echo(f"note: {count} cells found in more than one results table were counted once (first file's row)")
+        typer.echo(
+            f"note: {plural(count, 'cell')} found in more than one results table {'was' if count == 1 else 'were'} "
+            "counted once (first file's row)"
+        )
 
 
 @reports_errors
@@ -87,6 +91,7 @@ def plot_frequency(
     import analysis
     from analysis.plots import check_frequency_options
     from analysis.results import DUPLICATE_CELLS
+    from analysis.tables import rounded
 
     check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
     prepare_output(out)
@@ -94,7 +99,7 @@ def plot_frequency(
     table, figure = analysis.frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation, pool)
     paths = analysis.save_figure(figure, out)
     _echo_duplicates(cells.attrs.get(DUPLICATE_CELLS, 0))
-    typer.echo(table.to_string(index=False))
+    typer.echo(rounded(table, 2).to_string(index=False))
     for path in paths:
         typer.echo(f"wrote {path}")
 
@@ -134,8 +139,9 @@ def report(
     margin: MarginOption = 0.0,
     significant: SignificantOption = False,
     alpha: AlphaOption = DEFAULT_ALPHA,
+    # "\\[" keeps rich from reading "[paper]" as markup and dropping the word.
     paper: Annotated[
-        bool, typer.Option("--paper/--no-paper", help="Add the paper's published numbers as [paper] rows.")
+        bool, typer.Option("--paper/--no-paper", help="Add the paper's published numbers as \\[paper] rows.")
     ] = True,
     pool: PoolOption = False,
 ) -> None:
@@ -152,5 +158,7 @@ def report(
         loaded, parse_by(by), margin=margin, significant=significant, alpha=alpha, paper=paper, pool=pool
     )
     _echo_duplicates(loaded.duplicate_cells)
+    for note in built.notes:
+        typer.echo(f"note: {note}", err=True)
     for path in analysis.write_report(built, out):
         typer.echo(f"wrote {path}")

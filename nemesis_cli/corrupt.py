@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from nemesis.wording import plural
+
 from .common import ActivationOption, CtxInitOption, ModelOption, WeightsOption, reports_errors
 
 if TYPE_CHECKING:  # torch and pandas are imported inside the command, so `--help` answers at once
@@ -143,7 +145,7 @@ def print_summary(summary: SweepSummary, results: ResultsFile, console: Console)
 
     total = summary.computed + summary.skipped
     console.print(
-        f"{summary.checkpoints} checkpoints, {total} cells: {summary.computed} computed in "
+        f"{plural(summary.checkpoints, 'checkpoint')}, {plural(total, 'cell')}: {summary.computed:,} computed in "
         f"{summary.seconds:.1f} s ({summary.cells_per_second:.1f} cells/s), "
         f"{summary.skipped} already in the results",
         soft_wrap=True,

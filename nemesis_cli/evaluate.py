@@ -10,6 +10,7 @@ import typer
 from nemesis.atomic import prepare_output
 from nemesis.configs import run_root
 from nemesis.errors import NemesisError
+from nemesis.wording import plural
 
 from .common import ActivationOption, CtxInitOption, ModelOption, WeightsOption, reports_errors
 
@@ -124,7 +125,7 @@ def eval_command(
             if prompt.metadata.subsample != "base":
                 typer.echo(f"note: {prompt.path} was not trained on the base classes only", err=True)
     if out is not None:
-        typer.echo(f"appended {len(prompts) * (2 if base_to_new else 1)} records to {out}")
+        typer.echo(f"appended {plural(len(prompts) * (2 if base_to_new else 1), 'record')} to {out}")
 
 
 def _report(result, header: bool = True) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from typer.testing import CliRunner
 
@@ -95,9 +97,9 @@ def test_report_writes_every_supported_table(tmp_path):
     assert output.count("wrote") == len(expected)
     few_shot = (tmp_path / "report" / "few_shot.md").read_text()
     # The ImageNet source evaluation is a 16-shot result of its own; the 1-shot average covers OxfordPets.
-    assert "| Method | Shots | OxfordPets | ImageNet | Average |" in few_shot
-    assert "| CoOp | 1 | 56.50 ± 0.71 |  | 56.50 ± 0.71 |" in few_shot
-    assert "| CoOp | 16 |  | 62.00 | 62.00 |" in few_shot
+    assert "| Method | Shots | Seeds | OxfordPets | ImageNet | Average |" in few_shot
+    assert "| CoOp | 1 | 2 | 56.50 ± 0.71 |  | 56.50 ± 0.71 |" in few_shot
+    assert "| CoOp | 16 | 1 |  | 62.00 | 62.00 |" in few_shot
     assert "CoOp+Nemesis (PAN, weight 1)" in few_shot
 
 
@@ -193,8 +195,8 @@ def test_report_groups_the_lne_table_by_any_columns(tmp_path):
     sweeps = _sweeps(tmp_path / "sweeps")
     _ok(["report", str(sweeps), "--out", str(tmp_path / "report"), "--by", "dataset,position", "--no-paper"])
     markdown = (tmp_path / "report" / "lne_frequency.md").read_text()
-    assert "| dataset | position | prompts | cells | reducing | frequency | rate |" in markdown
-    assert "degradation_rate" in markdown
+    assert "| dataset | position | prompts | cells | reducing | frequency | rate_percent |" in markdown
+    assert "degradation_rate_percent" in markdown
     default = _ok(["report", str(sweeps), "--out", str(tmp_path / "default")])
     assert "wrote" in default
     markdown = (tmp_path / "default" / "lne_frequency.md").read_text()
@@ -208,7 +210,7 @@ def test_report_skips_unfinished_runs_and_says_so(tmp_path):
     write_run(runs / "coop-3", [50.0, 99.0], seed=3, epochs=50)  # still training
     _ok(["report", str(runs), "--out", str(tmp_path / "report")])
     few_shot = (tmp_path / "report" / "few_shot.md").read_text()
-    assert "| CoOp | 1 | 56.50 ± 0.71 |" in few_shot  # seeds 1 and 2 only
+    assert "| CoOp | 1 | 2 | 56.50 ± 0.71 |" in few_shot  # seeds 1 and 2 only
     assert "1 unfinished run skipped" in few_shot
     write_run(tmp_path / "stopped" / "run", [50.0], epochs=5)
     args = ["report", str(tmp_path / "stopped"), "--out", str(tmp_path / "out")]
@@ -251,3 +253,36 @@ def test_a_sidecar_without_its_table_is_one_line(tmp_path):
         ["plot-frequency", str(sweeps / "sweep.correct.parquet"), "--out", str(tmp_path / "fig")],
         "is the per-sample correctness of",
     )
+
+
+def test_report_counts_a_copied_run_once_and_names_the_copy(tmp_path):
+    runs = _runs(tmp_path / "runs")
+    shutil.copytree(runs / "coop-1", tmp_path / "copy")
+    result = runner.invoke(app, ["report", str(runs), str(tmp_path / "copy"), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "seed 1 was given 2 times" in notes[0] and str(tmp_path / "copy") in notes[0]
+    assert "| CoOp | 1 | 2 | 56.50 ± 0.71 |" in (tmp_path / "report" / "few_shot.md").read_text()
+
+
+def test_report_help_keeps_every_word():
+    result = runner.invoke(app, ["report", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "published numbers as [paper] rows" in result.output
+
+
+def test_rates_are_percent_in_stdout_and_csv_with_sensible_decimals(tmp_path):
+    sweeps = _sweeps(tmp_path / "sweeps")
+    output = _ok(["plot-frequency", str(sweeps), "--out", str(tmp_path / "fig"), "--rate"])
+    header, first = output.splitlines()[:2]
+    assert "rate_percent" in header and "degradation_rate_percent" in header
+    assert " 66.67 " in first  # 2 of 3 reducing cells gain: 66.67 %, not 0.666667
+    _ok(["report", str(sweeps), "--out", str(tmp_path / "report"), "--no-paper"])
+    csv = (tmp_path / "report" / "lne_frequency.csv").read_text()
+    assert ",66.6667," in csv and "0.666" not in csv
+
+
+def test_report_csv_has_no_float32_noise(tmp_path):
+    write_run(tmp_path / "runs" / "seed1", [49.06999965508779])  # a float32 accuracy read back as a double
+    _ok(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    csv = (tmp_path / "report" / "few_shot.csv").read_text()
+    assert ",49.07," in csv and "49.0699" not in csv

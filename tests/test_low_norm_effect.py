@@ -73,14 +73,14 @@ def test_frequency_and_rate_per_group():
     assert list(table.columns[:2]) == ["dataset", "shots"]
     pets_1 = _group(table, "oxford_pets", 1)
     assert (pets_1["cells"], pets_1["reducing"], pets_1["frequency"]) == (7, 4, 2)
-    assert pets_1["rate"] == pytest.approx(2 / 4)
+    assert pets_1["rate_percent"] == pytest.approx(100 * 2 / 4)
     assert (pets_1["increasing"], pets_1["degrading"]) == (3, 2)
-    assert pets_1["degradation_rate"] == pytest.approx(2 / 3)
+    assert pets_1["degradation_rate_percent"] == pytest.approx(100 * 2 / 3)
     pets_2 = _group(table, "oxford_pets", 2)
-    assert (pets_2["frequency"], pets_2["rate"]) == (0, 0.0)
-    assert np.isnan(pets_2["degradation_rate"])  # no increasing cell: undefined, not 0
+    assert (pets_2["frequency"], pets_2["rate_percent"]) == (0, 0.0)
+    assert np.isnan(pets_2["degradation_rate_percent"])  # no increasing cell: undefined, not 0
     food = _group(table, "food101", 1)
-    assert (food["frequency"], food["rate"]) == (2, 1.0)
+    assert (food["frequency"], food["rate_percent"]) == (2, 100.0)
 
 
 def test_group_by_any_columns():

@@ -236,3 +236,40 @@ def test_twelve_runs_paper_style_norm_figure(tmp_path):
     assert axes_width_share(figure) >= 0.6
     (_png, pdf) = save_figure(figure, tmp_path / "norms")
     assert _pdf_font_types(pdf) and _pdf_font_types(pdf) <= {b"TrueType", b"CIDFontType2", b"Type0"}
+
+
+def _cells_by_seed():
+    parts = []
+    for dataset in DATASETS[:2]:
+        for seed in (1, 2):
+            for shots in (1, 16):
+                cells = [reducing(gained=seed, position=0), increasing(lost=1, position=1)]
+                key = f"{dataset}-{shots}-{seed}"
+                parts.append(checkpoint_rows(key, cells, dataset=dataset, shots=shots, seed=seed))
+    return sweep_frame([row for rows, _ in parts for row in rows])
+
+
+def test_frequency_by_dataset_and_seed_puts_seeds_on_the_x_axis_and_sums_over_shots():
+    figure = plot_frequency(_cells_by_seed(), "dataset,seed")
+    (axes,) = figure.axes
+    assert axes.get_xlabel() == "seed"
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["seed 1", "seed 2"]
+    assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["Food101", "OxfordPets"]
+    title = axes.get_title(loc="left")
+    assert "summed over shots, positions and factors" in title and "seeds" not in title
+    assert [list(line.get_ydata()) for line in axes.get_lines()] == [[2, 2], [2, 2]]  # one occurrence per shots
+
+
+def test_frequency_by_seed_and_dataset_labels_the_seeds_in_the_legend():
+    figure = plot_frequency(_cells_by_seed(), "seed,dataset")
+    (axes,) = figure.axes
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["Food101", "OxfordPets"]
+    assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["seed 1", "seed 2"]
+
+
+def test_position_heatmap_never_shows_minus_zero():
+    cells = _cells()
+    cells.loc[cells["op"] != "original", "delta_acc"] = -0.04  # rounds to 0.0, not "-0.0"
+    figure = plot_frequency(cells, by="position")
+    texts = [text.get_text() for axes in figure.axes for text in axes.texts]
+    assert texts and "-0.0" not in texts and "0.0" in texts

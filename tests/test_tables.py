@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pandas as pd
 import pytest
@@ -80,7 +82,8 @@ def test_few_shot_means_and_sample_std(tmp_path):
     display = table.display.set_index(["Method", "Shots"])
     assert display.loc[("CoOp", "1"), "OxfordPets"] == f"63.00 ± {math.sqrt(13.0):.2f}"
     assert display.loc[("CoOp", "1"), "Average"] == "67.00 ± 2.29"
-    assert list(table.display.columns) == ["Method", "Shots", "OxfordPets", "Food101", "Average"]
+    assert list(table.display.columns) == ["Method", "Shots", "Seeds", "OxfordPets", "Food101", "Average"]
+    assert set(table.display["Seeds"]) == {"3"}
 
 
 def test_one_seed_has_a_blank_std(tmp_path):
@@ -161,7 +164,8 @@ def test_domain_generalization_table(tmp_path):
     data = table.data.set_index("target")
     assert data.loc["imagenetv2", "mean"] == 56.0
     assert data.loc["imagenetv2", "std"] == pytest.approx(math.sqrt(2.0))
-    assert list(table.display.columns) == ["Method", "Shots", "Source", "ImageNet", "ImageNet-V2", "ImageNet-A"]
+    columns = ["Method", "Shots", "Source", "Seeds", "ImageNet", "ImageNet-V2", "ImageNet-A"]
+    assert list(table.display.columns) == columns and table.display.loc[0, "Seeds"] == "2"
     assert table.display.loc[0, "ImageNet-V2"] == "56.00 ± 1.41"
 
 
@@ -203,9 +207,9 @@ def test_lne_frequency_table():
 def test_lne_frequency_table_by_other_columns_shows_the_degradation_rate():
     table = lne_frequency_table(_cells(), by="dataset", paper=False, duplicate_cells=3)
     display = table.display.set_index("dataset")
-    assert display.loc["oxford_pets", "degradation_rate"] == "100.0%"
-    assert display.loc["fashion_mnist", "degradation_rate"] == "0.0%"
-    assert "degradation_rate" in to_markdown(table)
+    assert display.loc["oxford_pets", "degradation_rate_percent"] == "100.0%"
+    assert display.loc["fashion_mnist", "degradation_rate_percent"] == "0.0%"
+    assert "degradation_rate_percent" in to_markdown(table)
     assert any("3 cells found in more than one results table were counted once" in note for note in table.notes)
 
 
@@ -235,7 +239,8 @@ def test_writers_produce_markdown_csv_and_latex(tmp_path):
     paths = write_table(table, tmp_path)
     assert [path.name for path in paths] == ["lne_frequency.md", "lne_frequency.csv", "lne_frequency.tex"]
     csv = pd.read_csv(tmp_path / "lne_frequency.csv")
-    assert {"origin", "dataset", "shots", "frequency", "rate"} <= set(csv.columns)
+    assert {"origin", "dataset", "shots", "frequency", "rate_percent"} <= set(csv.columns)
+    assert csv.set_index(["origin", "dataset", "shots"]).loc[("ours", "oxford_pets", 1), "rate_percent"] == 50.0
 
 
 def test_empty_inputs_fail_clearly(tmp_path):
@@ -246,3 +251,129 @@ def test_empty_inputs_fail_clearly(tmp_path):
         base_to_new_table(load_evals([write_evals(tmp_path / "e.jsonl", records)]))
     with pytest.raises(NemesisError, match="besides its own"):
         domain_generalization_table(load_evals([tmp_path / "e.jsonl"]))
+
+
+def test_a_copied_run_folder_is_one_seed_and_a_note_names_the_copy(tmp_path):
+    for seed, accuracy in ((1, 60.0), (2, 62.0)):
+        write_run(tmp_path / "tree" / f"seed{seed}", [accuracy], seed=seed)
+    shutil.copytree(tmp_path / "tree" / "seed1", tmp_path / "copy" / "seed1")
+    table = few_shot_table(few_shot_results(load_runs([tmp_path / "tree", tmp_path / "copy" / "seed1"])))
+    pets = _cell(table.data, "CoOp", 1, "oxford_pets")
+    assert (pets["mean"], pets["seeds"]) == (61.0, 2)
+    assert _cell(table.data, "CoOp", 1, "Average")["seeds"] == 2
+    (note,) = table.findings
+    assert "seed 1 was given 2 times" in note and str(tmp_path / "copy" / "seed1") in note
+    assert note in table.notes
+
+
+def test_two_presets_of_one_setting_are_one_seed_in_the_report(tmp_path):
+    # `--method nemesis,pen` trained before the grid planned such presets once: the same run twice.
+    write_run(tmp_path / "nemesis" / "seed1", [60.0], method="nemesis", beta=1.0)
+    write_run(tmp_path / "pen" / "seed1", [60.0], method="nemesis", beta=1.0)
+    table = few_shot_table(few_shot_results(load_runs([tmp_path])))
+    row = _cell(table.data, "CoOp+Nemesis (PUN, weight 1)", 1, "oxford_pets")
+    assert row["seeds"] == 1 and pd.isna(row["std"])
+    assert len(table.findings) == 1
+
+
+def test_a_copied_checkpoint_is_one_seed_in_the_base_to_new_table(tmp_path):
+    records = [
+        eval_record(checkpoint=checkpoint, subsample=subsample, accuracy=accuracy)
+        for checkpoint in ("runs/seed1", "copy/seed1")
+        for subsample, accuracy in (("base", 80.0), ("new", 60.0))
+    ]
+    table = base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)]))
+    assert table.data.set_index("dataset").loc["oxford_pets", "seeds"] == 1
+    assert len(table.findings) == 1 and "copy/seed1" in table.findings[0]
+
+
+def test_random_weight_records_never_replace_a_real_result(tmp_path):
+    real = {"checkpoint": "official/seed1", "pretrained": "openai", "weights_id": "tag:openai+quickgelu"}
+    random = {"checkpoint": "official/seed1", "pretrained": None, "weights_id": "random-seed0"}
+    records = [eval_record(**real, accuracy=54.34), eval_record(**random, accuracy=10.02)]
+    for subsample, accuracy in (("base", 80.0), ("new", 60.0)):
+        records.append(eval_record(**real, subsample=subsample, accuracy=accuracy))
+        records.append(eval_record(**random, subsample=subsample, accuracy=accuracy / 8))
+    evals = load_evals([write_evals(tmp_path / "e.jsonl", records)])
+    few_shot = few_shot_table(few_shot_results([], evals))
+    assert _cell(few_shot.data, "CoOp", 16, "oxford_pets")["mean"] == 54.34
+    assert _cell(few_shot.data, "CoOp (random weights)", 16, "oxford_pets")["mean"] == 10.02
+    assert set(few_shot.display["Method"]) == {"CoOp", "CoOp (random weights)"}
+    base_to_new = base_to_new_table(evals).data.set_index(["method", "dataset"])
+    assert base_to_new.loc[("CoOp", "oxford_pets"), "base"] == 80.0
+    assert base_to_new.loc[("CoOp (random weights)", "oxford_pets"), "base"] == 10.0
+
+
+def test_runs_on_random_weights_are_labelled(tmp_path):
+    write_run(tmp_path / "run", [55.0])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config | {"pretrained": None}))
+    (run,) = load_runs([tmp_path])
+    assert run.label == "CoOp (random weights)"
+    assert few_shot_table(few_shot_results([run])).display.loc[0, "Method"] == "CoOp (random weights)"
+
+
+def test_a_checkpoint_evaluated_under_two_real_weights_is_stated(tmp_path):
+    from analysis.tables import weights_conflicts
+
+    records = [
+        eval_record(checkpoint="c", pretrained="openai", activation="quickgelu", accuracy=54.0),
+        eval_record(checkpoint="c", pretrained="openai", activation="gelu", accuracy=40.0),
+    ]
+    evals = load_evals([write_evals(tmp_path / "e.jsonl", records)])
+    (note,) = weights_conflicts(evals)
+    assert "openai, quickgelu; openai, gelu" in note and "last record (openai, gelu)" in note
+    assert few_shot_results([], evals)["accuracy"].tolist() == [40.0]
+
+
+def _zero_shot(subsample: str, accuracy: float) -> dict:
+    return eval_record(
+        checkpoint="zero-shot:tiny:fmnist", method="zero-shot", method_label="Zero-shot CLIP", shots=0, seed=None,
+        pretrained="fmnist", subsample=subsample, accuracy=accuracy,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("subsamples", "expected"),
+    [(("base", "new"), (72.0, 60.0, harmonic_mean(72.0, 60.0))), (("base",), (72.0, None, None))],
+)
+def test_the_zero_shot_row_shows_what_was_evaluated(tmp_path, subsamples, expected):
+    records = [eval_record(checkpoint="p", subsample=s, accuracy=a) for s, a in (("base", 80.0), ("new", 50.0))]
+    records += [_zero_shot(subsample, {"base": 72.0, "new": 60.0}[subsample]) for subsample in subsamples]
+    table = base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)]))
+    row = table.data[(table.data["method"] == "Zero-shot CLIP") & (table.data["dataset"] == "oxford_pets")].iloc[0]
+    values = tuple(None if pd.isna(value) else value for value in (row["base"], row["new"], row["H"]))
+    assert values == pytest.approx(expected)
+    shown = table.display[table.display["Method"] == "Zero-shot CLIP"].iloc[0]
+    assert shown["Base"] == "72.00" and (shown["H"] == "") == (len(subsamples) == 1)
+
+
+def test_a_lone_zero_shot_record_makes_a_base_to_new_table(tmp_path):
+    evals = load_evals([write_evals(tmp_path / "b2n.jsonl", [_zero_shot("new", 60.0)])])
+    assert base_to_new_table(evals).display.loc[0, "New"] == "60.00"
+
+
+def test_markdown_tables_say_how_many_seeds(tmp_path):
+    for seed in (1, 2, 3):
+        write_run(tmp_path / "runs" / f"pets{seed}", [60.0 + seed], seed=seed)
+    write_run(tmp_path / "runs" / "dtd1", [40.0], dataset="dtd", seed=1)
+    markdown = to_markdown(few_shot_table(few_shot_results(load_runs([tmp_path / "runs"]))))
+    assert "| Method | Shots | Seeds | OxfordPets | DTD | Average |" in markdown
+    assert "| CoOp | 1 | 1-3 | 62.00 ± 1.00 | 40.00 | 51.00 |" in markdown
+    records = [
+        eval_record(checkpoint=f"c{seed}", seed=seed, subsample=part) for seed in (1, 2) for part in ("base", "new")
+    ]
+    base_to_new = to_markdown(base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)])))
+    assert "| Method | Shots | Dataset | Seeds | Base | New | H |" in base_to_new
+    assert "| CoOp | 16 | OxfordPets | 2 | 50.00 | 50.00 | 50.00 |" in base_to_new
+
+
+def test_the_own_dataset_cell_comes_from_the_run_folder_or_a_note_says_why_it_is_blank(tmp_path):
+    run = write_run(tmp_path / "runs" / "seed1", [61.0])
+    record = eval_record(checkpoint=str(run / "prompt.safetensors"), dataset="dtd", shots=1, accuracy=30.0)
+    evals = load_evals([write_evals(tmp_path / "e.jsonl", [record])])
+    table = domain_generalization_table(evals, paper=False, runs=load_runs([tmp_path / "runs"]))
+    assert (table.display.loc[0, "OxfordPets"], table.display.loc[0, "DTD"]) == ("61.00", "30.00")
+    alone = domain_generalization_table(evals, paper=False)
+    assert alone.display.loc[0, "OxfordPets"] == ""
+    assert any("1 checkpoint without a result on its own dataset" in note for note in alone.notes)

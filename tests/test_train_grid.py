@@ -186,3 +186,19 @@ def test_two_processes_missing_one_entry_encode_it_once(tmp_path):
     assert all(worker.returncode == 0 for worker in workers)
     assert sorted(int(encoded) for encoded, _ in outputs) == [0, len(CLASSNAMES) * 3]  # one encoded, one read
     assert outputs[0][1] == outputs[1][1]  # the same features
+
+
+def test_two_presets_of_the_same_settings_train_once_with_one_warning(data_root, tmp_path):
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(app, grid_args(data_root, out, shots="1", seeds="1", methods="nemesis,pen,pan"))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --method nemesis and pen resolve to the same settings; their runs are trained "
+                        "once, under nemesis"]  # fmt: skip
+    assert run_folders(out) == [run_folder(out, "oxford_pets", method, "tiny", 1, 1).relative_to(out)
+                                for method in ("nemesis", "pan")]  # fmt: skip
+    assert "2 trained" in result.output
+    # With --beta 0, nemesis is pan.
+    options = {"beta": 0.0, "root": str(data_root), "model": "tiny", "pretrained": None}
+    grid = plan_grid(tmp_path / "other", options, datasets=["oxford_pets"], methods=["nemesis", "pan"], shots=[1])
+    assert [run.method for run in grid.runs] == ["nemesis"] and len(grid.warnings) == 1

@@ -58,7 +58,7 @@ def test_cli_zero_shot_is_recorded_and_reported(root, tmp_path):
     assert record["method_label"] == "Zero-shot CLIP" and record["method_config"]["template"] == "{} texture."
     report = CliRunner().invoke(app, ["report", str(evals), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
-    assert "| Zero-shot CLIP | 0 |" in (tmp_path / "report" / "few_shot.md").read_text()
+    assert "| Zero-shot CLIP (random weights) | 0 |" in (tmp_path / "report" / "few_shot.md").read_text()
 
 
 def test_zero_shot_needs_model_and_dataset_and_no_checkpoint(tmp_path):
