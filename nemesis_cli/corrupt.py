@@ -155,7 +155,13 @@ def print_summary(summary: SweepSummary, results: ResultsFile, console: Console)
     # One count per kind of prompt: the Low-Norm Effect of CoOp and Nemesis prompts is never pooled.
     reducing = with_prompt_kind(summary.reducing)
     for kind, group in reducing.groupby(list(PROMPT_KIND), dropna=False, sort=True):
-        label = prompt_kind_label(*kind)
+        values = dict(zip(PROMPT_KIND, kind, strict=True))  # by name: PROMPT_KIND's order is not the label's
+        label = prompt_kind_label(
+            method=values["method"],
+            subsample=values["subsample"],
+            trained_on=values["trained_on"],
+            variant=values["method_variant"],
+        )
         raised = int((group["delta_acc"] > 0).sum())
         console.print(
             f"norm-reducing cells that raised accuracy, {label}: {raised} of {len(group)}", soft_wrap=True, markup=False

@@ -119,3 +119,21 @@ def test_another_activation_is_another_sweep_and_a_coop_prompt_is_noted(setting)
                                "--dataset", "oxford_pets"])  # fmt: skip
     assert coop.exit_code == 0, coop.output
     assert "trained under QuickGELU but runs under GELU; pass --activation quickgelu" in coop.output
+
+
+def test_summary_names_each_kind_of_prompt(setting):
+    tmp_path, coop = setting
+    ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 0.5
+    pun = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="nemesis",
+                         method_config={"beta": 1.0, "weight": 1.0})  # fmt: skip
+    nemesis = save_prompt(tmp_path / "pun.safetensors", ctx, pun)
+    base = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop", subsample="base")
+    base_prompt = save_prompt(tmp_path / "base.safetensors", ctx, base)
+    args = _args(tmp_path, coop, "--rescale", "0.5", "--positions", "0,1")
+    result = runner.invoke(app, [*args[:2], str(nemesis), str(base_prompt), *args[2:]])
+    assert result.exit_code == 0, result.output
+    lines = [line.split(":")[0] for line in result.output.splitlines() if line.startswith("norm-reducing")]
+    prefix = "norm-reducing cells that raised accuracy, "
+    assert sorted(lines) == sorted(
+        prefix + kind for kind in ("CoOp", "CoOp, base classes", "CoOp+Nemesis (PUN, weight 1)")
+    ), result.output
