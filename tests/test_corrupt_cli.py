@@ -84,7 +84,6 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(setting):
     ]
     for extra, expected in cases:
         _fails_with_one_line(tmp_path, _args(tmp_path, prompt, *extra), expected)
-    _fails_with_one_line(tmp_path, _args(tmp_path, prompt, out="missing/r.parquet"), "does not exist")
     _fails_with_one_line(tmp_path, _args(tmp_path, tmp_path / "nope.safetensors"), "checkpoint not found")
     bogus_device = _args(tmp_path, prompt, "--device", "bogus")  # the last --device wins
     _fails_with_one_line(tmp_path, bogus_device, "unknown device 'bogus'")
