@@ -263,6 +263,22 @@ def _correct_counter(learner: PromptMethod, images: torch.Tensor, labels: torch.
     return count_correct
 
 
+class _Diverged(Exception):
+    """Training produced a non-finite value; the message names what ("loss is"), the trainer makes it one line."""
+
+
+def _check_finite(checks: dict[str, bool]) -> None:
+    """Raise _Diverged naming the first of `checks` (what -> is finite) that failed."""
+    for what, finite in checks.items():
+        if not finite:
+            raise _Diverged(what)
+
+
+def _check_prompt(ctx: torch.Tensor, norms: list[float]) -> None:
+    """A prompt can stay finite while its norms overflow fp32 (entries beyond ~1e19): that run diverged too."""
+    _check_finite({"prompt is": bool(torch.isfinite(ctx).all()), "prompt's norms are": all(map(math.isfinite, norms))})
+
+
 @dataclass
 class _Stepper:
     """One optimisation step on a batch of image features; returns the step's metrics row.
@@ -322,7 +338,16 @@ class _Stepper:
             self.optimizer.step()
         norms, _, _ = _norm_summary(learner.ctx)
         correct = (logits.argmax(dim=-1) == labels).sum().float()
-        summed = ranks.all_reduce_sum(torch.stack([cross_entropy.detach().float(), correct]))
+        non_finite_logits = (~torch.isfinite(logits.detach())).sum().float()
+        # Summed over the ranks, so every rank of a sharded batch sees the same values and stops together.
+        summed = ranks.all_reduce_sum(torch.stack([cross_entropy.detach().float(), correct, non_finite_logits]))
+        _check_finite(
+            {
+                "logits are": float(summed[2]) == 0,
+                "loss is": math.isfinite(float(summed[0])) and math.isfinite(norm_value),
+            }
+        )
+        _check_prompt(learner.ctx, norms)
         return {
             "kind": "step",
             "epoch": epoch + 1,
@@ -375,6 +400,15 @@ def _restore_extra(parameters: dict, optimizer: torch.optim.Optimizer, tensors: 
                 parameter.copy_(tensors[f"param:{name}"].to(device))
         if f"momentum:{name}" in tensors:
             optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum:{name}"].to(device)
+
+
+def _clear_diverged(out_dir: Path, created: bool, emptied: bool) -> None:
+    """A diverged run leaves no folder it created, and an empty folder given for it empty again."""
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    elif emptied:
+        for entry in out_dir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def train(
@@ -504,25 +538,23 @@ def train(
             batches = epoch_batches(len(features), config.batch_size, config.seed, epoch)
             sizes = [len(indices) for indices in batches]
             shards = [indices[ranks.rank :: ranks.world_size] for indices in batches]  # whole batches in one process
-            for (images, labels), size in zip(features.batches(epoch, shards), sizes, strict=True):
-                step += 1
-                journal.rows.append(stepper(images, labels, epoch, step, lr, size))
             done = epoch + 1
+            try:
+                for (images, labels), size in zip(features.batches(epoch, shards), sizes, strict=True):
+                    step += 1
+                    journal.rows.append(stepper(images, labels, epoch, step, lr, size))
+                norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
+                _check_prompt(learner.ctx, [*norms, mean_norm, fro_norm])
+            except _Diverged as diverged:
+                _clear_diverged(out_dir, created=created, emptied=emptied and writes)
+                raise NemesisError(
+                    f"training diverged in epoch {done}: the {diverged} no longer finite (lr {config.lr:g}); "
+                    "lower --lr"
+                    + ("" if created or emptied else f" (the run in {out_dir} stays at its last saved epoch)")
+                ) from None
             test_accuracy = None
             if done == config.epochs or (config.eval_every and done % config.eval_every == 0):
                 test_accuracy = _test_accuracy(learner, test_features, test_labels)
-            if not torch.isfinite(learner.ctx).all():
-                if created:
-                    shutil.rmtree(out_dir, ignore_errors=True)
-                elif emptied and writes:
-                    for entry in out_dir.iterdir():
-                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                raise NemesisError(
-                    f"training diverged in epoch {done}: the prompt is no longer finite (lr {config.lr:g}); "
-                    "lower --lr"
-                    + ("" if created or emptied else f" (the run in {out_dir} stays at its last saved epoch)")
-                )
-            norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
             journal.rows.append(
                 {
                     "kind": "epoch",
