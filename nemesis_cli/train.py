@@ -148,7 +148,7 @@ def train(
             tree=tree,
             resume=resume,
         )
-        warnings = []
+        warnings = list(grid.warnings)
     # Nemesis-only options that no run of the call uses change nothing: say so.
     ignored = set.intersection(*(set(ignored_nemesis_options(run.config, given)) for run in grid.runs))
     if ignored:
