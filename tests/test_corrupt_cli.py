@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -136,3 +138,22 @@ def test_summary_names_each_kind_of_prompt(setting):
     assert sorted(lines) == sorted(
         prefix + kind for kind in ("CoOp", "CoOp, base classes", "CoOp+Nemesis (PUN, weight 1)")
     ), result.output
+
+
+def test_a_run_folder_gives_its_data_folder(setting):
+    tmp_path, prompt = setting
+    run = tmp_path / "run"
+    run.mkdir()
+    prompt.rename(run / "prompt.safetensors")
+    (run / "config.json").write_text(json.dumps({"root": str(tmp_path / "data")}))  # what run_root reads
+    args = [arg for arg in _args(tmp_path, run, "--rescale", "0.5") if arg not in ("--root", str(tmp_path / "data"))]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(tmp_path / "out" / "r.parquet")) == 1 + 4
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "prompt.safetensors").write_bytes((run / "prompt.safetensors").read_bytes())
+    (other / "config.json").write_text(json.dumps({"root": str(tmp_path / "elsewhere")}))
+    both = [arg if arg != str(tmp_path / "out" / "r.parquet") else str(tmp_path / "two.parquet") for arg in args]
+    fails_with_one_line([*both[:2], str(other), *both[2:]], "the runs were trained on data in")
+    assert not (tmp_path / "two.parquet").exists()
