@@ -14,6 +14,8 @@ checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -23,7 +25,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,25 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+def _text_backbone(config: TrainConfig, backbone: Backbone, backbones: dict) -> Backbone:
+    """The backbone the learner's text passes run on: under fp16 a half copy (CoOp's PREC fp16 keeps all of
+    CLIP in fp16), shared by the runs of a grid; image features still come from the fp32 model's cache."""
+    if config.precision is not Precision.fp16:
+        return backbone
+    key = (config.model, config.pretrained, config.activation, Precision.fp16.value)
+    if key not in backbones:
+        backbones[key] = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model).half())
+    return backbones[key]
+
+
+def _hold_in_precision(config: TrainConfig, parameters: dict[str, torch.nn.Parameter]) -> None:
+    """Under fp16 the learned tensors are fp16 parameters, as CoOp's ctx (and CoCoOp's meta-net) are: SGD
+    then keeps its momentum and applies each step in fp16."""
+    if config.precision is Precision.fp16:
+        for parameter in parameters.values():
+            parameter.data = parameter.data.half()
+
+
 def resolved_n_ctx(config: TrainConfig) -> int:
     """Context length as the learner will build it (CoOp: the init phrase's word count when ctx_init is given)."""
     return config.n_ctx if config.ctx_init is None else init_word_count(config.ctx_init)
@@ -279,7 +299,7 @@ def _check_prompt(ctx: torch.Tensor, norms: list[float]) -> None:
     _check_finite({"prompt is": bool(torch.isfinite(ctx).all()), "prompt's norms are": all(map(math.isfinite, norms))})
 
 
-@dataclass
+@dataclasses.dataclass
 class _Stepper:
     """One optimisation step on a batch of image features; returns the step's metrics row.
 
@@ -399,7 +419,7 @@ def _restore_extra(parameters: dict, optimizer: torch.optim.Optimizer, tensors: 
             with torch.no_grad():
                 parameter.copy_(tensors[f"param:{name}"].to(device))
         if f"momentum:{name}" in tensors:
-            optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum:{name}"].to(device)
+            optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum:{name}"].to(device, parameter.dtype)
 
 
 def _clear_diverged(out_dir: Path, created: bool, emptied: bool) -> None:
@@ -466,7 +486,7 @@ def train(
     backbone = backbones[key]
     learner = build_learner(
         config.method.prompt_method,
-        backbone,
+        _text_backbone(config, backbone, backbones),
         data.classnames,
         n_ctx=config.n_ctx,
         ctx_init=config.ctx_init,
@@ -492,6 +512,7 @@ def train(
     journal = Journal(out_dir, echo, write=writes)
 
     parameters = {"ctx": learner.ctx, **learner.extra_parameters()}  # what training updates, by checkpoint name
+    _hold_in_precision(config, parameters)
     optimizer = torch.optim.SGD(
         list(parameters.values()), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -502,8 +523,8 @@ def train(
     if state is not None:
         with torch.no_grad():
             learner.ctx.copy_(state.ctx.to(device))
-        if state.momentum is not None:
-            optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device)
+        if state.momentum is not None:  # saved as fp32: back in the parameter's precision
+            optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device, learner.ctx.dtype)
         _restore_extra(parameters, optimizer, state.tensors, device)
         if scaler is not None and state.extra.get("scaler"):
             scaler.load_state_dict(state.extra["scaler"])

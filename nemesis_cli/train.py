@@ -97,7 +97,14 @@ def train(
             + _default("crop_scale")
         ),
     ] = None,
-    precision: Annotated[str | None, Option(help="fp32 or amp (autocast on CUDA)." + _default("precision"))] = None,
+    precision: Annotated[
+        str | None,
+        Option(
+            help="fp32, amp (autocast on CUDA), or fp16: the official CoOp / CoCoOp / Nemesis code's, CLIP's text "
+            "tower and the learned tensors in fp16, so updates below fp16's resolution are lost."
+            + _default("precision")
+        ),
+    ] = None,
     device: Annotated[str | None, Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
     eval_every: Annotated[
         int | None, Option(help="Test accuracy every N epochs; 0: last only." + _default("eval_every"))

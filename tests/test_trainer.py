@@ -17,6 +17,7 @@ from nemesis.backbone import load_clip
 from nemesis.checkpoint import load_prompt
 from nemesis.configs import TrainConfig, default_epochs, read_run_config
 from nemesis.errors import NemesisError
+from nemesis.prompt_methods import build_learner
 from nemesis.run_state import Journal
 from nemesis.testing import make_coop_folder
 from nemesis.tiny import read_tiny_info
@@ -416,3 +417,32 @@ def test_metrics_rows_are_strict_json(tmp_path):
     with pytest.raises(ValueError, match="not JSON compliant"):
         journal.flush_rows()
     assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+
+
+# --- precision ----------------------------------------------------------------------------------
+
+
+def test_fp16_holds_the_prompt_in_fp16_and_loses_updates_below_its_resolution(pets, tmp_path):
+    # One warm-up epoch at lr 1e-6: fp32 moves every ctx entry, while in fp16 (the
+    # official code's PREC) most steps are below half an fp16 spacing of the entry and are lost.
+    initial = build_learner("coop", load_clip("tiny"), CLASSNAMES, n_ctx=4, seed=2).ctx.detach()
+    changed = {}
+    for precision in ("fp32", "fp16"):
+        config = small_config(pets, epochs=1, warmup_epochs=1, warmup_lr=1e-6, precision=precision)
+        ctx = load_prompt(train(config, tmp_path / precision, progress=False) / "prompt.safetensors").ctx
+        start = initial.half().float() if precision == "fp16" else initial
+        changed[precision] = float((ctx != start).float().mean())
+        assert torch.equal(ctx.half().float(), ctx) == (precision == "fp16")  # fp16 values, stored as fp32
+    assert changed["fp32"] > 0.95 and changed["fp16"] < 0.5, changed
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_fp16_resumes_to_the_uninterrupted_prompt(pets, tmp_path, method):
+    config = small_config(pets, method=method, precision="fp16", batch_size=8)
+    whole = load_prompt(train(config, tmp_path / "whole", progress=False) / "prompt.safetensors")
+    train_until_interrupted(config, tmp_path / "cut", after_epoch=1)
+    train(config, tmp_path / "cut", resume=True, progress=False)
+    resumed = load_prompt(tmp_path / "cut" / "prompt.safetensors")
+    assert torch.equal(resumed.ctx, whole.ctx)
+    assert all(torch.equal(resumed.extra[name], whole.extra[name]) for name in whole.extra)
