@@ -205,7 +205,7 @@ def _check_epochs(runs: list[GridRun]) -> list[str]:
         if wanted < saved:
             raise NemesisError(
                 f"cannot continue {run.folder} with --epochs {wanted} (the run has {saved}): a rerun continues "
-                "the same runs; drop --epochs, or train a new grid with another --out"
+                f"the same runs; pass --epochs {saved} or more, or train a new grid with another --out"
             )
         extended[saved, wanted] = extended.get((saved, wanted), 0) + 1
     return [
