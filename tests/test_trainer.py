@@ -423,8 +423,8 @@ def test_metrics_rows_are_strict_json(tmp_path):
 
 
 def test_fp16_holds_the_prompt_in_fp16_and_loses_updates_below_its_resolution(pets, tmp_path):
-    # One warm-up epoch at lr 1e-6: fp32 moves every ctx entry, while in fp16 (the
-    # official code's PREC) most steps are below half an fp16 spacing of the entry and are lost.
+    # One warm-up epoch at lr 1e-6: fp32 moves every ctx entry, while in fp16 (the official code's
+    # PREC) most updates are below half the fp16 spacing of their entry and are lost.
     initial = build_learner("coop", load_clip("tiny"), CLASSNAMES, n_ctx=4, seed=2).ctx.detach()
     changed = {}
     for precision in ("fp32", "fp16"):
@@ -446,3 +446,5 @@ def test_fp16_resumes_to_the_uninterrupted_prompt(pets, tmp_path, method):
     resumed = load_prompt(tmp_path / "cut" / "prompt.safetensors")
     assert torch.equal(resumed.ctx, whole.ctx)
     assert all(torch.equal(resumed.extra[name], whole.extra[name]) for name in whole.extra)
+    for tensor in [resumed.ctx, *resumed.extra.values()]:  # ctx and CoCoOp's meta-net were fp16 parameters
+        assert torch.equal(tensor.half().float(), tensor)
