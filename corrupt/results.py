@@ -107,6 +107,14 @@ def _write_table(path: Path, frame: pd.DataFrame, correctness: pa.Table) -> None
             frame.to_parquet(temporary, index=False)
 
 
+def _create_folder(folder: Path) -> None:
+    """Missing folders of --out are created at the first write, as for every other output."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise NemesisError(f"cannot create the output folder {folder} ({error.strerror or error})") from None
+
+
 def _part_name() -> str:
     # Sorts by writing time; the process id and random digits keep concurrent writers (other hosts too) apart.
     return f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -116,6 +124,7 @@ def write_part(path: str | os.PathLike, frame: pd.DataFrame, correctness: pa.Tab
     """Append `frame` (typed rows) and their correctness to the table at `path` as one new part; its rows file."""
     path = Path(path)
     if not path.exists():
+        _create_folder(path.parent)  # the lock file lives beside the table: its folder first
         # An empty base file at the first append, so folder searches find the table before its first merge.
         with file_lock(lock_path(path)):
             if not path.exists():
@@ -169,8 +178,6 @@ class ResultsFile:
         if self.path.suffix.lower() != suffix:
             hint = "drop --csv or name a .csv file" if csv else "name a .parquet file, or pass --csv for .csv"
             raise NemesisError(f"results file {self.path} must end in {suffix}; {hint}")
-        if not self.path.parent.is_dir():
-            raise NemesisError(f"output folder {self.path.parent} does not exist; create it first")
         if self.path.is_dir():
             raise NemesisError(f"results file {self.path} is a folder; pass a file name such as {self.path}{suffix}")
         # Correctness is written before the rows, so a row without it means a file was moved or deleted:

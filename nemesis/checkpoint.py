@@ -393,10 +393,7 @@ def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch
     Only tensors and plain values are saved, so the file also loads with `torch.load(weights_only=True)`.
     """
     epoch = epoch if epoch is not None else (checkpoint.metadata.epoch or 0)
-    folder = Path(out_dir) / DASSL_PROMPT_FOLDER
-    if not Path(out_dir).is_dir():
-        raise NemesisError(f"output folder {out_dir} does not exist; create it first")
-    folder.mkdir(exist_ok=True)
+    folder = Path(out_dir) / DASSL_PROMPT_FOLDER  # created with any missing parents by the atomic write
     target = folder / f"{DASSL_FILE_PREFIX}{epoch}"
     content = {
         "state_dict": {CTX_TENSOR: checkpoint.ctx.clone(), **{k: v.clone() for k, v in checkpoint.extra.items()}},

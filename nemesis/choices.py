@@ -49,6 +49,9 @@ def nemesis_variant(beta: float, weight: float) -> str:
 class Precision(str, Enum):
     fp32 = "fp32"
     amp = "amp"  # bf16 (or fp16 with loss scaling) autocast on CUDA; plain fp32 on the CPU
+    # The official CoOp / CoCoOp / Nemesis code (Dassl's PREC "fp16"): the text tower and the learned
+    # tensors held in fp16, so SGD updates them in fp16 and steps below fp16's resolution are lost.
+    fp16 = "fp16"
 
 
 class Activation(str, Enum):

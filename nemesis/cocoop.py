@@ -41,7 +41,8 @@ class MetaNet(nn.Module):
         self.linear2 = nn.Linear(hidden, text_width)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.relu(self.linear1(image_features)))
+        # A meta-net held in fp16 (`--precision fp16`, as CoCoOp's own) takes fp16 features.
+        return self.linear2(self.relu(self.linear1(image_features.to(self.linear1.weight.dtype))))
 
 
 def embed_dim_of(clip: Backbone) -> int:

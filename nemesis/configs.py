@@ -151,7 +151,7 @@ class TrainConfig:
     official_override: bool = False  # Nemesis on food101/oxford_pets: PAN weight 50, constant schedule
     train_views: int = 0  # 0: live CoOp augmentation each epoch; K: K cached augmented views per image
     crop_scale: float = 0.08  # smallest area of the random resized crop (Dassl's INPUT.RRCROP_SCALE[0]); 1: flips only
-    precision: Precision = Precision.fp32  # fp32, or amp (autocast on CUDA)
+    precision: Precision = Precision.fp32  # fp32, amp (autocast on CUDA), or fp16 (the official code's)
     device: str | None = None  # cpu, cuda, cuda:1...; None: cuda when available
     eval_every: int = 1  # test accuracy every this many epochs (and after the last); 0: last only
     save_every: int = 0  # a checkpoint in checkpoints/ every this many epochs; 0: none

@@ -181,5 +181,7 @@ class Journal:
     def flush_rows(self) -> None:
         if self.write:
             with open(self.metrics, "a", encoding="utf-8") as file:
-                file.write("".join(json.dumps(row) + "\n" for row in self.rows))
+                # Strict JSON: the trainer stops a run before a non-finite value reaches a row, and
+                # allow_nan=False makes sure no `Infinity` or `NaN` (invalid JSON) is ever written.
+                file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in self.rows))
         self.rows = []

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import distributed
-from .configs import TrainConfig
+from .configs import TrainConfig, read_run_config
 from .constants import RUN_CONFIG, RUN_PROMPT
 from .datasets import resolve_name
 from .distributed import SINGLE_PROCESS, Ranks, rank_device
@@ -82,7 +82,13 @@ class GridRun:
 
     @property
     def finished(self) -> bool:
-        return (self.folder / RUN_PROMPT).is_file()
+        """Trained to its epochs: a run extended to more epochs (a warning at planning) is not finished."""
+        return (self.folder / RUN_PROMPT).is_file() and _saved_epochs(self.folder) == self.config.resolved().epochs
+
+
+def _saved_epochs(folder: Path) -> int | None:
+    """The epochs the run in `folder` was trained for or is training to (None: no run there yet)."""
+    return read_run_config(folder).epochs if (folder / RUN_CONFIG).is_file() else None
 
 
 @dataclass
@@ -92,7 +98,7 @@ class TrainGrid:
     runs: list[GridRun]
     tree: bool
     resume: bool = False  # a single run (not a tree) resumes only when asked, as `nemesis train --resume`
-    warnings: list[str] = field(default_factory=list)  # what the plan changed in what was asked
+    warnings: list[str] = field(default_factory=list)  # what the plan changed in what was asked or in runs it continues
 
 
 def _preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +179,7 @@ def plan_grid(
         folders[folder] = run
         runs.append(run)
     _check_runs(runs, tree, resume)
-    return TrainGrid(runs, tree, resume, warnings)
+    return TrainGrid(runs, tree, resume, warnings + _check_epochs(runs))
 
 
 def single_run_options(given: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +218,27 @@ def _check_runs(runs: list[GridRun], tree: bool, resume: bool) -> None:
             largest[key] = run
     for run in largest.values():
         check_config(run.config.resolved())
+
+
+def _check_epochs(runs: list[GridRun]) -> list[str]:
+    """The rule of `nemesis train --resume` for every run the grid continues: fewer epochs than a run
+    has are refused, more extend it (its cosine schedule then spans the new count), said as warnings."""
+    extended: dict[tuple[int, int], int] = {}  # (saved, new epochs) -> runs
+    for run in runs:
+        saved, wanted = _saved_epochs(run.folder), run.config.resolved().epochs
+        if saved is None or saved == wanted:
+            continue
+        if wanted < saved:
+            raise NemesisError(
+                f"cannot continue {run.folder} with --epochs {wanted} (the run has {saved}): a rerun continues "
+                f"the same runs; pass --epochs {saved} or more, or train a new grid with another --out"
+            )
+        extended[saved, wanted] = extended.get((saved, wanted), 0) + 1
+    return [
+        f"{count} run{'s' if count > 1 else ''} of the grid continue{'' if count > 1 else 's'} to {wanted} epochs "
+        f"(trained for {saved}); the cosine learning-rate schedule now spans {wanted} epochs"
+        for (saved, wanted), count in sorted(extended.items())
+    ]
 
 
 # --- running -------------------------------------------------------------------------------------

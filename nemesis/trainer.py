@@ -14,6 +14,8 @@ checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -23,7 +25,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,25 @@ def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+def _text_backbone(config: TrainConfig, backbone: Backbone, backbones: dict) -> Backbone:
+    """The backbone the learner's text passes run on: under fp16 a half copy (CoOp's PREC fp16 keeps all of
+    CLIP in fp16), shared by the runs of a grid; image features still come from the fp32 model's cache."""
+    if config.precision is not Precision.fp16:
+        return backbone
+    key = (config.model, config.pretrained, config.activation, Precision.fp16.value)
+    if key not in backbones:
+        backbones[key] = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model).half())
+    return backbones[key]
+
+
+def _hold_in_precision(config: TrainConfig, parameters: dict[str, torch.nn.Parameter]) -> None:
+    """Under fp16 the learned tensors are fp16 parameters, as CoOp's ctx (and CoCoOp's meta-net) are: SGD
+    then keeps its momentum and applies each step in fp16."""
+    if config.precision is Precision.fp16:
+        for parameter in parameters.values():
+            parameter.data = parameter.data.half()
+
+
 def resolved_n_ctx(config: TrainConfig) -> int:
     """Context length as the learner will build it (CoOp: the init phrase's word count when ctx_init is given)."""
     return config.n_ctx if config.ctx_init is None else init_word_count(config.ctx_init)
@@ -264,7 +284,23 @@ def _correct_counter(learner: PromptMethod, images: torch.Tensor, labels: torch.
     return count_correct
 
 
-@dataclass
+class _Diverged(Exception):
+    """Training produced a non-finite value; the message names what ("loss is"), the trainer makes it one line."""
+
+
+def _check_finite(checks: dict[str, bool]) -> None:
+    """Raise _Diverged naming the first of `checks` (what -> is finite) that failed."""
+    for what, finite in checks.items():
+        if not finite:
+            raise _Diverged(what)
+
+
+def _check_prompt(ctx: torch.Tensor, norms: list[float]) -> None:
+    """A prompt can stay finite while its norms overflow fp32 (entries beyond ~1e19): that run diverged too."""
+    _check_finite({"prompt is": bool(torch.isfinite(ctx).all()), "prompt's norms are": all(map(math.isfinite, norms))})
+
+
+@dataclasses.dataclass
 class _Stepper:
     """One optimisation step on a batch of image features; returns the step's metrics row.
 
@@ -323,7 +359,16 @@ class _Stepper:
             self.optimizer.step()
         norms, _, _ = _norm_summary(learner.ctx)
         correct = (logits.argmax(dim=-1) == labels).sum().float()
-        summed = ranks.all_reduce_sum(torch.stack([cross_entropy.detach().float(), correct]))
+        non_finite_logits = (~torch.isfinite(logits.detach())).sum().float()
+        # Summed over the ranks, so every rank of a sharded batch sees the same values and stops together.
+        summed = ranks.all_reduce_sum(torch.stack([cross_entropy.detach().float(), correct, non_finite_logits]))
+        _check_finite(
+            {
+                "logits are": float(summed[2]) == 0,
+                "loss is": math.isfinite(float(summed[0])) and math.isfinite(norm_value),
+            }
+        )
+        _check_prompt(learner.ctx, norms)
         return {
             "kind": "step",
             "epoch": epoch + 1,
@@ -375,7 +420,16 @@ def _restore_extra(parameters: dict, optimizer: torch.optim.Optimizer, tensors: 
             with torch.no_grad():
                 parameter.copy_(tensors[f"param:{name}"].to(device))
         if f"momentum:{name}" in tensors:
-            optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum:{name}"].to(device)
+            optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum:{name}"].to(device, parameter.dtype)
+
+
+def _clear_diverged(out_dir: Path, created: bool, emptied: bool) -> None:
+    """A diverged run leaves no folder it created, and an empty folder given for it empty again."""
+    if created:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    elif emptied:
+        for entry in out_dir.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def train(
@@ -433,7 +487,7 @@ def train(
     backbone = backbones[key]
     learner = build_learner(
         config.method.prompt_method,
-        backbone,
+        _text_backbone(config, backbone, backbones),
         data.classnames,
         n_ctx=config.n_ctx,
         ctx_init=config.ctx_init,
@@ -459,6 +513,7 @@ def train(
     journal = Journal(out_dir, echo, write=writes)
 
     parameters = {"ctx": learner.ctx, **learner.extra_parameters()}  # what training updates, by checkpoint name
+    _hold_in_precision(config, parameters)
     optimizer = torch.optim.SGD(
         list(parameters.values()), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -469,8 +524,8 @@ def train(
     if state is not None:
         with torch.no_grad():
             learner.ctx.copy_(state.ctx.to(device))
-        if state.momentum is not None:
-            optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device)
+        if state.momentum is not None:  # saved as fp32: back in the parameter's precision
+            optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device, learner.ctx.dtype)
         _restore_extra(parameters, optimizer, state.tensors, device)
         if scaler is not None and state.extra.get("scaler"):
             scaler.load_state_dict(state.extra["scaler"])
@@ -506,25 +561,23 @@ def train(
             batches = epoch_batches(len(features), config.batch_size, config.seed, epoch)
             sizes = [len(indices) for indices in batches]
             shards = [indices[ranks.rank :: ranks.world_size] for indices in batches]  # whole batches in one process
-            for (images, labels), size in zip(features.batches(epoch, shards), sizes, strict=True):
-                step += 1
-                journal.rows.append(stepper(images, labels, epoch, step, lr, size))
             done = epoch + 1
+            try:
+                for (images, labels), size in zip(features.batches(epoch, shards), sizes, strict=True):
+                    step += 1
+                    journal.rows.append(stepper(images, labels, epoch, step, lr, size))
+                norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
+                _check_prompt(learner.ctx, [*norms, mean_norm, fro_norm])
+            except _Diverged as diverged:
+                _clear_diverged(out_dir, created=created, emptied=emptied and writes)
+                raise NemesisError(
+                    f"training diverged in epoch {done}: the {diverged} no longer finite (lr {config.lr:g}); "
+                    "lower --lr"
+                    + ("" if created or emptied else f" (the run in {out_dir} stays at its last saved epoch)")
+                ) from None
             test_accuracy = None
             if done == config.epochs or (config.eval_every and done % config.eval_every == 0):
                 test_accuracy = _test_accuracy(learner, test_features, test_labels)
-            if not torch.isfinite(learner.ctx).all():
-                if created:
-                    shutil.rmtree(out_dir, ignore_errors=True)
-                elif emptied and writes:
-                    for entry in out_dir.iterdir():
-                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                raise NemesisError(
-                    f"training diverged in epoch {done}: the prompt is no longer finite (lr {config.lr:g}); "
-                    "lower --lr"
-                    + ("" if created or emptied else f" (the run in {out_dir} stays at its last saved epoch)")
-                )
-            norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
             journal.rows.append(
                 {
                     "kind": "epoch",

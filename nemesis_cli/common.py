@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -30,9 +31,18 @@ ActivationOption = Annotated[str | None, typer.Option(help=ACTIVATION_HELP)]
 CtxInitOption = Annotated[str | None, typer.Option(help=CTX_INIT_HELP)]
 
 
+def is_main_rank() -> bool:
+    """Whether this process speaks for the job: always, except on torchrun's ranks other than 0.
+
+    Every rank runs the same checks on the same input and fails or warns alike, so rank 0 says it once.
+    """
+    return os.environ.get("RANK", "0") == "0" or os.environ.get("WORLD_SIZE", "1") == "1"  # as nemesis.distributed
+
+
 def fail(message: str) -> typer.Exit:
-    """Print `message` as the one error line and return the exit to raise."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever the message held
+    """Print `message` as the one error line (rank 0 alone under torchrun) and return the exit to raise."""
+    if is_main_rank():
+        typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever the message held
     return typer.Exit(code=2)
 
 

@@ -82,6 +82,7 @@ def corrupt(
         activation=activation,
         ctx_init=ctx_init,
     )
+    root = root if root is not None else _runs_root(inputs)  # run folders know where their data was
     console = Console(highlight=False)  # paths and method names from files are printed as they are
     try:
         summary = run_sweep_job(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
@@ -92,6 +93,17 @@ def corrupt(
         raise typer.Exit(code=130) from None
     if summary.main:  # under torchrun, rank 0 speaks for the merged table
         print_summary(summary, results, console)
+
+
+def _runs_root(inputs) -> str | None:
+    """The data folder named by the config.json of the inputs' run folders, as `nemesis eval` reads it."""
+    from nemesis.configs import run_root
+    from nemesis.errors import NemesisError
+
+    roots = {root for item in inputs if (root := run_root(item.file)) is not None}
+    if len(roots) > 1:
+        raise NemesisError(f"the runs were trained on data in {' and '.join(sorted(roots))}; pass --root DATA")
+    return next(iter(roots), None)
 
 
 def _run_folder(checkpoint: str) -> str:
@@ -157,7 +169,13 @@ def print_summary(summary: SweepSummary, results: ResultsFile, console: Console)
     # One count per kind of prompt: the Low-Norm Effect of CoOp and Nemesis prompts is never pooled.
     reducing = with_prompt_kind(summary.reducing)
     for kind, group in reducing.groupby(list(PROMPT_KIND), dropna=False, sort=True):
-        label = prompt_kind_label(*kind)
+        values = dict(zip(PROMPT_KIND, kind, strict=True))  # by name: PROMPT_KIND's order is not the label's
+        label = prompt_kind_label(
+            method=values["method"],
+            subsample=values["subsample"],
+            trained_on=values["trained_on"],
+            variant=values["method_variant"],
+        )
         raised = int((group["delta_acc"] > 0).sum())
         console.print(
             f"norm-reducing cells that raised accuracy, {label}: {raised} of {len(group)}", soft_wrap=True, markup=False

@@ -79,7 +79,6 @@ def export(
     from nemesis.checkpoint import export_dassl, load_checkpoint
 
     prepare_output(out, folder=True)
-    prompt = load_checkpoint(checkpoint, prompt_method=prompt_method)
-    out.mkdir(parents=True, exist_ok=True)  # after the checkpoint is read: a bad one leaves no folder behind
-    target = export_dassl(prompt, out, epoch)
+    prompt = load_checkpoint(checkpoint, prompt_method=prompt_method)  # first: a bad one leaves no folder behind
+    target = export_dassl(prompt, out, epoch)  # creates --out and its missing parents
     typer.echo(f"wrote {target}")

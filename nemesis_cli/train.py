@@ -12,7 +12,7 @@ from nemesis.atomic import prepare_output
 from nemesis.configs import TrainConfig, ignored_nemesis_options, read_run_config, resume_config
 from nemesis.constants import RUN_CONFIG
 
-from .common import ActivationOption, reports_errors
+from .common import ActivationOption, is_main_rank, reports_errors
 
 Option = typer.Option
 DEFAULTS = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
@@ -97,7 +97,14 @@ def train(
             + _default("crop_scale")
         ),
     ] = None,
-    precision: Annotated[str | None, Option(help="fp32 or amp (autocast on CUDA)." + _default("precision"))] = None,
+    precision: Annotated[
+        str | None,
+        Option(
+            help="fp32, amp (autocast on CUDA), or fp16: the official CoOp / CoCoOp / Nemesis code's, CLIP's text "
+            "tower and the learned tensors in fp16, so updates below fp16's resolution are lost."
+            + _default("precision")
+        ),
+    ] = None,
     device: Annotated[str | None, Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
     eval_every: Annotated[
         int | None, Option(help="Test accuracy every N epochs; 0: last only." + _default("eval_every"))
@@ -156,7 +163,7 @@ def train(
         verb = "applies" if len(ignored) == 1 else "apply"
         methods = ", ".join(sorted({run.config.method.value for run in grid.runs}))
         warnings.append(f"{shown} only {verb} to Nemesis methods; ignored for --method {methods}")
-    for line in warnings:
+    for line in warnings if is_main_rank() else ():  # under torchrun, once
         typer.echo(f"warning: {line}", err=True)
     prepare_output(out, folder=True)
     try:

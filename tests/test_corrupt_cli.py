@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -84,7 +86,6 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(setting):
     ]
     for extra, expected in cases:
         _fails_with_one_line(tmp_path, _args(tmp_path, prompt, *extra), expected)
-    _fails_with_one_line(tmp_path, _args(tmp_path, prompt, out="missing/r.parquet"), "does not exist")
     _fails_with_one_line(tmp_path, _args(tmp_path, tmp_path / "nope.safetensors"), "checkpoint not found")
     bogus_device = _args(tmp_path, prompt, "--device", "bogus")  # the last --device wins
     _fails_with_one_line(tmp_path, bogus_device, "unknown device 'bogus'")
@@ -119,3 +120,40 @@ def test_another_activation_is_another_sweep_and_a_coop_prompt_is_noted(setting)
                                "--dataset", "oxford_pets"])  # fmt: skip
     assert coop.exit_code == 0, coop.output
     assert "trained under QuickGELU but runs under GELU; pass --activation quickgelu" in coop.output
+
+
+def test_summary_names_each_kind_of_prompt(setting):
+    tmp_path, coop = setting
+    ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 0.5
+    pun = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="nemesis",
+                         method_config={"beta": 1.0, "weight": 1.0})  # fmt: skip
+    nemesis = save_prompt(tmp_path / "pun.safetensors", ctx, pun)
+    base = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop", subsample="base")
+    base_prompt = save_prompt(tmp_path / "base.safetensors", ctx, base)
+    args = _args(tmp_path, coop, "--rescale", "0.5", "--positions", "0,1")
+    result = runner.invoke(app, [*args[:2], str(nemesis), str(base_prompt), *args[2:]])
+    assert result.exit_code == 0, result.output
+    lines = [line.split(":")[0] for line in result.output.splitlines() if line.startswith("norm-reducing")]
+    prefix = "norm-reducing cells that raised accuracy, "
+    assert sorted(lines) == sorted(
+        prefix + kind for kind in ("CoOp", "CoOp, base classes", "CoOp+Nemesis (PUN, weight 1)")
+    ), result.output
+
+
+def test_a_run_folder_gives_its_data_folder(setting):
+    tmp_path, prompt = setting
+    run = tmp_path / "run"
+    run.mkdir()
+    prompt.rename(run / "prompt.safetensors")
+    (run / "config.json").write_text(json.dumps({"root": str(tmp_path / "data")}))  # what run_root reads
+    args = [arg for arg in _args(tmp_path, run, "--rescale", "0.5") if arg not in ("--root", str(tmp_path / "data"))]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(tmp_path / "out" / "r.parquet")) == 1 + 4
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "prompt.safetensors").write_bytes((run / "prompt.safetensors").read_bytes())
+    (other / "config.json").write_text(json.dumps({"root": str(tmp_path / "elsewhere")}))
+    both = [arg if arg != str(tmp_path / "out" / "r.parquet") else str(tmp_path / "two.parquet") for arg in args]
+    fails_with_one_line([*both[:2], str(other), *both[2:]], "the runs were trained on data in")
+    assert not (tmp_path / "two.parquet").exists()

@@ -11,11 +11,13 @@ import json
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import analysis
 import nemesis.trainer as trainer
 from corrupt.inputs import identity_from_path, resolve_inputs
+from nemesis.checkpoint import PromptMetadata, save_prompt
 from nemesis.distributed import Ranks, ranks_from_environment
 from nemesis.sweep_format import correctness_path, part_files
 from nemesis.testing import make_coop_folder
@@ -235,3 +237,18 @@ def test_a_killed_sweep_reruns_to_the_uninterrupted_table(
     assert code == 0, output
     assert "already in the results" in output
     assert_same_table(one_process_sweep, table)
+
+
+@pytest.mark.slow
+def test_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    prompt = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata(model="tiny", dataset="dtd"))
+    arguments = ["corrupt", str(prompt), "--out", str(tmp_path / "lne.parquet"), "--root", str(tmp_path / "nope"),
+                 "--rescale", "0.5", "--device", "cpu"]  # fmt: skip
+    result = run_torchrun(2, arguments)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: data folder {tmp_path / 'nope'} does not exist; pass the folder holding the "
+                      "datasets with --root"], result.stderr  # fmt: skip
+    assert "exitcode  : 2" in result.stderr  # rank 0 ended with the bad-input code, no traceback of ours
+    assert result.stderr.count("Traceback") <= 1, result.stderr  # torchrun's own report only
+    assert not (tmp_path / "lne.parquet").exists()

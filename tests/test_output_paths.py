@@ -3,13 +3,19 @@ location in one line before any work (here: a location below a regular file, unw
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from nemesis.atomic import prepare_output
+from nemesis.checkpoint import PromptMetadata, save_prompt
 from nemesis.errors import NemesisError
+from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
-from tests.analysis_helpers import checkpoint_rows, reducing, write_sweep
+from tests.analysis_helpers import checkpoint_rows, reducing, write_run, write_sweep
 
 from .conftest import fails_with_one_line
 
@@ -63,3 +69,72 @@ def test_prepare_output_names_what_is_wrong(tmp_path):
     assert prepare_output(tmp_path / "x" / "y.csv") == tmp_path / "x" / "y.csv"
     assert not (tmp_path / "x").exists()  # folders are created when something is written, not before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["file", "folder"]  # the probe file is gone
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """What the writing commands read: a data folder, a prompt, a sweep table and a run folder."""
+    folder = tmp_path_factory.mktemp("inputs")
+    make_coop_folder(folder / "data", "oxford_pets", ["red apple", "green leaf", "blue sky"], per_class=(2, 2, 2))
+    ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop")
+    return {
+        "data": folder / "data",
+        "prompt": save_prompt(folder / "prompt.safetensors", ctx, metadata),
+        "sweep": write_sweep(folder / "sweep.parquet", [checkpoint_rows("c", [reducing(gained=1)])]),
+        "run": write_run(folder / "runs" / "coop-1", [50.0, 60.0]),
+    }
+
+
+def _data(inputs) -> list[str]:
+    return ["--root", str(inputs["data"]), "--device", "cpu"]
+
+
+class _Stub:
+    """Stands in for the slow part of `demo` and `pretrain-tiny`, recording where it was asked to write."""
+
+    def __init__(self, result) -> None:
+        self.result, self.out = result, None
+
+    def __call__(self, out=None, **_) -> object:
+        self.out = Path(out)
+        return self.result
+
+
+TRAIN = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--n-ctx", "4", "--epochs", "1"]
+# command(inputs) -> arguments without --out, and the file the command writes under --out ("": --out itself)
+WRITING_COMMANDS = {
+    "train": (lambda inputs: ["train", "--dataset", "oxford_pets", *_data(inputs), *TRAIN], "prompt.safetensors"),
+    "eval": (lambda inputs: ["eval", str(inputs["prompt"]), *_data(inputs)], ""),
+    "corrupt": (lambda inputs: ["corrupt", str(inputs["prompt"]), *_data(inputs), "--rescale", "0.5"], ""),
+    "plot-frequency": (lambda inputs: ["plot-frequency", str(inputs["sweep"])], ".png"),
+    "plot-norms": (lambda inputs: ["plot-norms", str(inputs["run"])], ".png"),
+    "report": (lambda inputs: ["report", str(inputs["sweep"])], "lne_frequency.md"),
+    "export-dassl": (
+        lambda inputs: ["prompt", "export-dassl", str(inputs["prompt"])],
+        "prompt_learner/model.pth.tar-0",
+    ),
+    "demo": (lambda inputs: ["demo"], None),  # minutes of work: its pipeline is stubbed
+    "pretrain-tiny": (lambda inputs: ["pretrain-tiny"], None),  # a minute of pretraining: stubbed
+}
+
+
+@pytest.mark.parametrize("name", list(WRITING_COMMANDS))
+def test_every_writing_command_creates_missing_out_folders(name, inputs, tmp_path, monkeypatch):
+    arguments, written = WRITING_COMMANDS[name]
+    out = tmp_path / "new" / "deeper" / {"eval": "evals.jsonl", "corrupt": "lne.parquet"}.get(name, "out")
+    stub = None
+    if name == "demo":
+        stub = _Stub(SimpleNamespace(runs=[], sweep=None, base_to_new=None, figures=[], report=[]))
+        monkeypatch.setattr("figures.demo_pipeline.run_demo", stub)
+    elif name == "pretrain-tiny":
+        stub = _Stub(SimpleNamespace(path=out, seconds=0.0, zero_shot_accuracy=0.0))
+        monkeypatch.setattr("nemesis.tiny.pretrain_tiny", stub)
+    result = CliRunner().invoke(app, [*arguments(inputs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    if stub is not None:
+        assert stub.out == out  # accepted: the folders are created by the stubbed writer
+    elif written.startswith(".") or not written:
+        assert Path(f"{out}{written}").is_file(), sorted(path.name for path in out.parent.iterdir())
+    else:
+        assert (out / written).is_file()

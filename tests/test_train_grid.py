@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import nemesis.feature_cache as feature_cache
 import nemesis.train_grid as train_grid
+from nemesis.checkpoint import load_prompt
 from nemesis.datasets import load_dataset
 from nemesis.testing import make_coop_folder
 from nemesis.train_grid import METHOD_PRESETS, parse_values, plan_grid, run_folder, run_grid
@@ -162,6 +163,7 @@ ENCODE_IN_A_PROCESS = """
 import sys, threading
 import nemesis.feature_cache as feature_cache
 from nemesis.backbone import load_clip
+from nemesis.checkpoint import load_prompt
 from nemesis.datasets import load_dataset
 
 real_encode = feature_cache._encode
@@ -202,3 +204,22 @@ def test_two_presets_of_the_same_settings_train_once_with_one_warning(data_root,
     options = {"beta": 0.0, "root": str(data_root), "model": "tiny", "pretrained": None}
     grid = plan_grid(tmp_path / "other", options, datasets=["oxford_pets"], methods=["nemesis", "pan"], shots=[1])
     assert [run.method for run in grid.runs] == ["nemesis"] and len(grid.warnings) == 1
+
+
+def test_a_grid_rerun_with_other_epochs_extends_with_a_warning_or_is_refused(data_root, tmp_path):
+    out = tmp_path / "runs"
+    arguments = grid_args(data_root, out, shots="1", seeds="1,2", methods="coop")
+    assert CliRunner().invoke(app, arguments).exit_code == 0
+    folder = run_folder(out, "oxford_pets", "coop", "tiny", 1, 1)
+    before = (folder / "metrics.jsonl").read_text()
+    fails_with_one_line([*arguments, "--epochs", "1"], "--epochs 1 (the run has 2)")
+    assert (folder / "metrics.jsonl").read_text() == before
+    longer = CliRunner().invoke(app, [*arguments, "--epochs", "3"])
+    assert longer.exit_code == 0, longer.output
+    assert "warning: 2 runs of the grid continue to 3 epochs (trained for 2)" in longer.output
+    assert "grid: 2 trained, 0 skipped" in longer.output
+    assert load_prompt(folder / "prompt.safetensors").metadata.epoch == 3
+    assert (folder / "metrics.jsonl").read_text().count('"kind": "epoch"') == 3
+    assert (folder / "log.txt").read_text().count("* accuracy:") == 1  # the earlier result block replaced
+    again = CliRunner().invoke(app, [*arguments, "--epochs", "3"])
+    assert again.exit_code == 0 and "grid: 0 trained, 2 skipped" in again.output and "warning" not in again.output

@@ -17,6 +17,8 @@ from nemesis.backbone import load_clip
 from nemesis.checkpoint import load_prompt
 from nemesis.configs import TrainConfig, default_epochs, read_run_config
 from nemesis.errors import NemesisError
+from nemesis.prompt_methods import build_learner
+from nemesis.run_state import Journal
 from nemesis.testing import make_coop_folder
 from nemesis.tiny import read_tiny_info
 from nemesis.trainer import learning_rate, train
@@ -375,3 +377,74 @@ def test_coop_parse_test_res_reads_a_folder_of_our_runs(pets, tmp_path):
     final = [rows(runs / f"seed{seed}", "epoch")[-1]["test_acc"] for seed in (1, 2)]
     assert coop_parse_test_res(runs) == [round(value, 1) for value in final]
     assert coop_parse_test_res(runs, "macro_f1") and len(coop_parse_test_res(runs, "error")) == 2
+
+
+# --- divergence ---------------------------------------------------------------------------------
+
+
+def test_a_prompt_whose_norms_overflow_stops_the_run_in_one_line(pets, tmp_path):
+    # One step of lr 1e30 leaves ctx finite (entries ~1e27) but its squared norms overflow fp32 to inf.
+    out = tmp_path / "run"
+    arguments = ["train", "--dataset", "oxford_pets", "--root", str(pets), "--model", "tiny", "--pretrained", "none",
+                 "--n-ctx", "4", "--shots", "4", "--epochs", "1", "--batch-size", "16", "--warmup-epochs", "0",
+                 "--lr", "1e30", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [result.output.strip().splitlines()[-1]], result.output  # one line, the last
+    assert "diverged in epoch 1: the prompt's norms are no longer finite (lr 1e+30)" in errors[0]
+    assert not out.exists()
+
+
+def test_non_finite_logits_stop_the_run(pets, tmp_path, monkeypatch):
+    build = trainer.build_learner
+
+    def build_with_infinite_logits(*args, **kwargs):
+        learner = build(*args, **kwargs)
+        logits = learner.logits
+        learner.logits = lambda images: logits(images) + float("inf")
+        return learner
+
+    monkeypatch.setattr(trainer, "build_learner", build_with_infinite_logits)
+    with pytest.raises(NemesisError, match="diverged in epoch 1: the logits are no longer finite"):
+        train(small_config(pets), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_rows_are_strict_json(tmp_path):
+    journal = Journal(tmp_path, echo=None)
+    journal.rows.append({"kind": "epoch", "epoch": 1, "mean_norm": float("inf")})
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        journal.flush_rows()
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+
+
+# --- precision ----------------------------------------------------------------------------------
+
+
+def test_fp16_holds_the_prompt_in_fp16_and_loses_updates_below_its_resolution(pets, tmp_path):
+    # One warm-up epoch at lr 1e-6: fp32 moves every ctx entry, while in fp16 (the official code's
+    # PREC) most updates are below half the fp16 spacing of their entry and are lost.
+    initial = build_learner("coop", load_clip("tiny"), CLASSNAMES, n_ctx=4, seed=2).ctx.detach()
+    changed = {}
+    for precision in ("fp32", "fp16"):
+        config = small_config(pets, epochs=1, warmup_epochs=1, warmup_lr=1e-6, precision=precision)
+        ctx = load_prompt(train(config, tmp_path / precision, progress=False) / "prompt.safetensors").ctx
+        start = initial.half().float() if precision == "fp16" else initial
+        changed[precision] = float((ctx != start).float().mean())
+        assert torch.equal(ctx.half().float(), ctx) == (precision == "fp16")  # fp16 values, stored as fp32
+    assert changed["fp32"] > 0.95 and changed["fp16"] < 0.5, changed
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_fp16_resumes_to_the_uninterrupted_prompt(pets, tmp_path, method):
+    config = small_config(pets, method=method, precision="fp16", batch_size=8)
+    whole = load_prompt(train(config, tmp_path / "whole", progress=False) / "prompt.safetensors")
+    train_until_interrupted(config, tmp_path / "cut", after_epoch=1)
+    train(config, tmp_path / "cut", resume=True, progress=False)
+    resumed = load_prompt(tmp_path / "cut" / "prompt.safetensors")
+    assert torch.equal(resumed.ctx, whole.ctx)
+    assert all(torch.equal(resumed.extra[name], whole.extra[name]) for name in whole.extra)
+    for tensor in [resumed.ctx, *resumed.extra.values()]:  # ctx and CoCoOp's meta-net were fp16 parameters
+        assert torch.equal(tensor.half().float(), tensor)
