@@ -330,13 +330,17 @@ def run_grid_job(grid: TrainGrid, progress: bool = True, console: Console | None
     """`run_grid` in one process, or as one rank of the torchrun job that started this process.
 
     Under torchrun the ranks wait for each other at the end (no rank's exit stops a busy one) and
-    the summary's totals count the runs of all ranks. An error escaping a rank ends the job.
+    the summary's totals count the runs of all ranks and its time is the job's, until the slowest
+    rank is done. An error escaping a rank ends the job.
     """
+    start = time.perf_counter()
     ranks = distributed.start(grid.runs[0].config.device)
     summary = run_grid(grid, ranks, progress=progress, console=console)
     if ranks.distributed:
         device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
         counts = torch.tensor([len(summary.done), len(summary.skipped), len(summary.failed)], device=device)
         summary.totals = tuple(int(value) for value in ranks.all_reduce_sum(counts).cpu())
+        # The all-reduce waited for the slowest rank: the summary gives the job's time, not this rank's.
+        summary.seconds = time.perf_counter() - start
     distributed.stop()
     return summary

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -223,3 +225,21 @@ def test_a_grid_rerun_with_other_epochs_extends_with_a_warning_or_is_refused(dat
     assert (folder / "log.txt").read_text().count("* accuracy:") == 1  # the earlier result block replaced
     again = CliRunner().invoke(app, [*arguments, "--epochs", "3"])
     assert again.exit_code == 0 and "grid: 0 trained, 2 skipped" in again.output and "warning" not in again.output
+
+
+def test_a_torchrun_grid_summary_gives_the_jobs_time_not_rank_0s(monkeypatch):
+    """Rank 0 may finish its share first: its summary waits for the slowest rank and counts that time."""
+
+    class WaitingRanks(train_grid.Ranks):
+        def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.3)  # the other rank is still training
+            return tensor
+
+    grid = train_grid.TrainGrid([], tree=True, resume=False)
+    grid.runs.append(SimpleNamespace(config=SimpleNamespace(device="cpu")))
+    monkeypatch.setattr(train_grid.distributed, "start", lambda device: WaitingRanks(rank=0, world_size=2))
+    monkeypatch.setattr(train_grid.distributed, "stop", lambda: None)
+    monkeypatch.setattr(train_grid.torch.distributed, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(train_grid, "run_grid", lambda grid, ranks, **options: train_grid.GridSummary())
+    summary = train_grid.run_grid_job(grid, progress=False)
+    assert summary.seconds >= 0.3
