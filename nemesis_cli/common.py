@@ -10,7 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer's own copy of click
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from nemesis.errors import NemesisError, NemesisNote
 
@@ -21,6 +21,16 @@ ACTIVATION_HELP = (
     "quickgelu or gelu (default: the weights' own: QuickGELU for openai tags and OpenAI archives, "
     "GELU with a note for other files)."
 )
+
+
+def _display_type_rich(option: TyperOption, ctx: Any) -> str | None:
+    """A flag takes no value, so its help shows none: typer's rich help labels every flag `<bool>`
+    (its plain help, like click's, shows nothing)."""
+    return None if option.is_flag else _typer_display_type_rich(option, ctx)
+
+
+_typer_display_type_rich = TyperOption.display_type_rich
+TyperOption.display_type_rich = _display_type_rich
 
 # The options of the commands that read prompt checkpoints (eval, corrupt) and must know their model.
 ModelOption = Annotated[str | None, typer.Option(help="open_clip model (needed for CoOp checkpoints).")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from nemesis import __version__
@@ -33,6 +34,14 @@ def test_every_help_builds_without_heavy_libraries():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "", f"--help loaded {loaded}"
+
+
+@pytest.mark.parametrize("command", [["train"], ["corrupt"], ["eval"], ["report"], ["prompt", "info"], ["models"]])
+def test_flags_show_no_value_type_in_help(command):
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "--help" in result.output and "<bool>" not in result.output
+    assert command != ["train"] or "--epochs                   <int>" in result.output  # valued options keep theirs
 
 
 def test_version():
