@@ -193,7 +193,10 @@ class _CellsPerSecond(ProgressColumn):
 
 
 def _label(identity: dict[str, Any]) -> str:
-    parts = [identity["dataset"]]
+    """What a progress line names: dataset, method (and its Nemesis variant), shots, seed."""
+    variant = identity.get("method_variant")
+    parts = [identity["dataset"], identity.get("method") or "unknown method"]
+    parts += [f"({variant})"] if variant else []
     parts += [f"{key} {identity[key]}" for key in ("shots", "seed") if identity.get(key) is not None]
     return " ".join(str(part) for part in parts)
 

@@ -87,12 +87,18 @@ def corrupt(
     try:
         summary = run_sweep_job(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
     except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted; the cells computed so far are kept in {out}; rerun the same command to finish", err=True
-        )
+        typer.echo(_interrupted_line(results), err=True)
         raise typer.Exit(code=130) from None
     if summary.main:  # under torchrun, rank 0 speaks for the merged table
         print_summary(summary, results, console)
+
+
+def _interrupted_line(results) -> str:
+    """What Ctrl-C leaves: the cells in the table, or nothing at all when it came before the first."""
+    if not results.cell_ids:
+        return f"interrupted before the first cell; nothing was written to {results.path}; rerun the same command"
+    cells = plural(len(results.cell_ids), "cell")
+    return f"interrupted; {cells} are kept in {results.path}; rerun the same command to finish"
 
 
 def _runs_root(inputs) -> str | None:
