@@ -253,12 +253,14 @@ def resolve_inputs(
     inputs: dict[Path, SweepInput] = {}
     for location in find_checkpoints(paths):
         checkpoint = load_checkpoint(location, epoch)
-        checkpoint.path = Path(checkpoint.path).resolve()  # one name per file, so reruns find its cells
-        if checkpoint.path in inputs:
+        file = Path(checkpoint.path).resolve()  # one name per file, so reruns find its cells
+        if file in inputs:
             continue
+        # The identity comes from the path as given: a linked run folder keeps what its tree names.
         identity = _resolve_one(checkpoint, model, pretrained, dataset, activation, ctx_init)
-        inputs[checkpoint.path] = SweepInput(
-            file=checkpoint.path,
+        identity["checkpoint"] = str(file)
+        inputs[file] = SweepInput(
+            file=file,
             identity=identity,
             n_ctx=checkpoint.ctx.shape[-2],
             class_specific=checkpoint.class_specific,

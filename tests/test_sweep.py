@@ -178,6 +178,22 @@ def test_sweep_over_a_coop_output_tree_reads_identity_from_paths(tmp_path, data_
     assert kinds[("oxford_pets", 1, 1)] == ("all", "oxford_pets", 4)
 
 
+def test_sweep_of_a_linked_run_folder_reads_identity_from_the_link(tmp_path):
+    """A tree whose seed folder links to a run stored elsewhere: its identity comes from the path as
+    given, while the table names the file once, by its real path, so reruns find its cells."""
+    stored = tmp_path / "store" / "run-a"
+    _coop_run(stored, _ctx(1))
+    seed = tmp_path / "output" / "base2new" / "train_base" / "dtd" / "shots_16" / "CoOp" / "vit_b16_c4" / "seed2"
+    seed.parent.mkdir(parents=True)
+    seed.symlink_to(stored, target_is_directory=True)
+    (item,) = resolve_inputs([seed, stored], model="tiny")
+    identity = item.identity
+    assert (identity["dataset"], identity["shots"], identity["seed"]) == ("dtd", 16, 2)
+    assert (identity["subsample"], identity["method"]) == ("base", "coop")
+    assert item.file == stored.resolve() / "prompt_learner" / "model.pth.tar-5"
+    assert identity["checkpoint"] == str(item.file)
+
+
 def test_rows_record_the_kind_of_prompt_under_domain_shift(tmp_path, data_root):
     path = _prompt(tmp_path, "p", 1)  # trained on oxford_pets
     grid = parse_grid(paper_preset=True, positions="0")
