@@ -25,6 +25,7 @@ from nemesis.constants import (
     DASSL_BEST_FILE,
     DASSL_FILE_PREFIX,
     DASSL_PROMPT_FOLDER,
+    NO_WEIGHTS,
     RUN_CHECKPOINTS,
     RUN_PROMPT,
 )
@@ -103,8 +104,9 @@ class SweepInput:
     @property
     def evaluation_options(self) -> dict[str, Any]:
         """Keyword arguments of `prepare_evaluation` that pin this identity."""
-        keys = ("model", "pretrained", "activation", "ctx_init", "dataset", "shots", "seed", "subsample")
-        return {key: self.identity[key] for key in keys}
+        keys = ("model", "activation", "ctx_init", "dataset", "shots", "seed", "subsample")
+        # Resolved random weights (pretrained None) are named as such, so they are not asked for again.
+        return {key: self.identity[key] for key in keys} | {"pretrained": self.identity["pretrained"] or NO_WEIGHTS}
 
     def load(self) -> PromptCheckpoint:
         return load_checkpoint(self.file)

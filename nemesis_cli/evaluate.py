@@ -61,6 +61,7 @@ def eval_command(
 
     Example: nemesis eval --zero-shot --model RN50 --pretrained openai --dataset dtd --root ~/data --out evals.jsonl
     """
+    from nemesis.backbone import example_tag, named_weights
     from nemesis.checkpoint import load_checkpoint
     from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, weights_mismatch
 
@@ -73,10 +74,14 @@ def eval_command(
             raise NemesisError("--zero-shot evaluates no prompt; drop the checkpoint argument")
         if model is None or dataset is None:
             raise NemesisError("--zero-shot needs --model and --dataset (e.g. --model RN50 --pretrained openai)")
-        if pretrained in ("none", ""):
-            pretrained = None
+        if pretrained is None:  # random weights are a choice, never what a missing option gives
+            raise NemesisError(
+                f"--zero-shot needs the weights of {model}: --pretrained {example_tag(model)} (a pretrained tag), "
+                "a weights file, or none for random weights"
+            )
+        weights = named_weights(pretrained)
         result = zero_shot_evaluate(
-            model, pretrained, dataset, root, subsample or "all", cache_dir, device, activation=activation
+            model, weights, dataset, root, subsample or "all", cache_dir, device, activation=activation
         )
         _report(result)
         if out is not None:

@@ -120,7 +120,8 @@ def test_cocoop_labels_match_the_paper_rows():
 
 
 def _eval_records(runs: list, root, out, *extra: str) -> tuple[list[dict], str]:
-    args = ["eval", *map(str, runs), "--model", "tiny", "--root", str(root), "--device", "cpu", "--out", str(out)]
+    args = ["eval", *map(str, runs), "--model", "tiny", "--pretrained", "none", "--root", str(root), "--device", "cpu"]
+    args += ["--out", str(out)]
     result = CliRunner().invoke(app, [*args, *extra])
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in out.read_text().splitlines()], result.output

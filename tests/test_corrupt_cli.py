@@ -30,7 +30,7 @@ def setting(tmp_path):
 
 def _args(tmp_path, prompt, *extra, out="out/r.parquet"):
     return ["corrupt", str(prompt), "--out", str(tmp_path / out), "--root", str(tmp_path / "data"),
-            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", *extra]  # fmt: skip
+            "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--pretrained", "none", *extra]  # fmt: skip
 
 
 def test_sweep_writes_table_and_correctness_then_resumes(setting):

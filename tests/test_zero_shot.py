@@ -79,7 +79,8 @@ def test_eval_and_prompt_info_read_a_coop_output_path(root, tmp_path):
     assert shown["dataset"].strip() == "dtd" and shown["shots"].strip() == "2" and shown["seed"].strip() == "3"
     assert shown["class_position"].strip() == "middle" and shown["method"].strip() == "coop"
     evals = tmp_path / "evals.jsonl"
-    args = ["eval", str(run), "--model", "tiny", "--root", str(root), "--device", "cpu", "--out", str(evals)]
+    args = ["eval", str(run), "--model", "tiny", "--pretrained", "none", "--root", str(root), "--device", "cpu"]
+    args += ["--out", str(evals)]
     result = CliRunner().invoke(app, args)  # no --dataset, --shots or --seed: the path says them
     assert result.exit_code == 0, result.output
     record = json.loads(evals.read_text())
