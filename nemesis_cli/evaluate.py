@@ -36,7 +36,7 @@ def eval_command(
     seed: Annotated[int | None, Option(help="Seed the prompt was trained with (recorded only).")] = None,
     subsample: Annotated[str | None, Option(help="Classes to test: all, base or new.")] = None,
     base_to_new: Annotated[
-        bool, Option("--base-to-new", help="Test each prompt on the base and on the new classes (and print H).")
+        bool, Option("--base-to-new", help="Test on the base, then the new classes and print H (also --zero-shot).")
     ] = False,
     epoch: Annotated[int | None, Option(help="Epoch of a CoOp run folder (default: the latest).")] = None,
     prompt_method: Annotated[
@@ -61,37 +61,21 @@ def eval_command(
 
     Example: nemesis eval --zero-shot --model RN50 --pretrained openai --dataset dtd --root ~/data --out evals.jsonl
     """
-    from nemesis.backbone import example_tag, named_weights
     from nemesis.checkpoint import load_checkpoint
     from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, weights_mismatch
 
     if out is not None:
         prepare_output(out)
+    if base_to_new and subsample is not None:
+        raise NemesisError("--base-to-new tests both base and new classes; drop --subsample")
     if zero_shot:
-        from nemesis.zero_shot import zero_shot_evaluate
-
         if checkpoints:
             raise NemesisError("--zero-shot evaluates no prompt; drop the checkpoint argument")
-        if model is None or dataset is None:
-            raise NemesisError("--zero-shot needs --model and --dataset (e.g. --model RN50 --pretrained openai)")
-        if pretrained is None:  # random weights are a choice, never what a missing option gives
-            raise NemesisError(
-                f"--zero-shot needs the weights of {model}: --pretrained {example_tag(model)} (a pretrained tag), "
-                "a weights file, or none for random weights"
-            )
-        weights = named_weights(pretrained)
-        result = zero_shot_evaluate(
-            model, weights, dataset, root, subsample or "all", cache_dir, device, activation=activation
-        )
-        _report(result)
-        if out is not None:
-            append_record(out, result.record())
-            typer.echo(f"appended 1 record to {out}")
+        options = dict(root=root, cache_dir=cache_dir, device=device, activation=activation)
+        _zero_shot(model, pretrained, dataset, subsample, base_to_new, out, **options)
         return
     if not checkpoints:
         raise NemesisError("pass a prompt checkpoint or run folder, or --zero-shot for the hand-crafted baseline")
-    if base_to_new and subsample is not None:
-        raise NemesisError("--base-to-new tests both base and new classes; drop --subsample")
     prompts = [load_checkpoint(checkpoint, epoch, prompt_method) for checkpoint in checkpoints]  # all checked first
     for prompt in prompts:
         if (
@@ -122,14 +106,58 @@ def eval_command(
             if out is not None:
                 append_record(out, result.record())
         if base_to_new:
-            from analysis.tables import harmonic_mean  # pandas: only when asked for
-
-            base, new = (result.accuracy for result in results)
-            typer.echo(f"base {base:.2f}%, new {new:.2f}%, H {harmonic_mean(base, new):.2f}%")
+            _print_harmonic_mean(results)
             if prompt.metadata.subsample != "base":
                 typer.echo(f"note: {prompt.path} was not trained on the base classes only", err=True)
     if out is not None:
-        typer.echo(f"appended {len(prompts) * (2 if base_to_new else 1)} records to {out}")
+        typer.echo(f"appended {_count(len(prompts) * (2 if base_to_new else 1), 'record')} to {out}")
+
+
+def _zero_shot(
+    model: str | None,
+    pretrained: str | None,
+    dataset: str | None,
+    subsample: str | None,
+    base_to_new: bool,
+    out: Path | None,
+    **options,
+) -> None:
+    """The hand-crafted prompt of CoOp on all classes, one subset, or base then new (`--base-to-new`)."""
+    from nemesis.backbone import example_tag, named_weights
+    from nemesis.evaluate import append_record
+    from nemesis.zero_shot import zero_shot_base_to_new, zero_shot_evaluate
+
+    if model is None or dataset is None:
+        raise NemesisError("--zero-shot needs --model and --dataset (e.g. --model RN50 --pretrained openai)")
+    if pretrained is None:  # random weights are a choice, never what a missing option gives
+        raise NemesisError(
+            f"--zero-shot needs the weights of {model}: --pretrained {example_tag(model)} (a pretrained tag), "
+            "a weights file, or none for random weights"
+        )
+    weights = named_weights(pretrained)
+    if base_to_new:
+        results = zero_shot_base_to_new(model, weights, dataset, **options)
+    else:
+        results = [zero_shot_evaluate(model, weights, dataset, subsample=subsample or "all", **options)]
+    for index, result in enumerate(results):
+        _report(result, header=index == 0)
+    if base_to_new:
+        _print_harmonic_mean(results)
+    if out is not None:
+        for result in results:
+            append_record(out, result.record())
+        typer.echo(f"appended {_count(len(results), 'record')} to {out}")
+
+
+def _print_harmonic_mean(results) -> None:
+    from analysis.tables import harmonic_mean  # pandas: only when asked for
+
+    base, new = (result.accuracy for result in results)
+    typer.echo(f"base {base:.2f}%, new {new:.2f}%, H {harmonic_mean(base, new):.2f}%")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _report(result, header: bool = True) -> None:
