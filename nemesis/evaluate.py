@@ -284,11 +284,18 @@ def weights_mismatch(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> st
 
 
 def activation_mismatch(checkpoint: PromptCheckpoint, activation: Activation) -> str | None:
-    """A note when the prompt was trained under another activation than the one it runs under (else None)."""
+    """A note when the prompt was trained under another activation than the one it runs under, or when
+    a CoOp / Dassl file, which does not record it, runs under GELU (else None)."""
     trained = checkpoint.metadata.activation
+    names = {"quickgelu": "QuickGELU", "gelu": "GELU"}
+    if trained is None and checkpoint.metadata.source_format == "dassl" and activation is Activation.gelu:
+        return (
+            f"{checkpoint.path} does not record the activation it was trained under; it runs under GELU, the "
+            "weights' own (CoOp and the official Nemesis code train under QuickGELU: pass --activation quickgelu "
+            "for their checkpoints)"
+        )
     if trained is None or trained == activation.value:
         return None
-    names = {"quickgelu": "QuickGELU", "gelu": "GELU"}
     return (
         f"{checkpoint.path}: the prompt was trained under {names.get(trained, trained)} but runs under "
         f"{names[activation.value]}; pass --activation {trained} to evaluate it as trained"
@@ -312,7 +319,11 @@ def evaluate_base_to_new(checkpoint: PromptCheckpoint, **options: Any) -> list[E
     classes (`options` as `prepare_evaluation`'s, without `subsample`; pass `backbones` to share models)."""
     if "subsample" in options:
         raise NemesisError("base-to-new evaluates both --subsample base and new; do not name a subsample")
-    return [evaluate(checkpoint, subsample=subsample, **options) for subsample in BASE_TO_NEW]
+    base = evaluate(checkpoint, subsample=BASE_TO_NEW[0], **options)
+    with warnings.catch_warnings():  # notes on the prompt and its weights were said for the base classes
+        warnings.simplefilter("ignore", NemesisNote)
+        new = evaluate(checkpoint, subsample=BASE_TO_NEW[1], **options)
+    return [base, new]
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:

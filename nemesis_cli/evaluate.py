@@ -107,7 +107,13 @@ def eval_command(
                 append_record(out, result.record())
         if base_to_new:
             _print_harmonic_mean(results)
-            if prompt.metadata.subsample != "base":
+            if not prompt.records_trained_classes:
+                typer.echo(
+                    f"note: {prompt.path} does not record the classes it was trained on (a CoOp file outside a "
+                    "base2new/train_base tree); assuming the base classes, as --base-to-new does",
+                    err=True,
+                )
+            elif prompt.metadata.subsample != "base":
                 typer.echo(f"note: {prompt.path} was not trained on the base classes only", err=True)
     if out is not None:
         typer.echo(f"appended {_count(len(prompts) * (2 if base_to_new else 1), 'record')} to {out}")

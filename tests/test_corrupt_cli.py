@@ -118,4 +118,4 @@ def test_another_activation_is_another_sweep_and_a_coop_prompt_is_noted(setting)
     coop = runner.invoke(app, [*_args(tmp_path, dassl, "--rescale", "0.5", "--positions", "0"), "--model", "tiny",
                                "--dataset", "oxford_pets"])  # fmt: skip
     assert coop.exit_code == 0, coop.output
-    assert "trained under QuickGELU but runs under GELU; pass --activation quickgelu" in coop.output
+    assert "does not record the activation it was trained under; it runs under GELU" in coop.output

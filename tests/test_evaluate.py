@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from nemesis import feature_cache
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, load_checkpoint, save_prompt
+from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.datasets import load_dataset
 from nemesis.errors import NemesisError
 from nemesis.evaluate import coop_result_block, evaluate, macro_f1
@@ -167,12 +167,36 @@ def test_prompt_trained_under_another_activation_is_noted(tmp_path, pets_root):
     assert result.exit_code == 0 and "note:" not in result.output and "activation quickgelu" in result.output
 
 
-def test_coop_checkpoints_were_trained_under_quickgelu(tmp_path, pets_root):
+def test_coop_checkpoint_under_gelu_is_noted_as_not_recording_its_activation(tmp_path, pets_root):
     dassl = write_dassl_checkpoint(tmp_path / "coop", torch.zeros(4, 64))
     args = ["eval", str(dassl), "--model", "tiny", "--pretrained", "none", "--dataset", "oxford_pets"]
     result = runner.invoke(app, [*args, "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
-    assert "note: " in result.output and "trained under QuickGELU but runs under GELU" in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "does not record the activation it was trained under; it runs under GELU" in notes[0]
+    assert "pass --activation quickgelu for their checkpoints" in notes[0]
+    quick = runner.invoke(app, [*args, "--activation", "quickgelu", "--root", str(pets_root)])
+    assert quick.exit_code == 0 and "note:" not in quick.output  # CoOp's own activation: nothing to say
+
+
+def test_exported_gelu_base_class_cocoop_prompt_gets_no_false_notes(tmp_path, pets_root):
+    """Our GELU-trained CoCoOp prompt of the base classes, exported to Dassl and evaluated back with
+    --base-to-new: no claim that it was trained under QuickGELU or on all classes; each thing the file
+    does not record is said once, with what is assumed."""
+    from .test_cocoop_checkpoint import write_cocoop_dassl_checkpoint
+
+    cocoop = load_checkpoint(write_cocoop_dassl_checkpoint(tmp_path / "cocoop", half=False)[0])
+    ours = PromptMetadata(model="tiny", activation="gelu", dataset="oxford_pets", subsample="base", method="cocoop")
+    (tmp_path / "export").mkdir()
+    exported = export_dassl(PromptCheckpoint(cocoop.ctx, ours, extra=cocoop.extra), tmp_path / "export")
+    args = ["eval", str(exported), "--model", "tiny", "--pretrained", "none", "--dataset", "oxford_pets"]
+    result = runner.invoke(app, [*args, "--base-to-new", "--root", str(pets_root), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "QuickGELU but runs" not in result.output and "not trained on the base classes only" not in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2, notes
+    assert "does not record the activation it was trained under; it runs under GELU" in notes[0]
+    assert "does not record the classes it was trained on" in notes[1] and "assuming the base classes" in notes[1]
 
 
 def test_coop_checkpoint_of_a_multi_token_init_runs_with_coops_layout(tmp_path, pets_root):
