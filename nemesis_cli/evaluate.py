@@ -21,7 +21,8 @@ def eval_command(
     checkpoints: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Our prompt files or run folders, or CoOp/CoCoOp/Nemesis checkpoints (none with --zero-shot)."
+            help="Our prompt files or run folders, CoOp/CoCoOp/Nemesis checkpoints, or output trees holding them "
+            "(none with --zero-shot)."
         ),
     ] = None,
     dataset: Annotated[str | None, Option(help="Dataset key (default: the checkpoint's own).")] = None,
@@ -52,6 +53,9 @@ def eval_command(
 ) -> None:
     """Evaluate prompts on a dataset's test split and print CoOp's result block.
 
+    Folders that are not run folders are searched as output trees (as `corrupt` does); settings
+    evaluated with several seeds end with one line of their mean ± std over the seeds.
+
     Dataset, shots, seed and class position of CoOp checkpoints are read from their output-tree
     path (`output/<dataset>/CoOp/rn50_16shots/nctx16_cscFalse_ctpend/seed1`) unless given.
 
@@ -76,7 +80,8 @@ def eval_command(
         return
     if not checkpoints:
         raise NemesisError("pass a prompt checkpoint or run folder, or --zero-shot for the hand-crafted baseline")
-    prompts = [load_checkpoint(checkpoint, epoch, prompt_method) for checkpoint in checkpoints]  # all checked first
+    locations = _checkpoint_locations(checkpoints)
+    prompts = [load_checkpoint(location, epoch, prompt_method) for location in locations]  # all checked first
     for prompt in prompts:
         if (
             subsample in ("base", "new")
@@ -89,6 +94,7 @@ def eval_command(
                 err=True,
             )
     backbones: dict = {}
+    evaluated = []
     for prompt in prompts:
         options = dict(
             model=model, pretrained=pretrained, activation=activation, ctx_init=ctx_init, dataset=dataset,
@@ -99,6 +105,7 @@ def eval_command(
             results = evaluate_base_to_new(prompt, **options)
         else:
             results = [evaluate(prompt, subsample=subsample, **options)]
+        evaluated += results
         for index, result in enumerate(results):
             _report(result, header=index == 0)
             if index == 0 and (note := weights_mismatch(prompt, result.source)) is not None:
@@ -115,8 +122,55 @@ def eval_command(
                 )
             elif prompt.metadata.subsample != "base":
                 typer.echo(f"note: {prompt.path} was not trained on the base classes only", err=True)
+    _print_seed_means(evaluated)
     if out is not None:
-        typer.echo(f"appended {_count(len(prompts) * (2 if base_to_new else 1), 'record')} to {out}")
+        typer.echo(f"appended {_count(len(evaluated), 'record')} to {out}")
+
+
+def _checkpoint_locations(paths: list[Path]) -> list[Path]:
+    """The checkpoints among `paths`: files and run folders as given, other folders searched as output
+    trees the way `corrupt` searches them (our run folders and CoOp / Dassl runs)."""
+    from corrupt.inputs import find_checkpoints
+    from nemesis.constants import RUN_CONFIG
+
+    # A run folder of ours is taken as it is, so an unfinished one says what it lacks.
+    found: list[Path] = []
+    for path in paths:
+        found += [path] if (path / RUN_CONFIG).is_file() else find_checkpoints([path])
+    return found
+
+
+def _seed_group(source: dict) -> tuple:
+    """What results must share to be seeds of one setting: weights, data, method and its settings, shots."""
+    from analysis.labels import method_label  # pandas: only when there is more than one result
+
+    config = source.get("method_config") or {}
+    label = source.get("method_label") or method_label(source["method"], config.get("beta"), config.get("weight"))
+    keys = ("model", "weights_id", "activation", "dataset", "train_dataset")
+    return (*(source.get(key) for key in keys), label, source["shots"], source["subsample"])
+
+
+def _print_seed_means(results: list) -> None:
+    """One line per setting evaluated with several seeds: mean ± std over them (sample std, as `report`)."""
+    import statistics
+
+    if len(results) < 2:
+        return
+    groups: dict[tuple, list] = {}
+    for result in results:
+        groups.setdefault(_seed_group(result.source), []).append(result)
+    for (model, _, _, dataset, trained_on, label, shots, subsample), members in groups.items():
+        if len(members) < 2:
+            continue
+        accuracies = [member.accuracy for member in members]
+        seeds = ", ".join(str(member.source["seed"]) for member in members)
+        where = dataset if trained_on in (None, dataset) else f"{dataset} (trained on {trained_on})"
+        shots_text = "shots not recorded" if shots is None else f"{shots} shots"
+        mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
+        typer.echo(
+            f"mean over seeds: {where}, {label}, {shots_text}, {subsample} classes, {model}: "
+            f"{mean:.2f}% ± {std:.2f} over {len(members)} seeds ({seeds})"
+        )
 
 
 def _zero_shot(

@@ -271,3 +271,28 @@ def test_recorded_weights_are_used_only_when_they_are_a_tag_of_the_model():
         chosen("tiny", model="tiny", pretrained="openai")
     with pytest.raises(NemesisError, match=r"was trained on RN50; name the weights of tiny: pass --pretrained fmnist"):
         chosen("tiny", model="RN50", pretrained="openai")
+
+
+def test_eval_takes_an_output_tree_and_prints_the_mean_over_seeds(tmp_path, pets_root):
+    """A CoOp output tree of 3 seeds at 16 shots and one run at 2 shots: every checkpoint is evaluated,
+    then one line gives the 16-shot mean ± std over its 3 seeds (none for the lone 2-shot run)."""
+    import statistics
+
+    output = tmp_path / "output" / "oxford_pets" / "CoOp"
+    for shots, seed in ((16, 1), (16, 2), (16, 3), (2, 1)):
+        ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed + shots)) * 0.5
+        write_dassl_checkpoint(output / f"rn50_{shots}shots" / "nctx4_cscFalse_ctpend" / f"seed{seed}", ctx, epoch=5)
+    out = tmp_path / "evals.jsonl"
+    args = ["eval", str(tmp_path / "output"), "--model", "tiny", "--pretrained", "none", "--root", str(pets_root)]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((row["shots"], row["seed"]) for row in records) == [(2, 1), (16, 1), (16, 2), (16, 3)]
+    accuracies = [row["accuracy"] for row in records if row["shots"] == 16]
+    means = [line for line in result.output.splitlines() if line.startswith("mean over seeds")]
+    mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
+    setting = "oxford_pets, CoOp, 16 shots, all classes, tiny"
+    assert means == [f"mean over seeds: {setting}: {mean:.2f}% ± {std:.2f} over 3 seeds (1, 2, 3)"]
+
+    (tmp_path / "empty").mkdir()
+    fails_with_one_line(["eval", str(tmp_path / "empty"), "--model", "tiny"], "prompt.safetensors")
