@@ -60,9 +60,13 @@ def _checkpoint_folders_under(tree: Path) -> list[Path]:
         if _is_checkpoint_folder(folder):
             found.append(folder)
             folders[:] = []  # a run folder's own subfolders hold no further runs
-        else:
-            folders[:] = sorted(name for name in folders if not name.startswith("."))
-    return found
+            continue
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        # os.walk does not enter links (no loops); a linked run folder, e.g. a seed folder pointing to
+        # where the run is stored, still counts as the run its place in the tree names.
+        linked = [folder / name for name in folders if (folder / name).is_symlink()]
+        found += [child for child in linked if _is_checkpoint_folder(child)]
+    return sorted(found)  # the walk's order: by path, folder by folder
 
 
 def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:

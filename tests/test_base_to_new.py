@@ -155,6 +155,8 @@ def test_symlinked_cocoop_base_to_new_tree_keeps_the_identity_its_path_says(tmp_
     drop_path = [{key: value for key, value in row.items() if key != "checkpoint"} for row in with_links]
     assert drop_path == [{key: value for key, value in row.items() if key != "checkpoint"} for row in without]
     assert "base classes only" not in output
+    whole_tree, _ = _eval_records([tmp_path / "linked"], root, tmp_path / "tree.jsonl")  # links found in the tree
+    assert whole_tree == with_links
 
     # --base-to-new on the links: no false note that they were not trained on the base classes
     _, output = _eval_records([linked / seed for seed in seeds], root, tmp_path / "b2n.jsonl", "--base-to-new")
