@@ -66,7 +66,7 @@ def eval_command(
     Example: nemesis eval --zero-shot --model RN50 --pretrained openai --dataset dtd --root ~/data --out evals.jsonl
     """
     from nemesis.checkpoint import load_checkpoint
-    from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, weights_mismatch
+    from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, resolve_source, weights_mismatch
 
     if out is not None:
         prepare_output(out)
@@ -93,6 +93,8 @@ def eval_command(
                 "were seen in training, so this is not a base-to-new result",
                 err=True,
             )
+    for prompt in prompts:  # model, dataset and weights of every prompt, before any is evaluated or recorded
+        resolve_source(prompt, model=model, pretrained=pretrained, dataset=dataset, ctx_init=ctx_init)
     backbones: dict = {}
     evaluated = []
     for prompt in prompts:

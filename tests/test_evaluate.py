@@ -296,3 +296,13 @@ def test_eval_takes_an_output_tree_and_prints_the_mean_over_seeds(tmp_path, pets
 
     (tmp_path / "empty").mkdir()
     fails_with_one_line(["eval", str(tmp_path / "empty"), "--model", "tiny"], "prompt.safetensors")
+
+
+def test_a_later_prompt_without_weights_is_refused_before_any_record(tmp_path, pets_root):
+    good = _prompt(tmp_path, weights_id="random-seed0")
+    (tmp_path / "other").mkdir()
+    unnamed = _prompt(tmp_path / "other")  # records no weights
+    out = tmp_path / "evals.jsonl"
+    args = ["eval", str(good), str(unnamed), "--root", str(pets_root), "--out", str(out)]
+    fails_with_one_line(args, "does not record its weights")
+    assert not out.exists()
