@@ -136,11 +136,12 @@ def choose_weights(checkpoint: PromptCheckpoint, model: str, pretrained: str | N
     if metadata.model != model:
         trained = f"was trained on {metadata.model}" if metadata.model else "does not record its model or weights"
         raise NemesisError(f"{checkpoint.path} {trained}; name the weights of {model}: {_name_the_weights(model)}")
-    if recorded is None and (metadata.weights_id or "").removesuffix(QUICKGELU_SUFFIX) == RANDOM_WEIGHTS:
+    random = recorded == NO_WEIGHTS or (metadata.weights_id or "").removesuffix(QUICKGELU_SUFFIX) == RANDOM_WEIGHTS
+    if recorded in (None, NO_WEIGHTS) and random:
         return None  # trained on random weights, and it says so
     if recorded is None:
         raise NemesisError(f"{checkpoint.path} does not record its weights; {_name_the_weights(model)}")
-    if recorded != NO_WEIGHTS and recorded in known_tags(model):
+    if recorded in known_tags(model):
         return recorded
     shown = recorded if len(recorded) <= 80 else recorded[:77] + "..."
     raise NemesisError(

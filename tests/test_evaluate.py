@@ -264,6 +264,7 @@ def test_recorded_weights_are_used_only_when_they_are_a_tag_of_the_model():
     assert chosen("RN50", model="RN50", pretrained="openai") == "openai"
     assert chosen("tiny", model="tiny", pretrained="fmnist") == "fmnist"
     assert chosen("tiny", "none", model="tiny", pretrained="fmnist") is None  # named weights win
+    assert chosen("tiny", model="tiny", pretrained="none") is None  # recorded random weights
     assert chosen("tiny", "w.pt", model="tiny", pretrained="/etc/passwd") == "w.pt"
     with pytest.raises(NemesisError, match=r"records weights '/etc/passwd', which is not a pretrained tag of tiny"):
         chosen("tiny", model="tiny", pretrained="/etc/passwd")
