@@ -363,7 +363,10 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
         return max(numbered)[1]
     if (folder / DASSL_BEST_FILE).is_file():
         return folder / DASSL_BEST_FILE
-    raise NemesisError(f"no prompt checkpoint in {path} (looked for {DASSL_FILE_PREFIX}<epoch> or {DASSL_BEST_FILE})")
+    raise NemesisError(
+        f"no prompt checkpoint in {path} (looked for {RUN_PROMPT}, {DASSL_PROMPT_FOLDER}/{DASSL_FILE_PREFIX}<epoch> "
+        f"or {DASSL_BEST_FILE})"
+    )
 
 
 def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:

@@ -43,6 +43,8 @@ def test_info_of_a_dassl_file_shows_the_named_model_and_what_its_tensor_says(tmp
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails_with_one_line(["prompt", "info", str(tmp_path / "empty")], "looked for prompt.safetensors, prompt_learner/")
     fails_with_one_line(["prompt", "info", str(tmp_path / "missing.pth")], "not found")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     fails_with_one_line(["prompt", "info", str(tmp_path / "notes.txt")], "not a torch checkpoint")
