@@ -101,7 +101,7 @@ def main(slow_cells: int) -> None:
         root, tree = make_setting(folder)
 
         start = time.perf_counter()
-        inputs = resolve_inputs([tree], model=MODEL)
+        inputs = resolve_inputs([tree], model=MODEL, pretrained="none")
         backbones: dict = {}
         options = {"root": root, "cache_dir": folder / "cache", "device": "cpu", "progress": False}
         ours = run_sweep(inputs, grid, ResultsFile(folder / "ours.parquet"), backbones=backbones, **options)

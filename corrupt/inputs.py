@@ -25,6 +25,7 @@ from nemesis.constants import (
     DASSL_BEST_FILE,
     DASSL_FILE_PREFIX,
     DASSL_PROMPT_FOLDER,
+    NO_WEIGHTS,
     RUN_CHECKPOINTS,
     RUN_PROMPT,
 )
@@ -59,9 +60,13 @@ def _checkpoint_folders_under(tree: Path) -> list[Path]:
         if _is_checkpoint_folder(folder):
             found.append(folder)
             folders[:] = []  # a run folder's own subfolders hold no further runs
-        else:
-            folders[:] = sorted(name for name in folders if not name.startswith("."))
-    return found
+            continue
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        # os.walk does not enter links (no loops); a linked run folder, e.g. a seed folder pointing to
+        # where the run is stored, still counts as the run its place in the tree names.
+        linked = [folder / name for name in folders if (folder / name).is_symlink()]
+        found += [child for child in linked if _is_checkpoint_folder(child)]
+    return sorted(found)  # the walk's order: by path, folder by folder
 
 
 def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -103,8 +108,9 @@ class SweepInput:
     @property
     def evaluation_options(self) -> dict[str, Any]:
         """Keyword arguments of `prepare_evaluation` that pin this identity."""
-        keys = ("model", "pretrained", "activation", "ctx_init", "dataset", "shots", "seed", "subsample")
-        return {key: self.identity[key] for key in keys}
+        keys = ("model", "activation", "ctx_init", "dataset", "shots", "seed", "subsample")
+        # Resolved random weights (pretrained None) are named as such, so they are not asked for again.
+        return {key: self.identity[key] for key in keys} | {"pretrained": self.identity["pretrained"] or NO_WEIGHTS}
 
     def load(self) -> PromptCheckpoint:
         return load_checkpoint(self.file)
@@ -253,12 +259,14 @@ def resolve_inputs(
     inputs: dict[Path, SweepInput] = {}
     for location in find_checkpoints(paths):
         checkpoint = load_checkpoint(location, epoch)
-        checkpoint.path = Path(checkpoint.path).resolve()  # one name per file, so reruns find its cells
-        if checkpoint.path in inputs:
+        file = Path(checkpoint.path).resolve()  # one name per file, so reruns find its cells
+        if file in inputs:
             continue
+        # The identity comes from the path as given: a linked run folder keeps what its tree names.
         identity = _resolve_one(checkpoint, model, pretrained, dataset, activation, ctx_init)
-        inputs[checkpoint.path] = SweepInput(
-            file=checkpoint.path,
+        identity["checkpoint"] = str(file)
+        inputs[file] = SweepInput(
+            file=file,
             identity=identity,
             n_ctx=checkpoint.ctx.shape[-2],
             class_specific=checkpoint.class_specific,

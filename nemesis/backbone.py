@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .choices import Activation, choice
-from .constants import RANDOM_WEIGHTS
+from .constants import NO_WEIGHTS, RANDOM_WEIGHTS
 from .errors import NemesisError, NemesisNote
 from .openai_archive import is_openai_archive, read_openai_weights
 
@@ -140,6 +140,22 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     return pretrained
 
 
+def named_weights(pretrained: str | None) -> str | None:
+    """`pretrained` as load_clip takes it: `none` (random weights, named explicitly) becomes None."""
+    return None if pretrained == NO_WEIGHTS else pretrained
+
+
+def known_tags(name: str) -> list[str]:
+    """The pretrained tags `name` has: open_clip's, and the toolkit's own `fmnist` for `tiny`."""
+    return ["fmnist"] if name == "tiny" else open_clip.list_pretrained_tags_by_model(name)
+
+
+def example_tag(name: str) -> str:
+    """A tag to suggest for `name`: `openai` where it exists, else its first known tag."""
+    tags = known_tags(name)
+    return "openai" if "openai" in tags else tags[0] if tags else "TAG"
+
+
 def check_pretrained(name: str, pretrained: str | None) -> None:
     """Refuse a weights file that does not exist or a tag `name` lacks, without downloading or training."""
     if pretrained is None or Path(pretrained).is_file() or (name == "tiny" and pretrained == "fmnist"):
@@ -194,7 +210,8 @@ def _check_downloadable(name: str, tag: str) -> None:
             reason = f"{HUB_HOST} cannot be reached"
     raise NemesisError(
         f"weights '{tag}' for {name} are not downloaded yet and {reason}; download them where there is internet "
-        "and pass the file with --pretrained PATH, or --pretrained none for random weights"
+        "and pass the file with --pretrained PATH, or --pretrained none for random weights; to try the toolkit "
+        "offline: --model tiny --pretrained fmnist"
     )
 
 
@@ -259,7 +276,7 @@ def load_clip(
     device: str | torch.device = "cpu",
     activation: Activation | str | None = None,
 ) -> Backbone:
-    """Build open_clip model `name` with `pretrained` weights (a tag, a local file, or None for random).
+    """Build open_clip model `name` with `pretrained` weights (a tag, a local file, or None or `none` for random).
 
     `pretrained` may be an open_clip tag, an open_clip state dict or safetensors file, or one of
     OpenAI's TorchScript archives (read without running it). The activation follows the weights
@@ -268,6 +285,7 @@ def load_clip(
     processes build the same model (cache keys depend on it).
     """
     model_config(name)
+    pretrained = named_weights(pretrained)
     resolved = _resolve_pretrained(name, pretrained)
     chosen, note = resolve_activation(name, pretrained, activation)  # the tag, not the file it resolved to
     if note is not None:

@@ -206,6 +206,12 @@ class PromptCheckpoint:
     def prompt_method(self) -> str:
         return self.metadata.prompt_method
 
+    @property
+    def records_trained_classes(self) -> bool:
+        """Whether the file says which classes it was trained on: ours always; a Dassl file only through
+        its base-to-new path (`train_base/`), else its `subsample` "all" is an assumption."""
+        return self.metadata.source_format != "dassl" or identity_from_path(self.path).subsample is not None
+
     def check_method(self, embed_dim: int, text_width: int, model: str) -> None:
         """Refuse extra tensors (a meta-net) whose widths do not fit `model`."""
         from .prompt_methods import check_extra  # the learners' module: only when a model is named
@@ -357,7 +363,10 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
         return max(numbered)[1]
     if (folder / DASSL_BEST_FILE).is_file():
         return folder / DASSL_BEST_FILE
-    raise NemesisError(f"no prompt checkpoint in {path} (looked for {DASSL_FILE_PREFIX}<epoch> or {DASSL_BEST_FILE})")
+    raise NemesisError(
+        f"no prompt checkpoint in {path} (looked for {RUN_PROMPT}, {DASSL_PROMPT_FOLDER}/{DASSL_FILE_PREFIX}<epoch> "
+        f"or {DASSL_BEST_FILE})"
+    )
 
 
 def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
@@ -372,19 +381,23 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     # The file names nothing else: dataset, shots, seed, method, classes and class position come from its path.
     where = identity_from_path(path)
     extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(_extra_names() & set(state))}
+    ctx = _checked(state[CTX_TENSOR], str(path))
     metadata = PromptMetadata(
+        n_ctx=ctx.shape[-2],  # what the tensor itself says
+        text_width=ctx.shape[-1],
+        class_specific=ctx.dim() == 3,
         epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None,
         class_position=where.class_position or "end",
         dataset=where.dataset,
         shots=where.shots,
         seed=where.seed,
         method=where.method,
-        activation="quickgelu",  # CoOp and the official Nemesis code train on OpenAI's CLIP, which uses QuickGELU
+        activation=None,  # not recorded: CoOp trains under QuickGELU, but exports of GELU-trained prompts exist
         subsample=where.subsample or "all",
         source_format="dassl",
         prompt_method=_prompt_method_of(extra, str(path)),
     )
-    return PromptCheckpoint(_checked(state[CTX_TENSOR], str(path)), metadata, path, extra)
+    return PromptCheckpoint(ctx, metadata, path, extra)
 
 
 def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch: int | None = None) -> Path:

@@ -24,6 +24,8 @@ DASSL_BEST_FILE = "model-best.pth.tar"
 
 # Weights identity of a model built with random weights (seeded, so it is reproducible).
 RANDOM_WEIGHTS = "random-seed0"
+# `--pretrained none`: random weights are always named, never what a missing option gives.
+NO_WEIGHTS = "none"
 
 
 def cache_root() -> Path:

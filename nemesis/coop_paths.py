@@ -38,8 +38,12 @@ class PathIdentity:
 
 def identity_from_path(path: str | os.PathLike) -> PathIdentity:
     """Dataset, shots, seed, method, class subset and class position read from a CoOp output path
-    (rightmost match wins)."""
-    parts = Path(path).resolve().parts
+    (rightmost match wins).
+
+    The path is read as given, made absolute but not resolved: a tree whose run folders are links
+    to runs stored elsewhere keeps the identity its own folders name.
+    """
+    parts = Path(os.path.abspath(path)).parts
     dataset_index = max((i for i, part in enumerate(parts) if part in DATASET_NAMES), default=None)
     shots = seed = class_position = None
     for part in parts:

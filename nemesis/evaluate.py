@@ -19,8 +19,21 @@ from typing import Any
 import torch
 
 from .atomic import write_text_atomic
-from .backbone import QUICKGELU_SUFFIX, Activation, Backbone, embed_dim, load_clip, resolve_device, text_width
+from .backbone import (
+    QUICKGELU_SUFFIX,
+    Activation,
+    Backbone,
+    embed_dim,
+    example_tag,
+    known_tags,
+    load_clip,
+    model_config,
+    named_weights,
+    resolve_device,
+    text_width,
+)
 from .checkpoint import PromptCheckpoint
+from .constants import NO_WEIGHTS, RANDOM_WEIGHTS
 from .datasets import Dataset, load_dataset
 from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
@@ -65,6 +78,8 @@ def resolve_source(
 
     The prompt's own weights (model and pretrained from its metadata) come with the activation it
     was trained under; other weights get the activation of their provenance unless one is named.
+    `pretrained` None means not named (see `choose_weights`); `none` names random weights, which the
+    result records as pretrained None.
     """
     metadata = checkpoint.metadata
     model = model or metadata.model
@@ -73,8 +88,7 @@ def resolve_source(
     dataset = dataset or metadata.dataset
     if dataset is None:
         raise NemesisError(f"{checkpoint.path}: the checkpoint does not name its dataset; pass --dataset")
-    if pretrained is None and model == metadata.model:
-        pretrained = metadata.pretrained
+    pretrained = choose_weights(checkpoint, model, pretrained)
     if activation is None and model == metadata.model and pretrained == metadata.pretrained:
         activation = metadata.activation
     n_ctx = checkpoint.ctx.shape[-2]
@@ -101,6 +115,41 @@ def resolve_source(
         "method_config": metadata.method_config,
         "epoch": metadata.epoch,
     }
+
+
+def _name_the_weights(model: str) -> str:
+    return f"pass --pretrained {example_tag(model)} (a pretrained tag), a weights file, or none for random weights"
+
+
+def choose_weights(checkpoint: PromptCheckpoint, model: str, pretrained: str | None) -> str | None:
+    """The weights `checkpoint` runs with on `model`: a tag or file, or None for random weights.
+
+    Named weights win (`none`: random). Otherwise the prompt's own record, when it is for `model`:
+    a known tag of the model, or random weights. A prompt file never chooses which local file is
+    read, so a recorded path (or anything else) must be named by the user; missing weights are
+    never quietly replaced by random ones.
+    """
+    model_config(model)  # an unknown model fails naming the known ones, before any word on weights
+    if pretrained is not None:
+        return named_weights(pretrained)
+    metadata = checkpoint.metadata
+    recorded = metadata.pretrained
+    if metadata.model != model:
+        trained = f"was trained on {metadata.model}" if metadata.model else "does not record its model or weights"
+        raise NemesisError(f"{checkpoint.path} {trained}; name the weights of {model}: {_name_the_weights(model)}")
+    random = recorded == NO_WEIGHTS or (metadata.weights_id or "").removesuffix(QUICKGELU_SUFFIX) == RANDOM_WEIGHTS
+    if recorded in (None, NO_WEIGHTS) and random:
+        return None  # trained on random weights, and it says so
+    if recorded is None:
+        raise NemesisError(f"{checkpoint.path} does not record its weights; {_name_the_weights(model)}")
+    if recorded in known_tags(model):
+        return recorded
+    shown = recorded if len(recorded) <= 80 else recorded[:77] + "..."
+    raise NemesisError(
+        f"{checkpoint.path} records weights '{shown}', which is not a pretrained tag of {model}; a prompt file "
+        f"does not choose which file is read: pass --pretrained with the weights it was trained on (a file is "
+        f"checked against its record), or --pretrained {example_tag(model)} or none"
+    )
 
 
 def prepare_evaluation(
@@ -237,11 +286,18 @@ def weights_mismatch(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> st
 
 
 def activation_mismatch(checkpoint: PromptCheckpoint, activation: Activation) -> str | None:
-    """A note when the prompt was trained under another activation than the one it runs under (else None)."""
+    """A note when the prompt was trained under another activation than the one it runs under, or when
+    a CoOp / Dassl file, which does not record it, runs under GELU (else None)."""
     trained = checkpoint.metadata.activation
+    names = {"quickgelu": "QuickGELU", "gelu": "GELU"}
+    if trained is None and checkpoint.metadata.source_format == "dassl" and activation is Activation.gelu:
+        return (
+            f"{checkpoint.path} does not record the activation it was trained under; it runs under GELU, the "
+            "weights' own (CoOp and the official Nemesis code train under QuickGELU: pass --activation quickgelu "
+            "for their checkpoints)"
+        )
     if trained is None or trained == activation.value:
         return None
-    names = {"quickgelu": "QuickGELU", "gelu": "GELU"}
     return (
         f"{checkpoint.path}: the prompt was trained under {names.get(trained, trained)} but runs under "
         f"{names[activation.value]}; pass --activation {trained} to evaluate it as trained"
@@ -265,7 +321,11 @@ def evaluate_base_to_new(checkpoint: PromptCheckpoint, **options: Any) -> list[E
     classes (`options` as `prepare_evaluation`'s, without `subsample`; pass `backbones` to share models)."""
     if "subsample" in options:
         raise NemesisError("base-to-new evaluates both --subsample base and new; do not name a subsample")
-    return [evaluate(checkpoint, subsample=subsample, **options) for subsample in BASE_TO_NEW]
+    base = evaluate(checkpoint, subsample=BASE_TO_NEW[0], **options)
+    with warnings.catch_warnings():  # notes on the prompt and its weights were said for the base classes
+        warnings.simplefilter("ignore", NemesisNote)
+        new = evaluate(checkpoint, subsample=BASE_TO_NEW[1], **options)
+    return [base, new]
 
 
 def append_record(path: str | os.PathLike, record: dict[str, Any]) -> None:

@@ -12,9 +12,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .backbone import load_clip, resolve_device
-from .datasets import load_dataset
-from .evaluate import EvaluationResult, autocast_for, macro_f1
+from .backbone import Backbone, load_clip, resolve_device
+from .datasets import Dataset, load_dataset
+from .evaluate import BASE_TO_NEW, EvaluationResult, autocast_for, macro_f1
 from .feature_cache import encode_split
 
 DEFAULT_TEMPLATE = "a photo of a {}."
@@ -57,6 +57,32 @@ def zero_shot_evaluate(
     data = load_dataset(dataset, root, subsample=subsample)
     device = resolve_device(device)
     backbone = load_clip(model, pretrained, device=device, activation=activation)
+    return _evaluate(backbone, data, subsample, cache_dir, device)
+
+
+def zero_shot_base_to_new(
+    model: str,
+    pretrained: str | None,
+    dataset: str,
+    root: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | None = None,
+    activation: str | None = None,
+) -> list[EvaluationResult]:
+    """The hand-crafted prompt on the dataset's base classes, then on its new classes (the reference
+    row of a base-to-new table), with one backbone."""
+    splits = [load_dataset(dataset, root, subsample=subsample) for subsample in BASE_TO_NEW]  # both checked first
+    device = resolve_device(device)
+    backbone = load_clip(model, pretrained, device=device, activation=activation)
+    return [
+        _evaluate(backbone, data, subsample, cache_dir, device)
+        for data, subsample in zip(splits, BASE_TO_NEW, strict=True)
+    ]
+
+
+def _evaluate(
+    backbone: Backbone, data: Dataset, subsample: str, cache_dir: str | os.PathLike | None, device: str
+) -> EvaluationResult:
     template = template_for(data.name)
     texts = [template.format(name.replace("_", " ")) for name in data.classnames]
     features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device)
@@ -66,6 +92,7 @@ def zero_shot_evaluate(
         predicted = (images @ text.T).argmax(dim=-1).cpu()  # [N]
     correct = int((predicted == labels).sum())
     n = int(labels.numel())
+    model, pretrained = backbone.name, backbone.pretrained
     source = {
         "checkpoint": f"{ZERO_SHOT_METHOD}:{model}:{pretrained}",  # one record per model and weights
         "model": model,

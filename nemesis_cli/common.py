@@ -35,7 +35,11 @@ TyperOption.display_type_rich = _display_type_rich
 # The options of the commands that read prompt checkpoints (eval, corrupt) and must know their model.
 ModelOption = Annotated[str | None, typer.Option(help="open_clip model (needed for CoOp checkpoints).")]
 WeightsOption = Annotated[
-    str | None, typer.Option(help="Weights: an open_clip tag, a local file, or an OpenAI CLIP archive (RN50.pt).")
+    str | None,
+    typer.Option(
+        help="Weights: an open_clip tag, a local file, an OpenAI CLIP archive (RN50.pt), or none for random weights "
+        "(default: the tag or random weights the prompt records; a file it records must be named)."
+    ),
 ]
 ActivationOption = Annotated[str | None, typer.Option(help=ACTIVATION_HELP)]
 CtxInitOption = Annotated[str | None, typer.Option(help=CTX_INIT_HELP)]

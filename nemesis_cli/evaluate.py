@@ -22,7 +22,8 @@ def eval_command(
     checkpoints: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Our prompt files or run folders, or CoOp/CoCoOp/Nemesis checkpoints (none with --zero-shot)."
+            help="Our prompt files or run folders, CoOp/CoCoOp/Nemesis checkpoints, or output trees holding them "
+            "(none with --zero-shot)."
         ),
     ] = None,
     dataset: Annotated[str | None, Option(help="Dataset key (default: the checkpoint's own).")] = None,
@@ -37,7 +38,7 @@ def eval_command(
     seed: Annotated[int | None, Option(help="Seed the prompt was trained with (recorded only).")] = None,
     subsample: Annotated[str | None, Option(help="Classes to test: all, base or new.")] = None,
     base_to_new: Annotated[
-        bool, Option("--base-to-new", help="Test each prompt on the base and on the new classes (and print H).")
+        bool, Option("--base-to-new", help="Test on the base, then the new classes and print H (also --zero-shot).")
     ] = False,
     epoch: Annotated[int | None, Option(help="Epoch of a CoOp run folder (default: the latest).")] = None,
     prompt_method: Annotated[
@@ -53,6 +54,9 @@ def eval_command(
 ) -> None:
     """Evaluate prompts on a dataset's test split and print CoOp's result block.
 
+    Folders that are not run folders are searched as output trees (as `corrupt` does); settings
+    evaluated with several seeds end with one line of their mean ± std over the seeds.
+
     Dataset, shots, seed and class position of CoOp checkpoints are read from their output-tree
     path (`output/<dataset>/CoOp/rn50_16shots/nctx16_cscFalse_ctpend/seed1`) unless given.
 
@@ -63,32 +67,22 @@ def eval_command(
     Example: nemesis eval --zero-shot --model RN50 --pretrained openai --dataset dtd --root ~/data --out evals.jsonl
     """
     from nemesis.checkpoint import load_checkpoint
-    from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, weights_mismatch
+    from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, resolve_source, weights_mismatch
 
     if out is not None:
         prepare_output(out)
+    if base_to_new and subsample is not None:
+        raise NemesisError("--base-to-new tests both base and new classes; drop --subsample")
     if zero_shot:
-        from nemesis.zero_shot import zero_shot_evaluate
-
         if checkpoints:
             raise NemesisError("--zero-shot evaluates no prompt; drop the checkpoint argument")
-        if model is None or dataset is None:
-            raise NemesisError("--zero-shot needs --model and --dataset (e.g. --model RN50 --pretrained openai)")
-        if pretrained in ("none", ""):
-            pretrained = None
-        result = zero_shot_evaluate(
-            model, pretrained, dataset, root, subsample or "all", cache_dir, device, activation=activation
-        )
-        _report(result)
-        if out is not None:
-            append_record(out, result.record())
-            typer.echo(f"appended 1 record to {out}")
+        options = dict(root=root, cache_dir=cache_dir, device=device, activation=activation)
+        _zero_shot(model, pretrained, dataset, subsample, base_to_new, out, **options)
         return
     if not checkpoints:
         raise NemesisError("pass a prompt checkpoint or run folder, or --zero-shot for the hand-crafted baseline")
-    if base_to_new and subsample is not None:
-        raise NemesisError("--base-to-new tests both base and new classes; drop --subsample")
-    prompts = [load_checkpoint(checkpoint, epoch, prompt_method) for checkpoint in checkpoints]  # all checked first
+    locations = _checkpoint_locations(checkpoints)
+    prompts = [load_checkpoint(location, epoch, prompt_method) for location in locations]  # all checked first
     for prompt in prompts:
         if (
             subsample in ("base", "new")
@@ -100,7 +94,10 @@ def eval_command(
                 "were seen in training, so this is not a base-to-new result",
                 err=True,
             )
+    for prompt in prompts:  # model, dataset and weights of every prompt, before any is evaluated or recorded
+        resolve_source(prompt, model=model, pretrained=pretrained, dataset=dataset, ctx_init=ctx_init)
     backbones: dict = {}
+    evaluated = []
     for prompt in prompts:
         options = dict(
             model=model, pretrained=pretrained, activation=activation, ctx_init=ctx_init, dataset=dataset,
@@ -111,6 +108,7 @@ def eval_command(
             results = evaluate_base_to_new(prompt, **options)
         else:
             results = [evaluate(prompt, subsample=subsample, **options)]
+        evaluated += results
         for index, result in enumerate(results):
             _report(result, header=index == 0)
             if index == 0 and (note := weights_mismatch(prompt, result.source)) is not None:
@@ -118,14 +116,107 @@ def eval_command(
             if out is not None:
                 append_record(out, result.record())
         if base_to_new:
-            from analysis.tables import harmonic_mean  # pandas: only when asked for
-
-            base, new = (result.accuracy for result in results)
-            typer.echo(f"base {base:.2f}%, new {new:.2f}%, H {harmonic_mean(base, new):.2f}%")
-            if prompt.metadata.subsample != "base":
+            _print_harmonic_mean(results)
+            if not prompt.records_trained_classes:
+                typer.echo(
+                    f"note: {prompt.path} does not record the classes it was trained on (a CoOp file outside a "
+                    "base2new/train_base tree); assuming the base classes, as --base-to-new does",
+                    err=True,
+                )
+            elif prompt.metadata.subsample != "base":
                 typer.echo(f"note: {prompt.path} was not trained on the base classes only", err=True)
+    _print_seed_means(evaluated)
     if out is not None:
-        typer.echo(f"appended {plural(len(prompts) * (2 if base_to_new else 1), 'record')} to {out}")
+        typer.echo(f"appended {plural(len(evaluated), 'record')} to {out}")
+
+
+def _checkpoint_locations(paths: list[Path]) -> list[Path]:
+    """The checkpoints among `paths`: files and run folders as given, other folders searched as output
+    trees the way `corrupt` searches them (our run folders and CoOp / Dassl runs)."""
+    from corrupt.inputs import find_checkpoints
+    from nemesis.constants import RUN_CONFIG
+
+    # A run folder of ours is taken as it is, so an unfinished one says what it lacks.
+    found: list[Path] = []
+    for path in paths:
+        found += [path] if (path / RUN_CONFIG).is_file() else find_checkpoints([path])
+    return found
+
+
+def _seed_group(source: dict) -> tuple:
+    """What results must share to be seeds of one setting: weights, data, method and its settings, shots."""
+    from analysis.labels import method_label  # pandas: only when there is more than one result
+
+    config = source.get("method_config") or {}
+    label = source.get("method_label") or method_label(source["method"], config.get("beta"), config.get("weight"))
+    keys = ("model", "weights_id", "activation", "dataset", "train_dataset")
+    return (*(source.get(key) for key in keys), label, source["shots"], source["subsample"])
+
+
+def _print_seed_means(results: list) -> None:
+    """One line per setting evaluated with several seeds: mean ± std over them (sample std, as `report`)."""
+    import statistics
+
+    if len(results) < 2:
+        return
+    groups: dict[tuple, list] = {}
+    for result in results:
+        groups.setdefault(_seed_group(result.source), []).append(result)
+    for (model, _, _, dataset, trained_on, label, shots, subsample), members in groups.items():
+        if len(members) < 2:
+            continue
+        accuracies = [member.accuracy for member in members]
+        seeds = ", ".join(str(member.source["seed"]) for member in members)
+        where = dataset if trained_on in (None, dataset) else f"{dataset} (trained on {trained_on})"
+        shots_text = "shots not recorded" if shots is None else f"{shots} shots"
+        mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
+        typer.echo(
+            f"mean over seeds: {where}, {label}, {shots_text}, {subsample} classes, {model}: "
+            f"{mean:.2f}% ± {std:.2f} over {len(members)} seeds ({seeds})"
+        )
+
+
+def _zero_shot(
+    model: str | None,
+    pretrained: str | None,
+    dataset: str | None,
+    subsample: str | None,
+    base_to_new: bool,
+    out: Path | None,
+    **options,
+) -> None:
+    """The hand-crafted prompt of CoOp on all classes, one subset, or base then new (`--base-to-new`)."""
+    from nemesis.backbone import example_tag, named_weights
+    from nemesis.evaluate import append_record
+    from nemesis.zero_shot import zero_shot_base_to_new, zero_shot_evaluate
+
+    if model is None or dataset is None:
+        raise NemesisError("--zero-shot needs --model and --dataset (e.g. --model RN50 --pretrained openai)")
+    if pretrained is None:  # random weights are a choice, never what a missing option gives
+        raise NemesisError(
+            f"--zero-shot needs the weights of {model}: --pretrained {example_tag(model)} (a pretrained tag), "
+            "a weights file, or none for random weights"
+        )
+    weights = named_weights(pretrained)
+    if base_to_new:
+        results = zero_shot_base_to_new(model, weights, dataset, **options)
+    else:
+        results = [zero_shot_evaluate(model, weights, dataset, subsample=subsample or "all", **options)]
+    for index, result in enumerate(results):
+        _report(result, header=index == 0)
+    if base_to_new:
+        _print_harmonic_mean(results)
+    if out is not None:
+        for result in results:
+            append_record(out, result.record())
+        typer.echo(f"appended {plural(len(results), 'record')} to {out}")
+
+
+def _print_harmonic_mean(results) -> None:
+    from analysis.tables import harmonic_mean  # pandas: only when asked for
+
+    base, new = (result.accuracy for result in results)
+    typer.echo(f"base {base:.2f}%, new {new:.2f}%, H {harmonic_mean(base, new):.2f}%")
 
 
 def _report(result, header: bool = True) -> None:

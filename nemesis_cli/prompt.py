@@ -54,14 +54,21 @@ def info(
         console.print(f"{name} shape {tuple(tensor.shape)}")
     metadata = Table(show_header=False, box=None)
     for key, value in vars(prompt.metadata).items():
-        if key == "classnames" and value:
-            value = f"{len(value)}: {', '.join(value[:8])}{' ...' if len(value) > 8 else ''}"
-        metadata.add_row(key, Text(str(value)))
+        metadata.add_row(key, Text(_shown(key, value, prompt.metadata.source_format, model)))
     console.print(metadata)
     norms = Table("position", "L2 norm", title="per-position norms")
     for position, norm in enumerate(position_norms(prompt.ctx).tolist()):
         norms.add_row(str(position), f"{norm:.4f}")
     console.print(norms)
+
+
+def _shown(key: str, value: object, source_format: str, model: str | None) -> str:
+    """A metadata value as `info` shows it; what a Dassl file does not record says so."""
+    if key == "classnames" and isinstance(value, list) and value:
+        return f"{len(value)}: {', '.join(value[:8])}{' ...' if len(value) > 8 else ''}"
+    if value is None and source_format == "dassl":
+        return f"{model} (--model; the file does not record it)" if key == "model" and model else "not recorded"
+    return str(value)
 
 
 @app.command("export-dassl")

@@ -50,7 +50,9 @@ def test_offline_tag_fails_at_once_saying_how_to_supply_a_file(monkeypatch, capl
         raise AssertionError("open_clip was asked to build the model")
 
     monkeypatch.setattr(open_clip, "create_model_and_transforms", never)
-    with pytest.raises(NemesisError, match=r"not downloaded yet and HF_HUB_OFFLINE is set.*--pretrained PATH"):
+    offline = r"not downloaded yet and HF_HUB_OFFLINE is set.*--pretrained PATH"
+    offline += r".*to try the toolkit offline: --model tiny --pretrained fmnist"
+    with pytest.raises(NemesisError, match=offline):
         load_clip("RN50", "openai")
     assert not caplog.records  # no logging line before the error
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from figures.demo_pipeline import DemoSettings
@@ -115,3 +118,47 @@ def test_cocoop_labels_match_the_paper_rows():
     assert method_label("cocoop-nemesis", 0.0, 20.0) in BASE_TO_NEW_AVERAGE
     assert method_label("cocoop-nemesis", 1.0, 10.0) == "CoCoOp+Nemesis (PUN, weight 10)"
     assert method_label("nemesis", 0.0, 1.0) == "CoOp+Nemesis (PAN, weight 1)"
+
+
+def _eval_records(runs: list, root, out, *extra: str) -> tuple[list[dict], str]:
+    args = ["eval", *map(str, runs), "--model", "tiny", "--pretrained", "none", "--root", str(root), "--device", "cpu"]
+    args += ["--out", str(out)]
+    result = CliRunner().invoke(app, [*args, *extra])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in out.read_text().splitlines()], result.output
+
+
+def test_symlinked_cocoop_base_to_new_tree_keeps_the_identity_its_path_says(tmp_path):
+    """Seed folders of a CoCoOp base-to-new tree that are links to runs stored elsewhere: the path as
+    given names dataset, shots, seed and the base classes, as a tree of real folders does."""
+    from .test_cocoop_checkpoint import write_cocoop_dassl_checkpoint
+
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(1, 1, 2))
+    store = tmp_path / "store"  # where the runs really are: a path that says nothing
+    for name in ("run-a", "run-b"):
+        torch.manual_seed(len(name))
+        write_cocoop_dassl_checkpoint(store / name, n_cls=2, half=False)
+    config = Path("output/base2new/train_base/oxford_pets/shots_16/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1")
+    linked, copied = tmp_path / "linked" / config, tmp_path / "copied" / config
+    linked.mkdir(parents=True)
+    for seed, name in ((1, "run-a"), (2, "run-b")):
+        (linked / f"seed{seed}").symlink_to(store / name, target_is_directory=True)
+        shutil.copytree(store / name, copied / f"seed{seed}")
+    seeds = ("seed1", "seed2")
+    with_links, output = _eval_records([linked / seed for seed in seeds], root, tmp_path / "linked.jsonl")
+    without, _ = _eval_records([copied / seed for seed in seeds], root, tmp_path / "copied.jsonl")
+    identity = ("dataset", "shots", "seed", "subsample", "method", "n")
+    assert [tuple(row[key] for key in identity) for row in with_links] == [
+        ("oxford_pets", 16, 1, "base", "cocoop", 4),
+        ("oxford_pets", 16, 2, "base", "cocoop", 4),
+    ]
+    drop_path = [{key: value for key, value in row.items() if key != "checkpoint"} for row in with_links]
+    assert drop_path == [{key: value for key, value in row.items() if key != "checkpoint"} for row in without]
+    assert "base classes only" not in output
+    whole_tree, _ = _eval_records([tmp_path / "linked"], root, tmp_path / "tree.jsonl")  # links found in the tree
+    assert whole_tree == with_links
+
+    # --base-to-new on the links: no false note that they were not trained on the base classes
+    _, output = _eval_records([linked / seed for seed in seeds], root, tmp_path / "b2n.jsonl", "--base-to-new")
+    assert "base classes only" not in output

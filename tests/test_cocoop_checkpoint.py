@@ -101,8 +101,9 @@ def test_cocoop_dassl_checkpoint_evaluates(tmp_path):
     write_cocoop_dassl_checkpoint(tmp_path / "seed1", half=False)
     result = CliRunner().invoke(
         app,
-        ["eval", str(tmp_path / "seed1"), "--model", "tiny", "--dataset", "oxford_pets", "--root", str(root),
-         "--subsample", "base", "--prompt-method", "cocoop", "--device", "cpu", "--out", str(tmp_path / "evals.jsonl")],
+        ["eval", str(tmp_path / "seed1"), "--model", "tiny", "--pretrained", "none", "--dataset", "oxford_pets",
+         "--root", str(root), "--subsample", "base", "--prompt-method", "cocoop", "--device", "cpu",
+         "--out", str(tmp_path / "evals.jsonl")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "evals.jsonl").read_text())
@@ -113,7 +114,7 @@ def test_bad_cocoop_input_is_one_line(tmp_path):
     coop = write_dassl_checkpoint(tmp_path / "coop", torch.randn(4, 64))
     cocoop, _ = write_cocoop_dassl_checkpoint(tmp_path / "cocoop")
     wide, _ = write_cocoop_dassl_checkpoint(tmp_path / "wide", embed_dim=512)  # meta-net of a 512-wide model
-    common = ["--model", "tiny", "--dataset", "fashion_mnist", "--device", "cpu"]
+    common = ["--model", "tiny", "--pretrained", "none", "--dataset", "fashion_mnist", "--device", "cpu"]
     fails_with_one_line(["eval", str(coop), *common, "--prompt-method", "cocoop"], "is a coop checkpoint, not cocoop")
     fails_with_one_line(["eval", str(cocoop), *common, "--prompt-method", "coop"], "is a cocoop checkpoint, not coop")
     fails_with_one_line(["eval", str(wide), *common], "meta_net.linear1.weight has shape (32, 512)")

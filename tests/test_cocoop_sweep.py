@@ -40,7 +40,9 @@ def test_cocoop_cells_in_a_batch_equal_cells_alone_i4(tmp_path, data_root):  # n
     correctness = pd.read_parquet(correctness_path(tmp_path / "r.parquet"))
 
     checkpoint = load_checkpoint(path)
-    setup = prepare_evaluation(checkpoint, root=data_root, device="cpu", backbones=_backbones(), progress=False)
+    setup = prepare_evaluation(
+        checkpoint, pretrained="none", root=data_root, device="cpu", backbones=_backbones(), progress=False
+    )
     assert isinstance(setup.learner, CoCoOp)
     cells = GRID.cells(N_CTX)
     batched = evaluate_cells(setup, checkpoint.ctx, cells, variants_per_pass=3)
@@ -57,7 +59,9 @@ def test_cocoop_cells_in_a_batch_equal_cells_alone_i4(tmp_path, data_root):  # n
 @pytest.mark.parametrize("cell", [Cell("replace", 1, 0.0, 0), Cell("rescale", 2, 3.0)])
 def test_corruption_acts_on_ctx_before_the_shift(tmp_path, data_root, cell):  # noqa: F811
     checkpoint = load_checkpoint(_cocoop_prompt(tmp_path))
-    setup = prepare_evaluation(checkpoint, root=data_root, device="cpu", backbones=_backbones(), progress=False)
+    setup = prepare_evaluation(
+        checkpoint, pretrained="none", root=data_root, device="cpu", backbones=_backbones(), progress=False
+    )
     predicted = evaluate_cells(setup, checkpoint.ctx, [cell]).correct[0]
     corrupted = corrupted_variants(checkpoint.ctx, [cell])[0]  # [M, W]
     extra = checkpoint.extra
@@ -84,4 +88,4 @@ def test_a_meta_net_for_another_model_is_refused_before_the_sweep(tmp_path, data
     )
     wide = save_prompt(tmp_path / "wide.safetensors", checkpoint.ctx, checkpoint.metadata, extra)
     with pytest.raises(NemesisError, match="image width 64"):
-        resolve_inputs([wide])
+        resolve_inputs([wide], pretrained="none")

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from nemesis import feature_cache
-from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
+from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.datasets import load_dataset
 from nemesis.errors import NemesisError
 from nemesis.evaluate import coop_result_block, evaluate, macro_f1
@@ -39,7 +39,7 @@ def _prompt(tmp_path, ctx=None, **metadata):
 def test_cached_accuracy_equals_live_encoding(tmp_path, pets_root):
     checkpoint = load_checkpoint(_prompt(tmp_path))
     cache = tmp_path / "cache"
-    result = evaluate(checkpoint, root=pets_root, cache_dir=cache, device="cpu", progress=False)
+    result = evaluate(checkpoint, pretrained="none", root=pets_root, cache_dir=cache, device="cpu", progress=False)
 
     clip = cached_backbone("tiny")
     data = load_dataset("oxford_pets", pets_root)
@@ -56,7 +56,7 @@ def test_cached_accuracy_equals_live_encoding(tmp_path, pets_root):
 
 def test_second_run_encodes_no_image(tmp_path, pets_root):
     path = _prompt(tmp_path)
-    args = ["eval", str(path), "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
+    args = ["eval", str(path), "--pretrained", "none", "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     encoded = feature_cache.encoded_images
@@ -70,8 +70,19 @@ def test_second_run_encodes_no_image(tmp_path, pets_root):
 def test_dassl_checkpoint_named_model_and_record(tmp_path, pets_root):
     write_dassl_checkpoint(tmp_path / "seed1", torch.randn(16, 64) * 0.02, epoch=5)
     out = tmp_path / "eval.jsonl"
-    args = ["eval", str(tmp_path / "seed1"), "--model", "tiny", "--dataset", "oxford_pets", "--root", str(pets_root)]
-    args += ["--shots", "16", "--seed", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    args = ["eval", str(tmp_path / "seed1"), "--model", "tiny", "--pretrained", "none", "--dataset", "oxford_pets"]
+    args += [
+        "--root",
+        str(pets_root),
+        "--shots",
+        "16",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     for _ in range(2):
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
@@ -97,7 +108,7 @@ def test_macro_f1_and_result_block():
 
 
 def _fails_with_one_line(args, expected, cache):
-    fails_with_one_line([*args, "--cache-dir", str(cache)], expected)
+    fails_with_one_line([*args, "--pretrained", "none", "--cache-dir", str(cache)], expected)
     assert not cache.exists() or not any(cache.rglob("*.safetensors"))
 
 
@@ -125,7 +136,8 @@ def test_random_tiny_prompt_on_fashion_mnist_end_to_end(tmp_path):
     ctx = torch.randn(16, 64, generator=torch.Generator().manual_seed(1)) * 0.02
     path = save_prompt(tmp_path / "fm.safetensors", ctx, PromptMetadata(model="tiny", dataset="fashion_mnist"))
     out = tmp_path / "evals.jsonl"
-    result = runner.invoke(app, ["eval", str(path), "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    args = ["eval", str(path), "--pretrained", "none", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "* total: 10,000" in result.output
     record = json.loads(out.read_text())
@@ -137,14 +149,14 @@ def test_random_tiny_prompt_on_fashion_mnist_end_to_end(tmp_path):
 
 def test_other_weights_than_training_are_noted(tmp_path, pets_root):
     path = _prompt(tmp_path, weights_id="sha256:feed")
-    args = ["eval", str(path), "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
+    args = ["eval", str(path), "--pretrained", "none", "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "note: the prompt was trained with weights sha256:feed but runs with random-seed0" in result.output
 
 
 def test_prompt_trained_under_another_activation_is_noted(tmp_path, pets_root):
-    path = _prompt(tmp_path, activation="quickgelu")
+    path = _prompt(tmp_path, activation="quickgelu", weights_id="random-seed0+quickgelu")
     args = ["eval", str(path), "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")]
     result = runner.invoke(app, [*args, "--activation", "gelu"])
     assert result.exit_code == 0, result.output
@@ -155,12 +167,36 @@ def test_prompt_trained_under_another_activation_is_noted(tmp_path, pets_root):
     assert result.exit_code == 0 and "note:" not in result.output and "activation quickgelu" in result.output
 
 
-def test_coop_checkpoints_were_trained_under_quickgelu(tmp_path, pets_root):
+def test_coop_checkpoint_under_gelu_is_noted_as_not_recording_its_activation(tmp_path, pets_root):
     dassl = write_dassl_checkpoint(tmp_path / "coop", torch.zeros(4, 64))
-    args = ["eval", str(dassl), "--model", "tiny", "--dataset", "oxford_pets", "--root", str(pets_root)]
-    result = runner.invoke(app, [*args, "--cache-dir", str(tmp_path / "cache")])
+    args = ["eval", str(dassl), "--model", "tiny", "--pretrained", "none", "--dataset", "oxford_pets"]
+    result = runner.invoke(app, [*args, "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
-    assert "note: " in result.output and "trained under QuickGELU but runs under GELU" in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "does not record the activation it was trained under; it runs under GELU" in notes[0]
+    assert "pass --activation quickgelu for their checkpoints" in notes[0]
+    quick = runner.invoke(app, [*args, "--activation", "quickgelu", "--root", str(pets_root)])
+    assert quick.exit_code == 0 and "note:" not in quick.output  # CoOp's own activation: nothing to say
+
+
+def test_exported_gelu_base_class_cocoop_prompt_gets_no_false_notes(tmp_path, pets_root):
+    """Our GELU-trained CoCoOp prompt of the base classes, exported to Dassl and evaluated back with
+    --base-to-new: no claim that it was trained under QuickGELU or on all classes; each thing the file
+    does not record is said once, with what is assumed."""
+    from .test_cocoop_checkpoint import write_cocoop_dassl_checkpoint
+
+    cocoop = load_checkpoint(write_cocoop_dassl_checkpoint(tmp_path / "cocoop", half=False)[0])
+    ours = PromptMetadata(model="tiny", activation="gelu", dataset="oxford_pets", subsample="base", method="cocoop")
+    (tmp_path / "export").mkdir()
+    exported = export_dassl(PromptCheckpoint(cocoop.ctx, ours, extra=cocoop.extra), tmp_path / "export")
+    args = ["eval", str(exported), "--model", "tiny", "--pretrained", "none", "--dataset", "oxford_pets"]
+    result = runner.invoke(app, [*args, "--base-to-new", "--root", str(pets_root), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "QuickGELU but runs" not in result.output and "not trained on the base classes only" not in result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2, notes
+    assert "does not record the activation it was trained under; it runs under GELU" in notes[0]
+    assert "does not record the classes it was trained on" in notes[1] and "assuming the base classes" in notes[1]
 
 
 def test_coop_checkpoint_of_a_multi_token_init_runs_with_coops_layout(tmp_path, pets_root):
@@ -172,7 +208,14 @@ def test_coop_checkpoint_of_a_multi_token_init_runs_with_coops_layout(tmp_path, 
     with torch.no_grad():
         ctx = clip.model.token_embedding.weight[torch.tensor(tokens)].clone()  # CoOp's init, untrained
     checkpoint = load_checkpoint(write_dassl_checkpoint(tmp_path / "coop", ctx))
-    options = {"model": "tiny", "dataset": "oxford_pets", "root": pets_root, "device": "cpu", "progress": False}
+    options = {
+        "model": "tiny",
+        "pretrained": "none",
+        "dataset": "oxford_pets",
+        "root": pets_root,
+        "device": "cpu",
+        "progress": False,
+    }
     setup = prepare_evaluation(checkpoint, ctx_init="an X-ray of a", cache_dir=tmp_path / "cache", **options)
     texts = [f"an X-ray of a {name}." for name in CLASSES]
     with torch.no_grad():
@@ -180,3 +223,87 @@ def test_coop_checkpoint_of_a_multi_token_init_runs_with_coops_layout(tmp_path, 
     assert difference.abs().max().item() <= 1e-5 and setup.source["ctx_init"] == "an X-ray of a"
     with pytest.raises(NemesisError, match=r"--ctx-init 'a photo of the thing' has 5 words but .* holds 4"):
         prepare_evaluation(checkpoint, ctx_init="a photo of the thing", **options)
+
+
+# --- which weights: named, or the prompt's own record; never random by omission ------------------
+
+
+def test_model_without_weights_is_refused_and_random_weights_are_named(tmp_path, pets_root):
+    """A prompt that records no weights, with --model and no --pretrained: one line saying how to
+    name them, nothing written; --pretrained none runs on random weights and records them as such."""
+    out = tmp_path / "evals.jsonl"
+    path = _prompt(tmp_path)  # model tiny, weights not recorded
+    args = ["eval", str(path), "--model", "tiny", "--root", str(pets_root), "--out", str(out)]
+    result = fails_with_one_line(args, "does not record its weights")
+    assert "--pretrained fmnist" in result.output and "none for random weights" in result.output
+    assert not out.exists()
+    zero_shot = ["eval", "--zero-shot", "--model", "tiny", "--dataset", "oxford_pets", "--root", str(pets_root)]
+    fails_with_one_line(zero_shot, "--zero-shot needs the weights of tiny: --pretrained fmnist")
+
+    result = runner.invoke(app, [*args, "--pretrained", "none", "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "model tiny, random weights" in result.output
+    record = json.loads(out.read_text())
+    assert record["pretrained"] is None and record["weights_id"] == "random-seed0"
+
+
+def test_prompt_trained_on_random_weights_runs_on_them_unnamed(tmp_path, pets_root):
+    path = _prompt(tmp_path, weights_id="random-seed0")  # what `nemesis train --pretrained none` records
+    result = runner.invoke(app, ["eval", str(path), "--root", str(pets_root), "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    assert "model tiny, random weights" in result.output
+
+
+def test_recorded_weights_are_used_only_when_they_are_a_tag_of_the_model():
+    from nemesis.evaluate import choose_weights
+
+    def chosen(used, named=None, **metadata):
+        checkpoint = PromptCheckpoint(torch.zeros(4, 64), PromptMetadata(**metadata), "p.safetensors")
+        return choose_weights(checkpoint, used, named)
+
+    assert chosen("RN50", model="RN50", pretrained="openai") == "openai"
+    assert chosen("tiny", model="tiny", pretrained="fmnist") == "fmnist"
+    assert chosen("tiny", "none", model="tiny", pretrained="fmnist") is None  # named weights win
+    assert chosen("tiny", model="tiny", pretrained="none") is None  # recorded random weights
+    assert chosen("tiny", "w.pt", model="tiny", pretrained="/etc/passwd") == "w.pt"
+    with pytest.raises(NemesisError, match=r"records weights '/etc/passwd', which is not a pretrained tag of tiny"):
+        chosen("tiny", model="tiny", pretrained="/etc/passwd")
+    with pytest.raises(NemesisError, match=r"records weights 'openai', which is not a pretrained tag of tiny"):
+        chosen("tiny", model="tiny", pretrained="openai")
+    with pytest.raises(NemesisError, match=r"was trained on RN50; name the weights of tiny: pass --pretrained fmnist"):
+        chosen("tiny", model="RN50", pretrained="openai")
+
+
+def test_eval_takes_an_output_tree_and_prints_the_mean_over_seeds(tmp_path, pets_root):
+    """A CoOp output tree of 3 seeds at 16 shots and one run at 2 shots: every checkpoint is evaluated,
+    then one line gives the 16-shot mean ± std over its 3 seeds (none for the lone 2-shot run)."""
+    import statistics
+
+    output = tmp_path / "output" / "oxford_pets" / "CoOp"
+    for shots, seed in ((16, 1), (16, 2), (16, 3), (2, 1)):
+        ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed + shots)) * 0.5
+        write_dassl_checkpoint(output / f"rn50_{shots}shots" / "nctx4_cscFalse_ctpend" / f"seed{seed}", ctx, epoch=5)
+    out = tmp_path / "evals.jsonl"
+    args = ["eval", str(tmp_path / "output"), "--model", "tiny", "--pretrained", "none", "--root", str(pets_root)]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((row["shots"], row["seed"]) for row in records) == [(2, 1), (16, 1), (16, 2), (16, 3)]
+    accuracies = [row["accuracy"] for row in records if row["shots"] == 16]
+    means = [line for line in result.output.splitlines() if line.startswith("mean over seeds")]
+    mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
+    setting = "oxford_pets, CoOp, 16 shots, all classes, tiny"
+    assert means == [f"mean over seeds: {setting}: {mean:.2f}% ± {std:.2f} over 3 seeds (1, 2, 3)"]
+
+    (tmp_path / "empty").mkdir()
+    fails_with_one_line(["eval", str(tmp_path / "empty"), "--model", "tiny"], "prompt.safetensors")
+
+
+def test_a_later_prompt_without_weights_is_refused_before_any_record(tmp_path, pets_root):
+    good = _prompt(tmp_path, weights_id="random-seed0")
+    (tmp_path / "other").mkdir()
+    unnamed = _prompt(tmp_path / "other")  # records no weights
+    out = tmp_path / "evals.jsonl"
+    args = ["eval", str(good), str(unnamed), "--root", str(pets_root), "--out", str(out)]
+    fails_with_one_line(args, "does not record its weights")
+    assert not out.exists()

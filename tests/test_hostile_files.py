@@ -23,10 +23,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.errors import NemesisError
 from nemesis.unpickle import load_torch_file, loads_pickle
+from nemesis_cli.main import app
 
 from .conftest import fails_with_one_line
 from .hostile_files import (
@@ -466,7 +468,9 @@ def sweep(tmp_path):
     from nemesis.testing import make_coop_folder
 
     make_coop_folder(tmp_path / "data", "oxford_pets", classnames=SWEEP_CLASSES, per_class=(1, 1, 2))
-    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop")
+    metadata = PromptMetadata(
+        model="tiny", weights_id="random-seed0", dataset="oxford_pets", shots=2, seed=1, method="coop"
+    )  # trained on random weights, and says so
     good = save_prompt(tmp_path / "good.safetensors", torch.randn(4, 64) * 0.5, metadata)
     (tmp_path / "out").mkdir()
     return tmp_path, good, metadata
@@ -480,7 +484,7 @@ def _sweep_args(tmp_path, *checkpoints, extra=()):
 LATE_REFUSALS = {
     "class position": (dict(class_position="sideways"), (4, 64)),
     "subsample": (dict(subsample="weird"), (4, 64)),
-    "weights file not found": (dict(pretrained="/nowhere/weights.pt"), (4, 64)),
+    "not a pretrained tag of tiny": (dict(pretrained="/nowhere/weights.pt"), (4, 64)),
     "classes": ({}, (5, 4, 64)),  # class-specific ctx for 5 classes; the dataset has 3
     "context length": ({}, (75, 64)),
 }
@@ -822,3 +826,32 @@ def test_hostile_checkpoint_is_refused_by_eval_and_corrupt(case, workplace, tmp_
         fails_with_one_line(["eval", str(path), *common, "--out", str(tmp_path / "out" / "e.jsonl")], str(path))
         fails_with_one_line(["corrupt", str(path), *common, "--out", str(tmp_path / "out" / "r.parquet")], str(path))
     assert _snapshot(work, markers, tmp_path) == before
+
+
+@pytest.mark.parametrize("recorded", ["/etc/passwd", "weights file"])
+def test_a_prompt_file_never_chooses_the_weights_file_eval_and_corrupt_read(sweep, recorded):
+    """A prompt's metadata naming a local file (a system file, or real weights) does not make eval or
+    corrupt read it: one line asking for --pretrained, nothing written; named, the file is used."""
+    from nemesis.backbone import file_sha256
+
+    from .conftest import cached_backbone
+
+    tmp_path, _, metadata = sweep
+    weights = tmp_path / "tiny-weights.pt"
+    torch.save(cached_backbone("tiny").model.state_dict(), weights)
+    path = str(weights) if recorded == "weights file" else recorded
+    changes = dict(pretrained=path, weights_id=f"sha256:{file_sha256(weights)}")
+    prompt = save_prompt(tmp_path / "named.safetensors", torch.randn(4, 64), dataclasses.replace(metadata, **changes))
+    evaluation = ["eval", str(prompt), "--root", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache"),
+                  "--device", "cpu", "--out", str(tmp_path / "out" / "e.jsonl")]  # fmt: skip
+    before = _snapshot(tmp_path)
+    for args in (evaluation, _sweep_args(tmp_path, prompt)):
+        result = fails_with_one_line(args, f"records weights '{path}', which is not a pretrained tag of tiny")
+        assert "does not choose which file is read" in result.output and "--pretrained" in result.output
+    assert _snapshot(tmp_path) == before
+
+    result = CliRunner().invoke(app, [*evaluation, "--pretrained", str(weights)])
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.output  # the named file is the one the prompt records
+    record = json.loads((tmp_path / "out" / "e.jsonl").read_text())
+    assert record["pretrained"] == str(weights) and record["weights_id"] == changes["weights_id"]

@@ -30,7 +30,21 @@ def test_info_reads_dassl_folders(tmp_path):
     assert "dassl" in result.output and "22.6274" in result.output  # sqrt(512)
 
 
+def test_info_of_a_dassl_file_shows_the_named_model_and_what_its_tensor_says(tmp_path):
+    write_dassl_checkpoint(tmp_path / "run", torch.ones(16, 512).half(), epoch=10)
+    result = runner.invoke(app, ["prompt", "info", str(tmp_path / "run"), "--model", "RN50"])
+    assert result.exit_code == 0, result.output
+    shown = {
+        parts[0]: parts[1].strip() for line in result.output.splitlines() if len(parts := line.split(None, 1)) == 2
+    }
+    assert shown["model"] == "RN50 (--model; the file does not record it)"
+    assert (shown["n_ctx"], shown["text_width"], shown["class_specific"]) == ("16", "512", "False")
+    assert shown["activation"] == "not recorded" and shown["pretrained"] == "not recorded"
+
+
 def test_bad_input_exits_2_with_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    fails_with_one_line(["prompt", "info", str(tmp_path / "empty")], "looked for prompt.safetensors, prompt_learner/")
     fails_with_one_line(["prompt", "info", str(tmp_path / "missing.pth")], "not found")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     fails_with_one_line(["prompt", "info", str(tmp_path / "notes.txt")], "not a torch checkpoint")

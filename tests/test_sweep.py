@@ -48,7 +48,7 @@ def _prompt(folder, name: str, seed: int, class_specific: bool = False):
 
 
 def _sweep(paths, out, grid, root, **options):
-    inputs = resolve_inputs(paths, **options)
+    inputs = resolve_inputs(paths, **({"pretrained": "none"} | options))
     return run_sweep(inputs, grid, ResultsFile(out), root=root, device="cpu", backbones=_backbones(), progress=False)
 
 
@@ -65,7 +65,9 @@ def test_batched_cells_equal_cells_alone(tmp_path, data_root, class_specific):
     assert len(summary.cells) == len(GRID.cells(N_CTX)) == 1 + 3 * N_CTX + (1 + 2 * 2) * N_CTX
 
     checkpoint = load_checkpoint(path)
-    setup = prepare_evaluation(checkpoint, root=data_root, device="cpu", backbones=_backbones(), progress=False)
+    setup = prepare_evaluation(
+        checkpoint, pretrained="none", root=data_root, device="cpu", backbones=_backbones(), progress=False
+    )
     cells = GRID.cells(N_CTX)
     batched = evaluate_cells(setup, checkpoint.ctx, cells, variants_per_pass=5)  # chunks cut across operators
     accuracies = set()
@@ -176,6 +178,22 @@ def test_sweep_over_a_coop_output_tree_reads_identity_from_paths(tmp_path, data_
     }
     assert kinds[("dtd", 16, 2)] == ("base", "dtd", 2)  # a base-class prompt is recorded as one
     assert kinds[("oxford_pets", 1, 1)] == ("all", "oxford_pets", 4)
+
+
+def test_sweep_of_a_linked_run_folder_reads_identity_from_the_link(tmp_path):
+    """A tree whose seed folder links to a run stored elsewhere: its identity comes from the path as
+    given, while the table names the file once, by its real path, so reruns find its cells."""
+    stored = tmp_path / "store" / "run-a"
+    _coop_run(stored, _ctx(1))
+    seed = tmp_path / "output" / "base2new" / "train_base" / "dtd" / "shots_16" / "CoOp" / "vit_b16_c4" / "seed2"
+    seed.parent.mkdir(parents=True)
+    seed.symlink_to(stored, target_is_directory=True)
+    (item,) = resolve_inputs([seed, stored], model="tiny", pretrained="none")
+    identity = item.identity
+    assert (identity["dataset"], identity["shots"], identity["seed"]) == ("dtd", 16, 2)
+    assert (identity["subsample"], identity["method"]) == ("base", "coop")
+    assert item.file == stored.resolve() / "prompt_learner" / "model.pth.tar-5"
+    assert identity["checkpoint"] == str(item.file)
 
 
 def test_rows_record_the_kind_of_prompt_under_domain_shift(tmp_path, data_root):

@@ -285,7 +285,7 @@ def test_concurrent_writers_and_merges_lose_nothing(tmp_path):
 
 # --- real `nemesis corrupt` processes ----------------------------------------------------------
 
-SUBPROCESS_FLAGS = ("--rescale", "0.5", "--replace", "0", "--positions", "0,1")
+SUBPROCESS_FLAGS = ("--rescale", "0.5", "--replace", "0", "--positions", "0,1", "--pretrained", "none")
 SUBPROCESS_GRID = parse_grid(rescale="0.5", replace="0", positions="0,1")
 
 
@@ -320,7 +320,8 @@ def prompts(tmp_path):
         files.append(save_prompt(tmp_path / f"p{seed}.safetensors", ctx, metadata))
     (tmp_path / "alone").mkdir()
     alone = tmp_path / "alone" / "r.parquet"
-    run_sweep(resolve_inputs(files), SUBPROCESS_GRID, ResultsFile(alone), root=tmp_path / "data", device="cpu",
+    inputs = resolve_inputs(files, pretrained="none")
+    run_sweep(inputs, SUBPROCESS_GRID, ResultsFile(alone), root=tmp_path / "data", device="cpu",
               backbones={("tiny", None): cached_backbone("tiny")}, progress=False)  # fmt: skip
     expected = _table_and_correctness(alone)
     assert len(expected[0]) == 6 * 5

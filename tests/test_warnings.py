@@ -118,7 +118,7 @@ def test_ctrl_c_in_a_sweep_keeps_the_cells(tmp_path, monkeypatch):
 
     monkeypatch.setattr(corrupt.engine, "run_sweep", interrupted)
     out = tmp_path / "lne.parquet"
-    result = CliRunner().invoke(app, ["corrupt", str(prompt), "--out", str(out)])
+    result = CliRunner().invoke(app, ["corrupt", str(prompt), "--pretrained", "none", "--out", str(out)])
     assert result.exit_code == 130, result.output
     assert result.output.strip().splitlines()[-1] == (
         f"interrupted; the cells computed so far are kept in {out}; rerun the same command to finish"

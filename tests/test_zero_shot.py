@@ -79,8 +79,36 @@ def test_eval_and_prompt_info_read_a_coop_output_path(root, tmp_path):
     assert shown["dataset"].strip() == "dtd" and shown["shots"].strip() == "2" and shown["seed"].strip() == "3"
     assert shown["class_position"].strip() == "middle" and shown["method"].strip() == "coop"
     evals = tmp_path / "evals.jsonl"
-    args = ["eval", str(run), "--model", "tiny", "--root", str(root), "--device", "cpu", "--out", str(evals)]
+    args = ["eval", str(run), "--model", "tiny", "--pretrained", "none", "--root", str(root), "--device", "cpu"]
+    args += ["--out", str(evals)]
     result = CliRunner().invoke(app, args)  # no --dataset, --shots or --seed: the path says them
     assert result.exit_code == 0, result.output
     record = json.loads(evals.read_text())
     assert (record["dataset"], record["shots"], record["seed"], record["method"]) == ("dtd", 2, 3, "coop")
+
+
+def test_zero_shot_base_to_new_tests_base_then_new_classes_and_prints_h(root, tmp_path):
+    """`eval --zero-shot --base-to-new`: the hand prompt on the 2 base, then the 2 new classes, one
+    record each in the shape of prompted base-to-new records, and H."""
+    from analysis.tables import harmonic_mean
+
+    evals = tmp_path / "evals.jsonl"
+    args = ["eval", "--zero-shot", "--base-to-new", "--model", "tiny", "--pretrained", "none", "--dataset", "dtd"]
+    result = CliRunner().invoke(app, [*args, "--root", str(root), "--device", "cpu", "--out", str(evals)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in evals.read_text().splitlines()]
+    assert [(row["subsample"], row["n"], row["method"]) for row in records] == [
+        ("base", 6, "zero-shot"),
+        ("new", 6, "zero-shot"),
+    ]
+    assert records[0]["checkpoint"] == records[1]["checkpoint"] and records[0]["pretrained"] is None
+    for record in records:
+        alone = zero_shot_evaluate("tiny", None, "dtd", root, subsample=record["subsample"], device="cpu")
+        assert record["accuracy"] == pytest.approx(alone.accuracy)
+    base, new = (record["accuracy"] for record in records)
+    assert f"base {base:.2f}%, new {new:.2f}%, H {harmonic_mean(base, new):.2f}%" in result.output
+    assert "appended 2 records" in result.output
+
+    from .conftest import fails_with_one_line
+
+    fails_with_one_line([*args, "--subsample", "new"], "drop --subsample")
