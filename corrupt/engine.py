@@ -99,6 +99,7 @@ def cell_rows(
                 "cell_id": cell_id(identity, cell),
                 "checkpoint": identity["checkpoint"],
                 "model": identity["model"],
+                "weights": identity.get("weights"),
                 "dataset": identity["dataset"],
                 "shots": identity["shots"],
                 "seed": identity["seed"],
@@ -286,7 +287,11 @@ def run_sweep(
             else:  # another rank's cell: evaluated here too (one more variant), written by that rank only
                 original = evaluate_cells(setup, checkpoint.ctx, [Cell(ORIGINAL)], variants_per_pass).correct[0]
                 original_accuracy = accuracy_percent(int(original.sum()), original.numel())
-            identity = {**item.identity, "n_classes": len(setup.dataset.classnames)}
+            identity = {
+                **item.identity,
+                "weights": setup.backbone.weights_id,
+                "n_classes": len(setup.dataset.classnames),
+            }
             rows = cell_rows(identity, missing, outcome, original_accuracy)
             correctness = [row.numpy() for row in outcome.correct]
             results.append(rows, correctness)

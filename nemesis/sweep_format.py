@@ -35,6 +35,9 @@ SWEEP_DTYPES = {
     "cell_id": "string",
     "checkpoint": "string",
     "model": "string",
+    # The backbone's weights identity (`Backbone.weights_id`): "random-seed0" for random weights,
+    # "tag:openai", "sha256:<hex>" for a file, "+quickgelu" appended for QuickGELU builds.
+    "weights": "string",
     "dataset": "string",
     "shots": "Int64",
     "seed": "Int64",
@@ -59,8 +62,9 @@ SWEEP_DTYPES = {
 }
 SWEEP_COLUMNS = tuple(SWEEP_DTYPES)
 # Columns added after the first tables were written: an older table reads with them unknown (<NA>),
-# and analysis then shows its prompts as a kind of their own, never beside the paper's numbers.
-KIND_COLUMNS = ("method_variant", "subsample", "train_dataset", "n_classes")
+# and analysis then shows its prompts as a kind of their own, never beside the paper's numbers
+# (unknown weights alone are shown as before: no mark).
+KIND_COLUMNS = ("weights", "method_variant", "subsample", "train_dataset", "n_classes")
 CORRECTNESS_COLUMNS = ("cell_id", "correct")
 CORRECTNESS_SUFFIX = ".correct.parquet"
 CORRECTNESS_SCHEMA = pa.schema([("cell_id", pa.string()), ("correct", pa.list_(pa.bool_()))])

@@ -97,6 +97,7 @@ def test_rows_follow_the_table_schema(tmp_path, data_root):
     assert (table.n == 4 * 8).all() and table.cell_id.is_unique
     assert str(table.shots.dtype) == "Int64" and table.shots.iloc[0] == 4
     assert (table.dataset == "oxford_pets").all() and (table.method == "coop").all()
+    assert (table.weights == "random-seed0").all()  # the backbone's weights id (--pretrained none)
 
 
 def test_interrupted_sweep_resumes_to_the_uninterrupted_table(tmp_path, data_root, monkeypatch):

@@ -42,7 +42,8 @@ SAMPLES = 12
 
 def _identity(number: int) -> dict:
     return {"checkpoint": f"/runs/p{number}.safetensors", "model": "tiny", "pretrained": None,
-            "dataset": "oxford_pets", "subsample": None, "shots": 2, "seed": number, "method": "coop"}  # fmt: skip
+            "weights": "random-seed0", "dataset": "oxford_pets", "subsample": None, "shots": 2, "seed": number,
+            "method": "coop"}  # fmt: skip
 
 
 def checkpoint_cells(number: int) -> tuple[list[dict], list[np.ndarray]]:
@@ -201,6 +202,37 @@ def test_csv_tables_keep_parquet_parts_and_are_written_by_the_merge(tmp_path):
     table = ResultsFile(path, csv=True).table
     pd.testing.assert_frame_equal(table, ResultsFile(tmp_path / "one.parquet").table)
     assert len(pd.read_csv(path)) == len(expected[0])
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_an_older_table_without_the_kind_columns_merges_with_new_parts(tmp_path, suffix):
+    """A table written before `weights` (and the other kind columns) existed: read with them unknown,
+    resumed with parts that have them, merged into one table of every column (CSV alike)."""
+    from corrupt.results import table_frame
+    from nemesis.sweep_format import KIND_COLUMNS, read_sweep_table
+
+    path = tmp_path / f"old{suffix}"
+    rows, correct = checkpoint_cells(1)
+    old = table_frame(rows).drop(columns=list(KIND_COLUMNS))
+    old.to_csv(path, index=False) if suffix == ".csv" else old.to_parquet(path, index=False)
+    pd.DataFrame({"cell_id": old["cell_id"], "correct": [values.tolist() for values in correct]}).to_parquet(
+        correctness_path(path), index=False
+    )
+    results = ResultsFile(path, csv=suffix == ".csv")
+    assert results.table["weights"].isna().all()
+    results.append(*checkpoint_cells(2))
+    results.compact()
+    written = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+    assert list(written.columns) == list(SWEEP_COLUMNS) and list(SWEEP_COLUMNS[:4]) == [
+        "cell_id",
+        "checkpoint",
+        "model",
+        "weights",
+    ]
+    table = read_sweep_table(path).table
+    assert table.loc[table["seed"] == 1, "weights"].isna().all()  # the older rows: weights unknown
+    assert (table.loc[table["seed"] == 2, "weights"] == "random-seed0").all()
+    assert len(load_sweeps([path])) == 2 * len(GRID.cells(N_CTX))
 
 
 def _garbage(path) -> None:
