@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from nemesis.choices import nemesis_variant
+from nemesis.constants import RANDOM_WEIGHTS
 
 # CoOp's dataset keys -> the names the paper prints.
 DATASET_NAMES = {
@@ -94,15 +96,75 @@ def _missing(value: Any) -> bool:
 OWN_DATASET = "own"  # `trained_on` of a prompt tested on the dataset it was trained on
 
 
-def prompt_kind_label(method: Any, subsample: Any = None, trained_on: Any = OWN_DATASET, variant: Any = None) -> str:
+# Results of random weights (`--pretrained none`) are no method's result: their label says so, which
+# also keeps them apart from the same prompt's results on real weights.
+RANDOM_WEIGHTS_MARK = " (random weights)"
+RANDOM_WEIGHTS_LABEL = "random weights"
+_SHORT_HASH = 12  # hex digits of a weights file's SHA-256 shown in labels
+
+
+def is_random_weights_id(weights_id: Any) -> bool:
+    """Whether a backbone's weights id (`Backbone.weights_id`, a sweep's `weights`) is random weights."""
+    return isinstance(weights_id, str) and weights_id.startswith(RANDOM_WEIGHTS)
+
+
+def is_random_weights(pretrained: Any, weights_id: Any = None) -> bool:
+    """Whether a record or run config was made with random weights: `pretrained` null or "none" (the
+    commands' explicit choice), or the random backbone's weights id. A value that is missing altogether
+    (NaN: a record without the key) is not taken for random."""
+    if is_random_weights_id(weights_id):
+        return True
+    return pretrained is None or (isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none"))
+
+
+def weights_label(pretrained: Any, activation: Any = None, weights_id: Any = None) -> str:
+    """The weights as a note names them: "random weights", or the tag or file name and the activation."""
+    if is_random_weights(pretrained, weights_id):
+        return RANDOM_WEIGHTS_LABEL
+    name = "not recorded" if pd.isna(pretrained) else Path(str(pretrained)).name
+    return name if pd.isna(activation) else f"{name}, {activation}"
+
+
+def _short_weights_id(weights_id: str) -> str:
+    """ "tag:openai+quickgelu" -> "openai+quickgelu"; "sha256:<64 hex>" -> "sha256:<12 hex>"."""
+    name, plus, activation = weights_id.partition("+")
+    if name.startswith("tag:"):
+        name = name.removeprefix("tag:")
+    elif name.startswith("sha256:"):
+        name = name[: len("sha256:") + _SHORT_HASH]
+    return name + plus + activation
+
+
+def weights_names(weights_ids: Iterable[Any]) -> dict[Any, str | None]:
+    """What a label says of each weights id of one table (a sweep's `weights` column):
+    "random weights" for random ones; nothing (None) for unknown weights (tables written before the
+    column existed) and for real weights when the table holds one real id only; "weights <id>"
+    (shortened) when it holds several, so their groups read apart."""
+    ids = {value for value in weights_ids if not _missing(value)}
+    real = {value for value in ids if not is_random_weights_id(value)}
+    names: dict[Any, str | None] = {}
+    for value in ids:
+        if is_random_weights_id(value):
+            names[value] = RANDOM_WEIGHTS_LABEL
+        else:
+            names[value] = f"weights {_short_weights_id(str(value))}" if len(real) > 1 else None
+    return names
+
+
+def prompt_kind_label(
+    method: Any, subsample: Any = None, trained_on: Any = OWN_DATASET, variant: Any = None, weights: Any = None
+) -> str:
     """What kind of prompt a sweep group holds: "CoOp", "CoOp, base classes", "CoOp, trained on ImageNet",
-    "CoOp+Nemesis (PAN, weight 20)" (`variant`: the sweep's method_variant).
+    "CoOp+Nemesis (PAN, weight 20)" (`variant`: the sweep's method_variant), "CoOp (random weights)"
+    (`weights`: what `weights_names` says of the group's weights id; None adds nothing).
 
     A table written before sweeps recorded the prompt kind says so: "(classes not recorded)".
     """
     parts = [method_label(None if _missing(method) else str(method))]
     if not _missing(variant) and parts[0].endswith("+Nemesis"):
         parts[0] += f" ({variant})"
+    if not _missing(weights):
+        parts[0] += f" ({weights})"
     if _missing(subsample):
         parts.append("classes not recorded")
     elif str(subsample) != "all":
@@ -112,11 +174,26 @@ def prompt_kind_label(method: Any, subsample: Any = None, trained_on: Any = OWN_
     return ", ".join(parts)
 
 
-def is_paper_kind(method: Any, subsample: Any, trained_on: Any, dataset: Any) -> bool:
-    """Whether a group is the kind of prompt the paper's LNE figure counts: CoOp, all classes, its own dataset."""
+def kind_label(kind: Mapping[str, Any], weights: Mapping[Any, str | None] | None = None) -> str:
+    """`prompt_kind_label` of a group from its prompt-kind column values (a column it lacks is no
+    distinction); `weights`: `weights_names` of the table the group comes from."""
+    weights_id = kind.get("weights")
+    return prompt_kind_label(
+        kind.get("method"),
+        kind.get("subsample", "all"),
+        kind.get("trained_on", OWN_DATASET),
+        kind.get("method_variant"),
+        None if _missing(weights_id) else (weights or {}).get(weights_id),
+    )
+
+
+def is_paper_kind(method: Any, subsample: Any, trained_on: Any, dataset: Any, weights: Any = None) -> bool:
+    """Whether a group is the kind of prompt the paper's LNE figure counts: CoOp, all classes, its own
+    dataset, not random weights (`weights`: the group's weights id; unknown in older tables)."""
     known = not any(_missing(value) for value in (method, subsample, trained_on))
     return (
         known
+        and not is_random_weights_id(weights)
         and str(method) == "coop"
         and str(subsample) == "all"
         and str(trained_on) == OWN_DATASET

@@ -33,7 +33,8 @@ GAINED, LOST, P_VALUE = "gained", "lost", "p_value"
 
 # Columns saying what kind of prompt a cell corrupts; groups never mix kinds unless pooling is asked.
 # `trained_on` is derived from the sweep's train_dataset: "own" for a prompt tested on its own dataset.
-PROMPT_KIND = ("method", "method_variant", "subsample", "trained_on")
+# `weights`: the backbone's weights id, so a prompt on random weights is never counted with real ones.
+PROMPT_KIND = ("method", "method_variant", "subsample", "trained_on", "weights")
 POOLED_NOTE = "pooled over methods and prompt kinds (--pool)"
 
 
@@ -50,7 +51,8 @@ def group_columns(by: str | Sequence[str], pool: bool = False) -> list[str]:
     """The `by` columns plus, unless `pool`, the prompt-kind columns (`PROMPT_KIND`) they lack.
 
     The Low-Norm Effect is a property of one kind of prompt: CoOp and Nemesis prompts, base-class
-    and all-class prompts, or a prompt tested on another dataset than its own are separate groups.
+    and all-class prompts, a prompt tested on another dataset than its own, or on other weights are
+    separate groups.
     """
     columns = parse_by(by)
     return columns if pool else columns + [column for column in PROMPT_KIND if column not in columns]
@@ -58,8 +60,16 @@ def group_columns(by: str | Sequence[str], pool: bool = False) -> list[str]:
 
 def with_prompt_kind(cells: pd.DataFrame) -> pd.DataFrame:
     """A copy with `trained_on`: "own" where a prompt is tested on the dataset it was trained on,
-    else that training dataset (domain shift); <NA> where the table does not say."""
+    else that training dataset (domain shift); <NA> where the table does not say. Rows of unknown
+    `weights` (written before the column existed) take those of their checkpoint key's other rows
+    (a sweep that resumed an older table), so one prompt on one backbone stays one group."""
     marked = cells.copy()
+    if "weights" in marked:
+        keys = marked["cell_id"].map(lambda value: checkpoint_key_of(str(value)))
+        known = marked["weights"].notna()
+        of_key = marked["weights"][known].groupby(keys[known]).first()
+        weights = marked["weights"].astype("string")
+        marked["weights"] = weights.fillna(keys.map(of_key).astype("string"))
     train = marked["train_dataset"].astype("string") if "train_dataset" in marked else pd.NA
     own = train == marked["dataset"].astype("string")
     marked["trained_on"] = pd.Series(train, index=marked.index, dtype="string").where(~own.fillna(False), OWN_DATASET)
@@ -249,7 +259,7 @@ def lne_frequency(
 ) -> pd.DataFrame:
     """LNE frequency per group, summed over everything not in `by` (seeds, positions, settings).
 
-    Groups are `by` plus the prompt kind (method, subsample, training dataset) unless `pool`.
+    Groups are `by` plus the prompt kind (method, subsample, training dataset, weights) unless `pool`.
     Columns: the group columns, then cells (corrupted cells), reducing (norm-reducing cells),
     frequency (occurrences), rate_percent (100 * frequency / reducing; NaN without reducing cells),
     increasing, degrading (increasing cells with lower accuracy) and degradation_rate_percent

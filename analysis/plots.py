@@ -29,7 +29,7 @@ from nemesis.errors import NemesisError
 from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
-from .labels import OWN_DATASET, dataset_name, prompt_kind_label, shots_label
+from .labels import dataset_name, kind_label, shots_label, weights_names
 from .low_norm_effect import (
     DEGRADATION_RATE,
     POOLED_NOTE,
@@ -112,16 +112,18 @@ def _category_label(column: str, value) -> str:
     return "n/a" if value is None or pd.isna(value) else str(value)
 
 
-def _series_label(columns: Sequence[str], key: Sequence, fixed: dict | None = None) -> str:
-    """A legend label: the grouping values, the kind of prompt (with the `fixed` kind values) as one phrase."""
+def _series_label(columns: Sequence[str], key: Sequence, fixed: dict | None = None, weights: dict | None = None) -> str:
+    """A legend label: the grouping values, the kind of prompt (with the `fixed` kind values) as one
+    phrase; `weights`: `weights_names` of the plotted table."""
     values = dict(zip(columns, key, strict=True))
     parts = [_category_label(column, value) for column, value in values.items() if column not in PROMPT_KIND]
     if any(column in values for column in PROMPT_KIND):
-        kind = (fixed or {}) | values
-        subsample = kind.get("subsample", "all")  # a column not grouped by is not a distinction
-        trained_on = kind.get("trained_on", OWN_DATASET)
-        parts.append(prompt_kind_label(kind.get("method"), subsample, trained_on, kind.get("method_variant")))
+        parts.append(kind_label((fixed or {}) | values, weights))  # a column not grouped by is not a distinction
     return " / ".join(parts)
+
+
+def _weights_names(table: pd.DataFrame) -> dict:
+    return weights_names(table["weights"]) if "weights" in table else {}
 
 
 def _single_kind(table: pd.DataFrame, columns: Sequence[str]) -> dict:
@@ -186,7 +188,7 @@ def frequency_table_and_figure(
     """The frequency table of `lne_frequency` and its figure: the paper's LNE figure, the companion
     figure with `degradation` (share of norm-increasing cells that lower accuracy), or with
     `by="position"` the position x factor heat map of the mean accuracy change. Kinds of prompt
-    (method, class subset, training dataset) stay apart unless `pool`."""
+    (method, class subset, training dataset, weights) stay apart unless `pool`."""
     columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
     table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha, pool=pool)
     if columns == ["position"]:
@@ -227,6 +229,7 @@ def plot_frequency_table(
     if degradation:
         require_rates(table, columns, DEGRADATION_RATE)
     fixed = _single_kind(table, columns)
+    weights = _weights_names(table)
     asked = [column for column in parse_by(by) if column in columns]  # without the prompt-kind columns
     x_column = "shots" if "shots" in asked else asked[-1]
     series_columns = [column for column in columns if column != x_column and column not in fixed]
@@ -251,7 +254,7 @@ def plot_frequency_table(
             if not match.empty:
                 positions.append(position)
                 values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
-        label = _series_label(series_columns, key, fixed)
+        label = _series_label(series_columns, key, fixed, weights)
         axes.plot(
             positions,
             values,
@@ -281,7 +284,7 @@ def plot_frequency_table(
     counted = "increasing" if degradation else "reducing"
     pooled = f"; {POOLED_NOTE}" if pool else ""
     if fixed and len(fixed) == len([column for column in columns if column in PROMPT_KIND]):
-        pooled = f"; prompts: {_series_label(list(fixed), list(fixed.values()))}" + pooled
+        pooled = f"; prompts: {_series_label(list(fixed), list(fixed.values()), weights=weights)}" + pooled
     axes.set_title(
         f"{title}\neach point: {_count_range(table['cells'])} corrupted cells ({_count_range(table[counted])} "
         f"norm-{counted}), {_summed_over(columns)}{pooled}",
@@ -334,9 +337,11 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
     panels = figure.subplots(1, len(maps), squeeze=False)[0]
     factor_names = {"rescale": "tau", "replace": "sigma"}
     colour_map = matplotlib.colormaps["RdBu"]
-    kind_columns = [] if pool else list(PROMPT_KIND)  # the key order of `mean_change_by_position`
     corrupted = with_prompt_kind(cells[cells["op"] != "original"])
+    # the key order of `mean_change_by_position`
+    kind_columns = [] if pool else [column for column in PROMPT_KIND if column in corrupted.columns]
     single = _single_kind(corrupted, kind_columns)
+    weights = _weights_names(corrupted)
     image = None
     for axes, (key, frame) in zip(panels, maps.items(), strict=True):
         op, kind = key[0], dict(zip(kind_columns, key[1:], strict=True))
@@ -360,7 +365,7 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
         if reducing and len(reducing) < len(frame.columns) and reducing == list(range(len(reducing))):
             axes.axvline(len(reducing) - 0.5, color="black", linewidth=1.5)
         varying = {column: value for column, value in kind.items() if column not in single}
-        title = f"{op}, {_series_label(list(kind), list(kind.values()))}" if varying else op
+        title = f"{op}, {_series_label(list(kind), list(kind.values()), weights=weights)}" if varying else op
         axes.set_title(title)
         rule = "; norm-reducing factors left of the rule" if axes.lines else ""
         axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{plural(len(panel_cells), 'cell')}{rule}")
@@ -368,7 +373,7 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
     figure.colorbar(image, ax=list(panels), label="mean accuracy change (pp)")
     pooled = f" ({POOLED_NOTE})" if pool else ""
     if single and len(single) == len(kind_columns):
-        pooled = f" (prompts: {_series_label(list(single), list(single.values()))})"
+        pooled = f" (prompts: {_series_label(list(single), list(single.values()), weights=weights)})"
     figure.suptitle(f"Mean accuracy change by corrupted position{pooled}")
     return figure
 

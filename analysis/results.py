@@ -18,12 +18,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from nemesis.constants import RANDOM_WEIGHTS, RUN_PROMPT
+from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
 from nemesis.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_sweep_table
 
 from .coop_logs import is_dassl_log, read_dassl_log
-from .labels import method_label, method_label_from_config
+from .labels import (
+    RANDOM_WEIGHTS_MARK,
+    is_random_weights,
+    method_label,
+    method_label_from_config,
+    weights_label,
+)
 
 SWEEP_SUFFIXES = (".parquet", ".csv")
 
@@ -54,28 +60,6 @@ EVAL_COLUMNS = (
     "accuracy",
 )
 EVAL_OPTIONAL_COLUMNS = ("pretrained", "weights_id", "activation", "method_label", "macro_f1")
-
-# Results of random weights (`--pretrained none`) are no method's result: their label says so, which
-# also keeps them apart from the same prompt's results on real weights.
-RANDOM_WEIGHTS_MARK = " (random weights)"
-RANDOM_WEIGHTS_LABEL = "random weights"
-
-
-def is_random_weights(pretrained: Any, weights_id: Any = None) -> bool:
-    """Whether a record or run config was made with random weights: `pretrained` null or "none" (the
-    commands' explicit choice), or the random backbone's weights id. A value that is missing altogether
-    (NaN: a record without the key) is not taken for random."""
-    if isinstance(weights_id, str) and weights_id.startswith(RANDOM_WEIGHTS):
-        return True
-    return pretrained is None or (isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none"))
-
-
-def weights_label(pretrained: Any, activation: Any = None, weights_id: Any = None) -> str:
-    """The weights as a note names them: "random weights", or the tag or file name and the activation."""
-    if is_random_weights(pretrained, weights_id):
-        return RANDOM_WEIGHTS_LABEL
-    name = "not recorded" if pd.isna(pretrained) else Path(str(pretrained)).name
-    return name if pd.isna(activation) else f"{name}, {activation}"
 
 
 @dataclass

@@ -25,13 +25,13 @@ from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import (
     IMAGENET_VARIANTS,
     MISSING_LABEL,
-    OWN_DATASET,
     PAPER_DATASETS,
     ZERO_SHOT_METHOD,
     dataset_name,
     is_paper_kind,
-    prompt_kind_label,
+    kind_label,
     shots_label,
+    weights_names,
 )
 from .low_norm_effect import DEGRADATION_RATE, POOLED_NOTE, PROMPT_KIND, RATE, lne_frequency, parse_by
 from .results import Run, runs_frame
@@ -547,8 +547,9 @@ def lne_frequency_table(
     """LNE frequency (occurrences), rate and degradation rate per group; by dataset x shots it is
     laid out as the paper's figure: one row per dataset and kind of prompt, one column per shots
     value, cells "frequency (rate); degr. degradation rate". Groups never mix kinds of prompt
-    (method, class subset, training dataset) unless `pool`, which the title then states; the
-    paper's numbers appear only under the CoOp all-class row of one of its datasets.
+    (method, class subset, training dataset, weights) unless `pool`, which the title then states;
+    groups on random weights are labelled so, several real weights ids are named; the paper's
+    numbers appear only under the CoOp all-class row of one of its datasets, never on random weights.
     `duplicate_cells` (dropped by the loader) is stated in the notes."""
     columns = parse_by(by)
     frequency = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha, pool=pool)
@@ -557,14 +558,10 @@ def lne_frequency_table(
     def kind_of(item) -> tuple:  # missing values as None, so that kinds compare equal
         return tuple(None if pd.isna(value) else value for value in (getattr(item, column) for column in kind_columns))
 
+    weights = weights_names(frequency["weights"]) if "weights" in kind_columns else {}
+
     def label_of(kind: tuple) -> str:
-        values = dict(zip(kind_columns, kind, strict=True))
-        return prompt_kind_label(
-            values.get("method"),
-            values.get("subsample", "all"),
-            values.get("trained_on", OWN_DATASET),
-            values.get("method_variant"),
-        )
+        return kind_label(dict(zip(kind_columns, kind, strict=True)), weights)
 
     data = frequency.copy()
     data.insert(0, "origin", OURS)
@@ -613,7 +610,7 @@ def lne_frequency_table(
             display_rows.append(row)
             values = dict(zip(kind_columns, kind, strict=True))
             same_kind = not pool and is_paper_kind(
-                values.get("method"), values.get("subsample"), values.get("trained_on"), dataset
+                values.get("method"), values.get("subsample"), values.get("trained_on"), dataset, values.get("weights")
             )
             published = paper_numbers.LNE_FREQUENCY.get(dataset) if paper and same_kind else None
             if published:

@@ -37,7 +37,8 @@ PoolOption = Annotated[
     bool,
     typer.Option(
         "--pool",
-        help="Count CoOp and Nemesis prompts, base-class and all-class prompts together (the title says so); "
+        help="Count CoOp and Nemesis prompts, base-class and all-class prompts, random and real weights together "
+        "(the title says so); "
         "by default each method and kind of prompt is its own group.",
     ),
 ]

@@ -158,7 +158,7 @@ def _cells_table(title: str, cells) -> Table:
 
 def print_summary(summary: SweepSummary, results: ResultsFile, console: Console) -> None:
     """One screen: what ran, where it went, the Low-Norm Effect count per kind of prompt, best and worst cells."""
-    from analysis.labels import prompt_kind_label
+    from analysis.labels import kind_label, weights_names
     from analysis.low_norm_effect import PROMPT_KIND, with_prompt_kind
 
     total = summary.computed + summary.skipped
@@ -173,15 +173,11 @@ def print_summary(summary: SweepSummary, results: ResultsFile, console: Console)
         f"results: {results.path} (per-sample correctness: {results.correctness_path})", soft_wrap=True, markup=False
     )
     # One count per kind of prompt: the Low-Norm Effect of CoOp and Nemesis prompts is never pooled.
+    # Labels as the LNE tables give them: random weights marked, several real weights named.
+    weights = weights_names(with_prompt_kind(summary.cells)["weights"])
     reducing = with_prompt_kind(summary.reducing)
     for kind, group in reducing.groupby(list(PROMPT_KIND), dropna=False, sort=True):
-        values = dict(zip(PROMPT_KIND, kind, strict=True))  # by name: PROMPT_KIND's order is not the label's
-        label = prompt_kind_label(
-            method=values["method"],
-            subsample=values["subsample"],
-            trained_on=values["trained_on"],
-            variant=values["method_variant"],
-        )
+        label = kind_label(dict(zip(PROMPT_KIND, kind, strict=True)), weights)
         raised = int((group["delta_acc"] > 0).sum())
         console.print(
             f"norm-reducing cells that raised accuracy, {label}: {raised} of {len(group)}", soft_wrap=True, markup=False

@@ -60,6 +60,7 @@ def checkpoint_rows(
     train_dataset: str | None = None,
     n_classes: int = 37,
     method_variant: str | None = None,
+    weights: str | None = None,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Rows of one checkpoint (its original row first) and their per-sample correctness.
 
@@ -70,7 +71,8 @@ def checkpoint_rows(
     key = checkpoint if key is None else key
     original = np.zeros(n, dtype=bool)
     original[:correct] = True
-    base = {"checkpoint": checkpoint, "model": model, "dataset": dataset, "shots": shots, "seed": seed}
+    base = {"checkpoint": checkpoint, "model": model, "weights": weights, "dataset": dataset, "shots": shots}
+    base |= {"seed": seed}
     base |= {"method": method, "method_variant": method_variant}
     base |= {"subsample": subsample, "train_dataset": train_dataset or dataset, "n_classes": n_classes}
     rows = [

@@ -135,9 +135,65 @@ def test_summary_names_each_kind_of_prompt(setting):
     assert result.exit_code == 0, result.output
     lines = [line.split(":")[0] for line in result.output.splitlines() if line.startswith("norm-reducing")]
     prefix = "norm-reducing cells that raised accuracy, "
-    assert sorted(lines) == sorted(
-        prefix + kind for kind in ("CoOp", "CoOp, base classes", "CoOp+Nemesis (PUN, weight 1)")
-    ), result.output
+    kinds = (
+        "CoOp (random weights)",
+        "CoOp (random weights), base classes",
+        "CoOp+Nemesis (PUN, weight 1) (random weights)",
+    )
+    assert sorted(lines) == sorted(prefix + kind for kind in kinds), result.output
+
+
+def _weights_files(folder) -> list:
+    """Two weights files of tiny (its random weights, logit scale changed): two real weights ids, cheaply."""
+    from .conftest import cached_backbone
+
+    state = cached_backbone("tiny").model.state_dict()
+    files = []
+    for number in (1, 2):
+        path = folder / f"weights{number}.pt"
+        torch.save(state | {"logit_scale": state["logit_scale"] + number}, path)
+        files.append(path)
+    return files
+
+
+def test_sweeps_on_other_weights_stay_apart_and_random_weights_are_marked(setting):
+    from analysis import lne_frequency, lne_frequency_table, load_sweeps
+    from nemesis.backbone import file_sha256
+
+    tmp_path, prompt = setting
+    files = _weights_files(tmp_path)
+    ids = [f"sha256:{file_sha256(path)}" for path in files]
+    out = tmp_path / "out" / "r.parquet"
+    args = _args(tmp_path, prompt, "--rescale", "0.001,0.5", "--positions", "0,1")  # with --pretrained none
+    summary = "norm-reducing cells that raised accuracy, "
+    random = runner.invoke(app, args)
+    assert random.exit_code == 0, random.output
+    assert f"{summary}CoOp (random weights): " in random.output
+    real = runner.invoke(app, [*args, "--pretrained", str(files[0])])  # the same prompt on real weights
+    assert real.exit_code == 0, real.output
+    assert "5 computed" in real.output and f"{summary}CoOp: " in real.output  # one real id: nothing added
+
+    table = pd.read_parquet(out)
+    assert list(table.columns[:4]) == ["cell_id", "checkpoint", "model", "weights"]
+    assert table.groupby("weights").size().to_dict() == {"random-seed0": 5, ids[0]: 5}
+    frequency = lne_frequency(load_sweeps([out]))
+    assert sorted(frequency["weights"]) == ["random-seed0", ids[0]] and set(frequency["cells"]) == {4}
+    display = lne_frequency_table(load_sweeps([out])).display
+    rows = list(zip(display["Dataset"], display["Prompts"], strict=True))
+    assert rows == [
+        ("OxfordPets", "CoOp (random weights)"),  # no paper row beside it
+        ("OxfordPets", "CoOp"),
+        ("OxfordPets [paper]", "CoOp"),
+    ]
+
+    other = runner.invoke(app, [*args, "--pretrained", str(files[1])])
+    assert other.exit_code == 0, other.output
+    report = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    written = (tmp_path / "report" / "lne_frequency.md").read_text()
+    named = [f"| OxfordPets | CoOp (weights {weights_id[: len('sha256:') + 12]}) |" for weights_id in ids]
+    assert all(name in written for name in named), written  # two real ids: each named
+    assert "| OxfordPets | CoOp (random weights) |" in written and "| OxfordPets | CoOp |" not in written
 
 
 def test_a_run_folder_gives_its_data_folder(setting):

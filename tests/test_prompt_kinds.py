@@ -140,12 +140,77 @@ def test_a_sweep_records_which_nemesis_a_prompt_was_trained_with(tmp_path):
 
 def test_old_tables_without_kind_columns_read_as_unknown_kind(tmp_path):
     frame = sweep_frame([row for rows, _ in _parts()[:2] for row in rows])
-    old = frame.drop(columns=["subsample", "train_dataset", "n_classes"])
+    old = frame.drop(columns=["weights", "subsample", "train_dataset", "n_classes"])
     typed = typed_sweep_frame(old, "old table")
     assert list(typed.columns) == list(SWEEP_COLUMNS)
-    assert typed["subsample"].isna().all() and typed["n_classes"].isna().all()
+    assert typed["subsample"].isna().all() and typed["n_classes"].isna().all() and typed["weights"].isna().all()
     path = tmp_path / "old.parquet"
     old.to_parquet(path, index=False)
     pd.DataFrame({"cell_id": [], "correct": []}).to_parquet(tmp_path / "old.correct.parquet")
     table = lne_frequency_table(load_sweeps([path]))
     assert list(table.display["Prompts"]) == ["CoOp, classes not recorded"]  # and no [paper] row beside it
+    # A table of the last format before `weights`: unknown weights are no mark, and the paper stays beside it.
+    path = tmp_path / "before_weights.parquet"
+    frame.drop(columns=["weights"]).to_parquet(path, index=False)
+    pd.DataFrame({"cell_id": [], "correct": []}).to_parquet(tmp_path / "before_weights.correct.parquet")
+    table = lne_frequency_table(load_sweeps([path]))
+    assert list(zip(table.display["Dataset"], table.display["Prompts"], strict=True)) == [
+        ("DTD", "CoOp"),
+        ("DTD [paper]", "CoOp"),
+    ]
+
+
+RANDOM, FILE_A, FILE_B = "random-seed0", "sha256:" + "a" * 64, "tag:openai+quickgelu"
+
+
+def _on_weights(*weights_ids: str) -> pd.DataFrame:
+    """The same CoOp prompt of DTD swept on each of `weights_ids` (another checkpoint key each, as in a sweep)."""
+    parts = [
+        checkpoint_rows("coop1", [reducing(gained=1), reducing(lost=1)], dataset="dtd", key=f"k{number}", weights=ids)
+        for number, ids in enumerate(weights_ids)
+    ]
+    return sweep_frame([row for rows, _ in parts for row in rows])
+
+
+def test_prompts_on_random_weights_are_a_group_of_their_own_and_marked():
+    cells = _on_weights(RANDOM, FILE_A)
+    assert lne_frequency(cells).set_index("weights")["cells"].to_dict() == {RANDOM: 2, FILE_A: 2}
+    table = lne_frequency_table(cells)
+    assert list(zip(table.display["Dataset"], table.display["Prompts"], strict=True)) == [
+        ("DTD", "CoOp (random weights)"),  # the paper's numbers never beside it
+        ("DTD", "CoOp"),  # one real weights id: nothing added
+        ("DTD [paper]", "CoOp"),
+    ]
+    by_position = lne_frequency_table(cells, by="position").display
+    assert list(by_position["prompts"]) == ["CoOp (random weights)", "CoOp"]
+    _, figure = frequency_table_and_figure(cells)
+    assert [line.get_label() for line in figure.axes[0].get_lines()] == ["DTD / CoOp (random weights)", "DTD / CoOp"]
+    _, figure = frequency_table_and_figure(cells, by="position")
+    titles = [axes.get_title() for axes in figure.axes if axes.get_label() != "<colorbar>"]
+    assert titles == ["rescale, CoOp (random weights)", "rescale, CoOp"]
+    pooled = lne_frequency_table(cells, pool=True)
+    assert list(pooled.display["Dataset"]) == ["DTD"] and pooled.display["1 shot"].item().startswith("2 (")
+
+    alone = _on_weights(RANDOM)
+    assert list(lne_frequency_table(alone).display["Prompts"]) == ["CoOp (random weights)"]
+    _, figure = frequency_table_and_figure(alone)
+    assert "prompts: CoOp (random weights)" in figure.axes[0].get_title(loc="left")
+
+
+def test_several_real_weights_are_named_in_labels():
+    cells = _on_weights(FILE_A, FILE_B, RANDOM)
+    prompts = list(lne_frequency_table(cells).display["Prompts"])
+    assert prompts == [
+        "CoOp (random weights)",
+        "CoOp (weights sha256:aaaaaaaaaaaa)",
+        "CoOp",  # the paper row beside the real weights
+        "CoOp (weights openai+quickgelu)",
+        "CoOp",
+    ]
+
+
+def test_a_resumed_older_table_keeps_one_group_per_prompt():
+    """Rows written before `weights` existed take the weights of their checkpoint's newer rows."""
+    cells = _on_weights(FILE_A)
+    cells.loc[cells.index[:2], "weights"] = pd.NA  # the original row and the first cell: the older table's
+    assert lne_frequency(cells)["weights"].tolist() == [FILE_A]
