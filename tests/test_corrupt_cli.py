@@ -221,17 +221,3 @@ def test_progress_lines_name_the_method(setting):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("corrupting")]
     assert lines and all(line.startswith("corrupting oxford_pets coop shots 2 seed 1") for line in lines), lines
-
-
-def test_ctrl_c_before_the_first_cell_says_nothing_was_written(setting, monkeypatch):
-    import corrupt.engine
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    tmp_path, prompt = setting
-    monkeypatch.setattr(corrupt.engine, "run_sweep_job", interrupted)
-    result = runner.invoke(app, _args(tmp_path, prompt, "--rescale", "0.5"))
-    assert result.exit_code == 130
-    assert "interrupted before the first cell; nothing was written to" in result.output
-    assert not (tmp_path / "out" / "r.parquet").exists()

@@ -104,7 +104,10 @@ def test_one_call_loads_the_backbone_once_and_its_tree_reads_everywhere(data_roo
     inputs = resolve_inputs([out])  # what `nemesis corrupt` reads
     assert len(inputs) == 16 and {item.identity["method"] for item in inputs} == {"coop", "nemesis"}
     runs = analysis.load_runs([out])  # what plot-norms and report read
-    assert len(runs) == 16 and {run.label for run in runs} == {"CoOp", "CoOp+Nemesis (PAN, weight 1)"}
+    assert len(runs) == 16 and {run.label for run in runs} == {
+        "CoOp (random weights)",
+        "CoOp+Nemesis (PAN, weight 1) (random weights)",
+    }
     again = CliRunner().invoke(app, acceptance_grid(data_root, out))
     assert again.exit_code == 0 and "grid: 0 trained, 16 skipped" in again.output, again.output
 
@@ -243,7 +246,7 @@ def test_a_killed_sweep_reruns_to_the_uninterrupted_table(
 def test_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path):
     prompt = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata(model="tiny", dataset="dtd"))
     arguments = ["corrupt", str(prompt), "--out", str(tmp_path / "lne.parquet"), "--root", str(tmp_path / "nope"),
-                 "--rescale", "0.5", "--device", "cpu"]  # fmt: skip
+                 "--rescale", "0.5", "--device", "cpu", "--pretrained", "none"]  # fmt: skip
     result = run_torchrun(2, arguments)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

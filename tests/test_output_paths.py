@@ -105,8 +105,11 @@ TRAIN = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--n-ctx", "
 # command(inputs) -> arguments without --out, and the file the command writes under --out ("": --out itself)
 WRITING_COMMANDS = {
     "train": (lambda inputs: ["train", "--dataset", "oxford_pets", *_data(inputs), *TRAIN], "prompt.safetensors"),
-    "eval": (lambda inputs: ["eval", str(inputs["prompt"]), *_data(inputs)], ""),
-    "corrupt": (lambda inputs: ["corrupt", str(inputs["prompt"]), *_data(inputs), "--rescale", "0.5"], ""),
+    "eval": (lambda inputs: ["eval", str(inputs["prompt"]), "--pretrained", "none", *_data(inputs)], ""),
+    "corrupt": (
+        lambda inputs: ["corrupt", str(inputs["prompt"]), "--pretrained", "none", *_data(inputs), "--rescale", "0.5"],
+        "",
+    ),
     "plot-frequency": (lambda inputs: ["plot-frequency", str(inputs["sweep"])], ".png"),
     "plot-norms": (lambda inputs: ["plot-norms", str(inputs["run"])], ".png"),
     "report": (lambda inputs: ["report", str(inputs["sweep"])], "lne_frequency.md"),

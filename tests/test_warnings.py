@@ -110,7 +110,7 @@ def test_ctrl_c_in_training_says_how_to_go_on(pets, tmp_path, monkeypatch):
     assert resumed.exit_code == 0 and "resumed after epoch 1" in resumed.output
 
 
-def test_ctrl_c_in_a_sweep_keeps_the_cells(tmp_path, monkeypatch):
+def test_ctrl_c_before_the_first_cell_says_nothing_was_written(tmp_path, monkeypatch):
     prompt = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata(model="tiny", dataset="dtd"))
 
     def interrupted(*args, **kwargs):
@@ -121,8 +121,9 @@ def test_ctrl_c_in_a_sweep_keeps_the_cells(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["corrupt", str(prompt), "--pretrained", "none", "--out", str(out)])
     assert result.exit_code == 130, result.output
     assert result.output.strip().splitlines()[-1] == (
-        f"interrupted; the cells computed so far are kept in {out}; rerun the same command to finish"
+        f"interrupted before the first cell; nothing was written to {out}; rerun the same command"
     )
+    assert not out.exists()
 
 
 def test_subsample_new_on_an_all_class_prompt_warns_and_eval_takes_the_runs_root(run):
