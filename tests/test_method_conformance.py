@@ -1,9 +1,10 @@
 """One conformance suite over every registered prompt method (issue 19, item 6).
 
 Each check runs for every name in `PROMPT_METHODS`, so a newly registered method gets it by
-registering, and for `coop-shift`, a method defined and registered only here (CoOp with a second
-learned tensor). Checks that `coop-shift` cannot pass without changes to generic code are strict
-xfails naming the code that blocks them: they flip when issue 19 makes methods plug-ins.
+registering, and for two methods defined and registered only here: `coop-shift` (CoOp with a second
+learned tensor) and `coop-mean2` (two prompts [2, M, W] per class, averaged: PLOT's ctx shape).
+Checks that they cannot pass without changes to generic code are strict xfails naming the code
+that blocks them: they flip when issue 19 makes methods plug-ins.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from typer.testing import CliRunner
 
 from analysis.report import make_report
@@ -23,6 +26,7 @@ from nemesis.checksum import tensors_sha256
 from nemesis.cocoop import embed_dim_of
 from nemesis.errors import NemesisError
 from nemesis.evaluate import prepare_evaluation
+from nemesis.losses import position_norms
 from nemesis.prompt_learner import PromptedCLIP, PromptLearner
 from nemesis.prompt_methods import PROMPT_METHODS, PromptMethod, build_learner
 from nemesis.testing import make_coop_folder
@@ -69,36 +73,122 @@ class ShiftedCoOp(PromptLearner):
         return ShiftedCoOp(self.clip, classnames, ctx=other.ctx.detach(), shift=self.shift.detach(), **options)
 
 
-TEST_METHOD = ShiftedCoOp.method
+class AveragedCoOp(nn.Module):
+    """Two unified prompts [2, M, W] for every class, their text features averaged (PLOT's ctx shape)."""
+
+    method = "coop-mean2"
+
+    def __init__(self, clip, classnames, n_ctx: int = 16, seed: int = 0, ctx: torch.Tensor | None = None, **options):
+        super().__init__()
+        n_ctx = n_ctx if ctx is None else ctx.shape[-2]
+        self.prompts = PromptLearner(clip, classnames, n_ctx=n_ctx, seed=seed, **options)  # the layout and text pass
+        if ctx is None:
+            shape = (2, *self.prompts.ctx.shape)
+            ctx = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+        if ctx.dim() != 3 or ctx.shape[0] != 2:
+            raise NemesisError(f"{self.method} learns ctx [2, M, W], not {tuple(ctx.shape)}")
+        self.prompts.ctx.requires_grad_(False)  # unused: ctx below is what is learned
+        self.ctx = nn.Parameter(ctx.detach().float().clone().to(self.prompts.ctx.device))
+        self.clip = clip
+
+    n_ctx = property(lambda self: self.prompts.n_ctx)
+    n_classes = property(lambda self: self.prompts.n_classes)
+    classnames = property(lambda self: self.prompts.classnames)
+    class_specific = property(lambda self: False)
+    class_position = property(lambda self: self.prompts.class_position)
+
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        return {}
+
+    @classmethod
+    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
+        n_variants, _, n_ctx, width = ctx_variants.shape  # [K, 2, M, W]
+        text = self.prompts.encode(ctx_variants.reshape(n_variants * 2, n_ctx, width))  # [2K, n_cls, D]
+        text = F.normalize(text.float(), dim=-1).reshape(n_variants, 2, self.n_classes, -1).mean(1)  # [K, n_cls, D]
+        images = F.normalize(image_features.float(), dim=-1)  # [B, D]
+        return images @ F.normalize(text, dim=-1).transpose(1, 2)  # [K, B, n_cls]
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        scale = self.clip.model.logit_scale.exp().float()
+        return scale * self.similarities(image_features, self.ctx.unsqueeze(0))[0]
+
+    def for_classnames(self, classnames: list[str]) -> AveragedCoOp:
+        options = dict(class_position=self.class_position, ctx_init=self.prompts.ctx_init)
+        return AveragedCoOp(self.clip, classnames, ctx=self.ctx.detach(), **options)
+
+    def norms(self, p: float = 2.0) -> torch.Tensor:
+        return position_norms(self.ctx, p)
+
+
+TEST_METHODS = {ShiftedCoOp.method: ShiftedCoOp, AveragedCoOp.method: AveragedCoOp}
+SHIFT, MEAN2 = TEST_METHODS
 
 # The label tables and legends should show for each method. CoOp's and CoCoOp's come from
 # analysis.labels.method_label; a method has no way to declare its own yet.
-LABELS = {"coop": "CoOp", "cocoop": "CoCoOp", TEST_METHOD: "CoOp+Shift"}
+LABELS = {"coop": "CoOp", "cocoop": "CoCoOp", SHIFT: "CoOp+Shift", MEAN2: "CoOp, 2 prompts"}
 
 
 @pytest.fixture(autouse=True)
 def _registered(monkeypatch):
-    """Registering the test method: one line."""
-    monkeypatch.setitem(PROMPT_METHODS, TEST_METHOD, ShiftedCoOp)
+    """Registering a method: one line each."""
+    monkeypatch.setitem(PROMPT_METHODS, SHIFT, ShiftedCoOp)
+    monkeypatch.setitem(PROMPT_METHODS, MEAN2, AveragedCoOp)
 
 
-def methods(blocked_by: str | None = None, raises: type[BaseException] | None = None) -> list:
-    """Every registered method, then the test method: a strict xfail when generic code blocks it."""
-    marks = [pytest.mark.xfail(strict=True, reason=blocked_by, raises=raises)] if blocked_by else []
-    return [*REGISTERED, pytest.param(TEST_METHOD, marks=marks)]
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+    """Generic code that keeps a test method from passing a check: the check is a strict xfail."""
+
+    reason: str
+    raises: type[BaseException] = NemesisError
 
 
-# What keeps the test method out of training, and so out of every check on a trained run.
-TRAINING_BLOCKED = (
+def methods(blocked: dict[str, Blocked] | None = None) -> list:
+    """Every registered method, then the test methods, each a strict xfail where `blocked` names it."""
+    blocked = blocked or {}
+
+    def param(name: str):
+        if name not in blocked:
+            return pytest.param(name)
+        return pytest.param(
+            name, marks=pytest.mark.xfail(strict=True, reason=blocked[name].reason, raises=blocked[name].raises)
+        )
+
+    return [*REGISTERED, *map(param, TEST_METHODS)]
+
+
+# What keeps the test methods out of training, and so out of every check on a trained run.
+TRAINING = Blocked(
     "training names its method through nemesis.choices.Method, one enum fusing prompt method and "
     "penalty (coop, nemesis, cocoop, cocoop-nemesis): TrainConfig(method=...) refuses any other name, and "
     "trainer.train builds build_learner(config.method.prompt_method, ...) from Method.prompt_method, "
     "which knows only coop and cocoop"
 )
-LABEL_BLOCKED = (
+TRAINED = {SHIFT: TRAINING, MEAN2: TRAINING}
+LABEL = Blocked(
     "analysis.labels.method_label maps only the hard-coded names coop, nemesis, cocoop and cocoop-nemesis "
-    "to labels and shows any other method by its registry name; a learner cannot declare its label"
+    "to labels and shows any other method by its registry name; a learner cannot declare its label",
+    AssertionError,
 )
+# A method whose only tensor is ctx, of shape [2, M, W], is misread by the generic prompt file.
+PROMPT_FILE = Blocked(
+    "nemesis.checkpoint decides what a file holds from its tensors, not from the method: save_prompt, "
+    "load_prompt and load_dassl set class_specific from ctx.dim() == 3 (PromptCheckpoint.class_specific too) "
+    "and prompt_method from detect_prompt_method's match of the extra tensor names, so ctx [2, M, W] "
+    "with no extra tensor reads back as class-specific coop",
+    AssertionError,
+)
+# Read as class-specific, its ctx then fails the class count checks of evaluation and sweeps.
+MISREAD = dataclasses.replace(
+    PROMPT_FILE,
+    reason=PROMPT_FILE.reason + "; nemesis eval (PromptCheckpoint.check_compatible) and corrupt.inputs then refuse "
+    "its 2 'classes' for a dataset of 4",
+    raises=NemesisError,
+)
+EVAL_MISREAD = dataclasses.replace(MISREAD, raises=AssertionError)  # the CLI's exit code 2
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -171,7 +261,7 @@ def test_learner_satisfies_the_protocol(name):
     assert all(torch.equal(other.extra_parameters()[key], extra[key]) for key in extra)
 
 
-@pytest.mark.parametrize("name", methods())
+@pytest.mark.parametrize("name", methods({MEAN2: PROMPT_FILE}))
 def test_prompt_file_round_trip(name, tmp_path):
     learner = _learner(name)
     metadata = _saved(learner, tmp_path / "prompt.safetensors")
@@ -188,7 +278,7 @@ def test_prompt_file_round_trip(name, tmp_path):
         assert torch.equal(rebuilt.similarities(features, variants), learner.similarities(features, variants))
 
 
-@pytest.mark.parametrize("name", methods())
+@pytest.mark.parametrize("name", methods({MEAN2: PROMPT_FILE}))
 def test_dassl_round_trip(name, tmp_path):
     """`nemesis prompt export-dassl`, read back as a Dassl run folder: the same tensors and method."""
     learner = _learner(name)
@@ -222,7 +312,7 @@ def test_a_cell_in_a_batch_equals_the_cell_alone_i4(name):
     assert not torch.allclose(batched[0], batched[2])  # the variants differ, so the check has teeth
 
 
-@pytest.mark.parametrize("name", methods(TRAINING_BLOCKED, raises=NemesisError))
+@pytest.mark.parametrize("name", methods(TRAINED))
 def test_one_epoch_changes_only_the_learned_tensors_i5(name, runs, data_root, tmp_path_factory, monkeypatch):
     out, backbone = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)  # asserts the CLIP checksum
     assert _clip_checksum(backbone) == _clip_checksum(load_clip("tiny"))  # and by nemesis.checksum
@@ -257,26 +347,26 @@ def _report_label(paths, out) -> str:
     return rows["method"].iloc[0]
 
 
-@pytest.mark.parametrize("name", methods(TRAINING_BLOCKED, raises=NemesisError))
+@pytest.mark.parametrize("name", methods(TRAINED))
 def test_two_cell_sweep_of_the_trained_prompt(name, runs, data_root, tmp_path, tmp_path_factory, monkeypatch):
     out, _ = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)
     _check_two_cell_sweep(name, out, data_root, tmp_path / "sweep.parquet")
 
 
-@pytest.mark.parametrize("name", methods())
+@pytest.mark.parametrize("name", methods({MEAN2: MISREAD}))
 def test_two_cell_sweep_of_a_saved_prompt(name, data_root, tmp_path):
     """The sweep without the trainer: a prompt file the learner saved."""
     _saved(_learner(name), tmp_path / "prompt.safetensors")
     _check_two_cell_sweep(name, tmp_path / "prompt.safetensors", data_root, tmp_path / "sweep.parquet")
 
 
-@pytest.mark.parametrize("name", methods(TRAINING_BLOCKED, raises=NemesisError))
+@pytest.mark.parametrize("name", methods(TRAINED))
 def test_report_row_of_the_trained_run(name, runs, data_root, tmp_path, tmp_path_factory, monkeypatch):
     out, _ = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)
     assert _report_label([out], tmp_path / "report") == f"{LABELS[name]} (random weights)"
 
 
-@pytest.mark.parametrize("name", methods(LABEL_BLOCKED, raises=AssertionError))
+@pytest.mark.parametrize("name", methods({SHIFT: LABEL, MEAN2: EVAL_MISREAD}))
 def test_report_row_of_an_evaluated_saved_prompt(name, data_root, tmp_path):
     """`nemesis eval --out` of a prompt file the learner saved, then `nemesis report` of that record."""
     _saved(_learner(name), tmp_path / "prompt.safetensors")
