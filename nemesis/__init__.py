@@ -28,6 +28,7 @@ _PUBLIC = {
     "NemesisConfig": "configs",
     "CoCoOp": "cocoop",
     "PROMPT_METHODS": "prompt_methods",
+    "PromptMethod": "prompt_methods",
     "build_learner": "prompt_methods",
     "train": "trainer",
     "pretrained_tiny_weights": "tiny",

@@ -1,38 +1,91 @@
-"""Prompt methods: learners of one shape, registered by name (CoOp, CoCoOp; PLOT and deep prompts later).
+"""Prompt methods: learners of one shape (`PromptMethod`), registered by name (CoOp, CoCoOp; PLOT and deep
+prompts later).
 
-Every learner is an `nn.Module` whose parameters are what training updates, and has:
-
-- `ctx`: the learned context `[..., M, W]` that Nemesis's norm losses and the corruption operators
-  act on (losses and operators take any leading shape);
-- `logits(image_features)`: training logits [B, n_cls] with gradients;
-- `similarities(image_features, ctx_variants)`: cosine similarities [K, B, n_cls] of the images
-  under K variants of ctx (evaluation, sweeps, PAN's pre-inference); CoOp ignores which image it
-  is, CoCoOp conditions each image's prompts on it;
-- `extra_parameters()` / `extra_shapes(D, W)`: what a checkpoint carries besides ctx (by name);
-- `for_classnames(names)`, `n_ctx`, `n_classes`, `classnames`, `class_specific`, `class_position`.
-
-Adding a method is one module holding its learner class and one line in `PROMPT_METHODS`.
+Every learner is an `nn.Module` whose parameters are what training updates and which has the
+members `PromptMethod` declares; `tests/test_method_conformance.py` runs every registered method
+through the same checks. Adding a method is one module holding its learner class and one line in
+`PROMPT_METHODS`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from .backbone import Backbone
+from .choices import ClassPosition
 from .cocoop import CoCoOp, embed_dim_of
 from .errors import NemesisError
 from .prompt_learner import PromptLearner
 
-PROMPT_METHODS: dict[str, type] = {
+
+@runtime_checkable
+class PromptMethod(Protocol):
+    """What generic code (training, evaluation, sweeps, checkpoints) uses of a learner.
+
+    Learners are also `nn.Module`s (`.to`, `.parameters()`); `isinstance` checks only that the
+    members below exist, not their signatures.
+    """
+
+    method: ClassVar[str]  # the registry name (`PROMPT_METHODS`), written into prompt files
+
+    @property
+    def ctx(self) -> nn.Parameter:
+        """The learned context `[..., M, W]` that Nemesis's norm losses and the corruption operators act
+        on (losses and operators take any leading shape)."""
+        ...
+
+    @property
+    def n_ctx(self) -> int: ...  # M, the number of context positions
+
+    @property
+    def n_classes(self) -> int: ...
+
+    @property
+    def classnames(self) -> list[str]: ...
+
+    @property
+    def class_specific(self) -> bool: ...  # one ctx per class ([n_cls, M, W])
+
+    @property
+    def class_position(self) -> ClassPosition: ...  # where the class name sits in the prompt
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Training logits [B, n_cls] of image features [B, D], with gradients to the learned tensors."""
+        ...
+
+    def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities [K, B, n_cls] of the images under K variants of ctx (evaluation, sweeps,
+        PAN's pre-inference); CoOp ignores which image it is, CoCoOp conditions each image's prompts on it."""
+        ...
+
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        """Learned tensors besides ctx that a checkpoint carries, by checkpoint name."""
+        ...
+
+    @classmethod
+    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of `extra_parameters()` on a model of image width D and text width W."""
+        ...
+
+    def for_classnames(self, classnames: list[str]) -> PromptMethod:
+        """The same learned tensors for other class names (base-to-new, domain shift)."""
+        ...
+
+    def norms(self, p: float = 2.0) -> torch.Tensor:
+        """Per-position norms [M] of ctx."""
+        ...
+
+
+PROMPT_METHODS: dict[str, type[PromptMethod]] = {
     "coop": PromptLearner,
     "cocoop": CoCoOp,
 }
-PromptMethod = PromptLearner | CoCoOp  # for type hints
 
 
-def prompt_method(name: str) -> type:
+def prompt_method(name: str) -> type[PromptMethod]:
     """The learner class registered as `name`."""
     if name not in PROMPT_METHODS:
         raise NemesisError(f"unknown prompt method '{name}'; choose one of {', '.join(PROMPT_METHODS)}")

@@ -1,0 +1,377 @@
+"""One conformance suite over every registered prompt method (issue 19, item 6).
+
+Each check runs for every name in `PROMPT_METHODS`, so a newly registered method gets it by
+registering, and for two methods defined and registered only here: `coop-shift` (CoOp with a second
+learned tensor) and `coop-mean2` (two prompts [2, M, W] per class, averaged: PLOT's ctx shape).
+Checks that they cannot pass without changes to generic code are strict xfails naming the code
+that blocks them: they flip when issue 19 makes methods plug-ins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from analysis.report import make_report
+from corrupt.grid import ORIGINAL_CELL, parse_grid
+from nemesis.backbone import load_clip
+from nemesis.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt
+from nemesis.checksum import tensors_sha256
+from nemesis.cocoop import embed_dim_of
+from nemesis.errors import NemesisError
+from nemesis.evaluate import prepare_evaluation
+from nemesis.losses import position_norms
+from nemesis.prompt_learner import PromptedCLIP, PromptLearner
+from nemesis.prompt_methods import PROMPT_METHODS, PromptMethod, build_learner
+from nemesis.testing import make_coop_folder
+from nemesis_cli.main import app
+
+from .conftest import cached_backbone
+from .test_sweep import _backbones, _sweep
+from .test_trainer import CLASSNAMES, small_config, train_leaving_the_backbone_unchanged
+
+N_CTX = 4
+REGISTERED = list(PROMPT_METHODS)  # at collection: every method the toolkit registers
+
+
+# --- a method defined only here ------------------------------------------------------------------
+
+
+class ShiftedCoOp(PromptLearner):
+    """CoOp with a second learned tensor: one shift [W] added to every context vector."""
+
+    method = "coop-shift"
+
+    def __init__(self, clip, classnames, shift: torch.Tensor | None = None, **options) -> None:
+        super().__init__(clip, classnames, **options)  # CoOp's options
+        width = self.ctx.shape[-1]
+        self.shift = torch.nn.Parameter(torch.zeros(width, device=self.ctx.device) if shift is None else shift.clone())
+
+    def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {"shift": self.shift}
+
+    @classmethod
+    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
+        return {"shift": (text_width,)}
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        text = self.encode((self.ctx + self.shift).unsqueeze(0))[0]  # [n_cls, D]
+        return PromptedCLIP(self).logits(image_features, text)
+
+    def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
+        return super().similarities(image_features, ctx_variants + self.shift)
+
+    def for_classnames(self, classnames: list[str]) -> ShiftedCoOp:
+        other = super().for_classnames(classnames)  # CoOp's learner with the same ctx and options
+        options = dict(class_specific=self.class_specific, class_position=self.class_position, ctx_init=self.ctx_init)
+        return ShiftedCoOp(self.clip, classnames, ctx=other.ctx.detach(), shift=self.shift.detach(), **options)
+
+
+class AveragedCoOp(nn.Module):
+    """Two unified prompts [2, M, W] for every class, their text features averaged (PLOT's ctx shape)."""
+
+    method = "coop-mean2"
+
+    def __init__(self, clip, classnames, n_ctx: int = 16, seed: int = 0, ctx: torch.Tensor | None = None, **options):
+        super().__init__()
+        n_ctx = n_ctx if ctx is None else ctx.shape[-2]
+        self.prompts = PromptLearner(clip, classnames, n_ctx=n_ctx, seed=seed, **options)  # the layout and text pass
+        if ctx is None:
+            shape = (2, *self.prompts.ctx.shape)
+            ctx = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.02
+        if ctx.dim() != 3 or ctx.shape[0] != 2:
+            raise NemesisError(f"{self.method} learns ctx [2, M, W], not {tuple(ctx.shape)}")
+        self.prompts.ctx.requires_grad_(False)  # unused: ctx below is what is learned
+        self.ctx = nn.Parameter(ctx.detach().float().clone().to(self.prompts.ctx.device))
+        self.clip = clip
+
+    n_ctx = property(lambda self: self.prompts.n_ctx)
+    n_classes = property(lambda self: self.prompts.n_classes)
+    classnames = property(lambda self: self.prompts.classnames)
+    class_specific = property(lambda self: False)
+    class_position = property(lambda self: self.prompts.class_position)
+
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        return {}
+
+    @classmethod
+    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
+        n_variants, _, n_ctx, width = ctx_variants.shape  # [K, 2, M, W]
+        text = self.prompts.encode(ctx_variants.reshape(n_variants * 2, n_ctx, width))  # [2K, n_cls, D]
+        text = F.normalize(text.float(), dim=-1).reshape(n_variants, 2, self.n_classes, -1).mean(1)  # [K, n_cls, D]
+        images = F.normalize(image_features.float(), dim=-1)  # [B, D]
+        return images @ F.normalize(text, dim=-1).transpose(1, 2)  # [K, B, n_cls]
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        scale = self.clip.model.logit_scale.exp().float()
+        return scale * self.similarities(image_features, self.ctx.unsqueeze(0))[0]
+
+    def for_classnames(self, classnames: list[str]) -> AveragedCoOp:
+        options = dict(class_position=self.class_position, ctx_init=self.prompts.ctx_init)
+        return AveragedCoOp(self.clip, classnames, ctx=self.ctx.detach(), **options)
+
+    def norms(self, p: float = 2.0) -> torch.Tensor:
+        return position_norms(self.ctx, p)
+
+
+TEST_METHODS = {ShiftedCoOp.method: ShiftedCoOp, AveragedCoOp.method: AveragedCoOp}
+SHIFT, MEAN2 = TEST_METHODS
+
+# The label tables and legends should show for each method. CoOp's and CoCoOp's come from
+# analysis.labels.method_label; a method has no way to declare its own yet.
+LABELS = {"coop": "CoOp", "cocoop": "CoCoOp", SHIFT: "CoOp+Shift", MEAN2: "CoOp, 2 prompts"}
+
+
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch):
+    """Registering a method: one line each."""
+    monkeypatch.setitem(PROMPT_METHODS, SHIFT, ShiftedCoOp)
+    monkeypatch.setitem(PROMPT_METHODS, MEAN2, AveragedCoOp)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+    """Generic code that keeps a test method from passing a check: the check is a strict xfail."""
+
+    reason: str
+    raises: type[BaseException] = NemesisError
+
+
+def methods(blocked: dict[str, Blocked] | None = None) -> list:
+    """Every registered method, then the test methods, each a strict xfail where `blocked` names it."""
+    blocked = blocked or {}
+
+    def param(name: str):
+        if name not in blocked:
+            return pytest.param(name)
+        return pytest.param(
+            name, marks=pytest.mark.xfail(strict=True, reason=blocked[name].reason, raises=blocked[name].raises)
+        )
+
+    return [*REGISTERED, *map(param, TEST_METHODS)]
+
+
+# What keeps the test methods out of training, and so out of every check on a trained run.
+TRAINING = Blocked(
+    "training names its method through nemesis.choices.Method, one enum fusing prompt method and "
+    "penalty (coop, nemesis, cocoop, cocoop-nemesis): TrainConfig(method=...) refuses any other name, and "
+    "trainer.train builds build_learner(config.method.prompt_method, ...) from Method.prompt_method, "
+    "which knows only coop and cocoop"
+)
+TRAINED = {SHIFT: TRAINING, MEAN2: TRAINING}
+LABEL = Blocked(
+    "analysis.labels.method_label maps only the hard-coded names coop, nemesis, cocoop and cocoop-nemesis "
+    "to labels and shows any other method by its registry name; a learner cannot declare its label",
+    AssertionError,
+)
+# A method whose only tensor is ctx, of shape [2, M, W], is misread by the generic prompt file.
+PROMPT_FILE = Blocked(
+    "nemesis.checkpoint decides what a file holds from its tensors, not from the method: save_prompt, "
+    "load_prompt and load_dassl set class_specific from ctx.dim() == 3 (PromptCheckpoint.class_specific too) "
+    "and prompt_method from detect_prompt_method's match of the extra tensor names, so ctx [2, M, W] "
+    "with no extra tensor reads back as class-specific coop",
+    AssertionError,
+)
+# Read as class-specific, its ctx then fails the class count checks of evaluation and sweeps.
+MISREAD = dataclasses.replace(
+    PROMPT_FILE,
+    reason=PROMPT_FILE.reason + "; nemesis eval (PromptCheckpoint.check_compatible) and corrupt.inputs then refuse "
+    "its 2 'classes' for a dataset of 4",
+    raises=NemesisError,
+)
+EVAL_MISREAD = dataclasses.replace(MISREAD, raises=AssertionError)  # the CLI's exit code 2
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+
+def _learner(name: str, seed: int = 0) -> PromptMethod:
+    """A learner of `name` on tiny whose every learned tensor is random (so round trips are not trivial)."""
+    learner = build_learner(name, cached_backbone("tiny"), CLASSNAMES, n_ctx=N_CTX, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for parameter in learner.extra_parameters().values():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return learner
+
+
+def _saved(learner: PromptMethod, path) -> PromptMetadata:
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method=learner.method, epoch=1)
+    save_prompt(path, learner.ctx.detach(), metadata, learner.extra_parameters())
+    return metadata
+
+
+def _features(n: int = 5, seed: int = 0) -> torch.Tensor:
+    width = embed_dim_of(cached_backbone("tiny"))
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))  # [B, D]
+
+
+def _clip_checksum(backbone) -> str:
+    # Flattened: tensors_sha256 cannot view a 0-dim tensor (logit_scale) as bytes.
+    return tensors_sha256({name: tensor.reshape(-1) for name, tensor in backbone.model.state_dict().items()})
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(2, 1, 2), image_size=28)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    """Method -> (its one-epoch run folder, the backbone it trained on): each method is trained once."""
+    return {}
+
+
+def _train_once(name: str, runs: dict, data_root, tmp_path_factory, monkeypatch):
+    """One epoch on tiny (random weights, 4 classes x 2 shots), leaving the CLIP weights unchanged (I5)."""
+    if name not in runs:
+        config = small_config(data_root, method=name, shots=2, epochs=1, batch_size=4, n_ctx=N_CTX)
+        out = tmp_path_factory.mktemp(f"run-{name}")
+        runs[name] = (out, train_leaving_the_backbone_unchanged(config, out, monkeypatch))
+    return runs[name]
+
+
+# --- the checks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", methods())
+def test_learner_satisfies_the_protocol(name):
+    learner = _learner(name)
+    assert isinstance(learner, PromptMethod)
+    assert learner.method == name and PROMPT_METHODS[name] is type(learner)
+    assert (learner.n_ctx, learner.n_classes, learner.classnames) == (N_CTX, len(CLASSNAMES), CLASSNAMES)
+    assert learner.norms().shape == (N_CTX,)
+    width = learner.ctx.shape[-1]
+    shapes = type(learner).extra_shapes(embed_dim_of(cached_backbone("tiny")), width)
+    assert {key: tuple(value.shape) for key, value in learner.extra_parameters().items()} == shapes
+    other = learner.for_classnames(["a", "b"])
+    assert type(other) is type(learner) and other.n_classes == 2 and torch.equal(other.ctx, learner.ctx)
+    extra = learner.extra_parameters()
+    assert all(torch.equal(other.extra_parameters()[key], extra[key]) for key in extra)
+
+
+@pytest.mark.parametrize("name", methods({MEAN2: PROMPT_FILE}))
+def test_prompt_file_round_trip(name, tmp_path):
+    learner = _learner(name)
+    metadata = _saved(learner, tmp_path / "prompt.safetensors")
+    loaded = load_prompt(tmp_path / "prompt.safetensors")
+    assert loaded.prompt_method == name
+    assert dataclasses.asdict(loaded.metadata) == dataclasses.asdict(metadata)
+    assert torch.equal(loaded.ctx, learner.ctx.detach())
+    extra = learner.extra_parameters()
+    assert set(loaded.extra) == set(extra) and all(torch.equal(loaded.extra[k], extra[k].detach()) for k in extra)
+    # Rebuilt from the file, the learner gives the same similarities.
+    rebuilt = build_learner(name, cached_backbone("tiny"), CLASSNAMES, ctx=loaded.ctx, extra=loaded.extra)
+    features, variants = _features(), learner.ctx.detach().unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.similarities(features, variants), learner.similarities(features, variants))
+
+
+@pytest.mark.parametrize("name", methods({MEAN2: PROMPT_FILE}))
+def test_dassl_round_trip(name, tmp_path):
+    """`nemesis prompt export-dassl`, read back as a Dassl run folder: the same tensors and method."""
+    learner = _learner(name)
+    _saved(learner, tmp_path / "prompt.safetensors")
+    out = tmp_path / "dassl" / "oxford_pets" / "seed1"
+    args = ["prompt", "export-dassl", str(tmp_path / "prompt.safetensors"), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "prompt_learner" / "model.pth.tar-1").is_file()
+    back = load_checkpoint(out)
+    assert back.metadata.source_format == "dassl" and back.prompt_method == name and back.metadata.epoch == 1
+    assert torch.equal(back.ctx, learner.ctx.detach())
+    extra = learner.extra_parameters()
+    assert set(back.extra) == set(extra) and all(torch.equal(back.extra[k], extra[k].detach()) for k in extra)
+
+
+@pytest.mark.parametrize("name", methods())
+def test_a_cell_in_a_batch_equals_the_cell_alone_i4(name):
+    learner = _learner(name)
+    features = _features()
+    generator = torch.Generator().manual_seed(5)
+    ctx = learner.ctx.detach()
+    variants = torch.stack([ctx, ctx * 0.5, ctx + torch.randn(ctx.shape, generator=generator)])  # [K, ..., M, W]
+    with torch.no_grad():
+        batched = learner.similarities(features, variants)  # [K, B, n_cls]
+        assert batched.shape == (3, len(features), len(CLASSNAMES))
+        for index in range(len(variants)):
+            alone = learner.similarities(features, variants[index : index + 1])[0]
+            torch.testing.assert_close(batched[index], alone, rtol=0, atol=1e-5)  # I1/I2's bound: matmuls batch
+            assert torch.equal(batched[index].argmax(-1), alone.argmax(-1))
+    assert not torch.allclose(batched[0], batched[2])  # the variants differ, so the check has teeth
+
+
+@pytest.mark.parametrize("name", methods(TRAINED))
+def test_one_epoch_changes_only_the_learned_tensors_i5(name, runs, data_root, tmp_path_factory, monkeypatch):
+    out, backbone = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)  # asserts the CLIP checksum
+    assert _clip_checksum(backbone) == _clip_checksum(load_clip("tiny"))  # and by nemesis.checksum
+    prompt = load_prompt(out / "prompt.safetensors")
+    assert prompt.prompt_method == name and prompt.metadata.epoch == 1
+    untrained = build_learner(name, backbone, CLASSNAMES, n_ctx=N_CTX, seed=2)  # the run's seed
+    assert not torch.equal(prompt.ctx, untrained.ctx.detach())
+    extra = untrained.extra_parameters()
+    assert set(prompt.extra) == set(extra)
+    assert all(not torch.equal(prompt.extra[k], extra[k].detach()) for k in extra)
+
+
+def _check_two_cell_sweep(name: str, checkpoint, data_root, out) -> None:
+    """A two-cell sweep of `checkpoint` writes the original row and 2 cells, through the method's own learner."""
+    summary = _sweep([checkpoint], out, parse_grid(rescale="0.5,3", positions="0"), data_root)
+    table = pd.read_parquet(out)
+    assert len(table) == 3 and summary.computed == 3  # the original row and 2 cells
+    assert list(table["op"]).count(ORIGINAL_CELL.op) == 1 and set(table["method"]) == {name}
+    setup = prepare_evaluation(
+        load_checkpoint(checkpoint), pretrained="none", root=data_root, device="cpu", backbones=_backbones(),
+        progress=False,
+    )  # fmt: skip
+    assert type(setup.learner) is PROMPT_METHODS[name]
+
+
+def _report_label(paths, out) -> str:
+    """The method label of the one few-shot row `nemesis report` builds from `paths`."""
+    make_report(paths, out)
+    few_shot = pd.read_csv(out / "few_shot.csv")
+    rows = few_shot[few_shot["dataset"] == "oxford_pets"]
+    assert len(rows) == 1, few_shot
+    return rows["method"].iloc[0]
+
+
+@pytest.mark.parametrize("name", methods(TRAINED))
+def test_two_cell_sweep_of_the_trained_prompt(name, runs, data_root, tmp_path, tmp_path_factory, monkeypatch):
+    out, _ = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)
+    _check_two_cell_sweep(name, out, data_root, tmp_path / "sweep.parquet")
+
+
+@pytest.mark.parametrize("name", methods({MEAN2: MISREAD}))
+def test_two_cell_sweep_of_a_saved_prompt(name, data_root, tmp_path):
+    """The sweep without the trainer: a prompt file the learner saved."""
+    _saved(_learner(name), tmp_path / "prompt.safetensors")
+    _check_two_cell_sweep(name, tmp_path / "prompt.safetensors", data_root, tmp_path / "sweep.parquet")
+
+
+@pytest.mark.parametrize("name", methods(TRAINED))
+def test_report_row_of_the_trained_run(name, runs, data_root, tmp_path, tmp_path_factory, monkeypatch):
+    out, _ = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)
+    assert _report_label([out], tmp_path / "report") == f"{LABELS[name]} (random weights)"
+
+
+@pytest.mark.parametrize("name", methods({SHIFT: LABEL, MEAN2: EVAL_MISREAD}))
+def test_report_row_of_an_evaluated_saved_prompt(name, data_root, tmp_path):
+    """`nemesis eval --out` of a prompt file the learner saved, then `nemesis report` of that record."""
+    _saved(_learner(name), tmp_path / "prompt.safetensors")
+    evals = tmp_path / "evals.jsonl"
+    args = ["eval", str(tmp_path / "prompt.safetensors"), "--root", str(data_root), "--pretrained", "none"]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--out", str(evals)])
+    assert result.exit_code == 0, result.output
+    assert _report_label([evals], tmp_path / "report") == f"{LABELS[name]} (random weights)"
