@@ -13,5 +13,6 @@ def tensors_sha256(tensors: dict[str, torch.Tensor], header: str = "") -> str:
     for key in sorted(tensors):
         tensor = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # Flattened first: a 0-dim tensor (CLIP's logit_scale) has no byte view; the bytes are the same.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()

@@ -216,8 +216,7 @@ def _features(n: int = 5, seed: int = 0) -> torch.Tensor:
 
 
 def _clip_checksum(backbone) -> str:
-    # Flattened: tensors_sha256 cannot view a 0-dim tensor (logit_scale) as bytes.
-    return tensors_sha256({name: tensor.reshape(-1) for name, tensor in backbone.model.state_dict().items()})
+    return tensors_sha256(backbone.model.state_dict())
 
 
 @pytest.fixture(scope="module")
