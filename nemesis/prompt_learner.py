@@ -18,7 +18,7 @@ from torch import nn
 from .backbone import Backbone
 from .choices import ClassPosition
 from .errors import NemesisError
-from .losses import position_norms
+from .tensors import position_norms
 from .text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
 from .wording import plural
 
