@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .choices import Activation, ClassPosition, Method, Norm, Precision, Schedule, choice
 from .constants import RUN_CONFIG
-from .datasets import Subsample, resolve_name
+from .dataset_records import Subsample, resolve_name
 from .errors import NemesisError
 from .wording import plural
 
