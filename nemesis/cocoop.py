@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone
+from .clip_models import Backbone
 from .errors import NemesisError
 from .prompt_learner import ClassPosition, PromptLearner
 from .tensors import position_norms

@@ -224,7 +224,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """The config as it runs: epochs and device filled in, the official override applied."""
-        from .backbone import resolve_device  # torch, only when a run starts
+        from .clip_models import resolve_device  # torch, only when a run starts
 
         values = dataclasses.asdict(self)
         method_epochs = METHOD_DEFAULTS[self.method.prompt_method].epochs

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone
 from .choices import ClassPosition
+from .clip_models import Backbone
 from .errors import NemesisError
 from .tensors import position_norms
 from .text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder

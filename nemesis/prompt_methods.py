@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .backbone import Backbone
+from .clip_models import Backbone
 from .cocoop import CoCoOp, embed_dim_of
 from .errors import NemesisError
 from .prompt_learner import PromptLearner
