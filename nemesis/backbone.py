@@ -31,12 +31,30 @@ from .clip_models import (  # noqa: F401
     list_models,
     model_config,
     resolve_device,
-    text_tower_problem,
     text_width,
 )
 from .constants import NO_WEIGHTS
 from .errors import NemesisError, NemesisNote
+from .text_encoder import POOL_TYPES
 from .tiny import pretrained_tiny_weights
+
+
+def text_tower_problem(name: str) -> str | None:
+    """Why `name`'s text tower cannot take soft prompts, read from its config; None when it can.
+
+    The same conditions `TextEncoder` checks on a built model: CLIP's token embedding with start and
+    end-of-text tokens, no class token, and a pooling it knows.
+    """
+    text = model_config(name)["text_cfg"]
+    if text.get("hf_model_name"):
+        return f"Hugging Face text tower ({text['hf_model_name']})"
+    if text.get("hf_tokenizer_name"):
+        return "tokenizer without CLIP's start token"
+    if text.get("embed_cls"):
+        return "class token in the text tower"
+    if text.get("pool_type", "argmax") not in POOL_TYPES:
+        return f"text pooling '{text['pool_type']}'"
+    return None
 
 
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:

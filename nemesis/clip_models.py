@@ -84,26 +84,6 @@ def text_width(name: str) -> int:
     return int(model_config(name)["text_cfg"].get("width", 512))
 
 
-def text_tower_problem(name: str) -> str | None:
-    """Why `name`'s text tower cannot take soft prompts, read from its config; None when it can.
-
-    The same conditions `TextEncoder` checks on a built model: CLIP's token embedding with start and
-    end-of-text tokens, no class token, and a pooling it knows.
-    """
-    from .text_encoder import POOL_TYPES
-
-    text = model_config(name)["text_cfg"]
-    if text.get("hf_model_name"):
-        return f"Hugging Face text tower ({text['hf_model_name']})"
-    if text.get("hf_tokenizer_name"):
-        return "tokenizer without CLIP's start token"
-    if text.get("embed_cls"):
-        return "class token in the text tower"
-    if text.get("pool_type", "argmax") not in POOL_TYPES:
-        return f"text pooling '{text['pool_type']}'"
-    return None
-
-
 def embed_dim(name: str) -> int:
     """Width D of `name`'s image (and projected text) features, read from its config."""
     return int(model_config(name)["embed_dim"])
