@@ -41,9 +41,9 @@ from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PR
 from .datasets import Dataset, load_dataset
 from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
-from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss
+from .metrics import coop_result_block, macro_f1, predictions
 from .progress import progress_bar
 from .prompt_learner import init_word_count
 from .prompt_methods import PromptMethod, build_learner
