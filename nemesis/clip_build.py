@@ -18,10 +18,10 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .choices import Activation, choice
+from .choices import Activation
 from .clip_models import QUICKGELU_SUFFIX, Backbone, model_config
 from .constants import RANDOM_WEIGHTS
-from .errors import NemesisError
+from .errors import NemesisError, choice
 from .openai_archive import is_openai_archive, read_openai_weights
 
 

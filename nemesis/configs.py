@@ -14,10 +14,10 @@ from enum import Enum
 from pathlib import Path
 
 from . import __version__
-from .choices import Activation, ClassPosition, Method, Norm, Precision, Schedule, choice
+from .choices import Activation, ClassPosition, Method, Norm, Precision, Schedule
 from .constants import RUN_CONFIG
 from .dataset_records import Subsample, resolve_name
-from .errors import NemesisError
+from .errors import NemesisError, choice
 from .wording import plural
 
 LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value
