@@ -2,8 +2,9 @@
 
 `load_clip` resolves the weights a user names (an open_clip tag, checked before any download; a
 local file; `tiny`'s own `fmnist`, trained on first use) and builds the model with `clip_build`.
-The record and config lookups live in `clip_models`, the building in `clip_build`; both are
-re-exported here, where the rest of the toolkit imports them.
+Which activation the weights need is decided here too (`resolve_activation`). The record and config
+lookups live in `clip_models`, the building in `clip_build`; both are re-exported here, where the
+rest of the toolkit imports them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from .choices import Activation
 from .clip_build import (  # noqa: F401
     build_backbone,
     file_sha256,
-    resolve_activation,
-    uses_quick_gelu,
 )
 from .clip_models import (  # noqa: F401
     MODEL_CONFIGS,
@@ -34,7 +33,8 @@ from .clip_models import (  # noqa: F401
     text_width,
 )
 from .constants import NO_WEIGHTS
-from .errors import NemesisError, NemesisNote
+from .errors import NemesisError, NemesisNote, choice
+from .openai_archive import is_openai_archive, read_openai_weights
 from .text_encoder import POOL_TYPES
 from .tiny import pretrained_tiny_weights
 
@@ -142,6 +142,46 @@ def _check_downloadable(name: str, tag: str) -> None:
     )
 
 
+def uses_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether open_clip's record of tag `pretrained` says its weights were trained with QuickGELU."""
+    if pretrained is None or Path(pretrained).is_file():
+        return False
+    return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
+def resolve_activation(
+    name: str, pretrained: str | None, activation: Activation | str | None = None
+) -> tuple[Activation, str | None]:
+    """The activation `name` is built with for `pretrained`, and a note when it had to be guessed.
+
+    `-quickgelu` model names say QuickGELU; else an explicit `activation` wins; else the weights'
+    provenance: open_clip's record for a tag (QuickGELU for `openai`), QuickGELU for an OpenAI
+    TorchScript archive, the config's own for random weights. A plain weights file cannot say: GELU,
+    with a note when the architecture is one OpenAI released (their weights need QuickGELU).
+    """
+    chosen = None if activation is None else choice(Activation, activation, "activation")
+    if model_config(name).get("quick_gelu", False):
+        if chosen is Activation.gelu:
+            base = name.removesuffix("-quickgelu")
+            raise NemesisError(f"--activation gelu contradicts the model name {name}; use --model {base} for GELU")
+        return Activation.quickgelu, None
+    if chosen is not None:
+        return chosen, None
+    if pretrained is None:
+        return Activation.gelu, None
+    if not Path(pretrained).is_file():
+        return (Activation.quickgelu if uses_quick_gelu(name, pretrained) else Activation.gelu), None
+    if is_openai_archive(pretrained):
+        return Activation.quickgelu, None
+    note = None
+    if "openai" in open_clip.list_pretrained_tags_by_model(name):
+        note = (
+            f"{Path(pretrained).name} is a plain weights file: building {name} with GELU; "
+            "OpenAI's CLIP weights (CoOp, Nemesis) need --activation quickgelu"
+        )
+    return Activation.gelu, note
+
+
 def load_clip(
     name: str,
     pretrained: str | None = None,
@@ -162,4 +202,7 @@ def load_clip(
     chosen, note = resolve_activation(name, pretrained, activation)  # the tag, not the file it resolved to
     if note is not None:
         warnings.warn(note, NemesisNote, stacklevel=2)
-    return build_backbone(name, resolved, chosen, device, pretrained=pretrained)
+    archive = resolved is not None and Path(resolved).is_file() and is_openai_archive(resolved)
+    # An OpenAI archive is read and checked against the architecture before any model is built.
+    archive_weights = read_openai_weights(resolved, name) if archive else None
+    return build_backbone(name, resolved, chosen, device, pretrained=pretrained, state_dict=archive_weights)
