@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemesis.losses import position_norms
+from nemesis.tensors import position_norms
 
 ORIGINAL = "original"  # the uncorrupted prompt: one such cell per checkpoint
 

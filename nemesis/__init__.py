@@ -33,7 +33,7 @@ _PUBLIC = {
     "train": "trainer",
     "pretrained_tiny_weights": "tiny",
     "PromptedCLIP": "prompt_learner",
-    "position_norms": "losses",
+    "position_norms": "tensors",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -1,90 +1,42 @@
-"""Loading frozen open_clip backbones: model, test preprocessing, tokenizer and a weights identity."""
+"""Loading frozen open_clip backbones: model, test preprocessing, tokenizer and a weights identity.
+
+`load_clip` resolves the weights a user names (an open_clip tag, checked before any download; a
+local file; `tiny`'s own `fmnist`, trained on first use) and builds the model with `clip_build`.
+Which activation the weights need is decided here too (`resolve_activation`). The record and config
+lookups live in `clip_models`, the building in `clip_build`; both are re-exported here, where the
+rest of the toolkit imports them.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import hashlib
-import logging
 import os
 import socket
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import open_clip
 import torch
-from torch import nn
 
-from .choices import Activation, choice
-from .constants import NO_WEIGHTS, RANDOM_WEIGHTS
-from .errors import NemesisError, NemesisNote
+from .choices import Activation
+from .clip_build import (  # noqa: F401
+    build_backbone,
+    file_sha256,
+)
+from .clip_models import (  # noqa: F401
+    MODEL_CONFIGS,
+    QUICKGELU_SUFFIX,
+    Backbone,
+    embed_dim,
+    list_models,
+    model_config,
+    resolve_device,
+    text_width,
+)
+from .constants import NO_WEIGHTS
+from .errors import NemesisError, NemesisNote, choice
 from .openai_archive import is_openai_archive, read_openai_weights
-
-MODEL_CONFIGS = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIGS)  # registers `tiny` beside open_clip's own configs
-
-
-QUICKGELU_SUFFIX = "+quickgelu"  # appended to the weights identity of QuickGELU builds (cache keys)
-
-
-@dataclass
-class Backbone:
-    """A frozen CLIP model with what is needed to feed it and to name its weights in cache keys."""
-
-    name: str
-    pretrained: str | None
-    model: nn.Module
-    preprocess: Any  # the model's own test transform: PIL image -> tensor [3, H, W]
-    tokenizer: Any
-    weights_id: str
-    image_size: int
-    image_mean: tuple[float, ...]
-    image_std: tuple[float, ...]
-    activation: Activation = Activation.gelu
-
-    @property
-    def text_width(self) -> int:
-        return text_width(self.name)
-
-
-def resolve_device(device: str | None) -> str:
-    """`device` checked for this machine (cpu, cuda, cuda:N); None: cuda when available, else cpu."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise NemesisError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise NemesisError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise NemesisError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
-    elif parsed.type != "cpu":
-        raise NemesisError(f"device '{device}' is not supported; use cpu, cuda or cuda:N")
-    return str(parsed)
-
-
-def list_models() -> list[str]:
-    return open_clip.list_models()
-
-
-def model_config(name: str) -> dict:
-    """open_clip's config of `name`, or a NemesisError listing the closest known names."""
-    config = open_clip.get_model_config(name)
-    if config is None:
-        close = difflib.get_close_matches(name, list_models(), n=5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; `open_clip.list_models()` lists them"
-        raise NemesisError(f"unknown model '{name}'{hint}")
-    return config
-
-
-def text_width(name: str) -> int:
-    """Width of the token embeddings of `name`'s text tower, read from its config without building it."""
-    return int(model_config(name)["text_cfg"].get("width", 512))
+from .text_encoder import POOL_TYPES
+from .tiny import pretrained_tiny_weights
 
 
 def text_tower_problem(name: str) -> str | None:
@@ -93,8 +45,6 @@ def text_tower_problem(name: str) -> str | None:
     The same conditions `TextEncoder` checks on a built model: CLIP's token embedding with start and
     end-of-text tokens, no class token, and a pooling it knows.
     """
-    from .text_encoder import POOL_TYPES
-
     text = model_config(name)["text_cfg"]
     if text.get("hf_model_name"):
         return f"Hugging Face text tower ({text['hf_model_name']})"
@@ -107,36 +57,13 @@ def text_tower_problem(name: str) -> str | None:
     return None
 
 
-def embed_dim(name: str) -> int:
-    """Width D of `name`'s image (and projected text) features, read from its config."""
-    return int(model_config(name)["embed_dim"])
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _weights_identity(name: str, pretrained: str | None) -> str:
-    if pretrained is None:
-        return RANDOM_WEIGHTS
-    if Path(pretrained).is_file():
-        return f"sha256:{file_sha256(pretrained)}"
-    return f"tag:{pretrained}"
-
-
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     """Check a tag or file before any download so mistakes fail at once with the alternatives."""
     check_pretrained(name, pretrained)
     if pretrained is not None and not Path(pretrained).is_file() and not (name == "tiny" and pretrained == "fmnist"):
         _check_downloadable(name, pretrained)
     if name == "tiny" and pretrained == "fmnist":
-        from .tiny import pretrained_tiny_weights  # trains once, then cached
-
-        return str(pretrained_tiny_weights())
+        return str(pretrained_tiny_weights())  # trains once, then cached
     return pretrained
 
 
@@ -255,21 +182,6 @@ def resolve_activation(
     return Activation.gelu, note
 
 
-@contextlib.contextmanager
-def _quiet_logging() -> Iterator[None]:
-    """open_clip logs a warning for deliberate random weights; our errors say what matters."""
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _error_reason(error: Exception) -> str:
-    text = " ".join(str(error).split())  # one line, however many the message held
-    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
-
-
 def load_clip(
     name: str,
     pretrained: str | None = None,
@@ -293,44 +205,4 @@ def load_clip(
     archive = resolved is not None and Path(resolved).is_file() and is_openai_archive(resolved)
     # An OpenAI archive is read and checked against the architecture before any model is built.
     archive_weights = read_openai_weights(resolved, name) if archive else None
-    weights_id = _weights_identity(name, resolved) + (QUICKGELU_SUFFIX if chosen is Activation.quickgelu else "")
-    try:
-        with torch.random.fork_rng(devices=[]), _quiet_logging(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # open_clip's QuickGELU notice: handled here
-            torch.manual_seed(0)
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if archive else resolved, force_quick_gelu=chosen is Activation.quickgelu
-            )
-        if archive_weights is not None:
-            with torch.no_grad():
-                model.load_state_dict(archive_weights, strict=True)  # copies, casting fp16 to the model's dtype
-    except NemesisError:
-        raise
-    except Exception as error:
-        reason = _error_reason(error)
-        if resolved is not None and not Path(resolved).is_file():
-            quick = " with --activation quickgelu" if chosen is Activation.quickgelu else ""
-            raise NemesisError(
-                f"weights '{pretrained}' for {name} could not be loaded ({reason}); without internet, download "
-                f"them elsewhere and pass the file with --pretrained PATH{quick} (OpenAI's ~/.cache/clip/*.pt "
-                "archives need no --activation)"
-            ) from error
-        raise NemesisError(f"could not build {name} with weights {pretrained} ({reason})") from error
-    model = model.to(device).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    visual = model.visual
-    image_size = visual.image_size
-    image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
-    return Backbone(
-        name=name,
-        pretrained=pretrained,
-        model=model,
-        preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(name),
-        weights_id=weights_id,
-        image_size=image_size,
-        image_mean=tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
-        image_std=tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
-        activation=chosen,
-    )
+    return build_backbone(name, resolved, chosen, device, pretrained=pretrained, state_dict=archive_weights)

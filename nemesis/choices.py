@@ -1,23 +1,12 @@
-"""The toolkit's choices as str enums, light to import so the CLI can declare its options without torch."""
+"""The toolkit's choices as str enums, light to import so the CLI can declare its options without torch.
+
+A bottom module (it imports no other): `nemesis.errors.choice` reads a value into one of these enums.
+"""
 
 from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import TypeVar
-
-from .errors import NemesisError
-
-Choice = TypeVar("Choice", bound=Enum)
-
-
-def choice(enum: type[Choice], value: object, what: str) -> Choice:
-    """`value` as a member of `enum`; an unknown value names the allowed ones."""
-    try:
-        return enum(str(value.value if isinstance(value, Enum) else value))
-    except ValueError:
-        choices = ", ".join(member.value for member in enum)
-        raise NemesisError(f"unknown {what} '{value}'; choose one of {choices}") from None
 
 
 class Method(str, Enum):

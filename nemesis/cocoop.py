@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone
+from .clip_models import Backbone
 from .errors import NemesisError
-from .losses import position_norms
 from .prompt_learner import ClassPosition, PromptLearner
+from .tensors import position_norms
 
 META_NET = "meta_net"
 META_NET_REDUCTION = 16  # hidden width D // 16, CoCoOp's choice

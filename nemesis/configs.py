@@ -14,10 +14,10 @@ from enum import Enum
 from pathlib import Path
 
 from . import __version__
-from .choices import Activation, ClassPosition, Method, Norm, Precision, Schedule, choice
+from .choices import Activation, ClassPosition, Method, Norm, Precision, Schedule
 from .constants import RUN_CONFIG
-from .datasets import Subsample, resolve_name
-from .errors import NemesisError
+from .dataset_records import Subsample, resolve_name
+from .errors import NemesisError, choice
 from .wording import plural
 
 LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value
@@ -224,7 +224,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """The config as it runs: epochs and device filled in, the official override applied."""
-        from .backbone import resolve_device  # torch, only when a run starts
+        from .clip_models import resolve_device  # torch, only when a run starts
 
         values = dataclasses.asdict(self)
         method_epochs = METHOD_DEFAULTS[self.method.prompt_method].epochs

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .datasets import DATASET_NAMES
+from .dataset_records import DATASET_NAMES
 
 _SHOTS_IN_CONFIG = re.compile(r"(?:^|_)(\d+)shots$")  # CoOp: <cfg>_<K>shots
 _SHOTS_FOLDER = re.compile(r"shots_(\d+)")  # base-to-new: shots_<K>

@@ -1,4 +1,10 @@
-"""The one exception type users see: its message is a single line saying what is wrong and how to fix it."""
+"""The one exception type users see: its message is a single line saying what is wrong and how to fix it;
+`choice` reads an option value into its enum or raises one that names the allowed values."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
 
 
 class NemesisError(ValueError):
@@ -8,3 +14,15 @@ class NemesisError(ValueError):
 class NemesisNote(UserWarning):
     """Something the user should know but that is not an error (e.g. a guessed activation); the CLI prints
     it as one `note:` line on stderr."""
+
+
+Choice = TypeVar("Choice", bound=Enum)
+
+
+def choice(enum: type[Choice], value: object, what: str) -> Choice:
+    """`value` as a member of `enum`; an unknown value names the allowed ones."""
+    try:
+        return enum(str(value.value if isinstance(value, Enum) else value))
+    except ValueError:
+        choices = ", ".join(member.value for member in enum)
+        raise NemesisError(f"unknown {what} '{value}'; choose one of {choices}") from None

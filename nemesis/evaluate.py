@@ -8,7 +8,6 @@ variants in chunked text passes; evaluation and the corruption sweep both go thr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
@@ -37,6 +36,16 @@ from .constants import NO_WEIGHTS, RANDOM_WEIGHTS
 from .datasets import Dataset, load_dataset
 from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
+
+# Scoring lives in `metrics` (the trainer and zero-shot use it without loading checkpoints); re-exported here.
+from .metrics import (  # noqa: F401
+    BASE_TO_NEW,
+    EvaluationResult,
+    autocast_for,
+    coop_result_block,
+    macro_f1,
+    predictions,
+)
 from .prompt_learner import init_word_count
 from .prompt_methods import PromptMethod, build_learner
 from .wording import plural
@@ -50,13 +59,6 @@ class EvaluationSetup:
     features: torch.Tensor  # cached test image features [N, D]
     labels: torch.Tensor  # [N]
     source: dict[str, Any]  # checkpoint, model, pretrained, dataset, train_dataset, shots, seed, subsample, method...
-
-
-def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """fp16 autocast on CUDA (CoOp runs CLIP in fp16), nothing on the CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def resolve_source(
@@ -216,63 +218,6 @@ def prepare_evaluation(
     return EvaluationSetup(backbone, data, learner, features.to(device), labels.to(device), source)
 
 
-def predictions(
-    learner: PromptMethod, features: torch.Tensor, ctx_variants: torch.Tensor, variants_per_pass: int = 32
-) -> torch.Tensor:
-    """Predicted labels [K, N] of image features [N, D] under K ctx variants, without autograd.
-
-    The logit scale is left out: a positive factor does not change the arg-max.
-    """
-    device = features.device
-    rows = []
-    with torch.inference_mode(), autocast_for(device):
-        for start in range(0, ctx_variants.shape[0], variants_per_pass):
-            chunk = ctx_variants[start : start + variants_per_pass].to(device)
-            rows.append(learner.similarities(features, chunk).argmax(dim=-1))  # [k, N]
-    return torch.cat(rows)
-
-
-def macro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    """Macro-F1 in percent over the classes present in `labels` (Dassl's evaluator does the same)."""
-    scores = []
-    for label in torch.unique(labels):
-        true_positive = ((predicted == label) & (labels == label)).sum().item()
-        false_positive = ((predicted == label) & (labels != label)).sum().item()
-        false_negative = ((predicted != label) & (labels == label)).sum().item()
-        denominator = 2 * true_positive + false_positive + false_negative
-        scores.append(2 * true_positive / denominator if denominator else 0.0)
-    return 100.0 * sum(scores) / len(scores)
-
-
-def coop_result_block(total: int, correct: int, macro_f1_percent: float) -> str:
-    """The result lines CoOp prints after testing, so existing parsing scripts keep working."""
-    accuracy = 100.0 * correct / total
-    return (
-        "=> result\n"
-        f"* total: {total:,}\n"
-        f"* correct: {correct:,}\n"
-        f"* accuracy: {accuracy:.1f}%\n"
-        f"* error: {100.0 - accuracy:.1f}%\n"
-        f"* macro_f1: {macro_f1_percent:.1f}%"
-    )
-
-
-@dataclass
-class EvaluationResult:
-    n: int
-    correct: int
-    accuracy: float  # percent
-    macro_f1: float  # percent
-    source: dict[str, Any]
-
-    def record(self) -> dict[str, Any]:
-        """One JSON Lines row of `nemesis eval --out` (the analysis package reads these)."""
-        return {"kind": "eval", **self.source, "n": self.n, "accuracy": self.accuracy, "macro_f1": self.macro_f1}
-
-    def result_block(self) -> str:
-        return coop_result_block(self.n, self.correct, self.macro_f1)
-
-
 def weights_mismatch(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> str | None:
     """A note when the prompt was trained on other weights than it is evaluated with (else None).
 
@@ -311,9 +256,6 @@ def evaluate(checkpoint: PromptCheckpoint, **options: Any) -> EvaluationResult:
     correct = int((predicted == setup.labels).sum())
     n = int(setup.labels.numel())
     return EvaluationResult(n, correct, 100.0 * correct / n, macro_f1(predicted, setup.labels), setup.source)
-
-
-BASE_TO_NEW = ("base", "new")
 
 
 def evaluate_base_to_new(checkpoint: PromptCheckpoint, **options: Any) -> list[EvaluationResult]:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .constants import cache_root
-from .datasets import FASHION_MNIST, Dataset, Sample
+from .dataset_records import FASHION_MNIST, Dataset, Sample
 from .errors import NemesisError
 
 # Prompt-friendly words for the ten classes, in label order.

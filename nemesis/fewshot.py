@@ -24,7 +24,7 @@ from typing import Any
 
 from .atomic import write_text_atomic
 from .constants import cache_root
-from .datasets import FEWSHOT_DIR, LAYOUTS, Sample
+from .dataset_records import FEWSHOT_DIR, LAYOUTS, Sample
 from .errors import NemesisError
 from .unpickle import PickledObject, load_pickle
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .choices import Schedule, choice
+from .choices import Schedule
 from .configs import LOGISTIC_RATE, NemesisConfig
-from .errors import NemesisError
+from .errors import NemesisError, choice
+from .tensors import position_norms  # re-exported: corrupt and the CLI import it from here
 
 # Classifies ctx variants [K, *ctx.shape] on the current batch: number of samples right per variant [K].
 CountCorrect = Callable[[torch.Tensor], torch.Tensor]
@@ -38,13 +39,6 @@ def schedule_weight(schedule: Schedule | str, epoch: int, epochs: int, rate: flo
     x = -rate * (epoch - epochs / 2)
     # 1 - 1 / (1 + exp(x)) == 1 / (1 + exp(-x)) == exp(x) / (1 + exp(x)): each form where it cannot overflow.
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
-
-
-def position_norms(ctx: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """n_j = ||ctx_j||_p for each position j [M], averaged over all leading axes of ctx [..., M, W]."""
-    n_positions = ctx.shape[-2]
-    norms = torch.linalg.vector_norm(ctx, ord=p, dim=-1)  # [..., M]
-    return norms.reshape(-1, n_positions).mean(dim=0)  # [M]
 
 
 @dataclass

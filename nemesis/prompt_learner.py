@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone
 from .choices import ClassPosition
+from .clip_models import Backbone
 from .errors import NemesisError
-from .losses import position_norms
+from .tensors import position_norms
 from .text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
 from .wording import plural
 

@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .backbone import Backbone
 from .choices import ClassPosition
+from .clip_models import Backbone
 from .cocoop import CoCoOp, embed_dim_of
 from .errors import NemesisError
 from .prompt_learner import PromptLearner

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .datasets import (
+from .dataset_records import (
     FEWSHOT_DIR,
     FGVC_CLASSES_FILE,
     IMAGENET_CLASSNAMES_FILE,

@@ -33,7 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_path
-from .backbone import Backbone, load_clip
+from .choices import Activation
+from .clip_build import build_backbone
+from .clip_models import Backbone
 from .constants import cache_root
 from .errors import NemesisError
 from .fashion_mnist import CLASSNAMES, VAL_EVERY, find_fashion_mnist_files, read_idx
@@ -178,7 +180,8 @@ def pretrain_tiny(
     started = time.perf_counter()
     with _threads(recipe.threads):
         data = _images()
-        backbone = load_clip(MODEL)  # random weights drawn from a fixed seed
+        # random weights drawn from a fixed seed, as `load_clip(MODEL)` builds them (GELU: tiny.json's own)
+        backbone = build_backbone(MODEL, None, Activation.gelu)
         model = backbone.model.train()
         for parameter in model.parameters():
             parameter.requires_grad_(True)

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import distributed
 from .configs import TrainConfig, read_run_config
 from .constants import RUN_CONFIG, RUN_PROMPT
-from .datasets import resolve_name
+from .dataset_records import resolve_name
 from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
 from .trainer import check_config, check_run_folder, train

@@ -41,9 +41,9 @@ from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PR
 from .datasets import Dataset, load_dataset
 from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
-from .evaluate import coop_result_block, macro_f1, predictions
 from .feature_cache import augment, encode_split, encode_train_views
-from .losses import nemesis_loss, position_norms
+from .losses import nemesis_loss
+from .metrics import coop_result_block, macro_f1, predictions
 from .progress import progress_bar
 from .prompt_learner import init_word_count
 from .prompt_methods import PromptMethod, build_learner
@@ -58,6 +58,7 @@ from .run_state import (
     remove_orphans,
     save_state,
 )
+from .tensors import position_norms
 from .wording import plural
 
 # Keys of config.json that may change when a run is resumed: they do not change what was learned so

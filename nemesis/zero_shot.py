@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from .backbone import Backbone, load_clip, resolve_device
 from .datasets import Dataset, load_dataset
-from .evaluate import BASE_TO_NEW, EvaluationResult, autocast_for, macro_f1
 from .feature_cache import encode_split
+from .metrics import BASE_TO_NEW, EvaluationResult, autocast_for, macro_f1
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 TEMPLATES = {

@@ -41,7 +41,7 @@ def info(
 
     from nemesis.backbone import embed_dim, text_width
     from nemesis.checkpoint import load_checkpoint
-    from nemesis.losses import position_norms
+    from nemesis.tensors import position_norms
 
     prompt = load_checkpoint(checkpoint, epoch, prompt_method)
     if model is not None:
