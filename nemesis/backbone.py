@@ -89,11 +89,12 @@ def check_pretrained(name: str, pretrained: str | None) -> None:
         return
     if os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         raise NemesisError(f"weights file not found: {pretrained}")
-    tags = open_clip.list_pretrained_tags_by_model(name)
+    tags = known_tags(name)
     if pretrained not in tags:
-        known = ", ".join(tags) if tags else "none"
+        known = f"known tags: {', '.join(tags)}" if tags else "it has no pretrained tags"
         raise NemesisError(
-            f"unknown pretrained tag '{pretrained}' for {name} (known tags: {known}); or pass a local weights file"
+            f"unknown pretrained tag '{pretrained}' for {name} ({known}); pass a local weights file, "
+            "or --pretrained none for random weights"
         )
 
 

@@ -38,6 +38,9 @@ NEMESIS_OPTIONS = (
 )
 
 
+FP16_MAX = 65504.0  # the largest finite float16
+
+
 @dataclass
 class NemesisConfig:
     """Nemesis's hyper-parameters; the defaults are the paper's."""
@@ -197,6 +200,10 @@ class TrainConfig:
         ):
             if not (value >= 0 and math.isfinite(value)):
                 raise NemesisError(f"{name} must be a finite number, 0 or more, got {value}")
+            if self.precision is Precision.fp16 and value > FP16_MAX:  # SGD applies it as an fp16 factor
+                raise NemesisError(
+                    f"--precision fp16 applies {name} in fp16, whose largest value is {FP16_MAX:g}; got {value:g}"
+                )
         if not 0 < self.crop_scale <= 1:
             raise NemesisError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if not 0 <= self.momentum < 1:

@@ -43,6 +43,12 @@ def test_unknown_tag_lists_known_tags():
         load_clip("RN50", "nope")
 
 
+def test_tiny_without_weights_suggests_its_own_tag():
+    # train's default --pretrained openai on tiny: the hint names fmnist, tiny's one tag
+    with pytest.raises(NemesisError, match=r"unknown pretrained tag 'openai' for tiny \(known tags: fmnist\)"):
+        load_clip("tiny", "openai")
+
+
 def test_offline_tag_fails_at_once_saying_how_to_supply_a_file(monkeypatch, caplog):
     import open_clip
 

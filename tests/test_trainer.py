@@ -396,6 +396,28 @@ def test_a_prompt_whose_norms_overflow_stops_the_run_in_one_line(pets, tmp_path)
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("lr", "expected"),
+    [
+        ("1e30", "--precision fp16 applies lr in fp16, whose largest value is 65504; got 1e+30"),
+        ("60000", "diverged in epoch 1: the prompt is no longer finite (lr 60000)"),
+    ],
+)
+def test_fp16_with_a_huge_lr_stops_in_one_line(pets, tmp_path, lr, expected):
+    # fp16 SGD takes lr as an fp16 factor (beyond 65504 it would raise inside the optimiser) and
+    # overflows the prompt to inf long before fp32 would.
+    out = tmp_path / "run"
+    arguments = ["train", "--dataset", "oxford_pets", "--root", str(pets), "--model", "tiny", "--pretrained", "none",
+                 "--n-ctx", "4", "--shots", "4", "--epochs", "1", "--batch-size", "16", "--warmup-epochs", "0",
+                 "--lr", lr, "--precision", "fp16", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and expected in lines[-1], result.output
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in result.output
+    assert not out.exists()
+
+
 def test_non_finite_logits_stop_the_run(pets, tmp_path, monkeypatch):
     build = trainer.build_learner
 
