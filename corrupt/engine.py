@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
@@ -85,6 +86,18 @@ def evaluate_cells(
     return CellOutcome(correct, before, after)
 
 
+def _decimal(points: float) -> float:
+    """A difference of two percentages without float noise (49.07 - 48.5 is 0.5700000000000003): accuracy
+    steps are 100 / n, far coarser than 1e-9, so rounding there never changes a comparison."""
+    return round(points, 9)
+
+
+def _float32_decimal(norm: float) -> float:
+    """A float32 norm as its shortest decimal (0.16213356, not 0.16213355958461761): the same float32
+    value, and distinct norms keep their order."""
+    return norm if math.isnan(norm) else float(str(np.float32(norm)))
+
+
 def cell_rows(
     identity: dict[str, Any], cells: Sequence[Cell], outcome: CellOutcome, original_accuracy: float
 ) -> list[dict[str, Any]]:
@@ -115,9 +128,9 @@ def cell_rows(
                 "n": n,
                 "correct": correct,
                 "accuracy": accuracy,
-                "delta_acc": 0.0 if cell.op == ORIGINAL else accuracy - original_accuracy,
-                "norm_before": outcome.norms_before[index],
-                "norm_after": outcome.norms_after[index],
+                "delta_acc": 0.0 if cell.op == ORIGINAL else _decimal(accuracy - original_accuracy),
+                "norm_before": _float32_decimal(outcome.norms_before[index]),
+                "norm_after": _float32_decimal(outcome.norms_after[index]),
             }
         )
     return rows

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from nemesis.checkpoint import PromptMetadata, save_prompt
+from nemesis.checkpoint import PromptMetadata, load_prompt, save_prompt
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
@@ -63,6 +65,20 @@ def test_csv_output(setting):
     assert again.exit_code == 0, again.output
     assert "4 computed" in again.output and "5 already in the results" in again.output
     assert len(pd.read_csv(tmp_path / "out" / "r.csv")) == 1 + 8
+
+
+def test_csv_numbers_have_no_float_noise(setting):
+    # norms are float32 values and accuracy changes multiples of 100 / n: written as their short decimals
+    tmp_path, prompt = setting
+    ctx = load_prompt(prompt).ctx
+    result = runner.invoke(app, _args(tmp_path, prompt, "--csv", "--rescale", "0.3,3", out="out/r.csv"))
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "out" / "r.csv").open()))
+    for row in rows[1:]:
+        norm = torch.linalg.vector_norm(ctx[int(row["position"])]).item()
+        assert np.float32(row["norm_before"]) == np.float32(norm)
+        for column in ("norm_before", "norm_after", "delta_acc"):
+            assert len(row[column].lstrip("-").replace(".", "").lstrip("0")) <= 9, (column, row[column])
 
 
 def _fails_with_one_line(tmp_path, args, expected):
