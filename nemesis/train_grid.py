@@ -170,6 +170,8 @@ def plan_grid(
         config = TrainConfig(**values)  # checks every option
         name = resolve_name(dataset)
         folder = run_folder(out, name, method.lower(), config.model, count, seed) if tree else out
+        if options.get("epochs") is None and (saved := _saved_epochs(folder)) is not None:
+            config = dataclasses.replace(config, epochs=saved)  # not given: a run keeps its own, as --resume does
         run = GridRun(name, method.lower(), count, seed, config, folder)
         if folder in folders:
             raise NemesisError(

@@ -225,6 +225,11 @@ def test_a_grid_rerun_with_other_epochs_extends_with_a_warning_or_is_refused(dat
     assert (folder / "log.txt").read_text().count("* accuracy:") == 1  # the earlier result block replaced
     again = CliRunner().invoke(app, [*arguments, "--epochs", "3"])
     assert again.exit_code == 0 and "grid: 0 trained, 2 skipped" in again.output and "warning" not in again.output
+    # without --epochs each run keeps its own, as --resume does: nothing is extended to the default
+    unsaid = [arg for index, arg in enumerate(arguments) if "--epochs" not in arguments[index - 1 : index + 1]]
+    kept = CliRunner().invoke(app, unsaid)
+    assert kept.exit_code == 0 and "grid: 0 trained, 2 skipped" in kept.output and "warning" not in kept.output
+    assert load_prompt(folder / "prompt.safetensors").metadata.epoch == 3
 
 
 def test_a_torchrun_grid_summary_gives_the_jobs_time_not_rank_0s(monkeypatch):
