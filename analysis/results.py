@@ -12,13 +12,14 @@ import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from nemesis.constants import RUN_PROMPT
+from nemesis.constants import METADATA_KEY, RUN_PROMPT
 from nemesis.errors import NemesisError
 from nemesis.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_sweep_table
 
@@ -61,6 +62,24 @@ EVAL_COLUMNS = (
 )
 EVAL_OPTIONAL_COLUMNS = ("pretrained", "weights_id", "activation", "method_label", "macro_f1")
 
+# A safetensors header (its JSON) larger than this is not read for a run's weights (prompts hold a few KiB).
+MAX_PROMPT_HEADER_BYTES = 16 * 2**20
+
+
+def prompt_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """What a prompt file of ours records about itself (model, weights_id, activation...), read from its
+    safetensors header without loading a tensor; {} when the file is missing or not such a file."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= MAX_PROMPT_HEADER_BYTES:
+                return {}
+            header = json.loads(handle.read(size))
+        metadata = json.loads(header["__metadata__"][METADATA_KEY])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
 
 @dataclass
 class Run:
@@ -79,6 +98,25 @@ class Run:
     def label(self) -> str:
         random = "pretrained" in self.config and is_random_weights(self.config["pretrained"])
         return method_label_from_config(self.config) + (RANDOM_WEIGHTS_MARK if random else "")
+
+    @cached_property
+    def _prompt_metadata(self) -> dict[str, Any]:
+        return prompt_metadata(self.path / RUN_PROMPT)
+
+    @property
+    def weights_id(self) -> str:
+        """What tells the run's weights apart, as eval records' `weights_id` does: the backbone's id its
+        prompt records (tag or file hash, and the activation), else the config's weights and activation
+        as a note names them (`weights_label`, as `eval_frame` does for records without an id)."""
+        recorded = self._prompt_metadata.get("weights_id")
+        if isinstance(recorded, str) and recorded:
+            return recorded
+        return weights_label(self.config.get("pretrained", np.nan), self.config.get("activation"))
+
+    @property
+    def activation(self) -> str | None:
+        """The activation the run trained under, where its prompt or config records it."""
+        return self._prompt_metadata.get("activation") or self.config.get("activation")
 
     def _evaluated(self) -> pd.DataFrame:
         if self.epochs.empty or "test_acc" not in self.epochs:
@@ -348,6 +386,8 @@ RUN_SUMMARY_COLUMNS = (
     "epochs",
     "test_acc",
     "finished",
+    "weights_id",
+    "activation",
 )
 
 
@@ -367,6 +407,8 @@ def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
             "epochs": len(run.epochs),
             "test_acc": run.final_test_acc,
             "finished": run.finished,
+            "weights_id": run.weights_id,
+            "activation": run.activation,
         }
         for run in runs
     ]

@@ -26,11 +26,14 @@ from .labels import (
     IMAGENET_VARIANTS,
     MISSING_LABEL,
     PAPER_DATASETS,
+    RANDOM_WEIGHTS_MARK,
     ZERO_SHOT_METHOD,
     dataset_name,
     is_paper_kind,
+    is_random_weights_id,
     kind_label,
     shots_label,
+    weights_label,
     weights_names,
 )
 from .low_norm_effect import DEGRADATION_RATE, POOLED_NOTE, PROMPT_KIND, RATE, lne_frequency, parse_by
@@ -126,18 +129,35 @@ def _prompt_name(model, method, dataset, shots, seed) -> str:
     return f"{dataset_name(dataset)}, {method}, {model}, {shots_text}{seed_text}"
 
 
+def weights_identity(results: pd.DataFrame) -> pd.Series:
+    """What tells a row's weights apart: its `weights_id` (the backbone's: tag or file hash, and the
+    activation), or where that is missing its weights and activation as a note names them
+    (`weights_label` of `pretrained` and `activation`)."""
+    blank = pd.Series(np.nan, index=results.index, dtype=object)
+    recorded = results.get("weights_id", blank)
+    columns = [results.get(column, blank) for column in ("pretrained", "activation")]
+    fallback = pd.Series([weights_label(*values) for values in zip(*columns, strict=True)], index=results.index)
+    return recorded.where(recorded.notna(), fallback).astype(str)
+
+
 def count_each_prompt_once(
     results: pd.DataFrame, keys: Sequence[str], origin: str, what: str
 ) -> tuple[pd.DataFrame, list[str]]:
-    """One row per prompt (`keys`: model, method label, dataset, shots, seed, and for domain
-    generalisation the target): a copied run folder or checkpoint given beside its tree, or two grid
-    presets that trained the same settings, is one seed, not two. The first row is kept; a note names
-    the copies (`origin`: the column naming where a row came from). Rows without a seed are kept,
-    except the zero-shot baseline (0 shots), which has none and is the same every time."""
+    """One row per prompt and weights (`keys`: model, method label, dataset, shots, seed, and for domain
+    generalisation the target; the weights identity is added where the rows record weights, see
+    `weights_identity`): a copied run folder or checkpoint given beside its tree, or two grid presets
+    that trained the same settings, is one seed, not two, while results on other weights stay apart.
+    The first row is kept; a note names the copies (`origin`: the column naming where a row came from).
+    Rows without a seed are kept, except the zero-shot baseline (0 shots), which has none and is the
+    same every time."""
+    keys = list(keys)
+    if ("weights_id" in results or "pretrained" in results) and "weights_id" not in keys:
+        results = results.assign(weights_id=weights_identity(results))
+        keys.append("weights_id")
     known = results["seed"].notna() | (pd.to_numeric(results["shots"]) == 0).fillna(False)
-    repeated = results.duplicated(subset=list(keys), keep=False) & known
+    repeated = results.duplicated(subset=keys, keep=False) & known
     notes = []
-    for _key, group in results[repeated].groupby(list(keys), dropna=False, sort=False):
+    for _key, group in results[repeated].groupby(keys, dropna=False, sort=False):
         first = group.iloc[0]
         name = _prompt_name(first["model"], first["method"], first["dataset"], first["shots"], first["seed"])
         if "target" in group:
@@ -146,19 +166,47 @@ def count_each_prompt_once(
             f"{what}: {name} was given {len(group)} times ({', '.join(map(str, group[origin]))}); "
             f"counted once ({first[origin]})"
         )
-    kept = results[~(results.duplicated(subset=list(keys), keep="first") & known)]
+    kept = results[~(results.duplicated(subset=keys, keep="first") & known)]
     return kept.reset_index(drop=True), notes
 
 
+WEIGHTS_NAMED_NOTE = (
+    "Results of one model on several real weights are rows of their own; each label names its weights "
+    "(tag or file SHA-256, and the activation)."
+)
+
+
+def label_weights(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """`results` with each method label naming its weights where the rows of one model hold several
+    real weights ids, as the LNE tables name them (`weights_names`: "CoOp (weights sha256:<12 hex>)"),
+    so that results on different weights are different rows; and the note saying so, if any label
+    changed. Random weights are marked by their label already ("(random weights)")."""
+    if "weights_id" not in results or results.empty:
+        return results, []
+    methods = results["method"].astype(str)
+    real = ~methods.str.endswith(RANDOM_WEIGHTS_MARK) & ~results["weights_id"].map(is_random_weights_id)
+    labelled = methods.copy()
+    for _model, rows in results[real].groupby("model", dropna=False, sort=False):
+        names = weights_names(rows["weights_id"])
+        for index, weights_id in rows["weights_id"].items():
+            if names.get(weights_id):
+                labelled[index] = f"{methods[index]} ({names[weights_id]})"
+    if labelled.equals(methods):
+        return results, []
+    return results.assign(method=labelled), [WEIGHTS_NAMED_NOTE]
+
+
 def latest_records(evals: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """The last record per checkpoint, `keys` and method label. Records of random weights carry their
-    own label ("(random weights)"), so they never replace a result on real weights."""
-    return evals.drop_duplicates(subset=["checkpoint", *keys, "method_label"], keep="last")
+    """The last record per checkpoint, weights, `keys` and method label: a checkpoint evaluated again
+    on the same weights counts its last record; records on other weights (a tag, file or activation;
+    random weights carry their own label) are results of their own, never replacing each other."""
+    return evals.drop_duplicates(subset=["checkpoint", *keys, "method_label", "weights_id"], keep="last")
 
 
 def weights_conflicts(evals: pd.DataFrame | None) -> list[str]:
     """A note per checkpoint evaluated on one dataset and class subset under different real weights
-    (tag, file or activation): the tables count its last record (`latest_records`), the note says so."""
+    (tag, file or activation): each weights' result is a row of its own (`latest_records`), named by
+    its weights (`label_weights`); the note says so."""
     if evals is None or evals.empty:
         return []
     notes = []
@@ -169,7 +217,8 @@ def weights_conflicts(evals: pd.DataFrame | None) -> list[str]:
             classes = "" if subsample == "all" else f" ({subsample} classes)"
             notes.append(
                 f"{checkpoint} was evaluated on {dataset_name(dataset)}{classes} with {model} under different "
-                f"weights ({'; '.join(weights)}); the tables count its last record ({group['weights'].iloc[-1]})"
+                f"weights ({'; '.join(weights)}); each weights' result is a row of its own, its label naming "
+                "the weights"
             )
     return notes
 
@@ -177,32 +226,58 @@ def weights_conflicts(evals: pd.DataFrame | None) -> list[str]:
 # ----------------------------------------------------------------------------- few-shot
 
 
-FEW_SHOT_RESULT_COLUMNS = ("model", "method", "dataset", "shots", "seed", "accuracy", "source")
+FEW_SHOT_RESULT_COLUMNS = ("model", "method", "dataset", "shots", "seed", "accuracy", "source", "weights_id")
 
 
 def few_shot_results(runs: Sequence[Run] = (), evals: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One accuracy per trained prompt: finished runs' final test accuracy (see `unfinished_runs`),
-    plus eval records of the prompt's own dataset (subsample "all") for checkpoints outside the
-    given run folders."""
+    """One accuracy per trained prompt and weights: finished runs' final test accuracy (see
+    `unfinished_runs`), plus eval records of the prompt's own dataset (subsample "all"), except those
+    that repeat the result of a run folder among `runs` (see `_repeats_a_run`): a run's prompt
+    evaluated on other weights or under another activation is a result of its own."""
     rows = []
     summary = runs_frame(runs)
-    summary = summary[(summary["subsample"] == "all") & summary["finished"] & summary["test_acc"].notna()]
-    for row in summary.itertuples(index=False):
-        rows.append((row.model, row.method_label, row.dataset, row.shots, row.seed, row.test_acc, row.run))
+    finished = summary[(summary["subsample"] == "all") & summary["finished"] & summary["test_acc"].notna()]
+    for row in finished.itertuples(index=False):
+        rows.append(
+            (row.model, row.method_label, row.dataset, row.shots, row.seed, row.test_acc, row.run, row.weights_id)
+        )
     if evals is not None:
-        run_folders = [run.path.resolve() for run in runs]
         own = evals[(evals["subsample"] == "all") & (evals["dataset"] == evals["train_dataset"])]
-        # A checkpoint evaluated twice counts once: its latest record.
+        # A checkpoint evaluated twice on the same weights counts once: its latest record.
         own = latest_records(own, ["model", "dataset"])
         for row in own.itertuples(index=False):
-            checkpoint = Path(row.checkpoint).resolve()
-            if any(folder == checkpoint or folder in checkpoint.parents for folder in run_folders):
+            if _repeats_a_run(row, summary):
                 continue
-            rows.append((row.model, row.method_label, row.dataset, row.shots, row.seed, row.accuracy, row.checkpoint))
+            identity = (row.model, row.method_label, row.dataset, row.shots, row.seed)
+            rows.append((*identity, row.accuracy, row.checkpoint, row.weights_id))
     frame = pd.DataFrame(rows, columns=list(FEW_SHOT_RESULT_COLUMNS))
     frame["shots"] = pd.to_numeric(frame["shots"]).astype("Int64")
     frame["accuracy"] = frame["accuracy"].astype(float)
     return frame
+
+
+def _run_of(checkpoint: str, summary: pd.DataFrame) -> pd.Series | None:
+    """The run (a `runs_frame` row) whose folder holds `checkpoint`, or None."""
+    path = Path(checkpoint).resolve()
+    for _, run in summary.iterrows():
+        folder = Path(run["run"]).resolve()
+        if folder == path or folder in path.parents:
+            return run
+    return None
+
+
+def _repeats_a_run(record, summary: pd.DataFrame) -> bool:
+    """Whether an own-dataset, all-class eval record repeats its run folder's own result: the checkpoint
+    lies in a run folder among the inputs, evaluated on the run's weights (weights id, and activation
+    where both record one) and the run's classes. A run trained on a class subset (base-to-new) has no
+    few-shot result: records of its prompts are left to the base-to-new table."""
+    run = _run_of(record.checkpoint, summary)
+    if run is None:
+        return False
+    if run["subsample"] != "all":
+        return True
+    same_activation = pd.isna(record.activation) or not run["activation"] or record.activation == run["activation"]
+    return record.weights_id == run["weights_id"] and same_activation and record.model == run["model"]
 
 
 def unfinished_runs(runs: Sequence[Run]) -> list[Run]:
@@ -241,6 +316,7 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
     keys = ["model", "method", "shots"]
     results = results.assign(model=results["model"].fillna(MISSING_LABEL))
     results, repeated = count_each_prompt_once(results, [*keys, "dataset", "seed"], "source", "few-shot")
+    results, weights_note = label_weights(results)
     datasets = sorted(results["dataset"].unique(), key=_dataset_order)
     per_dataset = results.groupby([*keys, "dataset"], dropna=False)["accuracy"].apply(_mean_std).unstack().reset_index()
     # A row's average covers every dataset its model has at its shots, or is left blank.
@@ -282,6 +358,7 @@ def few_shot_table(results: pd.DataFrame, paper: bool = True, skipped_runs: int 
             "(last evaluated epoch before the configured count, or no prompt.safetensors)."
         )
     notes.extend(repeated)
+    notes.extend(weights_note)
     if paper and set(datasets) == set(PAPER_DATASETS):
         shots_present = set(results["shots"].dropna().astype(int))
         paper_rows = []
@@ -312,8 +389,8 @@ def base_to_new_results(evals: pd.DataFrame) -> pd.DataFrame:
     """One row per checkpoint evaluated on both its base and its new classes. The zero-shot baseline
     (the hand-crafted prompt, `eval --zero-shot --subsample base` and `new`) is the table's reference
     row: it is kept with base or new alone too (the other value blank)."""
-    keys = ["checkpoint", "model", "dataset", "method_label"]
-    columns = ["checkpoint", "model", "dataset", "method", "shots", "seed", "base", "new"]
+    keys = ["checkpoint", "model", "dataset", "method_label", "weights_id"]  # base and new on the same weights
+    columns = ["checkpoint", "model", "dataset", "method", "shots", "seed", "weights_id", "base", "new"]
     split = latest_records(evals[evals["subsample"].isin(["base", "new"])], ["model", "dataset", "subsample"])
     if split.empty:
         return pd.DataFrame(columns=columns)
@@ -341,6 +418,7 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
         )
     keys = ["model", "method", "shots"]
     pairs, repeated = count_each_prompt_once(pairs, [*keys, "dataset", "seed"], "checkpoint", "base-to-new")
+    pairs, weights_note = label_weights(pairs)
     datasets = sorted(pairs["dataset"].unique(), key=_dataset_order)
     per_dataset = (
         pairs.groupby([*keys, "dataset"], dropna=False)
@@ -370,6 +448,7 @@ def base_to_new_table(evals: pd.DataFrame, paper: bool = True) -> Table:
         "base and new: mean over seeds; H = 2*base*new/(base+new) of those means. Average: over datasets, "
         "its Seeds the fewest of any dataset.",
         *repeated,
+        *weights_note,
     ]
     if paper and set(datasets) == set(PAPER_DATASETS):
         paper_rows = [
@@ -416,17 +495,18 @@ def _number(value: float) -> str:
 # ----------------------------------------------------------------------------- domain generalisation
 
 
-DG_COLUMNS = ["checkpoint", "model", "method", "shots", "seed", "source", "target", "accuracy"]
+DG_COLUMNS = ["checkpoint", "model", "method", "shots", "seed", "weights_id", "source", "target", "accuracy"]
 
 
 def domain_generalization_results(evals: pd.DataFrame, runs: Sequence[Run] = ()) -> pd.DataFrame:
     """Records of checkpoints (subsample "all") evaluated on at least one dataset besides their own.
 
     A checkpoint evaluated only on other datasets takes its own-dataset accuracy from its run
-    folder among `runs` (the final test accuracy of a finished run), so that cell is not blank.
+    folder among `runs` (the final test accuracy of a finished run on the same weights), so that cell
+    is not blank. Records of one checkpoint on other weights are results of their own.
     """
     records = latest_records(evals[evals["subsample"] == "all"], ["model", "dataset"])
-    identity = ["checkpoint", "model", "method_label"]
+    identity = ["checkpoint", "model", "method_label", "weights_id"]
     crossed = records[records["dataset"] != records["train_dataset"]][identity].drop_duplicates()
     selected = records.merge(crossed, on=identity)
     selected = selected.drop(columns="method")  # the label names the method in tables
@@ -437,19 +517,21 @@ def domain_generalization_results(evals: pd.DataFrame, runs: Sequence[Run] = ())
 
 
 def _own_results_of_runs(records: pd.DataFrame, runs: Sequence[Run]) -> pd.DataFrame:
-    """Own-dataset rows, from their finished run folders, of the checkpoints `records` lacks them for."""
+    """Own-dataset rows, from their finished run folders, of the checkpoints `records` lacks them for
+    (records on the weights the run trained on: a run's accuracy is no result on other weights)."""
     summary = runs_frame(runs)
     summary = summary[(summary["subsample"] == "all") & summary["finished"] & summary["test_acc"].notna()]
     rows = []
-    for (checkpoint, method), group in records.groupby(["checkpoint", "method"], sort=False):
+    for (checkpoint, method, weights_id), group in records.groupby(["checkpoint", "method", "weights_id"], sort=False):
         if (group["target"] == group["source"]).any():
             continue
         path = Path(checkpoint).resolve()
         for run in summary.itertuples(index=False):
             folder = Path(run.run).resolve()
-            if (folder == path or folder in path.parents) and run.method_label == method:
+            inside = folder == path or folder in path.parents
+            if inside and run.method_label == method and run.weights_id == weights_id:
                 first = group.iloc[0]
-                own = [first["source"], first["source"], run.test_acc]  # source, target, accuracy
+                own = [weights_id, first["source"], first["source"], run.test_acc]  # weights, source, target, accuracy
                 rows.append([checkpoint, first["model"], method, first["shots"], first["seed"], *own])
                 break
     return pd.DataFrame(rows, columns=DG_COLUMNS)
@@ -467,6 +549,7 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True, runs: S
     records = records.assign(dataset=records["source"])  # the prompt's dataset, as the other tables name it
     identity = [*keys, "seed", "target"]
     records, repeated = count_each_prompt_once(records, identity, "checkpoint", "domain generalisation")
+    records, weights_note = label_weights(records)
     data = records.groupby([*keys, "target"], dropna=False)["accuracy"].apply(_mean_std).unstack().reset_index()
     data["seeds"] = data["seeds"].astype(int)
     data.insert(0, "origin", OURS)
@@ -485,6 +568,7 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True, runs: S
     notes = [
         "mean ± sample std (ddof=1) over seeds; one seed: mean only. Seeds: per target (a range where they differ).",
         *repeated,
+        *weights_note,
         *_own_cells_missing(records),
     ]
     setting = paper_numbers.DOMAIN_GENERALIZATION_SETTING
@@ -519,8 +603,10 @@ def domain_generalization_table(evals: pd.DataFrame, paper: bool = True, runs: S
 
 def _own_cells_missing(records: pd.DataFrame) -> list[str]:
     """A note naming the checkpoints whose own-dataset cell is left out: neither an eval record nor a run."""
-    tested_own = set(records.loc[records["target"] == records["source"], "checkpoint"])
-    missing = [checkpoint for checkpoint in dict.fromkeys(records["checkpoint"]) if checkpoint not in tested_own]
+    prompts = list(zip(records["checkpoint"], records["weights_id"], strict=True))  # a prompt on its weights
+    own = (records["target"] == records["source"]).tolist()
+    tested_own = {prompt for prompt, is_own in zip(prompts, own, strict=True) if is_own}
+    missing = list(dict.fromkeys(prompt[0] for prompt in prompts if prompt not in tested_own))
     if not missing:
         return []
     its, it = ("its", "it") if len(missing) == 1 else ("their", "them")

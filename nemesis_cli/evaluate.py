@@ -136,44 +136,92 @@ def _checkpoint_locations(paths: list[Path]) -> list[Path]:
     from corrupt.inputs import find_checkpoints
     from nemesis.constants import RUN_CONFIG
 
-    # A run folder of ours is taken as it is, so an unfinished one says what it lacks.
+    # A run folder of ours is taken as it is, so an unfinished one says what it lacks; a folder a search
+    # finds for the prompt file it holds (a copied run without its config) is that file.
     found: list[Path] = []
     for path in paths:
         found += [path] if (path / RUN_CONFIG).is_file() else find_checkpoints([path])
-    return found
+    return [_prompt_file_of(path) for path in found]
 
 
-def _seed_group(source: dict) -> tuple:
-    """What results must share to be seeds of one setting: weights, data, method and its settings, shots."""
-    from analysis.labels import method_label  # pandas: only when there is more than one result
+def _prompt_file_of(path: Path) -> Path:
+    from nemesis.constants import RUN_CONFIG, RUN_PROMPT
 
-    config = source.get("method_config") or {}
-    label = source.get("method_label") or method_label(source["method"], config.get("beta"), config.get("weight"))
-    keys = ("model", "weights_id", "activation", "dataset", "train_dataset")
-    return (*(source.get(key) for key in keys), label, source["shots"], source["subsample"])
+    is_prompt_folder = path.is_dir() and not (path / RUN_CONFIG).is_file() and (path / RUN_PROMPT).is_file()
+    return path / RUN_PROMPT if is_prompt_folder else path
+
+
+SEED_GROUP = ("model", "weights_id", "activation", "dataset", "train_dataset", "method", "shots", "subsample")
+
+
+def _seed_rows(results: list):
+    """The results as rows of `analysis.tables.count_each_prompt_once`: what results must share to be
+    seeds of one setting (weights, data, method and its settings, shots, classes), the seed, and where
+    each came from. A result on random weights carries their mark in its method label."""
+    import pandas as pd  # only when there is more than one result
+
+    from analysis.labels import RANDOM_WEIGHTS_MARK, is_random_weights, method_label
+
+    rows = []
+    for result in results:
+        source = result.source
+        config = source.get("method_config") or {}
+        label = source.get("method_label") or method_label(source["method"], config.get("beta"), config.get("weight"))
+        if is_random_weights(source.get("pretrained"), source.get("weights_id")) and RANDOM_WEIGHTS_MARK not in label:
+            label += RANDOM_WEIGHTS_MARK
+        row = {key: source.get(key) for key in SEED_GROUP if key != "method"}
+        row |= {"method": label, "pretrained": source.get("pretrained"), "seed": source.get("seed")}
+        rows.append(row | {"checkpoint": source["checkpoint"], "accuracy": result.accuracy})
+    return pd.DataFrame(rows)
 
 
 def _print_seed_means(results: list) -> None:
-    """One line per setting evaluated with several seeds: mean ± std over them (sample std, as `report`)."""
+    """One line per setting evaluated with several seeds: mean ± std over them (sample std, as `report`).
+    Each seed of a setting counts once: a copied run folder, or one checkpoint given twice (as a run
+    folder and as its prompt.safetensors), is one seed, and a note names the repeat (as `report` does).
+    With --base-to-new, a setting with means on both splits ends with H of the means."""
     import statistics
 
     if len(results) < 2:
         return
-    groups: dict[tuple, list] = {}
-    for result in results:
-        groups.setdefault(_seed_group(result.source), []).append(result)
-    for (model, _, _, dataset, trained_on, label, shots, subsample), members in groups.items():
+    import pandas as pd
+
+    from analysis.labels import RANDOM_WEIGHTS_MARK, weights_names
+    from analysis.tables import count_each_prompt_once, harmonic_mean
+
+    seed_keys = [*SEED_GROUP, "seed"]
+    rows, repeated = count_each_prompt_once(_seed_rows(results), seed_keys, "checkpoint", "mean over seeds")
+    for note in repeated:
+        typer.echo(f"note: {note}", err=True)
+    random = rows["method"].str.endswith(RANDOM_WEIGHTS_MARK)
+    names = {}  # several real weights of one model: each line names its weights, as the LNE tables do
+    for _model, group in rows[~random].groupby("model", dropna=False, sort=False):
+        names |= {key: name for key, name in weights_names(group["weights_id"]).items() if name}
+    splits: dict[tuple, dict[str, float]] = {}
+    for key, members in rows.groupby(list(SEED_GROUP), dropna=False, sort=False):
         if len(members) < 2:
             continue
-        accuracies = [member.accuracy for member in members]
-        seeds = ", ".join(str(member.source["seed"]) for member in members)
+        key = tuple(None if pd.isna(value) else value for value in key)
+        model, weights_id, _, dataset, trained_on, label, shots, subsample = key
+        if weights_id in names:
+            label += f" ({names[weights_id]})"
+        accuracies = members["accuracy"].astype(float).tolist()
+        seeds = ", ".join("n/a" if pd.isna(seed) else str(int(seed)) for seed in members["seed"])
         where = dataset if trained_on in (None, dataset) else f"{dataset} (trained on {trained_on})"
-        shots_text = "shots not recorded" if shots is None else f"{shots} shots"
+        shots_text = "shots not recorded" if shots is None else plural(int(shots), "shot")
         mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
+        setting = f"{where}, {label}, {shots_text}"
         typer.echo(
-            f"mean over seeds: {where}, {label}, {shots_text}, {subsample} classes, {model}: "
-            f"{mean:.2f}% ± {std:.2f} over {len(members)} seeds ({seeds})"
+            f"mean over seeds: {setting}, {subsample} classes, {model}: "
+            f"{mean:.2f}% ± {std:.2f} over {plural(len(members), 'seed')} ({seeds})"
         )
+        splits.setdefault((setting, model), {})[subsample] = mean
+        if {"base", "new"} <= set(splits[(setting, model)]):
+            base, new = splits[(setting, model)]["base"], splits[(setting, model)]["new"]
+            typer.echo(
+                f"mean over seeds: {setting}, {model}: base {base:.2f}%, new {new:.2f}%, "
+                f"H of the means {harmonic_mean(base, new):.2f}%"
+            )
 
 
 def _zero_shot(

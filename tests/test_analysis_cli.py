@@ -286,3 +286,37 @@ def test_report_csv_has_no_float32_noise(tmp_path):
     _ok(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     csv = (tmp_path / "report" / "few_shot.csv").read_text()
     assert ",49.07," in csv and "49.0699" not in csv
+
+
+def test_report_keeps_a_run_prompt_evaluated_on_other_weights(tmp_path):
+    """Train on one weights file, evaluate the prompt on it and on a second file, report the run with
+    the records: the run's result once, the other weights' result as a row of its own, both named."""
+    import pandas as pd
+    import torch
+
+    from nemesis.backbone import file_sha256
+    from nemesis.testing import make_coop_folder
+
+    from .conftest import cached_backbone
+
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", ["red apple", "green leaf", "blue sky", "yellow sun"], per_class=(2, 1, 3))
+    state = cached_backbone("tiny").model.state_dict()
+    weights = []
+    for number in (1, 2):
+        weights.append(tmp_path / f"weights{number}.pt")
+        torch.save(state | {"logit_scale": state["logit_scale"] + number}, weights[-1])
+    run = tmp_path / "run"
+    common = ["--root", str(root), "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    _ok(["train", "--dataset", "oxford_pets", "--model", "tiny", "--pretrained", str(weights[0]), "--shots", "1",
+         "--n-ctx", "4", "--epochs", "1", *common, "--out", str(run)])  # fmt: skip
+    records = tmp_path / "r.jsonl"
+    for file in (weights[1], weights[0]):  # other weights, then the run's own (repeats its result)
+        _ok(["eval", str(run / "prompt.safetensors"), "--pretrained", str(file), *common, "--out", str(records)])
+    output = _ok(["report", str(run), str(records), "--out", str(tmp_path / "report")])
+    (note,) = [line for line in output.splitlines() if line.startswith("note:")]  # no copy; what the table does
+    assert "under different weights (weights2.pt, gelu; weights1.pt, gelu)" in note and "a row of its own" in note
+    few_shot = pd.read_csv(tmp_path / "report" / "few_shot.csv")
+    cells = few_shot[few_shot["dataset"] == "oxford_pets"]
+    names = {f"CoOp (weights sha256:{file_sha256(file)[:12]})" for file in weights}
+    assert set(cells["method"]) == names and set(cells["seeds"]) == {1}

@@ -292,11 +292,64 @@ def test_eval_takes_an_output_tree_and_prints_the_mean_over_seeds(tmp_path, pets
     accuracies = [row["accuracy"] for row in records if row["shots"] == 16]
     means = [line for line in result.output.splitlines() if line.startswith("mean over seeds")]
     mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
-    setting = "oxford_pets, CoOp, 16 shots, all classes, tiny"
+    setting = "oxford_pets, CoOp (random weights), 16 shots, all classes, tiny"
     assert means == [f"mean over seeds: {setting}: {mean:.2f}% ± {std:.2f} over 3 seeds (1, 2, 3)"]
 
     (tmp_path / "empty").mkdir()
     fails_with_one_line(["eval", str(tmp_path / "empty"), "--model", "tiny"], "prompt.safetensors")
+
+
+def _seeded_prompts(folder, subsample="all"):
+    """Prompts of seeds 1 and 2 (1 shot, random weights) in folder/seed1 and folder/seed2."""
+    for seed in (1, 2):
+        ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)) * 0.5
+        metadata = dict(method="coop", shots=1, seed=seed, weights_id="random-seed0", subsample=subsample)
+        (folder / f"seed{seed}").mkdir(parents=True)
+        (folder / f"seed{seed}" / "config.json").write_text("{}")  # a run folder
+        _prompt(folder / f"seed{seed}", ctx, **metadata)
+
+
+def test_the_mean_over_seeds_counts_each_seed_once_and_names_the_repeat(tmp_path, pets_root):
+    """A copied seed folder and the same prompt given twice are one seed: the mean is over seeds 1 and 2,
+    one note names the repeat; the line says "1 shot" and that the weights were random."""
+    import shutil
+    import statistics
+
+    _seeded_prompts(tmp_path / "runs")
+    shutil.copytree(tmp_path / "runs" / "seed1", tmp_path / "copy" / "seed1")
+    (tmp_path / "copy" / "seed1" / "config.json").unlink()  # a folder holding a prompt file is taken too
+    again = tmp_path / "runs" / "seed1" / "prompt.safetensors"
+    out = tmp_path / "evals.jsonl"
+    paths = [str(tmp_path / "runs"), str(tmp_path / "copy"), str(again)]
+    result = runner.invoke(app, ["eval", *paths, "--root", str(pets_root), "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [record["seed"] for record in records] == [1, 2, 1, 1]  # every checkpoint is evaluated and recorded
+    mean = statistics.mean(record["accuracy"] for record in records[:2])
+    std = statistics.stdev(record["accuracy"] for record in records[:2])
+    means = [line for line in result.output.splitlines() if line.startswith("mean over seeds")]
+    setting = "oxford_pets, CoOp (random weights), 1 shot, all classes, tiny"
+    assert means == [f"mean over seeds: {setting}: {mean:.2f}% ± {std:.2f} over 2 seeds (1, 2)"]
+    (note,) = [line for line in result.output.splitlines() if line.startswith("note:")]
+    assert "seed 1 was given 3 times" in note and str(tmp_path / "copy" / "seed1" / "prompt.safetensors") in note
+
+
+def test_the_means_over_seeds_of_base_to_new_end_with_their_h(tmp_path, pets_root):
+    from analysis.tables import harmonic_mean
+
+    _seeded_prompts(tmp_path / "runs", subsample="base")
+    args = ["eval", str(tmp_path / "runs"), "--base-to-new", "--root", str(pets_root), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "evals.jsonl")])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    base, new = (
+        sum(record["accuracy"] for record in records if record["subsample"] == part) / 2 for part in ("base", "new")
+    )
+    means = [line for line in result.output.splitlines() if line.startswith("mean over seeds")]
+    assert len(means) == 3 and means[0].startswith("mean over seeds: oxford_pets, CoOp (random weights), 1 shot, base")
+    setting = "oxford_pets, CoOp (random weights), 1 shot, tiny"
+    h = harmonic_mean(base, new)
+    assert means[2] == f"mean over seeds: {setting}: base {base:.2f}%, new {new:.2f}%, H of the means {h:.2f}%"
 
 
 def test_a_later_prompt_without_weights_is_refused_before_any_record(tmp_path, pets_root):

@@ -313,17 +313,22 @@ def test_runs_on_random_weights_are_labelled(tmp_path):
     assert few_shot_table(few_shot_results([run])).display.loc[0, "Method"] == "CoOp (random weights)"
 
 
-def test_a_checkpoint_evaluated_under_two_real_weights_is_stated(tmp_path):
+def test_a_checkpoint_evaluated_under_two_real_weights_is_two_rows_and_stated(tmp_path):
     from analysis.tables import weights_conflicts
 
     records = [
         eval_record(checkpoint="c", pretrained="openai", activation="quickgelu", accuracy=54.0),
         eval_record(checkpoint="c", pretrained="openai", activation="gelu", accuracy=40.0),
+        eval_record(checkpoint="c", pretrained="openai", activation="gelu", accuracy=41.0),  # evaluated again
     ]
     evals = load_evals([write_evals(tmp_path / "e.jsonl", records)])
     (note,) = weights_conflicts(evals)
-    assert "openai, quickgelu; openai, gelu" in note and "last record (openai, gelu)" in note
-    assert few_shot_results([], evals)["accuracy"].tolist() == [40.0]
+    assert "openai, quickgelu; openai, gelu" in note and "each weights' result is a row of its own" in note
+    assert few_shot_results([], evals)["accuracy"].tolist() == [54.0, 41.0]
+    table = few_shot_table(few_shot_results([], evals))
+    shown = table.display.set_index("Method")["OxfordPets"].to_dict()
+    assert shown == {"CoOp (weights openai, quickgelu)": "54.00", "CoOp (weights openai, gelu)": "41.00"}
+    assert not table.findings and any("each label names its weights" in line for line in table.notes)
 
 
 def _zero_shot(subsample: str, accuracy: float) -> dict:
@@ -377,3 +382,74 @@ def test_the_own_dataset_cell_comes_from_the_run_folder_or_a_note_says_why_it_is
     alone = domain_generalization_table(evals, paper=False)
     assert alone.display.loc[0, "OxfordPets"] == ""
     assert any("1 checkpoint without a result on its own dataset" in note for note in alone.notes)
+
+
+def _sha(letter: str) -> str:
+    return "sha256:" + letter * 64
+
+
+def test_results_on_different_real_weights_are_separate_rows_not_copies(tmp_path):
+    """Two zero-shot records on two weights files, and prompts of one seed trained on two real weights:
+    no copies, so every result is a row of its own, its label naming the weights."""
+    records = []
+    for letter, accuracy in (("a", 70.0), ("b", 50.0)):
+        weights = {"pretrained": f"w{letter}.pt", "weights_id": _sha(letter)}
+        for subsample, value in (("base", accuracy), ("new", accuracy - 10)):
+            zero_shot = _zero_shot(subsample, value) | weights | {"checkpoint": f"zero-shot:tiny:w{letter}.pt"}
+            records.append(zero_shot)
+            records.append(eval_record(checkpoint=f"{letter}/seed1", subsample=subsample, accuracy=value, **weights))
+    table = base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records)]))
+    assert not table.findings  # nothing was counted as a copy
+    rows = table.data[table.data["dataset"] == "oxford_pets"].set_index("method")
+    assert rows["base"].to_dict() == {
+        "CoOp (weights sha256:aaaaaaaaaaaa)": 70.0,
+        "CoOp (weights sha256:bbbbbbbbbbbb)": 50.0,
+        "Zero-shot CLIP (weights sha256:aaaaaaaaaaaa)": 70.0,
+        "Zero-shot CLIP (weights sha256:bbbbbbbbbbbb)": 50.0,
+    }
+    assert set(rows["seeds"]) == {1}
+    # The same prompt copied (same weights) is still one seed.
+    copies = [record | {"checkpoint": "copy/seed1"} for record in records if record["checkpoint"] == "a/seed1"]
+    table = base_to_new_table(load_evals([write_evals(tmp_path / "b2n.jsonl", records + copies)]))
+    (note,) = table.findings
+    assert "seed 1 was given 2 times (a/seed1, copy/seed1)" in note
+
+
+def _run_on_weights(folder, accuracy: float, weights_id: str, seed: int = 1):
+    """A finished run folder whose prompt records the weights it trained on."""
+    import torch
+
+    from nemesis.checkpoint import PromptMetadata, save_prompt
+
+    write_run(folder, [accuracy], seed=seed)
+    (folder / "prompt.safetensors").unlink()
+    metadata = PromptMetadata(model="tiny", weights_id=weights_id, activation="gelu", seed=seed, method="coop")
+    save_prompt(folder / "prompt.safetensors", torch.zeros(4, 64), metadata)
+    return folder
+
+
+def test_a_run_prompt_evaluated_on_other_weights_is_a_result_of_its_own(tmp_path):
+    """`eval RUN/prompt.safetensors --pretrained w.pt` on other weights than the run trained on is a row
+    of its own; a record on the run's own weights repeats the run's result and is not counted again."""
+    from analysis.tables import weights_conflicts
+
+    run = _run_on_weights(tmp_path / "run", 60.0, _sha("a"))
+    inside = str(run / "prompt.safetensors")
+    records = [
+        eval_record(checkpoint=inside, shots=1, weights_id=_sha("a"), activation="gelu", accuracy=60.0),
+        eval_record(checkpoint=inside, shots=1, weights_id=_sha("b"), activation="gelu", accuracy=20.0),
+    ]
+    evals = load_evals([write_evals(tmp_path / "e.jsonl", records)])
+    runs = load_runs([run])
+    results = few_shot_results(runs, evals)
+    assert sorted(results["accuracy"]) == [20.0, 60.0]
+    table = few_shot_table(results)
+    shown = table.display.set_index("Method")["OxfordPets"].to_dict()
+    assert shown == {"CoOp (weights sha256:aaaaaaaaaaaa)": "60.00", "CoOp (weights sha256:bbbbbbbbbbbb)": "20.00"}
+    assert not table.findings
+    (note,) = weights_conflicts(evals)  # what the note says is what the table does
+    assert "each weights' result is a row of its own" in note
+    # Under another activation, the same weights file is other weights too.
+    other = eval_record(checkpoint=inside, shots=1, weights_id=_sha("a"), activation="quickgelu", accuracy=30.0)
+    evals = load_evals([write_evals(tmp_path / "e.jsonl", [records[0], other])])
+    assert sorted(few_shot_results(runs, evals)["accuracy"]) == [30.0, 60.0]
