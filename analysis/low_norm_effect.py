@@ -239,6 +239,7 @@ def mark_occurrences(
 # Rates are in percent everywhere (tables, CSV, stdout, figures), and their names say so.
 RATE, DEGRADATION_RATE = "rate_percent", "degradation_rate_percent"
 FREQUENCY_COLUMNS = (
+    "seeds",
     "cells",
     "reducing",
     "frequency",
@@ -260,7 +261,8 @@ def lne_frequency(
     """LNE frequency per group, summed over everything not in `by` (seeds, positions, settings).
 
     Groups are `by` plus the prompt kind (method, subsample, training dataset, weights) unless `pool`.
-    Columns: the group columns, then cells (corrupted cells), reducing (norm-reducing cells),
+    Columns: the group columns, then seeds (distinct seeds summed over; 1 when grouped by seed),
+    cells (corrupted cells), reducing (norm-reducing cells),
     frequency (occurrences), rate_percent (100 * frequency / reducing; NaN without reducing cells),
     increasing, degrading (increasing cells with lower accuracy) and degradation_rate_percent
     (100 * degrading / increasing).
@@ -271,6 +273,7 @@ def lne_frequency(
     table = (
         marked.groupby(columns, dropna=False, sort=True)
         .agg(
+            seeds=("seed", "nunique"),
             cells=("cell_id", "size"),
             reducing=("reduces", "sum"),
             frequency=("lne", "sum"),
@@ -279,7 +282,7 @@ def lne_frequency(
         )
         .reset_index()
     )
-    for column in ("cells", "reducing", "frequency", "increasing", "degrading"):
+    for column in ("seeds", "cells", "reducing", "frequency", "increasing", "degrading"):
         table[column] = table[column].astype("int64")
     table[RATE] = 100 * _ratio(table["frequency"], table["reducing"])
     table[DEGRADATION_RATE] = 100 * _ratio(table["degrading"], table["increasing"])

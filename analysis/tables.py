@@ -688,6 +688,7 @@ def lne_frequency_table(
             row = {"Dataset": dataset_name(dataset)}
             if not pool:
                 row["Prompts"] = label_of(kind)
+            row[SEEDS] = _seeds_text([item.seeds for item in rows.itertuples(index=False) if kind_of(item) == kind])
             for item in rows.itertuples(index=False):
                 if kind_of(item) == kind:
                     rate, degradation = _percent(getattr(item, RATE)), _percent(getattr(item, DEGRADATION_RATE))
@@ -708,7 +709,8 @@ def lne_frequency_table(
                 display_rows.append(row)
     notes.append(
         f"Cell: frequency (rate = frequency / reducing cells); {DEGRADATION_MARK} = share of norm-increasing "
-        "cells that lower accuracy (n/a: no norm-increasing cell)."
+        "cells that lower accuracy (n/a: no norm-increasing cell). Seeds: summed over in each cell (a range "
+        "where they differ)."
     )
     if paper_rows:
         data = pd.concat([data, pd.DataFrame(paper_rows).assign(method="coop", subsample="all")], ignore_index=True)
@@ -718,7 +720,7 @@ def lne_frequency_table(
             "counts is not stated. They are shown only beside groups of the same kind."
         )
     shot_columns = [shots_label(value) for value in shots_values]
-    label_columns = ["Dataset"] if pool else ["Dataset", "Prompts"]
+    label_columns = ["Dataset", SEEDS] if pool else ["Dataset", "Prompts", SEEDS]
     display = pd.DataFrame(display_rows).reindex(columns=[*label_columns, *shot_columns]).fillna("")
     display = display.rename(columns={label: f"{label} shot{'' if label == '1' else 's'}" for label in shot_columns})
     return Table("lne_frequency", f"Low-Norm Effect frequency by dataset and shots{pooled}", data, display, notes)

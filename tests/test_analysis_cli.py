@@ -195,12 +195,12 @@ def test_report_groups_the_lne_table_by_any_columns(tmp_path):
     sweeps = _sweeps(tmp_path / "sweeps")
     _ok(["report", str(sweeps), "--out", str(tmp_path / "report"), "--by", "dataset,position", "--no-paper"])
     markdown = (tmp_path / "report" / "lne_frequency.md").read_text()
-    assert "| dataset | position | prompts | cells | reducing | frequency | rate_percent |" in markdown
+    assert "| dataset | position | prompts | seeds | cells | reducing | frequency | rate_percent |" in markdown
     assert "degradation_rate_percent" in markdown
     default = _ok(["report", str(sweeps), "--out", str(tmp_path / "default")])
     assert "wrote" in default
     markdown = (tmp_path / "default" / "lne_frequency.md").read_text()
-    assert "| Dataset | Prompts | 1 shot | 2 shots |" in markdown and "degr." in markdown
+    assert "| Dataset | Prompts | Seeds | 1 shot | 2 shots |" in markdown and "degr." in markdown
     fails_with_one_line(["report", str(sweeps), "--out", str(tmp_path / "bad"), "--by", "epoch"], "not in the results")
     assert not (tmp_path / "bad").exists()
 

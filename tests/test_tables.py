@@ -190,8 +190,8 @@ def _cells():
 
 def test_lne_frequency_table():
     table = lne_frequency_table(_cells(), paper=False)
-    assert list(table.display.columns) == ["Dataset", "Prompts", "1 shot", "2 shots"]
-    assert set(table.display["Prompts"]) == {"CoOp"}
+    assert list(table.display.columns) == ["Dataset", "Prompts", "Seeds", "1 shot", "2 shots"]
+    assert set(table.display["Prompts"]) == {"CoOp"} and set(table.display["Seeds"]) == {"1"}
     display = table.display.set_index("Dataset")
     # frequency (rate); degr. = share of norm-increasing cells that lose accuracy.
     assert display.loc["OxfordPets", "1 shot"] == "1 (50.0%); degr. 100.0%"
@@ -202,6 +202,20 @@ def test_lne_frequency_table():
     assert "1 (50.0%); degr. 100.0%" in to_markdown(table)
     frequency = table.data.set_index(["dataset", "shots"])["frequency"]
     assert frequency.to_dict() == {("fashion_mnist", 1): 0, ("oxford_pets", 1): 1, ("oxford_pets", 2): 2}
+
+
+def test_lne_frequency_table_says_how_many_seeds_each_row_sums():
+    parts = [
+        checkpoint_rows("s1", [reducing(gained=1)], shots=1, seed=1),
+        checkpoint_rows("s2", [reducing(lost=1)], shots=1, seed=2),
+        checkpoint_rows("s3", [reducing(gained=1)], shots=2, seed=1),
+    ]
+    cells = sweep_frame([row for rows, _ in parts for row in rows])
+    table = lne_frequency_table(cells, paper=False)
+    assert table.display.set_index("Dataset").loc["OxfordPets", "Seeds"] == "1-2"  # 2 seeds at 1 shot, 1 at 2
+    assert table.data.set_index("shots")["seeds"].to_dict() == {1: 2, 2: 1}
+    by_seed = lne_frequency_table(cells, by="dataset,seed", paper=False).data
+    assert set(by_seed["seeds"]) == {1}
 
 
 def test_lne_frequency_table_by_other_columns_shows_the_degradation_rate():
@@ -232,10 +246,10 @@ def test_few_shot_table_counts_finished_runs_only(tmp_path):
 def test_writers_produce_markdown_csv_and_latex(tmp_path):
     table = lne_frequency_table(_cells())
     markdown = to_markdown(table)
-    assert markdown.startswith("## Low-Norm Effect") and "| Dataset | Prompts | 1 shot | 2 shots |" in markdown
+    assert markdown.startswith("## Low-Norm Effect") and "| Dataset | Prompts | Seeds | 1 shot | 2 shots |" in markdown
     assert "OxfordPets [paper]" in markdown  # reference rows, clearly marked
     latex = to_latex(table)
-    assert r"\begin{tabular}{llrr}" in latex and r"50.0\%" in latex and r"\bottomrule" in latex
+    assert r"\begin{tabular}{llrrr}" in latex and r"50.0\%" in latex and r"\bottomrule" in latex
     paths = write_table(table, tmp_path)
     assert [path.name for path in paths] == ["lne_frequency.md", "lne_frequency.csv", "lne_frequency.tex"]
     csv = pd.read_csv(tmp_path / "lne_frequency.csv")
