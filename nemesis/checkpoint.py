@@ -474,6 +474,8 @@ def _load_any(path: Path, epoch: int | None) -> PromptCheckpoint:
     if path.is_dir():
         if (path / RUN_CONFIG).is_file():
             return _load_from_run_folder(path, epoch)
+        if (path / RUN_PROMPT).is_file():  # a run folder copied without its config: its prompt says the rest
+            return load_prompt(path / RUN_PROMPT)
         return load_dassl(find_dassl_file(path, epoch))
     with open(path, "rb") as file:
         magic = file.read(9)

@@ -136,19 +136,11 @@ def _checkpoint_locations(paths: list[Path]) -> list[Path]:
     from corrupt.inputs import find_checkpoints
     from nemesis.constants import RUN_CONFIG
 
-    # A run folder of ours is taken as it is, so an unfinished one says what it lacks; a folder a search
-    # finds for the prompt file it holds (a copied run without its config) is that file.
+    # A run folder of ours is taken as it is, so an unfinished one says what it lacks.
     found: list[Path] = []
     for path in paths:
         found += [path] if (path / RUN_CONFIG).is_file() else find_checkpoints([path])
-    return [_prompt_file_of(path) for path in found]
-
-
-def _prompt_file_of(path: Path) -> Path:
-    from nemesis.constants import RUN_CONFIG, RUN_PROMPT
-
-    is_prompt_folder = path.is_dir() and not (path / RUN_CONFIG).is_file() and (path / RUN_PROMPT).is_file()
-    return path / RUN_PROMPT if is_prompt_folder else path
+    return found
 
 
 SEED_GROUP = ("model", "weights_id", "activation", "dataset", "train_dataset", "method", "shots", "subsample")

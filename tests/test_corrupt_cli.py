@@ -237,3 +237,14 @@ def test_progress_lines_name_the_method(setting):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("corrupting")]
     assert lines and all(line.startswith("corrupting oxford_pets coop shots 2 seed 1") for line in lines), lines
+
+
+def test_a_run_folder_copied_without_its_config_is_read_by_its_prompt(setting):
+    tmp_path, prompt = setting
+    folder = tmp_path / "copied" / "seed1"
+    folder.mkdir(parents=True)
+    prompt.rename(folder / "prompt.safetensors")
+    for given in (folder, tmp_path / "copied"):  # the folder itself, and a tree holding it
+        result = runner.invoke(app, _args(tmp_path, given, "--rescale", "0.5", "--positions", "0"))
+        assert result.exit_code == 0, result.output
+    assert "0 computed" in result.output  # the second call found the same prompt
