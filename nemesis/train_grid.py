@@ -237,8 +237,8 @@ def _check_epochs(runs: list[GridRun]) -> list[str]:
             )
         extended[saved, wanted] = extended.get((saved, wanted), 0) + 1
     return [
-        f"{count} run{'s' if count > 1 else ''} of the grid continue{'' if count > 1 else 's'} to {wanted} epochs "
-        f"(trained for {saved}); the cosine learning-rate schedule now spans {wanted} epochs"
+        f"{plural(count, 'run')} of the grid continue{'' if count > 1 else 's'} to {plural(wanted, 'epoch')} "
+        f"(trained for {saved}); the cosine learning-rate schedule now spans {plural(wanted, 'epoch')}"
         for (saved, wanted), count in sorted(extended.items())
     ]
 

@@ -98,7 +98,7 @@ def _interrupted_line(results) -> str:
     if not results.cell_ids:
         return f"interrupted before the first cell; nothing was written to {results.path}; rerun the same command"
     cells = plural(len(results.cell_ids), "cell")
-    return f"interrupted; {cells} are kept in {results.path}; rerun the same command to finish"
+    return f"interrupted; the table in {results.path} keeps {cells}; rerun the same command to finish"
 
 
 def _runs_root(inputs) -> str | None:

@@ -248,3 +248,13 @@ def test_a_run_folder_copied_without_its_config_is_read_by_its_prompt(setting):
         result = runner.invoke(app, _args(tmp_path, given, "--rescale", "0.5", "--positions", "0"))
         assert result.exit_code == 0, result.output
     assert "0 computed" in result.output  # the second call found the same prompt
+
+
+def test_ctrl_c_after_some_cells_says_how_many_the_table_keeps(tmp_path):
+    from types import SimpleNamespace
+
+    from nemesis_cli.corrupt import _interrupted_line
+
+    for cells, kept in ((["a"], "keeps 1 cell;"), (["a", "b"], "keeps 2 cells;")):
+        line = _interrupted_line(SimpleNamespace(cell_ids=set(cells), path=tmp_path / "lne.parquet"))
+        assert line.startswith("interrupted; the table in") and kept in line, line
