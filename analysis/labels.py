@@ -51,9 +51,6 @@ IMAGENET_VARIANTS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"
 
 MISSING_LABEL = "n/a"
 
-# The method of `nemesis eval --zero-shot` records (nemesis.zero_shot names it; that module loads torch).
-ZERO_SHOT_METHOD = "zero-shot"
-
 
 def dataset_name(key: Any) -> str:
     """The paper's name for a CoOp dataset key; unknown keys are shown as they are."""

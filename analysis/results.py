@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from safetensors import SafetensorError, safe_open
 
 from nemesis.constants import METADATA_KEY, RUN_PROMPT
 from nemesis.errors import NemesisError
@@ -62,21 +63,14 @@ EVAL_COLUMNS = (
 )
 EVAL_OPTIONAL_COLUMNS = ("pretrained", "weights_id", "activation", "method_label", "macro_f1")
 
-# A safetensors header (its JSON) larger than this is not read for a run's weights (prompts hold a few KiB).
-MAX_PROMPT_HEADER_BYTES = 16 * 2**20
-
 
 def prompt_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """What a prompt file of ours records about itself (model, weights_id, activation...), read from its
     safetensors header without loading a tensor; {} when the file is missing or not such a file."""
     try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size <= MAX_PROMPT_HEADER_BYTES:
-                return {}
-            header = json.loads(handle.read(size))
-        metadata = json.loads(header["__metadata__"][METADATA_KEY])
-    except (OSError, ValueError, KeyError, TypeError):
+        with safe_open(str(path), framework="numpy") as handle:  # the header only; no torch
+            metadata = json.loads((handle.metadata() or {})[METADATA_KEY])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return {}
     return metadata if isinstance(metadata, dict) else {}
 

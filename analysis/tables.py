@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from nemesis.atomic import write_text_atomic
+from nemesis.constants import ZERO_SHOT_METHOD
 from nemesis.errors import NemesisError
 from nemesis.wording import plural
 
@@ -27,7 +28,6 @@ from .labels import (
     MISSING_LABEL,
     PAPER_DATASETS,
     RANDOM_WEIGHTS_MARK,
-    ZERO_SHOT_METHOD,
     dataset_name,
     is_paper_kind,
     is_random_weights_id,

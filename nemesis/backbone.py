@@ -23,11 +23,9 @@ from .clip_build import (  # noqa: F401
     file_sha256,
 )
 from .clip_models import (  # noqa: F401
-    MODEL_CONFIGS,
     QUICKGELU_SUFFIX,
     Backbone,
     embed_dim,
-    list_models,
     model_config,
     resolve_device,
     text_width,

@@ -34,3 +34,6 @@ def cache_root() -> Path:
     if configured:
         return Path(configured)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nemesis"
+
+
+ZERO_SHOT_METHOD = "zero-shot"  # the method of zero-shot records: the hand-crafted prompt, nothing learned

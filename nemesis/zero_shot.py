@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import Backbone, load_clip, resolve_device
+from .constants import ZERO_SHOT_METHOD
 from .datasets import Dataset, load_dataset
 from .feature_cache import encode_split
 from .metrics import BASE_TO_NEW, EvaluationResult, autocast_for, macro_f1
@@ -35,7 +36,6 @@ TEMPLATES = {
     "imagenet_a": "a photo of a {}.",
     "imagenet_r": "a photo of a {}.",
 }
-ZERO_SHOT_METHOD = "zero-shot"
 ZERO_SHOT_LABEL = "Zero-shot CLIP"
 
 
