@@ -24,6 +24,8 @@ from typing import Any
 
 from nemesis.constants import RUN_LOG
 from nemesis.coop_paths import identity_from_path
+from nemesis.methods import method_of_dassl_path
+from nemesis.penalties import UNKNOWN_PENALTY
 
 from .labels import method_label
 
@@ -65,6 +67,8 @@ def read_dassl_log(path: str | Path) -> dict[str, Any] | None:
         return None
     macro_f1 = _MACRO_F1.search(block)
     where = identity_from_path(path.parent)
+    method, penalty = method_of_dassl_path(where.trainer, where.nemesis)
+    penalty = penalty or UNKNOWN_PENALTY
     return {
         "kind": "eval",
         "checkpoint": str(path.parent),
@@ -75,8 +79,9 @@ def read_dassl_log(path: str | Path) -> dict[str, Any] | None:
         "subsample": where.subsample or "all",
         "shots": where.shots,
         "seed": where.seed,
-        "method": where.method,
-        "method_label": method_label(where.method) + SOURCE_MARK,
+        "method": method or "unknown",
+        "penalty": penalty,
+        "method_label": method_label(method, penalty=penalty) + SOURCE_MARK,
         "n": int(total.group(1).replace(",", "")),
         "accuracy": float(accuracy.group(1)),
         "macro_f1": float(macro_f1.group(1)) if macro_f1 else None,

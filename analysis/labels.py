@@ -10,6 +10,10 @@ import pandas as pd
 
 from nemesis.choices import nemesis_variant
 from nemesis.constants import RANDOM_WEIGHTS
+from nemesis.methods import METHODS, split_method
+from nemesis.penalties import NEMESIS, UNKNOWN_PENALTY, penalty_label, uses_nemesis
+
+from .paper_numbers import LNE_PROMPTS
 
 # CoOp's dataset keys -> the names the paper prints.
 DATASET_NAMES = {
@@ -59,31 +63,34 @@ def dataset_name(key: Any) -> str:
     return DATASET_NAMES.get(str(key), str(key))
 
 
-def method_label(method: str | None, beta: float | None = None, weight: float | None = None) -> str:
-    """The label of a method in tables and legends.
+def method_label(
+    method: str | None, beta: float | None = None, weight: float | None = None, penalty: str | None = None
+) -> str:
+    """The label of a method in tables and legends: the prompt method's own label, then its penalty.
 
-    coop -> "CoOp"; nemesis with beta 1 -> "CoOp+Nemesis (PUN, weight <weight>)", beta 0 -> PAN,
-    any other beta -> "CoOp+Nemesis (PUN+PAN, beta <beta>, weight <weight>)"; cocoop and cocoop-nemesis
-    alike with "CoCoOp" (the paper's base-to-new rows).
+    coop -> "CoOp"; with Nemesis, beta 1 -> "CoOp+Nemesis (PUN, weight <weight>)", beta 0 -> PAN,
+    any other beta -> "CoOp+Nemesis (PUN+PAN, beta <beta>, weight <weight>)"; without beta and weight
+    "CoOp+Nemesis". A penalty that is not recorded (a Dassl file outside a CoOp tree) says so. Records
+    written when one word named method and penalty ("nemesis", "cocoop-nemesis") read the same.
     """
-    if method is None or (isinstance(method, float) and pd.isna(method)):
+    if _missing(method):
         return "unknown"
-    method = str(method).lower()
-    bases = {"coop": "CoOp", "nemesis": "CoOp", "cocoop": "CoCoOp", "cocoop-nemesis": "CoCoOp"}
-    if method not in bases:
-        return method
-    base = bases[method]
-    if method in ("coop", "cocoop"):
-        return base
-    if beta is None or weight is None:
-        return f"{base}+Nemesis"
-    return f"{base}+Nemesis ({nemesis_variant(beta, weight)})"
+    method, penalty = split_method(str(method).lower(), None if _missing(penalty) else str(penalty))
+    spec = METHODS.get(method)
+    base = spec.label if spec is not None else method
+    if penalty == UNKNOWN_PENALTY:
+        return f"{base} (penalty not recorded)"
+    label = base + penalty_label(penalty)
+    if uses_nemesis(penalty) and beta is not None and weight is not None and not _missing(beta):
+        label += f" ({nemesis_variant(beta, weight)})"
+    return label
 
 
 def method_label_from_config(config: Mapping[str, Any]) -> str:
-    """The method label of a run from its `config.json` (method plus the `nemesis` block)."""
+    """The method label of a run from its `config.json` (method and penalty, plus the `nemesis` block)."""
     nemesis = config.get("nemesis") or {}
-    return method_label(config.get("method"), nemesis.get("beta"), nemesis.get("weight"))
+    method = config.get("prompt_method", config.get("method"))
+    return method_label(method, nemesis.get("beta"), nemesis.get("weight"), config.get("penalty"))
 
 
 def _missing(value: Any) -> bool:
@@ -149,7 +156,12 @@ def weights_names(weights_ids: Iterable[Any]) -> dict[Any, str | None]:
 
 
 def prompt_kind_label(
-    method: Any, subsample: Any = None, trained_on: Any = OWN_DATASET, variant: Any = None, weights: Any = None
+    method: Any,
+    subsample: Any = None,
+    trained_on: Any = OWN_DATASET,
+    variant: Any = None,
+    weights: Any = None,
+    penalty: Any = None,
 ) -> str:
     """What kind of prompt a sweep group holds: "CoOp", "CoOp, base classes", "CoOp, trained on ImageNet",
     "CoOp+Nemesis (PAN, weight 20)" (`variant`: the sweep's method_variant), "CoOp (random weights)"
@@ -157,8 +169,8 @@ def prompt_kind_label(
 
     A table written before sweeps recorded the prompt kind says so: "(classes not recorded)".
     """
-    parts = [method_label(None if _missing(method) else str(method))]
-    if not _missing(variant) and parts[0].endswith("+Nemesis"):
+    parts = [method_label(None if _missing(method) else str(method), penalty=penalty)]
+    if not _missing(variant) and parts[0].endswith(penalty_label(NEMESIS)):
         parts[0] += f" ({variant})"
     if not _missing(weights):
         parts[0] += f" ({weights})"
@@ -181,19 +193,25 @@ def kind_label(kind: Mapping[str, Any], weights: Mapping[Any, str | None] | None
         kind.get("trained_on", OWN_DATASET),
         kind.get("method_variant"),
         None if _missing(weights_id) else (weights or {}).get(weights_id),
+        kind.get("penalty"),
     )
 
 
-def is_paper_kind(method: Any, subsample: Any, trained_on: Any, dataset: Any, weights: Any = None) -> bool:
-    """Whether a group is the kind of prompt the paper's LNE figure counts: CoOp, all classes, its own
-    dataset, not random weights (`weights`: the group's weights id; unknown in older tables)."""
-    known = not any(_missing(value) for value in (method, subsample, trained_on))
+def is_paper_kind(kind: Mapping[str, Any], dataset: Any) -> bool:
+    """Whether a group (its prompt-kind column values) is the kind of prompt the paper's LNE figure
+    counts: CoOp without a penalty, all classes, its own dataset, not random weights (`weights`: the
+    group's weights id; unknown in older tables)."""
+    values = [kind.get(key) for key in ("method", "subsample", "trained_on")]
+    if any(_missing(value) for value in values):
+        return False
+    method, penalty = split_method(
+        str(kind["method"]), kind.get("penalty") if not _missing(kind.get("penalty")) else None
+    )
     return (
-        known
-        and not is_random_weights_id(weights)
-        and str(method) == "coop"
-        and str(subsample) == "all"
-        and str(trained_on) == OWN_DATASET
+        (method, penalty) == LNE_PROMPTS
+        and not is_random_weights_id(kind.get("weights"))
+        and str(kind["subsample"]) == "all"
+        and str(kind["trained_on"]) == OWN_DATASET
         and str(dataset) in PAPER_DATASETS
     )
 

@@ -34,7 +34,7 @@ GAINED, LOST, P_VALUE = "gained", "lost", "p_value"
 # Columns saying what kind of prompt a cell corrupts; groups never mix kinds unless pooling is asked.
 # `trained_on` is derived from the sweep's train_dataset: "own" for a prompt tested on its own dataset.
 # `weights`: the backbone's weights id, so a prompt on random weights is never counted with real ones.
-PROMPT_KIND = ("method", "method_variant", "subsample", "trained_on", "weights")
+PROMPT_KIND = ("method", "penalty", "method_variant", "subsample", "trained_on", "weights")
 POOLED_NOTE = "pooled over methods and prompt kinds (--pool)"
 
 

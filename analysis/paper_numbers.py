@@ -66,6 +66,9 @@ FEW_SHOT_AVERAGE = {
     "CoOp+Nemesis (PAN)": {1: 59.8, 2: 63.2, 4: 67.4, 8: 71.5, 16: 74.6},
 }
 
+# The prompt method and penalty of the paper's LNE counts: CoOp prompts, no penalty.
+LNE_PROMPTS = ("coop", "none")
+
 # Low-Norm Effect frequency (approximate; the paper does not say exactly what it counts).
 # dataset key -> shots -> number of occurrences.
 LNE_FREQUENCY = {

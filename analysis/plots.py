@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from nemesis.atomic import atomic_path
 from nemesis.errors import NemesisError
+from nemesis.penalties import NEMESIS, NO_PENALTY
 from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
@@ -51,7 +52,7 @@ SINGLE_SUFFIXES = (".svg",)  # `--out fig.svg` writes that one file
 # Conferences require embedded TrueType (Type 42) fonts in PDFs, not Type 3 bitmaps.
 SAVE_SETTINGS = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path"}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
-METHOD_MARKERS = {"coop": "o", "nemesis": "^"}
+PENALTY_MARKERS = {NO_PENALTY: "o", NEMESIS: "^"}  # norm trajectories: runs with Nemesis stand apart
 DPI = 150
 
 
@@ -385,8 +386,8 @@ def _norm_series(frame: pd.DataFrame) -> list[tuple[tuple, str, pd.DataFrame, in
     """(panel key, legend label, epoch rows, seeds) per series: runs that differ only by seed are one
     series (their mean, a band for the spread); any other runs keep a series each."""
     series = []
-    for (dataset, shots, _method, label), rows in frame.groupby(
-        ["dataset", "shots", "method", "method_label"], sort=False, dropna=False
+    for (dataset, shots, _method, _penalty, label), rows in frame.groupby(
+        ["dataset", "shots", "method", "penalty", "method_label"], sort=False, dropna=False
     ):
         runs = rows[["run", "seed"]].drop_duplicates()
         if len(runs) > 1 and runs["seed"].is_unique and runs["seed"].notna().all():
@@ -438,7 +439,7 @@ def plot_norms(runs: Sequence[Run]) -> Figure:
                 continue
             seeds.add(count)
             colour = colours[label]
-            marker = METHOD_MARKERS.get(str(rows["method"].iloc[0]), "s")
+            marker = PENALTY_MARKERS.get(str(rows["penalty"].iloc[0]), "s")
             by_epoch = rows.groupby("epoch", sort=True)
             accuracy = by_epoch["test_acc"].agg(["mean", "std", "count"]).dropna(subset=["mean"])
             norm = by_epoch["mean_norm"].agg(["mean", "std", "count"]).dropna(subset=["mean"])

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from nemesis.constants import METADATA_KEY, RUN_PROMPT
 from nemesis.errors import NemesisError
+from nemesis.methods import split_method
 from nemesis.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_sweep_table
 
 from .coop_logs import is_dassl_log, read_dassl_log
@@ -44,7 +45,7 @@ DUPLICATE_CELLS = "duplicate_cells"
 # Run folder files.
 RUN_CONFIG = "config.json"
 RUN_METRICS = "metrics.jsonl"
-RUN_REQUIRED_CONFIG_KEYS = ("dataset", "method")
+RUN_REQUIRED_CONFIG_KEYS = ("dataset",)
 
 # Evaluation records.
 EVAL_SUFFIX = ".jsonl"
@@ -61,7 +62,7 @@ EVAL_COLUMNS = (
     "n",
     "accuracy",
 )
-EVAL_OPTIONAL_COLUMNS = ("pretrained", "weights_id", "activation", "method_label", "macro_f1")
+EVAL_OPTIONAL_COLUMNS = ("pretrained", "weights_id", "activation", "method_label", "macro_f1", "penalty")
 
 
 def prompt_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -92,6 +93,15 @@ class Run:
     def label(self) -> str:
         random = "pretrained" in self.config and is_random_weights(self.config["pretrained"])
         return method_label_from_config(self.config) + (RANDOM_WEIGHTS_MARK if random else "")
+
+    @property
+    def method(self) -> str | None:
+        """The prompt method (a config written before the two were options: from its one word)."""
+        return split_method(self.config.get("prompt_method", self.config.get("method")), self.config.get("penalty"))[0]
+
+    @property
+    def penalty(self) -> str:
+        return split_method(self.config.get("prompt_method", self.config.get("method")), self.config.get("penalty"))[1]
 
     @cached_property
     def _prompt_metadata(self) -> dict[str, Any]:
@@ -342,6 +352,8 @@ def read_run(path: str | os.PathLike) -> Run:
     if not isinstance(config, dict):
         raise NemesisError(f"{config_file} is not a JSON object")
     missing = _missing(config, RUN_REQUIRED_CONFIG_KEYS)
+    if "prompt_method" not in config and "method" not in config:  # "method": written before the two axes
+        missing.append("prompt_method")
     if missing:
         raise NemesisError(f"{config_file} lacks keys {', '.join(missing)}; is this a `nemesis train` run?")
     rows = _read_jsonl(metrics_file)
@@ -376,6 +388,7 @@ RUN_SUMMARY_COLUMNS = (
     "shots",
     "seed",
     "method",
+    "penalty",
     "method_label",
     "epochs",
     "test_acc",
@@ -396,7 +409,8 @@ def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
             "subsample": run.config.get("subsample") or "all",
             "shots": run.config.get("shots"),
             "seed": run.config.get("seed"),
-            "method": run.config.get("method"),
+            "method": run.method,
+            "penalty": run.penalty,
             "method_label": run.label,
             "epochs": len(run.epochs),
             "test_acc": run.final_test_acc,
@@ -442,14 +456,27 @@ def eval_frame(rows: list[dict], path: str | os.PathLike) -> pd.DataFrame:
     frame["accuracy"] = pd.to_numeric(frame["accuracy"]).astype(float)
     frame["subsample"] = frame["subsample"].fillna("all")
     frame["method"] = frame["method"].fillna("unknown")
+    # Records written when one word named method and penalty ("nemesis"): both from that word.
+    pairs = [
+        split_method(method, None if _absent(penalty) else penalty)
+        for method, penalty in zip(frame["method"], frame["penalty"], strict=True)
+    ]
+    frame["method"] = [method for method, _ in pairs]
+    frame["penalty"] = [penalty for _, penalty in pairs]
     frame["train_dataset"] = frame["train_dataset"].fillna(frame["dataset"])
     for column in ("checkpoint", "model", "dataset", "train_dataset", "method"):
         frame[column] = frame[column].astype(str)
     # Records carry their label; where a writer left it out, build it from the method and its
-    # hyper-parameters (`method_config`: beta, weight) when the record has them.
-    configs = frame["method_config"] if "method_config" in frame else pd.Series(None, index=frame.index)
+    # hyper-parameters (`penalty_config`, `method_config` before: beta, weight) when the record has them.
+    configs = pd.Series(None, index=frame.index, dtype=object)
+    for column in ("method_config", "penalty_config"):
+        if column in frame:
+            configs = frame[column].where(frame[column].notna(), configs)
     fallback = pd.Series(
-        [method_label(method, *_beta_weight(config)) for method, config in zip(frame["method"], configs, strict=True)],
+        [
+            method_label(method, *_beta_weight(config), penalty=penalty)
+            for method, config, penalty in zip(frame["method"], configs, frame["penalty"], strict=True)
+        ],
         index=frame.index,
     )
     frame["method_label"] = frame["method_label"].where(frame["method_label"].notna(), fallback)
@@ -462,6 +489,10 @@ def eval_frame(rows: list[dict], path: str | os.PathLike) -> pd.DataFrame:
     frame["weights_id"] = frame["weights_id"].where(frame["weights_id"].notna(), frame["weights"])
     frame[SOURCE_COLUMN] = str(path)
     return frame
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def _beta_weight(config: Any) -> tuple[float | None, float | None]:

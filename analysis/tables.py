@@ -696,9 +696,7 @@ def lne_frequency_table(
                     row[shots_label(item.shots)] = f"{item.frequency} {rates}"
             display_rows.append(row)
             values = dict(zip(kind_columns, kind, strict=True))
-            same_kind = not pool and is_paper_kind(
-                values.get("method"), values.get("subsample"), values.get("trained_on"), dataset, values.get("weights")
-            )
+            same_kind = not pool and is_paper_kind(values, dataset)
             published = paper_numbers.LNE_FREQUENCY.get(dataset) if paper and same_kind else None
             if published:
                 row = {"Dataset": dataset_name(dataset) + PAPER_MARK, "Prompts": "CoOp"}
@@ -713,7 +711,9 @@ def lne_frequency_table(
         "where they differ)."
     )
     if paper_rows:
-        data = pd.concat([data, pd.DataFrame(paper_rows).assign(method="coop", subsample="all")], ignore_index=True)
+        method, penalty = paper_numbers.LNE_PROMPTS
+        paper_frame = pd.DataFrame(paper_rows).assign(method=method, penalty=penalty, subsample="all")
+        data = pd.concat([data, paper_frame], ignore_index=True)
         data = _integers(data, ["shots", "cells", "reducing", "frequency", "increasing", "degrading"])
         notes.append(
             "[paper] rows: published frequencies of CoOp prompts (all classes) read off a plot; what the paper "

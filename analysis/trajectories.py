@@ -11,7 +11,7 @@ import pandas as pd
 from .labels import dataset_name, shots_label
 from .results import Run
 
-RUN_COLUMNS = ("run", "label", "method", "dataset", "shots", "seed")
+RUN_COLUMNS = ("run", "label", "method", "penalty", "dataset", "shots", "seed")
 
 
 def _detail(field: str, value) -> str:
@@ -78,7 +78,8 @@ def _identity(run: Run, label: str) -> dict:
     return {
         "run": str(run.path),
         "label": label,
-        "method": run.config.get("method"),
+        "method": run.method,
+        "penalty": run.penalty,
         "dataset": run.config.get("dataset"),
         "shots": run.config.get("shots"),
         "seed": run.config.get("seed"),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nemesis.backbone import load_clip
-from nemesis.cocoop import CoCoOp, embed_dim_of
+from nemesis.methods.cocoop.learner import CoCoOp, embed_dim_of
 
 CLASSNAMES = [f"class number {index}" for index in range(50)]
 

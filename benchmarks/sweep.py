@@ -40,7 +40,7 @@ from corrupt.results import ResultsFile
 from nemesis.backbone import load_clip
 from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint
 from nemesis.datasets import load_dataset
-from nemesis.prompt_learner import PromptLearner
+from nemesis.methods.coop.learner import PromptLearner
 from nemesis.testing import make_coop_folder
 
 MODEL = "ViT-B-32"

@@ -36,6 +36,7 @@ from nemesis.datasets import FASHION_MNIST, dataset_dir
 from nemesis.distributed import SINGLE_PROCESS, Ranks, rank_device
 from nemesis.errors import NemesisError
 from nemesis.evaluate import EvaluationSetup, predictions, prepare_evaluation
+from nemesis.penalties import NO_PENALTY
 from nemesis.progress import progress_bar
 
 from .grid import Cell, Grid
@@ -117,6 +118,7 @@ def cell_rows(
                 "shots": identity["shots"],
                 "seed": identity["seed"],
                 "method": identity["method"],
+                "penalty": identity.get("penalty"),
                 "method_variant": identity.get("method_variant"),
                 "subsample": identity.get("subsample"),
                 "train_dataset": identity.get("train_dataset"),
@@ -209,7 +211,9 @@ class _CellsPerSecond(ProgressColumn):
 def _label(identity: dict[str, Any]) -> str:
     """What a progress line names: dataset, method (and its Nemesis variant), shots, seed."""
     variant = identity.get("method_variant")
-    parts = [identity["dataset"], identity.get("method") or "unknown method"]
+    penalty = identity.get("penalty")
+    method = identity.get("method") or "unknown method"
+    parts = [identity["dataset"], method if penalty in (None, NO_PENALTY) else f"{method}+{penalty}"]
     parts += [f"({variant})"] if variant else []
     parts += [f"{key} {identity[key]}" for key in ("shots", "seed") if identity.get(key) is not None]
     return " ".join(str(part) for part in parts)

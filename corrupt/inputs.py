@@ -20,7 +20,7 @@ import torch
 
 from nemesis.backbone import check_pretrained, embed_dim, model_config, text_width
 from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
-from nemesis.choices import ClassPosition, Method, nemesis_variant
+from nemesis.choices import nemesis_variant
 from nemesis.constants import (
     DASSL_BEST_FILE,
     DASSL_FILE_PREFIX,
@@ -29,10 +29,11 @@ from nemesis.constants import (
     RUN_CHECKPOINTS,
     RUN_PROMPT,
 )
-from nemesis.coop_paths import UNKNOWN_METHOD, identity_from_path
+from nemesis.coop_paths import identity_from_path
 from nemesis.datasets import Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
 from nemesis.evaluate import resolve_source
+from nemesis.penalties import uses_nemesis
 
 # --- finding checkpoints ------------------------------------------------------------------------
 
@@ -142,21 +143,15 @@ def _resolve_one(
     # Dassl files do not name their training dataset: their path does (the --dataset flag names the test data).
     trained_on = metadata.dataset or from_path.dataset
     identity["train_dataset"] = resolve_name(trained_on) if trained_on else identity["dataset"]
-    if metadata.method in (None, UNKNOWN_METHOD) and from_path.method != UNKNOWN_METHOD:
-        identity["method"] = from_path.method  # a Dassl file: its trainer folder names the method
-    elif identity["method"] in (None, UNKNOWN_METHOD):
-        identity["method"] = from_path.method
-    identity["method_variant"] = _nemesis_variant(identity["method"], metadata.method_config)
+    identity["method_variant"] = _nemesis_variant(identity["penalty"], metadata.penalty_config)
     identity["checkpoint"] = str(checkpoint.path)
     identity["ctx_init"] = ctx_init  # only a named init: the file's own is part of the file
-    width = text_width(identity["model"])  # unknown model names fail here, before any work
-    checkpoint.check_compatible(width, identity["model"])
-    checkpoint.check_method(embed_dim(identity["model"]), width, identity["model"])  # CoCoOp's meta-net widths
+    # Unknown model names fail here, before any work; then every tensor's shape against the model.
+    checkpoint.check_model(identity["model"], embed_dim(identity["model"]), text_width(identity["model"]))
     try:
         check_pretrained(identity["model"], identity["pretrained"])
     except NemesisError as error:
         raise NemesisError(f"{checkpoint.path}: {error}") from None
-    _check_choice(ClassPosition, metadata.class_position, "class position", checkpoint.path)
     _check_choice(Subsample, identity["subsample"], "subsample", checkpoint.path)
     for key in ("shots", "seed"):
         value = identity[key]
@@ -174,20 +169,18 @@ def _resolve_one(
         "seed",
         "subsample",
         "method",
+        "penalty",
         "method_variant",
     )
     return {key: identity[key] for key in keys}
 
 
-NEMESIS_METHODS = tuple(method.value for method in Method if method.uses_nemesis)
-
-
-def _nemesis_variant(method: Any, settings: dict[str, Any]) -> str | None:
+def _nemesis_variant(penalty: Any, settings: dict[str, Any]) -> str | None:
     """PUN or PAN and the weight of a Nemesis prompt, from its file's settings; None for other
     methods and for files that do not say (Dassl's)."""
     beta, weight = settings.get("beta"), settings.get("weight")
     numbers = all(isinstance(value, int | float) and not isinstance(value, bool) for value in (beta, weight))
-    if not numbers or method not in NEMESIS_METHODS:
+    if not numbers or not uses_nemesis(penalty):
         return None
     return nemesis_variant(beta, weight)
 
@@ -271,7 +264,7 @@ def resolve_inputs(
             n_ctx=checkpoint.ctx.shape[-2],
             class_specific=checkpoint.class_specific,
             n_classes=checkpoint.ctx.shape[0] if checkpoint.class_specific else None,
-            class_position=checkpoint.metadata.class_position,
+            class_position=checkpoint.metadata.prompt_config.get("class_position", "end"),
             magnitude=checkpoint.ctx.abs().amax(0) if checkpoint.class_specific else checkpoint.ctx.abs(),
         )
     return list(inputs.values())

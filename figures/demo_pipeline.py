@@ -29,6 +29,7 @@ from nemesis.configs import TrainConfig
 from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
 from nemesis.evaluate import append_record, evaluate_base_to_new
+from nemesis.methods import preset
 from nemesis.train_grid import run_folder as grid_run_folder
 from nemesis.trainer import train
 
@@ -91,7 +92,7 @@ def train_runs(out_dir: Path, settings: DemoSettings, console: Console) -> list[
                     dataset=DATASET,
                     shots=shots,
                     seed=seed,
-                    method=method,
+                    **preset(method),
                     model=MODEL,
                     pretrained=WEIGHTS,
                     n_ctx=settings.n_ctx,
@@ -131,7 +132,7 @@ def base_to_new(out_dir: Path, settings: DemoSettings, console: Console) -> Path
                 dataset=DATASET,
                 shots=settings.base_to_new_shots,
                 seed=seed,
-                method=method,
+                **preset(method),
                 subsample="base",
                 model=MODEL,
                 pretrained=WEIGHTS,

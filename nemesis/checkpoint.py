@@ -39,12 +39,18 @@ from .constants import (
 )
 from .coop_paths import identity_from_path
 from .errors import NemesisError
+from .methods import METHODS, MethodSpec, method_of_dassl_path, method_spec, split_method
+from .penalties import NO_PENALTY
 from .unpickle import load_torch_file
 
 
 @dataclass
 class PromptMetadata:
-    """What a prompt file says about itself. Dassl files carry none of it: the user names model and data."""
+    """What a prompt file says about itself. Dassl files carry none of it: the user names model and data.
+
+    Version 2 names the prompt method and its config, and the penalty and its config, apart;
+    version-1 files (one word for both, CoOp's options as fields) are read into the same fields.
+    """
 
     format_version: int = PROMPT_FORMAT_VERSION
     model: str | None = None
@@ -52,18 +58,15 @@ class PromptMetadata:
     weights_id: str | None = None
     activation: str | None = None  # "quickgelu" or "gelu": the CLIP activation the prompt was trained under
     text_width: int | None = None
-    n_ctx: int | None = None
-    class_specific: bool = False
-    class_position: str = "end"
-    ctx_init: str | None = None
     classnames: list[str] | None = None
     dataset: str | None = None
     shots: int | None = None
     seed: int | None = None
     subsample: str = "all"
-    method: str = "unknown"
-    prompt_method: str = "coop"  # the learner (nemesis.prompt_methods): coop, cocoop
-    method_config: dict[str, Any] = field(default_factory=dict)
+    prompt_method: str | None = None  # the learner (nemesis.methods); None: read from the file's tensors
+    prompt_config: dict[str, Any] = field(default_factory=dict)  # the method's options as trained
+    penalty: str | None = NO_PENALTY  # "none", "nemesis", ...; None: not recorded (a Dassl file outside a tree)
+    penalty_config: dict[str, Any] = field(default_factory=dict)  # e.g. NemesisConfig.to_json()
     epoch: int | None = None
     source_format: str = "nemesis"  # "nemesis" or "dassl"
     toolkit_version: str = __version__
@@ -84,11 +87,33 @@ class PromptMetadata:
             raise NemesisError(f"{origin}: metadata is not valid JSON ({error})") from error
         if not isinstance(values, dict):
             raise NemesisError(f"{origin}: metadata is a JSON {type(values).__name__}, not an object of named fields")
+        if values.get("format_version", 1) == 1:
+            values = _version_1(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             warnings.warn(f"{origin}: ignoring unknown metadata keys {unknown[:20]}", stacklevel=3)
         return _dataclass_from_json(cls, {key: value for key, value in values.items() if key in known}, origin)
+
+
+# Version 1's fields for what version 2 keeps in `prompt_config`, and its one word for method and penalty.
+VERSION_1_PROMPT_FIELDS = ("n_ctx", "ctx_init", "class_specific", "class_position")
+
+
+def _version_1(values: dict[str, Any]) -> dict[str, Any]:
+    """Version-1 metadata in version 2's fields (values are type-checked afterwards, as any file's)."""
+    values = dict(values)
+    old = {name: values.pop(name) for name in VERSION_1_PROMPT_FIELDS if name in values}
+    word = values.pop("method", None)
+    method, penalty = split_method(word)
+    values.setdefault("prompt_method", method if isinstance(word, str) and word in METHODS else None)
+    values["penalty"] = penalty if word not in (None, "unknown") else None
+    values["penalty_config"] = values.pop("method_config", {})
+    spec = METHODS.get(values["prompt_method"]) if isinstance(values["prompt_method"], str) else None
+    names = spec.option_names() if spec is not None else VERSION_1_PROMPT_FIELDS
+    values["prompt_config"] = {name: value for name, value in old.items() if name in names}
+    values["format_version"] = PROMPT_FORMAT_VERSION
+    return values
 
 
 # Bounds on a prompt's metadata: enough for 21k class names, far below what would stall a terminal.
@@ -193,18 +218,36 @@ def _dataclass_from_json(cls: type, values: dict[str, Any], origin: str) -> Any:
 
 @dataclass
 class PromptCheckpoint:
-    ctx: torch.Tensor  # fp32, [M, W] unified or [n_cls, M, W] class-specific
+    ctx: torch.Tensor  # fp32, the shape the method declares ([M, W] or [n_cls, M, W] for CoOp)
     metadata: PromptMetadata
     path: Path | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's other tensors (CoCoOp's meta-net)
 
-    @property
-    def class_specific(self) -> bool:
-        return self.ctx.dim() == 3
+    def __post_init__(self) -> None:
+        """A checkpoint built in memory without its method or options gets what its tensors say."""
+        complete_metadata(self.metadata, self.ctx, self.extra, str(self.path))
 
     @property
     def prompt_method(self) -> str:
         return self.metadata.prompt_method
+
+    @property
+    def spec(self) -> MethodSpec:
+        return method_spec(self.prompt_method)
+
+    @property
+    def config(self) -> Any:
+        """The method's config as recorded (a Dassl file's: what its tensors and path say)."""
+        return self.spec.config(**self.metadata.prompt_config)
+
+    @property
+    def class_specific(self) -> bool:
+        """Whether ctx has a class axis in front (CoOp's CSC), so it serves only its own classes."""
+        return bool(getattr(self.config, "class_specific", False))
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {CTX_TENSOR: self.ctx, **self.extra}
 
     @property
     def records_trained_classes(self) -> bool:
@@ -212,14 +255,9 @@ class PromptCheckpoint:
         its base-to-new path (`train_base/`), else its `subsample` "all" is an assumption."""
         return self.metadata.source_format != "dassl" or identity_from_path(self.path).subsample is not None
 
-    def check_method(self, embed_dim: int, text_width: int, model: str) -> None:
-        """Refuse extra tensors (a meta-net) whose widths do not fit `model`."""
-        from .prompt_methods import check_extra  # the learners' module: only when a model is named
-
-        check_extra(self.prompt_method, self.extra, embed_dim, text_width, str(self.path), model)
-
-    def check_compatible(self, text_width: int, model: str, n_classes: int | None = None) -> None:
-        """Refuse a checkpoint that cannot run on `model` (width) or on `n_classes` classes."""
+    def check_model(self, model: str, embed_dim: int, text_width: int, n_classes: int | None = None) -> None:
+        """Refuse a prompt whose tensors do not fit `model` (widths D and W) or `n_classes` classes."""
+        expected = self.spec.tensor_shapes(self.config, embed_dim, text_width, n_classes)
         if self.ctx.shape[-1] != text_width:
             raise NemesisError(
                 f"{self.path}: ctx width {self.ctx.shape[-1]} does not match the text width {text_width} "
@@ -229,21 +267,44 @@ class PromptCheckpoint:
             raise NemesisError(
                 f"{self.path}: class-specific ctx has {self.ctx.shape[0]} classes but the dataset has {n_classes}"
             )
+        tensors = self.tensors
+        for name in (name for name in expected if name in tensors):  # in the method's order: ctx first
+            tensor = tensors[name]
+            if not shape_fits(tensor.shape, expected[name]):
+                raise NemesisError(
+                    f"{self.path}: {name} has shape {tuple(tensor.shape)}, but {self.prompt_method} on model '{model}' "
+                    f"(image width {embed_dim}, text width {text_width}) needs {_shown(expected[name])}; name the "
+                    "model it was trained with"
+                )
+
+
+def shape_fits(shape: Any, expected: tuple[int | None, ...]) -> bool:
+    """Whether a tensor shape is the declared one (None: any size on that axis)."""
+    shape = tuple(shape)
+    return len(shape) == len(expected) and all(
+        want is None or size == want for size, want in zip(shape, expected, strict=False)
+    )
+
+
+def _shown(expected: tuple[int | None, ...]) -> str:
+    sizes = ["any" if size is None else str(size) for size in expected]
+    return f"({sizes[0]},)" if len(sizes) == 1 else "(" + ", ".join(sizes) + ")"
 
 
 # A prompt's own bounds: CLIP's text context holds 77 tokens, so at most 75 learned positions.
 MAX_CTX_POSITIONS = 77
 MAX_TEXT_WIDTH = 16384
+MAX_TENSOR_DIMS = 5  # ctx [M, W] up to deep prompts' [tower-free layers, prompts, M, W] and more
 
 
 def _checked(ctx: Any, origin: str) -> torch.Tensor:
-    """Refuse anything but a dense, finite [M, W] or [n_cls, M, W] float tensor; return it as fp32."""
+    """Refuse anything but a dense, finite float tensor [..., M, W] of prompt size; return it as fp32."""
     if not isinstance(ctx, torch.Tensor):
         raise NemesisError(f"{origin}: ctx is a {type(ctx).__name__}, not a tensor")
     if ctx.layout != torch.strided or ctx.is_meta or ctx.is_quantized or not ctx.is_floating_point():
         kind = "meta" if ctx.is_meta else ctx.dtype if ctx.layout == torch.strided else str(ctx.layout)[6:]
         raise NemesisError(f"{origin}: ctx is a {kind} tensor; a prompt is a dense floating-point tensor")
-    if ctx.dim() not in (2, 3):
+    if not 2 <= ctx.dim() <= MAX_TENSOR_DIMS:
         raise NemesisError(f"{origin}: ctx has shape {tuple(ctx.shape)}; expected [M, W] or [n_cls, M, W]")
     if not ctx.is_contiguous():
         raise NemesisError(f"{origin}: ctx of shape {tuple(ctx.shape)} is a strided view, not a stored prompt")
@@ -258,15 +319,9 @@ def _checked(ctx: Any, origin: str) -> torch.Tensor:
     return ctx.contiguous()
 
 
-def _extra_names() -> set[str]:
-    from .prompt_methods import extra_tensor_names  # the learners' registry
-
-    return extra_tensor_names()
-
-
 def _check_extra_shape(shape: Any, name: str, origin: str) -> None:
     shape = tuple(shape)
-    if not 1 <= len(shape) <= 2 or not all(0 < size <= MAX_TEXT_WIDTH for size in shape):
+    if not 1 <= len(shape) <= MAX_TENSOR_DIMS or not all(0 < size <= MAX_TEXT_WIDTH for size in shape):
         raise NemesisError(f"{origin}: {name} of shape {shape} is not a prompt method's weight")
 
 
@@ -281,14 +336,32 @@ def _checked_extra(tensor: Any, name: str, origin: str) -> torch.Tensor:
     return tensor
 
 
-def _prompt_method_of(extra: dict[str, torch.Tensor], origin: str, declared: str | None = None) -> str:
-    """The learner whose tensors a file holds; a file that says otherwise is refused."""
-    from .prompt_methods import detect_prompt_method
+def _extra_names(spec: MethodSpec, config: Any) -> set[str]:
+    return set(spec.tensor_shapes(config)) - {CTX_TENSOR}
 
-    found = detect_prompt_method(extra, origin)
-    if declared is not None and declared != found:
-        raise NemesisError(f"{origin} says it is a {declared} prompt but holds the tensors of {found}")
-    return found
+
+def method_of_tensors(names: set[str], origin: str) -> str:
+    """The method whose tensors besides ctx have exactly these names (of the known ones in a file)."""
+    known = {name for spec in METHODS.values() for name in _extra_names(spec, spec.config())}
+    names = names & known
+    for spec in METHODS.values():
+        if _extra_names(spec, spec.config()) == names:  # names do not depend on options or widths
+            return spec.name
+    raise NemesisError(f"{origin}: no prompt method learns the tensors {sorted(names)}; known: {', '.join(METHODS)}")
+
+
+def _check_declared(spec: MethodSpec, config: Any, tensors: dict[str, torch.Tensor], origin: str) -> None:
+    """Refuse tensors that are not the method's, by name and by the shapes the file itself fixes."""
+    expected = spec.tensor_shapes(config, None, tensors[CTX_TENSOR].shape[-1], None)
+    if set(tensors) != set(expected):
+        found = method_of_tensors(set(tensors) - {CTX_TENSOR}, origin)
+        raise NemesisError(f"{origin} says it is a {spec.name} prompt but holds the tensors of {found}")
+    for name, tensor in tensors.items():
+        if not shape_fits(tensor.shape, expected[name]):
+            raise NemesisError(
+                f"{origin}: {name} has shape {tuple(tensor.shape)}, but a {spec.name} prompt with options "
+                f"{dataclasses.asdict(config)} holds {_shown(expected[name])}"
+            )
 
 
 def save_prompt(
@@ -298,48 +371,82 @@ def save_prompt(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ctx, the method's other tensors (`extra`, e.g. CoCoOp's meta-net) and the metadata as one
-    safetensors file, atomically."""
+    safetensors file, atomically. What the metadata leaves out (the method, its options) is written as
+    the tensors say it; the caller's metadata is not changed."""
     path = Path(path)
+    metadata = dataclasses.replace(metadata, prompt_config=dict(metadata.prompt_config))
     ctx = _checked(ctx.detach().cpu().contiguous(), str(path))
     extra = {
         name: _checked_extra(tensor.detach().cpu().contiguous(), name, str(path))
         for name, tensor in (extra or {}).items()
     }
-    metadata.n_ctx = ctx.shape[-2]
+    complete_metadata(metadata, ctx, extra, str(path))
     metadata.text_width = ctx.shape[-1]
-    metadata.class_specific = ctx.dim() == 3
-    metadata.prompt_method = _prompt_method_of(extra, str(path))
+    spec = method_spec(metadata.prompt_method)
+    _check_declared(spec, spec.config(**metadata.prompt_config), {CTX_TENSOR: ctx, **extra}, str(path))
     with atomic_path(path) as temporary:
         tensors = {CTX_TENSOR: ctx, **extra}
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(asdict(metadata))})
     return path
 
 
+def complete_metadata(metadata: PromptMetadata, ctx: torch.Tensor, extra: dict[str, torch.Tensor], origin: str) -> None:
+    """Fill in what the tensors say where the metadata is silent: the method (from the tensor names) and
+    its options not recorded (n_ctx from ctx's shape...); recorded options are kept."""
+    metadata.prompt_method = metadata.prompt_method or method_of_tensors(set(extra), origin)
+    spec = method_spec(metadata.prompt_method)
+    implied = dataclasses.asdict(spec.options_from_dassl(tuple(ctx.shape), None))
+    metadata.prompt_config = dataclasses.asdict(_recorded_config(spec, implied | metadata.prompt_config, origin))
+
+
+def _read_prompt_tensors(file: Any, metadata: PromptMetadata, origin: str) -> dict[str, torch.Tensor]:
+    """ctx and the tensors the file's method declares (older files: those its tensor names say), each
+    after its shape is checked from the header; any other tensor in the file is not read."""
+    if CTX_TENSOR not in file.keys():  # noqa: SIM118 (safe_open has no __contains__)
+        raise NemesisError(f"{origin} holds no '{CTX_TENSOR}' tensor; it is not a prompt checkpoint")
+    if metadata.prompt_method is None:
+        metadata.prompt_method = method_of_tensors(set(file.keys()) - {CTX_TENSOR}, origin)
+    spec = method_spec(metadata.prompt_method)
+    known = {name for other in METHODS.values() for name in _extra_names(other, other.config())}
+    names = (_extra_names(spec, spec.config()) | known) & set(file.keys())
+    tensors = {CTX_TENSOR: file.get_tensor(CTX_TENSOR)}
+    for name in sorted(names):
+        _check_extra_shape(file.get_slice(name).get_shape(), name, origin)
+        tensors[name] = file.get_tensor(name)
+    return tensors
+
+
 def load_prompt(path: str | os.PathLike) -> PromptCheckpoint:
-    """Read one of our safetensors prompt files."""
+    """Read one of our safetensors prompt files (format version 1 or 2)."""
     path = Path(path)
     if not path.is_file():
         raise NemesisError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as file:
             header = file.metadata() or {}
-            if CTX_TENSOR not in file.keys():  # noqa: SIM118 (safe_open has no __contains__)
-                raise NemesisError(f"{path} holds no '{CTX_TENSOR}' tensor; it is not a prompt checkpoint")
-            ctx = file.get_tensor(CTX_TENSOR)
-            # Besides ctx, only the tensors a registered prompt method learns (CoCoOp's meta-net) are read,
-            # each after its shape is checked from the header.
-            extra = {}
-            for name in sorted(_extra_names() & set(file.keys())):
-                _check_extra_shape(file.get_slice(name).get_shape(), name, str(path))
-                extra[name] = file.get_tensor(name)
+            text = header.get(METADATA_KEY)
+            metadata = PromptMetadata.from_json(text, str(path)) if text is not None else PromptMetadata()
+            tensors = _read_prompt_tensors(file, metadata, str(path))
     except (SafetensorError, OSError, ValueError) as error:
         if isinstance(error, NemesisError):
             raise
         raise NemesisError(f"{path} is not a safetensors prompt checkpoint ({error})") from error
-    metadata = PromptMetadata.from_json(header[METADATA_KEY], str(path)) if METADATA_KEY in header else PromptMetadata()
-    extra = {name: _checked_extra(tensor, name, str(path)) for name, tensor in extra.items()}
-    metadata.prompt_method = _prompt_method_of(extra, str(path), metadata.prompt_method)
-    return PromptCheckpoint(_checked(ctx, str(path)), metadata, path, extra)
+    ctx = _checked(tensors.pop(CTX_TENSOR), str(path))
+    extra = {name: _checked_extra(tensor, name, str(path)) for name, tensor in tensors.items()}
+    complete_metadata(metadata, ctx, extra, str(path))  # a file that does not record its options
+    spec = method_spec(metadata.prompt_method)
+    _check_declared(spec, spec.config(**metadata.prompt_config), {CTX_TENSOR: ctx, **extra}, str(path))
+    return PromptCheckpoint(ctx, metadata, path, extra)
+
+
+def _recorded_config(spec: MethodSpec, values: dict[str, Any], origin: str) -> Any:
+    unknown = sorted(set(values) - set(spec.option_names()))
+    if unknown:
+        raise NemesisError(f"{origin}: {spec.name} has no options {unknown}; the file is damaged")
+    try:
+        return spec.config(**values)
+    except (TypeError, ValueError, NemesisError) as error:
+        raise NemesisError(f"{origin}: the recorded {spec.name} options are not valid ({error})") from None
 
 
 # --- Dassl (CoOp / official Nemesis) ----------------------------------------------------------
@@ -370,32 +477,39 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
 
 
 def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
-    """Read a Dassl checkpoint file: `state_dict["ctx"]` and, for CoCoOp, `meta_net.*`; buffers
-    (`token_prefix`, `token_suffix`) and optimiser state are ignored."""
+    """Read a Dassl checkpoint file: `state_dict["ctx"]` and the method's other tensors (CoCoOp's
+    `meta_net.*`); buffers (`token_prefix`, `token_suffix`) and optimiser state are ignored.
+
+    The file names nothing else: the method comes from its trainer folder (else its tensors), and
+    dataset, shots, seed, penalty, classes and class position from its path.
+    """
     path = Path(path)
     content = load_torch_file(path)
     state = content.get("state_dict") if isinstance(content, dict) else None
     if not isinstance(state, dict) or CTX_TENSOR not in state or not isinstance(state[CTX_TENSOR], torch.Tensor):
         raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
     epoch = content.get("epoch")
-    # The file names nothing else: dataset, shots, seed, method, classes and class position come from its path.
     where = identity_from_path(path)
-    extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(_extra_names() & set(state))}
+    known = {name for spec in METHODS.values() for name in _extra_names(spec, spec.config())}
+    extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(known & set(state))}
     ctx = _checked(state[CTX_TENSOR], str(path))
+    trained, penalty = method_of_dassl_path(where.trainer, where.nemesis)
+    spec = method_spec(trained or method_of_tensors(set(extra), str(path)))
+    config = spec.options_from_dassl(tuple(ctx.shape), where.class_position)
+    extra = {name: tensor for name, tensor in extra.items() if name in _extra_names(spec, config)}
+    _check_declared(spec, config, {CTX_TENSOR: ctx, **extra}, str(path))
     metadata = PromptMetadata(
-        n_ctx=ctx.shape[-2],  # what the tensor itself says
         text_width=ctx.shape[-1],
-        class_specific=ctx.dim() == 3,
         epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None,
-        class_position=where.class_position or "end",
         dataset=where.dataset,
         shots=where.shots,
         seed=where.seed,
-        method=where.method,
+        prompt_method=spec.name,
+        prompt_config=dataclasses.asdict(config),
+        penalty=penalty,
         activation=None,  # not recorded: CoOp trains under QuickGELU, but exports of GELU-trained prompts exist
         subsample=where.subsample or "all",
         source_format="dassl",
-        prompt_method=_prompt_method_of(extra, str(path)),
     )
     return PromptCheckpoint(ctx, metadata, path, extra)
 
@@ -458,9 +572,7 @@ def load_checkpoint(
     """
     checkpoint = _load_any(Path(path), epoch)
     if prompt_method is not None and checkpoint.prompt_method != prompt_method:
-        from .prompt_methods import prompt_method as registered
-
-        registered(prompt_method)  # an unknown name fails with the choices
+        method_spec(prompt_method)  # an unknown name fails with the choices
         found = checkpoint.prompt_method
         raise NemesisError(
             f"{checkpoint.path} is a {found} checkpoint, not {prompt_method}; pass --prompt-method {found} or drop it"

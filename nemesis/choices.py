@@ -9,22 +9,6 @@ import math
 from enum import Enum
 
 
-class Method(str, Enum):
-    coop = "coop"
-    nemesis = "nemesis"  # CoOp + Nemesis
-    cocoop = "cocoop"
-    cocoop_nemesis = "cocoop-nemesis"  # CoCoOp + Nemesis: the norm losses on the learned ctx
-
-    @property
-    def prompt_method(self) -> str:
-        """The learner it trains (nemesis.prompt_methods)."""
-        return "cocoop" if self in (Method.cocoop, Method.cocoop_nemesis) else "coop"
-
-    @property
-    def uses_nemesis(self) -> bool:
-        return self in (Method.nemesis, Method.cocoop_nemesis)
-
-
 def nemesis_variant(beta: float, weight: float) -> str:
     """Which Nemesis a prompt was trained with, as labels say it: "PUN, weight 1", "PAN, weight 20",
     or "PUN+PAN, beta 0.5, weight 1"."""

@@ -1,4 +1,4 @@
-"""Training configs as dataclasses: `TrainConfig` (a run's config.json) and `NemesisConfig` (the penalty's).
+"""Training configs as dataclasses: `TrainConfig`, a run's config.json (the penalty's own: `nemesis.penalties`).
 
 Light to import (no torch), so the CLI declares its options and defaults from them.
 """
@@ -9,21 +9,18 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from . import __version__
-from .choices import Activation, ClassPosition, Method, Norm, Precision, Schedule
+from .choices import Activation, ClassPosition, Norm, Precision, Schedule
 from .constants import RUN_CONFIG
 from .dataset_records import Subsample, resolve_name
 from .errors import NemesisError, choice
+from .methods import DEFAULT_METHOD, method_spec, split_method
+from .penalties import NO_PENALTY, NemesisConfig, checked_penalty, uses_nemesis
 from .wording import plural
-
-LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value
-OFFICIAL_OVERRIDE_DATASETS = ("food101", "oxford_pets")
-OFFICIAL_OVERRIDE_WEIGHT = 50.0
-
 
 # The TrainConfig fields that only Nemesis methods use (config.json keeps them under "nemesis").
 NEMESIS_OPTIONS = (
@@ -41,76 +38,8 @@ NEMESIS_OPTIONS = (
 FP16_MAX = 65504.0  # the largest finite float16
 
 
-@dataclass
-class NemesisConfig:
-    """Nemesis's hyper-parameters; the defaults are the paper's."""
-
-    beta: float = 1.0  # PUN's share: 1 = PUN only (the paper's PEN), 0 = PAN only
-    weight: float = 1.0  # A, the penalty's overall weight
-    norm: Norm = Norm.l2  # p of ||ctx_j||_p
-    schedule: Schedule = Schedule.logistic  # s(e)
-    positions: int = 1  # NP, positions PAN tries per step
-    corrupt_weight: float = 0.5  # CW, PAN's rescaling factor
-    pan_weight: float | None = None  # PAN's weight inside the bracket instead of A (None: A, as DESIGN's formula)
-    official_override: bool = False  # Food101 / OxfordPets: PAN weight 50, constant schedule, as the official code
-    rate: float = field(default=LOGISTIC_RATE, repr=False)  # k of the logistic schedule
-
-    def __post_init__(self) -> None:
-        self.norm = choice(Norm, self.norm, "norm")
-        self.schedule = choice(Schedule, self.schedule, "schedule")
-        if not 0.0 <= self.beta <= 1.0:
-            raise NemesisError(f"beta must be between 0 and 1 (1 = PUN only, 0 = PAN only), got {self.beta}")
-        if not self.weight >= 0.0:
-            raise NemesisError(f"the Nemesis weight must be 0 or more, got {self.weight}")
-        if self.positions < 1:
-            raise NemesisError(f"positions (NP) must be at least 1, got {self.positions}")
-        if self.pan_weight is not None and not self.pan_weight >= 0.0:
-            raise NemesisError(f"the PAN weight must be 0 or more, got {self.pan_weight}")
-        if not self.corrupt_weight >= 0.0:
-            raise NemesisError(f"corrupt_weight (CW) must be 0 or more, got {self.corrupt_weight}")
-
-    def shares(self) -> dict[str, float]:
-        """Weight of each registered penalty, A included; zero shares are not computed."""
-        pan_weight = self.weight if self.pan_weight is None else self.pan_weight
-        return {"pun": self.beta * self.weight, "pan": (1.0 - self.beta) * pan_weight}
-
-    def for_dataset(self, dataset: str) -> NemesisConfig:
-        """The official code's Food101/OxfordPets setting when asked for: PAN weighted 50 (PUN keeps A),
-        constant schedule."""
-        if not self.official_override or dataset not in OFFICIAL_OVERRIDE_DATASETS:
-            return self
-        values = asdict(self) | {"pan_weight": OFFICIAL_OVERRIDE_WEIGHT, "schedule": Schedule.constant}
-        return NemesisConfig(**values)
-
-    def to_json(self) -> dict:
-        return {
-            "beta": self.beta,
-            "weight": self.weight,
-            "norm": self.norm.value,
-            "schedule": self.schedule.value,
-            "positions": self.positions,
-            "corrupt_weight": self.corrupt_weight,
-            "pan_weight": self.pan_weight,
-            "official_override": self.official_override,
-        }
-
-
-@dataclass(frozen=True)
-class MethodDefaults:
-    """Defaults that differ between prompt methods (the rest are shared)."""
-
-    n_ctx: int
-    ctx_init: str | None
-    batch_size: int
-    epochs: int | None  # None: CoOp's count for the shots
-
-
-# CoOp's defaults; CoCoOp's from its base-to-new config (vit_b16_c4_ep10_batch1_ctxv1): 4 ctx from
-# "a photo of a", batch 1, 10 epochs (SGD lr 0.002, cosine, 1 warm-up epoch at 1e-5, as CoOp).
-METHOD_DEFAULTS = {
-    "coop": MethodDefaults(n_ctx=16, ctx_init=None, batch_size=32, epochs=None),
-    "cocoop": MethodDefaults(n_ctx=4, ctx_init="a photo of a", batch_size=1, epochs=10),
-}
+# TrainConfig's fields that are prompt-method options: a method takes those its config declares.
+PROMPT_OPTIONS = ("n_ctx", "ctx_init", "class_specific", "class_position")
 
 
 def default_epochs(dataset: str, shots: int) -> int:
@@ -128,7 +57,8 @@ class TrainConfig:
     root: str | None = None  # folder holding the CoOp-format datasets
     shots: int = 16  # training images per class, drawn CoOp's way (or read from CoOp's split_fewshot)
     seed: int = 1  # seeds the few-shot draw, ctx initialisation, data order, views and PAN's draws
-    method: Method = Method.coop  # coop, nemesis (CoOp + the norm penalty), cocoop or cocoop-nemesis
+    prompt_method: str = DEFAULT_METHOD  # the learner, a name registered in nemesis.methods
+    penalty: str = NO_PENALTY  # none, or nemesis (the norm penalties PUN and PAN, settings below)
     subsample: str = "all"  # classes to train on: all, base or new (base-to-new)
     model: str = "RN50"  # open_clip model name
     pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
@@ -162,12 +92,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.dataset = resolve_name(self.dataset)
-        self.method = choice(Method, self.method, "method")
-        defaults = METHOD_DEFAULTS[self.method.prompt_method]
+        spec = method_spec(self.prompt_method)
+        self.penalty = checked_penalty(self.penalty)
+        self._check_prompt_options(spec)
+        defaults = spec.config()
         if self.n_ctx is None:
-            self.ctx_init = defaults.ctx_init if self.ctx_init is None else self.ctx_init
-            self.n_ctx = defaults.n_ctx
-        self.batch_size = defaults.batch_size if self.batch_size is None else self.batch_size
+            self.ctx_init = getattr(defaults, "ctx_init", None) if self.ctx_init is None else self.ctx_init
+            self.n_ctx = getattr(defaults, "n_ctx", 1)
+        self.batch_size = spec.training.batch_size if self.batch_size is None else self.batch_size
         self.precision = choice(Precision, self.precision, "precision")
         self.subsample = choice(Subsample, self.subsample, "subsample").value
         self.class_position = choice(ClassPosition, self.class_position, "class position").value
@@ -210,12 +142,32 @@ class TrainConfig:
             raise NemesisError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.ctx_init is not None and not self.ctx_init.strip():
             self.ctx_init = None
-        if self.class_specific and self.method.prompt_method != "coop":
-            raise NemesisError(f"--class-specific is CoOp's; {self.method.value} learns one unified context")
         nemesis = self.nemesis_config()  # checks beta, weight, norm, schedule, positions, corrupt_weight
         self.norm, self.schedule = nemesis.norm, nemesis.schedule
-        if self.method.uses_nemesis and self.ctx_init is None and self.positions > self.n_ctx:
+        if self.uses_nemesis and self.ctx_init is None and self.positions > self.n_ctx:
             raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {self.n_ctx}, got {self.positions}")
+        self.prompt_config()  # the method's own checks of its options
+
+    def _check_prompt_options(self, spec) -> None:
+        """Refuse a prompt option the method does not take (given: not None, not its default)."""
+        defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+        for name in PROMPT_OPTIONS:
+            if name not in spec.option_names() and getattr(self, name) not in (None, defaults[name]):
+                raise NemesisError(f"{_flag(name)} is not an option of {spec.name} ({spec.label})")
+
+    @property
+    def uses_nemesis(self) -> bool:
+        return uses_nemesis(self.penalty)
+
+    @property
+    def method_name(self) -> str:
+        """The run's method and penalty as one name: <method>, or <method>+<penalty>."""
+        return self.prompt_method if self.penalty == NO_PENALTY else f"{self.prompt_method}+{self.penalty}"
+
+    def prompt_config(self):
+        """The prompt method's own config, from the prompt options it takes."""
+        spec = method_spec(self.prompt_method)
+        return spec.options(**{name: getattr(self, name) for name in spec.option_names() if hasattr(self, name)})
 
     def nemesis_config(self) -> NemesisConfig:
         return NemesisConfig(
@@ -234,10 +186,10 @@ class TrainConfig:
         from .clip_models import resolve_device  # torch, only when a run starts
 
         values = dataclasses.asdict(self)
-        method_epochs = METHOD_DEFAULTS[self.method.prompt_method].epochs
+        method_epochs = method_spec(self.prompt_method).training.epochs
         values["epochs"] = self.epochs or method_epochs or default_epochs(self.dataset, self.shots)
         values["device"] = resolve_device(self.device)
-        if self.method.uses_nemesis:
+        if self.uses_nemesis:
             nemesis = self.nemesis_config().for_dataset(self.dataset)
             values["pan_weight"], values["schedule"] = nemesis.pan_weight, nemesis.schedule
         return TrainConfig(**values)
@@ -249,7 +201,7 @@ class TrainConfig:
             values[spec.name] = value.value if isinstance(value, Enum) else value
         for name in NEMESIS_OPTIONS:  # written once, under "nemesis"
             del values[name]
-        values["nemesis"] = self.nemesis_config().to_json() if self.method.uses_nemesis else None
+        values["nemesis"] = self.nemesis_config().to_json() if self.uses_nemesis else None
         values["toolkit_version"] = __version__
         return values
 
@@ -258,6 +210,8 @@ class TrainConfig:
         """A config from `to_json()`'s dict (config.json); unknown keys are refused."""
         values = dict(values)
         values.pop("toolkit_version", None)
+        if "method" in values:  # written before method and penalty were two options
+            values["prompt_method"], values["penalty"] = split_method(values.pop("method"))
         nemesis = values.pop("nemesis", None) or {}
         known = {spec.name for spec in dataclasses.fields(cls)}
         unknown = sorted((set(values) | set(nemesis)) - known)
@@ -332,7 +286,7 @@ def resume_config(saved: TrainConfig, passed: dict, out_dir: str | Path) -> tupl
 
 def ignored_nemesis_options(config: TrainConfig, passed: dict) -> list[str]:
     """The Nemesis-only options among `passed` when the method is not Nemesis (they change nothing)."""
-    if config.method.uses_nemesis:
+    if config.uses_nemesis:
         return []
     return [_flag(name) for name in NEMESIS_OPTIONS if name in passed]
 

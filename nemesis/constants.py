@@ -8,7 +8,7 @@ from pathlib import Path
 # Prompt checkpoints: safetensors tensor name and the header metadata key holding our JSON.
 CTX_TENSOR = "ctx"
 METADATA_KEY = "nemesis"
-PROMPT_FORMAT_VERSION = 1
+PROMPT_FORMAT_VERSION = 2  # 2: method and penalty apart, each with its config (1 is still read)
 
 # Run folder (`nemesis train --out DIR`).
 RUN_CONFIG = "config.json"
@@ -35,5 +35,7 @@ def cache_root() -> Path:
         return Path(configured)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nemesis"
 
+
+POOLED_FEATURES = "pooled"  # a learner's image input: the image tower's pooled, projected features [B, D]
 
 ZERO_SHOT_METHOD = "zero-shot"  # the method of zero-shot records: the hand-crafted prompt, nothing learned

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dataset_records import DATASET_NAMES
+from .penalties import NEMESIS
 
 _SHOTS_IN_CONFIG = re.compile(r"(?:^|_)(\d+)shots$")  # CoOp: <cfg>_<K>shots
 _SHOTS_FOLDER = re.compile(r"shots_(\d+)")  # base-to-new: shots_<K>
@@ -21,7 +22,6 @@ _SEED_FOLDER = re.compile(r"seed(\d+)")
 _CLASS_POSITION = re.compile(r"ctp(end|middle|front)(?![a-z])")  # CoOp: nctx16_cscFalse_ctpend
 BASE_TRAINING_FOLDER = "train_base"  # base-to-new runs train on the base classes
 NEW_TESTING_FOLDER = "test_new"  # ... and are tested on the new ones in evaluation-only runs
-UNKNOWN_METHOD = "unknown"
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class PathIdentity:
     dataset: str | None = None
     shots: int | None = None
     seed: int | None = None
-    method: str = UNKNOWN_METHOD
+    trainer: str | None = None  # the Dassl trainer folder ("CoOp"; nemesis.methods knows whose it is)
+    nemesis: bool = False  # whether a folder of the run names Nemesis (the official release's trees)
     subsample: str | None = None
     class_position: str | None = None
 
@@ -56,20 +57,13 @@ def identity_from_path(path: str | os.PathLike) -> PathIdentity:
     # The trainer folder follows the dataset folder (after `shots_<K>` in base-to-new trees).
     below = parts[dataset_index + 1 :] if dataset_index is not None else ()  # no tree: no method from folders
     trainer = next((part for part in below if not _SHOTS_FOLDER.fullmatch(part)), "")
-    nemesis = any("nemesis" in part.lower() for part in below)
-    if trainer.lower() == "cocoop":
-        method = "cocoop-nemesis" if nemesis else "cocoop"
-    elif nemesis:
-        method = "nemesis"
-    elif trainer.lower() == "coop":
-        method = "coop"
-    else:
-        method = UNKNOWN_METHOD
+    nemesis = any(NEMESIS in part.lower() for part in below)  # the official release's CoOp_Nemesis and configs
     return PathIdentity(
         dataset=parts[dataset_index] if dataset_index is not None else None,
         shots=shots,
         seed=seed,
-        method=method,
+        trainer=trainer or None,
+        nemesis=nemesis,
         subsample="base" if BASE_TRAINING_FOLDER in parts else "new" if NEW_TESTING_FOLDER in parts else None,
         class_position=class_position,
     )

@@ -8,6 +8,7 @@ variants in chunked text passes; evaluation and the corruption sweep both go thr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -36,8 +37,6 @@ from .constants import NO_WEIGHTS, RANDOM_WEIGHTS
 from .datasets import Dataset, load_dataset
 from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
-
-# Scoring lives in `metrics` (the trainer and zero-shot use it without loading checkpoints); re-exported here.
 from .metrics import (  # noqa: F401
     BASE_TO_NEW,
     EvaluationResult,
@@ -46,7 +45,9 @@ from .metrics import (  # noqa: F401
     macro_f1,
     predictions,
 )
-from .prompt_learner import init_word_count
+
+# Scoring lives in `metrics` (the trainer and zero-shot use it without loading checkpoints); re-exported here.
+from .penalties import UNKNOWN_PENALTY
 from .prompt_methods import PromptMethod, build_learner
 from .wording import plural
 
@@ -93,30 +94,39 @@ def resolve_source(
     pretrained = choose_weights(checkpoint, model, pretrained)
     if activation is None and model == metadata.model and pretrained == metadata.pretrained:
         activation = metadata.activation
-    n_ctx = checkpoint.ctx.shape[-2]
-    if ctx_init is not None and init_word_count(ctx_init) != n_ctx:
-        raise NemesisError(
-            f"--ctx-init '{ctx_init}' has {plural(init_word_count(ctx_init), 'word')} but {checkpoint.path} holds "
-            f"{plural(n_ctx, 'context vector')}; CoOp learns one vector per word of the init phrase"
-        )
-    method = metadata.method
-    if method in (None, "unknown") and checkpoint.prompt_method != "coop":
-        method = checkpoint.prompt_method  # a Dassl CoCoOp file says what it is through its tensors
+    if ctx_init is not None:
+        _check_init_phrase(checkpoint, ctx_init)
     return {
         "checkpoint": str(Path(checkpoint.path).resolve()) if checkpoint.path else None,
         "model": model,
         "pretrained": pretrained,
         "activation": getattr(activation, "value", activation),
-        "ctx_init": ctx_init or metadata.ctx_init,
+        "ctx_init": ctx_init or metadata.prompt_config.get("ctx_init"),
         "dataset": dataset,
         "train_dataset": metadata.dataset or dataset,
         "shots": shots if shots is not None else metadata.shots,
         "seed": seed if seed is not None else metadata.seed,
         "subsample": subsample or metadata.subsample or "all",
-        "method": method,
-        "method_config": metadata.method_config,
+        "method": checkpoint.prompt_method,
+        "penalty": metadata.penalty or UNKNOWN_PENALTY,
+        "penalty_config": metadata.penalty_config,
         "epoch": metadata.epoch,
     }
+
+
+def _check_init_phrase(checkpoint: PromptCheckpoint, ctx_init: str) -> None:
+    """A named init phrase (for a file that does not record its own) is an option of the prompt's
+    method, and has one word per context vector, as the method builds it."""
+    spec = checkpoint.spec
+    if "ctx_init" not in spec.option_names():
+        raise NemesisError(f"--ctx-init is not an option of {spec.name} ({spec.label})")
+    words = spec.options(**(checkpoint.metadata.prompt_config | {"ctx_init": ctx_init})).n_ctx
+    n_ctx = checkpoint.ctx.shape[-2]
+    if words != n_ctx:
+        raise NemesisError(
+            f"--ctx-init '{ctx_init}' has {plural(words, 'word')} but {checkpoint.path} holds "
+            f"{plural(n_ctx, 'context vector')}; CoOp learns one vector per word of the init phrase"
+        )
 
 
 def _name_the_weights(model: str) -> str:
@@ -187,11 +197,10 @@ def prepare_evaluation(
         activation=activation,
         ctx_init=ctx_init,
     )
-    width = text_width(source["model"])
-    checkpoint.check_compatible(width, source["model"])  # before the dataset is read
-    checkpoint.check_method(embed_dim(source["model"]), width, source["model"])
+    widths = (embed_dim(source["model"]), text_width(source["model"]))
+    checkpoint.check_model(source["model"], *widths)  # before the dataset is read
     data = load_dataset(source["dataset"], root, subsample=source["subsample"])
-    checkpoint.check_compatible(width, source["model"], len(data.classnames))
+    checkpoint.check_model(source["model"], *widths, len(data.classnames))
     device = resolve_device(device)
     backbones = {} if backbones is None else backbones
     key = (source["model"], source["pretrained"], source["activation"])
@@ -202,20 +211,25 @@ def prepare_evaluation(
     source["activation"] = backbone.activation.value
     if (note := activation_mismatch(checkpoint, backbone.activation)) is not None:
         warnings.warn(note, NemesisNote, stacklevel=2)
-    metadata = checkpoint.metadata
     learner = build_learner(
         checkpoint.prompt_method,
         backbone,
         data.classnames,
         extra=checkpoint.extra,
-        origin=str(checkpoint.path),
         ctx=checkpoint.ctx,
-        class_specific=checkpoint.class_specific,
-        class_position=metadata.class_position,
-        ctx_init=source["ctx_init"],  # the init phrase's tokens beyond ctx stay in the prompt (CoOp)
+        **prompt_options(checkpoint, source),
     )
     features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device, progress=progress)
     return EvaluationSetup(backbone, data, learner, features.to(device), labels.to(device), source)
+
+
+def prompt_options(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> dict[str, Any]:
+    """The learner options a checkpoint is rebuilt with: its method's config as recorded, with a named
+    init phrase (its tokens beyond ctx stay in the prompt, as CoOp builds it)."""
+    options = dataclasses.asdict(checkpoint.config)
+    if source.get("ctx_init") is not None and "ctx_init" in options:
+        options["ctx_init"] = source["ctx_init"]
+    return options
 
 
 def weights_mismatch(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> str | None:

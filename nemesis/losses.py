@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from .choices import Schedule
-from .configs import LOGISTIC_RATE, NemesisConfig
 from .errors import NemesisError, choice
+from .penalties import LOGISTIC_RATE, NemesisConfig
 from .tensors import position_norms  # re-exported: corrupt and the CLI import it from here
 
 # Classifies ctx variants [K, *ctx.shape] on the current batch: number of samples right per variant [K].

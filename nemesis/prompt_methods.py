@@ -1,10 +1,8 @@
-"""Prompt methods: learners of one shape (`PromptMethod`), registered by name (CoOp, CoCoOp; PLOT and deep
-prompts later).
+"""Prompt learners: the interface every method's learner has (`PromptMethod`), and building one by name.
 
 Every learner is an `nn.Module` whose parameters are what training updates and which has the
 members `PromptMethod` declares; `tests/test_method_conformance.py` runs every registered method
-through the same checks. Adding a method is one module holding its learner class and one line in
-`PROMPT_METHODS`.
+through the same checks. Methods are registered in `nemesis.methods` (one module and one line each).
 """
 
 from __future__ import annotations
@@ -16,9 +14,9 @@ from torch import nn
 
 from .choices import ClassPosition
 from .clip_models import Backbone
-from .cocoop import CoCoOp, embed_dim_of
+from .constants import POOLED_FEATURES
 from .errors import NemesisError
-from .prompt_learner import PromptLearner
+from .methods import method_spec
 
 
 @runtime_checkable
@@ -29,7 +27,10 @@ class PromptMethod(Protocol):
     members below exist, not their signatures.
     """
 
-    method: ClassVar[str]  # the registry name (`PROMPT_METHODS`), written into prompt files
+    method: ClassVar[str]  # the registry name (`nemesis.methods.METHODS`), written into prompt files
+    # The image inputs `logits` and `similarities` take: "pooled" features [B, D] from the feature cache
+    # (local features and pixels come with PLOT and vision prompts, and with them their caches).
+    image_inputs: ClassVar[tuple[str, ...]]
 
     @property
     def ctx(self) -> nn.Parameter:
@@ -65,11 +66,6 @@ class PromptMethod(Protocol):
         """Learned tensors besides ctx that a checkpoint carries, by checkpoint name."""
         ...
 
-    @classmethod
-    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of `extra_parameters()` on a model of image width D and text width W."""
-        ...
-
     def for_classnames(self, classnames: list[str]) -> PromptMethod:
         """The same learned tensors for other class names (base-to-new, domain shift)."""
         ...
@@ -79,57 +75,12 @@ class PromptMethod(Protocol):
         ...
 
 
-PROMPT_METHODS: dict[str, type[PromptMethod]] = {
-    "coop": PromptLearner,
-    "cocoop": CoCoOp,
-}
+SUPPORTED_IMAGE_INPUTS = {POOLED_FEATURES}  # what training, evaluation and sweeps can hand a learner
 
 
 def prompt_method(name: str) -> type[PromptMethod]:
-    """The learner class registered as `name`."""
-    if name not in PROMPT_METHODS:
-        raise NemesisError(f"unknown prompt method '{name}'; choose one of {', '.join(PROMPT_METHODS)}")
-    return PROMPT_METHODS[name]
-
-
-def extra_tensor_names() -> set[str]:
-    """Names of every registered method's tensors besides ctx (what a Dassl state dict may hold)."""
-    return {name for learner in PROMPT_METHODS.values() for name in learner.extra_shapes(16, 1)}
-
-
-def _method_with_extra(names: set[str]) -> str | None:
-    for name, learner in PROMPT_METHODS.items():
-        if set(learner.extra_shapes(16, 1)) == names:  # names do not depend on the widths
-            return name
-    return None
-
-
-def detect_prompt_method(extra: dict[str, torch.Tensor], origin: str = "prompt") -> str:
-    """The method whose extra tensors have exactly these names (no extra tensors: coop)."""
-    found = _method_with_extra(set(extra))
-    if found is None:
-        raise NemesisError(
-            f"{origin}: no prompt method learns the tensors {sorted(extra)}; known: {', '.join(PROMPT_METHODS)}"
-        )
-    return found
-
-
-def check_extra(
-    method: str, extra: dict[str, torch.Tensor], embed_dim: int, text_width: int, origin: str, model: str
-) -> None:
-    """Refuse extra tensors that are not `method`'s, or whose shapes do not fit `model` (widths D and W)."""
-    expected = prompt_method(method).extra_shapes(embed_dim, text_width)
-    if set(extra) != set(expected):
-        found = detect_prompt_method(extra, origin)
-        raise NemesisError(f"{origin} is a {found} prompt, not {method}; read it as {found}")
-    for name, shape in expected.items():
-        if tuple(extra[name].shape) != shape:
-            raise NemesisError(
-                f"{origin}: {name} has shape {tuple(extra[name].shape)}, but {method} on model '{model}' "
-                f"(image width {embed_dim}, text width {text_width}) needs {shape}; name the model it was trained with"
-            )
-        if not torch.isfinite(extra[name]).all():
-            raise NemesisError(f"{origin}: {name} contains NaN or Inf values")
+    """The learner class registered as `name` (nemesis.methods)."""
+    return method_spec(name).learner_class()
 
 
 def build_learner(
@@ -138,17 +89,21 @@ def build_learner(
     classnames: list[str],
     *,
     extra: dict[str, torch.Tensor] | None = None,
-    origin: str = "prompt",
     **options: Any,
 ) -> PromptMethod:
-    """A learner of `method` for `classnames`; `options` are its constructor's (n_ctx, ctx_init, ctx, ...).
-
-    `extra` (a checkpoint's tensors besides ctx) is checked against the model and loaded.
-    """
-    learner = prompt_method(method)(clip, classnames, **options)
+    """A learner of `method` for `classnames`; `options` are its constructor's (its config's fields, seed,
+    ctx, ...). `extra` (a checkpoint's tensors besides ctx, checked against the model when it was read)
+    is loaded into it."""
+    learner_class = prompt_method(method)
+    missing = set(learner_class.image_inputs) - SUPPORTED_IMAGE_INPUTS
+    if missing:
+        raise NemesisError(f"{method} needs image inputs {sorted(missing)}, which no feature cache provides yet")
+    learner = learner_class(clip, classnames, **options)
     if extra is not None:
-        check_extra(method, extra, embed_dim_of(clip), learner.ctx.shape[-1], origin, clip.name)
+        parameters = learner.extra_parameters()
+        if set(extra) != set(parameters):
+            raise NemesisError(f"{method} learns {sorted(parameters)}, not {sorted(extra)}")
         with torch.no_grad():
-            for name, parameter in learner.extra_parameters().items():
+            for name, parameter in parameters.items():
                 parameter.copy_(extra[name].to(parameter.device, parameter.dtype))
     return learner

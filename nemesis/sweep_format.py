@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .atomic import file_lock
 from .errors import NemesisError
+from .methods import split_method
 from .wording import plural
 
 SWEEP_DTYPES = {
@@ -41,7 +42,8 @@ SWEEP_DTYPES = {
     "dataset": "string",
     "shots": "Int64",
     "seed": "Int64",
-    "method": "string",
+    "method": "string",  # the prompt method (nemesis.methods): coop, cocoop, ...
+    "penalty": "string",  # none, nemesis, ... (tables written before it: from their one-word method)
     "method_variant": "string",  # Nemesis prompts: e.g. "PUN, weight 1" (nemesis.choices.nemesis_variant)
     # What kind of prompt it is, so analysis never pools kinds unasked: the classes it was trained
     # and evaluated on (all, base or new), the dataset it was trained on (differs from `dataset`
@@ -64,7 +66,7 @@ SWEEP_COLUMNS = tuple(SWEEP_DTYPES)
 # Columns added after the first tables were written: an older table reads with them unknown (<NA>),
 # and analysis then shows its prompts as a kind of their own, never beside the paper's numbers
 # (unknown weights alone are shown as before: no mark).
-KIND_COLUMNS = ("weights", "method_variant", "subsample", "train_dataset", "n_classes")
+KIND_COLUMNS = ("weights", "penalty", "method_variant", "subsample", "train_dataset", "n_classes")
 CORRECTNESS_COLUMNS = ("cell_id", "correct")
 CORRECTNESS_SUFFIX = ".correct.parquet"
 CORRECTNESS_SCHEMA = pa.schema([("cell_id", pa.string()), ("correct", pa.list_(pa.bool_()))])
@@ -118,6 +120,16 @@ def part_files(table: str | os.PathLike) -> list[Path]:
     return sorted(path for path in folder.iterdir() if _is_part_rows(path.name))
 
 
+def _split_legacy_methods(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows without a penalty (tables written when one word named method and penalty) get both from it."""
+    missing = frame["penalty"].isna() & frame["method"].notna()
+    if missing.any():
+        pairs = [split_method(name) for name in frame.loc[missing, "method"]]
+        frame.loc[missing, "method"] = [method for method, _ in pairs]
+        frame.loc[missing, "penalty"] = [penalty for _, penalty in pairs]
+    return frame
+
+
 def typed_sweep_frame(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     """`frame` with exactly the sweep columns, in order, with their dtypes; NemesisError if it is not one."""
     missing = [column for column in SWEEP_COLUMNS if column not in frame.columns and column not in KIND_COLUMNS]
@@ -135,7 +147,7 @@ def typed_sweep_frame(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
                 frame[column] = pd.to_numeric(frame[column]).astype(dtype)
     except (TypeError, ValueError) as error:
         raise NemesisError(f"{origin}: a numeric column holds other values ({error}); not a sweep table") from error
-    return frame.reset_index(drop=True)
+    return _split_legacy_methods(frame).reset_index(drop=True)
 
 
 def sort_cells(frame: pd.DataFrame) -> pd.DataFrame:

@@ -30,18 +30,10 @@ from .constants import RUN_CONFIG, RUN_PROMPT
 from .dataset_records import resolve_name
 from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
+from .methods import preset
 from .trainer import check_config, check_run_folder, train
 from .wording import plural
 
-# What each name of `--method` sets. A new preset is one line here.
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    "coop": {"method": "coop"},
-    "nemesis": {"method": "nemesis"},  # Nemesis with the other options as given (default: PUN, beta 1)
-    "pen": {"method": "nemesis", "beta": 1.0},  # PUN only: the paper's figures call it PEN
-    "pan": {"method": "nemesis", "beta": 0.0},  # PAN only
-    "cocoop": {"method": "cocoop"},
-    "cocoop-nemesis": {"method": "cocoop-nemesis"},  # CoCoOp with Nemesis as the other options say
-}
 AXES = ("dataset", "method", "shots", "seed")  # the listable options, in the order runs are planned
 
 
@@ -103,9 +95,7 @@ class TrainGrid:
 
 def _preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
     key = name.lower()
-    if key not in METHOD_PRESETS:
-        raise NemesisError(f"unknown method '{name}'; choose one of {', '.join(METHOD_PRESETS)}")
-    values = METHOD_PRESETS[key]
+    values = preset(key)  # a registered method's name, or a preset of nemesis.methods
     for option, value in values.items():
         if option in options and options[option] != value:
             raise NemesisError(
@@ -157,7 +147,7 @@ def plan_grid(
     defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainConfig)}
     if not datasets:
         raise NemesisError("--dataset is required (e.g. --dataset fashion_mnist or --dataset oxford_pets,dtd)")
-    methods = list(methods) if methods else [defaults["method"].value]
+    methods = list(methods) if methods else [defaults["prompt_method"]]
     shots = list(shots) if shots else [defaults["shots"]]
     seeds = list(seeds) if seeds else [defaults["seed"]]
     tree = tree or any(len(values) > 1 for values in (datasets, methods, shots, seeds))
@@ -201,7 +191,7 @@ def single_run_options(given: dict[str, Any]) -> dict[str, Any]:
 
 def single_run_grid(config: TrainConfig, out: str | Path) -> TrainGrid:
     """The grid of one run that `nemesis train --out RUN --resume` continues from its own config.json."""
-    run = GridRun(config.dataset, config.method.value, config.shots, config.seed, config, Path(out))
+    run = GridRun(config.dataset, config.method_name, config.shots, config.seed, config, Path(out))
     return TrainGrid([run], tree=False, resume=True)
 
 

@@ -43,9 +43,9 @@ from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss
+from .methods import legacy_name
 from .metrics import coop_result_block, macro_f1, predictions
 from .progress import progress_bar
-from .prompt_learner import init_word_count
 from .prompt_methods import PromptMethod, build_learner
 from .run_state import (
     DASSL_CLOSING,
@@ -195,8 +195,8 @@ def _hold_in_precision(config: TrainConfig, parameters: dict[str, torch.nn.Param
 
 
 def resolved_n_ctx(config: TrainConfig) -> int:
-    """Context length as the learner will build it (CoOp: the init phrase's word count when ctx_init is given)."""
-    return config.n_ctx if config.ctx_init is None else init_word_count(config.ctx_init)
+    """Context positions as the learner will build them (an init phrase: its word count)."""
+    return config.prompt_config().n_ctx
 
 
 def load_training_data(config: TrainConfig) -> Dataset:
@@ -219,7 +219,7 @@ def load_training_data(config: TrainConfig) -> Dataset:
 def check_config(config: TrainConfig) -> Dataset:
     """Every check that can refuse a run, before a model is built or a file written; returns the data."""
     model_config(config.model)
-    if config.method.uses_nemesis:
+    if config.uses_nemesis:
         n_ctx = resolved_n_ctx(config)
         if not 1 <= config.positions <= n_ctx:
             raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {n_ctx}, got {config.positions}")
@@ -228,6 +228,8 @@ def check_config(config: TrainConfig) -> Dataset:
 
 def _comparable(values: dict) -> dict:
     values = {key: value for key, value in values.items() if key not in RESUMABLE_CHANGES}
+    # States saved before method and penalty were two options digested them as one word: still do.
+    values["method"] = legacy_name(values.pop("prompt_method"), values.pop("penalty"))
     for key, default in LATER_OPTIONS.items():  # absent from states saved before the option existed
         if values.get(key) == default:
             del values[key]
@@ -338,7 +340,7 @@ class _Stepper:
             else:
                 cross_entropy = F.cross_entropy(logits, labels)
             loss = cross_entropy
-            if config.method.uses_nemesis:
+            if config.uses_nemesis:
                 loss, penalty = nemesis_loss(
                     cross_entropy,
                     learner.ctx,
@@ -392,15 +394,15 @@ def _metadata(config: TrainConfig, backbone: Backbone, data: Dataset, epoch: int
         pretrained=config.pretrained,
         weights_id=backbone.weights_id,
         activation=backbone.activation.value,
-        class_position=config.class_position,
-        ctx_init=config.ctx_init,
         classnames=list(data.classnames),
         dataset=config.dataset,
         shots=config.shots,
         seed=config.seed,
         subsample=config.subsample,
-        method=config.method.value,
-        method_config=config.nemesis_config().to_json() if config.method.uses_nemesis else {},
+        prompt_method=config.prompt_method,
+        prompt_config=dataclasses.asdict(config.prompt_config()),
+        penalty=config.penalty,
+        penalty_config=config.nemesis_config().to_json() if config.uses_nemesis else {},
         epoch=epoch,
     )
 
@@ -490,13 +492,10 @@ def train(
         backbones[key] = load_clip(config.model, config.pretrained, device=device, activation=config.activation)
     backbone = backbones[key]
     learner = build_learner(
-        config.method.prompt_method,
+        config.prompt_method,
         _text_backbone(config, backbone, backbones),
         data.classnames,
-        n_ctx=config.n_ctx,
-        ctx_init=config.ctx_init,
-        class_specific=config.class_specific,
-        class_position=config.class_position,
+        **dataclasses.asdict(config.prompt_config()),
         seed=config.seed,
     )
     writes = ranks.is_main  # under torchrun, rank 0 alone writes the run folder
@@ -539,7 +538,7 @@ def train(
         if writes:
             (out_dir / RUN_LOG).write_text("", encoding="utf-8")
         journal.say(
-            f"nemesis train: {config.method.value} on {config.dataset} "
+            f"nemesis train: {config.method_name} on {config.dataset} "
             f"({plural(len(data.classnames), 'class', 'classes')}, "
             f"{plural(len(data.train), 'training image')}), {plural(config.shots, 'shot')}, "
             f"seed {config.seed}, {config.model} ({config.pretrained or 'random weights'}, "

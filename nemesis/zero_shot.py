@@ -17,6 +17,7 @@ from .constants import ZERO_SHOT_METHOD
 from .datasets import Dataset, load_dataset
 from .feature_cache import encode_split
 from .metrics import BASE_TO_NEW, EvaluationResult, autocast_for, macro_f1
+from .penalties import NO_PENALTY
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 TEMPLATES = {
@@ -106,7 +107,8 @@ def _evaluate(
         "subsample": subsample,
         "method": ZERO_SHOT_METHOD,
         "method_label": ZERO_SHOT_LABEL,
-        "method_config": {"template": template},
+        "penalty": NO_PENALTY,
+        "prompt_config": {"template": template},
         "epoch": None,
     }
     return EvaluationResult(n, correct, 100.0 * correct / n, macro_f1(predicted, labels), source)

@@ -157,8 +157,9 @@ def _seed_rows(results: list):
     rows = []
     for result in results:
         source = result.source
-        config = source.get("method_config") or {}
-        label = source.get("method_label") or method_label(source["method"], config.get("beta"), config.get("weight"))
+        config = source.get("penalty_config") or {}
+        beta, weight = config.get("beta"), config.get("weight")
+        label = source.get("method_label") or method_label(source["method"], beta, weight, source.get("penalty"))
         if is_random_weights(source.get("pretrained"), source.get("weights_id")) and RANDOM_WEIGHTS_MARK not in label:
             label += RANDOM_WEIGHTS_MARK
         row = {key: source.get(key) for key in SEED_GROUP if key != "method"}

@@ -19,7 +19,7 @@ CheckpointArgument = Annotated[
 ]
 EpochOption = Annotated[int | None, typer.Option(help="Epoch of a Dassl folder (default: the latest).")]
 MethodOption = Annotated[
-    str | None, typer.Option(help="Refuse checkpoints of another prompt method: coop or cocoop (default: any).")
+    str | None, typer.Option(help="Refuse checkpoints of another prompt method, e.g. coop (default: any).")
 ]
 
 
@@ -45,15 +45,18 @@ def info(
 
     prompt = load_checkpoint(checkpoint, epoch, prompt_method)
     if model is not None:
-        prompt.check_compatible(text_width(model), model)
-        prompt.check_method(embed_dim(model), text_width(model), model)
+        prompt.check_model(model, embed_dim(model), text_width(model))
     console = Console(highlight=False)  # file contents are shown as they are: no markup, no highlighting
     console.print(Text(str(prompt.path), style="bold"))
-    console.print(f"ctx shape {tuple(prompt.ctx.shape)}, {'class-specific' if prompt.class_specific else 'unified'}")
+    console.print(f"{prompt.spec.label} prompt: ctx shape {tuple(prompt.ctx.shape)}")
     for name, tensor in prompt.extra.items():
         console.print(f"{name} shape {tuple(tensor.shape)}")
     metadata = Table(show_header=False, box=None)
     for key, value in vars(prompt.metadata).items():
+        if key == "prompt_config":  # the method's options, one row each
+            for option, setting in value.items():
+                metadata.add_row(option, Text(_shown(option, setting, prompt.metadata.source_format, model)))
+            continue
         metadata.add_row(key, Text(_shown(key, value, prompt.metadata.source_format, model)))
     console.print(metadata)
     norms = Table("position", "L2 norm", title="per-position norms")

@@ -47,8 +47,8 @@ def train(
     method: Annotated[
         str | None,
         Option(
-            help="coop, nemesis, pen (Nemesis PUN, beta 1), pan (beta 0), cocoop or cocoop-nemesis, or a list."
-            + _default("method")
+            help="A prompt method (coop, cocoop, ...), <method>+nemesis, or a preset: nemesis (CoOp+Nemesis), pen "
+            "(Nemesis PUN, beta 1), pan (beta 0), cocoop-nemesis; or a list." + _default("prompt_method")
         ),
     ] = None,
     model: Annotated[str | None, Option(help="open_clip model." + _default("model"))] = None,
@@ -161,7 +161,7 @@ def train(
     if ignored:
         shown = ", ".join(sorted(ignored))
         verb = "applies" if len(ignored) == 1 else "apply"
-        methods = ", ".join(sorted({run.config.method.value for run in grid.runs}))
+        methods = ", ".join(sorted({run.method for run in grid.runs}))
         warnings.append(f"{shown} only {verb} to Nemesis methods; ignored for --method {methods}")
     for line in warnings if is_main_rank() else ():  # under torchrun, once
         typer.echo(f"warning: {line}", err=True)

@@ -90,7 +90,7 @@ def test_missing_weights_file():
 
 
 def test_text_tower_without_clip_layout_is_refused():
-    from nemesis.prompt_learner import PromptLearner
+    from nemesis.methods.coop.learner import PromptLearner
 
     # An open_clip model whose tokenizer is not CLIP's (Hugging Face tokenizer, no start token)
     clip = load_clip("tiny")

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from figures.demo_pipeline import DemoSettings
 from nemesis.backbone import load_clip
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
-from nemesis.cocoop import CoCoOp
 from nemesis.datasets import load_dataset
 from nemesis.evaluate import evaluate
-from nemesis.prompt_learner import PromptLearner
+from nemesis.methods.cocoop.learner import CoCoOp
+from nemesis.methods.coop.learner import PromptLearner
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
@@ -47,13 +47,13 @@ def test_base_to_new_is_one_eval_call_and_a_report_table(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in records.read_text().splitlines()]
-    assert [(row["method"], row["subsample"], row["n"]) for row in rows] == [
-        ("cocoop", "base", 6),
-        ("cocoop", "new", 6),
-        ("cocoop-nemesis", "base", 6),
-        ("cocoop-nemesis", "new", 6),
-        ("coop", "base", 6),
-        ("coop", "new", 6),
+    assert [(row["method"], row["penalty"], row["subsample"], row["n"]) for row in rows] == [
+        ("cocoop", "none", "base", 6),
+        ("cocoop", "none", "new", 6),
+        ("cocoop", "nemesis", "base", 6),
+        ("cocoop", "nemesis", "new", 6),
+        ("coop", "none", "base", 6),
+        ("coop", "none", "new", 6),
     ]
     assert result.output.count(", H ") == 3
 
@@ -98,6 +98,7 @@ def test_fashion_mnist_cocoop_beats_zero_shot_on_base_classes_and_the_table_has_
     start_file = save_prompt(tmp_path / "start.safetensors", start.ctx, metadata, start.extra_parameters())
     untrained = evaluate(load_checkpoint(start_file), subsample="base", device="cpu", progress=False).accuracy
     hand = PromptLearner(clip, ["x"], ctx_init="a photo of a").ctx.detach()  # I1: the zero-shot prompt
+    metadata = PromptMetadata(model="tiny", pretrained="fmnist", dataset="fashion_mnist")  # a CoOp prompt's
     zero_shot_file = save_prompt(tmp_path / "zero_shot.safetensors", hand, metadata)
     zero_shot = evaluate(load_checkpoint(zero_shot_file), subsample="base", device="cpu", progress=False).accuracy
     assert trained > zero_shot + 0.5 and trained > untrained + 0.5, (trained, zero_shot, untrained)

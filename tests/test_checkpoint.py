@@ -57,15 +57,16 @@ def test_safetensors_round_trip(tmp_path):
         dataset="fashion_mnist",
         shots=4,
         seed=1,
-        method="nemesis",
-        method_config={"beta": 1.0},
+        prompt_method="coop",
+        penalty="nemesis",
+        penalty_config={"beta": 1.0},
         epoch=7,
     )
     path = save_prompt(tmp_path / "p.safetensors", ctx, metadata)
     loaded = load_checkpoint(path)
     assert torch.equal(loaded.ctx, ctx)
-    assert loaded.metadata.classnames == ["a", "b"] and loaded.metadata.method_config == {"beta": 1.0}
-    assert loaded.metadata.n_ctx == 16 and loaded.metadata.text_width == 64 and loaded.metadata.class_specific
+    assert loaded.metadata.classnames == ["a", "b"] and loaded.metadata.penalty_config == {"beta": 1.0}
+    assert loaded.metadata.prompt_config["n_ctx"] == 16 and loaded.metadata.text_width == 64 and loaded.class_specific
     assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]  # no temporary file left
 
 
@@ -176,12 +177,12 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
 def test_dassl_class_position_comes_from_coop_folder_names(tmp_path):
     run = tmp_path / "output/oxford_pets/CoOp/rn50_16shots/nctx16_cscFalse_ctpmiddle/seed1"
     write_dassl_checkpoint(run, torch.zeros(16, 512), epoch=3)
-    assert load_checkpoint(run).metadata.class_position == "middle"
+    assert load_checkpoint(run).metadata.prompt_config["class_position"] == "middle"
     official = tmp_path / "output/oxford_pets/CoOp_Nemesis/alpha1_nctx16_cscFalse_ctpfront_nttwo/seed2"
     write_dassl_checkpoint(official, torch.zeros(16, 512), epoch=3)
-    assert load_checkpoint(official).metadata.class_position == "front"
+    assert load_checkpoint(official).metadata.prompt_config["class_position"] == "front"
     write_dassl_checkpoint(tmp_path / "plain", torch.zeros(16, 512), epoch=3)
-    assert load_checkpoint(tmp_path / "plain").metadata.class_position == "end"
+    assert load_checkpoint(tmp_path / "plain").metadata.prompt_config["class_position"] == "end"
 
 
 def test_run_folder_final_prompt_epochs_and_unfinished_runs(tmp_path):

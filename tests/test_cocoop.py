@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemesis.cocoop import CoCoOp, embed_dim_of
+from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, method_of_tensors
 from nemesis.errors import NemesisError
-from nemesis.prompt_learner import PromptLearner
-from nemesis.prompt_methods import PROMPT_METHODS, build_learner, check_extra, detect_prompt_method
+from nemesis.methods import METHODS
+from nemesis.methods.cocoop import CoCoOpConfig
+from nemesis.methods.cocoop.learner import CoCoOp, embed_dim_of
+from nemesis.methods.coop.learner import PromptLearner
+from nemesis.prompt_methods import build_learner
 
 from .conftest import cached_backbone
 
@@ -83,7 +86,7 @@ def test_variants_change_ctx_before_the_shift(tiny):
 
 
 def test_chunked_rows_equal_one_pass(tiny, monkeypatch):
-    import nemesis.cocoop as cocoop_module
+    import nemesis.methods.cocoop.learner as cocoop_module
 
     cocoop = CoCoOp(tiny, [f"class {index}" for index in range(7)], n_ctx=3, seed=0, chunk_size=5)
     _randomise_meta_net(cocoop, scale=0.1)
@@ -109,7 +112,8 @@ def test_meta_net_is_seeded_and_shaped_like_cocoops(tiny):
     first, again = CoCoOp(tiny, CLASSNAMES, seed=1), CoCoOp(tiny, CLASSNAMES, seed=1)
     other = CoCoOp(tiny, CLASSNAMES, seed=2)
     state = {name: tensor.detach() for name, tensor in first.extra_parameters().items()}
-    assert {name: tuple(t.shape) for name, t in state.items()} == CoCoOp.extra_shapes(embed_dim_of(tiny), 64)
+    declared = METHODS["cocoop"].tensor_shapes(CoCoOpConfig(), embed_dim_of(tiny), 64)
+    assert {name: tuple(t.shape) for name, t in state.items()} | {"ctx": (4, 64)} == declared
     assert all(torch.equal(state[name], tensor) for name, tensor in again.extra_parameters().items())
     assert not torch.equal(state["meta_net.linear1.weight"], other.meta_net.linear1.weight)
 
@@ -124,18 +128,18 @@ def test_other_classnames_keep_the_frozen_rest_of_the_init_phrase(tiny):
 
 
 def test_registry_builds_and_checks(tiny):
-    assert set(PROMPT_METHODS) >= {"coop", "cocoop"}
+    assert set(METHODS) >= {"coop", "cocoop"}
     source = CoCoOp(tiny, CLASSNAMES, seed=3)
     extra = {name: tensor.detach() for name, tensor in source.extra_parameters().items()}
-    assert detect_prompt_method(extra) == "cocoop" and detect_prompt_method({}) == "coop"
+    assert method_of_tensors(set(extra), "x") == "cocoop" and method_of_tensors(set(), "x") == "coop"
     built = build_learner("cocoop", tiny, CLASSNAMES, ctx=source.ctx.detach(), extra=extra)
     assert torch.equal(built.meta_net.linear2.weight, source.meta_net.linear2.weight)
-    with pytest.raises(NemesisError, match="is a coop prompt, not cocoop"):
+    with pytest.raises(NemesisError, match="cocoop learns"):
         build_learner("cocoop", tiny, CLASSNAMES, ctx=source.ctx.detach(), extra={})
-    with pytest.raises(NemesisError, match="is a cocoop prompt, not coop"):
+    with pytest.raises(NemesisError, match="coop learns"):
         build_learner("coop", tiny, CLASSNAMES, ctx=source.ctx.detach(), extra=extra)
     narrow = dict(extra, **{"meta_net.linear1.weight": torch.zeros(4, 32)})
     with pytest.raises(NemesisError, match="image width"):
-        check_extra("cocoop", narrow, embed_dim_of(tiny), 64, "x", "tiny")
+        PromptCheckpoint(source.ctx.detach(), PromptMetadata(), "x", narrow).check_model("tiny", embed_dim_of(tiny), 64)
     with pytest.raises(NemesisError, match="unified"):
         CoCoOp(tiny, CLASSNAMES, class_specific=True)

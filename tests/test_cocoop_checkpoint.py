@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from nemesis.checkpoint import PromptMetadata, export_dassl, load_checkpoint, save_prompt
-from nemesis.cocoop import MetaNet
+from nemesis.methods.cocoop.learner import MetaNet
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 

@@ -12,9 +12,9 @@ from corrupt.grid import Cell, parse_grid
 from corrupt.operators import corrupted_variants
 from corrupt.results import correctness_path
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
-from nemesis.cocoop import CoCoOp
 from nemesis.evaluate import prepare_evaluation
-from nemesis.prompt_learner import PromptLearner
+from nemesis.methods.cocoop.learner import CoCoOp
+from nemesis.methods.coop.learner import PromptLearner
 
 from .conftest import cached_backbone
 from .test_sweep import CLASSES, N_CTX, _backbones, _ctx, _sweep, data_root  # noqa: F401 (fixture)
@@ -28,7 +28,7 @@ def _cocoop_prompt(folder, seed: int = 3):
     with torch.no_grad():
         for parameter in learner.meta_net.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)  # a shift that matters
-    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=4, seed=seed, method="cocoop")
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=4, seed=seed, prompt_method="cocoop")
     return save_prompt(folder / "cocoop.safetensors", learner.ctx, metadata, learner.extra_parameters())
 
 

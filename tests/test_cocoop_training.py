@@ -10,6 +10,7 @@ import nemesis.trainer as trainer
 from nemesis.checkpoint import load_checkpoint, load_prompt
 from nemesis.configs import TrainConfig
 from nemesis.errors import NemesisError
+from nemesis.methods import preset
 from nemesis.testing import make_coop_folder
 from nemesis.trainer import train
 
@@ -25,11 +26,11 @@ def pets(tmp_path):
 
 def small_cocoop(root, **options) -> TrainConfig:
     """Seconds of CoCoOp training: tiny with random weights, 4 classes x 3 shots, batch 2, "a photo of a"."""
-    return small_config(root, **({"method": "cocoop", "shots": 3, "batch_size": 2, "n_ctx": None} | options))
+    return small_config(root, **({"prompt_method": "cocoop", "shots": 3, "batch_size": 2, "n_ctx": None} | options))
 
 
 def test_cocoop_defaults_are_its_base_to_new_config():
-    config = TrainConfig(dataset="oxford_pets", method="cocoop").resolved()
+    config = TrainConfig(dataset="oxford_pets", prompt_method="cocoop").resolved()
     assert (config.n_ctx, config.ctx_init, config.batch_size, config.epochs, config.shots) == (
         4,
         "a photo of a",
@@ -46,20 +47,20 @@ def test_cocoop_defaults_are_its_base_to_new_config():
     )
     coop = TrainConfig(dataset="oxford_pets").resolved()
     assert (coop.n_ctx, coop.ctx_init, coop.batch_size, coop.epochs) == (16, None, 32, 200)
-    assert TrainConfig(dataset="dtd", method="cocoop", n_ctx=8).ctx_init is None  # random init when M is named
-    assert TrainConfig(dataset="dtd", method="cocoop-nemesis").to_json()["nemesis"]["beta"] == 1.0
-    with pytest.raises(NemesisError, match="--class-specific is CoOp's"):
-        TrainConfig(dataset="dtd", method="cocoop", class_specific=True)
+    assert TrainConfig(dataset="dtd", prompt_method="cocoop", n_ctx=8).ctx_init is None  # random init when M is named
+    assert TrainConfig(dataset="dtd", **preset("cocoop-nemesis")).to_json()["nemesis"]["beta"] == 1.0
+    with pytest.raises(NemesisError, match="--class-specific is not an option of cocoop"):
+        TrainConfig(dataset="dtd", prompt_method="cocoop", class_specific=True)
 
 
 def test_cocoop_trains_ctx_and_meta_net_only_i5(pets, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    config = small_cocoop(pets, method="cocoop-nemesis", beta=0.0, corrupt_weight=0.01)
+    config = small_cocoop(pets, **preset("cocoop-nemesis"), beta=0.0, corrupt_weight=0.01)
     backbone = train_leaving_the_backbone_unchanged(config, out, monkeypatch)
 
     prompt = load_prompt(out / "prompt.safetensors")
-    assert prompt.prompt_method == "cocoop" and prompt.metadata.method == "cocoop-nemesis"
-    assert prompt.ctx.shape == (4, 64) and prompt.metadata.ctx_init == "a photo of a"
+    assert (prompt.prompt_method, prompt.metadata.penalty) == ("cocoop", "nemesis")
+    assert prompt.ctx.shape == (4, 64) and prompt.metadata.prompt_config["ctx_init"] == "a photo of a"
     assert set(prompt.extra) == {f"meta_net.linear{i}.{k}" for i in (1, 2) for k in ("weight", "bias")}
     untrained = trainer.build_learner("cocoop", backbone, CLASSNAMES, ctx_init="a photo of a", seed=2)
     assert not torch.equal(prompt.extra["meta_net.linear2.weight"], untrained.meta_net.linear2.weight.detach())

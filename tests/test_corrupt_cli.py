@@ -26,7 +26,7 @@ CLASSES = ["red square", "green circle", "blue star"]
 def setting(tmp_path):
     make_coop_folder(tmp_path / "data", "oxford_pets", classnames=CLASSES, per_class=(1, 1, 4))
     ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.5
-    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop")
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, prompt_method="coop")
     prompt = save_prompt(tmp_path / "prompt.safetensors", ctx, metadata)
     (tmp_path / "out").mkdir()
     return tmp_path, prompt
@@ -141,10 +141,10 @@ def test_another_activation_is_another_sweep_and_a_coop_prompt_is_noted(setting)
 def test_summary_names_each_kind_of_prompt(setting):
     tmp_path, coop = setting
     ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 0.5
-    pun = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="nemesis",
-                         method_config={"beta": 1.0, "weight": 1.0})  # fmt: skip
+    pun = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, prompt_method="coop",
+                         penalty="nemesis", penalty_config={"beta": 1.0, "weight": 1.0})  # fmt: skip
     nemesis = save_prompt(tmp_path / "pun.safetensors", ctx, pun)
-    base = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop", subsample="base")
+    base = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, prompt_method="coop", subsample="base")
     base_prompt = save_prompt(tmp_path / "base.safetensors", ctx, base)
     args = _args(tmp_path, coop, "--rescale", "0.5", "--positions", "0,1")
     result = runner.invoke(app, [*args[:2], str(nemesis), str(base_prompt), *args[2:]])

@@ -102,7 +102,10 @@ def test_one_call_loads_the_backbone_once_and_its_tree_reads_everywhere(data_roo
     from_path = identity_from_path(pan)
     assert (from_path.dataset, from_path.shots, from_path.seed) == ("oxford_pets", 2, 1)
     inputs = resolve_inputs([out])  # what `nemesis corrupt` reads
-    assert len(inputs) == 16 and {item.identity["method"] for item in inputs} == {"coop", "nemesis"}
+    assert len(inputs) == 16 and {(item.identity["method"], item.identity["penalty"]) for item in inputs} == {
+        ("coop", "none"),
+        ("coop", "nemesis"),
+    }
     runs = analysis.load_runs([out])  # what plot-norms and report read
     assert len(runs) == 16 and {run.label for run in runs} == {
         "CoOp (random weights)",

@@ -13,7 +13,7 @@ from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, l
 from nemesis.datasets import load_dataset
 from nemesis.errors import NemesisError
 from nemesis.evaluate import coop_result_block, evaluate, macro_f1
-from nemesis.prompt_learner import PromptedCLIP, PromptLearner
+from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
@@ -186,7 +186,9 @@ def test_exported_gelu_base_class_cocoop_prompt_gets_no_false_notes(tmp_path, pe
     from .test_cocoop_checkpoint import write_cocoop_dassl_checkpoint
 
     cocoop = load_checkpoint(write_cocoop_dassl_checkpoint(tmp_path / "cocoop", half=False)[0])
-    ours = PromptMetadata(model="tiny", activation="gelu", dataset="oxford_pets", subsample="base", method="cocoop")
+    ours = PromptMetadata(
+        model="tiny", activation="gelu", dataset="oxford_pets", subsample="base", prompt_method="cocoop"
+    )
     (tmp_path / "export").mkdir()
     exported = export_dassl(PromptCheckpoint(cocoop.ctx, ours, extra=cocoop.extra), tmp_path / "export")
     args = ["eval", str(exported), "--model", "tiny", "--pretrained", "none", "--dataset", "oxford_pets"]
@@ -303,7 +305,7 @@ def _seeded_prompts(folder, subsample="all"):
     """Prompts of seeds 1 and 2 (1 shot, random weights) in folder/seed1 and folder/seed2."""
     for seed in (1, 2):
         ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)) * 0.5
-        metadata = dict(method="coop", shots=1, seed=seed, weights_id="random-seed0", subsample=subsample)
+        metadata = dict(prompt_method="coop", shots=1, seed=seed, weights_id="random-seed0", subsample=subsample)
         (folder / f"seed{seed}").mkdir(parents=True)
         (folder / f"seed{seed}" / "config.json").write_text("{}")  # a run folder
         _prompt(folder / f"seed{seed}", ctx, **metadata)

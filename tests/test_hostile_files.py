@@ -469,7 +469,7 @@ def sweep(tmp_path):
 
     make_coop_folder(tmp_path / "data", "oxford_pets", classnames=SWEEP_CLASSES, per_class=(1, 1, 2))
     metadata = PromptMetadata(
-        model="tiny", weights_id="random-seed0", dataset="oxford_pets", shots=2, seed=1, method="coop"
+        model="tiny", weights_id="random-seed0", dataset="oxford_pets", shots=2, seed=1, prompt_method="coop"
     )  # trained on random weights, and says so
     good = save_prompt(tmp_path / "good.safetensors", torch.randn(4, 64) * 0.5, metadata)
     (tmp_path / "out").mkdir()
@@ -482,7 +482,7 @@ def _sweep_args(tmp_path, *checkpoints, extra=()):
 
 
 LATE_REFUSALS = {
-    "class position": (dict(class_position="sideways"), (4, 64)),
+    "class position": (dict(prompt_config={"class_position": "sideways"}), (4, 64)),
     "subsample": (dict(subsample="weird"), (4, 64)),
     "not a pretrained tag of tiny": (dict(pretrained="/nowhere/weights.pt"), (4, 64)),
     "classes": ({}, (5, 4, 64)),  # class-specific ctx for 5 classes; the dataset has 3
@@ -490,11 +490,21 @@ LATE_REFUSALS = {
 }
 
 
+def _written_as_given(path, ctx, metadata):
+    """A prompt file holding exactly this metadata (save_prompt would refuse a bad option when writing)."""
+    from safetensors.torch import save_file
+
+    save_file({"ctx": ctx.contiguous()}, str(path), metadata={"nemesis": json.dumps(dataclasses.asdict(metadata))})
+    return path
+
+
 @pytest.mark.parametrize("expected", sorted(LATE_REFUSALS))
 def test_sweep_refuses_a_later_bad_checkpoint_before_any_work(sweep, expected):
     tmp_path, good, metadata = sweep
     changes, shape = LATE_REFUSALS[expected]
-    bad = save_prompt(tmp_path / "bad.safetensors", torch.randn(*shape) * 0.5, dataclasses.replace(metadata, **changes))
+    bad = _written_as_given(
+        tmp_path / "bad.safetensors", torch.randn(*shape) * 0.5, dataclasses.replace(metadata, **changes)
+    )
     before = _snapshot(tmp_path)
     result = fails_with_one_line(_sweep_args(tmp_path, good, bad), expected)
     assert "bad.safetensors" in result.output

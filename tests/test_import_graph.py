@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = "nemesis"
 ROOT = Path(__file__).resolve().parents[1]
 # Modules on the longest chain, both ends counted (13 before the circles were broken).
-MAX_CHAIN = 8
+MAX_CHAIN = 7  # issue 19: at most 7 modules inside nemesis/
 
 
 def _module_name(root: Path, path: Path) -> str:

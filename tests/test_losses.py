@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from nemesis.configs import NemesisConfig
 from nemesis.errors import NemesisError
 from nemesis.losses import (
     PenaltyInputs,
@@ -19,7 +18,8 @@ from nemesis.losses import (
     pun,
     schedule_weight,
 )
-from nemesis.prompt_learner import PromptedCLIP, PromptLearner
+from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
+from nemesis.penalties import NemesisConfig
 from nemesis.trainer import _correct_counter
 
 M, W = 6, 8

@@ -1,15 +1,15 @@
 """One conformance suite over every registered prompt method (issue 19, item 6).
 
-Each check runs for every name in `PROMPT_METHODS`, so a newly registered method gets it by
-registering, and for two methods defined and registered only here: `coop-shift` (CoOp with a second
-learned tensor) and `coop-mean2` (two prompts [2, M, W] per class, averaged: PLOT's ctx shape).
-Checks that they cannot pass without changes to generic code are strict xfails naming the code
-that blocks them: they flip when issue 19 makes methods plug-ins.
+Each check runs for every name in `nemesis.methods.METHODS`, so a newly registered method gets it
+by registering, and for two methods defined and registered only here, with one call each:
+`coop-shift` (CoOp with a second learned tensor) and `coop-mean2` (two prompts [2, M, W] per class,
+averaged: PLOT's ctx shape). The last test runs both through every command of the CLI.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pandas as pd
 import pytest
@@ -23,12 +23,14 @@ from corrupt.grid import ORIGINAL_CELL, parse_grid
 from nemesis.backbone import load_clip
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt
 from nemesis.checksum import tensors_sha256
-from nemesis.cocoop import embed_dim_of
 from nemesis.errors import NemesisError
 from nemesis.evaluate import prepare_evaluation
 from nemesis.losses import position_norms
-from nemesis.prompt_learner import PromptedCLIP, PromptLearner
-from nemesis.prompt_methods import PROMPT_METHODS, PromptMethod, build_learner
+from nemesis.methods import METHODS, MethodSpec, register_method
+from nemesis.methods.cocoop.learner import embed_dim_of
+from nemesis.methods.coop import CoOpConfig, checked_text_options
+from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
+from nemesis.prompt_methods import PromptMethod, build_learner
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
@@ -37,7 +39,7 @@ from .test_sweep import _backbones, _sweep
 from .test_trainer import CLASSNAMES, small_config, train_leaving_the_backbone_unchanged
 
 N_CTX = 4
-REGISTERED = list(PROMPT_METHODS)  # at collection: every method the toolkit registers
+REGISTERED = list(METHODS)  # at collection: every method the toolkit registers
 
 
 # --- a method defined only here ------------------------------------------------------------------
@@ -56,10 +58,6 @@ class ShiftedCoOp(PromptLearner):
     def extra_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {"shift": self.shift}
 
-    @classmethod
-    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
-        return {"shift": (text_width,)}
-
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         text = self.encode((self.ctx + self.shift).unsqueeze(0))[0]  # [n_cls, D]
         return PromptedCLIP(self).logits(image_features, text)
@@ -77,6 +75,7 @@ class AveragedCoOp(nn.Module):
     """Two unified prompts [2, M, W] for every class, their text features averaged (PLOT's ctx shape)."""
 
     method = "coop-mean2"
+    image_inputs = ("pooled",)
 
     def __init__(self, clip, classnames, n_ctx: int = 16, seed: int = 0, ctx: torch.Tensor | None = None, **options):
         super().__init__()
@@ -100,10 +99,6 @@ class AveragedCoOp(nn.Module):
     def extra_parameters(self) -> dict[str, nn.Parameter]:
         return {}
 
-    @classmethod
-    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
-        return {}
-
     def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
         n_variants, _, n_ctx, width = ctx_variants.shape  # [K, 2, M, W]
         text = self.prompts.encode(ctx_variants.reshape(n_variants * 2, n_ctx, width))  # [2K, n_cls, D]
@@ -123,72 +118,63 @@ class AveragedCoOp(nn.Module):
         return position_norms(self.ctx, p)
 
 
-TEST_METHODS = {ShiftedCoOp.method: ShiftedCoOp, AveragedCoOp.method: AveragedCoOp}
-SHIFT, MEAN2 = TEST_METHODS
+@dataclasses.dataclass
+class ShiftConfig(CoOpConfig):
+    """CoOp's options; the tensors are CoOp's and the shift."""
 
-# The label tables and legends should show for each method. CoOp's and CoCoOp's come from
-# analysis.labels.method_label; a method has no way to declare its own yet.
-LABELS = {"coop": "CoOp", "cocoop": "CoCoOp", SHIFT: "CoOp+Shift", MEAN2: "CoOp, 2 prompts"}
+    def tensor_shapes(self, embed_dim, text_width, n_classes) -> dict[str, tuple]:
+        return super().tensor_shapes(embed_dim, text_width, n_classes) | {"shift": (text_width,)}
+
+
+@dataclasses.dataclass
+class AveragedConfig:
+    """Two prompts of n_ctx vectors; no class-specific variant."""
+
+    n_ctx: int = 16
+    ctx_init: str | None = None
+    class_position: str = "end"
+
+    def __post_init__(self) -> None:
+        checked_text_options(self)
+
+    def tensor_shapes(self, embed_dim, text_width, n_classes) -> dict[str, tuple]:
+        return {"ctx": (2, self.n_ctx, text_width)}
+
+    @classmethod
+    def from_dassl(cls, ctx_shape, class_position) -> AveragedConfig:
+        return cls(n_ctx=ctx_shape[-2], class_position=class_position or "end")
+
+
+SPECS = {
+    ShiftedCoOp.method: MethodSpec(
+        ShiftedCoOp.method, "CoOp+Shift", ShiftedCoOp, ShiftConfig, dassl_trainers=("CoOpShift",)
+    ),
+    AveragedCoOp.method: MethodSpec(
+        AveragedCoOp.method, "CoOp, 2 prompts", AveragedCoOp, AveragedConfig, dassl_trainers=("CoOpMean2",)
+    ),
+}
+TEST_METHODS = list(SPECS)
+SHIFT, MEAN2 = TEST_METHODS
 
 
 @pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    """Registering a method: one line each."""
-    monkeypatch.setitem(PROMPT_METHODS, SHIFT, ShiftedCoOp)
-    monkeypatch.setitem(PROMPT_METHODS, MEAN2, AveragedCoOp)
+def _registered():
+    """Registering a method: one call each (undone after each test)."""
+    for spec in SPECS.values():
+        register_method(spec)
+    yield
+    for name in SPECS:
+        del METHODS[name]
 
 
-@dataclasses.dataclass(frozen=True)
-class Blocked:
-    """Generic code that keeps a test method from passing a check: the check is a strict xfail."""
-
-    reason: str
-    raises: type[BaseException] = NemesisError
+def label(name: str) -> str:
+    """The label the method declares: tables and legends show it."""
+    return METHODS[name].label
 
 
-def methods(blocked: dict[str, Blocked] | None = None) -> list:
-    """Every registered method, then the test methods, each a strict xfail where `blocked` names it."""
-    blocked = blocked or {}
-
-    def param(name: str):
-        if name not in blocked:
-            return pytest.param(name)
-        return pytest.param(
-            name, marks=pytest.mark.xfail(strict=True, reason=blocked[name].reason, raises=blocked[name].raises)
-        )
-
-    return [*REGISTERED, *map(param, TEST_METHODS)]
-
-
-# What keeps the test methods out of training, and so out of every check on a trained run.
-TRAINING = Blocked(
-    "training names its method through nemesis.choices.Method, one enum fusing prompt method and "
-    "penalty (coop, nemesis, cocoop, cocoop-nemesis): TrainConfig(method=...) refuses any other name, and "
-    "trainer.train builds build_learner(config.method.prompt_method, ...) from Method.prompt_method, "
-    "which knows only coop and cocoop"
-)
-TRAINED = {SHIFT: TRAINING, MEAN2: TRAINING}
-LABEL = Blocked(
-    "analysis.labels.method_label maps only the hard-coded names coop, nemesis, cocoop and cocoop-nemesis "
-    "to labels and shows any other method by its registry name; a learner cannot declare its label",
-    AssertionError,
-)
-# A method whose only tensor is ctx, of shape [2, M, W], is misread by the generic prompt file.
-PROMPT_FILE = Blocked(
-    "nemesis.checkpoint decides what a file holds from its tensors, not from the method: save_prompt, "
-    "load_prompt and load_dassl set class_specific from ctx.dim() == 3 (PromptCheckpoint.class_specific too) "
-    "and prompt_method from detect_prompt_method's match of the extra tensor names, so ctx [2, M, W] "
-    "with no extra tensor reads back as class-specific coop",
-    AssertionError,
-)
-# Read as class-specific, its ctx then fails the class count checks of evaluation and sweeps.
-MISREAD = dataclasses.replace(
-    PROMPT_FILE,
-    reason=PROMPT_FILE.reason + "; nemesis eval (PromptCheckpoint.check_compatible) and corrupt.inputs then refuse "
-    "its 2 'classes' for a dataset of 4",
-    raises=NemesisError,
-)
-EVAL_MISREAD = dataclasses.replace(MISREAD, raises=AssertionError)  # the CLI's exit code 2
+def methods() -> list[str]:
+    """Every registered method, then the methods defined here."""
+    return [*REGISTERED, *TEST_METHODS]
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -205,9 +191,14 @@ def _learner(name: str, seed: int = 0) -> PromptMethod:
 
 
 def _saved(learner: PromptMethod, path) -> PromptMetadata:
-    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method=learner.method, epoch=1)
+    """Save the learner's tensors with its method named; return what the file must then record: the
+    method's options as its tensors say them, and the text width."""
+    metadata = PromptMetadata(
+        model="tiny", dataset="oxford_pets", shots=2, seed=1, prompt_method=learner.method, epoch=1
+    )
     save_prompt(path, learner.ctx.detach(), metadata, learner.extra_parameters())
-    return metadata
+    options = dataclasses.asdict(METHODS[learner.method].options(n_ctx=N_CTX))
+    return dataclasses.replace(metadata, prompt_config=options, text_width=learner.ctx.shape[-1])
 
 
 def _features(n: int = 5, seed: int = 0) -> torch.Tensor:
@@ -235,7 +226,7 @@ def runs() -> dict:
 def _train_once(name: str, runs: dict, data_root, tmp_path_factory, monkeypatch):
     """One epoch on tiny (random weights, 4 classes x 2 shots), leaving the CLIP weights unchanged (I5)."""
     if name not in runs:
-        config = small_config(data_root, method=name, shots=2, epochs=1, batch_size=4, n_ctx=N_CTX)
+        config = small_config(data_root, prompt_method=name, shots=2, epochs=1, batch_size=4, n_ctx=N_CTX)
         out = tmp_path_factory.mktemp(f"run-{name}")
         runs[name] = (out, train_leaving_the_backbone_unchanged(config, out, monkeypatch))
     return runs[name]
@@ -248,19 +239,23 @@ def _train_once(name: str, runs: dict, data_root, tmp_path_factory, monkeypatch)
 def test_learner_satisfies_the_protocol(name):
     learner = _learner(name)
     assert isinstance(learner, PromptMethod)
-    assert learner.method == name and PROMPT_METHODS[name] is type(learner)
+    assert learner.method == name and METHODS[name].learner_class() is type(learner)
     assert (learner.n_ctx, learner.n_classes, learner.classnames) == (N_CTX, len(CLASSNAMES), CLASSNAMES)
     assert learner.norms().shape == (N_CTX,)
     width = learner.ctx.shape[-1]
-    shapes = type(learner).extra_shapes(embed_dim_of(cached_backbone("tiny")), width)
-    assert {key: tuple(value.shape) for key, value in learner.extra_parameters().items()} == shapes
+    spec = METHODS[name]
+    shapes = spec.tensor_shapes(
+        spec.options(n_ctx=N_CTX), embed_dim_of(cached_backbone("tiny")), width, len(CLASSNAMES)
+    )
+    learned = {"ctx": learner.ctx, **learner.extra_parameters()}
+    assert {key: tuple(value.shape) for key, value in learned.items()} == shapes
     other = learner.for_classnames(["a", "b"])
     assert type(other) is type(learner) and other.n_classes == 2 and torch.equal(other.ctx, learner.ctx)
     extra = learner.extra_parameters()
     assert all(torch.equal(other.extra_parameters()[key], extra[key]) for key in extra)
 
 
-@pytest.mark.parametrize("name", methods({MEAN2: PROMPT_FILE}))
+@pytest.mark.parametrize("name", methods())
 def test_prompt_file_round_trip(name, tmp_path):
     learner = _learner(name)
     metadata = _saved(learner, tmp_path / "prompt.safetensors")
@@ -277,12 +272,12 @@ def test_prompt_file_round_trip(name, tmp_path):
         assert torch.equal(rebuilt.similarities(features, variants), learner.similarities(features, variants))
 
 
-@pytest.mark.parametrize("name", methods({MEAN2: PROMPT_FILE}))
+@pytest.mark.parametrize("name", methods())
 def test_dassl_round_trip(name, tmp_path):
     """`nemesis prompt export-dassl`, read back as a Dassl run folder: the same tensors and method."""
     learner = _learner(name)
     _saved(learner, tmp_path / "prompt.safetensors")
-    out = tmp_path / "dassl" / "oxford_pets" / "seed1"
+    out = tmp_path / "dassl" / "oxford_pets" / METHODS[name].dassl_trainers[0] / "seed1"  # the method's tree
     args = ["prompt", "export-dassl", str(tmp_path / "prompt.safetensors"), "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -311,7 +306,7 @@ def test_a_cell_in_a_batch_equals_the_cell_alone_i4(name):
     assert not torch.allclose(batched[0], batched[2])  # the variants differ, so the check has teeth
 
 
-@pytest.mark.parametrize("name", methods(TRAINED))
+@pytest.mark.parametrize("name", methods())
 def test_one_epoch_changes_only_the_learned_tensors_i5(name, runs, data_root, tmp_path_factory, monkeypatch):
     out, backbone = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)  # asserts the CLIP checksum
     assert _clip_checksum(backbone) == _clip_checksum(load_clip("tiny"))  # and by nemesis.checksum
@@ -334,7 +329,7 @@ def _check_two_cell_sweep(name: str, checkpoint, data_root, out) -> None:
         load_checkpoint(checkpoint), pretrained="none", root=data_root, device="cpu", backbones=_backbones(),
         progress=False,
     )  # fmt: skip
-    assert type(setup.learner) is PROMPT_METHODS[name]
+    assert type(setup.learner) is METHODS[name].learner_class()
 
 
 def _report_label(paths, out) -> str:
@@ -346,26 +341,26 @@ def _report_label(paths, out) -> str:
     return rows["method"].iloc[0]
 
 
-@pytest.mark.parametrize("name", methods(TRAINED))
+@pytest.mark.parametrize("name", methods())
 def test_two_cell_sweep_of_the_trained_prompt(name, runs, data_root, tmp_path, tmp_path_factory, monkeypatch):
     out, _ = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)
     _check_two_cell_sweep(name, out, data_root, tmp_path / "sweep.parquet")
 
 
-@pytest.mark.parametrize("name", methods({MEAN2: MISREAD}))
+@pytest.mark.parametrize("name", methods())
 def test_two_cell_sweep_of_a_saved_prompt(name, data_root, tmp_path):
     """The sweep without the trainer: a prompt file the learner saved."""
     _saved(_learner(name), tmp_path / "prompt.safetensors")
     _check_two_cell_sweep(name, tmp_path / "prompt.safetensors", data_root, tmp_path / "sweep.parquet")
 
 
-@pytest.mark.parametrize("name", methods(TRAINED))
+@pytest.mark.parametrize("name", methods())
 def test_report_row_of_the_trained_run(name, runs, data_root, tmp_path, tmp_path_factory, monkeypatch):
     out, _ = _train_once(name, runs, data_root, tmp_path_factory, monkeypatch)
-    assert _report_label([out], tmp_path / "report") == f"{LABELS[name]} (random weights)"
+    assert _report_label([out], tmp_path / "report") == f"{label(name)} (random weights)"
 
 
-@pytest.mark.parametrize("name", methods({SHIFT: LABEL, MEAN2: EVAL_MISREAD}))
+@pytest.mark.parametrize("name", methods())
 def test_report_row_of_an_evaluated_saved_prompt(name, data_root, tmp_path):
     """`nemesis eval --out` of a prompt file the learner saved, then `nemesis report` of that record."""
     _saved(_learner(name), tmp_path / "prompt.safetensors")
@@ -373,4 +368,32 @@ def test_report_row_of_an_evaluated_saved_prompt(name, data_root, tmp_path):
     args = ["eval", str(tmp_path / "prompt.safetensors"), "--root", str(data_root), "--pretrained", "none"]
     result = CliRunner().invoke(app, [*args, "--device", "cpu", "--out", str(evals)])
     assert result.exit_code == 0, result.output
-    assert _report_label([evals], tmp_path / "report") == f"{LABELS[name]} (random weights)"
+    assert _report_label([evals], tmp_path / "report") == f"{label(name)} (random weights)"
+
+
+def _command(*args) -> str:
+    result = CliRunner().invoke(app, [str(argument) for argument in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("name", TEST_METHODS)
+def test_every_command_runs_a_method_defined_here(name, data_root, tmp_path):
+    """Registered in this module only: `nemesis train`, `eval`, `corrupt`, `report` and `prompt info` take it."""
+    run, evals, sweep = tmp_path / "run", tmp_path / "evals.jsonl", tmp_path / "sweep.parquet"
+    _command(
+        "train", "--method", name, "--dataset", "oxford_pets", "--root", data_root, "--model", "tiny",
+        "--pretrained", "none", "--shots", 2, "--epochs", 1, "--batch-size", 4, "--n-ctx", N_CTX,
+        "--device", "cpu", "--out", run,
+    )  # fmt: skip
+    assert load_prompt(run / "prompt.safetensors").prompt_method == name
+    _command("eval", run, "--root", data_root, "--device", "cpu", "--out", evals)
+    assert json.loads(evals.read_text().splitlines()[0])["method"] == name
+    _command("corrupt", run, "--root", data_root, "--rescale", "0.5,3", "--positions", "0", "--device", "cpu",
+             "--out", sweep)  # fmt: skip
+    table = pd.read_parquet(sweep)
+    assert len(table) == 3 and set(table["method"]) == {name}
+    _command("report", run, evals, sweep, "--out", tmp_path / "report")
+    few_shot = pd.read_csv(tmp_path / "report" / "few_shot.csv")
+    assert set(few_shot["method"]) == {f"{label(name)} (random weights)"}
+    assert f"{label(name)} prompt" in _command("prompt", "info", run)

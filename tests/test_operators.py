@@ -17,7 +17,7 @@ from corrupt.operators import (
 )
 from nemesis.errors import NemesisError
 from nemesis.evaluate import EvaluationSetup
-from nemesis.prompt_learner import PromptLearner
+from nemesis.methods.coop.learner import PromptLearner
 
 from .conftest import cached_backbone
 

@@ -77,7 +77,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("inputs")
     make_coop_folder(folder / "data", "oxford_pets", ["red apple", "green leaf", "blue sky"], per_class=(2, 2, 2))
     ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
-    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, method="coop")
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, prompt_method="coop")
     return {
         "data": folder / "data",
         "prompt": save_prompt(folder / "prompt.safetensors", ctx, metadata),

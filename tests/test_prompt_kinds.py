@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -124,18 +126,24 @@ def test_a_sweep_records_which_nemesis_a_prompt_was_trained_with(tmp_path):
 
     ctx = torch.zeros(4, 64)
     files = {}
-    for name, method, settings in [
+    for name, penalty, settings in [
         ("pan", "nemesis", {"beta": 0.0, "weight": 20.0}),
-        ("both", "cocoop-nemesis", {"beta": 0.5, "weight": 1}),
-        ("coop", "coop", {}),
+        ("both", "nemesis", {"beta": 0.5, "weight": 1}),
+        ("coop", "none", {}),
     ]:
-        metadata = PromptMetadata(model="tiny", dataset="dtd", shots=1, seed=1, method=method, method_config=settings)
+        metadata = PromptMetadata(
+            model="tiny", dataset="dtd", shots=1, seed=1, prompt_method="coop", penalty=penalty, penalty_config=settings
+        )
         files[name] = save_prompt(tmp_path / f"{name}.safetensors", ctx, metadata)
     variants = {
-        item.identity["method"]: item.identity["method_variant"]
+        Path(item.identity["checkpoint"]).stem: (item.identity["penalty"], item.identity["method_variant"])
         for item in resolve_inputs(list(files.values()), pretrained="none")
     }
-    assert variants == {"nemesis": "PAN, weight 20", "cocoop-nemesis": "PUN+PAN, beta 0.5, weight 1", "coop": None}
+    assert variants == {
+        "pan": ("nemesis", "PAN, weight 20"),
+        "both": ("nemesis", "PUN+PAN, beta 0.5, weight 1"),
+        "coop": ("none", None),
+    }
 
 
 def test_old_tables_without_kind_columns_read_as_unknown_kind(tmp_path):

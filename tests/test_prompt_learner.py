@@ -9,7 +9,7 @@ import torch
 
 from nemesis.errors import NemesisError
 from nemesis.losses import position_norms
-from nemesis.prompt_learner import PromptedCLIP, PromptLearner
+from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
 
 from .conftest import cached_backbone
 

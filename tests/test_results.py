@@ -91,7 +91,7 @@ def test_bad_files_name_the_problem(tmp_path):
     with pytest.raises(NemesisError, match="line 3 is not JSON"):
         load_runs([run])
     (run / "config.json").write_text(json.dumps({"shots": 1}))
-    with pytest.raises(NemesisError, match="lacks keys dataset, method"):
+    with pytest.raises(NemesisError, match="lacks keys dataset, prompt_method"):
         load_runs([run])
     with pytest.raises(NemesisError, match="not a run folder"):
         load_runs([tmp_path / "e.jsonl"])

@@ -15,7 +15,8 @@ from corrupt.results import COLUMNS, ResultsFile, correctness_path
 from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.errors import NemesisError
 from nemesis.evaluate import prepare_evaluation
-from nemesis.prompt_learner import PromptLearner
+from nemesis.methods import legacy_name, method_of_dassl_path
+from nemesis.methods.coop.learner import PromptLearner
 from nemesis.testing import make_coop_folder
 from nemesis.text_encoder import TextEncoder
 
@@ -43,7 +44,7 @@ def _ctx(seed: int, class_specific: bool = False) -> torch.Tensor:
 
 
 def _prompt(folder, name: str, seed: int, class_specific: bool = False):
-    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=4, seed=seed, method="coop")
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=4, seed=seed, prompt_method="coop")
     return save_prompt(folder / f"{name}.safetensors", _ctx(seed, class_specific), metadata)
 
 
@@ -168,7 +169,7 @@ def test_sweep_over_a_coop_output_tree_reads_identity_from_paths(tmp_path, data_
     table = _sweep([output], tmp_path / "r.parquet", grid, data_root, model="tiny").cells
     assert len(table) == 5 * len(grid.cells(N_CTX))
     found = {
-        (row.dataset, row.shots, row.seed): (row.method, row.n)
+        (row.dataset, row.shots, row.seed): (legacy_name(row.method, row.penalty), row.n)
         for row in table.drop_duplicates("checkpoint").itertuples()
     }
     assert found == expected
@@ -220,7 +221,8 @@ def test_rows_record_the_kind_of_prompt_under_domain_shift(tmp_path, data_root):
 def test_identity_from_coop_paths(path, dataset, shots, seed, method, subsample):
     identity = identity_from_path(path)
     assert (identity.dataset, identity.shots, identity.seed) == (dataset, shots, seed)
-    assert (identity.method, identity.subsample) == (method, subsample)
+    trained, penalty = method_of_dassl_path(identity.trainer, identity.nemesis)
+    assert (legacy_name(trained, penalty) if trained else "unknown", identity.subsample) == (method, subsample)
 
 
 def test_original_cell_comes_first_and_ids_are_deterministic(tmp_path, data_root):
@@ -256,7 +258,9 @@ def test_the_same_file_under_other_names_is_one_checkpoint(tmp_path, data_root, 
 @pytest.mark.parametrize("class_position", ["end", "middle"])
 def test_tables_are_identical_with_and_without_prefix_reuse(tmp_path, data_root, monkeypatch, class_position):
     """The shared-prefix text pass changes no accuracy and no per-sample correctness of a sweep."""
-    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=4, seed=3, class_position=class_position)
+    metadata = PromptMetadata(
+        model="tiny", dataset="oxford_pets", shots=4, seed=3, prompt_config={"class_position": class_position}
+    )
     path = save_prompt(tmp_path / "p.safetensors", _ctx(3), metadata)
     prefix_passes = []
     original_pass = TextEncoder.prefix_keys_values

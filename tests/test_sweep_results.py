@@ -348,7 +348,7 @@ def prompts(tmp_path):
     files = []
     for seed in range(6):
         ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(seed)) * 0.5
-        metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=seed, method="coop")
+        metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=seed, prompt_method="coop")
         files.append(save_prompt(tmp_path / f"p{seed}.safetensors", ctx, metadata))
     (tmp_path / "alone").mkdir()
     alone = tmp_path / "alone" / "r.parquet"

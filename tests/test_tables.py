@@ -437,7 +437,7 @@ def _run_on_weights(folder, accuracy: float, weights_id: str, seed: int = 1):
 
     write_run(folder, [accuracy], seed=seed)
     (folder / "prompt.safetensors").unlink()
-    metadata = PromptMetadata(model="tiny", weights_id=weights_id, activation="gelu", seed=seed, method="coop")
+    metadata = PromptMetadata(model="tiny", weights_id=weights_id, activation="gelu", seed=seed, prompt_method="coop")
     save_prompt(folder / "prompt.safetensors", torch.zeros(4, 64), metadata)
     return folder
 

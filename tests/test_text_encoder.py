@@ -6,7 +6,7 @@ import pytest
 import torch
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer
 
-from nemesis.prompt_learner import PromptLearner
+from nemesis.methods.coop.learner import PromptLearner
 from nemesis.text_encoder import TextEncoder
 
 from .conftest import cached_backbone

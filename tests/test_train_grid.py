@@ -16,8 +16,9 @@ import nemesis.feature_cache as feature_cache
 import nemesis.train_grid as train_grid
 from nemesis.checkpoint import load_prompt
 from nemesis.datasets import load_dataset
+from nemesis.methods import PRESETS
 from nemesis.testing import make_coop_folder
-from nemesis.train_grid import METHOD_PRESETS, parse_values, plan_grid, run_folder, run_grid
+from nemesis.train_grid import parse_values, plan_grid, run_folder, run_grid
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone, fails_with_one_line
@@ -42,8 +43,8 @@ def grid_args(root, out, datasets="oxford_pets", shots="1,2", seeds="1,2", metho
 
 def test_lists_and_presets():
     assert parse_values("1, 2,4", "shots", int) == [1, 2, 4] and parse_values(None, "shots") is None
-    assert METHOD_PRESETS["pen"] == {"method": "nemesis", "beta": 1.0}
-    assert METHOD_PRESETS["pan"] == {"method": "nemesis", "beta": 0.0}
+    assert PRESETS["pen"] == {"prompt_method": "coop", "penalty": "nemesis", "beta": 1.0}
+    assert PRESETS["pan"] == {"prompt_method": "coop", "penalty": "nemesis", "beta": 0.0}
 
 
 def test_a_failed_run_is_reported_at_the_end_and_the_others_go_on(data_root, tmp_path, monkeypatch):
@@ -78,7 +79,7 @@ def test_an_interrupted_grid_resumes_to_the_uninterrupted_prompts(data_root, tmp
 
     def interrupted(config, folder, **options):
         def stop(epoch):
-            if config.method.value == "nemesis" and epoch == 2:
+            if config.method_name == "coop+nemesis" and epoch == 2:
                 raise KeyboardInterrupt
 
         return real_train(config, folder, on_epoch_end=stop, **options)
@@ -98,7 +99,7 @@ def test_an_interrupted_grid_resumes_to_the_uninterrupted_prompts(data_root, tmp
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"methods": "coop,pun"}, "unknown method 'pun'; choose one of coop, nemesis, pen, pan"),
+        ({"methods": "coop,pun"}, "unknown method 'pun'; choose one of coop, cocoop, nemesis, pen, pan"),
         ({"seeds": ""}, "--seed is empty"),
         ({"shots": "1,,2"}, "--shots '1,,2' has an empty entry"),
         ({"shots": "one"}, "--shots 'one' must be a comma-separated list of ints"),

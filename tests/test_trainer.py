@@ -17,6 +17,7 @@ from nemesis.backbone import load_clip
 from nemesis.checkpoint import load_prompt
 from nemesis.configs import TrainConfig, default_epochs, read_run_config
 from nemesis.errors import NemesisError
+from nemesis.methods import preset
 from nemesis.prompt_methods import build_learner
 from nemesis.run_state import Journal
 from nemesis.testing import make_coop_folder
@@ -99,7 +100,7 @@ def test_learning_rate_is_constant_warmup_then_cosine():
 
 
 def test_config_json_round_trip_and_official_override():
-    config = TrainConfig(dataset="OxfordPets", method="nemesis", beta=0.0, official_override=True).resolved()
+    config = TrainConfig(dataset="OxfordPets", **preset("nemesis"), beta=0.0, official_override=True).resolved()
     assert config.dataset == "oxford_pets" and (config.weight, config.pan_weight) == (1.0, 50.0)
     assert config.schedule.value == "constant"
     values = config.to_json()
@@ -114,10 +115,10 @@ def test_config_json_round_trip_and_official_override():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"method": "plot"}, "unknown method .plot.; choose one of coop, nemesis, cocoop, cocoop-nemesis"),
-        ({"method": "nemesis", "beta": -0.1}, "beta must be between 0 and 1"),
-        ({"method": "nemesis", "positions": 17}, "positions"),
-        ({"method": "nemesis", "weight": -1}, "weight must be 0 or more"),
+        ({"prompt_method": "plot"}, "unknown prompt method .plot.; choose one of coop, cocoop"),
+        ({**preset("nemesis"), "beta": -0.1}, "beta must be between 0 and 1"),
+        ({**preset("nemesis"), "positions": 17}, "positions"),
+        ({**preset("nemesis"), "weight": -1}, "weight must be 0 or more"),
         ({"dataset": "pets"}, "unknown dataset 'pets'"),
         ({"precision": "fp8"}, "unknown precision 'fp8'"),
         ({"shots": 0}, "shots must be at least 1"),
@@ -138,7 +139,9 @@ def test_runs_saved_before_crop_scale_existed_still_resume():
     from nemesis.trainer import RESUMABLE_CHANGES, _config_digest
 
     config = TrainConfig(dataset="dtd", epochs=2, device="cpu")
-    older = {key: value for key, value in config.to_json().items() if key != "crop_scale"}  # an older config.json
+    # A config.json of those days: no crop_scale, and one word for method and penalty.
+    older = {key: value for key, value in config.to_json().items() if key not in ("crop_scale", "penalty")}
+    older["method"] = older.pop("prompt_method")
     compared = {key: value for key, value in older.items() if key not in RESUMABLE_CHANGES}
     saved = hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()  # in states saved then
     assert _config_digest(TrainConfig.from_json(older)) == saved
@@ -150,14 +153,14 @@ def test_runs_saved_before_crop_scale_existed_still_resume():
 
 def test_run_folder_holds_every_file_and_row(pets, tmp_path):
     out = tmp_path / "run"
-    config = small_config(pets, method="nemesis", beta=0.5, positions=2, save_every=2, eval_every=2)
+    config = small_config(pets, **preset("nemesis"), beta=0.5, positions=2, save_every=2, eval_every=2)
     train(config, out, progress=False)
     for name in RUN_FILES:
         assert (out / name).is_file(), name
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0002.safetensors"]
 
     saved = json.loads((out / "config.json").read_text())
-    for key in ("dataset", "shots", "seed", "method", "model", "pretrained", "subsample", "epochs"):
+    for key in ("dataset", "shots", "seed", "prompt_method", "penalty", "model", "pretrained", "subsample", "epochs"):
         assert key in saved
     assert saved["nemesis"]["beta"] == 0.5 and saved["epochs"] == 3
     assert read_run_config(out) == config.resolved()
@@ -191,7 +194,7 @@ def test_run_folder_holds_every_file_and_row(pets, tmp_path):
         4,
         2,
     )
-    assert metadata.method == "nemesis" and metadata.method_config["beta"] == 0.5 and metadata.epoch == 3
+    assert metadata.penalty == "nemesis" and metadata.penalty_config["beta"] == 0.5 and metadata.epoch == 3
     assert metadata.classnames == CLASSNAMES and metadata.weights_id and metadata.subsample == "all"
     assert metadata.activation == "gelu"  # tiny's own activation, recorded with the prompt
     assert torch.allclose(torch.tensor(epochs[-1]["norms"]), prompt.ctx.norm(dim=-1))
@@ -222,7 +225,7 @@ def train_leaving_the_backbone_unchanged(config: TrainConfig, out, monkeypatch):
 
 
 def test_training_changes_ctx_only_i5(pets, tmp_path, monkeypatch):
-    config = small_config(pets, method="nemesis", beta=0.5, class_specific=True)
+    config = small_config(pets, **preset("nemesis"), beta=0.5, class_specific=True)
     train_leaving_the_backbone_unchanged(config, tmp_path / "run", monkeypatch)
     ctx = load_prompt(tmp_path / "run" / "prompt.safetensors").ctx
     assert ctx.shape == (4, 4, 64)
@@ -230,7 +233,7 @@ def test_training_changes_ctx_only_i5(pets, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("train_views", [0, 2])
 def test_resume_ends_with_the_uninterrupted_prompt(pets, tmp_path, train_views):
-    config = small_config(pets, method="nemesis", beta=0.5, epochs=5, train_views=train_views)
+    config = small_config(pets, **preset("nemesis"), beta=0.5, epochs=5, train_views=train_views)
     train(config, tmp_path / "whole", progress=False)
     train_until_interrupted(config, tmp_path / "cut", after_epoch=2)
     assert not (tmp_path / "cut" / "prompt.safetensors").exists()
@@ -461,7 +464,7 @@ def test_fp16_holds_the_prompt_in_fp16_and_loses_updates_below_its_resolution(pe
 
 @pytest.mark.parametrize("method", ["coop", "cocoop"])
 def test_fp16_resumes_to_the_uninterrupted_prompt(pets, tmp_path, method):
-    config = small_config(pets, method=method, precision="fp16", batch_size=8)
+    config = small_config(pets, prompt_method=method, precision="fp16", batch_size=8)
     whole = load_prompt(train(config, tmp_path / "whole", progress=False) / "prompt.safetensors")
     train_until_interrupted(config, tmp_path / "cut", after_epoch=1)
     train(config, tmp_path / "cut", resume=True, progress=False)

@@ -55,7 +55,7 @@ def test_cli_zero_shot_is_recorded_and_reported(root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "* accuracy: " in result.output
     record = json.loads(evals.read_text())
-    assert record["method_label"] == "Zero-shot CLIP" and record["method_config"]["template"] == "{} texture."
+    assert record["method_label"] == "Zero-shot CLIP" and record["prompt_config"]["template"] == "{} texture."
     report = CliRunner().invoke(app, ["report", str(evals), "--out", str(tmp_path / "report")])
     assert report.exit_code == 0, report.output
     assert "| Zero-shot CLIP (random weights) | 0 |" in (tmp_path / "report" / "few_shot.md").read_text()
@@ -77,7 +77,7 @@ def test_eval_and_prompt_info_read_a_coop_output_path(root, tmp_path):
     assert info.exit_code == 0, info.output
     shown = dict(parts for line in info.output.splitlines() if len(parts := line.split(None, 1)) == 2)
     assert shown["dataset"].strip() == "dtd" and shown["shots"].strip() == "2" and shown["seed"].strip() == "3"
-    assert shown["class_position"].strip() == "middle" and shown["method"].strip() == "coop"
+    assert shown["class_position"].strip() == "middle" and shown["prompt_method"].strip() == "coop"
     evals = tmp_path / "evals.jsonl"
     args = ["eval", str(run), "--model", "tiny", "--pretrained", "none", "--root", str(root), "--device", "cpu"]
     args += ["--out", str(evals)]

@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from nemesis.prompt_learner import PromptLearner
+from nemesis.methods.coop.learner import PromptLearner
 
 TODAYS_CHUNK = 256  # prompts per text pass before token budgets
 

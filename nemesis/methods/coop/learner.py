@@ -15,19 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .choices import ClassPosition
-from .clip_models import Backbone
-from .errors import NemesisError
-from .tensors import position_norms
-from .text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
-from .wording import plural
+from ...choices import ClassPosition
+from ...clip_models import Backbone
+from ...constants import POOLED_FEATURES
+from ...errors import NemesisError
+from ...tensors import position_norms
+from ...text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
+from ...wording import plural
+from . import init_word_count
 
 PLACEHOLDER = "X"  # CoOp's stand-in word for context positions before their embeddings are swapped in
-
-
-def init_word_count(ctx_init: str) -> int:
-    """CoOp's n_ctx for an init phrase: its number of words (underscores count as spaces, as in CoOp)."""
-    return len(ctx_init.replace("_", " ").split())
 
 
 class PromptLearner(nn.Module):
@@ -264,6 +261,7 @@ class PromptLearner(nn.Module):
     # --- the prompt-method interface (nemesis.prompt_methods) ----------------------------------
 
     method = "coop"  # registry name: the learner ignores image features
+    image_inputs = (POOLED_FEATURES,)
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """Training logits [B, n_cls] of image features [B, D], with gradients to ctx."""
@@ -277,11 +275,6 @@ class PromptLearner(nn.Module):
 
     def extra_parameters(self) -> dict[str, nn.Parameter]:
         """Learned tensors besides ctx that a checkpoint carries, by checkpoint name: none for CoOp."""
-        return {}
-
-    @classmethod
-    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of `extra_parameters()` on a model of these widths."""
         return {}
 
 

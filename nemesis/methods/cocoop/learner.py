@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_models import Backbone
-from .errors import NemesisError
-from .prompt_learner import ClassPosition, PromptLearner
-from .tensors import position_norms
+from ...clip_models import Backbone
+from ...constants import POOLED_FEATURES
+from ...errors import NemesisError
+from ...tensors import position_norms
+from ..coop.learner import ClassPosition, PromptLearner
+from . import META_NET, META_NET_REDUCTION
 
-META_NET = "meta_net"
-META_NET_REDUCTION = 16  # hidden width D // 16, CoCoOp's choice
 ROWS_PER_PASS = 4096  # (image, class) prompt rows handed to the text pass at once: bounds memory
 
 
@@ -58,6 +58,7 @@ class CoCoOp(nn.Module):
     """CoCoOp's learner: unified ctx [M, W], a meta-net, and per-image text features [B, n_cls, D]."""
 
     method = "cocoop"
+    image_inputs = (POOLED_FEATURES,)
 
     def __init__(
         self,
@@ -108,16 +109,6 @@ class CoCoOp(nn.Module):
 
     def extra_parameters(self) -> dict[str, nn.Parameter]:
         return {f"{META_NET}.{name}": parameter for name, parameter in self.meta_net.named_parameters()}
-
-    @classmethod
-    def extra_shapes(cls, embed_dim: int, text_width: int) -> dict[str, tuple[int, ...]]:
-        hidden = embed_dim // META_NET_REDUCTION
-        return {
-            f"{META_NET}.linear1.weight": (hidden, embed_dim),
-            f"{META_NET}.linear1.bias": (hidden,),
-            f"{META_NET}.linear2.weight": (text_width, hidden),
-            f"{META_NET}.linear2.bias": (text_width,),
-        }
 
     def norms(self, p: float = 2.0) -> torch.Tensor:
         """Per-position norms [M] of the learned ctx (before any image's shift)."""

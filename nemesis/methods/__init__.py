@@ -1,0 +1,133 @@
+"""Prompt methods, registered by name: one module per method (its options and spec), one line here.
+
+A method's module holds its options dataclass and its `MethodSpec` (label, learner class, Dassl
+layout); `nemesis.prompt_methods` builds learners from the registry. Everything outside this
+package asks the registry instead of naming a method. Light to import: no torch.
+
+The names `nemesis train --method` takes are presets: a prompt method and a penalty (`PRESETS`).
+Tables and files written before the two were separate name the pair by one word (`LEGACY_NAMES`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import NemesisError
+from ..penalties import NEMESIS, NO_PENALTY
+from . import cocoop, coop
+from .base import MethodSpec, TrainingDefaults
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> None:
+    """Make `spec` a method every command can train, evaluate, corrupt and report."""
+    METHODS[spec.name] = spec
+
+
+register_method(coop.SPEC)
+register_method(cocoop.SPEC)
+
+DEFAULT_METHOD = coop.SPEC.name  # what `nemesis train` trains when no method is named
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec registered as `name`; an unknown name fails naming the known ones."""
+    if name not in METHODS:
+        raise NemesisError(f"unknown prompt method '{name}'; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_from_dassl_trainer(folder: str) -> str | None:
+    """The method whose Dassl trainer folder is `folder`, in any case, with or without the official
+    release's Nemesis mark ("CoOp", "coop", "CoOp_Nemesis", "NemesisCoOp", "PLOTNemesis")."""
+
+    def key(name: str) -> str:
+        return name.lower().replace("_", "").replace("-", "").replace(PENALTY_IN_TRAINER_NAMES, "")
+
+    for spec in METHODS.values():
+        if key(folder) in (key(name) for name in spec.dassl_trainers):
+            return spec.name
+    return None
+
+
+PENALTY_IN_TRAINER_NAMES = "nemesis"  # the official release's trainers: NemesisCoOp, PLOTNemesis
+
+
+def method_of_dassl_path(trainer: str | None, names_nemesis: bool) -> tuple[str | None, str | None]:
+    """(method, penalty) a Dassl output path says: the method of its trainer folder, and Nemesis when a
+    folder names it, no penalty under a known trainer, else not known (None)."""
+    method = method_from_dassl_trainer(trainer or "")
+    if names_nemesis:
+        return method, NEMESIS
+    return method, NO_PENALTY if method is not None else None  # the official release names its trainers <Method>Nemesis
+
+
+# `nemesis train --method` names: what each sets. A method's name alone trains it without a penalty.
+PRESETS: dict[str, dict[str, Any]] = {
+    "nemesis": {"prompt_method": "coop", "penalty": "nemesis"},  # Nemesis as the other options say (PUN)
+    "pen": {"prompt_method": "coop", "penalty": "nemesis", "beta": 1.0},  # PUN only: the paper's PEN
+    "pan": {"prompt_method": "coop", "penalty": "nemesis", "beta": 0.0},  # PAN only
+    "cocoop-nemesis": {"prompt_method": "cocoop", "penalty": "nemesis"},
+}
+
+# One-word names of (method, penalty) in files written before the axes were separate.
+LEGACY_NAMES: dict[str, tuple[str, str]] = {
+    "nemesis": ("coop", "nemesis"),
+    "cocoop-nemesis": ("cocoop", "nemesis"),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The options a `--method` name sets: a preset, `<method>`, or `<method>+<penalty>`."""
+    key = name.strip().lower()
+    if key in PRESETS:
+        return dict(PRESETS[key])
+    method, _, penalty = key.partition("+")
+    if method in METHODS:
+        return {"prompt_method": method, "penalty": penalty or NO_PENALTY}
+    raise NemesisError(f"unknown method '{name}'; choose one of {', '.join(preset_names())}")
+
+
+def preset_names() -> list[str]:
+    """Every name `--method` takes, methods first."""
+    return [*METHODS, *PRESETS]
+
+
+def split_method(name: Any, penalty: Any = None) -> tuple[Any, str]:
+    """(method, penalty) of a record: its own penalty when it has one, else what a one-word name says."""
+    if isinstance(penalty, str) and penalty:
+        return name, penalty
+    if isinstance(name, str) and name in LEGACY_NAMES:
+        return LEGACY_NAMES[name]
+    if isinstance(name, str) and "+" in name:
+        method, _, penalty = name.partition("+")
+        return method, penalty
+    return name, NO_PENALTY
+
+
+def legacy_name(method: str, penalty: str) -> str:
+    """The one-word name files written before the axes were separate give (method, penalty)."""
+    for name, pair in LEGACY_NAMES.items():
+        if pair == (method, penalty):
+            return name
+    return method if penalty == NO_PENALTY else f"{method}+{penalty}"
+
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "LEGACY_NAMES",
+    "METHODS",
+    "NO_PENALTY",
+    "PRESETS",
+    "MethodSpec",
+    "TrainingDefaults",
+    "legacy_name",
+    "method_from_dassl_trainer",
+    "method_of_dassl_path",
+    "method_spec",
+    "preset",
+    "preset_names",
+    "register_method",
+    "split_method",
+]

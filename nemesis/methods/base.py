@@ -1,0 +1,68 @@
+"""What a prompt method declares to the rest of the toolkit: its `MethodSpec`.
+
+Light to import (no torch): the CLI, configs, path readers and labels use specs; the learner class
+(the torch code, satisfying `nemesis.prompt_methods.PromptMethod`) is imported when first built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Training options whose defaults differ between methods (the rest are shared)."""
+
+    batch_size: int = 32
+    epochs: int | None = None  # None: CoOp's count for the shots
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One prompt method: its name, label, options, learner and Dassl layout.
+
+    `config` is the method's options dataclass; its fields are the training options the method
+    takes (each also a `nemesis train` option) and its defaults are the method's. It may define
+    `from_options(**given)` (given options only; the rest default) and `from_dassl(ctx_shape,
+    class_position)` (what a Dassl file's tensors and path say), and must define
+    `tensor_shapes(embed_dim, text_width, n_classes)`: the prompt tensors it learns, by name and shape.
+    """
+
+    name: str  # registry name, written into prompt files, run configs and tables
+    label: str  # how tables and legends name it: "CoOp"
+    learner: str | type  # the learner class, or "module:Class" to import on first use
+    config: type  # the options dataclass
+    training: TrainingDefaults = TrainingDefaults()
+    dassl_trainers: tuple[str, ...] = ()  # trainer folder names in Dassl output trees ("CoOp")
+
+    def learner_class(self) -> type:
+        if isinstance(self.learner, type):
+            return self.learner
+        module, _, name = self.learner.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in dataclasses.fields(self.config))
+
+    def options(self, **given: Any) -> Any:
+        """The method's config from the options given (None: not given, the method's default)."""
+        given = {name: value for name, value in given.items() if value is not None}
+        maker = getattr(self.config, "from_options", self.config)
+        return maker(**given)
+
+    def tensor_shapes(
+        self, config: Any, embed_dim: int | None = None, text_width: int | None = None, n_classes: int | None = None
+    ) -> dict[str, tuple[int | None, ...]]:
+        """Every tensor the method learns, by checkpoint name, and its shape on a model of image width D
+        and text width W for `n_classes` classes (None: not known, any size)."""
+        return config.tensor_shapes(embed_dim, text_width, n_classes)
+
+    def options_from_dassl(self, ctx_shape: tuple[int, ...], class_position: str | None) -> Any:
+        """The config a Dassl file of this method implies: its tensors' shapes and its path."""
+        maker = getattr(self.config, "from_dassl", None)
+        if maker is not None:
+            return maker(ctx_shape, class_position)
+        return self.config()

@@ -1,0 +1,74 @@
+"""CoOp (Zhou et al., IJCV 2022): learned context vectors around each class name.
+
+The learner is `nemesis.methods.coop.learner.PromptLearner`; this module holds its options and spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...choices import ClassPosition
+from ...constants import CTX_TENSOR
+from ...errors import NemesisError, choice
+from ..base import MethodSpec, TrainingDefaults
+
+
+def init_word_count(ctx_init: str) -> int:
+    """CoOp's n_ctx for an init phrase: its number of words (underscores count as spaces, as in CoOp)."""
+    return len(ctx_init.replace("_", " ").split())
+
+
+def checked_text_options(config: Any) -> None:
+    """The checks CoOp-style options share: a blank init is none, n_ctx at least 1, a known position."""
+    if config.ctx_init is not None and not config.ctx_init.strip():
+        config.ctx_init = None
+    if config.n_ctx < 1:
+        raise NemesisError(f"n_ctx must be at least 1, got {config.n_ctx}")
+    config.class_position = choice(ClassPosition, config.class_position, "class position").value
+
+
+def with_init_phrase(cls: type, given: dict[str, Any]) -> Any:
+    """Options over the defaults; an init phrase sets n_ctx to its word count, as in CoOp."""
+    if given.get("ctx_init") and given["ctx_init"].strip():
+        given = given | {"n_ctx": init_word_count(given["ctx_init"])}
+    return cls(**given)
+
+
+@dataclass
+class CoOpConfig:
+    """CoOp's options; the defaults are CoOp's (16 vectors drawn from N(0, 0.02^2), class at the end)."""
+
+    n_ctx: int = 16  # context vectors M (an init phrase sets M to its word count)
+    ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"
+    class_specific: bool = False  # one ctx per class (CoOp's CSC): [n_cls, M, W]
+    class_position: str = "end"  # where the class name goes: end, middle or front
+
+    def __post_init__(self) -> None:
+        checked_text_options(self)
+
+    @classmethod
+    def from_options(cls, **given: Any) -> CoOpConfig:
+        return with_init_phrase(cls, given)
+
+    def tensor_shapes(
+        self, embed_dim: int | None, text_width: int | None, n_classes: int | None
+    ) -> dict[str, tuple[int | None, ...]]:
+        """ctx [M, W], or [n_cls, M, W] class-specific."""
+        leading = (n_classes,) if self.class_specific else ()
+        return {CTX_TENSOR: (*leading, self.n_ctx, text_width)}
+
+    @classmethod
+    def from_dassl(cls, ctx_shape: tuple[int, ...], class_position: str | None) -> CoOpConfig:
+        """A CoOp Dassl file: ctx [M, W], or [n_cls, M, W] class-specific; the position from its path."""
+        return cls(n_ctx=ctx_shape[-2], class_specific=len(ctx_shape) == 3, class_position=class_position or "end")
+
+
+SPEC = MethodSpec(
+    name="coop",
+    label="CoOp",
+    learner="nemesis.methods.coop.learner:PromptLearner",
+    config=CoOpConfig,
+    training=TrainingDefaults(batch_size=32, epochs=None),
+    dassl_trainers=("CoOp",),
+)

@@ -1,0 +1,105 @@
+"""The penalty axis: what training adds to a prompt method's loss, by name.
+
+A run's `penalty` is "none" or registered names joined by "+", so regularisers combine (a later
+"kgcoop+nemesis" is KgCoOp's distance term and Nemesis's norms together). Nemesis's own settings
+are `NemesisConfig`. Light to import: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .choices import Norm, Schedule
+from .errors import NemesisError, choice
+
+NO_PENALTY = "none"
+NEMESIS = "nemesis"
+UNKNOWN_PENALTY = "unknown"  # records of Dassl files whose path does not say how they were trained
+
+# Registered penalties and how labels name them.
+PENALTIES: dict[str, str] = {NEMESIS: "Nemesis"}
+
+
+def penalty_names(penalty: str) -> tuple[str, ...]:
+    """The registered penalties of a `penalty` value, in order ("none": none)."""
+    if penalty in (None, "", NO_PENALTY):
+        return ()
+    return tuple(str(penalty).split("+"))
+
+
+def checked_penalty(penalty: str | None) -> str:
+    """A valid `penalty` value: "none" or known names joined by "+", each once."""
+    names = penalty_names(str(penalty or NO_PENALTY).strip().lower())
+    unknown = [name for name in names if name not in PENALTIES]
+    if unknown or len(set(names)) != len(names):
+        known = ", ".join([NO_PENALTY, *PENALTIES])
+        raise NemesisError(f"unknown penalty '{penalty}'; choose {known}, or several joined by '+'")
+    return "+".join(names) or NO_PENALTY
+
+
+def uses_nemesis(penalty: str | None) -> bool:
+    return NEMESIS in penalty_names(penalty or NO_PENALTY)
+
+
+def penalty_label(penalty: str | None) -> str:
+    """ "+Nemesis" (each penalty's label after a "+"), or "" without a penalty."""
+    return "".join(f"+{PENALTIES.get(name, name)}" for name in penalty_names(penalty or NO_PENALTY))
+
+
+LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value
+OFFICIAL_OVERRIDE_DATASETS = ("food101", "oxford_pets")
+OFFICIAL_OVERRIDE_WEIGHT = 50.0
+
+
+@dataclass
+class NemesisConfig:
+    """Nemesis's hyper-parameters; the defaults are the paper's."""
+
+    beta: float = 1.0  # PUN's share: 1 = PUN only (the paper's PEN), 0 = PAN only
+    weight: float = 1.0  # A, the penalty's overall weight
+    norm: Norm = Norm.l2  # p of ||ctx_j||_p
+    schedule: Schedule = Schedule.logistic  # s(e)
+    positions: int = 1  # NP, positions PAN tries per step
+    corrupt_weight: float = 0.5  # CW, PAN's rescaling factor
+    pan_weight: float | None = None  # PAN's weight inside the bracket instead of A (None: A, as DESIGN's formula)
+    official_override: bool = False  # Food101 / OxfordPets: PAN weight 50, constant schedule, as the official code
+    rate: float = field(default=LOGISTIC_RATE, repr=False)  # k of the logistic schedule
+
+    def __post_init__(self) -> None:
+        self.norm = choice(Norm, self.norm, "norm")
+        self.schedule = choice(Schedule, self.schedule, "schedule")
+        if not 0.0 <= self.beta <= 1.0:
+            raise NemesisError(f"beta must be between 0 and 1 (1 = PUN only, 0 = PAN only), got {self.beta}")
+        if not self.weight >= 0.0:
+            raise NemesisError(f"the Nemesis weight must be 0 or more, got {self.weight}")
+        if self.positions < 1:
+            raise NemesisError(f"positions (NP) must be at least 1, got {self.positions}")
+        if self.pan_weight is not None and not self.pan_weight >= 0.0:
+            raise NemesisError(f"the PAN weight must be 0 or more, got {self.pan_weight}")
+        if not self.corrupt_weight >= 0.0:
+            raise NemesisError(f"corrupt_weight (CW) must be 0 or more, got {self.corrupt_weight}")
+
+    def shares(self) -> dict[str, float]:
+        """Weight of each registered penalty, A included; zero shares are not computed."""
+        pan_weight = self.weight if self.pan_weight is None else self.pan_weight
+        return {"pun": self.beta * self.weight, "pan": (1.0 - self.beta) * pan_weight}
+
+    def for_dataset(self, dataset: str) -> NemesisConfig:
+        """The official code's Food101/OxfordPets setting when asked for: PAN weighted 50 (PUN keeps A),
+        constant schedule."""
+        if not self.official_override or dataset not in OFFICIAL_OVERRIDE_DATASETS:
+            return self
+        values = asdict(self) | {"pan_weight": OFFICIAL_OVERRIDE_WEIGHT, "schedule": Schedule.constant}
+        return NemesisConfig(**values)
+
+    def to_json(self) -> dict:
+        return {
+            "beta": self.beta,
+            "weight": self.weight,
+            "norm": self.norm.value,
+            "schedule": self.schedule.value,
+            "positions": self.positions,
+            "corrupt_weight": self.corrupt_weight,
+            "pan_weight": self.pan_weight,
+            "official_override": self.official_override,
+        }
