@@ -13,7 +13,6 @@ checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -44,6 +43,7 @@ from .errors import NemesisError
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss
 from .metrics import coop_result_block, macro_f1, predictions
+from .precision import autocast_policy
 from .progress import progress_bar
 from .prompt_learner import init_word_count
 from .prompt_methods import PromptMethod, build_learner
@@ -156,23 +156,13 @@ class TrainFeatures:
             pin_memory=self.device.type == "cuda",
         )
         for indices, pixels in zip(batches, loader, strict=True):
-            with torch.no_grad(), _autocast(self.config, self.device):
+            with torch.no_grad(), autocast_policy(self.device, training=self.config.precision).context():
                 features = self.backbone.model.encode_image(pixels.to(self.device, non_blocking=True))
             yield features.float(), self.labels[indices.to(self.device)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Precision, checks and run-folder state
-
-
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.precision is Precision.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=_amp_dtype(device))
-    return contextlib.nullcontext()
 
 
 def _text_backbone(config: TrainConfig, backbone: Backbone, backbones: dict) -> Backbone:
@@ -331,7 +321,7 @@ class _Stepper:
     ) -> dict:
         config, learner, ranks = self.config, self.learner, self.ranks
         norm_value, alpha = 0.0, [0.0] * learner.n_ctx
-        with _autocast(config, self.device):
+        with autocast_policy(self.device, training=config.precision).context():
             logits = learner.logits(images)  # [B, n_cls]
             if ranks.distributed:
                 cross_entropy = F.cross_entropy(logits, labels, reduction="sum") / batch_size  # this shard's part
@@ -522,7 +512,7 @@ def train(
         list(parameters.values()), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     scaler = None
-    if config.precision is Precision.amp and device.type == "cuda" and _amp_dtype(device) == torch.float16:
+    if autocast_policy(device, training=config.precision).scales_loss:
         scaler = torch.amp.GradScaler("cuda")
     start_epoch, step = 0, 0
     if state is not None:
