@@ -1,4 +1,4 @@
-"""The autocast policy: whether, and in which dtype, code on a device runs under autocast.
+"""Precision: the autocast policy of evaluation and training, and the half text side of `--precision fp16`.
 
 One decision for evaluation and training (`autocast_policy`). It returns a description (`Autocast`),
 so the choice can be checked without a GPU; callers enter `policy.context()`.
@@ -7,9 +7,11 @@ so the choice can be checked without a GPU; callers enter `policy.context()`.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .choices import Precision
 
@@ -54,3 +56,27 @@ def autocast_policy(device: torch.device | str, training: Precision | None = Non
     if training is Precision.amp:
         return Autocast("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     return Autocast("cuda")
+
+
+def half_text_side(model: nn.Module) -> nn.Module:
+    """A copy of open_clip `model` whose text side is fp16, for `--precision fp16`'s text passes.
+
+    The text side is everything but the image tower `model.visual` (open_clip's CLIP and
+    CustomTextCLIP alike): token and positional embeddings, transformer, final norm, text projection,
+    attention mask and logit scale, converted as `model.half()` converts them. The image tower is
+    neither copied nor converted: the copy holds the original's, fp32 and shared (training reads image
+    features from the fp32 model), so the copy costs the text side's half bytes, not the whole model's.
+    """
+    visual = model.visual
+    copied = copy.deepcopy(model, memo={id(visual): visual})  # the memo hands back the original tower
+    for child in copied.children():
+        if child is not visual:
+            child.half()
+    # The model's own tensors (positional embedding, projection, logit scale, mask), as Module.half does.
+    for parameter in copied.parameters(recurse=False):
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.half()
+    for name, buffer in copied.named_buffers(recurse=False):
+        if buffer.is_floating_point():
+            setattr(copied, name, buffer.half())
+    return copied

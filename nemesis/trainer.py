@@ -13,7 +13,6 @@ checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import hashlib
@@ -43,7 +42,7 @@ from .errors import NemesisError
 from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss
 from .metrics import coop_result_block, macro_f1, predictions
-from .precision import autocast_policy
+from .precision import autocast_policy, half_text_side
 from .progress import progress_bar
 from .prompt_learner import init_word_count
 from .prompt_methods import PromptMethod, build_learner
@@ -166,13 +165,14 @@ class TrainFeatures:
 
 
 def _text_backbone(config: TrainConfig, backbone: Backbone, backbones: dict) -> Backbone:
-    """The backbone the learner's text passes run on: under fp16 a half copy (CoOp's PREC fp16 keeps all of
-    CLIP in fp16), shared by the runs of a grid; image features still come from the fp32 model's cache."""
+    """The backbone the learner's text passes run on: under fp16 one whose text side is a half copy (CoOp's
+    PREC fp16 keeps CLIP in fp16), shared by the runs of a grid; its image tower is the fp32 model's own,
+    neither copied nor converted, as image features come from the fp32 model's cache."""
     if config.precision is not Precision.fp16:
         return backbone
     key = (config.model, config.pretrained, config.activation, Precision.fp16.value)
     if key not in backbones:
-        backbones[key] = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model).half())
+        backbones[key] = dataclasses.replace(backbone, model=half_text_side(backbone.model))
     return backbones[key]
 
 
