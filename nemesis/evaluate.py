@@ -40,7 +40,6 @@ from .feature_cache import encode_split
 from .metrics import (  # noqa: F401
     BASE_TO_NEW,
     EvaluationResult,
-    autocast_for,
     coop_result_block,
     macro_f1,
     predictions,

@@ -29,6 +29,7 @@ from .checksum import tensors_sha256
 from .constants import cache_root
 from .datasets import Dataset, Sample, missing_files
 from .errors import NemesisError
+from .precision import autocast_policy
 from .progress import progress_bar
 from .wording import plural
 
@@ -187,7 +188,7 @@ def _encode(
     with progress_bar(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task(description, total=len(samples))
         # Evaluation only: no autograd, and half precision on the GPU.
-        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        with torch.inference_mode(), autocast_policy(device).context():
             for images in loader:  # [B, V, 3, H, W]
                 batch, n_views = images.shape[:2]
                 flat = images.flatten(0, 1).to(device, non_blocking=True)  # [B * V, 3, H, W]

@@ -4,24 +4,18 @@ lines CoOp prints. Shared by evaluation, training, zero-shot and the corruption 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+from .precision import autocast_policy
 
 
 class ScoresVariants(Protocol):
     """What `predictions` needs of a learner: cosine similarities [K, B, n_cls] under K ctx variants."""
 
     def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor: ...
-
-
-def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """fp16 autocast on CUDA (CoOp runs CLIP in fp16), nothing on the CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def predictions(
@@ -33,7 +27,7 @@ def predictions(
     """
     device = features.device
     rows = []
-    with torch.inference_mode(), autocast_for(device):
+    with torch.inference_mode(), autocast_policy(device).context():
         for start in range(0, ctx_variants.shape[0], variants_per_pass):
             chunk = ctx_variants[start : start + variants_per_pass].to(device)
             rows.append(learner.similarities(features, chunk).argmax(dim=-1))  # [k, N]

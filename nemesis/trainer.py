@@ -13,8 +13,6 @@ checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import datetime
 import hashlib
@@ -45,6 +43,7 @@ from .feature_cache import augment, encode_split, encode_train_views
 from .losses import nemesis_loss
 from .methods import legacy_name
 from .metrics import coop_result_block, macro_f1, predictions
+from .precision import autocast_policy, half_text_side
 from .progress import progress_bar
 from .prompt_methods import PromptMethod, build_learner
 from .run_state import (
@@ -156,7 +155,7 @@ class TrainFeatures:
             pin_memory=self.device.type == "cuda",
         )
         for indices, pixels in zip(batches, loader, strict=True):
-            with torch.no_grad(), _autocast(self.config, self.device):
+            with torch.no_grad(), autocast_policy(self.device, training=self.config.precision).context():
                 features = self.backbone.model.encode_image(pixels.to(self.device, non_blocking=True))
             yield features.float(), self.labels[indices.to(self.device)]
 
@@ -165,24 +164,15 @@ class TrainFeatures:
 # Precision, checks and run-folder state
 
 
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if config.precision is Precision.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=_amp_dtype(device))
-    return contextlib.nullcontext()
-
-
 def _text_backbone(config: TrainConfig, backbone: Backbone, backbones: dict) -> Backbone:
-    """The backbone the learner's text passes run on: under fp16 a half copy (CoOp's PREC fp16 keeps all of
-    CLIP in fp16), shared by the runs of a grid; image features still come from the fp32 model's cache."""
+    """The backbone the learner's text passes run on: under fp16 one whose text side is a half copy (CoOp's
+    PREC fp16 keeps CLIP in fp16), shared by the runs of a grid; its image tower is the fp32 model's own,
+    neither copied nor converted, as image features come from the fp32 model's cache."""
     if config.precision is not Precision.fp16:
         return backbone
     key = (config.model, config.pretrained, config.activation, Precision.fp16.value)
     if key not in backbones:
-        backbones[key] = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model).half())
+        backbones[key] = dataclasses.replace(backbone, model=half_text_side(backbone.model))
     return backbones[key]
 
 
@@ -262,7 +252,10 @@ def check_run_folder(out_dir: Path, config: TrainConfig, resume: bool) -> None:
 # Training
 
 
-def _norm_summary(ctx: torch.Tensor) -> tuple[list[float], float, float]:
+_NormSummary = tuple[list[float], float, float]  # ctx's norm per position, their mean, its Frobenius norm
+
+
+def _norm_summary(ctx: torch.Tensor) -> _NormSummary:
     """L2 norms per position [M] (class mean for class-specific ctx), their mean, and ctx's Frobenius norm."""
     with torch.no_grad():
         norms = position_norms(ctx.float())
@@ -333,7 +326,7 @@ class _Stepper:
     ) -> dict:
         config, learner, ranks = self.config, self.learner, self.ranks
         norm_value, alpha = 0.0, [0.0] * learner.n_ctx
-        with _autocast(config, self.device):
+        with autocast_policy(self.device, training=config.precision).context():
             logits = learner.logits(images)  # [B, n_cls]
             if ranks.distributed:
                 cross_entropy = F.cross_entropy(logits, labels, reduction="sum") / batch_size  # this shard's part
@@ -429,13 +422,315 @@ def _restore_extra(parameters: dict, optimizer: torch.optim.Optimizer, tensors: 
             optimizer.state[parameter]["momentum_buffer"] = tensors[f"momentum:{name}"].to(device, parameter.dtype)
 
 
-def _clear_diverged(out_dir: Path, created: bool, emptied: bool) -> None:
-    """A diverged run leaves no folder it created, and an empty folder given for it empty again."""
-    if created:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    elif emptied:
-        for entry in out_dir.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+# ---------------------------------------------------------------------------------------------
+# The phases of a run, in the order `train` takes them
+
+
+def _check_and_resolve(config: TrainConfig, out_dir: Path, resume: bool, ranks: Ranks) -> tuple[Dataset, torch.device]:
+    """Every check that can refuse the run before anything is built or written (the folder, the config and
+    data, the ranks sharing a batch); returns the training data and this process's device."""
+    check_run_folder(out_dir, config, resume)
+    data = check_config(config)
+    if ranks.distributed and min(config.batch_size, len(data.train)) < ranks.world_size:
+        raise NemesisError(
+            f"{ranks.world_size} ranks share each batch of {plural(min(config.batch_size, len(data.train)), 'image')}; "
+            "use fewer ranks or a larger --batch-size"
+        )
+    ranks.barrier()  # every rank has checked the folder before rank 0 writes into it
+    device = torch.device(resolve_device(rank_device(ranks, config.device)))
+    return data, device
+
+
+def _restore_or_seed(config: TrainConfig, out_dir: Path, resume: bool) -> RunState | None:
+    """Seed the global generators from the run's seed; return the state a resume continues from (None: a
+    fresh run), whose loading restores the generators as they were saved. Refused when config.json was
+    edited after the state was saved."""
+    # Only for code outside this module that draws from the global generators; a resumed run restores them.
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    state_path = out_dir / RUN_STATE
+    state = load_state(state_path) if resume and state_path.is_file() else None
+    config_digest = _config_digest(config)
+    if state is not None and state.extra.get("config", config_digest) != config_digest:
+        raise NemesisError(
+            f"{out_dir / RUN_CONFIG} was changed after the run saved its state; restore it, or delete {out_dir} "
+            "and rerun"
+        )
+    return state
+
+
+def _load_models(
+    config: TrainConfig, data: Dataset, device: torch.device, backbones: dict
+) -> tuple[Backbone, PromptMethod]:
+    """The fp32 backbone (loaded once per model in `backbones`) and the learner, whose text passes run on
+    the backbone of the run's precision."""
+    key = (config.model, config.pretrained, config.activation)
+    if key not in backbones:
+        backbones[key] = load_clip(config.model, config.pretrained, device=device, activation=config.activation)
+    backbone = backbones[key]
+    learner = build_learner(
+        config.prompt_method,
+        _text_backbone(config, backbone, backbones),
+        data.classnames,
+        **dataclasses.asdict(config.prompt_config()),
+        seed=config.seed,
+    )
+    return backbone, learner
+
+
+@dataclasses.dataclass
+class _RunFolder:
+    """The run folder as this process sees it: whether it writes there, and what a diverged run undoes."""
+
+    path: Path
+    writes: bool  # under torchrun, rank 0 alone writes the run folder
+    created: bool  # a run that fails before its first epoch leaves no folder it created
+    # An empty folder given for a fresh run holds only what this run writes: a diverged run empties it again.
+    emptied: bool
+
+    @classmethod
+    def prepare(
+        cls, out_dir: Path, config: TrainConfig, state: RunState | None, resume: bool, writes: bool
+    ) -> _RunFolder:
+        """Make the folder ready: temporary files of killed writes removed, config.json written, metrics.jsonl
+        and (on resume) log.txt cut back to the finished epochs."""
+        created = not out_dir.exists()
+        emptied = not created and state is None and not any(out_dir.iterdir())
+        finished_metrics = read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0)
+        if writes:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            remove_orphans(out_dir)  # temporary files of writes a kill interrupted
+            if (out_dir / RUN_CHECKPOINTS).is_dir():
+                remove_orphans(out_dir / RUN_CHECKPOINTS)
+            if resume or not (out_dir / RUN_CONFIG).is_file():  # a resumed run records what it continues with
+                write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
+            write_text_atomic(out_dir / RUN_METRICS, finished_metrics)
+            if state is not None:  # drop the log lines of an epoch or result block a kill cut short
+                write_text_atomic(out_dir / RUN_LOG, read_finished_log(out_dir / RUN_LOG, state.epoch))
+        return cls(out_dir, writes, created, emptied)
+
+    def clear_diverged(self) -> None:
+        """A diverged run leaves no folder it created, and an empty folder given for it empty again."""
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.emptied and self.writes:
+            for entry in self.path.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+@dataclasses.dataclass
+class _Optimiser:
+    """What training updates, by checkpoint name (ctx and the learner's other tensors), SGD over it, and the
+    loss scaler of fp16 autocast; saved in and restored from the resume state."""
+
+    learner: PromptMethod
+    parameters: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def create(cls, config: TrainConfig, learner: PromptMethod, device: torch.device) -> _Optimiser:
+        parameters = {"ctx": learner.ctx, **learner.extra_parameters()}  # what training updates, by checkpoint name
+        _hold_in_precision(config, parameters)
+        optimizer = torch.optim.SGD(
+            list(parameters.values()), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        scaler = None
+        if autocast_policy(device, training=config.precision).scales_loss:
+            scaler = torch.amp.GradScaler("cuda")
+        return cls(learner, parameters, optimizer, scaler)
+
+    def restore(self, state: RunState, device: torch.device) -> None:
+        """The learned tensors, their SGD momenta and the loss scale as `state` saved them."""
+        learner, optimizer = self.learner, self.optimizer
+        with torch.no_grad():
+            learner.ctx.copy_(state.ctx.to(device))
+        if state.momentum is not None:  # saved as fp32: back in the parameter's precision
+            optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device, learner.ctx.dtype)
+        _restore_extra(self.parameters, optimizer, state.tensors, device)
+        if self.scaler is not None and state.extra.get("scaler"):
+            self.scaler.load_state_dict(state.extra["scaler"])
+
+    def state(self, epoch: int, step: int, config_digest: str) -> RunState:
+        """The resume state after `epoch` finished epochs and `step` steps."""
+        momentum = self.optimizer.state.get(self.learner.ctx, {}).get("momentum_buffer")
+        extra = {"scaler": self.scaler.state_dict() if self.scaler is not None else None, "config": config_digest}
+        tensors = _extra_state(self.parameters, self.optimizer)
+        return RunState(epoch, step, self.learner.ctx, momentum, extra, tensors)
+
+
+@dataclasses.dataclass
+class _Run:
+    """A run being trained, handed from phase to phase: its data and models, folder, journal and step count."""
+
+    config: TrainConfig
+    data: Dataset
+    backbone: Backbone  # the fp32 model: image features and the prompt's metadata
+    device: torch.device
+    ranks: Ranks
+    folder: _RunFolder
+    journal: Journal
+    optimiser: _Optimiser
+    step: int = 0  # steps taken, over all epochs
+
+    def __post_init__(self) -> None:
+        optimiser = self.optimiser
+        self.stepper = _Stepper(
+            self.config, optimiser.learner, optimiser.optimizer, optimiser.scaler, self.device, self.ranks
+        )
+
+    @property
+    def learner(self) -> PromptMethod:
+        return self.optimiser.learner
+
+    def resume(self, state: RunState) -> int:
+        """Continue after the state's epoch: tensors, momenta and step restored; returns the epoch to start at."""
+        self.optimiser.restore(state, self.device)
+        start_epoch, self.step = state.epoch, state.step
+        self.journal.say(f"resumed after epoch {start_epoch} (step {self.step})", show=True)
+        return start_epoch
+
+    def announce(self) -> int:
+        """Start a fresh run's log: what is trained on what, and the config; returns the epoch to start at, 0."""
+        config, data, backbone = self.config, self.data, self.backbone
+        device, ranks, journal = self.device, self.ranks, self.journal
+        if self.folder.writes:
+            (self.folder.path / RUN_LOG).write_text("", encoding="utf-8")
+        journal.say(
+            f"nemesis train: {config.method_name} on {config.dataset} "
+            f"({plural(len(data.classnames), 'class', 'classes')}, "
+            f"{plural(len(data.train), 'training image')}), {plural(config.shots, 'shot')}, "
+            f"seed {config.seed}, {config.model} ({config.pretrained or 'random weights'}, "
+            f"{backbone.activation.value}), {plural(config.epochs, 'epoch')}, device {device}"
+            + (f", each batch sharded over {ranks.world_size} ranks" if ranks.distributed else ""),
+            show=True,
+        )
+        journal.say(f"config: {json.dumps(config.to_json())}")
+        return 0
+
+
+@dataclasses.dataclass
+class _Features:
+    """The image features a run reads: each step's training batch, and the test split's."""
+
+    train: TrainFeatures
+    test: torch.Tensor  # [N, D]
+    test_labels: torch.Tensor  # [N]
+
+    @classmethod
+    def encode(cls, run: _Run, progress: bool) -> _Features:
+        config, backbone, data, device = run.config, run.backbone, run.data, run.device
+        features = TrainFeatures(config, backbone, data, device)
+        test_features, test_labels = encode_split(
+            backbone, data, "test", cache_dir=config.cache_dir, device=device, progress=progress
+        )
+        return cls(features, test_features.to(device), test_labels.to(device))
+
+
+def _train_epoch(run: _Run, features: TrainFeatures, epoch: int) -> tuple[float, _NormSummary]:
+    """The steps of 0-based `epoch` at its learning rate, a metrics row each; returns the lr and ctx's norm
+    summary. A diverged run undoes its folder and stops with one line."""
+    config, learner, ranks, journal = run.config, run.learner, run.ranks, run.journal
+    lr = learning_rate(config, epoch)
+    for group in run.optimiser.optimizer.param_groups:
+        group["lr"] = lr
+    batches = epoch_batches(len(features), config.batch_size, config.seed, epoch)
+    sizes = [len(indices) for indices in batches]
+    shards = [indices[ranks.rank :: ranks.world_size] for indices in batches]  # whole batches in one process
+    try:
+        for (images, labels), size in zip(features.batches(epoch, shards), sizes, strict=True):
+            run.step += 1
+            journal.rows.append(run.stepper(images, labels, epoch, run.step, lr, size))
+        norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
+        _check_prompt(learner.ctx, [*norms, mean_norm, fro_norm])
+    except _Diverged as diverged:
+        folder = run.folder
+        folder.clear_diverged()
+        raise NemesisError(
+            f"training diverged in epoch {epoch + 1}: the {diverged} no longer finite (lr {config.lr:g}); "
+            "lower --lr"
+            + ("" if folder.created or folder.emptied else f" (the run in {folder.path} stays at its last saved epoch)")
+        ) from None
+    return lr, (norms, mean_norm, fro_norm)
+
+
+def _log_epoch(run: _Run, features: _Features, done: int, lr: float, summary: _NormSummary) -> str:
+    """After epoch `done`: the test accuracy when due (every eval_every epochs and after the last), the
+    epoch's metrics row and log line, written with the epoch's step rows. Returns the accuracy as shown."""
+    config, journal = run.config, run.journal
+    norms, mean_norm, fro_norm = summary
+    test_accuracy = None
+    if done == config.epochs or (config.eval_every and done % config.eval_every == 0):
+        test_accuracy = _test_accuracy(run.learner, features.test, features.test_labels)
+    journal.rows.append(
+        {
+            "kind": "epoch",
+            "epoch": done,
+            "test_acc": test_accuracy,
+            "norms": norms,
+            "mean_norm": mean_norm,
+            "fro_norm": fro_norm,
+        }
+    )
+    steps = [row for row in journal.rows if row["kind"] == "step"]
+    loss = sum(row["ce_loss"] + row["norm_loss"] for row in steps) / max(1, len(steps))
+    shown = "" if test_accuracy is None else f" test_acc {test_accuracy:.2f}"
+    journal.say(f"epoch [{done}/{config.epochs}] lr {lr:.4e} loss {loss:.4f}{shown} mean_norm {mean_norm:.4f}")
+    journal.flush_rows()
+    return shown
+
+
+def _save_epoch(run: _Run, done: int) -> None:
+    """After epoch `done`: a checkpoint every save_every epochs, and the resume state (rank 0 alone writes)."""
+    if not run.folder.writes:
+        return
+    config, backbone, data, learner, out_dir = run.config, run.backbone, run.data, run.learner, run.folder.path
+    if config.save_every and done % config.save_every == 0:
+        (out_dir / RUN_CHECKPOINTS).mkdir(exist_ok=True)
+        checkpoint = out_dir / RUN_CHECKPOINTS / f"epoch-{done:04d}.safetensors"
+        save_prompt(
+            checkpoint,
+            learner.ctx.detach(),
+            _metadata(config, backbone, data, done),
+            learner.extra_parameters(),
+        )
+    save_state(out_dir / RUN_STATE, run.optimiser.state(done, run.step, _config_digest(config)))
+
+
+def _train_epochs(
+    run: _Run, features: _Features, start_epoch: int, progress: bool, on_epoch_end: Callable[[int], None] | None
+) -> None:
+    """The epoch loop from `start_epoch`: train, log and save each epoch, under a progress bar."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with progress_bar(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("training", total=run.config.epochs, completed=start_epoch)
+        for epoch in range(start_epoch, run.config.epochs):
+            lr, summary = _train_epoch(run, features.train, epoch)
+            done = epoch + 1
+            shown = _log_epoch(run, features, done, lr, summary)
+            _save_epoch(run, done)
+            bar.update(task, completed=done, description=f"epoch {done}{shown}")
+            if on_epoch_end is not None:
+                on_epoch_end(done)
+
+
+def _finish(run: _Run, features: _Features, started: float) -> None:
+    """After the last epoch: the final prompt, Dassl's closing lines, CoOp's result block on the test split
+    and the time the run took."""
+    config, backbone, data, learner, journal = run.config, run.backbone, run.data, run.learner, run.journal
+    test_features, test_labels, out_dir = features.test, features.test_labels, run.folder.path
+    predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
+    total, correct = len(test_labels), int((predicted == test_labels).sum())
+    if run.folder.writes:
+        metadata = _metadata(config, backbone, data, config.epochs)
+        save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), metadata, learner.extra_parameters())
+    # Dassl's closing lines, word for word: CoOp's parse_test_res.py reads accuracy after "Finish training".
+    for line in DASSL_CLOSING:
+        journal.say(line)
+    for line in coop_result_block(total, correct, macro_f1(predicted, test_labels)).splitlines():
+        journal.say(line, show=True)
+    journal.say(f"Elapsed: {datetime.timedelta(seconds=round(time.perf_counter() - started))}")
 
 
 def train(
@@ -459,170 +754,20 @@ def train(
     started = time.perf_counter()
     config = config.resolved()
     out_dir = Path(out_dir)
-    check_run_folder(out_dir, config, resume)
-    data = check_config(config)
-    if ranks.distributed and min(config.batch_size, len(data.train)) < ranks.world_size:
-        raise NemesisError(
-            f"{ranks.world_size} ranks share each batch of {plural(min(config.batch_size, len(data.train)), 'image')}; "
-            "use fewer ranks or a larger --batch-size"
-        )
-    ranks.barrier()  # every rank has checked the folder before rank 0 writes into it
-    device = torch.device(resolve_device(rank_device(ranks, config.device)))
+    data, device = _check_and_resolve(config, out_dir, resume, ranks)
     echo = echo if ranks.is_main else None
-    # Only for code outside this module that draws from the global generators; a resumed run restores them.
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    state_path = out_dir / RUN_STATE
-    state = load_state(state_path) if resume and state_path.is_file() else None
-    config_digest = _config_digest(config)
-    if state is not None and state.extra.get("config", config_digest) != config_digest:
-        raise NemesisError(
-            f"{out_dir / RUN_CONFIG} was changed after the run saved its state; restore it, or delete {out_dir} "
-            "and rerun"
-        )
+    state = _restore_or_seed(config, out_dir, resume)
     if state is not None and state.epoch >= config.epochs and (out_dir / RUN_PROMPT).is_file():
         if echo is not None:
             echo(f"{out_dir} finished its {plural(config.epochs, 'epoch')} before; nothing left to do")
         return out_dir
-
-    backbones = {} if backbones is None else backbones
-    key = (config.model, config.pretrained, config.activation)
-    if key not in backbones:
-        backbones[key] = load_clip(config.model, config.pretrained, device=device, activation=config.activation)
-    backbone = backbones[key]
-    learner = build_learner(
-        config.prompt_method,
-        _text_backbone(config, backbone, backbones),
-        data.classnames,
-        **dataclasses.asdict(config.prompt_config()),
-        seed=config.seed,
-    )
-    writes = ranks.is_main  # under torchrun, rank 0 alone writes the run folder
-    created = not out_dir.exists()  # a run that fails before its first epoch leaves no folder it created
-    # An empty folder given for a fresh run holds only what this run writes: a diverged run empties it again.
-    emptied = not created and state is None and not any(out_dir.iterdir())
-    finished_metrics = read_finished_metrics(out_dir / RUN_METRICS, state.epoch if state else 0)
-    if writes:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_orphans(out_dir)  # temporary files of writes a kill interrupted
-        if (out_dir / RUN_CHECKPOINTS).is_dir():
-            remove_orphans(out_dir / RUN_CHECKPOINTS)
-        if resume or not (out_dir / RUN_CONFIG).is_file():  # a resumed run records what it continues with
-            write_text_atomic(out_dir / RUN_CONFIG, json.dumps(config.to_json(), indent=2) + "\n")
-        write_text_atomic(out_dir / RUN_METRICS, finished_metrics)
-        if state is not None:  # drop the log lines of an epoch or result block a kill cut short
-            write_text_atomic(out_dir / RUN_LOG, read_finished_log(out_dir / RUN_LOG, state.epoch))
-    journal = Journal(out_dir, echo, write=writes)
-
-    parameters = {"ctx": learner.ctx, **learner.extra_parameters()}  # what training updates, by checkpoint name
-    _hold_in_precision(config, parameters)
-    optimizer = torch.optim.SGD(
-        list(parameters.values()), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    scaler = None
-    if config.precision is Precision.amp and device.type == "cuda" and _amp_dtype(device) == torch.float16:
-        scaler = torch.amp.GradScaler("cuda")
-    start_epoch, step = 0, 0
-    if state is not None:
-        with torch.no_grad():
-            learner.ctx.copy_(state.ctx.to(device))
-        if state.momentum is not None:  # saved as fp32: back in the parameter's precision
-            optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device, learner.ctx.dtype)
-        _restore_extra(parameters, optimizer, state.tensors, device)
-        if scaler is not None and state.extra.get("scaler"):
-            scaler.load_state_dict(state.extra["scaler"])
-        start_epoch, step = state.epoch, state.step
-        journal.say(f"resumed after epoch {start_epoch} (step {step})", show=True)
-    else:
-        if writes:
-            (out_dir / RUN_LOG).write_text("", encoding="utf-8")
-        journal.say(
-            f"nemesis train: {config.method_name} on {config.dataset} "
-            f"({plural(len(data.classnames), 'class', 'classes')}, "
-            f"{plural(len(data.train), 'training image')}), {plural(config.shots, 'shot')}, "
-            f"seed {config.seed}, {config.model} ({config.pretrained or 'random weights'}, "
-            f"{backbone.activation.value}), {plural(config.epochs, 'epoch')}, device {device}"
-            + (f", each batch sharded over {ranks.world_size} ranks" if ranks.distributed else ""),
-            show=True,
-        )
-        journal.say(f"config: {json.dumps(config.to_json())}")
-
-    features = TrainFeatures(config, backbone, data, device)
-    test_features, test_labels = encode_split(
-        backbone, data, "test", cache_dir=config.cache_dir, device=device, progress=progress
-    )
-    test_features, test_labels = test_features.to(device), test_labels.to(device)
-    stepper = _Stepper(config, learner, optimizer, scaler, device, ranks)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with progress_bar(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task("training", total=config.epochs, completed=start_epoch)
-        for epoch in range(start_epoch, config.epochs):
-            lr = learning_rate(config, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = epoch_batches(len(features), config.batch_size, config.seed, epoch)
-            sizes = [len(indices) for indices in batches]
-            shards = [indices[ranks.rank :: ranks.world_size] for indices in batches]  # whole batches in one process
-            done = epoch + 1
-            try:
-                for (images, labels), size in zip(features.batches(epoch, shards), sizes, strict=True):
-                    step += 1
-                    journal.rows.append(stepper(images, labels, epoch, step, lr, size))
-                norms, mean_norm, fro_norm = _norm_summary(learner.ctx)
-                _check_prompt(learner.ctx, [*norms, mean_norm, fro_norm])
-            except _Diverged as diverged:
-                _clear_diverged(out_dir, created=created, emptied=emptied and writes)
-                raise NemesisError(
-                    f"training diverged in epoch {done}: the {diverged} no longer finite (lr {config.lr:g}); "
-                    "lower --lr"
-                    + ("" if created or emptied else f" (the run in {out_dir} stays at its last saved epoch)")
-                ) from None
-            test_accuracy = None
-            if done == config.epochs or (config.eval_every and done % config.eval_every == 0):
-                test_accuracy = _test_accuracy(learner, test_features, test_labels)
-            journal.rows.append(
-                {
-                    "kind": "epoch",
-                    "epoch": done,
-                    "test_acc": test_accuracy,
-                    "norms": norms,
-                    "mean_norm": mean_norm,
-                    "fro_norm": fro_norm,
-                }
-            )
-            steps = [row for row in journal.rows if row["kind"] == "step"]
-            loss = sum(row["ce_loss"] + row["norm_loss"] for row in steps) / max(1, len(steps))
-            shown = "" if test_accuracy is None else f" test_acc {test_accuracy:.2f}"
-            journal.say(f"epoch [{done}/{config.epochs}] lr {lr:.4e} loss {loss:.4f}{shown} mean_norm {mean_norm:.4f}")
-            journal.flush_rows()
-            if writes and config.save_every and done % config.save_every == 0:
-                (out_dir / RUN_CHECKPOINTS).mkdir(exist_ok=True)
-                checkpoint = out_dir / RUN_CHECKPOINTS / f"epoch-{done:04d}.safetensors"
-                save_prompt(
-                    checkpoint,
-                    learner.ctx.detach(),
-                    _metadata(config, backbone, data, done),
-                    learner.extra_parameters(),
-                )
-            momentum = optimizer.state.get(learner.ctx, {}).get("momentum_buffer")
-            extra = {"scaler": scaler.state_dict() if scaler is not None else None, "config": config_digest}
-            if writes:
-                tensors = _extra_state(parameters, optimizer)
-                save_state(state_path, RunState(done, step, learner.ctx, momentum, extra, tensors))
-            bar.update(task, completed=done, description=f"epoch {done}{shown}")
-            if on_epoch_end is not None:
-                on_epoch_end(done)
-
-    predicted = predictions(learner, test_features, learner.ctx.detach().unsqueeze(0))[0]
-    total, correct = len(test_labels), int((predicted == test_labels).sum())
-    if writes:
-        metadata = _metadata(config, backbone, data, config.epochs)
-        save_prompt(out_dir / RUN_PROMPT, learner.ctx.detach(), metadata, learner.extra_parameters())
-    # Dassl's closing lines, word for word: CoOp's parse_test_res.py reads accuracy after "Finish training".
-    for line in DASSL_CLOSING:
-        journal.say(line)
-    for line in coop_result_block(total, correct, macro_f1(predicted, test_labels)).splitlines():
-        journal.say(line, show=True)
-    journal.say(f"Elapsed: {datetime.timedelta(seconds=round(time.perf_counter() - started))}")
+    backbone, learner = _load_models(config, data, device, {} if backbones is None else backbones)
+    folder = _RunFolder.prepare(out_dir, config, state, resume, writes=ranks.is_main)
+    journal = Journal(out_dir, echo, write=folder.writes)
+    optimiser = _Optimiser.create(config, learner, device)
+    run = _Run(config, data, backbone, device, ranks, folder, journal, optimiser)
+    start_epoch = run.resume(state) if state is not None else run.announce()
+    features = _Features.encode(run, progress)
+    _train_epochs(run, features, start_epoch, progress, on_epoch_end)
+    _finish(run, features, started)
     return out_dir

@@ -16,8 +16,9 @@ from .backbone import Backbone, load_clip, resolve_device
 from .constants import ZERO_SHOT_METHOD
 from .datasets import Dataset, load_dataset
 from .feature_cache import encode_split
-from .metrics import BASE_TO_NEW, EvaluationResult, autocast_for, macro_f1
+from .metrics import BASE_TO_NEW, EvaluationResult, macro_f1
 from .penalties import NO_PENALTY
+from .precision import autocast_policy
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 TEMPLATES = {
@@ -87,7 +88,7 @@ def _evaluate(
     template = template_for(data.name)
     texts = [template.format(name.replace("_", " ")) for name in data.classnames]
     features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device)
-    with torch.inference_mode(), autocast_for(device):
+    with torch.inference_mode(), autocast_policy(device).context():
         text = F.normalize(backbone.model.encode_text(backbone.tokenizer(texts).to(device)).float(), dim=-1)
         images = F.normalize(features.to(device).float(), dim=-1)
         predicted = (images @ text.T).argmax(dim=-1).cpu()  # [N]

@@ -462,6 +462,15 @@ def test_fp16_holds_the_prompt_in_fp16_and_loses_updates_below_its_resolution(pe
     assert json.loads((tmp_path / "fp16" / "config.json").read_text())["precision"] == "fp16"
 
 
+def test_fp16_text_passes_run_on_a_half_text_side_beside_the_fp32_image_tower(pets, tmp_path):
+    backbones = {}
+    train(small_config(pets, precision="fp16", epochs=1), tmp_path / "run", progress=False, backbones=backbones)
+    (fp32,) = [backbone for key, backbone in backbones.items() if "fp16" not in key]
+    (fp16,) = [backbone for key, backbone in backbones.items() if "fp16" in key]
+    assert fp16.model.visual is fp32.model.visual and fp16.model.token_embedding.weight.dtype == torch.float16
+    assert fp32.model.token_embedding.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("method", ["coop", "cocoop"])
 def test_fp16_resumes_to_the_uninterrupted_prompt(pets, tmp_path, method):
     config = small_config(pets, prompt_method=method, precision="fp16", batch_size=8)
