@@ -29,6 +29,7 @@ _PUBLIC = {
     "CoCoOp": "cocoop",
     "PROMPT_METHODS": "prompt_methods",
     "PromptMethod": "prompt_methods",
+    "CorruptionSite": "prompt_methods",
     "build_learner": "prompt_methods",
     "train": "trainer",
     "pretrained_tiny_weights": "tiny",

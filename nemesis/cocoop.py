@@ -189,3 +189,14 @@ class CoCoOp(nn.Module):
                 rows.append(torch.einsum("bd,bcd->bc", image[start : start + step], text))
             out.append(torch.cat(rows))
         return torch.stack(out)  # [K, B, n_cls]
+
+    def corruption_sites(self) -> list:  # of CorruptionSite (nemesis.tensors)
+        """Where sweeps corrupt CoCoOp's prompt: `corruption_sites_for` its ctx."""
+        return self.corruption_sites_for(tuple(self.ctx.shape))
+
+    @classmethod
+    def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list:  # of CorruptionSite (nemesis.tensors)
+        """One site, all of ctx [M, W]: a variant changes ctx before the meta-net's shift is added."""
+        from .tensors import WHOLE_CTX  # a module loaded above already (position_norms)
+
+        return [WHOLE_CTX]

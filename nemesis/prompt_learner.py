@@ -284,6 +284,17 @@ class PromptLearner(nn.Module):
         """Shapes of `extra_parameters()` on a model of these widths."""
         return {}
 
+    def corruption_sites(self) -> list:  # of CorruptionSite (nemesis.tensors)
+        """Where sweeps corrupt CoOp's prompt: `corruption_sites_for` its ctx."""
+        return self.corruption_sites_for(tuple(self.ctx.shape))
+
+    @classmethod
+    def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list:  # of CorruptionSite (nemesis.tensors)
+        """One site, all of ctx: position j of ctx [M, W], or of every class of class-specific ctx [n_cls, M, W]."""
+        from .tensors import WHOLE_CTX  # a module loaded above already (position_norms)
+
+        return [WHOLE_CTX]
+
 
 class PromptedCLIP(nn.Module):
     """Classifies image features with the learner's prompts: logit_scale * cos(image, text)."""

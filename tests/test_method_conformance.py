@@ -28,7 +28,7 @@ from nemesis.errors import NemesisError
 from nemesis.evaluate import prepare_evaluation
 from nemesis.losses import position_norms
 from nemesis.prompt_learner import PromptedCLIP, PromptLearner
-from nemesis.prompt_methods import PROMPT_METHODS, PromptMethod, build_learner
+from nemesis.prompt_methods import PROMPT_METHODS, CorruptionSite, PromptMethod, build_learner
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
@@ -121,6 +121,15 @@ class AveragedCoOp(nn.Module):
 
     def norms(self, p: float = 2.0) -> torch.Tensor:
         return position_norms(self.ctx, p)
+
+    def corruption_sites(self) -> list[CorruptionSite]:
+        return self.corruption_sites_for(tuple(self.ctx.shape))
+
+    @classmethod
+    def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
+        """Position j of prompt n (ctx[n]), and position j of every prompt at once (all of ctx)."""
+        prompts = [CorruptionSite(f"prompt {n}", index=(n,)) for n in range(ctx_shape[0])]
+        return [*prompts, CorruptionSite("every prompt")]
 
 
 TEST_METHODS = {ShiftedCoOp.method: ShiftedCoOp, AveragedCoOp.method: AveragedCoOp}
@@ -258,6 +267,24 @@ def test_learner_satisfies_the_protocol(name):
     assert type(other) is type(learner) and other.n_classes == 2 and torch.equal(other.ctx, learner.ctx)
     extra = learner.extra_parameters()
     assert all(torch.equal(other.extra_parameters()[key], extra[key]) for key in extra)
+
+
+# The corruption sites each method declares (names as sweep tables show them).
+SITE_NAMES = {"coop": [""], "cocoop": [""], SHIFT: [""], MEAN2: ["prompt 0", "prompt 1", "every prompt"]}
+
+
+@pytest.mark.parametrize("name", methods())
+def test_corruption_sites_are_declared_and_fit_the_ctx(name):
+    learner = _learner(name)
+    sites = learner.corruption_sites()
+    # What sweeps plan with before a learner is built, from the checkpoint's ctx shape alone.
+    assert sites == type(learner).corruption_sites_for(tuple(learner.ctx.shape))
+    if name in SITE_NAMES:
+        assert [site.name for site in sites] == SITE_NAMES[name]
+    assert len({site.name for site in sites}) == len(sites) and all(site.tensor == "ctx" for site in sites)
+    for site in sites:
+        part = site.part(learner.ctx.detach())  # [..., M, W]: positions on axis -2
+        assert part.shape[site.POSITION_AXIS] == learner.n_ctx and part.shape[-1] == learner.ctx.shape[-1]
 
 
 @pytest.mark.parametrize("name", methods({MEAN2: PROMPT_FILE}))
