@@ -33,6 +33,7 @@ from nemesis.coop_paths import UNKNOWN_METHOD, identity_from_path
 from nemesis.datasets import Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
 from nemesis.evaluate import resolve_source
+from nemesis.prompt_methods import WHOLE_CTX, CorruptionSite, prompt_method
 
 # --- finding checkpoints ------------------------------------------------------------------------
 
@@ -102,8 +103,11 @@ class SweepInput:
     class_specific: bool
     n_classes: int | None = None  # classes of a class-specific ctx
     class_position: str = "end"
-    # [M, W]: the largest |ctx| over classes, so factors are checked before any work
+    # [M, W]: the largest |ctx| over classes (every leading axis), so factors are checked before any work
     magnitude: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # Where its method corrupts a ctx of its shape (`PromptMethod.corruption_sites_for`), so cells are
+    # planned before any learner is built
+    sites: tuple[CorruptionSite, ...] = (WHOLE_CTX,)
 
     @property
     def evaluation_options(self) -> dict[str, Any]:
@@ -272,6 +276,7 @@ def resolve_inputs(
             class_specific=checkpoint.class_specific,
             n_classes=checkpoint.ctx.shape[0] if checkpoint.class_specific else None,
             class_position=checkpoint.metadata.class_position,
-            magnitude=checkpoint.ctx.abs().amax(0) if checkpoint.class_specific else checkpoint.ctx.abs(),
+            magnitude=checkpoint.ctx.abs().reshape(-1, *checkpoint.ctx.shape[-2:]).amax(0),  # [M, W]
+            sites=tuple(prompt_method(checkpoint.prompt_method).corruption_sites_for(tuple(checkpoint.ctx.shape))),
         )
     return list(inputs.values())

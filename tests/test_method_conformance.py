@@ -352,11 +352,15 @@ def test_one_epoch_changes_only_the_learned_tensors_i5(name, runs, data_root, tm
 
 
 def _check_two_cell_sweep(name: str, checkpoint, data_root, out) -> None:
-    """A two-cell sweep of `checkpoint` writes the original row and 2 cells, through the method's own learner."""
+    """A two-cell sweep of `checkpoint` writes the original row and 2 cells at each of the method's
+    corruption sites, through the method's own learner."""
     summary = _sweep([checkpoint], out, parse_grid(rescale="0.5,3", positions="0"), data_root)
     table = pd.read_parquet(out)
-    assert len(table) == 3 and summary.computed == 3  # the original row and 2 cells
+    sites = PROMPT_METHODS[name].corruption_sites_for(tuple(load_checkpoint(checkpoint).ctx.shape))
+    assert len(table) == 1 + 2 * len(sites) and summary.computed == len(table)  # the original row once
     assert list(table["op"]).count(ORIGINAL_CELL.op) == 1 and set(table["method"]) == {name}
+    corrupted = table[table["op"] != ORIGINAL_CELL.op]
+    assert corrupted["site"].value_counts().to_dict() == {site.name: 2 for site in sites}
     setup = prepare_evaluation(
         load_checkpoint(checkpoint), pretrained="none", root=data_root, device="cpu", backbones=_backbones(),
         progress=False,
