@@ -1,5 +1,5 @@
 """Corruption sites: a method declares where corruption acts; sweeps enumerate cells over its sites,
-and the table says which site each cell corrupted.
+the table says which site each cell corrupted, and the LNE analysis keeps sites apart.
 
 The site method here is `coop-mean2` of the conformance suite (two prompts [2, M, W] per class):
 sites "prompt 0", "prompt 1" and "every prompt". Its prompt files are still misread (see
@@ -16,6 +16,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from analysis import frequency_table_and_figure, lne_frequency, lne_frequency_table, load_sweeps
+from analysis.plots import plot_position_heatmap
 from corrupt.engine import evaluate_cells, sweep_learner
 from corrupt.grid import ORIGINAL_CELL, Cell, check_sites, parse_grid
 from corrupt.operators import corrupt_ctx, position_norm, replacement_noise
@@ -28,7 +30,7 @@ from nemesis.sweep_format import read_sweep_table
 from nemesis_cli.main import app
 
 from .test_method_conformance import MEAN2, MISREAD, AveragedCoOp
-from .test_sweep import CLASSES, N_CTX, _backbones, _prompt, data_root  # noqa: F401 (fixture)
+from .test_sweep import CLASSES, N_CTX, _backbones, _prompt, _sweep, data_root  # noqa: F401 (fixture)
 
 WIDTH = 64  # tiny's text width
 SITES = AveragedCoOp.corruption_sites_for((2, N_CTX, WIDTH))
@@ -214,3 +216,78 @@ def test_nemesis_corrupt_sweeps_every_site_of_a_saved_prompt(tmp_path, data_root
     assert result.exit_code == 0, result.output
     table = read_sweep_table(out).table
     assert table["site"].value_counts().to_dict() == {"": 1, "prompt 0": 2, "prompt 1": 2, "every prompt": 2}
+
+
+# --- the LNE analysis ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coop_table(data_root, tmp_path_factory):  # noqa: F811
+    folder = tmp_path_factory.mktemp("coop-sweep")
+    _sweep([_prompt(folder, "p", 3)], folder / "coop.parquet", GRID, data_root)
+    return folder / "coop.parquet"
+
+
+def test_lne_frequency_keeps_sites_apart_even_when_pooled(mean2_table):
+    cells = load_sweeps([mean2_table])
+    for pool in (False, True):
+        table = lne_frequency(cells, pool=pool)
+        assert sorted(table["site"]) == ["every prompt", "prompt 0", "prompt 1"] and set(table["cells"]) == {2}
+    by_site = lne_frequency(cells, by="site")
+    assert by_site.columns[0] == "site" and by_site.set_index("site")["cells"].to_dict() == {
+        "every prompt": 2, "prompt 0": 2, "prompt 1": 2}  # fmt: skip
+    figure = plot_position_heatmap(cells)
+    assert len(figure.axes) == 2 * len(SITES) + 1  # a panel per op and site, and the colour bar
+
+
+def test_a_coop_table_gives_the_output_of_before(coop_table):
+    """CoOp's cells have one site: no site column in the frequency, the same table as without the column."""
+    cells = load_sweeps([coop_table])
+    assert set(cells["site"]) == {""}
+    without = cells.drop(columns=["site"])
+    assert "site" not in lne_frequency(cells).columns
+    pd.testing.assert_frame_equal(lne_frequency(cells), lne_frequency(without))
+    for by in ("dataset,shots", "position"):
+        new, old = lne_frequency_table(cells, by=by), lne_frequency_table(without, by=by)
+        pd.testing.assert_frame_equal(new.display, old.display)
+        assert new.notes == old.notes
+    # Asked for, the one site is a group of its own.
+    assert lne_frequency(cells, by="site")["site"].tolist() == [""]
+
+
+def test_tables_and_figures_of_a_mixed_sweep_show_each_site(coop_table, mean2_table):
+    cells = load_sweeps([coop_table, mean2_table])
+    table = lne_frequency(cells)
+    assert table.set_index(["method", "site"])["cells"].to_dict() == {
+        ("coop", ""): 2, (MEAN2, "every prompt"): 2, (MEAN2, "prompt 0"): 2, (MEAN2, "prompt 1"): 2}  # fmt: skip
+    display = lne_frequency_table(cells, paper=False).display
+    assert list(display["Prompts"]) == [
+        "CoOp (random weights), whole ctx", *(f"{MEAN2} (random weights), {site}"
+                                              for site in ("every prompt", "prompt 0", "prompt 1"))]  # fmt: skip
+    by_position = lne_frequency_table(cells, by="position", paper=False).display
+    assert sorted(by_position["site"]) == ["every prompt", "prompt 0", "prompt 1", "whole ctx"]
+    _, figure = frequency_table_and_figure(cells)
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert len(labels) == 4 and any("prompt 0" in label for label in labels)
+
+
+def test_plot_frequency_groups_by_site_when_asked(mean2_table, tmp_path):
+    args = ["plot-frequency", str(mean2_table), "--out", str(tmp_path / "fig"), "--by", "site"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert all(site in result.output for site in ("every prompt", "prompt 0", "prompt 1"))
+
+
+def test_the_corrupt_summary_counts_each_site_apart(mean2_table):
+    from rich.console import Console
+
+    from corrupt.engine import SweepSummary
+    from nemesis_cli.corrupt import print_summary
+
+    results = ResultsFile(mean2_table)
+    console = Console(record=True, width=200)
+    print_summary(SweepSummary(1, len(results.table), 0, 1.0, results.table), results, console)
+    text = console.export_text()
+    counts = [line.split(":")[0] for line in text.splitlines() if line.startswith("norm-reducing")]
+    assert [line.rsplit(", ", 1)[1] for line in counts] == ["every prompt", "prompt 0", "prompt 1"]
+    assert "rescale 0.5 @1, prompt 0" in text  # each cell names its site
