@@ -216,6 +216,15 @@ def is_paper_kind(kind: Mapping[str, Any], dataset: Any) -> bool:
     )
 
 
+WHOLE_CTX_LABEL = "whole ctx"  # the site of a method that corrupts all of its ctx at once (site "")
+
+
+def site_label(site: Any) -> str:
+    """A corruption site as legends, summaries and tables name it: its name ("prompt 0"), or
+    "whole ctx" for a method's single whole-ctx site (site "", or unknown in a frame built by hand)."""
+    return WHOLE_CTX_LABEL if _missing(site) or str(site) == "" else str(site)
+
+
 def shots_label(shots: Any) -> str:
     """Shots per class as an axis or column label: 16 -> "16", missing -> "n/a"."""
     if shots is None or pd.isna(shots):

@@ -36,6 +36,10 @@ GAINED, LOST, P_VALUE = "gained", "lost", "p_value"
 # `weights`: the backbone's weights id, so a prompt on random weights is never counted with real ones.
 PROMPT_KIND = ("method", "penalty", "method_variant", "subsample", "trained_on", "weights")
 POOLED_NOTE = "pooled over methods and prompt kinds (--pool)"
+# The corruption site of a cell (e.g. "prompt 0", "every prompt"; "" for a method's whole ctx). Cells
+# at different sites of one prompt are different corruptions of it: groups never pool them, so where
+# the corrupted cells hold several sites, `site` is a group column too, with or without --pool.
+SITE = "site"
 
 
 def parse_by(by: str | Sequence[str]) -> list[str]:
@@ -47,15 +51,32 @@ def parse_by(by: str | Sequence[str]) -> list[str]:
     return columns
 
 
-def group_columns(by: str | Sequence[str], pool: bool = False) -> list[str]:
-    """The `by` columns plus, unless `pool`, the prompt-kind columns (`PROMPT_KIND`) they lack.
+def several_sites(cells: pd.DataFrame) -> bool:
+    """Whether the corrupted cells of `cells` (all rows of a frame without `op`) hold more than one site."""
+    if SITE not in cells.columns:
+        return False
+    corrupted = cells[cells["op"] != ORIGINAL_OP] if "op" in cells.columns else cells
+    return corrupted[SITE].fillna("").nunique() > 1
+
+
+def group_columns(by: str | Sequence[str], pool: bool = False, sites: bool = False) -> list[str]:
+    """The `by` columns, then `site` with `sites` (the cells hold several: `several_sites`), then,
+    unless `pool`, the prompt-kind columns (`PROMPT_KIND`) they lack.
 
     The Low-Norm Effect is a property of one kind of prompt: CoOp and Nemesis prompts, base-class
     and all-class prompts, a prompt tested on another dataset than its own, or on other weights are
-    separate groups.
+    separate groups; so are corruption sites.
     """
     columns = parse_by(by)
+    columns += [SITE] if sites and SITE not in columns else []
     return columns if pool else columns + [column for column in PROMPT_KIND if column not in columns]
+
+
+def apart_columns(cells: pd.DataFrame, pool: bool = False) -> list[str]:
+    """What keeps groups of `cells` apart besides the grouping asked for: `site` where they hold
+    several sites, then (unless `pool`) the prompt-kind columns they have."""
+    kinds = [] if pool else [column for column in PROMPT_KIND if column in cells.columns]
+    return ([SITE] if several_sites(cells) else []) + kinds
 
 
 def with_prompt_kind(cells: pd.DataFrame) -> pd.DataFrame:
@@ -260,7 +281,8 @@ def lne_frequency(
 ) -> pd.DataFrame:
     """LNE frequency per group, summed over everything not in `by` (seeds, positions, settings).
 
-    Groups are `by` plus the prompt kind (method, subsample, training dataset, weights) unless `pool`.
+    Groups are `by` plus the prompt kind (method, subsample, training dataset, weights) unless `pool`,
+    and the corruption site where the cells hold several (`site`, even with `pool`).
     Columns: the group columns, then seeds (distinct seeds summed over; 1 when grouped by seed),
     cells (corrupted cells), reducing (norm-reducing cells),
     frequency (occurrences), rate_percent (100 * frequency / reducing; NaN without reducing cells),
@@ -269,7 +291,7 @@ def lne_frequency(
     """
     check_by(cells, by)
     marked = corrupted_cells(mark_occurrences(cells, margin, significant, alpha))
-    columns = [column for column in group_columns(by, pool) if column in marked.columns]
+    columns = [column for column in group_columns(by, pool, several_sites(marked)) if column in marked.columns]
     table = (
         marked.groupby(columns, dropna=False, sort=True)
         .agg(
@@ -311,14 +333,15 @@ def require_rates(table: pd.DataFrame, by: Sequence[str], column: str = RATE) ->
 
 
 def mean_change_by_position(cells: pd.DataFrame, pool: bool = False) -> dict[tuple, pd.DataFrame]:
-    """(op, *prompt kind) -> position x factor frame of the mean accuracy change (delta_acc) over
-    everything else; with `pool`, keys are (op,) and kinds of prompt are averaged together."""
+    """(op, *apart) -> position x factor frame of the mean accuracy change (delta_acc) over everything
+    else, `apart` being `apart_columns` (the site where there are several, the prompt kind); with
+    `pool`, kinds of prompt are averaged together (sites never are)."""
     corrupted = with_prompt_kind(corrupted_cells(cells))
     if corrupted.empty:
         raise NemesisError("the results hold no corrupted cells; run `nemesis corrupt` with a non-empty grid")
     if corrupted["position"].isna().all():
         raise NemesisError("--by position: the corrupted cells carry no position")
-    keys = ["op"] + ([] if pool else [column for column in PROMPT_KIND if column in corrupted.columns])
+    keys = ["op", *apart_columns(corrupted, pool)]
     maps = {}
     for key, group in corrupted.groupby(keys, sort=True, dropna=False):
         maps[tuple(key)] = (

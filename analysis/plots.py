@@ -30,12 +30,14 @@ from nemesis.penalties import NEMESIS, NO_PENALTY
 from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
-from .labels import dataset_name, kind_label, shots_label, weights_names
+from .labels import dataset_name, kind_label, shots_label, site_label, weights_names
 from .low_norm_effect import (
     DEGRADATION_RATE,
     POOLED_NOTE,
     PROMPT_KIND,
     RATE,
+    SITE,
+    apart_columns,
     group_columns,
     lne_frequency,
     mean_change_by_position,
@@ -110,6 +112,8 @@ def _category_label(column: str, value) -> str:
         return "seed n/a" if value is None or pd.isna(value) else f"seed {int(value)}"
     if column in ("dataset", "train_dataset", "trained_on"):
         return dataset_name(value)
+    if column == SITE:
+        return site_label(value)
     return "n/a" if value is None or pd.isna(value) else str(value)
 
 
@@ -220,8 +224,8 @@ def plot_frequency_table(
     """Draw a table from `lne_frequency`: x = shots (else the last `by` column) on a categorical
     axis, y = frequency, rate or (with `degradation`) degradation rate in percent, one line with
     its own marker and colour per value of the other `by` columns and kind of prompt (default: per
-    dataset and method), legend outside the axes."""
-    columns = group_columns(by, pool)
+    dataset and method, and per corruption site where the table has them apart), legend outside the axes."""
+    columns = group_columns(by, pool, sites=SITE in table.columns)
     columns = [column for column in columns if column in table.columns]
     if rate and degradation:
         raise NemesisError("--rate and --degradation plot different values; pass one of them")
@@ -328,8 +332,9 @@ def _y_headroom(axes, top: float, percent: bool = False, bottom: float = 0.0) ->
 
 def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
     """Mean accuracy change (delta_acc, pp) per position (rows) and factor (columns), one panel per
-    op and kind of prompt (unless `pool`). Cell text is dark on light cells and light on dark ones;
-    a vertical rule separates the factors that reduce the norm (left) from those that increase it."""
+    op, corruption site (where there are several) and kind of prompt (unless `pool`). Cell text is
+    dark on light cells and light on dark ones; a vertical rule separates the factors that reduce
+    the norm (left) from those that increase it."""
     maps = mean_change_by_position(cells, pool=pool)
     largest = max(float(np.nanmax(np.abs(frame.to_numpy(dtype=float)), initial=0.0)) for frame in maps.values())
     largest = largest if largest > 0 else 1.0  # a symmetric colour scale around "no change"
@@ -339,8 +344,7 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
     factor_names = {"rescale": "tau", "replace": "sigma"}
     colour_map = matplotlib.colormaps["RdBu"]
     corrupted = with_prompt_kind(cells[cells["op"] != "original"])
-    # the key order of `mean_change_by_position`
-    kind_columns = [] if pool else [column for column in PROMPT_KIND if column in corrupted.columns]
+    kind_columns = apart_columns(corrupted, pool)  # the key order of `mean_change_by_position`
     single = _single_kind(corrupted, kind_columns)
     weights = _weights_names(corrupted)
     image = None
@@ -366,14 +370,14 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
         if reducing and len(reducing) < len(frame.columns) and reducing == list(range(len(reducing))):
             axes.axvline(len(reducing) - 0.5, color="black", linewidth=1.5)
         varying = {column: value for column, value in kind.items() if column not in single}
-        title = f"{op}, {_series_label(list(kind), list(kind.values()), weights=weights)}" if varying else op
+        title = f"{op}, {_series_label(list(varying), list(varying.values()), single, weights)}" if varying else op
         axes.set_title(title)
         rule = "; norm-reducing factors left of the rule" if axes.lines else ""
         axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{plural(len(panel_cells), 'cell')}{rule}")
         axes.set_ylabel("position")
     figure.colorbar(image, ax=list(panels), label="mean accuracy change (pp)")
     pooled = f" ({POOLED_NOTE})" if pool else ""
-    if single and len(single) == len(kind_columns):
+    if single and len(single) == len([column for column in kind_columns if column in PROMPT_KIND]):
         pooled = f" (prompts: {_series_label(list(single), list(single.values()), weights=weights)})"
     figure.suptitle(f"Mean accuracy change by corrupted position{pooled}")
     return figure

@@ -33,10 +33,11 @@ from .labels import (
     is_random_weights_id,
     kind_label,
     shots_label,
+    site_label,
     weights_label,
     weights_names,
 )
-from .low_norm_effect import DEGRADATION_RATE, POOLED_NOTE, PROMPT_KIND, RATE, lne_frequency, parse_by
+from .low_norm_effect import DEGRADATION_RATE, POOLED_NOTE, PROMPT_KIND, RATE, SITE, lne_frequency, parse_by
 from .results import Run, runs_frame
 
 AVERAGE = "Average"
@@ -636,18 +637,24 @@ def lne_frequency_table(
     (method, class subset, training dataset, weights) unless `pool`, which the title then states;
     groups on random weights are labelled so, several real weights ids are named; the paper's
     numbers appear only under the CoOp all-class row of one of its datasets, never on random weights.
+    Corruption sites are never pooled: a table of several has a row (or group) per site.
     `duplicate_cells` (dropped by the loader) is stated in the notes."""
     columns = parse_by(by)
     frequency = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha, pool=pool)
     kind_columns = [column for column in PROMPT_KIND if column in frequency.columns]  # none when pooled
+    sites_apart = SITE in frequency.columns and SITE not in columns  # several sites: kept apart unasked
+    row_columns = kind_columns + ([SITE] if sites_apart else [])  # what a row of the paper's layout is
 
     def kind_of(item) -> tuple:  # missing values as None, so that kinds compare equal
-        return tuple(None if pd.isna(value) else value for value in (getattr(item, column) for column in kind_columns))
+        return tuple(None if pd.isna(value) else value for value in (getattr(item, column) for column in row_columns))
 
     weights = weights_names(frequency["weights"]) if "weights" in kind_columns else {}
 
     def label_of(kind: tuple) -> str:
-        return kind_label(dict(zip(kind_columns, kind, strict=True)), weights)
+        values = dict(zip(row_columns, kind, strict=True))
+        label = "" if pool else kind_label({column: values[column] for column in kind_columns}, weights)
+        site = site_label(values[SITE]) if sites_apart else ""
+        return ", ".join(part for part in (label, site) if part)
 
     data = frequency.copy()
     data.insert(0, "origin", OURS)
@@ -656,6 +663,11 @@ def lne_frequency_table(
     pooled = f" ({POOLED_NOTE})" if pool else ""
     if pool:
         notes.append("Cells of every method and kind of prompt are counted together, as --pool asked.")
+    if sites_apart:
+        notes.append(
+            "Cells at different corruption sites (site; whole ctx: the method corrupts all of its ctx at once) "
+            "are counted apart, never together."
+        )
     if duplicate_cells:
         were = "was" if duplicate_cells == 1 else "were"
         notes.append(
@@ -667,9 +679,14 @@ def lne_frequency_table(
             "(norm-increasing cells that lower accuracy), both in percent."
         )
         display = frequency.copy()
+        if SITE in display.columns:
+            display[SITE] = [site_label(value) for value in display[SITE]]
         added = [column for column in kind_columns if column not in columns]
         if added:  # one readable label instead of the raw kind columns (the CSV keeps them)
-            labels = [label_of(tuple(values)) for values in display[kind_columns].itertuples(index=False)]
+            labels = [
+                kind_label(dict(zip(kind_columns, values, strict=True)), weights)
+                for values in display[kind_columns].itertuples(index=False)
+            ]
             display = display.drop(columns=added)
             display.insert(len(columns), "prompts", labels)
         display[RATE] = [_percent(value) for value in display[RATE]]
@@ -686,7 +703,7 @@ def lne_frequency_table(
         kinds.sort(key=lambda kind: tuple((pd.isna(value), str(value)) for value in kind))  # as the figure
         for kind in kinds:
             row = {"Dataset": dataset_name(dataset)}
-            if not pool:
+            if not pool or sites_apart:
                 row["Prompts"] = label_of(kind)
             row[SEEDS] = _seeds_text([item.seeds for item in rows.itertuples(index=False) if kind_of(item) == kind])
             for item in rows.itertuples(index=False):
@@ -695,8 +712,9 @@ def lne_frequency_table(
                     rates = f"({rate}); {DEGRADATION_MARK} {degradation}"
                     row[shots_label(item.shots)] = f"{item.frequency} {rates}"
             display_rows.append(row)
-            values = dict(zip(kind_columns, kind, strict=True))
+            values = dict(zip(row_columns, kind, strict=True))
             same_kind = not pool and is_paper_kind(values, dataset)
+            same_kind = same_kind and not values.get(SITE)  # the paper corrupts the whole ctx
             published = paper_numbers.LNE_FREQUENCY.get(dataset) if paper and same_kind else None
             if published:
                 row = {"Dataset": dataset_name(dataset) + PAPER_MARK, "Prompts": "CoOp"}
@@ -720,7 +738,7 @@ def lne_frequency_table(
             "counts is not stated. They are shown only beside groups of the same kind."
         )
     shot_columns = [shots_label(value) for value in shots_values]
-    label_columns = ["Dataset", SEEDS] if pool else ["Dataset", "Prompts", SEEDS]
+    label_columns = ["Dataset", SEEDS] if pool and not sites_apart else ["Dataset", "Prompts", SEEDS]
     display = pd.DataFrame(display_rows).reindex(columns=[*label_columns, *shot_columns]).fillna("")
     display = display.rename(columns={label: f"{label} shot{'' if label == '1' else 's'}" for label in shot_columns})
     return Table("lne_frequency", f"Low-Norm Effect frequency by dataset and shots{pooled}", data, display, notes)

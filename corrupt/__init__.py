@@ -1,6 +1,6 @@
 """Corruption sweeps: operators, grids, checkpoint inputs, the sweep engine and its results table."""
 
-from .engine import SweepSummary, check_sweep, evaluate_cells, run_sweep
+from .engine import SweepSummary, check_sweep, evaluate_cells, run_sweep, sweep_learner
 from .grid import DEFAULT_FACTORS, PAPER_PRESET_FACTORS, Cell, Grid, parse_grid
 from .inputs import SweepInput, identity_from_path, resolve_inputs
 from .operators import OPERATORS, ORIGINAL, corrupt_ctx, corrupted_variants, position_norm
@@ -29,4 +29,5 @@ __all__ = [
     "position_norm",
     "resolve_inputs",
     "run_sweep",
+    "sweep_learner",
 ]

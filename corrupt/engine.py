@@ -5,6 +5,10 @@ then the cells still missing from the results file are turned into ctx variants 
 and classified with `predictions` (batched, chunked text passes, one matrix product per variant).
 The checkpoint's rows are appended to the results file as soon as it is done. Nothing here keeps
 global state, so a future distributed rank can run any subset of inputs and cells.
+
+Cells are planned before any learner is built: at the corruption sites the checkpoint's method
+declares for its ctx shape (`SweepInput.sites`). `sweep_learner` runs a grid on a learner that is
+already built instead (its own `corruption_sites()`), e.g. one made in memory.
 """
 
 from __future__ import annotations
@@ -78,8 +82,8 @@ def evaluate_cells(
         rows.append((predicted == labels.to(predicted.device)).cpu())
         for cell, variant in zip(chunk, variants, strict=True):
             original = cell.op == ORIGINAL
-            before.append(math.nan if original else position_norm(ctx, cell.position))
-            after.append(math.nan if original else position_norm(variant, cell.position))
+            before.append(math.nan if original else position_norm(ctx, cell.position, cell.site))
+            after.append(math.nan if original else position_norm(variant, cell.position, cell.site))
         if on_chunk is not None:
             on_chunk(len(chunk))
     n = labels.numel()
@@ -123,6 +127,7 @@ def cell_rows(
                 "subsample": identity.get("subsample"),
                 "train_dataset": identity.get("train_dataset"),
                 "n_classes": identity.get("n_classes"),
+                "site": cell.site.name,
                 "op": cell.op,
                 "position": cell.position,
                 "factor": math.nan if cell.factor is None else cell.factor,
@@ -257,10 +262,10 @@ def run_sweep(
     backbones = {} if backbones is None else backbones
     done = results.cell_ids
     plan = []  # (input, ids of all its cells, cells of this rank still missing)
-    first, last = _block(sum(len(grid.cells(item.n_ctx)) for item in inputs), ranks)
+    first, last = _block(sum(len(grid.cells(item.n_ctx, item.sites)) for item in inputs), ranks)
     position = 0
     for item in inputs:
-        cells = grid.cells(item.n_ctx)
+        cells = grid.cells(item.n_ctx, item.sites)
         ids = [cell_id(item.identity, cell) for cell in cells]
         missing = [
             cell
@@ -294,24 +299,15 @@ def run_sweep(
                 backbones=backbones,
                 progress=progress,
             )
-            outcome = evaluate_cells(
-                setup, checkpoint.ctx, missing, variants_per_pass, on_chunk=lambda k: bar.advance(task, k)
+            _append_cells(
+                setup,
+                checkpoint.ctx,
+                item.identity,
+                missing,
+                results,
+                variants_per_pass,
+                lambda k: bar.advance(task, k),
             )
-            if missing[0].op == ORIGINAL:
-                original_accuracy = accuracy_percent(int(outcome.correct[0].sum()), outcome.correct.shape[1])
-            elif (original_id := cell_id(item.identity, Cell(ORIGINAL))) in results.cell_ids:
-                original_accuracy = results.accuracy_of(original_id)  # written by an earlier run of a smaller grid
-            else:  # another rank's cell: evaluated here too (one more variant), written by that rank only
-                original = evaluate_cells(setup, checkpoint.ctx, [Cell(ORIGINAL)], variants_per_pass).correct[0]
-                original_accuracy = accuracy_percent(int(original.sum()), original.numel())
-            identity = {
-                **item.identity,
-                "weights": setup.backbone.weights_id,
-                "n_classes": len(setup.dataset.classnames),
-            }
-            rows = cell_rows(identity, missing, outcome, original_accuracy)
-            correctness = [row.numpy() for row in outcome.correct]
-            results.append(rows, correctness)
     if ranks.distributed:
         ranks.barrier()  # every rank's parts are written
         computed = int(ranks.all_reduce_sum(torch.tensor([total_missing], device=_collective_device()))[0])
@@ -321,6 +317,55 @@ def run_sweep(
     seconds = time.perf_counter() - start
     cells = results.rows_of(all_ids)
     return SweepSummary(len(inputs), total_missing, len(all_ids) - total_missing, seconds, cells, ranks.is_main)
+
+
+def _append_cells(
+    setup: EvaluationSetup,
+    ctx: torch.Tensor,
+    identity: dict[str, Any],
+    missing: Sequence[Cell],
+    results: ResultsFile,
+    variants_per_pass: int,
+    on_chunk: Callable[[int], None] | None = None,
+) -> None:
+    """Evaluate `missing` cells of one checkpoint and append their rows (delta_acc against its original row)."""
+    outcome = evaluate_cells(setup, ctx, missing, variants_per_pass, on_chunk=on_chunk)
+    if missing[0].op == ORIGINAL:
+        original_accuracy = accuracy_percent(int(outcome.correct[0].sum()), outcome.correct.shape[1])
+    elif (original_id := cell_id(identity, Cell(ORIGINAL))) in results.cell_ids:
+        original_accuracy = results.accuracy_of(original_id)  # written by an earlier run of a smaller grid
+    else:  # another rank's cell: evaluated here too (one more variant), written by that rank only
+        original = evaluate_cells(setup, ctx, [Cell(ORIGINAL)], variants_per_pass).correct[0]
+        original_accuracy = accuracy_percent(int(original.sum()), original.numel())
+    identity = {**identity, "weights": setup.backbone.weights_id, "n_classes": len(setup.dataset.classnames)}
+    rows = cell_rows(identity, missing, outcome, original_accuracy)
+    correctness = [row.numpy() for row in outcome.correct]
+    results.append(rows, correctness)
+
+
+def sweep_learner(
+    setup: EvaluationSetup,
+    identity: dict[str, Any],
+    grid: Grid,
+    results: ResultsFile,
+    variants_per_pass: int = VARIANTS_PER_PASS,
+) -> pd.DataFrame:
+    """Run `grid` at every corruption site of a learner already built (`setup.learner`, e.g. one made in
+    memory) and append the cells missing from `results`; the rows of all its cells, in grid order.
+
+    `identity` says what is evaluated, as a checkpoint's does (`SweepInput.identity`: checkpoint, model,
+    pretrained, dataset, subsample, shots, seed; method defaults to the learner's): cell ids come from it.
+    """
+    learner = setup.learner
+    identity = {"method": learner.method, **identity}
+    grid.check_positions(learner.n_ctx, str(identity["checkpoint"]))
+    cells = grid.cells(learner.n_ctx, learner.corruption_sites())
+    ids = [cell_id(identity, cell) for cell in cells]
+    done = results.cell_ids
+    missing = [cell for cell, identifier in zip(cells, ids, strict=True) if identifier not in done]
+    if missing:
+        _append_cells(setup, learner.ctx.detach(), identity, missing, results, variants_per_pass)
+    return results.rows_of(ids)
 
 
 def _block(count: int, ranks: Ranks) -> tuple[int, int]:

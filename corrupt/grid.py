@@ -1,8 +1,10 @@
 """Sweep grids as data: which operators with which factors, at which positions, with which noise seeds.
 
-A `Grid` expands into `Cell`s for a checkpoint with n_ctx positions: the original cell first, then
-every (operator, factor, position[, noise seed]). Grids come from the `nemesis corrupt` flags,
-the default grid of DESIGN section 5, or the paper preset.
+A `Grid` expands into `Cell`s for a checkpoint with n_ctx positions and the corruption sites its
+method declares (`PromptMethod.corruption_sites`; CoOp's one site is all of ctx): the original
+cell first, once per checkpoint, then at every site every (operator, factor, position[, noise
+seed]). Grids come from the `nemesis corrupt` flags, the default grid of DESIGN section 5, or the
+paper preset.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nemesis.errors import NemesisError
+from nemesis.tensors import WHOLE_CTX, CorruptionSite
 
 from .operators import OPERATORS, ORIGINAL
 
@@ -28,12 +31,13 @@ DEFAULT_NOISE_SEEDS: tuple[int, ...] = (0,)
 
 @dataclass(frozen=True)
 class Cell:
-    """One evaluation of a checkpoint: the original prompt, or one operator at one position."""
+    """One evaluation of a checkpoint: the original prompt, or one operator at one position of one site."""
 
     op: str
     position: int | None = None  # None for the original cell
     factor: float | None = None  # None for the original cell
     noise_seed: int | None = None  # only for seeded operators (replace)
+    site: CorruptionSite = WHOLE_CTX  # where the operator acts (the original cell: the whole ctx, uncorrupted)
 
 
 ORIGINAL_CELL = Cell(ORIGINAL)
@@ -77,17 +81,35 @@ class Grid:
                     f"use --positions all or values in 0..{n_ctx - 1}"
                 )
 
-    def cells(self, n_ctx: int) -> list[Cell]:
-        """The original cell, then every corrupted cell for a checkpoint with n_ctx positions."""
+    def cells(self, n_ctx: int, sites: Sequence[CorruptionSite] = (WHOLE_CTX,)) -> list[Cell]:
+        """The original cell, then every corrupted cell at each of `sites` (in their order) for a
+        checkpoint with n_ctx positions."""
+        check_sites(sites)
         positions = range(n_ctx) if self.positions is None else self.positions
         cells = [ORIGINAL_CELL]
-        for op, factors in self.factors.items():
-            for factor in factors:
-                # REPLACE with sigma 0 is the zero vector whatever the seed: one cell, not one per seed
-                seeds = self.noise_seeds[:1] if factor == 0 else self.noise_seeds
-                seeds = seeds if OPERATORS[op].seeded else (None,)
-                cells += [Cell(op, position, float(factor), seed) for position in positions for seed in seeds]
+        for site in sites:
+            for op, factors in self.factors.items():
+                for factor in factors:
+                    # REPLACE with sigma 0 is the zero vector whatever the seed: one cell, not one per seed
+                    seeds = self.noise_seeds[:1] if factor == 0 else self.noise_seeds
+                    seeds = seeds if OPERATORS[op].seeded else (None,)
+                    cells += [Cell(op, position, float(factor), seed, site) for position in positions for seed in seeds]
         return cells
+
+
+def check_sites(sites: Sequence[CorruptionSite]) -> None:
+    """Refuse sites a sweep cannot tell apart or apply: none, a repeated name, a tensor other than ctx."""
+    if not sites:
+        raise NemesisError("the prompt method declares no corruption site; a sweep needs at least one")
+    names = [site.name for site in sites]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise NemesisError(f"corruption site names must differ, but {', '.join(map(repr, repeated))} repeat")
+    for site in sites:
+        if site.tensor != WHOLE_CTX.tensor:
+            raise NemesisError(
+                f"corruption site {site.name!r} acts on {site.tensor!r}; sweeps corrupt only {WHOLE_CTX.tensor!r}"
+            )
 
 
 # --- parsing the command-line flags -------------------------------------------------------------

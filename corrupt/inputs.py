@@ -34,6 +34,7 @@ from nemesis.datasets import Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
 from nemesis.evaluate import resolve_source
 from nemesis.penalties import uses_nemesis
+from nemesis.prompt_methods import WHOLE_CTX, CorruptionSite, prompt_method
 
 # --- finding checkpoints ------------------------------------------------------------------------
 
@@ -103,8 +104,11 @@ class SweepInput:
     class_specific: bool
     n_classes: int | None = None  # classes of a class-specific ctx
     class_position: str = "end"
-    # [M, W]: the largest |ctx| over classes, so factors are checked before any work
+    # [M, W]: the largest |ctx| over classes (every leading axis), so factors are checked before any work
     magnitude: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # Where its method corrupts a ctx of its shape (`PromptMethod.corruption_sites_for`), so cells are
+    # planned before any learner is built
+    sites: tuple[CorruptionSite, ...] = (WHOLE_CTX,)
 
     @property
     def evaluation_options(self) -> dict[str, Any]:
@@ -265,6 +269,7 @@ def resolve_inputs(
             class_specific=checkpoint.class_specific,
             n_classes=checkpoint.ctx.shape[0] if checkpoint.class_specific else None,
             class_position=checkpoint.metadata.prompt_config.get("class_position", "end"),
-            magnitude=checkpoint.ctx.abs().amax(0) if checkpoint.class_specific else checkpoint.ctx.abs(),
+            magnitude=checkpoint.ctx.abs().reshape(-1, *checkpoint.ctx.shape[-2:]).amax(0),  # [M, W]
+            sites=tuple(prompt_method(checkpoint.prompt_method).corruption_sites_for(tuple(checkpoint.ctx.shape))),
         )
     return list(inputs.values())

@@ -3,6 +3,8 @@
 Every operator has the same signature, `(ctx, position, factor, noise_seed) -> corrupted ctx`,
 and works on unified ctx [M, W] and class-specific ctx [n_cls, M, W] alike (class-specific:
 position j of every class). Adding an operator is one function and one line in `OPERATORS`.
+A cell's corruption site (`nemesis.prompt_methods.CorruptionSite`) picks the part of ctx the
+operator gets (`corrupt_ctx`): all of it, or e.g. prompt n of ctx [N, M, W].
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nemesis.tensors import position_norms
+from nemesis.tensors import CorruptionSite, position_norms
 
 ORIGINAL = "original"  # the uncorrupted prompt: one such cell per checkpoint
 
@@ -63,11 +65,20 @@ OPERATORS: dict[str, Operator] = {
 
 
 def corrupt_ctx(ctx: torch.Tensor, cell) -> torch.Tensor:
-    """ctx after one cell's corruption (a `Cell`: op, position, factor, noise_seed); original: ctx itself."""
+    """ctx after one cell's corruption (a `Cell`: op, position, factor, noise_seed, site); original: ctx itself.
+
+    The operator gets the cell site's part of ctx; the rest of ctx is kept.
+    """
     if cell.op == ORIGINAL:
         return ctx
     noise_seed = 0 if cell.noise_seed is None else cell.noise_seed
-    return OPERATORS[cell.op].apply(ctx, cell.position, cell.factor, noise_seed)
+    site = cell.site
+    corrupted = OPERATORS[cell.op].apply(site.part(ctx), cell.position, cell.factor, noise_seed)
+    if not site.index:  # the whole of ctx
+        return corrupted
+    whole = ctx.clone()
+    whole[site.index] = corrupted
+    return whole
 
 
 def corrupted_variants(ctx: torch.Tensor, cells: Sequence) -> torch.Tensor:
@@ -75,6 +86,8 @@ def corrupted_variants(ctx: torch.Tensor, cells: Sequence) -> torch.Tensor:
     return torch.stack([corrupt_ctx(ctx, cell) for cell in cells])
 
 
-def position_norm(ctx: torch.Tensor, position: int) -> float:
-    """L2 norm of context position `position`; class-specific ctx: the mean over classes."""
-    return float(position_norms(ctx, 2.0)[position])
+def position_norm(ctx: torch.Tensor, position: int, site: CorruptionSite | None = None) -> float:
+    """L2 norm of context position `position` of `site`'s part of ctx (None: all of ctx); the mean over
+    the part's leading axes (class-specific ctx: over classes)."""
+    part = ctx if site is None else site.part(ctx)
+    return float(position_norms(part, 2.0)[position])

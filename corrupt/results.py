@@ -81,8 +81,10 @@ def checkpoint_key(identity: dict[str, Any]) -> str:
 
 
 def cell_id(identity: dict[str, Any], cell: Cell) -> str:
-    """Unique, deterministic and readable: `<checkpoint key>:<op>:<position>:<factor>:<noise seed>`."""
-    return ":".join([checkpoint_key(identity), cell.op, *map(_value, (cell.position, cell.factor, cell.noise_seed))])
+    """Unique, deterministic and readable: `<checkpoint key>:<op>:<position>:<factor>:<noise seed>`, then
+    `:<site>` for a named corruption site (a whole-ctx site adds nothing: CoOp's ids are as before)."""
+    fields = [checkpoint_key(identity), cell.op, *map(_value, (cell.position, cell.factor, cell.noise_seed))]
+    return ":".join(fields + ([cell.site.name] if cell.site.name else []))
 
 
 def table_frame(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:

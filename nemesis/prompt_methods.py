@@ -17,6 +17,8 @@ from .clip_models import Backbone
 from .constants import POOLED_FEATURES
 from .errors import NemesisError
 from .methods import method_spec
+from .tensors import WHOLE_CTX as WHOLE_CTX  # re-exported with CorruptionSite: the interface's vocabulary
+from .tensors import CorruptionSite  # defined with the tensor helpers, below the learners that return it
 
 
 @runtime_checkable
@@ -72,6 +74,16 @@ class PromptMethod(Protocol):
 
     def norms(self, p: float = 2.0) -> torch.Tensor:
         """Per-position norms [M] of ctx."""
+        ...
+
+    def corruption_sites(self) -> list[CorruptionSite]:
+        """Where sweeps may corrupt this learner's prompt (names unique; CoOp, CoCoOp: `[WHOLE_CTX]`)."""
+        ...
+
+    @classmethod
+    def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
+        """`corruption_sites()` of a learner whose ctx has this shape: what sweeps plan with before any
+        learner is built (from a checkpoint's ctx)."""
         ...
 
 

@@ -51,6 +51,9 @@ SWEEP_DTYPES = {
     "subsample": "string",
     "train_dataset": "string",
     "n_classes": "Int64",
+    # The corruption site of the cell (`PromptMethod.corruption_sites`), e.g. "prompt 0"; "" for a
+    # method's whole-ctx site (CoOp, CoCoOp) and for the original row.
+    "site": "string",
     "op": "string",  # original | replace | rescale
     "position": "Int64",  # null for the original row
     "factor": "float64",  # tau (rescale) or sigma (replace); NaN for the original row
@@ -67,6 +70,9 @@ SWEEP_COLUMNS = tuple(SWEEP_DTYPES)
 # and analysis then shows its prompts as a kind of their own, never beside the paper's numbers
 # (unknown weights alone are shown as before: no mark).
 KIND_COLUMNS = ("weights", "penalty", "method_variant", "subsample", "train_dataset", "n_classes")
+# Columns added later whose value in an older table is known: every sweep before corruption sites
+# corrupted the whole ctx, so such a table reads with site "" (as a new table writes it).
+DEFAULTED_COLUMNS = {"site": ""}
 CORRECTNESS_COLUMNS = ("cell_id", "correct")
 CORRECTNESS_SUFFIX = ".correct.parquet"
 CORRECTNESS_SCHEMA = pa.schema([("cell_id", pa.string()), ("correct", pa.list_(pa.bool_()))])
@@ -74,17 +80,18 @@ ORIGINAL_OP = "original"
 PARTS_SUFFIX = ".parts"
 LOCK_SUFFIX = ".lock"
 PART_SUFFIX = ".parquet"  # a part's rows, whatever the table's format
-# Where a merged table's rows go: by checkpoint, then the original row, then each cell by operator,
-# factor, position and noise seed (the cell id breaks any tie, so the order is total).
-CELL_ORDER = ("checkpoint", "checkpoint_key", "corrupted", "op", "factor", "position", "noise_seed", "cell_id")
+# Where a merged table's rows go: by checkpoint, then the original row, then each cell by site,
+# operator, factor, position and noise seed (the cell id breaks any tie, so the order is total).
+CELL_ORDER = ("checkpoint", "checkpoint_key", "corrupted", "site", "op", "factor", "position", "noise_seed", "cell_id")
 _READ_ATTEMPTS = 5  # a part merged away while it was being read: read again (the base now holds it)
 
 
 def checkpoint_key_of(cell_id: str) -> str:
     """The part of a cell id naming what was evaluated (checkpoint file, model, weights, dataset, classes).
 
-    Cell ids read `<checkpoint key>:<op>:<position>:<factor>:<noise seed>`; a cell and its
-    checkpoint's original row share the key, whatever file they were written to.
+    Cell ids read `<checkpoint key>:<op>:<position>:<factor>:<noise seed>` (then `:<site>` for a
+    named corruption site); a cell and its checkpoint's original row share the key, whatever file
+    they were written to.
     """
     return cell_id.split(":", 1)[0]
 
@@ -132,7 +139,8 @@ def _split_legacy_methods(frame: pd.DataFrame) -> pd.DataFrame:
 
 def typed_sweep_frame(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     """`frame` with exactly the sweep columns, in order, with their dtypes; NemesisError if it is not one."""
-    missing = [column for column in SWEEP_COLUMNS if column not in frame.columns and column not in KIND_COLUMNS]
+    optional = (*KIND_COLUMNS, *DEFAULTED_COLUMNS)
+    missing = [column for column in SWEEP_COLUMNS if column not in frame.columns and column not in optional]
     if missing:
         raise NemesisError(
             f"{origin} is not a sweep results table: missing columns {', '.join(missing)}; "
@@ -147,6 +155,8 @@ def typed_sweep_frame(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
                 frame[column] = pd.to_numeric(frame[column]).astype(dtype)
     except (TypeError, ValueError) as error:
         raise NemesisError(f"{origin}: a numeric column holds other values ({error}); not a sweep table") from error
+    for column, value in DEFAULTED_COLUMNS.items():  # absent, or "" read back from a CSV file as empty
+        frame[column] = frame[column].fillna(value)
     return _split_legacy_methods(frame).reset_index(drop=True)
 
 
@@ -157,7 +167,7 @@ def sort_cells(frame: pd.DataFrame) -> pd.DataFrame:
             "checkpoint": frame["checkpoint"],
             "checkpoint_key": frame["cell_id"].map(lambda value: checkpoint_key_of(str(value)), na_action="ignore"),
             "corrupted": (frame["op"] != ORIGINAL_OP).fillna(True).astype(bool),
-            **{column: frame[column] for column in ("op", "factor", "position", "noise_seed", "cell_id")},
+            **{column: frame[column] for column in ("site", "op", "factor", "position", "noise_seed", "cell_id")},
         },
         index=frame.index,
     )

@@ -45,7 +45,8 @@ PoolOption = Annotated[
 ByOption = Annotated[
     str,
     typer.Option(
-        help="Group columns of the LNE frequency, comma-separated (any sweep column, e.g. dataset,seed or position)."
+        help="Group columns of the LNE frequency, comma-separated (any sweep column, e.g. dataset,seed, position "
+        "or site); corruption sites are kept apart even when not named."
     ),
 ]
 
@@ -71,7 +72,8 @@ def plot_frequency(
     by: Annotated[
         str,
         typer.Option(
-            help="Group columns, comma-separated: x axis = shots, one line per value of the others; "
+            help="Group columns, comma-separated: x axis = shots, one line per value of the others (and per "
+            "corruption site where a table has several); "
             "'position' draws a position x factor heat map of the mean accuracy change "
             "(no --rate, --degradation, --significant or --margin there)."
         ),

@@ -53,7 +53,8 @@ def corrupt(
     """Corrupt every context position of each checkpoint (RESCALE, REPLACE) and re-evaluate on the test split.
 
     Without operator flags the default grid runs: RESCALE tau 0.001, 0.01, 0.1, 0.5, 2, 5, 10 and
-    REPLACE sigma 0, 0.001, 0.01, 0.1, 1 (noise seed 0) at every position. One row per cell goes to
+    REPLACE sigma 0, 0.001, 0.01, 0.1, 1 (noise seed 0) at every position, at each corruption site the
+    prompt method declares (CoOp: one, the whole ctx; its `site` column is empty). One row per cell goes to
     --out, per-sample correctness beside it (X.correct.parquet); rerunning the command computes only
     the missing cells. Under `torchrun --nproc-per-node N` the ranks split the cells and rank 0 writes the
     one table.
@@ -140,7 +141,9 @@ def _cell_label(row) -> str:
     import pandas as pd
 
     label = f"{row.op} {row.factor:g} @{row.position}"
-    return label if pd.isna(row.noise_seed) else f"{label} seed {row.noise_seed}"
+    label = label if pd.isna(row.noise_seed) else f"{label} seed {row.noise_seed}"
+    site = getattr(row, "site", "")
+    return f"{label}, {site}" if isinstance(site, str) and site else label  # a named corruption site
 
 
 def _cells_table(title: str, cells) -> Table:
@@ -158,8 +161,8 @@ def _cells_table(title: str, cells) -> Table:
 
 def print_summary(summary: SweepSummary, results: ResultsFile, console: Console) -> None:
     """One screen: what ran, where it went, the Low-Norm Effect count per kind of prompt, best and worst cells."""
-    from analysis.labels import kind_label, weights_names
-    from analysis.low_norm_effect import PROMPT_KIND, with_prompt_kind
+    from analysis.labels import kind_label, site_label, weights_names
+    from analysis.low_norm_effect import PROMPT_KIND, SITE, several_sites, with_prompt_kind
 
     total = summary.computed + summary.skipped
     console.print(
@@ -172,12 +175,15 @@ def print_summary(summary: SweepSummary, results: ResultsFile, console: Console)
     console.print(
         f"results: {results.path} (per-sample correctness: {results.correctness_path})", soft_wrap=True, markup=False
     )
-    # One count per kind of prompt: the Low-Norm Effect of CoOp and Nemesis prompts is never pooled.
-    # Labels as the LNE tables give them: random weights marked, several real weights named.
+    # One count per kind of prompt: the Low-Norm Effect of CoOp and Nemesis prompts is never pooled,
+    # nor that of different corruption sites. Labels as the LNE tables give them: random weights
+    # marked, several real weights named.
     weights = weights_names(with_prompt_kind(summary.cells)["weights"])
     reducing = with_prompt_kind(summary.reducing)
-    for kind, group in reducing.groupby(list(PROMPT_KIND), dropna=False, sort=True):
-        label = kind_label(dict(zip(PROMPT_KIND, kind, strict=True)), weights)
+    columns = [*PROMPT_KIND, *([SITE] if several_sites(summary.corrupted) else [])]
+    for kind, group in reducing.groupby(columns, dropna=False, sort=True):
+        values = dict(zip(columns, kind, strict=True))
+        label = kind_label(values, weights) + (f", {site_label(values[SITE])}" if SITE in values else "")
         raised = int((group["delta_acc"] > 0).sum())
         console.print(
             f"norm-reducing cells that raised accuracy, {label}: {raised} of {len(group)}", soft_wrap=True, markup=False

@@ -104,6 +104,7 @@ def version_1_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     rows = records(frame)
     for row in rows:
         row["method"] = legacy_name(row["method"], row.pop("penalty"))
+        assert row.pop("site", "") == ""  # before corruption sites, every cell corrupted the whole ctx
     return rows
 
 

@@ -30,7 +30,7 @@ from nemesis.methods import METHODS, MethodSpec, register_method
 from nemesis.methods.cocoop.learner import embed_dim_of
 from nemesis.methods.coop import CoOpConfig, checked_text_options
 from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
-from nemesis.prompt_methods import PromptMethod, build_learner
+from nemesis.prompt_methods import CorruptionSite, PromptMethod, build_learner
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
@@ -116,6 +116,15 @@ class AveragedCoOp(nn.Module):
 
     def norms(self, p: float = 2.0) -> torch.Tensor:
         return position_norms(self.ctx, p)
+
+    def corruption_sites(self) -> list[CorruptionSite]:
+        return self.corruption_sites_for(tuple(self.ctx.shape))
+
+    @classmethod
+    def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
+        """Position j of prompt n (ctx[n]), and position j of every prompt at once (all of ctx)."""
+        prompts = [CorruptionSite(f"prompt {n}", index=(n,)) for n in range(ctx_shape[0])]
+        return [*prompts, CorruptionSite("every prompt")]
 
 
 @dataclasses.dataclass
@@ -255,6 +264,24 @@ def test_learner_satisfies_the_protocol(name):
     assert all(torch.equal(other.extra_parameters()[key], extra[key]) for key in extra)
 
 
+# The corruption sites each method declares (names as sweep tables show them).
+SITE_NAMES = {"coop": [""], "cocoop": [""], SHIFT: [""], MEAN2: ["prompt 0", "prompt 1", "every prompt"]}
+
+
+@pytest.mark.parametrize("name", methods())
+def test_corruption_sites_are_declared_and_fit_the_ctx(name):
+    learner = _learner(name)
+    sites = learner.corruption_sites()
+    # What sweeps plan with before a learner is built, from the checkpoint's ctx shape alone.
+    assert sites == type(learner).corruption_sites_for(tuple(learner.ctx.shape))
+    if name in SITE_NAMES:
+        assert [site.name for site in sites] == SITE_NAMES[name]
+    assert len({site.name for site in sites}) == len(sites) and all(site.tensor == "ctx" for site in sites)
+    for site in sites:
+        part = site.part(learner.ctx.detach())  # [..., M, W]: positions on axis -2
+        assert part.shape[site.POSITION_AXIS] == learner.n_ctx and part.shape[-1] == learner.ctx.shape[-1]
+
+
 @pytest.mark.parametrize("name", methods())
 def test_prompt_file_round_trip(name, tmp_path):
     learner = _learner(name)
@@ -320,11 +347,15 @@ def test_one_epoch_changes_only_the_learned_tensors_i5(name, runs, data_root, tm
 
 
 def _check_two_cell_sweep(name: str, checkpoint, data_root, out) -> None:
-    """A two-cell sweep of `checkpoint` writes the original row and 2 cells, through the method's own learner."""
+    """A two-cell sweep of `checkpoint` writes the original row and 2 cells at each of the method's
+    corruption sites, through the method's own learner."""
     summary = _sweep([checkpoint], out, parse_grid(rescale="0.5,3", positions="0"), data_root)
     table = pd.read_parquet(out)
-    assert len(table) == 3 and summary.computed == 3  # the original row and 2 cells
+    sites = METHODS[name].learner_class().corruption_sites_for(tuple(load_checkpoint(checkpoint).ctx.shape))
+    assert len(table) == 1 + 2 * len(sites) and summary.computed == len(table)  # the original row once
     assert list(table["op"]).count(ORIGINAL_CELL.op) == 1 and set(table["method"]) == {name}
+    corrupted = table[table["op"] != ORIGINAL_CELL.op]
+    assert corrupted["site"].value_counts().to_dict() == {site.name: 2 for site in sites}
     setup = prepare_evaluation(
         load_checkpoint(checkpoint), pretrained="none", root=data_root, device="cpu", backbones=_backbones(),
         progress=False,
@@ -392,7 +423,8 @@ def test_every_command_runs_a_method_defined_here(name, data_root, tmp_path):
     _command("corrupt", run, "--root", data_root, "--rescale", "0.5,3", "--positions", "0", "--device", "cpu",
              "--out", sweep)  # fmt: skip
     table = pd.read_parquet(sweep)
-    assert len(table) == 3 and set(table["method"]) == {name}
+    sites = METHODS[name].learner_class().corruption_sites_for(tuple(load_prompt(run / "prompt.safetensors").ctx.shape))
+    assert len(table) == 1 + 2 * len(sites) and set(table["method"]) == {name}  # the original, 2 cells per site
     _command("report", run, evals, sweep, "--out", tmp_path / "report")
     few_shot = pd.read_csv(tmp_path / "report" / "few_shot.csv")
     assert set(few_shot["method"]) == {f"{label(name)} (random weights)"}

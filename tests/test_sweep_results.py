@@ -22,7 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 import corrupt.results as results_module
-from analysis import load_sweeps, read_correctness
+from analysis import lne_frequency, load_sweeps, read_correctness
 from corrupt.engine import CellOutcome, cell_rows, run_sweep
 from corrupt.grid import parse_grid
 from corrupt.inputs import resolve_inputs
@@ -390,3 +390,31 @@ def test_concurrent_and_killed_corrupt_processes_lose_and_double_nothing(tmp_pat
     _corrupt_here(tmp_path, files, killed)  # the rerun reads the killed run's parts and merges them
     _assert_same_table(killed, expected)
     assert not parts_folder(shared).exists() and not parts_folder(killed).exists()
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_table_written_before_sites_reads_as_the_whole_ctx_with_the_same_numbers(tmp_path, suffix):
+    """A table without the `site` column (every sweep before corruption sites): read with site "" (the
+    whole ctx), the same rows, cell ids and LNE counts as the table written now, and resumed as is."""
+    from corrupt.results import table_frame
+    from nemesis.sweep_format import read_sweep_table
+
+    rows, correct = checkpoint_cells(1)
+    csv = suffix == ".csv"
+    new = ResultsFile(tmp_path / f"new{suffix}", csv=csv)
+    new.append(rows, correct)
+    new.compact()
+    path = tmp_path / f"old{suffix}"
+    old = table_frame(rows).drop(columns=["site"])
+    old.to_csv(path, index=False) if csv else old.to_parquet(path, index=False)
+    pd.DataFrame({"cell_id": old["cell_id"], "correct": [values.tolist() for values in correct]}).to_parquet(
+        correctness_path(path), index=False
+    )
+    read_old = read_sweep_table(path).table
+    assert list(read_old.columns) == list(SWEEP_COLUMNS) and (read_old["site"] == "").all()
+    by_id = read_sweep_table(new.path).table.set_index("cell_id")
+    pd.testing.assert_frame_equal(read_old.set_index("cell_id"), by_id.loc[read_old["cell_id"]])
+    pd.testing.assert_frame_equal(lne_frequency(load_sweeps([path])), lne_frequency(load_sweeps([new.path])))
+    results = ResultsFile(path, csv=csv)
+    results.append(rows, correct)  # the same cells: their ids are those of before, so nothing is added
+    assert part_files(path) == [] and len(results.table) == len(rows)

@@ -21,7 +21,7 @@ from torch import nn
 from ...clip_models import Backbone
 from ...constants import POOLED_FEATURES
 from ...errors import NemesisError
-from ...tensors import position_norms
+from ...tensors import WHOLE_CTX, CorruptionSite, position_norms
 from ..coop.learner import ClassPosition, PromptLearner
 from . import META_NET, META_NET_REDUCTION
 
@@ -180,3 +180,13 @@ class CoCoOp(nn.Module):
                 rows.append(torch.einsum("bd,bcd->bc", image[start : start + step], text))
             out.append(torch.cat(rows))
         return torch.stack(out)  # [K, B, n_cls]
+
+    def corruption_sites(self) -> list[CorruptionSite]:
+        """Where sweeps corrupt CoCoOp's prompt: `corruption_sites_for` its ctx."""
+        return self.corruption_sites_for(tuple(self.ctx.shape))
+
+    @classmethod
+    def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
+        """One site, all of ctx [M, W]: a variant changes ctx before the meta-net's shift is added."""
+
+        return [WHOLE_CTX]

@@ -19,7 +19,7 @@ from ...choices import ClassPosition
 from ...clip_models import Backbone
 from ...constants import POOLED_FEATURES
 from ...errors import NemesisError
-from ...tensors import position_norms
+from ...tensors import WHOLE_CTX, CorruptionSite, position_norms
 from ...text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
 from ...wording import plural
 from . import init_word_count
@@ -276,6 +276,16 @@ class PromptLearner(nn.Module):
     def extra_parameters(self) -> dict[str, nn.Parameter]:
         """Learned tensors besides ctx that a checkpoint carries, by checkpoint name: none for CoOp."""
         return {}
+
+    def corruption_sites(self) -> list[CorruptionSite]:
+        """Where sweeps corrupt CoOp's prompt: `corruption_sites_for` its ctx."""
+        return self.corruption_sites_for(tuple(self.ctx.shape))
+
+    @classmethod
+    def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
+        """One site, all of ctx: position j of ctx [M, W], or of every class of class-specific ctx [n_cls, M, W]."""
+
+        return [WHOLE_CTX]
 
 
 class PromptedCLIP(nn.Module):
