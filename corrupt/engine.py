@@ -289,10 +289,9 @@ def run_sweep(
             if not missing:
                 continue
             bar.update(task, description=f"corrupting {_label(item.identity)}")
-            checkpoint = item.load()
+            checkpoint = item.target.checkpoint  # read and checked once, by resolve_inputs
             setup = prepare_evaluation(
-                checkpoint,
-                **item.evaluation_options,
+                item.target,
                 root=root,
                 cache_dir=cache_dir,
                 device=device,

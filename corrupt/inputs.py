@@ -9,6 +9,7 @@ seed and method are read from the path. Named flags (--model, --dataset, ...) wi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
@@ -18,21 +19,20 @@ from typing import Any
 
 import torch
 
-from nemesis.backbone import check_pretrained, embed_dim, model_config, text_width
+from nemesis.backbone import check_pretrained, model_config
 from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
 from nemesis.choices import nemesis_variant
 from nemesis.constants import (
     DASSL_BEST_FILE,
     DASSL_FILE_PREFIX,
     DASSL_PROMPT_FOLDER,
-    NO_WEIGHTS,
     RUN_CHECKPOINTS,
     RUN_PROMPT,
 )
 from nemesis.coop_paths import identity_from_path
 from nemesis.datasets import Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
-from nemesis.evaluate import resolve_source
+from nemesis.evaluate import EvaluationTarget, resolve_target
 from nemesis.penalties import uses_nemesis
 from nemesis.prompt_methods import WHOLE_CTX, CorruptionSite, prompt_method
 
@@ -109,16 +109,8 @@ class SweepInput:
     # Where its method corrupts a ctx of its shape (`PromptMethod.corruption_sites_for`), so cells are
     # planned before any learner is built
     sites: tuple[CorruptionSite, ...] = (WHOLE_CTX,)
-
-    @property
-    def evaluation_options(self) -> dict[str, Any]:
-        """Keyword arguments of `prepare_evaluation` that pin this identity."""
-        keys = ("model", "activation", "ctx_init", "dataset", "shots", "seed", "subsample")
-        # Resolved random weights (pretrained None) are named as such, so they are not asked for again.
-        return {key: self.identity[key] for key in keys} | {"pretrained": self.identity["pretrained"] or NO_WEIGHTS}
-
-    def load(self) -> PromptCheckpoint:
-        return load_checkpoint(self.file)
+    # The checkpoint as read and checked once, and what it is evaluated on: the sweep uses it as it is.
+    target: EvaluationTarget | None = field(default=None, compare=False, repr=False)
 
 
 def _resolve_one(
@@ -128,11 +120,12 @@ def _resolve_one(
     dataset: str | None,
     activation: str | None,
     ctx_init: str | None,
-) -> dict[str, Any]:
+) -> tuple[EvaluationTarget, dict[str, Any]]:
+    """The checkpoint's evaluation target and the identity its table rows record."""
     metadata = checkpoint.metadata
     from_path = identity_from_path(checkpoint.path)
     # Named flags first, then the file's metadata, then the path (Dassl files have no metadata).
-    identity = resolve_source(
+    target = resolve_target(
         checkpoint,
         model=model,
         pretrained=pretrained,
@@ -143,15 +136,14 @@ def _resolve_one(
         seed=None if metadata.seed is not None else from_path.seed,
         subsample=None if metadata.source_format != "dassl" else from_path.subsample,
     )
-    identity["dataset"] = resolve_name(identity["dataset"])
+    target = dataclasses.replace(target, dataset=resolve_name(target.dataset))
+    identity = target.source
     # Dassl files do not name their training dataset: their path does (the --dataset flag names the test data).
     trained_on = metadata.dataset or from_path.dataset
     identity["train_dataset"] = resolve_name(trained_on) if trained_on else identity["dataset"]
     identity["method_variant"] = _nemesis_variant(identity["penalty"], metadata.penalty_config)
     identity["checkpoint"] = str(checkpoint.path)
     identity["ctx_init"] = ctx_init  # only a named init: the file's own is part of the file
-    # Unknown model names fail here, before any work; then every tensor's shape against the model.
-    checkpoint.check_model(identity["model"], embed_dim(identity["model"]), text_width(identity["model"]))
     try:
         check_pretrained(identity["model"], identity["pretrained"])
     except NemesisError as error:
@@ -176,7 +168,7 @@ def _resolve_one(
         "penalty",
         "method_variant",
     )
-    return {key: identity[key] for key in keys}
+    return target, {key: identity[key] for key in keys}
 
 
 def _nemesis_variant(penalty: Any, settings: dict[str, Any]) -> str | None:
@@ -260,7 +252,7 @@ def resolve_inputs(
         if file in inputs:
             continue
         # The identity comes from the path as given: a linked run folder keeps what its tree names.
-        identity = _resolve_one(checkpoint, model, pretrained, dataset, activation, ctx_init)
+        target, identity = _resolve_one(checkpoint, model, pretrained, dataset, activation, ctx_init)
         identity["checkpoint"] = str(file)
         inputs[file] = SweepInput(
             file=file,
@@ -271,5 +263,6 @@ def resolve_inputs(
             class_position=checkpoint.metadata.prompt_config.get("class_position", "end"),
             magnitude=checkpoint.ctx.abs().reshape(-1, *checkpoint.ctx.shape[-2:]).amax(0),  # [M, W]
             sites=tuple(prompt_method(checkpoint.prompt_method).corruption_sites_for(tuple(checkpoint.ctx.shape))),
+            target=target,
         )
     return list(inputs.values())

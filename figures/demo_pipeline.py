@@ -28,7 +28,7 @@ from nemesis.checkpoint import load_checkpoint
 from nemesis.configs import TrainConfig
 from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
-from nemesis.evaluate import append_record, evaluate_base_to_new
+from nemesis.evaluate import append_record, evaluate_base_to_new, resolve_target
 from nemesis.methods import preset
 from nemesis.train_grid import run_folder as grid_run_folder
 from nemesis.trainer import train
@@ -149,7 +149,7 @@ def base_to_new(out_dir: Path, settings: DemoSettings, console: Console) -> Path
         checkpoint = load_checkpoint(folder)
         if str(Path(checkpoint.path).resolve()) in done:
             continue  # evaluated in an earlier demo
-        results = evaluate_base_to_new(checkpoint, device="cpu")
+        results = evaluate_base_to_new(resolve_target(checkpoint), device="cpu")
         for result in results:
             append_record(records, result.record())
         console.print(f"{name}: base {results[0].accuracy:.1f}%, new {results[1].accuracy:.1f}%")

@@ -1,9 +1,10 @@
 """Evaluating prompt checkpoints from cached test features: accuracy, macro-F1, CoOp's result block.
 
-`prepare_evaluation` resolves what a checkpoint is (model, dataset, classes; user-given values
-override the file's metadata), loads the backbone once per (model, weights), and reads the test
-features from the feature cache. `predictions` classifies those features with any batch of ctx
-variants in chunked text passes; evaluation and the corruption sweep both go through it.
+`resolve_target` resolves and checks once what a checkpoint is and what it is evaluated on (model,
+weights, dataset, classes; user-given values override the file's metadata); `prepare_evaluation`
+loads the backbone once per (model, weights) and reads the test features from the feature cache.
+`predictions` classifies those features with any batch of ctx variants in chunked text passes;
+evaluation and the corruption sweep both go through it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,48 @@ class EvaluationSetup:
     source: dict[str, Any]  # checkpoint, model, pretrained, dataset, train_dataset, shots, seed, subsample, method...
 
 
-def resolve_source(
+@dataclass(frozen=True)
+class EvaluationTarget:
+    """One prompt and what it is evaluated on, resolved and checked once (`resolve_target`): the
+    commands hand it on instead of reading or checking the checkpoint again."""
+
+    checkpoint: PromptCheckpoint
+    model: str
+    pretrained: str | None  # a tag or weights file; None: random weights
+    activation: str | None  # None: the weights' own
+    dataset: str  # the test data
+    subsample: str  # all, base or new
+    shots: int | None
+    seed: int | None
+    ctx_init: str | None = None  # an init phrase named for a file that does not record its own
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What a result records of its prompt and data (eval records, sweep identities)."""
+        metadata = self.checkpoint.metadata
+        return {
+            "checkpoint": str(Path(self.checkpoint.path).resolve()) if self.checkpoint.path else None,
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "activation": self.activation,
+            "ctx_init": self.ctx_init or metadata.prompt_config.get("ctx_init"),
+            "dataset": self.dataset,
+            "train_dataset": metadata.dataset or self.dataset,
+            "shots": self.shots,
+            "seed": self.seed,
+            "subsample": self.subsample,
+            "method": self.checkpoint.prompt_method,
+            "penalty": metadata.penalty or UNKNOWN_PENALTY,
+            "penalty_config": metadata.penalty_config,
+            "epoch": metadata.epoch,
+        }
+
+    def on(self, subsample: str) -> EvaluationTarget:
+        """The same prompt on another class subset (base-to-new evaluates both)."""
+        return dataclasses.replace(self, subsample=subsample)
+
+
+def resolve_target(
     checkpoint: PromptCheckpoint,
     *,
     model: str | None = None,
@@ -72,8 +114,9 @@ def resolve_source(
     subsample: str | None = None,
     activation: Activation | str | None = None,
     ctx_init: str | None = None,
-) -> dict[str, Any]:
-    """What the checkpoint is and what it is evaluated on: named values win over the file's metadata.
+) -> EvaluationTarget:
+    """What the checkpoint is and what it is evaluated on, checked against the model: named values win
+    over the file's metadata. Every check that needs no data runs here, before any model is built.
 
     `ctx_init` names the init phrase of a prompt that does not record it (CoOp's files): as in CoOp,
     its tokens beyond the checkpoint's n_ctx stay in the prompt.
@@ -81,7 +124,7 @@ def resolve_source(
     The prompt's own weights (model and pretrained from its metadata) come with the activation it
     was trained under; other weights get the activation of their provenance unless one is named.
     `pretrained` None means not named (see `choose_weights`); `none` names random weights, which the
-    result records as pretrained None.
+    target holds as pretrained None.
     """
     metadata = checkpoint.metadata
     model = model or metadata.model
@@ -95,22 +138,18 @@ def resolve_source(
         activation = metadata.activation
     if ctx_init is not None:
         _check_init_phrase(checkpoint, ctx_init)
-    return {
-        "checkpoint": str(Path(checkpoint.path).resolve()) if checkpoint.path else None,
-        "model": model,
-        "pretrained": pretrained,
-        "activation": getattr(activation, "value", activation),
-        "ctx_init": ctx_init or metadata.prompt_config.get("ctx_init"),
-        "dataset": dataset,
-        "train_dataset": metadata.dataset or dataset,
-        "shots": shots if shots is not None else metadata.shots,
-        "seed": seed if seed is not None else metadata.seed,
-        "subsample": subsample or metadata.subsample or "all",
-        "method": checkpoint.prompt_method,
-        "penalty": metadata.penalty or UNKNOWN_PENALTY,
-        "penalty_config": metadata.penalty_config,
-        "epoch": metadata.epoch,
-    }
+    checkpoint.check_model(model, embed_dim(model), text_width(model))  # every tensor against the model
+    return EvaluationTarget(
+        checkpoint,
+        model=model,
+        pretrained=pretrained,
+        activation=getattr(activation, "value", activation),
+        dataset=dataset,
+        subsample=subsample or metadata.subsample or "all",
+        shots=shots if shots is not None else metadata.shots,
+        seed=seed if seed is not None else metadata.seed,
+        ctx_init=ctx_init,
+    )
 
 
 def _check_init_phrase(checkpoint: PromptCheckpoint, ctx_init: str) -> None:
@@ -164,47 +203,28 @@ def choose_weights(checkpoint: PromptCheckpoint, model: str, pretrained: str | N
 
 
 def prepare_evaluation(
-    checkpoint: PromptCheckpoint,
+    target: EvaluationTarget,
     *,
-    model: str | None = None,
-    pretrained: str | None = None,
-    dataset: str | None = None,
     root: str | os.PathLike | None = None,
-    shots: int | None = None,
-    seed: int | None = None,
-    subsample: str | None = None,
-    activation: Activation | str | None = None,
-    ctx_init: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | None = None,
     backbones: dict[tuple[str, str | None, str | None], Backbone] | None = None,
     progress: bool = True,
 ) -> EvaluationSetup:
-    """Everything needed to classify the test split with `checkpoint`'s prompt.
+    """Everything needed to classify the test split with the target's prompt: its data, backbone
+    (loaded once per model, weights and activation in `backbones`), learner and cached test features.
 
-    Checks that can fail cheaply (model name, ctx width, class count) run before the backbone is
-    built or any image is encoded, so bad input writes nothing to the cache.
+    The class count is checked before the backbone is built or any image is encoded, so bad input
+    writes nothing to the cache.
     """
-    source = resolve_source(
-        checkpoint,
-        model=model,
-        pretrained=pretrained,
-        dataset=dataset,
-        shots=shots,
-        seed=seed,
-        subsample=subsample,
-        activation=activation,
-        ctx_init=ctx_init,
-    )
-    widths = (embed_dim(source["model"]), text_width(source["model"]))
-    checkpoint.check_model(source["model"], *widths)  # before the dataset is read
-    data = load_dataset(source["dataset"], root, subsample=source["subsample"])
-    checkpoint.check_model(source["model"], *widths, len(data.classnames))
+    checkpoint, source = target.checkpoint, target.source
+    data = load_dataset(target.dataset, root, subsample=target.subsample)
+    checkpoint.check_model(target.model, embed_dim(target.model), text_width(target.model), len(data.classnames))
     device = resolve_device(device)
     backbones = {} if backbones is None else backbones
-    key = (source["model"], source["pretrained"], source["activation"])
+    key = (target.model, target.pretrained, target.activation)
     if key not in backbones:
-        backbones[key] = load_clip(*key[:2], device=device, activation=source["activation"])
+        backbones[key] = load_clip(target.model, target.pretrained, device=device, activation=target.activation)
     backbone = backbones[key]
     source["weights_id"] = backbone.weights_id
     source["activation"] = backbone.activation.value
@@ -262,24 +282,22 @@ def activation_mismatch(checkpoint: PromptCheckpoint, activation: Activation) ->
     )
 
 
-def evaluate(checkpoint: PromptCheckpoint, **options: Any) -> EvaluationResult:
-    """Test accuracy and macro-F1 of a checkpoint; `options` are those of `prepare_evaluation`."""
-    setup = prepare_evaluation(checkpoint, **options)
+def evaluate(target: EvaluationTarget, **options: Any) -> EvaluationResult:
+    """Test accuracy and macro-F1 of a target's prompt; `options` are those of `prepare_evaluation`."""
+    setup = prepare_evaluation(target, **options)
     predicted = predictions(setup.learner, setup.features, setup.learner.ctx.detach().unsqueeze(0))[0]
     correct = int((predicted == setup.labels).sum())
     n = int(setup.labels.numel())
     return EvaluationResult(n, correct, 100.0 * correct / n, macro_f1(predicted, setup.labels), setup.source)
 
 
-def evaluate_base_to_new(checkpoint: PromptCheckpoint, **options: Any) -> list[EvaluationResult]:
+def evaluate_base_to_new(target: EvaluationTarget, **options: Any) -> list[EvaluationResult]:
     """The base-to-new protocol on one prompt: test accuracy on the dataset's base classes, then on its new
-    classes (`options` as `prepare_evaluation`'s, without `subsample`; pass `backbones` to share models)."""
-    if "subsample" in options:
-        raise NemesisError("base-to-new evaluates both --subsample base and new; do not name a subsample")
-    base = evaluate(checkpoint, subsample=BASE_TO_NEW[0], **options)
+    classes (`options` as `prepare_evaluation`'s; pass `backbones` to share models)."""
+    base = evaluate(target.on(BASE_TO_NEW[0]), **options)
     with warnings.catch_warnings():  # notes on the prompt and its weights were said for the base classes
         warnings.simplefilter("ignore", NemesisNote)
-        new = evaluate(checkpoint, subsample=BASE_TO_NEW[1], **options)
+        new = evaluate(target.on(BASE_TO_NEW[1]), **options)
     return [base, new]
 
 

@@ -67,6 +67,7 @@ class GridRun:
     seed: int
     config: TrainConfig
     folder: Path
+    saved_epochs: int | None = None  # the epochs of the run already in `folder` (None: none), read once when planned
 
     @property
     def label(self) -> str:
@@ -75,7 +76,7 @@ class GridRun:
     @property
     def finished(self) -> bool:
         """Trained to its epochs: a run extended to more epochs (a warning at planning) is not finished."""
-        return (self.folder / RUN_PROMPT).is_file() and _saved_epochs(self.folder) == self.config.resolved().epochs
+        return (self.folder / RUN_PROMPT).is_file() and self.saved_epochs == self.config.resolved().epochs
 
 
 def _saved_epochs(folder: Path) -> int | None:
@@ -91,6 +92,7 @@ class TrainGrid:
     tree: bool
     resume: bool = False  # a single run (not a tree) resumes only when asked, as `nemesis train --resume`
     warnings: list[str] = field(default_factory=list)  # what the plan changed in what was asked or in runs it continues
+    checked: bool = False  # every run checked when planned (`plan_grid`), so training does not check it again
 
 
 def _preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -160,9 +162,10 @@ def plan_grid(
         config = TrainConfig(**values)  # checks every option
         name = resolve_name(dataset)
         folder = run_folder(out, name, method.lower(), config.model, count, seed) if tree else out
-        if options.get("epochs") is None and (saved := _saved_epochs(folder)) is not None:
+        saved = _saved_epochs(folder)
+        if options.get("epochs") is None and saved is not None:
             config = dataclasses.replace(config, epochs=saved)  # not given: a run keeps its own, as --resume does
-        run = GridRun(name, method.lower(), count, seed, config, folder)
+        run = GridRun(name, method.lower(), count, seed, config, folder, saved)
         if folder in folders:
             raise NemesisError(
                 f"runs '{folders[folder].label}' and '{run.label}' would both write {folder}; "
@@ -171,7 +174,7 @@ def plan_grid(
         folders[folder] = run
         runs.append(run)
     _check_runs(runs, tree, resume)
-    return TrainGrid(runs, tree, resume, warnings + _check_epochs(runs))
+    return TrainGrid(runs, tree, resume, warnings + _check_epochs(runs), checked=True)
 
 
 def single_run_options(given: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +194,7 @@ def single_run_options(given: dict[str, Any]) -> dict[str, Any]:
 
 def single_run_grid(config: TrainConfig, out: str | Path) -> TrainGrid:
     """The grid of one run that `nemesis train --out RUN --resume` continues from its own config.json."""
-    run = GridRun(config.dataset, config.method_name, config.shots, config.seed, config, Path(out))
+    run = GridRun(config.dataset, config.method_name, config.shots, config.seed, config, Path(out), _saved_epochs(out))
     return TrainGrid([run], tree=False, resume=True)
 
 
@@ -217,7 +220,7 @@ def _check_epochs(runs: list[GridRun]) -> list[str]:
     has are refused, more extend it (its cosine schedule then spans the new count), said as warnings."""
     extended: dict[tuple[int, int], int] = {}  # (saved, new epochs) -> runs
     for run in runs:
-        saved, wanted = _saved_epochs(run.folder), run.config.resolved().epochs
+        saved, wanted = run.saved_epochs, run.config.resolved().epochs
         if saved is None or saved == wanted:
             continue
         if wanted < saved:
@@ -283,7 +286,8 @@ def run_grid(
     if not grid.tree:
         run = grid.runs[0]
         resume = grid.resume or run.finished  # (only reachable finished with --resume: checked in the plan)
-        train(run.config, run.folder, resume=resume, progress=progress, echo=say, backbones=backbones, ranks=ranks)
+        options = dict(progress=progress, echo=say, backbones=backbones, ranks=ranks, checked=grid.checked)
+        train(run.config, run.folder, resume=resume, **options)
         summary.done.append(run)
         summary.seconds = time.perf_counter() - start
         return summary
@@ -305,6 +309,7 @@ def run_grid(
                         progress=False,
                         echo=say,
                         backbones=backbones,
+                        checked=grid.checked,
                     )
                     summary.done.append(run)
                 except Exception as error:  # a failed run is reported at the end; the others go on

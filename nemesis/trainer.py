@@ -426,10 +426,14 @@ def _restore_extra(parameters: dict, optimizer: torch.optim.Optimizer, tensors: 
 # The phases of a run, in the order `train` takes them
 
 
-def _check_and_resolve(config: TrainConfig, out_dir: Path, resume: bool, ranks: Ranks) -> tuple[Dataset, torch.device]:
+def _check_and_resolve(
+    config: TrainConfig, out_dir: Path, resume: bool, ranks: Ranks, checked: bool = False
+) -> tuple[Dataset, torch.device]:
     """Every check that can refuse the run before anything is built or written (the folder, the config and
-    data, the ranks sharing a batch); returns the training data and this process's device."""
-    check_run_folder(out_dir, config, resume)
+    data, the ranks sharing a batch); returns the training data and this process's device. A run a grid
+    planned (`checked`) had its folder checked then; its data is loaded here, as training needs it."""
+    if not checked:
+        check_run_folder(out_dir, config, resume)
     data = check_config(config)
     if ranks.distributed and min(config.batch_size, len(data.train)) < ranks.world_size:
         raise NemesisError(
@@ -742,6 +746,7 @@ def train(
     on_epoch_end: Callable[[int], None] | None = None,
     backbones: dict[tuple[str, str | None], Backbone] | None = None,
     ranks: Ranks = SINGLE_PROCESS,
+    checked: bool = False,
 ) -> Path:
     """Train a prompt and write the run folder `out_dir`; return it.
 
@@ -749,12 +754,12 @@ def train(
     `on_epoch_end(epoch)` is called after each epoch's state is saved (tests interrupt runs with it).
     `backbones` ((model, weights) -> Backbone) is reused and filled, so a grid loads each model once.
     With `ranks` of a torchrun job, every rank trains the same run on its shard of each batch and
-    rank 0 alone writes the folder.
+    rank 0 alone writes the folder. `checked`: the run folder was checked when a grid was planned.
     """
     started = time.perf_counter()
     config = config.resolved()
     out_dir = Path(out_dir)
-    data, device = _check_and_resolve(config, out_dir, resume, ranks)
+    data, device = _check_and_resolve(config, out_dir, resume, ranks, checked)
     echo = echo if ranks.is_main else None
     state = _restore_or_seed(config, out_dir, resume)
     if state is not None and state.epoch >= config.epochs and (out_dir / RUN_PROMPT).is_file():

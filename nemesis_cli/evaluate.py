@@ -67,7 +67,7 @@ def eval_command(
     Example: nemesis eval --zero-shot --model RN50 --pretrained openai --dataset dtd --root ~/data --out evals.jsonl
     """
     from nemesis.checkpoint import load_checkpoint
-    from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, resolve_source, weights_mismatch
+    from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, resolve_target, weights_mismatch
 
     if out is not None:
         prepare_output(out)
@@ -94,20 +94,17 @@ def eval_command(
                 "were seen in training, so this is not a base-to-new result",
                 err=True,
             )
-    for prompt in prompts:  # model, dataset and weights of every prompt, before any is evaluated or recorded
-        resolve_source(prompt, model=model, pretrained=pretrained, dataset=dataset, ctx_init=ctx_init)
+    # Model, dataset and weights of every prompt, resolved and checked once, before any is evaluated or recorded.
+    named = dict(model=model, pretrained=pretrained, activation=activation, ctx_init=ctx_init, dataset=dataset)
+    targets = [resolve_target(prompt, **named, shots=shots, seed=seed, subsample=subsample) for prompt in prompts]
     backbones: dict = {}
     evaluated = []
-    for prompt in prompts:
+    for prompt, target in zip(prompts, targets, strict=True):
         options = dict(
-            model=model, pretrained=pretrained, activation=activation, ctx_init=ctx_init, dataset=dataset,
             root=root if root is not None else run_root(prompt.path),  # a run folder knows where its data was
-            shots=shots, seed=seed, cache_dir=cache_dir, device=device, backbones=backbones,
+            cache_dir=cache_dir, device=device, backbones=backbones,
         )  # fmt: skip
-        if base_to_new:
-            results = evaluate_base_to_new(prompt, **options)
-        else:
-            results = [evaluate(prompt, subsample=subsample, **options)]
+        results = evaluate_base_to_new(target, **options) if base_to_new else [evaluate(target, **options)]
         evaluated += results
         for index, result in enumerate(results):
             _report(result, header=index == 0)

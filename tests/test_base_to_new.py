@@ -15,7 +15,7 @@ from figures.demo_pipeline import DemoSettings
 from nemesis.backbone import load_clip
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.datasets import load_dataset
-from nemesis.evaluate import evaluate
+from nemesis.evaluate import evaluate, resolve_target
 from nemesis.methods.cocoop.learner import CoCoOp
 from nemesis.methods.coop.learner import PromptLearner
 from nemesis.testing import make_coop_folder
@@ -96,11 +96,12 @@ def test_fashion_mnist_cocoop_beats_zero_shot_on_base_classes_and_the_table_has_
     start = CoCoOp(clip, data.classnames, ctx_init="a photo of a", seed=1)  # the run's initial prompt and meta-net
     metadata = PromptMetadata(model="tiny", pretrained="fmnist", dataset="fashion_mnist")
     start_file = save_prompt(tmp_path / "start.safetensors", start.ctx, metadata, start.extra_parameters())
-    untrained = evaluate(load_checkpoint(start_file), subsample="base", device="cpu", progress=False).accuracy
+    base = {"device": "cpu", "progress": False}
+    untrained = evaluate(resolve_target(load_checkpoint(start_file), subsample="base"), **base).accuracy
     hand = PromptLearner(clip, ["x"], ctx_init="a photo of a").ctx.detach()  # I1: the zero-shot prompt
     metadata = PromptMetadata(model="tiny", pretrained="fmnist", dataset="fashion_mnist")  # a CoOp prompt's
     zero_shot_file = save_prompt(tmp_path / "zero_shot.safetensors", hand, metadata)
-    zero_shot = evaluate(load_checkpoint(zero_shot_file), subsample="base", device="cpu", progress=False).accuracy
+    zero_shot = evaluate(resolve_target(load_checkpoint(zero_shot_file), subsample="base"), **base).accuracy
     assert trained > zero_shot + 0.5 and trained > untrained + 0.5, (trained, zero_shot, untrained)
 
     report = CliRunner().invoke(app, ["report", str(records), "--out", str(tmp_path / "report")])

@@ -12,7 +12,7 @@ from corrupt.grid import Cell, parse_grid
 from corrupt.operators import corrupted_variants
 from corrupt.results import correctness_path
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
-from nemesis.evaluate import prepare_evaluation
+from nemesis.evaluate import prepare_evaluation, resolve_target
 from nemesis.methods.cocoop.learner import CoCoOp
 from nemesis.methods.coop.learner import PromptLearner
 
@@ -40,9 +40,8 @@ def test_cocoop_cells_in_a_batch_equal_cells_alone_i4(tmp_path, data_root):  # n
     correctness = pd.read_parquet(correctness_path(tmp_path / "r.parquet"))
 
     checkpoint = load_checkpoint(path)
-    setup = prepare_evaluation(
-        checkpoint, pretrained="none", root=data_root, device="cpu", backbones=_backbones(), progress=False
-    )
+    target = resolve_target(checkpoint, pretrained="none")
+    setup = prepare_evaluation(target, root=data_root, device="cpu", backbones=_backbones(), progress=False)
     assert isinstance(setup.learner, CoCoOp)
     cells = GRID.cells(N_CTX)
     batched = evaluate_cells(setup, checkpoint.ctx, cells, variants_per_pass=3)
@@ -59,9 +58,8 @@ def test_cocoop_cells_in_a_batch_equal_cells_alone_i4(tmp_path, data_root):  # n
 @pytest.mark.parametrize("cell", [Cell("replace", 1, 0.0, 0), Cell("rescale", 2, 3.0)])
 def test_corruption_acts_on_ctx_before_the_shift(tmp_path, data_root, cell):  # noqa: F811
     checkpoint = load_checkpoint(_cocoop_prompt(tmp_path))
-    setup = prepare_evaluation(
-        checkpoint, pretrained="none", root=data_root, device="cpu", backbones=_backbones(), progress=False
-    )
+    target = resolve_target(checkpoint, pretrained="none")
+    setup = prepare_evaluation(target, root=data_root, device="cpu", backbones=_backbones(), progress=False)
     predicted = evaluate_cells(setup, checkpoint.ctx, [cell]).correct[0]
     corrupted = corrupted_variants(checkpoint.ctx, [cell])[0]  # [M, W]
     extra = checkpoint.extra

@@ -82,11 +82,11 @@ def test_cocoop_resume_ends_with_the_uninterrupted_prompt(pets, tmp_path):
 
 
 def test_cocoop_run_folder_evaluates_as_cocoop_and_refuses_coop(pets, tmp_path):
-    from nemesis.evaluate import evaluate
+    from nemesis.evaluate import evaluate, resolve_target
 
     out = tmp_path / "run"
     train(small_cocoop(pets, epochs=1), out, progress=False)
-    result = evaluate(load_checkpoint(out), root=pets, device="cpu", progress=False)
+    result = evaluate(resolve_target(load_checkpoint(out)), root=pets, device="cpu", progress=False)
     assert result.source["method"] == "cocoop" and result.n == 12
     final_accuracy = [line for line in (out / "log.txt").read_text().splitlines() if line.startswith("* accuracy: ")][
         -1

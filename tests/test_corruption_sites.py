@@ -23,7 +23,7 @@ from corrupt.operators import corrupt_ctx, position_norm, replacement_noise
 from corrupt.results import ResultsFile, cell_id, checkpoint_key
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.errors import NemesisError
-from nemesis.evaluate import prepare_evaluation
+from nemesis.evaluate import prepare_evaluation, resolve_target
 from nemesis.methods import METHODS
 from nemesis.prompt_methods import WHOLE_CTX, CorruptionSite
 from nemesis.sweep_format import read_sweep_table
@@ -48,9 +48,8 @@ def _mean2_ctx(seed: int = 3) -> torch.Tensor:
 def mean2_setup(data_root, tmp_path_factory):  # noqa: F811
     """An evaluation of oxford_pets whose learner is a coop-mean2 prompt built in memory."""
     path = _prompt(tmp_path_factory.mktemp("coop"), "coop", 3)  # only for the backbone, data and features
-    setup = prepare_evaluation(
-        load_checkpoint(path), pretrained="none", root=data_root, device="cpu", backbones=_backbones(), progress=False
-    )
+    target = resolve_target(load_checkpoint(path), pretrained="none")
+    setup = prepare_evaluation(target, root=data_root, device="cpu", backbones=_backbones(), progress=False)
     learner = AveragedCoOp(setup.backbone, setup.dataset.classnames, ctx=_mean2_ctx())
     return dataclasses.replace(setup, learner=learner)
 

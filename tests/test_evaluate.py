@@ -12,7 +12,7 @@ from nemesis import feature_cache
 from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.datasets import load_dataset
 from nemesis.errors import NemesisError
-from nemesis.evaluate import coop_result_block, evaluate, macro_f1
+from nemesis.evaluate import coop_result_block, evaluate, macro_f1, resolve_target
 from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
@@ -39,7 +39,8 @@ def _prompt(tmp_path, ctx=None, **metadata):
 def test_cached_accuracy_equals_live_encoding(tmp_path, pets_root):
     checkpoint = load_checkpoint(_prompt(tmp_path))
     cache = tmp_path / "cache"
-    result = evaluate(checkpoint, pretrained="none", root=pets_root, cache_dir=cache, device="cpu", progress=False)
+    target = resolve_target(checkpoint, pretrained="none")
+    result = evaluate(target, root=pets_root, cache_dir=cache, device="cpu", progress=False)
 
     clip = cached_backbone("tiny")
     data = load_dataset("oxford_pets", pets_root)
@@ -203,28 +204,22 @@ def test_exported_gelu_base_class_cocoop_prompt_gets_no_false_notes(tmp_path, pe
 
 def test_coop_checkpoint_of_a_multi_token_init_runs_with_coops_layout(tmp_path, pets_root):
     """CoOp trained with ctx_init "an X-ray of a" saves 4 vectors; --ctx-init restores the frozen "of a"."""
-    from nemesis.evaluate import prepare_evaluation
+    from nemesis.evaluate import prepare_evaluation, resolve_target
 
     clip = cached_backbone("tiny")
     tokens = clip.tokenizer.encode("an X-ray of a")[:4]
     with torch.no_grad():
         ctx = clip.model.token_embedding.weight[torch.tensor(tokens)].clone()  # CoOp's init, untrained
     checkpoint = load_checkpoint(write_dassl_checkpoint(tmp_path / "coop", ctx))
-    options = {
-        "model": "tiny",
-        "pretrained": "none",
-        "dataset": "oxford_pets",
-        "root": pets_root,
-        "device": "cpu",
-        "progress": False,
-    }
-    setup = prepare_evaluation(checkpoint, ctx_init="an X-ray of a", cache_dir=tmp_path / "cache", **options)
+    named = {"model": "tiny", "pretrained": "none", "dataset": "oxford_pets"}
+    target = resolve_target(checkpoint, ctx_init="an X-ray of a", **named)
+    setup = prepare_evaluation(target, root=pets_root, cache_dir=tmp_path / "cache", device="cpu", progress=False)
     texts = [f"an X-ray of a {name}." for name in CLASSES]
     with torch.no_grad():
         difference = setup.learner.text_features() - clip.model.encode_text(clip.tokenizer(texts))
     assert difference.abs().max().item() <= 1e-5 and setup.source["ctx_init"] == "an X-ray of a"
     with pytest.raises(NemesisError, match=r"--ctx-init 'a photo of the thing' has 5 words but .* holds 4"):
-        prepare_evaluation(checkpoint, ctx_init="a photo of the thing", **options)
+        resolve_target(checkpoint, ctx_init="a photo of the thing", **named)
 
 
 # --- which weights: named, or the prompt's own record; never random by omission ------------------

@@ -24,7 +24,7 @@ from nemesis.backbone import load_clip
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt
 from nemesis.checksum import tensors_sha256
 from nemesis.errors import NemesisError
-from nemesis.evaluate import prepare_evaluation
+from nemesis.evaluate import prepare_evaluation, resolve_target
 from nemesis.losses import position_norms
 from nemesis.methods import METHODS, MethodSpec, register_method
 from nemesis.methods.cocoop.learner import embed_dim_of
@@ -356,10 +356,8 @@ def _check_two_cell_sweep(name: str, checkpoint, data_root, out) -> None:
     assert list(table["op"]).count(ORIGINAL_CELL.op) == 1 and set(table["method"]) == {name}
     corrupted = table[table["op"] != ORIGINAL_CELL.op]
     assert corrupted["site"].value_counts().to_dict() == {site.name: 2 for site in sites}
-    setup = prepare_evaluation(
-        load_checkpoint(checkpoint), pretrained="none", root=data_root, device="cpu", backbones=_backbones(),
-        progress=False,
-    )  # fmt: skip
+    target = resolve_target(load_checkpoint(checkpoint), pretrained="none")
+    setup = prepare_evaluation(target, root=data_root, device="cpu", backbones=_backbones(), progress=False)
     assert type(setup.learner) is METHODS[name].learner_class()
 
 
@@ -429,3 +427,27 @@ def test_every_command_runs_a_method_defined_here(name, data_root, tmp_path):
     few_shot = pd.read_csv(tmp_path / "report" / "few_shot.csv")
     assert set(few_shot["method"]) == {f"{label(name)} (random weights)"}
     assert f"{label(name)} prompt" in _command("prompt", "info", run)
+
+
+def test_each_command_reads_and_checks_each_checkpoint_once(data_root, tmp_path, monkeypatch):
+    """Resolve once: `eval` and `corrupt` read a prompt file once and check its tensors against the model
+    once before the data is known (and once more with the class count), then hand the result on."""
+    import nemesis.checkpoint as checkpoint_module
+
+    path = tmp_path / "prompt.safetensors"
+    _saved(_learner("cocoop"), path)
+    reads, checks = [], []
+    real_load, real_check = checkpoint_module.load_prompt, checkpoint_module.PromptCheckpoint.check_model
+    monkeypatch.setattr(checkpoint_module, "load_prompt", lambda *args: reads.append(1) or real_load(*args))
+
+    def counted_check(self, model, embed_dim, text_width, n_classes=None):
+        checks.append(n_classes)
+        return real_check(self, model, embed_dim, text_width, n_classes)
+
+    monkeypatch.setattr(checkpoint_module.PromptCheckpoint, "check_model", counted_check)
+    common = ["--root", data_root, "--pretrained", "none", "--device", "cpu"]
+    _command("eval", path, *common)
+    assert len(reads) == 1 and checks == [None, len(CLASSNAMES)]
+    reads.clear(), checks.clear()
+    _command("corrupt", path, *common, "--rescale", "0.5", "--positions", "0", "--out", tmp_path / "s.parquet")
+    assert len(reads) == 1 and checks == [None, len(CLASSNAMES)]

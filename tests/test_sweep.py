@@ -14,7 +14,7 @@ from corrupt.inputs import identity_from_path, resolve_inputs
 from corrupt.results import COLUMNS, ResultsFile, correctness_path
 from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.errors import NemesisError
-from nemesis.evaluate import prepare_evaluation
+from nemesis.evaluate import prepare_evaluation, resolve_target
 from nemesis.methods import legacy_name, method_of_dassl_path
 from nemesis.methods.coop.learner import PromptLearner
 from nemesis.testing import make_coop_folder
@@ -66,9 +66,8 @@ def test_batched_cells_equal_cells_alone(tmp_path, data_root, class_specific):
     assert len(summary.cells) == len(GRID.cells(N_CTX)) == 1 + 3 * N_CTX + (1 + 2 * 2) * N_CTX
 
     checkpoint = load_checkpoint(path)
-    setup = prepare_evaluation(
-        checkpoint, pretrained="none", root=data_root, device="cpu", backbones=_backbones(), progress=False
-    )
+    target = resolve_target(checkpoint, pretrained="none")
+    setup = prepare_evaluation(target, root=data_root, device="cpu", backbones=_backbones(), progress=False)
     cells = GRID.cells(N_CTX)
     batched = evaluate_cells(setup, checkpoint.ctx, cells, variants_per_pass=5)  # chunks cut across operators
     accuracies = set()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -249,3 +250,24 @@ def test_a_torchrun_grid_summary_gives_the_jobs_time_not_rank_0s(monkeypatch):
     monkeypatch.setattr(train_grid, "run_grid", lambda grid, ranks, **options: train_grid.GridSummary())
     summary = train_grid.run_grid_job(grid, progress=False)
     assert summary.seconds >= 0.3
+
+
+def test_a_planned_grid_checks_each_run_folder_once(tmp_path, monkeypatch):
+    """Planning checks every run's folder; the runs then train without checking it again."""
+    import nemesis.trainer as trainer
+
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(2, 1, 2), image_size=28)
+    checked = []
+    real = trainer.check_run_folder
+
+    def counted(out_dir, config, resume):
+        checked.append(Path(out_dir).name)
+        return real(out_dir, config, resume)
+
+    monkeypatch.setattr(trainer, "check_run_folder", counted)
+    monkeypatch.setattr(train_grid, "check_run_folder", counted)
+    options = dict(root=str(root), model="tiny", pretrained=None, epochs=1, batch_size=4, n_ctx=4, device="cpu")
+    grid = plan_grid(tmp_path / "runs", options, datasets=["oxford_pets"], shots=[1], seeds=[1, 2])
+    run_grid(grid, progress=False)
+    assert sorted(checked) == ["seed1", "seed2"]  # once each, when planned
