@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from .atomic import write_text_atomic
+from .augmentation import augment
 from .backbone import Backbone, load_clip, model_config, resolve_device
 from .checkpoint import PromptMetadata, save_prompt
 from .choices import Precision
@@ -39,7 +40,7 @@ from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PR
 from .datasets import Dataset, load_dataset
 from .distributed import SINGLE_PROCESS, Ranks, rank_device
 from .errors import NemesisError
-from .feature_cache import augment, encode_split, encode_train_views
+from .feature_cache import encode_split, encode_train_views
 from .losses import nemesis_loss
 from .methods import legacy_name
 from .metrics import coop_result_block, macro_f1, predictions

@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from nemesis import feature_cache
+from nemesis import augmentation, feature_cache
 from nemesis.datasets import load_dataset
 from nemesis.errors import NemesisError
 from nemesis.testing import make_coop_folder
@@ -132,11 +132,11 @@ def test_augmentation_crops_inside_the_image_and_normalises(tiny):
     rng = random.Random(0)
     for _ in range(200):
         width, height = rng.randint(1, 60), rng.randint(1, 60)
-        top, left, crop_height, crop_width = feature_cache._crop_box(width, height, rng)
+        top, left, crop_height, crop_width = augmentation._crop_box(width, height, rng)
         assert top >= 0 and left >= 0 and top + crop_height <= height and left + crop_width <= width
         assert crop_height > 0 and crop_width > 0
     image = Image.new("RGB", (40, 30), (255, 0, 0))
-    tensor = feature_cache.augment(image, tiny.image_size, tiny.image_mean, tiny.image_std, random.Random(1))
+    tensor = augmentation.augment(image, tiny.image_size, tiny.image_mean, tiny.image_std, random.Random(1))
     assert tensor.shape == (3, 28, 28)
     expected_red = (1.0 - tiny.image_mean[0]) / tiny.image_std[0]
     assert torch.allclose(tensor[0], torch.full((28, 28), expected_red), atol=1e-4)
@@ -144,15 +144,15 @@ def test_augmentation_crops_inside_the_image_and_normalises(tiny):
 
 def test_crop_scale_one_keeps_the_whole_image_and_gets_its_own_cache_entries(tiny, pets, tmp_path):
     # CoOp's crop keeps the description the cache keys were made with, so existing entries stay valid.
-    assert "scale=(0.08, 1.0)" in feature_cache.train_augmentation_description(tiny)
-    assert "scale=(1.0, 1.0)" in feature_cache.train_augmentation_description(tiny, 1.0)
+    assert "scale=(0.08, 1.0)" in augmentation.train_augmentation_description(tiny)
+    assert "scale=(1.0, 1.0)" in augmentation.train_augmentation_description(tiny, 1.0)
     pixels = torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(0))
     image = Image.fromarray((pixels.permute(1, 2, 0) * 255).round().byte().numpy())
     mean, std = torch.tensor(tiny.image_mean).view(3, 1, 1), torch.tensor(tiny.image_std).view(3, 1, 1)
     whole = (TF.to_tensor(image) - mean) / std
     flips = 0
     for seed in range(20):  # every view is the whole image, flipped or not
-        view = feature_cache.augment(image, 28, tiny.image_mean, tiny.image_std, random.Random(seed), crop_scale=1.0)
+        view = augmentation.augment(image, 28, tiny.image_mean, tiny.image_std, random.Random(seed), crop_scale=1.0)
         flipped = torch.allclose(view, whole.flip(-1), atol=1e-5)
         assert flipped or torch.allclose(view, whole, atol=1e-5)
         flips += flipped
