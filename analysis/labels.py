@@ -73,15 +73,15 @@ def method_label(
     "CoOp+Nemesis". A penalty that is not recorded (a Dassl file outside a CoOp tree) says so. Records
     written when one word named method and penalty ("nemesis", "cocoop-nemesis") read the same.
     """
-    if _missing(method):
+    if is_missing(method):
         return "unknown"
-    method, penalty = split_method(str(method).lower(), None if _missing(penalty) else str(penalty))
+    method, penalty = split_method(str(method).lower(), None if is_missing(penalty) else str(penalty))
     spec = METHODS.get(method)
     base = spec.label if spec is not None else method
     if penalty == UNKNOWN_PENALTY:
         return f"{base} (penalty not recorded)"
     label = base + penalty_label(penalty)
-    if uses_nemesis(penalty) and beta is not None and weight is not None and not _missing(beta):
+    if uses_nemesis(penalty) and beta is not None and weight is not None and not is_missing(beta):
         label += f" ({nemesis_variant(beta, weight)})"
     return label
 
@@ -93,7 +93,7 @@ def method_label_from_config(config: Mapping[str, Any]) -> str:
     return method_label(method, nemesis.get("beta"), nemesis.get("weight"), config.get("penalty"))
 
 
-def _missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
 
 
@@ -144,7 +144,7 @@ def weights_names(weights_ids: Iterable[Any]) -> dict[Any, str | None]:
     "random weights" for random ones; nothing (None) for unknown weights (tables written before the
     column existed) and for real weights when the table holds one real id only; "weights <id>"
     (shortened) when it holds several, so their groups read apart."""
-    ids = {value for value in weights_ids if not _missing(value)}
+    ids = {value for value in weights_ids if not is_missing(value)}
     real = {value for value in ids if not is_random_weights_id(value)}
     names: dict[Any, str | None] = {}
     for value in ids:
@@ -169,16 +169,16 @@ def prompt_kind_label(
 
     A table written before sweeps recorded the prompt kind says so: "(classes not recorded)".
     """
-    parts = [method_label(None if _missing(method) else str(method), penalty=penalty)]
-    if not _missing(variant) and parts[0].endswith(penalty_label(NEMESIS)):
+    parts = [method_label(None if is_missing(method) else str(method), penalty=penalty)]
+    if not is_missing(variant) and parts[0].endswith(penalty_label(NEMESIS)):
         parts[0] += f" ({variant})"
-    if not _missing(weights):
+    if not is_missing(weights):
         parts[0] += f" ({weights})"
-    if _missing(subsample):
+    if is_missing(subsample):
         parts.append("classes not recorded")
     elif str(subsample) != "all":
         parts.append(f"{subsample} classes")
-    if not _missing(trained_on) and str(trained_on) != OWN_DATASET:
+    if not is_missing(trained_on) and str(trained_on) != OWN_DATASET:
         parts.append(f"trained on {dataset_name(trained_on)}")
     return ", ".join(parts)
 
@@ -192,7 +192,7 @@ def kind_label(kind: Mapping[str, Any], weights: Mapping[Any, str | None] | None
         kind.get("subsample", "all"),
         kind.get("trained_on", OWN_DATASET),
         kind.get("method_variant"),
-        None if _missing(weights_id) else (weights or {}).get(weights_id),
+        None if is_missing(weights_id) else (weights or {}).get(weights_id),
         kind.get("penalty"),
     )
 
@@ -202,10 +202,10 @@ def is_paper_kind(kind: Mapping[str, Any], dataset: Any) -> bool:
     counts: CoOp without a penalty, all classes, its own dataset, not random weights (`weights`: the
     group's weights id; unknown in older tables)."""
     values = [kind.get(key) for key in ("method", "subsample", "trained_on")]
-    if any(_missing(value) for value in values):
+    if any(is_missing(value) for value in values):
         return False
     method, penalty = split_method(
-        str(kind["method"]), kind.get("penalty") if not _missing(kind.get("penalty")) else None
+        str(kind["method"]), kind.get("penalty") if not is_missing(kind.get("penalty")) else None
     )
     return (
         (method, penalty) == LNE_PROMPTS
@@ -222,7 +222,7 @@ WHOLE_CTX_LABEL = "whole ctx"  # the site of a method that corrupts all of its c
 def site_label(site: Any) -> str:
     """A corruption site as legends, summaries and tables name it: its name ("prompt 0"), or
     "whole ctx" for a method's single whole-ctx site (site "", or unknown in a frame built by hand)."""
-    return WHOLE_CTX_LABEL if _missing(site) or str(site) == "" else str(site)
+    return WHOLE_CTX_LABEL if is_missing(site) or str(site) == "" else str(site)
 
 
 def shots_label(shots: Any) -> str:

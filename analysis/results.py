@@ -28,6 +28,7 @@ from nemesis.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_swee
 from .coop_logs import is_dassl_log, read_dassl_log
 from .labels import (
     RANDOM_WEIGHTS_MARK,
+    is_missing,
     is_random_weights,
     method_label,
     method_label_from_config,
@@ -94,14 +95,18 @@ class Run:
         random = "pretrained" in self.config and is_random_weights(self.config["pretrained"])
         return method_label_from_config(self.config) + (RANDOM_WEIGHTS_MARK if random else "")
 
+    @cached_property
+    def _method_and_penalty(self) -> tuple[str | None, str]:
+        """(method, penalty); a config written before the two were options names both in one word."""
+        return split_method(self.config.get("prompt_method", self.config.get("method")), self.config.get("penalty"))
+
     @property
     def method(self) -> str | None:
-        """The prompt method (a config written before the two were options: from its one word)."""
-        return split_method(self.config.get("prompt_method", self.config.get("method")), self.config.get("penalty"))[0]
+        return self._method_and_penalty[0]
 
     @property
     def penalty(self) -> str:
-        return split_method(self.config.get("prompt_method", self.config.get("method")), self.config.get("penalty"))[1]
+        return self._method_and_penalty[1]
 
     @cached_property
     def _prompt_metadata(self) -> dict[str, Any]:
@@ -458,7 +463,7 @@ def eval_frame(rows: list[dict], path: str | os.PathLike) -> pd.DataFrame:
     frame["method"] = frame["method"].fillna("unknown")
     # Records written when one word named method and penalty ("nemesis"): both from that word.
     pairs = [
-        split_method(method, None if _absent(penalty) else penalty)
+        split_method(method, None if is_missing(penalty) else penalty)
         for method, penalty in zip(frame["method"], frame["penalty"], strict=True)
     ]
     frame["method"] = [method for method, _ in pairs]
@@ -489,10 +494,6 @@ def eval_frame(rows: list[dict], path: str | os.PathLike) -> pd.DataFrame:
     frame["weights_id"] = frame["weights_id"].where(frame["weights_id"].notna(), frame["weights"])
     frame[SOURCE_COLUMN] = str(path)
     return frame
-
-
-def _absent(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def _beta_weight(config: Any) -> tuple[float | None, float | None]:

@@ -124,7 +124,7 @@ MAX_METADATA_DEPTH = 16
 
 
 def _json_value_ok(value: Any, depth: int = 0) -> bool:
-    """A JSON value of bounded size and depth (free-form fields such as method_config)."""
+    """A JSON value of bounded size and depth (free-form fields such as prompt_config)."""
     if depth > MAX_METADATA_DEPTH:
         return False
     if value is None or isinstance(value, (bool, int)):
@@ -305,7 +305,9 @@ def _checked(ctx: Any, origin: str) -> torch.Tensor:
         kind = "meta" if ctx.is_meta else ctx.dtype if ctx.layout == torch.strided else str(ctx.layout)[6:]
         raise NemesisError(f"{origin}: ctx is a {kind} tensor; a prompt is a dense floating-point tensor")
     if not 2 <= ctx.dim() <= MAX_TENSOR_DIMS:
-        raise NemesisError(f"{origin}: ctx has shape {tuple(ctx.shape)}; expected [M, W] or [n_cls, M, W]")
+        raise NemesisError(
+            f"{origin}: ctx has shape {tuple(ctx.shape)}; expected [..., M, W] with at most {MAX_TENSOR_DIMS} axes"
+        )
     if not ctx.is_contiguous():
         raise NemesisError(f"{origin}: ctx of shape {tuple(ctx.shape)} is a strided view, not a stored prompt")
     if not (0 < ctx.shape[-2] <= MAX_CTX_POSITIONS and 0 < ctx.shape[-1] <= MAX_TEXT_WIDTH and ctx.shape[0] > 0):
@@ -340,10 +342,14 @@ def _extra_names(spec: MethodSpec, config: Any) -> set[str]:
     return set(spec.tensor_shapes(config)) - {CTX_TENSOR}
 
 
+def _known_extra_names() -> set[str]:
+    """Every registered method's tensor names besides ctx: what a file may hold that is read."""
+    return {name for spec in METHODS.values() for name in _extra_names(spec, spec.config())}
+
+
 def method_of_tensors(names: set[str], origin: str) -> str:
     """The method whose tensors besides ctx have exactly these names (of the known ones in a file)."""
-    known = {name for spec in METHODS.values() for name in _extra_names(spec, spec.config())}
-    names = names & known
+    names = names & _known_extra_names()
     for spec in METHODS.values():
         if _extra_names(spec, spec.config()) == names:  # names do not depend on options or widths
             return spec.name
@@ -406,9 +412,7 @@ def _read_prompt_tensors(file: Any, metadata: PromptMetadata, origin: str) -> di
         raise NemesisError(f"{origin} holds no '{CTX_TENSOR}' tensor; it is not a prompt checkpoint")
     if metadata.prompt_method is None:
         metadata.prompt_method = method_of_tensors(set(file.keys()) - {CTX_TENSOR}, origin)
-    spec = method_spec(metadata.prompt_method)
-    known = {name for other in METHODS.values() for name in _extra_names(other, other.config())}
-    names = (_extra_names(spec, spec.config()) | known) & set(file.keys())
+    names = _known_extra_names() & set(file.keys())
     tensors = {CTX_TENSOR: file.get_tensor(CTX_TENSOR)}
     for name in sorted(names):
         _check_extra_shape(file.get_slice(name).get_shape(), name, origin)
@@ -425,7 +429,8 @@ def load_prompt(path: str | os.PathLike) -> PromptCheckpoint:
         with safe_open(str(path), framework="pt") as file:
             header = file.metadata() or {}
             text = header.get(METADATA_KEY)
-            metadata = PromptMetadata.from_json(text, str(path)) if text is not None else PromptMetadata()
+            # A file without our description records nothing of its training, its penalty included.
+            metadata = PromptMetadata.from_json(text, str(path)) if text is not None else PromptMetadata(penalty=None)
             tensors = _read_prompt_tensors(file, metadata, str(path))
     except (SafetensorError, OSError, ValueError) as error:
         if isinstance(error, NemesisError):
@@ -476,6 +481,14 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
     )
 
 
+def _dassl_method(trained: str | None, extra: dict[str, torch.Tensor], origin: str) -> str:
+    """The method of a Dassl file: its trainer folder's when the file holds that method's tensors, else
+    the one its tensors say (a CoCoOp file copied into a CoOp tree is read as CoCoOp, meta-net included)."""
+    if trained is not None and _extra_names(method_spec(trained), method_spec(trained).config()) == set(extra):
+        return trained
+    return method_of_tensors(set(extra), origin)
+
+
 def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     """Read a Dassl checkpoint file: `state_dict["ctx"]` and the method's other tensors (CoCoOp's
     `meta_net.*`); buffers (`token_prefix`, `token_suffix`) and optimiser state are ignored.
@@ -490,11 +503,10 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
         raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
     epoch = content.get("epoch")
     where = identity_from_path(path)
-    known = {name for spec in METHODS.values() for name in _extra_names(spec, spec.config())}
-    extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(known & set(state))}
+    extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(_known_extra_names() & set(state))}
     ctx = _checked(state[CTX_TENSOR], str(path))
     trained, penalty = method_of_dassl_path(where.trainer, where.nemesis)
-    spec = method_spec(trained or method_of_tensors(set(extra), str(path)))
+    spec = method_spec(_dassl_method(trained, extra, str(path)))
     config = spec.options_from_dassl(tuple(ctx.shape), where.class_position)
     extra = {name: tensor for name, tensor in extra.items() if name in _extra_names(spec, config)}
     _check_declared(spec, config, {CTX_TENSOR: ctx, **extra}, str(path))

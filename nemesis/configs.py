@@ -96,9 +96,9 @@ class TrainConfig:
         self.penalty = checked_penalty(self.penalty)
         self._check_prompt_options(spec)
         defaults = spec.config()
-        if self.n_ctx is None:
+        if self.n_ctx is None and "n_ctx" in spec.option_names():  # the method's own count and init phrase
             self.ctx_init = getattr(defaults, "ctx_init", None) if self.ctx_init is None else self.ctx_init
-            self.n_ctx = getattr(defaults, "n_ctx", 1)
+            self.n_ctx = defaults.n_ctx
         self.batch_size = spec.training.batch_size if self.batch_size is None else self.batch_size
         self.precision = choice(Precision, self.precision, "precision")
         self.subsample = choice(Subsample, self.subsample, "subsample").value
@@ -110,7 +110,6 @@ class TrainConfig:
             self.activation = choice(Activation, self.activation, "activation").value
         counts = {
             "shots": (self.shots, 1),
-            "n_ctx": (self.n_ctx, 1),
             "batch_size": (self.batch_size, 1),
             "warmup_epochs": (self.warmup_epochs, 0),
             "train_views": (self.train_views, 0),
@@ -120,6 +119,8 @@ class TrainConfig:
         }
         if self.epochs is not None:
             counts["epochs"] = (self.epochs, 1)
+        if self.n_ctx is not None:
+            counts["n_ctx"] = (self.n_ctx, 1)
         for name, (value, least) in counts.items():
             if value < least:
                 raise NemesisError(f"{name} must be at least {least}, got {value}")
@@ -144,7 +145,7 @@ class TrainConfig:
             self.ctx_init = None
         nemesis = self.nemesis_config()  # checks beta, weight, norm, schedule, positions, corrupt_weight
         self.norm, self.schedule = nemesis.norm, nemesis.schedule
-        if self.uses_nemesis and self.ctx_init is None and self.positions > self.n_ctx:
+        if self.uses_nemesis and self.ctx_init is None and self.n_ctx is not None and self.positions > self.n_ctx:
             raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {self.n_ctx}, got {self.positions}")
         self.prompt_config()  # the method's own checks of its options
 

@@ -38,7 +38,8 @@ class PathIdentity:
 
 
 def identity_from_path(path: str | os.PathLike) -> PathIdentity:
-    """Dataset, shots, seed, method, class subset and class position read from a CoOp output path
+    """Dataset, shots, seed, trainer folder (whose method `nemesis.methods.method_of_dassl_path` says),
+    whether a folder names Nemesis, class subset and class position, read from a CoOp output path
     (rightmost match wins).
 
     The path is read as given, made absolute but not resolved: a tree whose run folders are links

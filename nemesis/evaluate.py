@@ -38,6 +38,8 @@ from .constants import NO_WEIGHTS, RANDOM_WEIGHTS
 from .datasets import Dataset, load_dataset
 from .errors import NemesisError, NemesisNote
 from .feature_cache import encode_split
+
+# Scoring lives in `metrics` (the trainer and zero-shot use it without loading checkpoints); re-exported here.
 from .metrics import (  # noqa: F401
     BASE_TO_NEW,
     EvaluationResult,
@@ -45,8 +47,6 @@ from .metrics import (  # noqa: F401
     macro_f1,
     predictions,
 )
-
-# Scoring lives in `metrics` (the trainer and zero-shot use it without loading checkpoints); re-exported here.
 from .penalties import UNKNOWN_PENALTY
 from .prompt_methods import PromptMethod, build_learner
 from .wording import plural

@@ -2,7 +2,7 @@
 
 Every learner is an `nn.Module` whose parameters are what training updates and which has the
 members `PromptMethod` declares; `tests/test_method_conformance.py` runs every registered method
-through the same checks. Methods are registered in `nemesis.methods` (one module and one line each).
+through the same checks. Methods are registered in `nemesis.methods` (one folder and one line each).
 """
 
 from __future__ import annotations

@@ -185,9 +185,10 @@ def _hold_in_precision(config: TrainConfig, parameters: dict[str, torch.nn.Param
             parameter.data = parameter.data.half()
 
 
-def resolved_n_ctx(config: TrainConfig) -> int:
-    """Context positions as the learner will build them (an init phrase: its word count)."""
-    return config.prompt_config().n_ctx
+def resolved_n_ctx(config: TrainConfig) -> int | None:
+    """Context positions as the learner will build them (an init phrase: its word count); None for a
+    method whose options do not count them (its learner's `n_ctx` then says)."""
+    return getattr(config.prompt_config(), "n_ctx", None)
 
 
 def load_training_data(config: TrainConfig) -> Dataset:
@@ -212,7 +213,7 @@ def check_config(config: TrainConfig) -> Dataset:
     model_config(config.model)
     if config.uses_nemesis:
         n_ctx = resolved_n_ctx(config)
-        if not 1 <= config.positions <= n_ctx:
+        if n_ctx is not None and not 1 <= config.positions <= n_ctx:
             raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {n_ctx}, got {config.positions}")
     return load_training_data(config)
 

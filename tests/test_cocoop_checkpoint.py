@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from nemesis.checkpoint import PromptMetadata, export_dassl, load_checkpoint, save_prompt
+from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.methods.cocoop.learner import MetaNet
 from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
@@ -120,3 +120,15 @@ def test_bad_cocoop_input_is_one_line(tmp_path):
     fails_with_one_line(["eval", str(wide), *common], "meta_net.linear1.weight has shape (32, 512)")
     fails_with_one_line(["prompt", "info", str(wide), "--model", "tiny"], "image width 64")
     fails_with_one_line(["eval", str(cocoop), *common, "--prompt-method", "plot"], "unknown prompt method 'plot'")
+
+
+def test_a_cocoop_file_in_a_coop_tree_is_read_as_cocoop_with_its_meta_net(tmp_path):
+    """The trainer folder names the method only when the file holds that method's tensors: a CoCoOp
+    file copied into a CoOp tree keeps its meta-net, and a CoOp file in a CoCoOp tree reads as CoOp."""
+    tree = tmp_path / "output" / "oxford_pets" / "CoOp" / "rn50_16shots" / "nctx4_cscFalse_ctpend" / "seed1"
+    path, _ = write_cocoop_dassl_checkpoint(tree)
+    loaded = load_checkpoint(path)
+    assert loaded.prompt_method == "cocoop" and len(loaded.extra) == 4
+    coop_tree = tmp_path / "output" / "dtd" / "CoCoOp" / "vit_b16_c4" / "seed1"
+    export_dassl(PromptCheckpoint(torch.zeros(4, 64), PromptMetadata()), coop_tree, epoch=3)
+    assert load_checkpoint(coop_tree).prompt_method == "coop"

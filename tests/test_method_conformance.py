@@ -23,6 +23,7 @@ from corrupt.grid import ORIGINAL_CELL, parse_grid
 from nemesis.backbone import load_clip
 from nemesis.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt
 from nemesis.checksum import tensors_sha256
+from nemesis.configs import TrainConfig
 from nemesis.errors import NemesisError
 from nemesis.evaluate import prepare_evaluation, resolve_target
 from nemesis.losses import position_norms
@@ -451,3 +452,37 @@ def test_each_command_reads_and_checks_each_checkpoint_once(data_root, tmp_path,
     reads.clear(), checks.clear()
     _command("corrupt", path, *common, "--rescale", "0.5", "--positions", "0", "--out", tmp_path / "s.parquet")
     assert len(reads) == 1 and checks == [None, len(CLASSNAMES)]
+
+
+def test_what_a_file_does_not_record_stays_unknown(tmp_path):
+    """A prompt file without our description, and records that named no method, claim no penalty."""
+    from safetensors.torch import save_file
+
+    from analysis.labels import method_label
+    from nemesis.methods import split_method
+
+    save_file({"ctx": torch.zeros(4, 64)}, str(tmp_path / "bare.safetensors"))
+    bare = load_prompt(tmp_path / "bare.safetensors")
+    assert (bare.prompt_method, bare.metadata.penalty) == ("coop", None)
+    assert split_method("unknown") == ("unknown", "unknown") and split_method("nemesis") == ("coop", "nemesis")
+    assert method_label("coop", penalty="unknown") == "CoOp (penalty not recorded)"
+
+
+@dataclasses.dataclass
+class PositionsOnlyConfig:
+    """A method whose options name no context length or init phrase (as vision prompts' may not)."""
+
+    n_prompts: int = 2
+
+    def tensor_shapes(self, embed_dim, text_width, n_classes) -> dict[str, tuple]:
+        return {"ctx": (self.n_prompts, 4, text_width)}
+
+
+def test_a_method_without_coop_options_takes_none_of_them(monkeypatch):
+    spec = MethodSpec("positions-only", "Positions only", AveragedCoOp, PositionsOnlyConfig)
+    monkeypatch.setitem(METHODS, spec.name, spec)
+    config = TrainConfig(dataset="dtd", prompt_method=spec.name, penalty="nemesis")
+    assert config.n_ctx is None and config.ctx_init is None
+    assert TrainConfig.from_json(config.resolved().to_json()).prompt_config() == PositionsOnlyConfig()
+    with pytest.raises(NemesisError, match="--n-ctx is not an option of positions-only"):
+        TrainConfig(dataset="dtd", prompt_method=spec.name, n_ctx=8)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import NemesisError
-from ..penalties import NEMESIS, NO_PENALTY
+from ..penalties import NEMESIS, NO_PENALTY, UNKNOWN_PENALTY
 from . import cocoop, coop
 from .base import MethodSpec, TrainingDefaults
 
@@ -71,6 +71,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cocoop-nemesis": {"prompt_method": "cocoop", "penalty": "nemesis"},
 }
 
+UNKNOWN_METHOD = "unknown"  # records of a prompt whose method is not known
+
 # One-word names of (method, penalty) in files written before the axes were separate.
 LEGACY_NAMES: dict[str, tuple[str, str]] = {
     "nemesis": ("coop", "nemesis"),
@@ -98,6 +100,8 @@ def split_method(name: Any, penalty: Any = None) -> tuple[Any, str]:
     """(method, penalty) of a record: its own penalty when it has one, else what a one-word name says."""
     if isinstance(penalty, str) and penalty:
         return name, penalty
+    if name == UNKNOWN_METHOD:  # a Dassl file whose path named no trainer: nothing is known of its training
+        return name, UNKNOWN_PENALTY
     if isinstance(name, str) and name in LEGACY_NAMES:
         return LEGACY_NAMES[name]
     if isinstance(name, str) and "+" in name:
