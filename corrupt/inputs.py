@@ -103,7 +103,6 @@ class SweepInput:
     n_ctx: int
     class_specific: bool
     n_classes: int | None = None  # classes of a class-specific ctx
-    class_position: str = "end"
     # [M, W]: the largest |ctx| over classes (every leading axis), so factors are checked before any work
     magnitude: torch.Tensor | None = field(default=None, compare=False, repr=False)
     # Where its method corrupts a ctx of its shape (`PromptMethod.corruption_sites_for`), so cells are
@@ -260,7 +259,6 @@ def resolve_inputs(
             n_ctx=checkpoint.ctx.shape[-2],
             class_specific=checkpoint.class_specific,
             n_classes=checkpoint.ctx.shape[0] if checkpoint.class_specific else None,
-            class_position=checkpoint.metadata.prompt_config.get("class_position", "end"),
             magnitude=checkpoint.ctx.abs().reshape(-1, *checkpoint.ctx.shape[-2:]).amax(0),  # [M, W]
             sites=tuple(prompt_method(checkpoint.prompt_method).corruption_sites_for(tuple(checkpoint.ctx.shape))),
             target=target,

@@ -12,7 +12,6 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .choices import ClassPosition
 from .clip_models import Backbone
 from .constants import POOLED_FEATURES
 from .errors import NemesisError
@@ -48,12 +47,6 @@ class PromptMethod(Protocol):
 
     @property
     def classnames(self) -> list[str]: ...
-
-    @property
-    def class_specific(self) -> bool: ...  # one ctx per class ([n_cls, M, W])
-
-    @property
-    def class_position(self) -> ClassPosition: ...  # where the class name sits in the prompt
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """Training logits [B, n_cls] of image features [B, D], with gradients to the learned tensors."""
