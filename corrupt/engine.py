@@ -40,7 +40,7 @@ from nemesis.datasets import FASHION_MNIST, dataset_dir
 from nemesis.distributed import SINGLE_PROCESS, Ranks, rank_device
 from nemesis.errors import NemesisError
 from nemesis.evaluate import EvaluationSetup, predictions, prepare_evaluation
-from nemesis.penalties import NO_PENALTY
+from nemesis.methods import setting_name
 from nemesis.progress import progress_bar
 
 from .grid import Cell, Grid
@@ -218,7 +218,7 @@ def _label(identity: dict[str, Any]) -> str:
     variant = identity.get("method_variant")
     penalty = identity.get("penalty")
     method = identity.get("method") or "unknown method"
-    parts = [identity["dataset"], method if penalty in (None, NO_PENALTY) else f"{method}+{penalty}"]
+    parts = [identity["dataset"], setting_name(method, penalty)]
     parts += [f"({variant})"] if variant else []
     parts += [f"{key} {identity[key]}" for key in ("shots", "seed") if identity.get(key) is not None]
     return " ".join(str(part) for part in parts)

@@ -268,14 +268,21 @@ class PromptCheckpoint:
                 f"{self.path}: class-specific ctx has {self.ctx.shape[0]} classes but the dataset has {n_classes}"
             )
         tensors = self.tensors
-        for name in (name for name in expected if name in tensors):  # in the method's order: ctx first
-            tensor = tensors[name]
-            if not shape_fits(tensor.shape, expected[name]):
-                raise NemesisError(
-                    f"{self.path}: {name} has shape {tuple(tensor.shape)}, but {self.prompt_method} on model '{model}' "
-                    f"(image width {embed_dim}, text width {text_width}) needs {_shown(expected[name])}; name the "
-                    "model it was trained with"
-                )
+        name = misfit(tensors, expected, order=expected)  # in the method's order: ctx first
+        if name is not None:
+            raise NemesisError(
+                f"{self.path}: {name} has shape {tuple(tensors[name].shape)}, but {self.prompt_method} on model "
+                f"'{model}' (image width {embed_dim}, text width {text_width}) needs {_shown(expected[name])}; "
+                "name the model it was trained with"
+            )
+
+
+def misfit(tensors: dict[str, torch.Tensor], expected: dict[str, tuple], order: Any) -> str | None:
+    """The first tensor (of the names in `order` that both hold) whose shape is not the declared one."""
+    for name in order:
+        if name in tensors and name in expected and not shape_fits(tensors[name].shape, expected[name]):
+            return name
+    return None
 
 
 def shape_fits(shape: Any, expected: tuple[int | None, ...]) -> bool:
@@ -362,12 +369,12 @@ def _check_declared(spec: MethodSpec, config: Any, tensors: dict[str, torch.Tens
     if set(tensors) != set(expected):
         found = method_of_tensors(set(tensors) - {CTX_TENSOR}, origin)
         raise NemesisError(f"{origin} says it is a {spec.name} prompt but holds the tensors of {found}")
-    for name, tensor in tensors.items():
-        if not shape_fits(tensor.shape, expected[name]):
-            raise NemesisError(
-                f"{origin}: {name} has shape {tuple(tensor.shape)}, but a {spec.name} prompt with options "
-                f"{dataclasses.asdict(config)} holds {_shown(expected[name])}"
-            )
+    name = misfit(tensors, expected, order=tensors)
+    if name is not None:
+        raise NemesisError(
+            f"{origin}: {name} has shape {tuple(tensors[name].shape)}, but a {spec.name} prompt with options "
+            f"{dataclasses.asdict(config)} holds {_shown(expected[name])}"
+        )
 
 
 def save_prompt(

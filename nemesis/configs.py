@@ -18,7 +18,7 @@ from .choices import Activation, ClassPosition, Norm, Precision, Schedule
 from .constants import RUN_CONFIG
 from .dataset_records import Subsample, resolve_name
 from .errors import NemesisError, choice
-from .methods import DEFAULT_METHOD, method_spec, split_method
+from .methods import DEFAULT_METHOD, method_spec, setting_name, split_method
 from .penalties import NO_PENALTY, NemesisConfig, checked_penalty, uses_nemesis
 from .wording import plural
 
@@ -163,7 +163,7 @@ class TrainConfig:
     @property
     def method_name(self) -> str:
         """The run's method and penalty as one name: <method>, or <method>+<penalty>."""
-        return self.prompt_method if self.penalty == NO_PENALTY else f"{self.prompt_method}+{self.penalty}"
+        return setting_name(self.prompt_method, self.penalty)
 
     def prompt_config(self):
         """The prompt method's own config, from the prompt options it takes."""

@@ -115,7 +115,12 @@ def legacy_name(method: str, penalty: str) -> str:
     for name, pair in LEGACY_NAMES.items():
         if pair == (method, penalty):
             return name
-    return method if penalty == NO_PENALTY else f"{method}+{penalty}"
+    return setting_name(method, penalty)
+
+
+def setting_name(method: str, penalty: str | None) -> str:
+    """A method and its penalty as one name, as `--method` takes it: <method>, or <method>+<penalty>."""
+    return method if penalty in (None, NO_PENALTY) else f"{method}+{penalty}"
 
 
 __all__ = [
@@ -133,5 +138,6 @@ __all__ = [
     "preset",
     "preset_names",
     "register_method",
+    "setting_name",
     "split_method",
 ]
