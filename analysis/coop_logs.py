@@ -13,7 +13,7 @@ deployed model) and in evaluation-only runs, Dassl's evaluator prints a result b
 
 The last such block is the run's test result; a log without one is a run still training or one
 that stopped. Dataset, shots, seed, method and class subset come from the folder names
-(`nemesis.coop_paths`); the backbone from the config the log starts with.
+(`nemesis.files.coop_paths`); the backbone from the config the log starts with.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nemesis.constants import RUN_LOG
-from nemesis.coop_paths import identity_from_path
+from nemesis.files.coop_paths import identity_from_path
 from nemesis.methods import method_of_dassl_path
 from nemesis.penalties import UNKNOWN_PENALTY
 

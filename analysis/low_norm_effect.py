@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from nemesis.errors import NemesisError
-from nemesis.sweep_format import ORIGINAL_OP, checkpoint_key_of
+from nemesis.files.sweep_format import ORIGINAL_OP, checkpoint_key_of
 from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY

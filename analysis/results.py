@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 
 from nemesis.constants import METADATA_KEY, RUN_PROMPT
 from nemesis.errors import NemesisError
+from nemesis.files.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_sweep_table
 from nemesis.methods import split_method
-from nemesis.sweep_format import CORRECTNESS_SUFFIX, correctness_path, read_sweep_table
 
 from .coop_logs import is_dassl_log, read_dassl_log
 from .labels import (

@@ -34,7 +34,7 @@ from corrupt.engine import CellOutcome, cell_rows
 from corrupt.grid import parse_grid
 from corrupt.results import ResultsFile, _correctness_table, table_frame
 from nemesis.atomic import atomic_path
-from nemesis.sweep_format import correctness_path, sort_cells
+from nemesis.files.sweep_format import correctness_path, sort_cells
 
 N_CTX = 16
 SAMPLES = 10_000

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nemesis.backbone import load_clip
 from nemesis.methods.cocoop.learner import CoCoOp, embed_dim_of
+from nemesis.model.backbone import load_clip
 
 CLASSNAMES = [f"class number {index}" for index in range(50)]
 

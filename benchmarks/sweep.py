@@ -37,11 +37,11 @@ from corrupt.grid import Cell, parse_grid
 from corrupt.inputs import resolve_inputs
 from corrupt.operators import corrupt_ctx
 from corrupt.results import ResultsFile
-from nemesis.backbone import load_clip
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint
-from nemesis.datasets import load_dataset
+from nemesis.data.datasets import load_dataset
+from nemesis.data.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint
 from nemesis.methods.coop.learner import PromptLearner
-from nemesis.testing import make_coop_folder
+from nemesis.model.backbone import load_clip
 
 MODEL = "ViT-B-32"
 DATASET = "oxford_pets"

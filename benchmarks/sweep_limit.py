@@ -43,7 +43,7 @@ from corrupt.engine import VARIANTS_PER_PASS, evaluate_cells
 from corrupt.grid import parse_grid
 from corrupt.operators import corrupt_ctx
 from nemesis import PromptLearner, load_clip
-from nemesis.evaluate import EvaluationSetup
+from nemesis.evaluation.evaluate import EvaluationSetup
 
 N_CTX = 16
 AGREEMENT_CLASSES = 50  # the two encoders are compared on every cell at this size before timing

@@ -35,12 +35,12 @@ from rich.progress import (
 from rich.text import Text
 
 from nemesis import distributed
-from nemesis.backbone import Backbone, resolve_device
-from nemesis.datasets import FASHION_MNIST, dataset_dir
+from nemesis.data.datasets import FASHION_MNIST, dataset_dir
 from nemesis.distributed import SINGLE_PROCESS, Ranks, rank_device
 from nemesis.errors import NemesisError
-from nemesis.evaluate import EvaluationSetup, predictions, prepare_evaluation
+from nemesis.evaluation.evaluate import EvaluationSetup, predictions, prepare_evaluation
 from nemesis.methods import setting_name
+from nemesis.model.backbone import Backbone, resolve_device
 from nemesis.progress import progress_bar
 
 from .grid import Cell, Grid

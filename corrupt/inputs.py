@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from nemesis.backbone import check_pretrained, model_config
-from nemesis.checkpoint import PromptCheckpoint, load_checkpoint
 from nemesis.choices import nemesis_variant
 from nemesis.constants import (
     DASSL_BEST_FILE,
@@ -29,12 +27,14 @@ from nemesis.constants import (
     RUN_CHECKPOINTS,
     RUN_PROMPT,
 )
-from nemesis.coop_paths import identity_from_path
-from nemesis.datasets import Subsample, load_dataset, resolve_name
+from nemesis.data.datasets import Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
-from nemesis.evaluate import EvaluationTarget, resolve_target
+from nemesis.evaluation.evaluate import EvaluationTarget, resolve_target
+from nemesis.files.checkpoint import PromptCheckpoint, load_checkpoint
+from nemesis.files.coop_paths import identity_from_path
+from nemesis.methods.protocol import WHOLE_CTX, CorruptionSite, prompt_method
+from nemesis.model.backbone import check_pretrained, model_config
 from nemesis.penalties import uses_nemesis
-from nemesis.prompt_methods import WHOLE_CTX, CorruptionSite, prompt_method
 
 # --- finding checkpoints ------------------------------------------------------------------------
 

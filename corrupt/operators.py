@@ -3,7 +3,7 @@
 Every operator has the same signature, `(ctx, position, factor, noise_seed) -> corrupted ctx`,
 and works on unified ctx [M, W] and class-specific ctx [n_cls, M, W] alike (class-specific:
 position j of every class). Adding an operator is one function and one line in `OPERATORS`.
-A cell's corruption site (`nemesis.prompt_methods.CorruptionSite`) picks the part of ctx the
+A cell's corruption site (`nemesis.methods.protocol.CorruptionSite`) picks the part of ctx the
 operator gets (`corrupt_ctx`): all of it, or e.g. prompt n of ctx [N, M, W].
 """
 

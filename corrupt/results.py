@@ -2,7 +2,7 @@
 
 `X.parquet` (or `X.csv`) holds one row per cell with exactly `COLUMNS`; `X.correct.parquet`
 holds `cell_id` and `correct` (list<bool>, one entry per test sample) for paired tests. The
-layout of a table and its parts is in `nemesis.sweep_format`; this module writes them.
+layout of a table and its parts is in `nemesis.files.sweep_format`; this module writes them.
 
 Public API (what the sweep engine, torchrun ranks and tools build on):
 
@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 
 from nemesis.atomic import atomic_path, file_lock
 from nemesis.errors import NemesisError
-from nemesis.sweep_format import (
+from nemesis.files.sweep_format import (
     CORRECTNESS_SCHEMA,
     correctness_path,
     lock_path,
@@ -61,7 +61,7 @@ from nemesis.sweep_format import (
     read_sweep_table,
     typed_sweep_frame,
 )
-from nemesis.sweep_format import SWEEP_COLUMNS as COLUMNS
+from nemesis.files.sweep_format import SWEEP_COLUMNS as COLUMNS
 
 from .grid import Cell
 

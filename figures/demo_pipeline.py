@@ -23,15 +23,15 @@ from corrupt.engine import run_sweep
 from corrupt.grid import parse_grid
 from corrupt.inputs import resolve_inputs
 from corrupt.results import ResultsFile
-from nemesis.backbone import load_clip
-from nemesis.checkpoint import load_checkpoint
-from nemesis.configs import TrainConfig
 from nemesis.constants import RUN_PROMPT
 from nemesis.errors import NemesisError
-from nemesis.evaluate import append_record, evaluate_base_to_new, resolve_target
+from nemesis.evaluation.evaluate import append_record, evaluate_base_to_new, resolve_target
+from nemesis.files.checkpoint import load_checkpoint
 from nemesis.methods import preset
-from nemesis.train_grid import run_folder as grid_run_folder
-from nemesis.trainer import train
+from nemesis.model.backbone import load_clip
+from nemesis.training.configs import TrainConfig
+from nemesis.training.train_grid import run_folder as grid_run_folder
+from nemesis.training.trainer import train
 
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)

@@ -104,8 +104,8 @@ def _interrupted_line(results) -> str:
 
 def _runs_root(inputs) -> str | None:
     """The data folder named by the config.json of the inputs' run folders, as `nemesis eval` reads it."""
-    from nemesis.configs import run_root
     from nemesis.errors import NemesisError
+    from nemesis.training.configs import run_root
 
     roots = {root for item in inputs if (root := run_root(item.file)) is not None}
     if len(roots) > 1:

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nemesis.datasets import DATASET_NAMES, FASHION_MNIST, DatasetReport, check_dataset, resolve_name
+from nemesis.data.datasets import DATASET_NAMES, FASHION_MNIST, DatasetReport, check_dataset, resolve_name
 from nemesis.errors import NemesisError
 
 from .common import fail, reports_errors

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from nemesis.atomic import prepare_output
-from nemesis.configs import run_root
 from nemesis.errors import NemesisError
+from nemesis.training.configs import run_root
 from nemesis.wording import plural
 
 from .common import ActivationOption, CtxInitOption, ModelOption, WeightsOption, reports_errors
@@ -66,8 +66,14 @@ def eval_command(
 
     Example: nemesis eval --zero-shot --model RN50 --pretrained openai --dataset dtd --root ~/data --out evals.jsonl
     """
-    from nemesis.checkpoint import load_checkpoint
-    from nemesis.evaluate import append_record, evaluate, evaluate_base_to_new, resolve_target, weights_mismatch
+    from nemesis.evaluation.evaluate import (
+        append_record,
+        evaluate,
+        evaluate_base_to_new,
+        resolve_target,
+        weights_mismatch,
+    )
+    from nemesis.files.checkpoint import load_checkpoint
 
     if out is not None:
         prepare_output(out)
@@ -224,9 +230,9 @@ def _zero_shot(
     **options,
 ) -> None:
     """The hand-crafted prompt of CoOp on all classes, one subset, or base then new (`--base-to-new`)."""
-    from nemesis.backbone import example_tag, named_weights
-    from nemesis.evaluate import append_record
-    from nemesis.zero_shot import zero_shot_base_to_new, zero_shot_evaluate
+    from nemesis.evaluation.evaluate import append_record
+    from nemesis.evaluation.zero_shot import zero_shot_base_to_new, zero_shot_evaluate
+    from nemesis.model.backbone import example_tag, named_weights
 
     if model is None or dataset is None:
         raise NemesisError("--zero-shot needs --model and --dataset (e.g. --model RN50 --pretrained openai)")

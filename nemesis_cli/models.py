@@ -24,7 +24,7 @@ def models(
     """
     import open_clip
 
-    from nemesis.backbone import text_tower_problem
+    from nemesis.model.backbone import text_tower_problem
 
     for name in open_clip.list_models():
         problem = text_tower_problem(name)

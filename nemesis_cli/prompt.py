@@ -39,8 +39,8 @@ def info(
     from rich.table import Table
     from rich.text import Text
 
-    from nemesis.backbone import embed_dim, text_width
-    from nemesis.checkpoint import load_checkpoint
+    from nemesis.files.checkpoint import load_checkpoint
+    from nemesis.model.backbone import embed_dim, text_width
     from nemesis.tensors import position_norms
 
     prompt = load_checkpoint(checkpoint, epoch, prompt_method)
@@ -86,7 +86,7 @@ def export(
 
     Example: nemesis prompt export-dassl runs/pets-16/prompt.safetensors --out coop_output/pets/seed1
     """
-    from nemesis.checkpoint import export_dassl, load_checkpoint
+    from nemesis.files.checkpoint import export_dassl, load_checkpoint
 
     prepare_output(out, folder=True)
     prompt = load_checkpoint(checkpoint, prompt_method=prompt_method)  # first: a bad one leaves no folder behind

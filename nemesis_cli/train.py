@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from nemesis.atomic import prepare_output
-from nemesis.configs import TrainConfig, ignored_nemesis_options, read_run_config, resume_config
 from nemesis.constants import RUN_CONFIG
+from nemesis.training.configs import TrainConfig, ignored_nemesis_options, read_run_config, resume_config
 
 from .common import ActivationOption, is_main_rank, reports_errors
 
@@ -135,7 +135,7 @@ def train(
     Example (base-to-new): --method cocoop-nemesis --beta 0 --weight 20 --subsample base
     """
     options = {name: value for name, value in locals().items() if name not in ("out", "resume", "tree")}  # first
-    from nemesis.train_grid import parse_values, plan_grid, run_grid_job, single_run_grid, single_run_options
+    from nemesis.training.train_grid import parse_values, plan_grid, run_grid_job, single_run_grid, single_run_options
 
     given = {name: value for name, value in options.items() if value is not None and value is not False}
     runtime = {name: str(given[name]) for name in ("root", "cache_dir") if name in given}
@@ -172,7 +172,7 @@ def train(
         if grid.tree:
             typer.echo("interrupted; rerun the same command to resume the grid", err=True)
         else:
-            from nemesis.run_state import RUN_STATE, load_state
+            from nemesis.files.run_state import RUN_STATE, load_state
 
             state = grid.runs[0].folder / RUN_STATE  # saved after every finished epoch
             epoch = load_state(state).epoch if state.is_file() else 0
@@ -195,7 +195,7 @@ def pretrain_tiny_command(
 
     Example: nemesis pretrain-tiny
     """
-    from nemesis.tiny import pretrain_tiny, read_tiny_info, weights_path
+    from nemesis.model.tiny import pretrain_tiny, read_tiny_info, weights_path
 
     cached = weights_path()
     if out is None and cached.is_file() and not force:

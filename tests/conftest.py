@@ -10,7 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 from typer.testing import CliRunner, Result
 
-from nemesis.backbone import load_clip
+from nemesis.model.backbone import load_clip
 from nemesis_cli.main import app
 
 
@@ -33,7 +33,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def pretrained_tiny(tmp_path_factory):
     """The `tiny` weights pretrained on Fashion-MNIST: trained once per session, into the test cache."""
-    from nemesis.tiny import pretrained_tiny_weights
+    from nemesis.model.tiny import pretrained_tiny_weights
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("NEMESIS_CACHE", str(tmp_path_factory.getbasetemp() / "nemesis-cache"))

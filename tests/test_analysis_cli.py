@@ -294,8 +294,8 @@ def test_report_keeps_a_run_prompt_evaluated_on_other_weights(tmp_path):
     import pandas as pd
     import torch
 
-    from nemesis.backbone import file_sha256
-    from nemesis.testing import make_coop_folder
+    from nemesis.data.testing import make_coop_folder
+    from nemesis.model.backbone import file_sha256
 
     from .conftest import cached_backbone
 

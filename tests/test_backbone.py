@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nemesis.backbone as backbone
-from nemesis.backbone import load_clip, text_width
+import nemesis.model.backbone as backbone
 from nemesis.errors import NemesisError
+from nemesis.model.backbone import load_clip, text_width
 
 
 def test_tiny_is_registered_frozen_and_reproducible():
@@ -76,7 +76,7 @@ def test_unreachable_hub_fails_at_once(monkeypatch):
 
 
 def test_offline_cli_eval_is_one_line(tmp_path):
-    from nemesis.checkpoint import PromptMetadata, save_prompt
+    from nemesis.files.checkpoint import PromptMetadata, save_prompt
 
     from .conftest import fails_with_one_line
 
@@ -103,7 +103,7 @@ def test_openai_tags_build_with_quick_gelu(monkeypatch, tmp_path):
     """CoOp's OpenAI CLIP uses QuickGELU; open_clip's RN50/ViT configs default to GELU."""
     import open_clip
 
-    from nemesis.backbone import uses_quick_gelu
+    from nemesis.model.backbone import uses_quick_gelu
 
     assert uses_quick_gelu("RN50", "openai") and uses_quick_gelu("ViT-B-16", "openai")
     assert not uses_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") and not uses_quick_gelu("RN50", None)
@@ -119,8 +119,8 @@ def test_openai_tags_build_with_quick_gelu(monkeypatch, tmp_path):
 
 def test_plain_file_of_an_openai_architecture_notes_the_guessed_activation(tmp_path):
     """No --activation for a plain state dict of an OpenAI architecture: GELU, with a one-line note."""
-    from nemesis.backbone import Activation
     from nemesis.errors import NemesisNote
+    from nemesis.model.backbone import Activation
 
     from .conftest import cached_backbone
 
@@ -141,9 +141,9 @@ def test_plain_file_of_an_openai_architecture_notes_the_guessed_activation(tmp_p
 
 
 def test_the_two_activations_never_share_cached_features(tmp_path):
-    from nemesis.datasets import load_dataset
-    from nemesis.feature_cache import encode_split
-    from nemesis.testing import make_coop_folder
+    from nemesis.data.datasets import load_dataset
+    from nemesis.data.feature_cache import encode_split
+    from nemesis.data.testing import make_coop_folder
 
     make_coop_folder(tmp_path / "data", "oxford_pets", classnames=["a", "b"], per_class=(1, 1, 2), image_size=28)
     data = load_dataset("oxford_pets", tmp_path / "data")

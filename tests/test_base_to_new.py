@@ -12,13 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from figures.demo_pipeline import DemoSettings
-from nemesis.backbone import load_clip
-from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
-from nemesis.datasets import load_dataset
-from nemesis.evaluate import evaluate, resolve_target
+from nemesis.data.datasets import load_dataset
+from nemesis.data.testing import make_coop_folder
+from nemesis.evaluation.evaluate import evaluate, resolve_target
+from nemesis.files.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.methods.cocoop.learner import CoCoOp
 from nemesis.methods.coop.learner import PromptLearner
-from nemesis.testing import make_coop_folder
+from nemesis.model.backbone import load_clip
 from nemesis_cli.main import app
 
 from .conftest import fails_with_one_line

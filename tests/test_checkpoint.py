@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from nemesis.checkpoint import (
+from nemesis.errors import NemesisError
+from nemesis.files.checkpoint import (
     PromptMetadata,
     export_dassl,
     find_dassl_file,
@@ -17,7 +18,6 @@ from nemesis.checkpoint import (
     load_prompt,
     save_prompt,
 )
-from nemesis.errors import NemesisError
 from nemesis.unpickle import PickledObject, load_pickle, load_torch_file
 
 

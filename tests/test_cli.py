@@ -64,8 +64,8 @@ def test_models_lists_clip_style_towers_and_their_tags():
 
 def test_models_agrees_with_the_text_encoder_on_built_models(tiny):
     # The config-level judgement `nemesis models` prints is the one the text encoder applies.
-    from nemesis.backbone import text_tower_problem
-    from nemesis.text_encoder import TextEncoder
+    from nemesis.model.backbone import text_tower_problem
+    from nemesis.model.text_encoder import TextEncoder
 
     assert text_tower_problem("tiny") is None
     TextEncoder(tiny.model, "tiny", tiny.tokenizer)  # accepted, as listed

@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, method_of_tensors
 from nemesis.errors import NemesisError
+from nemesis.files.checkpoint import PromptCheckpoint, PromptMetadata, method_of_tensors
 from nemesis.methods import METHODS
 from nemesis.methods.cocoop import CoCoOpConfig
 from nemesis.methods.cocoop.learner import CoCoOp, embed_dim_of
 from nemesis.methods.coop.learner import PromptLearner
-from nemesis.prompt_methods import build_learner
+from nemesis.methods.protocol import build_learner
 
 from .conftest import cached_backbone
 

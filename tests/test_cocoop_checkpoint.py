@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
+from nemesis.data.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.methods.cocoop.learner import MetaNet
-from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
 from .conftest import fails_with_one_line

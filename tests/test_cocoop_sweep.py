@@ -11,8 +11,8 @@ from corrupt.engine import evaluate_cells
 from corrupt.grid import Cell, parse_grid
 from corrupt.operators import corrupted_variants
 from corrupt.results import correctness_path
-from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
-from nemesis.evaluate import prepare_evaluation, resolve_target
+from nemesis.evaluation.evaluate import prepare_evaluation, resolve_target
+from nemesis.files.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.methods.cocoop.learner import CoCoOp
 from nemesis.methods.coop.learner import PromptLearner
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nemesis.trainer as trainer
-from nemesis.checkpoint import load_checkpoint, load_prompt
-from nemesis.configs import TrainConfig
+import nemesis.training.trainer as trainer
+from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
+from nemesis.files.checkpoint import load_checkpoint, load_prompt
 from nemesis.methods import preset
-from nemesis.testing import make_coop_folder
-from nemesis.trainer import train
+from nemesis.training.configs import TrainConfig
+from nemesis.training.trainer import train
 
 from .test_trainer import CLASSNAMES, rows, small_config, train_leaving_the_backbone_unchanged, train_until_interrupted
 
@@ -82,7 +82,7 @@ def test_cocoop_resume_ends_with_the_uninterrupted_prompt(pets, tmp_path):
 
 
 def test_cocoop_run_folder_evaluates_as_cocoop_and_refuses_coop(pets, tmp_path):
-    from nemesis.evaluate import evaluate, resolve_target
+    from nemesis.evaluation.evaluate import evaluate, resolve_target
 
     out = tmp_path / "run"
     train(small_cocoop(pets, epochs=1), out, progress=False)

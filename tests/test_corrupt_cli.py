@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nemesis.checkpoint import PromptMetadata, load_prompt, save_prompt
-from nemesis.testing import make_coop_folder
+from nemesis.data.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptMetadata, load_prompt, save_prompt
 from nemesis_cli.main import app
 
 from .conftest import fails_with_one_line
@@ -174,7 +174,7 @@ def _weights_files(folder) -> list:
 
 def test_sweeps_on_other_weights_stay_apart_and_random_weights_are_marked(setting):
     from analysis import lne_frequency, lne_frequency_table, load_sweeps
-    from nemesis.backbone import file_sha256
+    from nemesis.model.backbone import file_sha256
 
     tmp_path, prompt = setting
     files = _weights_files(tmp_path)

@@ -21,12 +21,12 @@ from corrupt.engine import evaluate_cells, sweep_learner
 from corrupt.grid import ORIGINAL_CELL, Cell, check_sites, parse_grid
 from corrupt.operators import corrupt_ctx, position_norm, replacement_noise
 from corrupt.results import ResultsFile, cell_id, checkpoint_key
-from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.errors import NemesisError
-from nemesis.evaluate import prepare_evaluation, resolve_target
+from nemesis.evaluation.evaluate import prepare_evaluation, resolve_target
+from nemesis.files.checkpoint import PromptMetadata, load_checkpoint, save_prompt
+from nemesis.files.sweep_format import read_sweep_table
 from nemesis.methods import METHODS
-from nemesis.prompt_methods import WHOLE_CTX, CorruptionSite
-from nemesis.sweep_format import read_sweep_table
+from nemesis.methods.protocol import WHOLE_CTX, CorruptionSite
 from nemesis_cli.main import app
 
 from .test_method_conformance import MEAN2, SPECS, AveragedCoOp

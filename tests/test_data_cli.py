@@ -6,8 +6,8 @@ import os
 
 from typer.testing import CliRunner
 
-from nemesis.datasets import load_dataset
-from nemesis.testing import make_coop_folder
+from nemesis.data.datasets import load_dataset
+from nemesis.data.testing import make_coop_folder
 from nemesis_cli.main import app
 
 from .conftest import fails_with_one_line

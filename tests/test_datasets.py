@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nemesis.datasets import (
+from nemesis.data.datasets import (
     DATASET_NAMES,
     LAYOUTS,
     Dataset,
@@ -17,8 +17,8 @@ from nemesis.datasets import (
     load_dataset,
     subsample_classes,
 )
+from nemesis.data.testing import make_coop_folder, wnid
 from nemesis.errors import NemesisError
-from nemesis.testing import make_coop_folder, wnid
 
 CLASSNAMES = ["red apple", "green leaf", "blue sky"]
 
@@ -90,8 +90,8 @@ def test_imagenet_folders_labels_follow_sorted_wnids_and_val_is_test(tmp_path):
 def test_imagenet_preprocessed_pickle_gives_coops_samples_in_coops_order(tmp_path):
     """CoOp caches its ImageNet listing (file-system order) in imagenet/preprocessed.pkl; reading it gives
     the same samples, in that order, re-rooted from another machine, so few-shot draws equal CoOp's."""
-    from nemesis.fewshot import sample_fewshot_splits
-    from nemesis.testing import FOREIGN_ROOT, write_imagenet_preprocessed
+    from nemesis.data.fewshot import sample_fewshot_splits
+    from nemesis.data.testing import FOREIGN_ROOT, write_imagenet_preprocessed
 
     folder = make_coop_folder(tmp_path, "imagenet", CLASSNAMES, per_class=(4, 0, 2), image_size=8)
     listed = load_dataset("imagenet", tmp_path)  # sorted file names

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from figures.demo_pipeline import DemoSettings, run_demo
-from nemesis.train_grid import plan_grid
+from nemesis.training.train_grid import plan_grid
 from nemesis_cli.main import app
 
 

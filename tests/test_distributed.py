@@ -15,12 +15,12 @@ import torch
 from typer.testing import CliRunner
 
 import analysis
-import nemesis.trainer as trainer
+import nemesis.training.trainer as trainer
 from corrupt.inputs import identity_from_path, resolve_inputs
-from nemesis.checkpoint import PromptMetadata, save_prompt
+from nemesis.data.testing import make_coop_folder
 from nemesis.distributed import Ranks, ranks_from_environment
-from nemesis.sweep_format import correctness_path, part_files
-from nemesis.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptMetadata, save_prompt
+from nemesis.files.sweep_format import correctness_path, part_files
 from nemesis_cli.main import app
 
 from .distributed_helpers import kill_torchrun_when, prompt_ctx, run_folders, run_torchrun

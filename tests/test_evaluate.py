@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from nemesis import feature_cache
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
-from nemesis.datasets import load_dataset
+from nemesis.data import feature_cache
+from nemesis.data.datasets import load_dataset
+from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
-from nemesis.evaluate import coop_result_block, evaluate, macro_f1, resolve_target
+from nemesis.evaluation.evaluate import coop_result_block, evaluate, macro_f1, resolve_target
+from nemesis.files.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
-from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone, fails_with_one_line
@@ -204,7 +204,7 @@ def test_exported_gelu_base_class_cocoop_prompt_gets_no_false_notes(tmp_path, pe
 
 def test_coop_checkpoint_of_a_multi_token_init_runs_with_coops_layout(tmp_path, pets_root):
     """CoOp trained with ctx_init "an X-ray of a" saves 4 vectors; --ctx-init restores the frozen "of a"."""
-    from nemesis.evaluate import prepare_evaluation, resolve_target
+    from nemesis.evaluation.evaluate import prepare_evaluation, resolve_target
 
     clip = cached_backbone("tiny")
     tokens = clip.tokenizer.encode("an X-ray of a")[:4]
@@ -252,7 +252,7 @@ def test_prompt_trained_on_random_weights_runs_on_them_unnamed(tmp_path, pets_ro
 
 
 def test_recorded_weights_are_used_only_when_they_are_a_tag_of_the_model():
-    from nemesis.evaluate import choose_weights
+    from nemesis.evaluation.evaluate import choose_weights
 
     def chosen(used, named=None, **metadata):
         checkpoint = PromptCheckpoint(torch.zeros(4, 64), PromptMetadata(**metadata), "p.safetensors")

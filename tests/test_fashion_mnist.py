@@ -7,8 +7,8 @@ import gzip
 import numpy as np
 import pytest
 
-from nemesis import fashion_mnist
-from nemesis.datasets import load_dataset
+from nemesis.data import fashion_mnist
+from nemesis.data.datasets import load_dataset
 from nemesis.errors import NemesisError
 
 

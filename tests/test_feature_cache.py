@@ -11,10 +11,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from nemesis import augmentation, feature_cache
-from nemesis.datasets import load_dataset
+from nemesis.data import augmentation, feature_cache
+from nemesis.data.datasets import load_dataset
+from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
-from nemesis.testing import make_coop_folder
 
 CLASSNAMES = ["red apple", "green leaf", "blue sky"]
 

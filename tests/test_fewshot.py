@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nemesis import fewshot
-from nemesis.datasets import Sample, load_dataset
+from nemesis.data import fewshot
+from nemesis.data.datasets import Sample, load_dataset
+from nemesis.data.testing import FOREIGN_ROOT, make_coop_folder, shuffled_subset, write_fewshot_pickle
 from nemesis.errors import NemesisError
-from nemesis.testing import FOREIGN_ROOT, make_coop_folder, shuffled_subset, write_fewshot_pickle
 
 CLASSNAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
 

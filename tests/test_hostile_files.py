@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from nemesis.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.errors import NemesisError
+from nemesis.files.checkpoint import PromptMetadata, load_checkpoint, save_prompt
 from nemesis.unpickle import load_torch_file, loads_pickle
 from nemesis_cli.main import app
 
@@ -361,7 +361,7 @@ def test_amplifying_files_stay_within_bounded_memory(tmp_path):
     script = textwrap.dedent(
         """
         import resource, sys
-        from nemesis.checkpoint import load_checkpoint
+        from nemesis.files.checkpoint import load_checkpoint
         from nemesis.errors import NemesisError
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for path in sys.argv[1:]:
@@ -465,7 +465,7 @@ SWEEP_CLASSES = ["red square", "green circle", "blue star"]
 
 @pytest.fixture
 def sweep(tmp_path):
-    from nemesis.testing import make_coop_folder
+    from nemesis.data.testing import make_coop_folder
 
     make_coop_folder(tmp_path / "data", "oxford_pets", classnames=SWEEP_CLASSES, per_class=(1, 1, 2))
     metadata = PromptMetadata(
@@ -533,14 +533,14 @@ def test_poisoned_file_in_a_sweep_is_refused_before_the_legit_one_runs(sweep):
 
 @pytest.fixture
 def pets(tmp_path):
-    from nemesis.testing import make_coop_folder
+    from nemesis.data.testing import make_coop_folder
 
     make_coop_folder(tmp_path, "oxford_pets", SWEEP_CLASSES, per_class=(3, 2, 1), image_size=8)
     return tmp_path
 
 
 def _bad_subsets(full):
-    from nemesis.datasets import Sample
+    from nemesis.data.datasets import Sample
 
     first = full.train[0]
     outside = str(Path(first.path).parent / ".." / ".." / ".." / "secret.jpg")
@@ -555,8 +555,8 @@ def _bad_subsets(full):
 
 @pytest.mark.parametrize("case", ["label NaN", "label text", "label 99", "label -3", "path outside"])
 def test_hostile_fewshot_pickle_is_refused(pets, case):
-    from nemesis.datasets import load_dataset
-    from nemesis.testing import write_fewshot_pickle
+    from nemesis.data.datasets import load_dataset
+    from nemesis.data.testing import write_fewshot_pickle
 
     full = load_dataset("oxford_pets", pets)
     write_fewshot_pickle(pets / "oxford_pets", 1, 1, _bad_subsets(full)[case], None)
@@ -566,7 +566,7 @@ def test_hostile_fewshot_pickle_is_refused(pets, case):
 
 
 def test_deeply_nested_fewshot_pickle_is_refused(pets):
-    from nemesis.datasets import load_dataset
+    from nemesis.data.datasets import load_dataset
 
     folder = pets / "oxford_pets" / "split_fewshot"
     folder.mkdir(parents=True, exist_ok=True)
@@ -577,7 +577,7 @@ def test_deeply_nested_fewshot_pickle_is_refused(pets):
 
 
 def test_saved_fewshot_json_with_paths_outside_is_refused(pets):
-    from nemesis.datasets import load_dataset
+    from nemesis.data.datasets import load_dataset
 
     load_dataset("oxford_pets", pets, shots=1, seed=1)  # draws and saves the subset as JSON
     saved = pets / "oxford_pets" / "split_fewshot" / "shot_1-seed_1.json"
@@ -599,7 +599,7 @@ RUN_CLASSES = ["red apple", "green leaf", "blue sky"]
 
 
 def _run_config(root, **options):
-    from nemesis.configs import TrainConfig
+    from nemesis.training.configs import TrainConfig
 
     values = dict(dataset="oxford_pets", root=str(root), shots=2, seed=2, model="tiny", pretrained=None,
                   n_ctx=4, epochs=3, batch_size=4, lr=0.05, device="cpu")  # fmt: skip
@@ -609,7 +609,7 @@ def _run_config(root, **options):
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     """A run stopped after epoch 2 of 3 (as a kill after the state save leaves it), and its data folder."""
-    from nemesis.testing import make_coop_folder
+    from nemesis.data.testing import make_coop_folder
 
     from .test_trainer import train_until_interrupted
 
@@ -628,8 +628,8 @@ def stopped(stopped_run, tmp_path):
 
 
 def _resume(data, out):
-    from nemesis.configs import read_run_config
-    from nemesis.trainer import train
+    from nemesis.training.configs import read_run_config
+    from nemesis.training.trainer import train
 
     return train(read_run_config(out), out, resume=True, progress=False)
 
@@ -703,7 +703,7 @@ def test_resume_after_a_kill_between_log_and_state_writes_each_line_once(stopped
 
 
 def test_learning_rate_that_overflows_is_refused_and_leaves_no_folder(stopped_run, tmp_path):
-    from nemesis.trainer import train
+    from nemesis.training.trainer import train
 
     with pytest.raises(NemesisError, match="lr must be a finite number"):
         _run_config(stopped_run / "data", lr=float("inf"))
@@ -720,9 +720,9 @@ def test_learning_rate_that_overflows_is_refused_and_leaves_no_folder(stopped_ru
 
 
 def test_damaged_cache_entry_is_encoded_again_exactly(stopped_run, tmp_path):
-    from nemesis.backbone import load_clip
-    from nemesis.datasets import load_dataset
-    from nemesis.feature_cache import encode_split
+    from nemesis.data.datasets import load_dataset
+    from nemesis.data.feature_cache import encode_split
+    from nemesis.model.backbone import load_clip
 
     backbone = load_clip("tiny")
     data = load_dataset("oxford_pets", stopped_run / "data")
@@ -761,7 +761,7 @@ def _png_header_only(path, width, height):
 
 
 def test_decompression_bomb_image_is_refused_with_one_line(pets):
-    from nemesis.datasets import load_dataset
+    from nemesis.data.datasets import load_dataset
 
     data = load_dataset("oxford_pets", pets)
     sample = data.test[0]
@@ -778,7 +778,7 @@ def test_decompression_bomb_image_is_refused_with_one_line(pets):
     [("7", "top level is not an object"), (None, "labels must run 0..n-1"), ("[" * 100_000, "not valid JSON")],
 )
 def test_damaged_split_file_is_refused_with_one_line(pets, content, expected):
-    from nemesis.datasets import load_dataset
+    from nemesis.data.datasets import load_dataset
 
     split = next((pets / "oxford_pets").glob("split_zhou_*.json"))
     if content is None:  # one label of 1e9: used to build a 1e9-element set (5 GB)
@@ -842,7 +842,7 @@ def test_hostile_checkpoint_is_refused_by_eval_and_corrupt(case, workplace, tmp_
 def test_a_prompt_file_never_chooses_the_weights_file_eval_and_corrupt_read(sweep, recorded):
     """A prompt's metadata naming a local file (a system file, or real weights) does not make eval or
     corrupt read it: one line asking for --pretrained, nothing written; named, the file is used."""
-    from nemesis.backbone import file_sha256
+    from nemesis.model.backbone import file_sha256
 
     from .conftest import cached_backbone
 

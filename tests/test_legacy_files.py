@@ -22,13 +22,13 @@ from typer.testing import CliRunner
 
 import analysis
 from analysis.results import read_correctness
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, load_checkpoint
 from nemesis.checksum import tensors_sha256
-from nemesis.configs import read_run_config
+from nemesis.data.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptCheckpoint, PromptMetadata, load_checkpoint
+from nemesis.files.sweep_format import read_sweep_table
 from nemesis.methods import legacy_name
-from nemesis.sweep_format import read_sweep_table
-from nemesis.testing import make_coop_folder
-from nemesis.trainer import train
+from nemesis.training.configs import read_run_config
+from nemesis.training.trainer import train
 from nemesis_cli.main import app
 
 LEGACY = Path(__file__).parent / "data" / "legacy"

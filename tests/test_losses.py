@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from nemesis.errors import NemesisError
-from nemesis.losses import (
+from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
+from nemesis.penalties import NemesisConfig
+from nemesis.penalties.losses import (
     PenaltyInputs,
     nemesis_loss,
     norm_loss,
@@ -18,9 +20,7 @@ from nemesis.losses import (
     pun,
     schedule_weight,
 )
-from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
-from nemesis.penalties import NemesisConfig
-from nemesis.trainer import _correct_counter
+from nemesis.training.trainer import _correct_counter
 
 M, W = 6, 8
 

@@ -20,19 +20,19 @@ from typer.testing import CliRunner
 
 from analysis.report import make_report
 from corrupt.grid import ORIGINAL_CELL, parse_grid
-from nemesis.backbone import load_clip
-from nemesis.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt
 from nemesis.checksum import tensors_sha256
-from nemesis.configs import TrainConfig
+from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
-from nemesis.evaluate import prepare_evaluation, resolve_target
-from nemesis.losses import position_norms
+from nemesis.evaluation.evaluate import prepare_evaluation, resolve_target
+from nemesis.files.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt
 from nemesis.methods import METHODS, MethodSpec, register_method
 from nemesis.methods.cocoop.learner import embed_dim_of
 from nemesis.methods.coop import CoOpConfig, checked_text_options
 from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
-from nemesis.prompt_methods import CorruptionSite, PromptMethod, build_learner
-from nemesis.testing import make_coop_folder
+from nemesis.methods.protocol import CorruptionSite, PromptMethod, build_learner
+from nemesis.model.backbone import load_clip
+from nemesis.penalties.losses import position_norms
+from nemesis.training.configs import TrainConfig
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone
@@ -433,7 +433,7 @@ def test_every_command_runs_a_method_defined_here(name, data_root, tmp_path):
 def test_each_command_reads_and_checks_each_checkpoint_once(data_root, tmp_path, monkeypatch):
     """Resolve once: `eval` and `corrupt` read a prompt file once and check its tensors against the model
     once before the data is known (and once more with the class count), then hand the result on."""
-    import nemesis.checkpoint as checkpoint_module
+    import nemesis.files.checkpoint as checkpoint_module
 
     path = tmp_path / "prompt.safetensors"
     _saved(_learner("cocoop"), path)

@@ -12,10 +12,10 @@ import open_clip
 import pytest
 import torch
 
-from nemesis.backbone import Activation, load_clip
+from nemesis.data.testing import write_openai_archive
 from nemesis.errors import NemesisError
-from nemesis.openai_archive import METADATA_TENSORS, read_openai_archive
-from nemesis.testing import write_openai_archive
+from nemesis.model.backbone import Activation, load_clip
+from nemesis.model.openai_archive import METADATA_TENSORS, read_openai_archive
 
 from .conftest import fails_with_one_line
 
@@ -103,7 +103,7 @@ def test_archive_naming_os_system_is_refused_and_nothing_runs(small_configs, tmp
         read_openai_archive(archive)
     assert not marker.exists()
 
-    from nemesis.checkpoint import PromptMetadata, save_prompt
+    from nemesis.files.checkpoint import PromptMetadata, save_prompt
 
     prompt = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata(dataset="fashion_mnist"))
     fails_with_one_line(["eval", str(prompt), "--model", SMALL, "--pretrained", str(archive)], "refusing to load")
@@ -114,7 +114,7 @@ def test_archive_of_another_architecture_is_one_line_naming_both(small_configs, 
     archive = write_openai_archive(load_clip(f"{SMALL}-quickgelu").model, tmp_path / "small.pt")
     with pytest.raises(NemesisError, match=r"small\.pt holds a CLIP of another architecture .*--model tiny;"):
         load_clip("tiny", str(archive))
-    from nemesis.checkpoint import PromptMetadata, save_prompt
+    from nemesis.files.checkpoint import PromptMetadata, save_prompt
 
     prompt = save_prompt(tmp_path / "p.safetensors", torch.zeros(4, 64), PromptMetadata(dataset="fashion_mnist"))
     result = fails_with_one_line(["eval", str(prompt), "--model", "tiny", "--pretrained", str(archive)], "small.pt")
@@ -123,7 +123,7 @@ def test_archive_of_another_architecture_is_one_line_naming_both(small_configs, 
 
 def test_openai_architectures_are_named_in_the_mismatch(monkeypatch, tmp_path):
     """A ViT-B-16 archive given with --model RN50: the line names both (shapes from the meta device)."""
-    import nemesis.openai_archive as openai_archive
+    import nemesis.model.openai_archive as openai_archive
 
     with torch.device("meta"):
         vit_b_16 = open_clip.create_model("ViT-B-16", pretrained=None, device="meta").state_dict()
@@ -133,7 +133,7 @@ def test_openai_architectures_are_named_in_the_mismatch(monkeypatch, tmp_path):
 
 
 def test_a_torch_save_zip_is_not_taken_for_an_archive(tmp_path):
-    from nemesis.openai_archive import is_openai_archive
+    from nemesis.model.openai_archive import is_openai_archive
 
     path = tmp_path / "state.pt"
     torch.save({"w": torch.zeros(2)}, path)

@@ -16,7 +16,7 @@ from corrupt.operators import (
     rescale,
 )
 from nemesis.errors import NemesisError
-from nemesis.evaluate import EvaluationSetup
+from nemesis.evaluation.evaluate import EvaluationSetup
 from nemesis.methods.coop.learner import PromptLearner
 
 from .conftest import cached_backbone

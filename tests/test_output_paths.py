@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from nemesis.atomic import prepare_output
-from nemesis.checkpoint import PromptMetadata, save_prompt
+from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
-from nemesis.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptMetadata, save_prompt
 from nemesis_cli.main import app
 from tests.analysis_helpers import checkpoint_rows, reducing, write_run, write_sweep
 
@@ -132,7 +132,7 @@ def test_every_writing_command_creates_missing_out_folders(name, inputs, tmp_pat
         monkeypatch.setattr("figures.demo_pipeline.run_demo", stub)
     elif name == "pretrain-tiny":
         stub = _Stub(SimpleNamespace(path=out, seconds=0.0, zero_shot_accuracy=0.0))
-        monkeypatch.setattr("nemesis.tiny.pretrain_tiny", stub)
+        monkeypatch.setattr("nemesis.model.tiny.pretrain_tiny", stub)
     result = CliRunner().invoke(app, [*arguments(inputs), "--out", str(out)])
     assert result.exit_code == 0, result.output
     if stub is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from typer.testing import CliRunner
 
-from nemesis.checkpoint import PromptMetadata, save_prompt
+from nemesis.files.checkpoint import PromptMetadata, save_prompt
 from nemesis_cli.main import app
 
 from .conftest import fails_with_one_line

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from analysis import frequency_table_and_figure, lne_frequency, lne_frequency_table, load_sweeps
-from nemesis.sweep_format import SWEEP_COLUMNS, typed_sweep_frame
+from nemesis.files.sweep_format import SWEEP_COLUMNS, typed_sweep_frame
 from nemesis_cli.main import app
 from tests.analysis_helpers import checkpoint_rows, increasing, reducing, sweep_frame, write_sweep
 
@@ -122,7 +122,7 @@ def test_a_sweep_records_which_nemesis_a_prompt_was_trained_with(tmp_path):
     import torch
 
     from corrupt.inputs import resolve_inputs
-    from nemesis.checkpoint import PromptMetadata, save_prompt
+    from nemesis.files.checkpoint import PromptMetadata, save_prompt
 
     ctx = torch.zeros(4, 64)
     files = {}

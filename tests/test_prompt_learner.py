@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nemesis.errors import NemesisError
-from nemesis.losses import position_norms
 from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
+from nemesis.penalties.losses import position_norms
 
 from .conftest import cached_backbone
 

@@ -12,13 +12,13 @@ from corrupt.engine import evaluate_cells, run_sweep
 from corrupt.grid import ORIGINAL_CELL, Cell, parse_grid
 from corrupt.inputs import identity_from_path, resolve_inputs
 from corrupt.results import COLUMNS, ResultsFile, correctness_path
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
+from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
-from nemesis.evaluate import prepare_evaluation, resolve_target
+from nemesis.evaluation.evaluate import prepare_evaluation, resolve_target
+from nemesis.files.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.methods import legacy_name, method_of_dassl_path
 from nemesis.methods.coop.learner import PromptLearner
-from nemesis.testing import make_coop_folder
-from nemesis.text_encoder import TextEncoder
+from nemesis.model.text_encoder import TextEncoder
 
 from .conftest import cached_backbone
 

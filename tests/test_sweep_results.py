@@ -27,10 +27,10 @@ from corrupt.engine import CellOutcome, cell_rows, run_sweep
 from corrupt.grid import parse_grid
 from corrupt.inputs import resolve_inputs
 from corrupt.results import ResultsFile, merge_parts
-from nemesis.checkpoint import PromptMetadata, save_prompt
+from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
-from nemesis.sweep_format import SWEEP_COLUMNS, correctness_path, lock_path, part_files, parts_folder, sort_cells
-from nemesis.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptMetadata, save_prompt
+from nemesis.files.sweep_format import SWEEP_COLUMNS, correctness_path, lock_path, part_files, parts_folder, sort_cells
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone, fails_with_one_line
@@ -209,7 +209,7 @@ def test_an_older_table_without_the_kind_columns_merges_with_new_parts(tmp_path,
     """A table written before `weights` (and the other kind columns) existed: read with them unknown,
     resumed with parts that have them, merged into one table of every column (CSV alike)."""
     from corrupt.results import table_frame
-    from nemesis.sweep_format import KIND_COLUMNS, read_sweep_table
+    from nemesis.files.sweep_format import KIND_COLUMNS, read_sweep_table
 
     path = tmp_path / f"old{suffix}"
     rows, correct = checkpoint_cells(1)
@@ -397,7 +397,7 @@ def test_a_table_written_before_sites_reads_as_the_whole_ctx_with_the_same_numbe
     """A table without the `site` column (every sweep before corruption sites): read with site "" (the
     whole ctx), the same rows, cell ids and LNE counts as the table written now, and resumed as is."""
     from corrupt.results import table_frame
-    from nemesis.sweep_format import read_sweep_table
+    from nemesis.files.sweep_format import read_sweep_table
 
     rows, correct = checkpoint_cells(1)
     csv = suffix == ".csv"

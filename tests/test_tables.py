@@ -433,7 +433,7 @@ def _run_on_weights(folder, accuracy: float, weights_id: str, seed: int = 1):
     """A finished run folder whose prompt records the weights it trained on."""
     import torch
 
-    from nemesis.checkpoint import PromptMetadata, save_prompt
+    from nemesis.files.checkpoint import PromptMetadata, save_prompt
 
     write_run(folder, [accuracy], seed=seed)
     (folder / "prompt.safetensors").unlink()

@@ -7,7 +7,7 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer
 
 from nemesis.methods.coop.learner import PromptLearner
-from nemesis.text_encoder import TextEncoder
+from nemesis.model.text_encoder import TextEncoder
 
 from .conftest import cached_backbone
 

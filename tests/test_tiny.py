@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from typer.testing import CliRunner
 
-from nemesis.backbone import file_sha256, load_clip
-from nemesis.tiny import TinyRecipe, pretrain_tiny, read_tiny_info, weights_path
+from nemesis.model.backbone import file_sha256, load_clip
+from nemesis.model.tiny import TinyRecipe, pretrain_tiny, read_tiny_info, weights_path
 from nemesis_cli.main import app
 
 SHORT = TinyRecipe(steps=2, batch_size=16, warmup_steps=1)

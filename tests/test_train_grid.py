@@ -13,13 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import nemesis.feature_cache as feature_cache
-import nemesis.train_grid as train_grid
-from nemesis.checkpoint import load_prompt
-from nemesis.datasets import load_dataset
+import nemesis.data.feature_cache as feature_cache
+import nemesis.training.train_grid as train_grid
+from nemesis.data.datasets import load_dataset
+from nemesis.data.testing import make_coop_folder
+from nemesis.files.checkpoint import load_prompt
 from nemesis.methods import PRESETS
-from nemesis.testing import make_coop_folder
-from nemesis.train_grid import parse_values, plan_grid, run_folder, run_grid
+from nemesis.training.train_grid import parse_values, plan_grid, run_folder, run_grid
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone, fails_with_one_line
@@ -165,10 +165,10 @@ def test_a_cache_entry_is_encoded_once_when_two_ask_at_once(tmp_path, monkeypatc
 
 ENCODE_IN_A_PROCESS = """
 import sys, threading
-import nemesis.feature_cache as feature_cache
-from nemesis.backbone import load_clip
-from nemesis.checkpoint import load_prompt
-from nemesis.datasets import load_dataset
+import nemesis.data.feature_cache as feature_cache
+from nemesis.model.backbone import load_clip
+from nemesis.files.checkpoint import load_prompt
+from nemesis.data.datasets import load_dataset
 
 real_encode = feature_cache._encode
 def slow_encode(*args, **kwargs):
@@ -254,7 +254,7 @@ def test_a_torchrun_grid_summary_gives_the_jobs_time_not_rank_0s(monkeypatch):
 
 def test_a_planned_grid_checks_each_run_folder_once(tmp_path, monkeypatch):
     """Planning checks every run's folder; the runs then train without checking it again."""
-    import nemesis.trainer as trainer
+    import nemesis.training.trainer as trainer
 
     root = tmp_path / "data"
     make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(2, 1, 2), image_size=28)

@@ -12,17 +12,17 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import nemesis.trainer as trainer
-from nemesis.backbone import load_clip
-from nemesis.checkpoint import load_prompt
-from nemesis.configs import TrainConfig, default_epochs, read_run_config
+import nemesis.training.trainer as trainer
+from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
+from nemesis.files.checkpoint import load_prompt
+from nemesis.files.run_state import Journal
 from nemesis.methods import preset
-from nemesis.prompt_methods import build_learner
-from nemesis.run_state import Journal
-from nemesis.testing import make_coop_folder
-from nemesis.tiny import read_tiny_info
-from nemesis.trainer import learning_rate, train
+from nemesis.methods.protocol import build_learner
+from nemesis.model.backbone import load_clip
+from nemesis.model.tiny import read_tiny_info
+from nemesis.training.configs import TrainConfig, default_epochs, read_run_config
+from nemesis.training.trainer import learning_rate, train
 from nemesis_cli.main import app
 
 CLASSNAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
@@ -136,7 +136,7 @@ def test_runs_saved_before_crop_scale_existed_still_resume():
     import hashlib
     import json
 
-    from nemesis.trainer import RESUMABLE_CHANGES, _config_digest
+    from nemesis.training.trainer import RESUMABLE_CHANGES, _config_digest
 
     config = TrainConfig(dataset="dtd", epochs=2, device="cpu")
     # A config.json of those days: no crop_scale, and one word for method and penalty.
@@ -342,7 +342,7 @@ def test_fashion_mnist_coop_beats_zero_shot_and_nemesis_lowers_the_norm(pretrain
 
 
 def test_unknown_device_is_one_line():
-    from nemesis.backbone import resolve_device
+    from nemesis.model.backbone import resolve_device
 
     with pytest.raises(NemesisError, match="unknown device 'bogus'"):
         resolve_device("bogus")

@@ -9,10 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 import corrupt.engine
-import nemesis.train_grid
-from nemesis.checkpoint import PromptMetadata, save_prompt
+import nemesis.training.train_grid
+from nemesis.data.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptMetadata, save_prompt
 from nemesis.progress import PlainProgress, progress_bar
-from nemesis.testing import make_coop_folder
 from nemesis_cli.main import app
 
 from .conftest import fails_with_one_line
@@ -92,7 +92,7 @@ def test_resume_applies_more_epochs_with_a_warning(pets, run, tmp_path):
 
 
 def test_ctrl_c_in_training_says_how_to_go_on(pets, tmp_path, monkeypatch):
-    real_train = nemesis.train_grid.train  # the CLI trains through the grid runner
+    real_train = nemesis.training.train_grid.train  # the CLI trains through the grid runner
 
     def interrupted(*args, **kwargs):
         def stop(epoch):
@@ -100,12 +100,12 @@ def test_ctrl_c_in_training_says_how_to_go_on(pets, tmp_path, monkeypatch):
 
         return real_train(*args, **kwargs, on_epoch_end=stop)
 
-    monkeypatch.setattr(nemesis.train_grid, "train", interrupted)
+    monkeypatch.setattr(nemesis.training.train_grid, "train", interrupted)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, _train_args(pets, out, "--epochs", "2"))
     assert result.exit_code == 130, result.output
     assert result.output.splitlines()[-1] == "interrupted after epoch 1; rerun with --resume"
-    monkeypatch.setattr(nemesis.train_grid, "train", real_train)
+    monkeypatch.setattr(nemesis.training.train_grid, "train", real_train)
     resumed = CliRunner().invoke(app, ["train", "--out", str(out), "--resume"])
     assert resumed.exit_code == 0 and "resumed after epoch 1" in resumed.output
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from nemesis.testing import make_coop_folder
+from nemesis.data.testing import make_coop_folder
 from nemesis.wording import plural
 from nemesis_cli.main import app
 

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from nemesis.backbone import load_clip
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl
-from nemesis.datasets import load_dataset
-from nemesis.feature_cache import encode_split
-from nemesis.testing import make_coop_folder
-from nemesis.zero_shot import TEMPLATES, zero_shot_evaluate
+from nemesis.data.datasets import load_dataset
+from nemesis.data.feature_cache import encode_split
+from nemesis.data.testing import make_coop_folder
+from nemesis.evaluation.zero_shot import TEMPLATES, zero_shot_evaluate
+from nemesis.files.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl
+from nemesis.model.backbone import load_clip
 from nemesis_cli.main import app
 
 CLASSNAMES = ["red_apple", "green leaf", "blue sky", "yellow sun"]

@@ -1,7 +1,7 @@
 """Prompt methods, registered by name: one module per method (its options and spec), one line here.
 
 A method's module holds its options dataclass and its `MethodSpec` (label, learner class, Dassl
-layout); `nemesis.prompt_methods` builds learners from the registry. Everything outside this
+layout); `nemesis.methods.protocol` builds learners from the registry. Everything outside this
 package asks the registry instead of naming a method. Light to import: no torch.
 
 The names `nemesis train --method` takes are presets: a prompt method and a penalty (`PRESETS`).

@@ -1,7 +1,7 @@
 """What a prompt method declares to the rest of the toolkit: its `MethodSpec`.
 
 Light to import (no torch): the CLI, configs, path readers and labels use specs; the learner class
-(the torch code, satisfying `nemesis.prompt_methods.PromptMethod`) is imported when first built.
+(the torch code, satisfying `nemesis.methods.protocol.PromptMethod`) is imported when first built.
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...clip_models import Backbone
 from ...constants import POOLED_FEATURES
 from ...errors import NemesisError
+from ...model.clip_models import Backbone
 from ...tensors import WHOLE_CTX, CorruptionSite, position_norms
 from ..coop.learner import ClassPosition, PromptLearner
 from . import META_NET, META_NET_REDUCTION

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...choices import ClassPosition
-from ...clip_models import Backbone
 from ...constants import POOLED_FEATURES
 from ...errors import NemesisError
+from ...model.clip_models import Backbone
+from ...model.text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
 from ...tensors import WHOLE_CTX, CorruptionSite, position_norms
-from ...text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
 from ...wording import plural
 from . import init_word_count
 
@@ -258,7 +258,7 @@ class PromptLearner(nn.Module):
         """Per-position norms [M]; class-specific ctx: mean over classes (DESIGN section 5)."""
         return position_norms(self.ctx, p)
 
-    # --- the prompt-method interface (nemesis.prompt_methods) ----------------------------------
+    # --- the prompt-method interface (nemesis.methods.protocol) ----------------------------------
 
     method = "coop"  # registry name: the learner ignores image features
     image_inputs = (POOLED_FEATURES,)

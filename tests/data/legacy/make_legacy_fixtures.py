@@ -19,7 +19,7 @@ Regenerating them with later code would compare the new format with itself, so t
 to overwrite them unless --force is given (only ever on a checkout of commit 1b58f29).
 
 Everything runs on the CPU with the `tiny` model on random weights (`--pretrained none`) and a
-small dataset that `nemesis.testing.make_coop_folder` draws deterministically, which the test
+small dataset that `nemesis.data.testing.make_coop_folder` draws deterministically, which the test
 rebuilds. The run folders record the data root as the relative path `legacy_data`: the dataset
 root is part of a run's identity (resume refuses another root, and the resume state holds a
 digest of config.json), so the test rebuilds the dataset there and resumes from its parent folder.
@@ -51,14 +51,14 @@ from typer.testing import CliRunner
 
 import analysis
 from analysis.results import read_correctness
-from nemesis.backbone import Backbone, load_clip
-from nemesis.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
 from nemesis.checksum import tensors_sha256
-from nemesis.configs import NemesisConfig, TrainConfig, read_run_config
-from nemesis.prompt_methods import build_learner
-from nemesis.sweep_format import read_sweep_table
-from nemesis.testing import make_coop_folder
-from nemesis.trainer import train
+from nemesis.data.testing import make_coop_folder
+from nemesis.files.checkpoint import PromptCheckpoint, PromptMetadata, export_dassl, load_checkpoint, save_prompt
+from nemesis.files.sweep_format import read_sweep_table
+from nemesis.methods.protocol import build_learner
+from nemesis.model.backbone import Backbone, load_clip
+from nemesis.training.configs import NemesisConfig, TrainConfig, read_run_config
+from nemesis.training.trainer import train
 from nemesis_cli.main import app
 
 HERE = Path(__file__).resolve().parent

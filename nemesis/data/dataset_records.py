@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import NemesisError
+from ..errors import NemesisError
 
 SPLITS = ("train", "val", "test")
 FASHION_MNIST = "fashion_mnist"

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .choices import Schedule
-from .errors import NemesisError, choice
-from .penalties import LOGISTIC_RATE, NemesisConfig
-from .tensors import position_norms  # re-exported: corrupt and the CLI import it from here
+from ..choices import Schedule
+from ..errors import NemesisError, choice
+from ..tensors import position_norms  # re-exported: corrupt and the CLI import it from here
+from . import LOGISTIC_RATE, NemesisConfig
 
 # Classifies ctx variants [K, *ctx.shape] on the current batch: number of samples right per variant [K].
 CountCorrect = Callable[[torch.Tensor], torch.Tensor]

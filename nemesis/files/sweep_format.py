@@ -27,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .atomic import file_lock
-from .errors import NemesisError
-from .methods import split_method
-from .wording import plural
+from ..atomic import file_lock
+from ..errors import NemesisError
+from ..methods import split_method
+from ..wording import plural
 
 SWEEP_DTYPES = {
     "cell_id": "string",

@@ -19,8 +19,14 @@ from typing import Any
 
 import torch
 
-from .atomic import write_text_atomic
-from .backbone import (
+from ..atomic import write_text_atomic
+from ..constants import NO_WEIGHTS, RANDOM_WEIGHTS
+from ..data.datasets import Dataset, load_dataset
+from ..data.feature_cache import encode_split
+from ..errors import NemesisError, NemesisNote
+from ..files.checkpoint import PromptCheckpoint
+from ..methods.protocol import PromptMethod, build_learner
+from ..model.backbone import (
     QUICKGELU_SUFFIX,
     Activation,
     Backbone,
@@ -33,11 +39,8 @@ from .backbone import (
     resolve_device,
     text_width,
 )
-from .checkpoint import PromptCheckpoint
-from .constants import NO_WEIGHTS, RANDOM_WEIGHTS
-from .datasets import Dataset, load_dataset
-from .errors import NemesisError, NemesisNote
-from .feature_cache import encode_split
+from ..penalties import UNKNOWN_PENALTY
+from ..wording import plural
 
 # Scoring lives in `metrics` (the trainer and zero-shot use it without loading checkpoints); re-exported here.
 from .metrics import (  # noqa: F401
@@ -47,9 +50,6 @@ from .metrics import (  # noqa: F401
     macro_f1,
     predictions,
 )
-from .penalties import UNKNOWN_PENALTY
-from .prompt_methods import PromptMethod, build_learner
-from .wording import plural
 
 
 @dataclass

@@ -22,8 +22,8 @@ import open_clip
 import torch
 from torch import nn
 
-from .errors import NemesisError
-from .unpickle import PickledObject, load_torch_file
+from ..errors import NemesisError
+from ..unpickle import PickledObject, load_torch_file
 
 # Tensors of OpenAI's archives that describe the model instead of being weights (open_clip's
 # `build_model_from_openai_state_dict` drops the same three).

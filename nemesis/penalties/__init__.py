@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .choices import Norm, Schedule
-from .errors import NemesisError, choice
+from ..choices import Norm, Schedule
+from ..errors import NemesisError, choice
 
 NO_PENALTY = "none"
 NEMESIS = "nemesis"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from open_clip import transformer as open_clip_transformer
 from torch import nn
 
-from .errors import NemesisError
+from ..errors import NemesisError
 
 POOL_TYPES = ("argmax", "eos", "first", "last")
 # Tokens per text pass (prompts x cut length): bounds activation memory whatever the class-name lengths.

@@ -30,24 +30,17 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from .atomic import write_text_atomic
-from .augmentation import augment
-from .backbone import Backbone, load_clip, model_config, resolve_device
-from .checkpoint import PromptMetadata, save_prompt
-from .choices import Precision
-from .configs import TrainConfig, read_run_config
-from .constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
-from .datasets import Dataset, load_dataset
-from .distributed import SINGLE_PROCESS, Ranks, rank_device
-from .errors import NemesisError
-from .feature_cache import encode_split, encode_train_views
-from .losses import nemesis_loss
-from .methods import legacy_name
-from .metrics import coop_result_block, macro_f1, predictions
-from .precision import autocast_policy, half_text_side
-from .progress import progress_bar
-from .prompt_methods import PromptMethod, build_learner
-from .run_state import (
+from ..atomic import write_text_atomic
+from ..choices import Precision
+from ..constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
+from ..data.augmentation import augment
+from ..data.datasets import Dataset, load_dataset
+from ..data.feature_cache import encode_split, encode_train_views
+from ..distributed import SINGLE_PROCESS, Ranks, rank_device
+from ..errors import NemesisError
+from ..evaluation.metrics import coop_result_block, macro_f1, predictions
+from ..files.checkpoint import PromptMetadata, save_prompt
+from ..files.run_state import (
     DASSL_CLOSING,
     RUN_STATE,
     Journal,
@@ -58,8 +51,15 @@ from .run_state import (
     remove_orphans,
     save_state,
 )
-from .tensors import position_norms
-from .wording import plural
+from ..methods import legacy_name
+from ..methods.protocol import PromptMethod, build_learner
+from ..model.backbone import Backbone, load_clip, model_config, resolve_device
+from ..penalties.losses import nemesis_loss
+from ..precision import autocast_policy, half_text_side
+from ..progress import progress_bar
+from ..tensors import position_norms
+from ..wording import plural
+from .configs import TrainConfig, read_run_config
 
 # Keys of config.json that may change when a run is resumed: they do not change what was learned so
 # far (more epochs continue it; `nemesis train --resume` checks the options a user passes).

@@ -12,13 +12,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .backbone import Backbone, load_clip, resolve_device
-from .constants import ZERO_SHOT_METHOD
-from .datasets import Dataset, load_dataset
-from .feature_cache import encode_split
+from ..constants import ZERO_SHOT_METHOD
+from ..data.datasets import Dataset, load_dataset
+from ..data.feature_cache import encode_split
+from ..model.backbone import Backbone, load_clip, resolve_device
+from ..penalties import NO_PENALTY
+from ..precision import autocast_policy
 from .metrics import BASE_TO_NEW, EvaluationResult, macro_f1
-from .penalties import NO_PENALTY
-from .precision import autocast_policy
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 TEMPLATES = {

@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from . import __version__
-from .atomic import atomic_path
-from .constants import (
+from .. import __version__
+from ..atomic import atomic_path
+from ..constants import (
     CTX_TENSOR,
     DASSL_BEST_FILE,
     DASSL_FILE_PREFIX,
@@ -37,11 +37,11 @@ from .constants import (
     RUN_CONFIG,
     RUN_PROMPT,
 )
+from ..errors import NemesisError
+from ..methods import METHODS, MethodSpec, method_of_dassl_path, method_spec, split_method
+from ..penalties import NO_PENALTY
+from ..unpickle import load_torch_file
 from .coop_paths import identity_from_path
-from .errors import NemesisError
-from .methods import METHODS, MethodSpec, method_of_dassl_path, method_spec, split_method
-from .penalties import NO_PENALTY
-from .unpickle import load_torch_file
 
 
 @dataclass

@@ -32,14 +32,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_path
-from .choices import Activation
+from ..atomic import atomic_path
+from ..choices import Activation
+from ..constants import cache_root
+from ..data.fashion_mnist import CLASSNAMES, VAL_EVERY, find_fashion_mnist_files, read_idx
+from ..errors import NemesisError
+from ..progress import progress_bar
 from .clip_build import build_backbone
 from .clip_models import Backbone
-from .constants import cache_root
-from .errors import NemesisError
-from .fashion_mnist import CLASSNAMES, VAL_EVERY, find_fashion_mnist_files, read_idx
-from .progress import progress_bar
 from .text_encoder import TextEncoder
 
 MODEL = "tiny"

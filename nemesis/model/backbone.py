@@ -17,7 +17,9 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .choices import Activation
+from ..choices import Activation
+from ..constants import NO_WEIGHTS
+from ..errors import NemesisError, NemesisNote, choice
 from .clip_build import (  # noqa: F401
     build_backbone,
     file_sha256,
@@ -30,8 +32,6 @@ from .clip_models import (  # noqa: F401
     resolve_device,
     text_width,
 )
-from .constants import NO_WEIGHTS
-from .errors import NemesisError, NemesisNote, choice
 from .openai_archive import is_openai_archive, read_openai_weights
 from .text_encoder import POOL_TYPES
 from .tiny import pretrained_tiny_weights

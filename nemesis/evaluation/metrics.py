@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .precision import autocast_policy
+from ..precision import autocast_policy
 
 
 class ScoresVariants(Protocol):

@@ -24,15 +24,15 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import distributed
+from .. import distributed
+from ..constants import RUN_CONFIG, RUN_PROMPT
+from ..data.dataset_records import resolve_name
+from ..distributed import SINGLE_PROCESS, Ranks, rank_device
+from ..errors import NemesisError
+from ..methods import preset
+from ..wording import plural
 from .configs import TrainConfig, read_run_config
-from .constants import RUN_CONFIG, RUN_PROMPT
-from .dataset_records import resolve_name
-from .distributed import SINGLE_PROCESS, Ranks, rank_device
-from .errors import NemesisError
-from .methods import preset
 from .trainer import check_config, check_run_folder, train
-from .wording import plural
 
 AXES = ("dataset", "method", "shots", "seed")  # the listable options, in the order runs are planned
 

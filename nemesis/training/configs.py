@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from . import __version__
-from .choices import Activation, ClassPosition, Norm, Precision, Schedule
-from .constants import RUN_CONFIG
-from .dataset_records import Subsample, resolve_name
-from .errors import NemesisError, choice
-from .methods import DEFAULT_METHOD, method_spec, setting_name, split_method
-from .penalties import NO_PENALTY, NemesisConfig, checked_penalty, uses_nemesis
-from .wording import plural
+from .. import __version__
+from ..choices import Activation, ClassPosition, Norm, Precision, Schedule
+from ..constants import RUN_CONFIG
+from ..data.dataset_records import Subsample, resolve_name
+from ..errors import NemesisError, choice
+from ..methods import DEFAULT_METHOD, method_spec, setting_name, split_method
+from ..penalties import NO_PENALTY, NemesisConfig, checked_penalty, uses_nemesis
+from ..wording import plural
 
 # The TrainConfig fields that only Nemesis methods use (config.json keeps them under "nemesis").
 NEMESIS_OPTIONS = (
@@ -184,7 +184,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """The config as it runs: epochs and device filled in, the official override applied."""
-        from .clip_models import resolve_device  # torch, only when a run starts
+        from ..model.clip_models import resolve_device  # torch, only when a run starts
 
         values = dataclasses.asdict(self)
         method_epochs = method_spec(self.prompt_method).training.epochs

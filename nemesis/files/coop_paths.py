@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .dataset_records import DATASET_NAMES
-from .penalties import NEMESIS
+from ..data.dataset_records import DATASET_NAMES
+from ..penalties import NEMESIS
 
 _SHOTS_IN_CONFIG = re.compile(r"(?:^|_)(\d+)shots$")  # CoOp: <cfg>_<K>shots
 _SHOTS_FOLDER = re.compile(r"shots_(\d+)")  # base-to-new: shots_<K>

@@ -22,11 +22,11 @@ import random
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .atomic import write_text_atomic
-from .constants import cache_root
+from ..atomic import write_text_atomic
+from ..constants import cache_root
+from ..errors import NemesisError
+from ..unpickle import PickledObject, load_pickle
 from .dataset_records import FEWSHOT_DIR, LAYOUTS, Sample
-from .errors import NemesisError
-from .unpickle import PickledObject, load_pickle
 
 FEWSHOT_FORMAT = "nemesis-fewshot"
 FEWSHOT_FORMAT_VERSION = 1

@@ -20,15 +20,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from .atomic import atomic_path, file_lock
+from ..atomic import atomic_path, file_lock
+from ..checksum import tensors_sha256
+from ..constants import cache_root
+from ..errors import NemesisError
+from ..precision import autocast_policy
+from ..progress import progress_bar
+from ..wording import plural
 from .augmentation import CROP_SCALE, augment, train_augmentation_description, view_rng
-from .checksum import tensors_sha256
-from .constants import cache_root
 from .datasets import Dataset, Sample, missing_files
-from .errors import NemesisError
-from .precision import autocast_policy
-from .progress import progress_bar
-from .wording import plural
 
 FEATURES = "features"
 LABELS = "labels"
@@ -238,7 +238,7 @@ def encode_split(
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmented training views (nemesis.augmentation), encoded and cached
+# Augmented training views (nemesis.data.augmentation), encoded and cached
 
 
 # Transforms are small classes, not closures, so DataLoader workers can receive them.

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .constants import cache_root
+from ..constants import cache_root
+from ..errors import NemesisError
 from .dataset_records import FASHION_MNIST, Dataset, Sample
-from .errors import NemesisError
 
 # Prompt-friendly words for the ten classes, in label order.
 CLASSNAMES = (

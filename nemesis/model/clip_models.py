@@ -17,8 +17,8 @@ import open_clip
 import torch
 from torch import nn
 
-from .choices import Activation
-from .errors import NemesisError
+from ..choices import Activation
+from ..errors import NemesisError
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)  # registers `tiny` beside open_clip's own configs

@@ -14,7 +14,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The records every data module shares, re-exported so `from nemesis.datasets import Sample` keeps working.
+from ..errors import NemesisError
+
+# The records every data module shares, re-exported so `from nemesis.data.datasets import Sample` keeps working.
 from .dataset_records import (  # noqa: F401
     DATASET_NAMES,
     FASHION_MNIST,
@@ -32,7 +34,6 @@ from .dataset_records import (  # noqa: F401
     dataset_dir,
     resolve_name,
 )
-from .errors import NemesisError
 
 # How many missing files an error message names before it stops.
 MISSING_SHOWN = 3
@@ -303,7 +304,7 @@ def load_dataset(
     """Load a dataset: full splits (`shots=None`) or CoOp's K-shot train/val subsets, then base/new classes.
 
     Few-shot subsets come from the dataset's `split_fewshot/shot_<K>-seed_<S>.pkl` when CoOp wrote
-    one, else they are sampled CoOp's way (see `nemesis.fewshot`). Test-only datasets (the ImageNet
+    one, else they are sampled CoOp's way (see `nemesis.data.fewshot`). Test-only datasets (the ImageNet
     variants) ignore `shots`.
     """
     from . import fewshot  # on use: the CLI imports this module at start-up and needs no sampling

@@ -2,7 +2,7 @@
 `random.Random`, so a view is fixed by (seed, view, image) and not by batching.
 
 Training applies it live each epoch, or the feature cache stores K augmented views once
-(`nemesis.feature_cache.encode_train_views`).
+(`nemesis.data.feature_cache.encode_train_views`).
 """
 
 from __future__ import annotations

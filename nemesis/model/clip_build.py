@@ -18,10 +18,10 @@ from pathlib import Path
 import open_clip
 import torch
 
-from .choices import Activation
+from ..choices import Activation
+from ..constants import RANDOM_WEIGHTS
+from ..errors import NemesisError
 from .clip_models import QUICKGELU_SUFFIX, Backbone
-from .constants import RANDOM_WEIGHTS
-from .errors import NemesisError
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from safetensors.torch import safe_open, save_file
 
-from .atomic import atomic_path
-from .checksum import tensors_sha256
-from .constants import RUN_LOG, RUN_METRICS
-from .errors import NemesisError
-from .wording import plural
+from ..atomic import atomic_path
+from ..checksum import tensors_sha256
+from ..constants import RUN_LOG, RUN_METRICS
+from ..errors import NemesisError
+from ..wording import plural
 
 RUN_STATE = "state.safetensors"
 STATE_KEY = "nemesis_state"

@@ -12,12 +12,12 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from .clip_models import Backbone
-from .constants import POOLED_FEATURES
-from .errors import NemesisError
-from .methods import method_spec
-from .tensors import WHOLE_CTX as WHOLE_CTX  # re-exported with CorruptionSite: the interface's vocabulary
-from .tensors import CorruptionSite  # defined with the tensor helpers, below the learners that return it
+from ..constants import POOLED_FEATURES
+from ..errors import NemesisError
+from ..model.clip_models import Backbone
+from ..tensors import WHOLE_CTX as WHOLE_CTX  # re-exported with CorruptionSite: the interface's vocabulary
+from ..tensors import CorruptionSite  # defined with the tensor helpers, below the learners that return it
+from . import method_spec
 
 
 @runtime_checkable

@@ -1,0 +1,1 @@
+"""Data: CoOp-style dataset folders, few-shot splits, Fashion-MNIST, the image-feature cache."""

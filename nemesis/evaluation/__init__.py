@@ -1,0 +1,1 @@
+"""Evaluation: accuracy of a prompt from cached features, metrics, zero-shot baselines."""

@@ -1,0 +1,1 @@
+"""Formats and files: prompt checkpoints (ours and Dassl's), sweep tables, run state."""

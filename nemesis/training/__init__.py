@@ -1,0 +1,1 @@
+"""Training: run configs, the trainer and its phases, grids of runs."""
