@@ -1,13 +1,18 @@
 """The penalty axis: what training adds to a prompt method's loss, by name.
 
 A run's `penalty` is "none" or registered names joined by "+", so regularisers combine (a later
-"kgcoop+nemesis" is KgCoOp's distance term and Nemesis's norms together). Nemesis's own settings
-are `NemesisConfig`. Light to import: no torch.
+"kgcoop+nemesis" is KgCoOp's distance term and Nemesis's norms together). Each name is a
+`PenaltySpec`, registered by one line; its `term` builds the run's `PenaltyTerm`
+(`nemesis.penalties.base`: a part of each step's loss, and optionally an edit of the gradients, as
+ProGrad's projection needs). Nemesis's own settings are `NemesisConfig`. Light to import: no torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ..choices import Norm, Schedule
 from ..errors import NemesisError, choice
@@ -16,8 +21,33 @@ NO_PENALTY = "none"
 NEMESIS = "nemesis"
 UNKNOWN_PENALTY = "unknown"  # records of Dassl files whose path does not say how they were trained
 
-# Registered penalties and how labels name them.
-PENALTIES: dict[str, str] = {NEMESIS: "Nemesis"}
+
+@dataclass(frozen=True)
+class PenaltySpec:
+    """One penalty: its name (in `--method coop+<name>`, files and tables), label, and term."""
+
+    name: str
+    label: str  # how labels name it after the method's: "CoOp+Nemesis"
+    term: str | Callable[[Any, Any], Any]  # (train config, learner) -> PenaltyTerm, or "module:function"
+
+    def build(self, config: Any, learner: Any) -> Any:
+        """The run's `PenaltyTerm`, built once before the first step."""
+        maker = self.term
+        if isinstance(maker, str):
+            module, _, name = maker.partition(":")
+            maker = getattr(importlib.import_module(module), name)
+        return maker(config, learner)
+
+
+PENALTIES: dict[str, PenaltySpec] = {}
+
+
+def register_penalty(spec: PenaltySpec) -> None:
+    """Make a penalty available by name; registering is one line."""
+    PENALTIES[spec.name] = spec
+
+
+register_penalty(PenaltySpec(NEMESIS, "Nemesis", "nemesis.penalties.losses:nemesis_term"))
 
 
 def penalty_names(penalty: str) -> tuple[str, ...]:
@@ -43,7 +73,8 @@ def uses_nemesis(penalty: str | None) -> bool:
 
 def penalty_label(penalty: str | None) -> str:
     """ "+Nemesis" (each penalty's label after a "+"), or "" without a penalty."""
-    return "".join(f"+{PENALTIES.get(name, name)}" for name in penalty_names(penalty or NO_PENALTY))
+    names = penalty_names(penalty or NO_PENALTY)
+    return "".join(f"+{PENALTIES[name].label if name in PENALTIES else name}" for name in names)
 
 
 LOGISTIC_RATE = 0.2  # k of the logistic schedule, the official code's value

@@ -8,7 +8,7 @@
   with each copy and with the original (no gradients), and a_j = 1 when copy j gets strictly more
   samples right. PAN = sum_j a_j n_j / max(1, sum_j a_j).
 
-Each penalty is a function `(ctx, PenaltyInputs) -> Penalty` registered in `PENALTIES`; adding
+Each penalty is a function `(ctx, PenaltyInputs) -> Penalty` registered in `NORM_PENALTIES`; adding
 one is one function and one line. ctx may have any leading shape `[..., M, W]` (unified,
 class-specific, or several prompts per class as PLOT has): norms are averaged over everything
 but the position axis.
@@ -26,6 +26,7 @@ from ..choices import Schedule
 from ..errors import NemesisError, choice
 from ..tensors import position_norms  # re-exported: corrupt and the CLI import it from here
 from . import LOGISTIC_RATE, NemesisConfig
+from .base import PenaltyPart, PenaltyTerm, TrainingStep
 
 # Classifies ctx variants [K, *ctx.shape] on the current batch: number of samples right per variant [K].
 CountCorrect = Callable[[torch.Tensor], torch.Tensor]
@@ -91,7 +92,7 @@ def pan(ctx: torch.Tensor, inputs: PenaltyInputs) -> Penalty:
 
 
 Penalize = Callable[[torch.Tensor, PenaltyInputs], Penalty]
-PENALTIES: dict[str, Penalize] = {"pun": pun, "pan": pan}
+NORM_PENALTIES: dict[str, Penalize] = {"pun": pun, "pan": pan}
 
 
 @dataclass
@@ -125,7 +126,7 @@ def norm_loss(
     for name, share in config.shares().items():
         if share == 0.0:
             continue
-        penalty = PENALTIES[name](ctx, inputs)
+        penalty = NORM_PENALTIES[name](ctx, inputs)
         value = value + share * penalty.value
         terms[name] = float(penalty.value.detach())
         if name == "pan":
@@ -146,3 +147,20 @@ def nemesis_loss(
     and the penalty's parts for logging."""
     penalty = norm_loss(ctx, config, epoch, epochs, count_correct, generator)
     return cross_entropy + penalty.value, penalty
+
+
+class NemesisTerm(PenaltyTerm):
+    """Nemesis on the penalty axis: each step adds `norm_loss` (PUN and PAN on the learner's ctx)."""
+
+    def __init__(self, config: NemesisConfig) -> None:
+        self.config = config
+
+    def loss(self, step: TrainingStep) -> PenaltyPart:
+        ctx = step.learner.ctx
+        penalty = norm_loss(ctx, self.config, step.epoch, step.epochs, step.count_correct, step.random("pan"))
+        return PenaltyPart(penalty.value, {"norm_loss": float(penalty.value.detach()), "alpha": penalty.alpha.tolist()})
+
+
+def nemesis_term(config, learner) -> NemesisTerm:
+    """The run's Nemesis term, from the training config's Nemesis options."""
+    return NemesisTerm(config.nemesis_config())

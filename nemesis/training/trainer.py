@@ -54,7 +54,8 @@ from ..files.run_state import (
 from ..methods import legacy_name
 from ..methods.protocol import PromptMethod, build_learner
 from ..model.backbone import Backbone, load_clip, model_config, resolve_device
-from ..penalties.losses import nemesis_loss
+from ..penalties import PENALTIES, penalty_names
+from ..penalties.base import PenaltyPart, PenaltyTerm, TrainingStep
 from ..precision import autocast_policy, half_text_side
 from ..progress import progress_bar
 from ..tensors import position_norms
@@ -307,7 +308,8 @@ class _Stepper:
 
     Under torchrun with one run (batch sharding) each rank holds a shard of the global batch of
     `batch_size` images: its loss is its share of the global mean, ctx's gradient is summed over
-    the ranks, so every rank takes the step one process would take on the whole batch.
+    the ranks, so every rank takes the step one process would take on the whole batch. The run's
+    penalties (`config.penalty`) add their parts to the loss and may then edit the gradients.
     """
 
     config: TrainConfig
@@ -316,6 +318,11 @@ class _Stepper:
     scaler: torch.amp.GradScaler | None
     device: torch.device
     ranks: Ranks = SINGLE_PROCESS
+    penalties: list[PenaltyTerm] = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        names = penalty_names(self.config.penalty)
+        self.penalties = [PENALTIES[name].build(self.config, self.learner) for name in names]
 
     def _sum_gradients(self) -> None:
         """Sharded batch: every trained tensor's gradient summed over the ranks (no-op in one process)."""
@@ -323,41 +330,58 @@ class _Stepper:
             if parameter.grad is not None:
                 self.ranks.all_reduce_sum(parameter.grad)
 
-    def __call__(
-        self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int, lr: float, batch_size: int
-    ) -> dict:
-        config, learner, ranks = self.config, self.learner, self.ranks
-        norm_value, alpha = 0.0, [0.0] * learner.n_ctx
-        with autocast_policy(self.device, training=config.precision).context():
-            logits = learner.logits(images)  # [B, n_cls]
-            if ranks.distributed:
-                cross_entropy = F.cross_entropy(logits, labels, reduction="sum") / batch_size  # this shard's part
-            else:
-                cross_entropy = F.cross_entropy(logits, labels)
-            loss = cross_entropy
-            if config.uses_nemesis:
-                loss, penalty = nemesis_loss(
-                    cross_entropy,
-                    learner.ctx,
-                    config.nemesis_config(),
-                    epoch,
-                    config.epochs,
-                    _correct_counter(learner, images, labels, ranks),
-                    generator(config.seed, "pan", step),
-                )
-                if ranks.distributed:  # the penalty's gradient once in the sum over ranks
-                    loss = cross_entropy + penalty.value / ranks.world_size
-                norm_value, alpha = float(penalty.value.detach()), penalty.alpha.tolist()
+    def _penalty_parts(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int) -> list[PenaltyPart]:
+        inputs = TrainingStep(
+            learner=self.learner,
+            images=images,
+            labels=labels,
+            epoch=epoch,
+            epochs=self.config.epochs,
+            count_correct=_correct_counter(self.learner, images, labels, self.ranks),
+            random=lambda purpose: generator(self.config.seed, purpose, step),
+        )
+        return [part for term in self.penalties if (part := term.loss(inputs)) is not None]
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        editors = [term for term in self.penalties if term.edits_gradients]
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self._sum_gradients()
+            if editors:
+                self.scaler.unscale_(self.optimizer)  # edits see true gradients; step then skips unscaling
+            for term in editors:
+                term.after_backward(self.learner)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
             self._sum_gradients()
+            for term in editors:
+                term.after_backward(self.learner)
             self.optimizer.step()
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int, lr: float, batch_size: int
+    ) -> dict:
+        learner, ranks = self.learner, self.ranks
+        logs = {"norm_loss": 0.0, "alpha": [0.0] * learner.n_ctx}  # a penalty's logs replace these
+        with autocast_policy(self.device, training=self.config.precision).context():
+            logits = learner.logits(images)  # [B, n_cls]
+            if ranks.distributed:
+                cross_entropy = F.cross_entropy(logits, labels, reduction="sum") / batch_size  # this shard's part
+            else:
+                cross_entropy = F.cross_entropy(logits, labels)
+            loss, penalty_value = cross_entropy, 0.0
+            parts = self._penalty_parts(images, labels, epoch, step)
+            if parts:
+                penalty = sum(part.value for part in parts)  # 0 + x is x: one penalty adds exactly as before
+                # Every rank holds the same penalty: its gradient once in the sum over ranks.
+                loss = cross_entropy + (penalty / ranks.world_size if ranks.distributed else penalty)
+                penalty_value = float(penalty.detach())
+                for part in parts:
+                    logs.update(part.logs)
+        self._backward_and_step(loss)
         norms, _, _ = _norm_summary(learner.ctx)
         correct = (logits.argmax(dim=-1) == labels).sum().float()
         non_finite_logits = (~torch.isfinite(logits.detach())).sum().float()
@@ -366,7 +390,7 @@ class _Stepper:
         _check_finite(
             {
                 "logits are": float(summed[2]) == 0,
-                "loss is": math.isfinite(float(summed[0])) and math.isfinite(norm_value),
+                "loss is": math.isfinite(float(summed[0])) and math.isfinite(penalty_value),
             }
         )
         _check_prompt(learner.ctx, norms)
@@ -376,10 +400,10 @@ class _Stepper:
             "step": step,
             "lr": lr,
             "ce_loss": float(summed[0]),
-            "norm_loss": norm_value,
+            "norm_loss": logs["norm_loss"],
             "train_acc": 100.0 * float(summed[1]) / batch_size,
             "norms": norms,
-            "alpha": alpha,
+            "alpha": logs["alpha"],
         }
 
 
