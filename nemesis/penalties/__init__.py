@@ -29,6 +29,10 @@ class PenaltySpec:
     name: str
     label: str  # how labels name it after the method's: "CoOp+Nemesis"
     term: str | Callable[[Any, Any], Any]  # (train config, learner) -> PenaltyTerm, or "module:function"
+    # (train config, n_ctx or None) -> None: refuse options before a model is built (NemesisError)
+    check: Callable[[Any, int | None], None] | None = None
+    # (train config) -> its settings, recorded in prompt files' `penalty_config` (keys distinct per penalty)
+    settings: Callable[[Any], dict] | None = None
 
     def build(self, config: Any, learner: Any) -> Any:
         """The run's `PenaltyTerm`, built once before the first step."""
@@ -45,9 +49,6 @@ PENALTIES: dict[str, PenaltySpec] = {}
 def register_penalty(spec: PenaltySpec) -> None:
     """Make a penalty available by name; registering is one line."""
     PENALTIES[spec.name] = spec
-
-
-register_penalty(PenaltySpec(NEMESIS, "Nemesis", "nemesis.penalties.losses:nemesis_term"))
 
 
 def penalty_names(penalty: str) -> tuple[str, ...]:
@@ -134,3 +135,33 @@ class NemesisConfig:
             "pan_weight": self.pan_weight,
             "official_override": self.official_override,
         }
+
+
+def _check_nemesis(config: Any, n_ctx: int | None) -> None:
+    if n_ctx is not None and not 1 <= config.positions <= n_ctx:
+        raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {n_ctx}, got {config.positions}")
+
+
+def _nemesis_settings(config: Any) -> dict:
+    return config.nemesis_config().to_json()
+
+
+register_penalty(
+    PenaltySpec(NEMESIS, "Nemesis", "nemesis.penalties.losses:nemesis_term", _check_nemesis, _nemesis_settings)
+)
+
+
+def check_penalties(config: Any, n_ctx: int | None) -> None:
+    """Each of the run's penalties checks the training options it reads."""
+    for name in penalty_names(config.penalty):
+        if PENALTIES[name].check is not None:
+            PENALTIES[name].check(config, n_ctx)
+
+
+def penalty_settings(config: Any) -> dict:
+    """The run's penalties' settings, one dict, as prompt files record them ({} without a penalty)."""
+    settings = {}
+    for name in penalty_names(config.penalty):
+        if PENALTIES[name].settings is not None:
+            settings |= PENALTIES[name].settings(config)
+    return settings

@@ -54,7 +54,7 @@ from ..files.run_state import (
 from ..methods import legacy_name
 from ..methods.protocol import PromptMethod, build_learner
 from ..model.backbone import Backbone, load_clip, model_config, resolve_device
-from ..penalties import PENALTIES, penalty_names
+from ..penalties import PENALTIES, check_penalties, penalty_names, penalty_settings
 from ..penalties.base import PenaltyPart, PenaltyTerm, TrainingStep
 from ..precision import autocast_policy, half_text_side
 from ..progress import progress_bar
@@ -212,10 +212,7 @@ def load_training_data(config: TrainConfig) -> Dataset:
 def check_config(config: TrainConfig) -> Dataset:
     """Every check that can refuse a run, before a model is built or a file written; returns the data."""
     model_config(config.model)
-    if config.uses_nemesis:
-        n_ctx = resolved_n_ctx(config)
-        if n_ctx is not None and not 1 <= config.positions <= n_ctx:
-            raise NemesisError(f"positions (NP) must be between 1 and n_ctx = {n_ctx}, got {config.positions}")
+    check_penalties(config, resolved_n_ctx(config))
     return load_training_data(config)
 
 
@@ -421,7 +418,7 @@ def _metadata(config: TrainConfig, backbone: Backbone, data: Dataset, epoch: int
         prompt_method=config.prompt_method,
         prompt_config=dataclasses.asdict(config.prompt_config()),
         penalty=config.penalty,
-        penalty_config=config.nemesis_config().to_json() if config.uses_nemesis else {},
+        penalty_config=penalty_settings(config),
         epoch=epoch,
     )
 
