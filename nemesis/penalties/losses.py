@@ -134,21 +134,6 @@ def norm_loss(
     return NormLoss(factor * value, alpha, factor, terms)
 
 
-def nemesis_loss(
-    cross_entropy: torch.Tensor,
-    ctx: torch.Tensor,
-    config: NemesisConfig,
-    epoch: int,
-    epochs: int,
-    count_correct: CountCorrect | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, NormLoss]:
-    """L = CE + s(e) * A * (beta * PUN + (1 - beta) * PAN) (PAN's A replaced by `pan_weight` when set),
-    and the penalty's parts for logging."""
-    penalty = norm_loss(ctx, config, epoch, epochs, count_correct, generator)
-    return cross_entropy + penalty.value, penalty
-
-
 class NemesisTerm(PenaltyTerm):
     """Nemesis on the penalty axis: each step adds `norm_loss` (PUN and PAN on the learner's ctx)."""
 
@@ -156,8 +141,11 @@ class NemesisTerm(PenaltyTerm):
         self.config = config
 
     def loss(self, step: TrainingStep) -> PenaltyPart:
-        ctx = step.learner.ctx
-        penalty = norm_loss(ctx, self.config, step.epoch, step.epochs, step.count_correct, step.random("pan"))
+        """L = CE + s(e) * A * (beta * PUN + (1 - beta) * PAN): this is the part after CE (PAN's A
+        replaced by `pan_weight` when set)."""
+        penalty = norm_loss(
+            step.learner.ctx, self.config, step.epoch, step.epochs, step.count_correct, step.random("pan")
+        )
         return PenaltyPart(penalty.value, {"norm_loss": float(penalty.value.detach()), "alpha": penalty.alpha.tolist()})
 
 
