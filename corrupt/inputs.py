@@ -10,6 +10,7 @@ seed and method are read from the path. Named flags (--model, --dataset, ...) wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -202,13 +203,16 @@ def check_against_data(inputs: Sequence[SweepInput], root: str | os.PathLike | N
             )
         model = item.identity["model"]
         context_length = int(model_config(model)["text_cfg"].get("context_length", 77))
-        tokenizer = open_clip.get_tokenizer(model)
-        longest = max(names, key=lambda name: len(tokenizer.encode(name)))
-        if item.n_ctx + len(tokenizer.encode(longest)) + 3 > context_length:  # start, '.', end
-            raise NemesisError(
-                f"{item.file}: the prompt for class '{longest}' with {item.n_ctx} context tokens exceeds "
-                f"{model}'s context length {context_length}"
-            )
+        token_count = functools.partial(_token_count, open_clip.get_tokenizer(model))
+        checkpoint = item.target.checkpoint
+        try:
+            checkpoint.spec.check_classnames(checkpoint.config, names, token_count, context_length)
+        except NemesisError as error:
+            raise NemesisError(f"{item.file}: {error} of {model}") from None
+
+
+def _token_count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer.encode(text))
 
 
 def check_factors(inputs: Sequence[SweepInput], grid: Any) -> None:

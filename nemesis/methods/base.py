@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,15 @@ class MethodSpec:
         """Every tensor the method learns, by checkpoint name, and its shape on a model of image width D
         and text width W for `n_classes` classes (None: not known, any size)."""
         return config.tensor_shapes(embed_dim, text_width, n_classes)
+
+    def check_classnames(
+        self, config: Any, classnames: list[str], token_count: Callable[[str], int], context_length: int
+    ) -> None:
+        """Refuse, before any model is built, classes the method's text prompts cannot hold: the config's
+        optional `check_classnames` (methods without text prompts define none)."""
+        check = getattr(config, "check_classnames", None)
+        if check is not None:
+            check(classnames, token_count, context_length)
 
     def options_from_dassl(self, ctx_shape: tuple[int, ...], class_position: str | None) -> Any:
         """The config a Dassl file of this method implies: its tensors' shapes and its path."""

@@ -7,12 +7,13 @@ batch 1, 10 epochs (SGD lr 0.002, cosine, 1 warm-up epoch at 1e-5, as CoOp).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ...constants import CTX_TENSOR
 from ..base import MethodSpec, TrainingDefaults
-from ..coop import checked_text_options, with_init_phrase
+from ..coop import check_prompt_length, checked_text_options, with_init_phrase
 
 DEFAULT_INIT = "a photo of a"
 META_NET = "meta_net"  # the state-dict prefix of CoCoOp's Dassl checkpoints: meta_net.linear1.weight, ...
@@ -36,6 +37,9 @@ class CoCoOpConfig:
         if "n_ctx" in given and "ctx_init" not in given:
             given["ctx_init"] = None
         return with_init_phrase(cls, given)
+
+    def check_classnames(self, classnames: list[str], token_count: Callable[[str], int], context_length: int) -> None:
+        check_prompt_length(self.n_ctx, classnames, token_count, context_length)
 
     def tensor_shapes(
         self, embed_dim: int | None, text_width: int | None, n_classes: int | None

@@ -5,6 +5,7 @@ The learner is `nemesis.methods.coop.learner.PromptLearner`; this module holds i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,18 @@ def checked_text_options(config: Any) -> None:
     if config.n_ctx < 1:
         raise NemesisError(f"n_ctx must be at least 1, got {config.n_ctx}")
     config.class_position = choice(ClassPosition, config.class_position, "class position").value
+
+
+def check_prompt_length(
+    n_ctx: int, classnames: list[str], token_count: Callable[[str], int], context_length: int
+) -> None:
+    """Refuse classes whose prompt (start, n_ctx context tokens, the name, '.', end) exceeds the model's
+    context length, before any model is built."""
+    longest = max(classnames, key=token_count)
+    if n_ctx + token_count(longest) + 3 > context_length:
+        raise NemesisError(
+            f"the prompt for class '{longest}' with {n_ctx} context tokens exceeds the context length {context_length}"
+        )
 
 
 def with_init_phrase(cls: type, given: dict[str, Any]) -> Any:
@@ -57,6 +70,9 @@ class CoOpConfig:
         """ctx [M, W], or [n_cls, M, W] class-specific."""
         leading = (n_classes,) if self.class_specific else ()
         return {CTX_TENSOR: (*leading, self.n_ctx, text_width)}
+
+    def check_classnames(self, classnames: list[str], token_count: Callable[[str], int], context_length: int) -> None:
+        check_prompt_length(self.n_ctx, classnames, token_count, context_length)
 
     @classmethod
     def from_dassl(cls, ctx_shape: tuple[int, ...], class_position: str | None) -> CoOpConfig:
