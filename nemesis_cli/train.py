@@ -11,6 +11,7 @@ import typer
 from nemesis.atomic import prepare_output
 from nemesis.constants import RUN_CONFIG
 from nemesis.training.configs import TrainConfig, ignored_nemesis_options, read_run_config, resume_config
+from nemesis.training.option_files import read_train_options
 
 from .common import ActivationOption, is_main_rank, reports_errors
 
@@ -119,6 +120,13 @@ def train(
     tree: Annotated[
         bool, Option("--tree", help="Write the grid's tree under --out even for a single combination.")
     ] = False,
+    config: Annotated[
+        Path | None,
+        Option(
+            help="Options from a YAML or JSON file named as on this command line (a run's config.json works); "
+            "lists for a grid; options given here override it."
+        ),
+    ] = None,
 ) -> None:
     """Train CoOp, CoCoOp or their Nemesis variants on few-shot data and write a run folder, or a whole grid.
 
@@ -133,11 +141,16 @@ def train(
     --method coop,pen,pan --out runs/
 
     Example (base-to-new): --method cocoop-nemesis --beta 0 --weight 20 --subsample base
+
+    Example (a run's options with another seed): nemesis train --config runs/pets/config.json --seed 2 --out runs/pets2
     """
-    options = {name: value for name, value in locals().items() if name not in ("out", "resume", "tree")}  # first
+    # First, while the parameters are the only locals.
+    options = {name: value for name, value in locals().items() if name not in ("out", "resume", "tree", "config")}
     from nemesis.training.train_grid import parse_values, plan_grid, run_grid_job, single_run_grid, single_run_options
 
     given = {name: value for name, value in options.items() if value is not None and value is not False}
+    if config is not None:
+        given = read_train_options(config) | given
     runtime = {name: str(given[name]) for name in ("root", "cache_dir") if name in given}
     given |= runtime
     if resume and not tree and (out / RUN_CONFIG).is_file():  # one run folder, continued from its config.json
