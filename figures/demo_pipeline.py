@@ -73,9 +73,26 @@ class DemoOutputs:
     report: list[Path] = field(default_factory=list)
 
 
-def run_folder(out_dir: Path, method: str, shots: int, seed: int) -> Path:
-    """Where `nemesis train --out DIR/runs` with lists puts a run: runs/<dataset>/<method>/<model>_<K>shots/seed<S>."""
-    return grid_run_folder(out_dir / "runs", DATASET, method, MODEL, shots, seed)
+def run_config(method: str, shots: int, seed: int, settings: DemoSettings) -> TrainConfig:
+    return TrainConfig(
+        dataset=DATASET,
+        shots=shots,
+        seed=seed,
+        **preset(method),
+        model=MODEL,
+        pretrained=WEIGHTS,
+        n_ctx=settings.n_ctx,
+        epochs=settings.epochs,
+        train_views=settings.train_views,
+        weight=settings.weight,
+        device="cpu",
+    )
+
+
+def run_folder(out_dir: Path, method: str, shots: int, seed: int, settings: DemoSettings) -> Path:
+    """Where `nemesis train --out DIR/runs` with lists puts a run:
+    runs/<dataset>/<method>/<model>_<K>shots/<settings>/seed<S>."""
+    return grid_run_folder(out_dir / "runs", method, run_config(method, shots, seed, settings))
 
 
 def train_runs(out_dir: Path, settings: DemoSettings, console: Console) -> list[Path]:
@@ -83,31 +100,20 @@ def train_runs(out_dir: Path, settings: DemoSettings, console: Console) -> list[
     for method in METHODS:
         for shots in settings.shots:
             for seed in settings.seeds:
-                folder = run_folder(out_dir, method, shots, seed)
+                folder = run_folder(out_dir, method, shots, seed, settings)
                 folders.append(folder)
                 if (folder / RUN_PROMPT).is_file():
                     continue  # finished in an earlier demo
                 console.print(f"[bold]train[/bold] {method} {shots}-shot seed {seed}")
-                config = TrainConfig(
-                    dataset=DATASET,
-                    shots=shots,
-                    seed=seed,
-                    **preset(method),
-                    model=MODEL,
-                    pretrained=WEIGHTS,
-                    n_ctx=settings.n_ctx,
-                    epochs=settings.epochs,
-                    train_views=settings.train_views,
-                    weight=settings.weight,
-                    device="cpu",
-                )
                 folder.parent.mkdir(parents=True, exist_ok=True)
-                train(config, folder, resume=folder.exists())
+                train(run_config(method, shots, seed, settings), folder, resume=folder.exists())
     return folders
 
 
 def sweep_runs(out_dir: Path, runs: list[Path], console: Console) -> Path:
-    coop_runs = [folder for folder in runs if folder.parent.parent.name == "coop"]  # <method>/<model>_<K>shots/seed<S>
+    coop_runs = [
+        folder for folder in runs if folder.relative_to(out_dir / "runs").parts[1] == "coop"
+    ]  # <dataset>/<method>/
     table = out_dir / "sweep" / "lne.parquet"
     table.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]corrupt[/bold] {len(coop_runs)} CoOp prompts over the default grid")
@@ -125,25 +131,25 @@ def base_to_new(out_dir: Path, settings: DemoSettings, console: Console) -> Path
         done = {json.loads(line)["checkpoint"] for line in records.read_text(encoding="utf-8").splitlines() if line}
     seed = min(settings.seeds)
     for name, (method, beta, weight) in BASE_TO_NEW_RUNS.items():
-        folder = grid_run_folder(out_dir / "base_to_new", DATASET, name, MODEL, settings.base_to_new_shots, seed)
+        config = TrainConfig(
+            dataset=DATASET,
+            shots=settings.base_to_new_shots,
+            seed=seed,
+            **preset(method),
+            subsample="base",
+            model=MODEL,
+            pretrained=WEIGHTS,
+            epochs=settings.base_to_new_epochs,
+            train_views=settings.base_to_new_views,
+            crop_scale=settings.base_to_new_crop_scale,
+            eval_every=0,
+            beta=beta,
+            weight=weight,
+            device="cpu",
+        )
+        folder = grid_run_folder(out_dir / "base_to_new", name, config)
         if not (folder / RUN_PROMPT).is_file():
             console.print(f"[bold]train[/bold] {name} on the base classes")
-            config = TrainConfig(
-                dataset=DATASET,
-                shots=settings.base_to_new_shots,
-                seed=seed,
-                **preset(method),
-                subsample="base",
-                model=MODEL,
-                pretrained=WEIGHTS,
-                epochs=settings.base_to_new_epochs,
-                train_views=settings.base_to_new_views,
-                crop_scale=settings.base_to_new_crop_scale,
-                eval_every=0,
-                beta=beta,
-                weight=weight,
-                device="cpu",
-            )
             folder.parent.mkdir(parents=True, exist_ok=True)
             train(config, folder, resume=folder.exists())
         checkpoint = load_checkpoint(folder)
@@ -165,7 +171,7 @@ def draw(
     figures = analysis.save_figure(analysis.plot_frequency(cells), folder / "lne_frequency")
     figures += analysis.save_figure(analysis.plot_frequency(cells, degradation=True), folder / "lne_degradation")
     figures += analysis.save_figure(analysis.plot_frequency(cells, by="position"), folder / "lne_by_position")
-    trajectory = [run_folder(out_dir, method, max(settings.shots), min(settings.seeds)) for method in METHODS]
+    trajectory = [run_folder(out_dir, method, max(settings.shots), min(settings.seeds), settings) for method in METHODS]
     figures += analysis.save_figure(analysis.plot_norms(analysis.load_runs(trajectory)), folder / "norm_trajectory")
     report = analysis.make_report([*runs, table, records], out_dir / "report")
     return figures, report

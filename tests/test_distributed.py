@@ -96,8 +96,8 @@ def test_one_call_loads_the_backbone_once_and_its_tree_reads_everywhere(data_roo
     out, loads = one_process_grid
     assert loads == 1
     folders = run_folders(out)
-    assert len(folders) == 16 and str(folders[0]) == "fashion_mnist/coop/tiny_1shots/seed1"
-    pan = out / "oxford_pets" / "pan" / "tiny_2shots" / "seed1"
+    assert len(folders) == 16 and str(folders[0]) == "fashion_mnist/coop/tiny_1shots/nctx4_cscFalse_ctpend/seed1"
+    pan = out / "oxford_pets" / "pan" / "tiny_2shots" / "nctx4_cscFalse_ctpend" / "seed1"
     assert trainer.read_run_config(pan).nemesis_config().beta == 0.0
     from_path = identity_from_path(pan)
     assert (from_path.dataset, from_path.shots, from_path.seed) == ("oxford_pets", 2, 1)

@@ -18,7 +18,8 @@ import nemesis.training.train_grid as train_grid
 from nemesis.data.datasets import load_dataset
 from nemesis.data.testing import make_coop_folder
 from nemesis.files.checkpoint import load_prompt
-from nemesis.methods import PRESETS
+from nemesis.methods import PRESETS, preset
+from nemesis.training.configs import TrainConfig
 from nemesis.training.train_grid import parse_values, plan_grid, run_folder, run_grid
 from nemesis_cli.main import app
 
@@ -42,6 +43,12 @@ def grid_args(root, out, datasets="oxford_pets", shots="1,2", seeds="1,2", metho
             "--method", methods, *SMALL, "--out", str(out)]  # fmt: skip
 
 
+def folder_of(out, method: str, shots: int, seed: int) -> Path:
+    """The run folder of a grid of SMALL runs (n_ctx 4) on oxford_pets."""
+    config = TrainConfig(dataset="oxford_pets", model="tiny", n_ctx=4, shots=shots, seed=seed, **preset(method))
+    return run_folder(out, method, config)
+
+
 def test_lists_and_presets():
     assert parse_values("1, 2,4", "shots", int) == [1, 2, 4] and parse_values(None, "shots") is None
     assert PRESETS["pen"] == {"prompt_method": "coop", "penalty": "nemesis", "beta": 1.0}
@@ -62,7 +69,7 @@ def test_a_failed_run_is_reported_at_the_end_and_the_others_go_on(data_root, tmp
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 1, result.output
     assert "grid: 2 trained, 0 skipped (finished before), 1 failed" in result.output
-    failed_folder = run_folder(out, "oxford_pets", "coop", "tiny", 1, 2)
+    failed_folder = folder_of(out, "coop", 1, 2)
     assert f"failed: {failed_folder}: RuntimeError: the GPU fell off" in result.output
     monkeypatch.setattr(train_grid, "train", real_train)
     again = CliRunner().invoke(app, arguments)
@@ -128,7 +135,7 @@ def test_a_grid_over_runs_of_other_options_is_refused(data_root, tmp_path):
         [*grid_args(data_root, out, shots="1", seeds="1", methods="coop"), "--tree"],
     )
     assert first.exit_code == 0, first.output
-    assert run_folders(out) == [run_folder(out, "oxford_pets", "coop", "tiny", 1, 1).relative_to(out)]
+    assert run_folders(out) == [folder_of(out, "coop", 1, 1).relative_to(out)]
     fails_with_one_line([*grid_args(data_root, out, shots="1", seeds="1,2", methods="coop"), "--lr", "0.1"],
                         "cannot resume")  # fmt: skip
     assert len(run_folders(out)) == 1
@@ -201,7 +208,7 @@ def test_two_presets_of_the_same_settings_train_once_with_one_warning(data_root,
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert warnings == ["warning: --method nemesis and pen resolve to the same settings; their runs are trained "
                         "once, under nemesis"]  # fmt: skip
-    assert run_folders(out) == [run_folder(out, "oxford_pets", method, "tiny", 1, 1).relative_to(out)
+    assert run_folders(out) == [folder_of(out, method, 1, 1).relative_to(out)
                                 for method in ("nemesis", "pan")]  # fmt: skip
     assert "2 trained" in result.output
     # With --beta 0, nemesis is pan.
@@ -214,7 +221,7 @@ def test_a_grid_rerun_with_other_epochs_extends_with_a_warning_or_is_refused(dat
     out = tmp_path / "runs"
     arguments = grid_args(data_root, out, shots="1", seeds="1,2", methods="coop")
     assert CliRunner().invoke(app, arguments).exit_code == 0
-    folder = run_folder(out, "oxford_pets", "coop", "tiny", 1, 1)
+    folder = folder_of(out, "coop", 1, 1)
     before = (folder / "metrics.jsonl").read_text()
     fails_with_one_line([*arguments, "--epochs", "1"], "--epochs 1 (the run has 2)")
     assert (folder / "metrics.jsonl").read_text() == before
@@ -271,3 +278,33 @@ def test_a_planned_grid_checks_each_run_folder_once(tmp_path, monkeypatch):
     grid = plan_grid(tmp_path / "runs", options, datasets=["oxford_pets"], shots=[1], seeds=[1, 2])
     run_grid(grid, progress=False)
     assert sorted(checked) == ["seed1", "seed2"]  # once each, when planned
+
+
+def test_grids_differing_in_prompt_settings_share_an_out_in_dassl_folders(data_root, tmp_path):
+    out = tmp_path / "runs"
+    for n_ctx in ("4", "2"):
+        result = CliRunner().invoke(app, [*grid_args(data_root, out, shots="1", seeds="1", methods="coop"),
+                                          "--tree", "--n-ctx", n_ctx])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert [str(folder) for folder in run_folders(out)] == [
+        "oxford_pets/coop/tiny_1shots/nctx2_cscFalse_ctpend/seed1",
+        "oxford_pets/coop/tiny_1shots/nctx4_cscFalse_ctpend/seed1",
+    ]
+    config = TrainConfig(dataset="oxford_pets", model="tiny", shots=1, **preset("cocoop"))
+    assert run_folder(out, "cocoop", config).relative_to(out).parts[3] == "nctx4_ctpend_init-a_photo_of_a"
+
+
+def test_a_grid_written_before_settings_folders_goes_on_in_place(data_root, tmp_path):
+    out = tmp_path / "runs"
+    arguments = [*grid_args(data_root, out, shots="1", seeds="1", methods="coop"), "--tree"]
+    assert CliRunner().invoke(app, arguments).exit_code == 0
+    folder = folder_of(out, "coop", 1, 1)
+    earlier = folder.parent.parent / "seed1"  # the layout of grids before settings folders
+    folder.rename(earlier)
+    folder.parent.rmdir()
+    again = CliRunner().invoke(app, arguments)
+    assert again.exit_code == 0 and "grid: 0 trained, 1 skipped" in again.output, again.output
+    longer = CliRunner().invoke(app, [*arguments, "--epochs", "3"])
+    assert longer.exit_code == 0 and "grid: 1 trained, 0 skipped" in longer.output, longer.output
+    assert run_folders(out) == [earlier.relative_to(out)]
+    assert load_prompt(earlier / "prompt.safetensors").metadata.epoch == 3

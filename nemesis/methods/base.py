@@ -61,6 +61,12 @@ class MethodSpec:
         and text width W for `n_classes` classes (None: not known, any size)."""
         return config.tensor_shapes(embed_dim, text_width, n_classes)
 
+    def settings_folder(self, config: Any) -> str | None:
+        """The folder naming the method's settings in a grid's tree (CoOp: `nctx16_cscFalse_ctpend`), from
+        the config's optional `folder_name()`; None: no such folder."""
+        name = getattr(config, "folder_name", None)
+        return name() if name is not None else None
+
     def check_classnames(
         self, config: Any, classnames: list[str], token_count: Callable[[str], int], context_length: int
     ) -> None:

@@ -6,8 +6,9 @@ once (image features come from the shared feature cache), skipping finished runs
 unfinished ones and carrying on past a failed one. Under torchrun the ranks split the runs by
 position in the plan; a plan of one run is instead trained by all ranks, each batch sharded.
 
-A grid writes a CoOp-like tree, `<out>/<dataset>/<method>/<model>_<shots>shots/seed<seed>`, which
-`nemesis corrupt`, `plot-norms` and `report` read as they are.
+A grid writes Dassl's tree, `<out>/<dataset>/<method>/<model>_<shots>shots/<settings>/seed<seed>`
+(settings: the method's, CoOp's `nctx16_cscFalse_ctpend`), which `nemesis corrupt`, `plot-norms` and
+`report` read as they are.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..constants import RUN_CONFIG, RUN_PROMPT
 from ..data.dataset_records import resolve_name
 from ..distributed import SINGLE_PROCESS, Ranks, rank_device
 from ..errors import NemesisError
-from ..methods import preset
+from ..methods import method_spec, preset
 from ..wording import plural
 from .configs import TrainConfig, read_run_config
 from .trainer import check_config, check_run_folder, train
@@ -52,9 +53,17 @@ def parse_values(text: str | None, option: str, kind: type = str) -> list | None
         raise NemesisError(f"--{option} '{text}' must be a comma-separated list of {kind.__name__}s") from None
 
 
-def run_folder(out: Path, dataset: str, method: str, model: str, shots: int, seed: int) -> Path:
-    """CoOp's layout: `<out>/<dataset>/<method>/<model>_<shots>shots/seed<seed>`."""
-    return Path(out) / dataset / method / f"{model}_{shots}shots" / f"seed{seed}"
+def run_folder(out: str | Path, method: str, config: TrainConfig) -> Path:
+    """Dassl's layout: `<out>/<dataset>/<method>/<model>_<shots>shots/<settings>/seed<seed>`, the settings
+    folder the method's (CoOp: `nctx16_cscFalse_ctpend`), so grids that differ in them share an --out.
+
+    A run of a grid written before settings folders (`.../<model>_<shots>shots/seed<seed>`) stays there."""
+    setting = Path(out) / config.dataset / method / f"{config.model}_{config.shots}shots"
+    earlier = setting / f"seed{config.seed}"
+    if (earlier / RUN_CONFIG).is_file():
+        return earlier
+    settings = method_spec(config.prompt_method).settings_folder(config.prompt_config())
+    return setting / settings / f"seed{config.seed}" if settings else earlier
 
 
 @dataclass(frozen=True)
@@ -161,7 +170,7 @@ def plan_grid(
         values = options | _preset(method, options) | {"dataset": dataset, "shots": count, "seed": seed}
         config = TrainConfig(**values)  # checks every option
         name = resolve_name(dataset)
-        folder = run_folder(out, name, method.lower(), config.model, count, seed) if tree else out
+        folder = run_folder(out, method.lower(), config) if tree else out
         saved = _saved_epochs(folder)
         if options.get("epochs") is None and saved is not None:
             config = dataclasses.replace(config, epochs=saved)  # not given: a run keeps its own, as --resume does
@@ -173,7 +182,7 @@ def plan_grid(
             )
         folders[folder] = run
         runs.append(run)
-    _check_runs(runs, tree, resume)
+    _check_runs(runs, out if tree else None, resume)
     return TrainGrid(runs, tree, resume, warnings + _check_epochs(runs), checked=True)
 
 
@@ -198,13 +207,14 @@ def single_run_grid(config: TrainConfig, out: str | Path) -> TrainGrid:
     return TrainGrid([run], tree=False, resume=True)
 
 
-def _check_runs(runs: list[GridRun], tree: bool, resume: bool) -> None:
-    """What can refuse a run, for every run: folders that hold other runs, data, shots, model, positions."""
-    if tree and (out := runs[0].folder.parents[3]).exists() and not out.is_dir():
-        raise NemesisError(f"--out {out} is a file; name a folder for the grid's run folders")
+def _check_runs(runs: list[GridRun], tree_out: Path | None, resume: bool) -> None:
+    """What can refuse a run, for every run: folders that hold other runs, data, shots, model, positions.
+    `tree_out` is the grid's --out when it writes a tree (None: one run written to --out itself)."""
+    if tree_out is not None and tree_out.exists() and not tree_out.is_dir():
+        raise NemesisError(f"--out {tree_out} is a file; name a folder for the grid's run folders")
     for run in runs:
         resolved = run.config.resolved()
-        check_run_folder(run.folder, resolved, resume=resume or tree)
+        check_run_folder(run.folder, resolved, resume=resume or tree_out is not None)
     # Loading data is the slow check: once per dataset and method, with its largest shots.
     largest: dict[tuple[str, str], GridRun] = {}
     for run in runs:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ...constants import CTX_TENSOR
 from ..base import MethodSpec, TrainingDefaults
-from ..coop import check_prompt_length, checked_text_options, with_init_phrase
+from ..coop import check_prompt_length, checked_text_options, init_suffix, with_init_phrase
 
 DEFAULT_INIT = "a photo of a"
 META_NET = "meta_net"  # the state-dict prefix of CoCoOp's Dassl checkpoints: meta_net.linear1.weight, ...
@@ -40,6 +40,10 @@ class CoCoOpConfig:
 
     def check_classnames(self, classnames: list[str], token_count: Callable[[str], int], context_length: int) -> None:
         check_prompt_length(self.n_ctx, classnames, token_count, context_length)
+
+    def folder_name(self) -> str:
+        """`nctx4_ctpend_init-a_photo_of_a` (CoCoOp has no class-specific context)."""
+        return f"nctx{self.n_ctx}_ctp{self.class_position}" + init_suffix(self.ctx_init)
 
     def tensor_shapes(
         self, embed_dim: int | None, text_width: int | None, n_classes: int | None

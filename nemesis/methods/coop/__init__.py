@@ -5,6 +5,7 @@ The learner is `nemesis.methods.coop.learner.PromptLearner`; this module holds i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,14 @@ def check_prompt_length(
         )
 
 
+def init_suffix(ctx_init: str | None) -> str:
+    """`_init-a_photo_of_a` for a settings folder when ctx starts from a phrase ("" when random)."""
+    if not ctx_init:
+        return ""
+    words = re.sub(r"[^A-Za-z0-9-]+", "_", ctx_init.strip()).strip("_")
+    return f"_init-{words}"
+
+
 def with_init_phrase(cls: type, given: dict[str, Any]) -> Any:
     """Options over the defaults; an init phrase sets n_ctx to its word count, as in CoOp."""
     if given.get("ctx_init") and given["ctx_init"].strip():
@@ -73,6 +82,11 @@ class CoOpConfig:
 
     def check_classnames(self, classnames: list[str], token_count: Callable[[str], int], context_length: int) -> None:
         check_prompt_length(self.n_ctx, classnames, token_count, context_length)
+
+    def folder_name(self) -> str:
+        """CoOp's settings folder, `nctx16_cscFalse_ctpend` (an init phrase appended: Dassl puts it in the
+        config's name, which a grid's tree does not have)."""
+        return f"nctx{self.n_ctx}_csc{self.class_specific}_ctp{self.class_position}" + init_suffix(self.ctx_init)
 
     @classmethod
     def from_dassl(cls, ctx_shape: tuple[int, ...], class_position: str | None) -> CoOpConfig:
