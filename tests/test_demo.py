@@ -17,7 +17,8 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
         base_to_new_views=1,
     )  # fmt: skip
     methods, shots, seeds = ["coop", "nemesis"], [1, 2], [1, 2]
-    grid = plan_grid(tmp_path / "demo" / "runs", {"model": "tiny"}, ["fashion_mnist"], methods, shots, seeds)
+    options = {"model": "tiny", "n_ctx": settings.n_ctx}
+    grid = plan_grid(tmp_path / "demo" / "runs", options, ["fashion_mnist"], methods, shots, seeds)
     outputs = run_demo(tmp_path / "demo", settings)
     assert len(outputs.runs) == 2 * 2 * 2
     assert all((run / "prompt.safetensors").is_file() for run in outputs.runs)
