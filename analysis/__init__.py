@@ -28,6 +28,7 @@ _PUBLIC = {
     "load_evals": "results",
     "load_inputs": "results",
     "load_runs": "results",
+    "load_sweep": "low_norm_effect",
     "load_sweeps": "results",
     "make_report": "report",
     "mark_cells": "low_norm_effect",

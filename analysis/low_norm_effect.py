@@ -10,6 +10,7 @@ rate = occurrences / reducing cells. The companion: share of increasing cells th
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import OWN_DATASET
-from .results import SOURCE_COLUMN, read_correctness
+from .results import SOURCE_COLUMN, load_sweeps, read_correctness
 
 # Accuracy changes smaller than this (percentage points) are float noise, not a change.
 CHANGE_TOLERANCE = 1e-9
@@ -95,6 +96,13 @@ def with_prompt_kind(cells: pd.DataFrame) -> pd.DataFrame:
     own = train == marked["dataset"].astype("string")
     marked["trained_on"] = pd.Series(train, index=marked.index, dtype="string").where(~own.fillna(False), OWN_DATASET)
     return marked
+
+
+def load_sweep(path: str | os.PathLike) -> pd.DataFrame:
+    """A sweep table (`nemesis corrupt --out`) as a tidy frame: one row per cell, with its prompt's kind
+    (the PROMPT_KIND columns: method, penalty, variant, classes, `trained_on`, weights), which the
+    LNE tables and figures never pool."""
+    return with_prompt_kind(load_sweeps([path]))
 
 
 def check_by(cells: pd.DataFrame, by: Sequence[str]) -> list[str]:

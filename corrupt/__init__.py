@@ -5,6 +5,7 @@ from .grid import DEFAULT_FACTORS, PAPER_PRESET_FACTORS, Cell, Grid, parse_grid
 from .inputs import SweepInput, identity_from_path, resolve_inputs
 from .operators import OPERATORS, ORIGINAL, corrupt_ctx, corrupted_variants, position_norm
 from .results import COLUMNS, ResultsFile, cell_id, correctness_path, merge_parts
+from .sweep import sweep
 
 __all__ = [
     "COLUMNS",
@@ -29,5 +30,6 @@ __all__ = [
     "position_norm",
     "resolve_inputs",
     "run_sweep",
+    "sweep",
     "sweep_learner",
 ]

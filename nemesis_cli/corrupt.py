@@ -64,29 +64,32 @@ def corrupt(
     """
     from rich.console import Console
 
-    from corrupt.engine import run_sweep_job
     from corrupt.grid import parse_grid
-    from corrupt.inputs import resolve_inputs
     from corrupt.results import ResultsFile
+    from corrupt.sweep import sweep
     from nemesis.atomic import prepare_output
 
     # Everything that can be checked is checked before any work, so bad input writes nothing.
     grid = parse_grid(rescale, replace, positions, noise_seeds, paper_preset, op or ())
     prepare_output(out)
     results = ResultsFile(out, csv=csv)
-    inputs = resolve_inputs(
-        checkpoints,
-        epoch=epoch,
-        model=model,
-        pretrained=pretrained,
-        dataset=dataset,
-        activation=activation,
-        ctx_init=ctx_init,
-    )
-    root = root if root is not None else _runs_root(inputs)  # run folders know where their data was
     console = Console(highlight=False)  # paths and method names from files are printed as they are
     try:
-        summary = run_sweep_job(inputs, grid, results, root=root, cache_dir=cache_dir, device=device, console=console)
+        summary = sweep(
+            checkpoints,
+            results,
+            grid=grid,
+            root=root,
+            cache_dir=cache_dir,
+            device=device,
+            epoch=epoch,
+            model=model,
+            pretrained=pretrained,
+            dataset=dataset,
+            activation=activation,
+            ctx_init=ctx_init,
+            console=console,
+        )
     except KeyboardInterrupt:
         typer.echo(_interrupted_line(results), err=True)
         raise typer.Exit(code=130) from None
@@ -100,17 +103,6 @@ def _interrupted_line(results) -> str:
         return f"interrupted before the first cell; nothing was written to {results.path}; rerun the same command"
     cells = plural(len(results.cell_ids), "cell")
     return f"interrupted; the table in {results.path} keeps {cells}; rerun the same command to finish"
-
-
-def _runs_root(inputs) -> str | None:
-    """The data folder named by the config.json of the inputs' run folders, as `nemesis eval` reads it."""
-    from nemesis.errors import NemesisError
-    from nemesis.training.configs import run_root
-
-    roots = {root for item in inputs if (root := run_root(item.file)) is not None}
-    if len(roots) > 1:
-        raise NemesisError(f"the runs were trained on data in {' and '.join(sorted(roots))}; pass --root DATA")
-    return next(iter(roots), None)
 
 
 def _run_folder(checkpoint: str) -> str:

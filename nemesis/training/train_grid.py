@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import distributed
+from ..atomic import prepare_output
 from ..constants import RUN_CONFIG, RUN_PROMPT
 from ..data.dataset_records import resolve_name
 from ..distributed import SINGLE_PROCESS, Ranks, rank_device
@@ -351,3 +352,25 @@ def run_grid_job(grid: TrainGrid, progress: bool = True, console: Console | None
         summary.seconds = time.perf_counter() - start
     distributed.stop()
     return summary
+
+
+def train_grid(
+    out: str | Path,
+    *,
+    datasets: Sequence[str],
+    methods: Sequence[str] | None = None,
+    shots: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    tree: bool = True,
+    progress: bool = True,
+    **options: Any,
+) -> GridSummary:
+    """Train every combination of the lists, one run folder each in the tree under `out`, as
+    `nemesis train` with lists does (finished runs skipped, unfinished ones resumed).
+
+    `methods` are method names or presets (`coop`, `pan`, `cocoop-nemesis`); `options` are the other
+    `TrainConfig` fields, the same for every run. The summary's `line()` says what happened.
+    """
+    grid = plan_grid(out, options, datasets, methods, shots, seeds, tree=tree)
+    prepare_output(Path(out), folder=True)
+    return run_grid_job(grid, progress=progress)
