@@ -8,7 +8,7 @@ FASHION_MNIST_PACKAGE ?= dataset-fashion-mnist
 APT_GET ?= apt-get
 DPKG ?= dpkg
 
-.PHONY: install fashion-mnist demo test lint
+.PHONY: install fashion-mnist demo test lint gpu-wheels gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,24 @@ test: install fashion-mnist
 
 lint: install
 	$(BIN)/ruff check .
+
+# The GPU check (benchmarks/gpu_check.py; README "Benchmarks"). The GPU machine has Python 3.12 and
+# torch but not open_clip or this typer, and reaches no package index: `make gpu-wheels`, run here,
+# downloads the versions this venv holds into .whl/ (git-ignored; it travels with the checkout), and
+# `make gpu-check` installs them there first (where open_clip is missing). Without CUDA it runs the CPU mode.
+GPU_WHEELS ?= .whl
+GPU_SITE ?= /tmp/nemesis-gpu-site
+GPU_PACKAGES ?= open_clip_torch ftfy wcwidth typer annotated-doc pydantic pydantic-core annotated-types typing-inspection
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-wheels: install
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) $$($(BIN)/pip freeze | grep -i -E "^($$(echo $(GPU_PACKAGES) | sed 's/[-_]/[-_]/g; s/ /|/g'))==")
+
+gpu-check:
+	@if ! $(GPU_PYTHON) -c "import open_clip" 2>/dev/null && ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+			--target $(GPU_SITE) $(GPU_WHEELS)/*.whl; fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py \
+		--json gpu-check.json $(GPU_CHECK_ARGS)
