@@ -570,8 +570,8 @@ def _label_norm_panels(pairs: list, columns: int, accuracy_top: float, norm_top:
 
 
 def axes_width_share(figure: Figure) -> float:
-    """Width of the panels (leftmost to rightmost axes) over the width of everything drawn, as saved
-    with a tight bounding box: a legend must not squeeze the axes."""
+    """Width of the panels (leftmost to rightmost axes) over the width of everything drawn (its tight
+    bounding box): a legend must not squeeze the axes."""
     renderer = figure.canvas.get_renderer()
     visible = [axes for axes in figure.axes if axes.get_visible()]
     left = min(axes.get_window_extent(renderer).x0 for axes in visible)
