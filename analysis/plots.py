@@ -611,6 +611,7 @@ def plot_few_shot_curve(averages: pd.DataFrame, layout: PaperLayout = DEFAULT_LA
                 positions[order],
                 means,
                 marker=MARKERS[number % len(MARKERS)],
+                linestyle=LINE_STYLES[number % len(LINE_STYLES)],  # lines inside overlapping bands stay apart
                 color=colours[number],
                 label=" / ".join(str(part) for part in key),
             )

@@ -179,6 +179,7 @@ def test_few_shot_curve_has_one_series_per_method():
     figure = plot_few_shot_curve(averages)
     (axes,) = figure.axes
     assert len(axes.get_lines()) == 2
+    assert len({line.get_linestyle() for line in axes.get_lines()}) == 2  # apart inside their bands
     assert axes.get_xlabel() == "shots per class" and "accuracy" in axes.get_ylabel()
 
 
