@@ -10,6 +10,7 @@ from nemesis.lazy import lazy_attributes
 
 _PUBLIC = {
     "Inputs": "results",
+    "PaperLayout": "layout",
     "Report": "report",
     "Run": "results",
     "Table": "tables",

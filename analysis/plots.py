@@ -2,7 +2,9 @@
 
 Every function builds a `matplotlib.figure.Figure` on an Agg canvas without pyplot, so the
 user's pyplot backend is neither needed nor changed, and returns it so tests can inspect the
-artists. `save_figure` writes PNG and PDF atomically.
+artists. Each takes a `PaperLayout` (default: the double-column width): the figure is drawn as
+wide as it is printed, with no text below 7 pt and its legend below the axes. `save_figure`
+writes PNG and PDF atomically, at exactly that size.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from nemesis.wording import plural
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .labels import dataset_name, kind_label, shots_label, site_label, weights_names
+from .layout import DEFAULT_LAYOUT, PaperLayout
 from .low_norm_effect import (
     DEGRADATION_RATE,
     POOLED_NOTE,
@@ -77,18 +80,42 @@ def save_figure(figure: Figure, out: str | os.PathLike) -> list[Path]:
         temporaries = [stack.enter_context(atomic_path(path)) for path in paths]
         with matplotlib.rc_context(SAVE_SETTINGS):
             for temporary, path in zip(temporaries, paths, strict=True):
-                figure.savefig(temporary, format=path.suffix[1:].lower(), dpi=DPI, bbox_inches="tight")
+                # No tight bounding box: the file keeps the layout's width, the one its fonts were sized for.
+                figure.savefig(temporary, format=path.suffix[1:].lower(), dpi=DPI)
     return paths
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def new_figure(width: float, height: float, layout: str | None = None) -> Figure:
-    """A figure drawn by Agg (headless), independent of pyplot's global state."""
-    figure = Figure(figsize=(width, height), layout=layout)
+def new_figure(layout: PaperLayout, height: float) -> Figure:
+    """A figure `layout.width_in` wide drawn by Agg (headless), independent of pyplot's global state.
+
+    Constrained layout fits labels, colour bars and a legend below the axes inside this size.
+    """
+    figure = Figure(figsize=(layout.width_in, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
+
+
+def _finish(figure: Figure, layout: PaperLayout) -> Figure:
+    """Tick labels made while drawing, after the build's font settings are gone, keep the small size."""
+    for axes in figure.axes:
+        axes.tick_params(labelsize=layout.small_size)
+    return figure
+
+
+def _legend_below(figure: Figure, handles: list, title: str | None = None) -> None:
+    """One legend under the axes, in as many columns as the figure's width holds.
+
+    Below, not beside: a legend to the right makes the figure wider than the column it was sized for.
+    """
+    renderer = figure.canvas.get_renderer()
+    for columns in range(len(handles), 0, -1):
+        legend = figure.legend(handles=handles, title=title, loc="outside lower center", ncols=columns, frameon=False)
+        if columns == 1 or legend.get_window_extent(renderer).width <= 0.98 * figure.bbox.width:
+            return
+        legend.remove()
 
 
 def _palette(count: int) -> list:
@@ -146,10 +173,6 @@ def _same(value, other) -> bool:
     return other is not None and not pd.isna(other) and other == value
 
 
-def _legend_outside(axes, title: str | None = None, handles=None) -> None:
-    axes.legend(handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-
-
 # ----------------------------------------------------------------------------- LNE frequency
 
 
@@ -189,25 +212,26 @@ def frequency_table_and_figure(
     margin: float = 0.0,
     degradation: bool = False,
     pool: bool = False,
+    layout: PaperLayout = DEFAULT_LAYOUT,
 ) -> tuple[pd.DataFrame, Figure]:
     """The frequency table of `lne_frequency` and its figure: the paper's LNE figure, the companion
     figure with `degradation` (share of norm-increasing cells that lower accuracy), or with
     `by="position"` the position x factor heat map of the mean accuracy change. Kinds of prompt
-    (method, class subset, training dataset, weights) stay apart unless `pool`."""
+    (method, class subset, training dataset, weights) stay apart unless `pool`; `layout` sizes the figure."""
     columns = check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
     table = lne_frequency(cells, columns, margin=margin, significant=significant, alpha=alpha, pool=pool)
     if columns == ["position"]:
-        return table, plot_position_heatmap(cells, pool=pool)
+        return table, plot_position_heatmap(cells, pool=pool, layout=layout)
     figure = plot_frequency_table(
         table, columns, rate=rate, significant=significant, alpha=alpha, margin=margin, degradation=degradation,
-        pool=pool,
+        pool=pool, layout=layout,
     )  # fmt: skip
     return table, figure
 
 
 def plot_frequency(cells: pd.DataFrame, by: str | Sequence[str] = DEFAULT_BY, **options: Any) -> Figure:
     """The figure of `frequency_table_and_figure` (same options: rate, significant, alpha, margin,
-    degradation, pool)."""
+    degradation, pool, layout)."""
     return frequency_table_and_figure(cells, by, **options)[1]
 
 
@@ -220,11 +244,12 @@ def plot_frequency_table(
     margin: float = 0.0,
     degradation: bool = False,
     pool: bool = False,
+    layout: PaperLayout = DEFAULT_LAYOUT,
 ) -> Figure:
     """Draw a table from `lne_frequency`: x = shots (else the last `by` column) on a categorical
     axis, y = frequency, rate or (with `degradation`) degradation rate in percent, one line with
     its own marker and colour per value of the other `by` columns and kind of prompt (default: per
-    dataset and method, and per corruption site where the table has them apart), legend outside the axes."""
+    dataset and method, and per corruption site where the table has them apart), legend below the axes."""
     columns = group_columns(by, pool, sites=SITE in table.columns)
     columns = [column for column in columns if column in table.columns]
     if rate and degradation:
@@ -246,41 +271,52 @@ def plot_frequency_table(
     else:
         series = [()]
     colours = _palette(len(series))
+    with layout.fonts():
+        figure = new_figure(layout, layout.height_in(0.62, most=3.6))
+        axes = figure.subplots()
+        for number, key in enumerate(series):
+            rows = table
+            for column, value in zip(series_columns, key, strict=True):
+                rows = rows[rows[column].map(lambda other, value=value: _same(value, other))]
+            positions, values = [], []
+            for position, x_value in enumerate(x_values):
+                match = rows[rows[x_column].map(lambda other, x_value=x_value: _same(x_value, other))]
+                if not match.empty:
+                    positions.append(position)
+                    values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
+            label = _series_label(series_columns, key, fixed, weights)
+            axes.plot(
+                positions,
+                values,
+                marker=MARKERS[number % len(MARKERS)],
+                color=colours[number],
+                label=label or "all cells",
+            )
+        axes.set_xticks(range(len(x_values)), [_category_label(x_column, value) for value in x_values])
+        axes.set_xlim(-0.5, len(x_values) - 0.5)
+        axes.set_xlabel("shots per class" if x_column == "shots" else x_column)
+        if degradation:
+            axes.set_ylabel("norm-increasing cells that lower accuracy (%)")
+        elif rate:
+            axes.set_ylabel("LNE rate (% of norm-reducing cells)")
+        else:
+            axes.set_ylabel("LNE frequency (number of occurrences)")
+        plotted = table[y_column].astype(float)
+        _y_headroom(axes, float(plotted.max()) if len(plotted) else 0.0, percent=y_column != "frequency")
+        if y_column == "frequency":
+            axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
+        axes.grid(axis="y", alpha=0.3)
+        title = _frequency_title(table, columns, fixed, weights, rate, significant, alpha, margin, degradation, pool)
+        axes.set_title(layout.wrap(title), loc="left")
+        names = [column for column in series_columns if column not in PROMPT_KIND]
+        if len(names) < len(series_columns):
+            names.append("prompts")
+        _legend_below(figure, axes.get_lines(), title=" / ".join(names) if names else None)
+    return _finish(figure, layout)
 
-    figure = new_figure(7.5, 4.5)
-    axes = figure.subplots()
-    for number, key in enumerate(series):
-        rows = table
-        for column, value in zip(series_columns, key, strict=True):
-            rows = rows[rows[column].map(lambda other, value=value: _same(value, other))]
-        positions, values = [], []
-        for position, x_value in enumerate(x_values):
-            match = rows[rows[x_column].map(lambda other, x_value=x_value: _same(x_value, other))]
-            if not match.empty:
-                positions.append(position)
-                values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
-        label = _series_label(series_columns, key, fixed, weights)
-        axes.plot(
-            positions,
-            values,
-            marker=MARKERS[number % len(MARKERS)],
-            color=colours[number],
-            label=label or "all cells",
-        )
-    axes.set_xticks(range(len(x_values)), [_category_label(x_column, value) for value in x_values])
-    axes.set_xlim(-0.5, len(x_values) - 0.5)
-    axes.set_xlabel("shots per class" if x_column == "shots" else x_column)
-    if degradation:
-        axes.set_ylabel("norm-increasing cells that lower accuracy (%)")
-    elif rate:
-        axes.set_ylabel("LNE rate (% of norm-reducing cells)")
-    else:
-        axes.set_ylabel("LNE frequency (number of occurrences)")
-    plotted = table[y_column].astype(float)
-    _y_headroom(axes, float(plotted.max()) if len(plotted) else 0.0, percent=y_column != "frequency")
-    if y_column == "frequency":
-        axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
-    axes.grid(axis="y", alpha=0.3)
+
+def _frequency_title(table, columns, fixed, weights, rate, significant, alpha, margin, degradation, pool) -> str:
+    """What is plotted and what each point pools (cells, norm-reducing or -increasing ones, summed columns)."""
     if degradation:
         title = "Norm-increasing cells that lower accuracy (Δacc < 0)"
     else:
@@ -290,18 +326,10 @@ def plot_frequency_table(
     pooled = f"; {POOLED_NOTE}" if pool else ""
     if fixed and len(fixed) == len([column for column in columns if column in PROMPT_KIND]):
         pooled = f"; prompts: {_series_label(list(fixed), list(fixed.values()), weights=weights)}" + pooled
-    axes.set_title(
+    return (
         f"{title}\neach point: {_count_range(table['cells'])} corrupted cells ({_count_range(table[counted])} "
-        f"norm-{counted}), {_summed_over(columns)}{pooled}",
-        fontsize=9,
-        loc="left",
+        f"norm-{counted}), {_summed_over(columns)}{pooled}"
     )
-    names = [column for column in series_columns if column not in PROMPT_KIND]
-    if len(names) < len(series_columns):
-        names.append("prompts")
-    _legend_outside(axes, title=" / ".join(names) if names else None)
-    figure.tight_layout()
-    return figure
 
 
 # What a frequency point can sum over, unless grouped by it: (column, as the title names it).
@@ -330,57 +358,85 @@ def _y_headroom(axes, top: float, percent: bool = False, bottom: float = 0.0) ->
     axes.set_ylim(bottom, top + 0.12 * (top - bottom))
 
 
-def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False) -> Figure:
+# Narrower than this a heat-map panel has no room for its factor labels and cell numbers.
+HEATMAP_PANEL_PT = 180.0
+CELL_NUMBER = "-00.0"  # the widest number a heat-map cell shows
+
+
+def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False, layout: PaperLayout = DEFAULT_LAYOUT) -> Figure:
     """Mean accuracy change (delta_acc, pp) per position (rows) and factor (columns), one panel per
-    op, corruption site (where there are several) and kind of prompt (unless `pool`). Cell text is
-    dark on light cells and light on dark ones; a vertical rule separates the factors that reduce
-    the norm (left) from those that increase it."""
+    op, corruption site (where there are several) and kind of prompt (unless `pool`), in rows of as
+    many panels as `layout`'s width holds. Cell text is dark on light cells and light on dark ones,
+    shown where it fits; a vertical rule separates the factors that reduce the norm (left) from
+    those that increase it."""
     maps = mean_change_by_position(cells, pool=pool)
     largest = max(float(np.nanmax(np.abs(frame.to_numpy(dtype=float)), initial=0.0)) for frame in maps.values())
     largest = largest if largest > 0 else 1.0  # a symmetric colour scale around "no change"
-    rows = max(len(frame) for frame in maps.values())
-    figure = new_figure(4.5 * len(maps) + 1.5, 0.35 * rows + 2.4, layout="constrained")
-    panels = figure.subplots(1, len(maps), squeeze=False)[0]
-    factor_names = {"rescale": "tau", "replace": "sigma"}
-    colour_map = matplotlib.colormaps["RdBu"]
+    positions = max(len(frame) for frame in maps.values())
+    columns = max(1, min(len(maps), int(layout.width_pt // HEATMAP_PANEL_PT)))
+    rows_count = math.ceil(len(maps) / columns)
+    panel_height = min(max(0.13 * positions + 1.2, 2.0), 4.5)  # inches: about 9 pt a position, plus labels
     corrupted = with_prompt_kind(cells[cells["op"] != "original"])
     kind_columns = apart_columns(corrupted, pool)  # the key order of `mean_change_by_position`
     single = _single_kind(corrupted, kind_columns)
     weights = _weights_names(corrupted)
-    image = None
-    for axes, (key, frame) in zip(panels, maps.items(), strict=True):
-        op, kind = key[0], dict(zip(kind_columns, key[1:], strict=True))
-        values = frame.to_numpy(dtype=float)  # [positions, factors]
-        image = axes.imshow(values, cmap=colour_map, vmin=-largest, vmax=largest, aspect="auto")
-        axes.set_xticks(range(values.shape[1]), [f"{factor:g}" for factor in frame.columns])
-        axes.set_yticks(range(values.shape[0]), [str(int(position)) for position in frame.index])
-        if values.size <= 160:  # numbers stay legible only on small grids
-            for (row, column), value in np.ndenumerate(values):
-                if np.isfinite(value):
-                    red, green, blue, _ = colour_map(0.5 + 0.5 * value / largest)
-                    dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived brightness
-                    shown = round(value, 1) + 0.0  # + 0.0 turns -0.0 (a change that rounds away) into 0.0
-                    axes.text(column, row, f"{shown:.1f}", ha="center", va="center", fontsize=7,
-                              color="white" if dark else "black")  # fmt: skip
-        panel_cells = corrupted[corrupted["op"] == op]
-        for column, value in kind.items():
-            panel_cells = panel_cells[panel_cells[column].map(lambda other, value=value: _same(value, other))]
-        share = reducing_share_by_factor(panel_cells).reindex(frame.columns)
-        reducing = [index for index, value in enumerate(share.to_numpy(dtype=float)) if value >= 0.5]
-        if reducing and len(reducing) < len(frame.columns) and reducing == list(range(len(reducing))):
-            axes.axvline(len(reducing) - 0.5, color="black", linewidth=1.5)
-        varying = {column: value for column, value in kind.items() if column not in single}
-        title = f"{op}, {_series_label(list(varying), list(varying.values()), single, weights)}" if varying else op
-        axes.set_title(title)
-        rule = "; norm-reducing factors left of the rule" if axes.lines else ""
-        axes.set_xlabel(f"factor ({factor_names.get(op, 'factor')})\n{plural(len(panel_cells), 'cell')}{rule}")
-        axes.set_ylabel("position")
-    figure.colorbar(image, ax=list(panels), label="mean accuracy change (pp)")
-    pooled = f" ({POOLED_NOTE})" if pool else ""
-    if single and len(single) == len([column for column in kind_columns if column in PROMPT_KIND]):
-        pooled = f" (prompts: {_series_label(list(single), list(single.values()), weights=weights)})"
-    figure.suptitle(f"Mean accuracy change by corrupted position{pooled}")
-    return figure
+    share = 0.85 / columns  # of the figure's width, left for one panel beside the colour bar
+    with layout.fonts():
+        figure = new_figure(layout, panel_height * rows_count + 0.4)
+        grid = figure.subplots(rows_count, columns, squeeze=False).ravel()
+        for axes in grid[len(maps) :]:
+            axes.remove()  # an empty slot of the last row
+        image = None
+        for axes, (key, frame) in zip(grid, maps.items(), strict=False):
+            op, kind = key[0], dict(zip(kind_columns, key[1:], strict=True))
+            panel_cells = corrupted[corrupted["op"] == op]
+            for column, value in kind.items():
+                panel_cells = panel_cells[panel_cells[column].map(lambda other, value=value: _same(value, other))]
+            image = _heatmap_panel(axes, frame, largest, layout, share)
+            _rule_between_reducing_and_increasing(axes, reducing_share_by_factor(panel_cells).reindex(frame.columns))
+            varying = {column: value for column, value in kind.items() if column not in single}
+            title = f"{op}, {_series_label(list(varying), list(varying.values()), single, weights)}" if varying else op
+            axes.set_title(layout.wrap(title, share))
+            rule = "; norm-reducing factors left of the rule" if axes.lines else ""
+            factor_name = {"rescale": "tau", "replace": "sigma"}.get(op, "factor")
+            label = f"factor ({factor_name})\n{plural(len(panel_cells), 'cell')}{rule}"
+            axes.set_xlabel(layout.wrap(label, share))
+            axes.set_ylabel("position")
+        figure.colorbar(image, ax=list(grid[: len(maps)]), label="mean accuracy change (pp)")
+        pooled = f" ({POOLED_NOTE})" if pool else ""
+        if single and len(single) == len([column for column in kind_columns if column in PROMPT_KIND]):
+            pooled = f" (prompts: {_series_label(list(single), list(single.values()), weights=weights)})"
+        figure.suptitle(layout.wrap(f"Mean accuracy change by corrupted position{pooled}", size=layout.title_size))
+    return _finish(figure, layout)
+
+
+def _heatmap_panel(axes, frame: pd.DataFrame, largest: float, layout: PaperLayout, share: float):
+    """One op's position x factor map on a colour scale symmetric around 0, numbers in the cells that hold them."""
+    colour_map = matplotlib.colormaps["RdBu"]
+    values = frame.to_numpy(dtype=float)  # [positions, factors]
+    image = axes.imshow(values, cmap=colour_map, vmin=-largest, vmax=largest, aspect="auto")
+    factors = [f"{factor:g}" for factor in frame.columns]
+    cell_width = layout.width_pt * share / max(1, values.shape[1])  # points
+    # Labels that leave less than a character's gap in their cell would run into each other: stand them up.
+    crowded = max(map(len, factors), default=0) + 1 > layout.characters(cell_width, layout.small_size)
+    axes.set_xticks(range(values.shape[1]), factors, rotation=90 if crowded else 0)
+    axes.set_yticks(range(values.shape[0]), [str(int(position)) for position in frame.index])
+    if values.size <= 160 and len(CELL_NUMBER) <= layout.characters(cell_width, layout.small_size):
+        for (row, column), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                red, green, blue, _ = colour_map(0.5 + 0.5 * value / largest)
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived brightness
+                shown = round(value, 1) + 0.0  # + 0.0 turns -0.0 (a change that rounds away) into 0.0
+                axes.text(column, row, f"{shown:.1f}", ha="center", va="center", fontsize=layout.small_size,
+                          color="white" if dark else "black")  # fmt: skip
+    return image
+
+
+def _rule_between_reducing_and_increasing(axes, reducing_share: pd.Series) -> None:
+    """A vertical rule after the factors that mostly reduce the norm, when they all come first."""
+    reducing = [index for index, value in enumerate(reducing_share.to_numpy(dtype=float)) if value >= 0.5]
+    if reducing and len(reducing) < len(reducing_share) and reducing == list(range(len(reducing))):
+        axes.axvline(len(reducing) - 0.5, color="black", linewidth=1.5)
 
 
 # ----------------------------------------------------------------------------- norm trajectories
@@ -408,13 +464,20 @@ def _panel_title(dataset, shots, seeds: set[int]) -> str:
     return f"{dataset_name(dataset)}, {shots_text} ({seeds_text} per line)"
 
 
-def plot_norms(runs: Sequence[Run]) -> Figure:
-    """Test accuracy (left axis, solid) and mean prompt norm (right axis, dashed) against epoch.
+# Narrower than this a pair of norm panels crowds its epoch ticks; more than three a row are unreadable.
+NORM_PANEL_PT = 190.0
+MOST_NORM_COLUMNS = 3
+LINE_STYLES = ("-", "--", "-.", ":")  # with colour and marker, a series stays apart in grey print too
+
+
+def plot_norms(runs: Sequence[Run], layout: PaperLayout = DEFAULT_LAYOUT) -> Figure:
+    """Test accuracy (upper panel) and mean prompt norm (lower panel) against a shared epoch axis.
 
     Runs that differ only by seed become one series: the mean over seeds, with a band of ±1 std.
-    One panel per dataset and shot count when the runs differ in them; one colour per method label
-    (CoOp circles, Nemesis triangles); the legend sits outside, right of the panels, which keep at
-    least 60% of the figure's width.
+    One pair of panels per dataset and shot count when the runs differ in them, as many pairs a row
+    as `layout`'s width holds; every accuracy panel has the same y range, and every norm panel, so
+    panels compare at a glance. Each method label has its colour, marker and line style (CoOp
+    circles, Nemesis triangles), the same in both panels; the legend sits below the panels.
     """
     if not runs:
         raise NemesisError("no runs to plot; pass run folders written by `nemesis train --out DIR`")
@@ -425,73 +488,90 @@ def plot_norms(runs: Sequence[Run]) -> Figure:
     frame["method_label"] = frame["run"].map(labels_by_run).fillna(frame["label"])
     series = _norm_series(frame)
     panels = list(dict.fromkeys(key for key, _, _, _ in series))
-    colours = dict(zip(dict.fromkeys(label for _, label, _, _ in series), _palette(len(series)), strict=False))
+    labels = list(dict.fromkeys(label for _, label, _, _ in series))
+    styles = {
+        label: {"color": colour, "linestyle": LINE_STYLES[number % len(LINE_STYLES)]}
+        for number, (label, colour) in enumerate(zip(labels, _palette(len(labels)), strict=True))
+    }
+    columns = max(1, min(len(panels), MOST_NORM_COLUMNS, int(layout.width_pt // NORM_PANEL_PT)))
+    blocks = math.ceil(len(panels) / columns)
+    with layout.fonts():
+        figure = new_figure(layout, blocks * layout.height_in(0.55, most=3.2) + 0.6)
+        grid = figure.subplots(2 * blocks, columns, squeeze=False)
+        pairs = [(grid[2 * (index // columns)][index % columns], grid[2 * (index // columns) + 1][index % columns])
+                 for index in range(len(panels))]  # fmt: skip
+        for index in range(len(panels), blocks * columns):  # empty slots of the last row
+            grid[2 * (index // columns)][index % columns].remove()
+            grid[2 * (index // columns) + 1][index % columns].remove()
+        handles, banded, tops = {}, False, {"test_acc": [0.0], "mean_norm": [0.0]}
+        for (accuracy_axes, norm_axes), key in zip(pairs, panels, strict=True):
+            accuracy_axes.sharex(norm_axes)  # one epoch axis for the pair
+            seeds = set()
+            for panel, label, rows, count in series:
+                if panel != key:
+                    continue
+                seeds.add(count)
+                banded |= count > 1
+                style = styles[label] | {"marker": PENALTY_MARKERS.get(str(rows["penalty"].iloc[0]), "s")}
+                tops["test_acc"].append(_draw_mean_and_band(accuracy_axes, rows, "test_acc", style))
+                tops["mean_norm"].append(_draw_mean_and_band(norm_axes, rows, "mean_norm", style))
+                handles.setdefault(label, Line2D([], [], **style, label=label))
+            accuracy_axes.set_title(layout.wrap(_panel_title(*key, seeds), 0.95 / columns))
+        _label_norm_panels(pairs, columns, max(tops["test_acc"]), max(tops["mean_norm"]))
+        keys = list(handles.values())
+        if banded:
+            keys.append(Patch(color="grey", alpha=0.3, label="band: ±1 std over seeds"))
+        _legend_below(figure, keys)
+        title = (
+            f"Prompt norm and accuracy over training: {plural(len(runs), 'run')}, "
+            f"{plural(frame['seed'].nunique(), 'seed')}; lines are means over seeds"
+        )
+        figure.suptitle(layout.wrap(title, size=layout.title_size))
+    return _finish(figure, layout)
 
-    columns = min(len(panels), 3)
-    rows_count = math.ceil(len(panels) / columns)
-    legend_width = 3.0
-    figure = new_figure(4.6 * columns + legend_width, 3.6 * rows_count + 0.9)
-    grid = figure.subplots(rows_count, columns, squeeze=False)
-    handles = {}
-    banded = False
-    for index, key in enumerate(panels):
-        accuracy_axes = grid[index // columns][index % columns]
-        norm_axes = accuracy_axes.twinx()
-        seeds, accuracy_values, norm_values = set(), [], []
-        for panel, label, rows, count in series:
-            if panel != key:
-                continue
-            seeds.add(count)
-            colour = colours[label]
-            marker = PENALTY_MARKERS.get(str(rows["penalty"].iloc[0]), "s")
-            by_epoch = rows.groupby("epoch", sort=True)
-            accuracy = by_epoch["test_acc"].agg(["mean", "std", "count"]).dropna(subset=["mean"])
-            norm = by_epoch["mean_norm"].agg(["mean", "std", "count"]).dropna(subset=["mean"])
-            style = {"color": colour, "marker": marker, "markersize": 4, "markevery": max(1, len(norm) // 12)}
-            if not accuracy.empty:
-                accuracy_axes.plot(accuracy.index, accuracy["mean"], **style)
-                accuracy_values.extend((accuracy["mean"] + accuracy["std"].fillna(0)).tolist())
-            norm_axes.plot(norm.index, norm["mean"], linestyle="--", fillstyle="none", **style)
-            norm_values.extend((norm["mean"] + norm["std"].fillna(0)).tolist())
-            if count > 1:
-                banded = True
-                for axes, values in ((accuracy_axes, accuracy), (norm_axes, norm)):
-                    spread = values["std"].fillna(0)
-                    axes.fill_between(values.index, values["mean"] - spread, values["mean"] + spread,
-                                      color=colour, alpha=0.15, linewidth=0)  # fmt: skip
-            handles.setdefault(label, Line2D([], [], color=colour, marker=marker, label=label))
-        dataset, shots = key
-        accuracy_axes.set_title(_panel_title(dataset, shots, seeds), fontsize=10)
-        accuracy_axes.set_xlabel("epoch")
-        accuracy_axes.set_ylabel("test accuracy (%)")
-        norm_axes.set_ylabel("mean prompt norm (L2)")
-        accuracy_axes.grid(alpha=0.3)
-        _y_headroom(accuracy_axes, max(accuracy_values, default=0.0), percent=True,
-                    bottom=max(0.0, min(accuracy_axes.get_ylim()[0], 100.0)))  # fmt: skip
-        _y_headroom(norm_axes, max(norm_values, default=0.0), bottom=max(0.0, norm_axes.get_ylim()[0]))
-    for index in range(len(panels), rows_count * columns):
-        grid[index // columns][index % columns].set_visible(False)
-    keys = list(handles.values())
-    keys.append(Line2D([], [], color="black", linestyle="-", label="test accuracy (left axis)"))
-    keys.append(Line2D([], [], color="black", linestyle="--", label="mean prompt norm (right axis)"))
-    if banded:
-        keys.append(Patch(color="grey", alpha=0.3, label="band: ±1 std over seeds"))
-    seeds_total = frame["seed"].nunique()
-    figure.suptitle(
-        f"Prompt norm and accuracy over training: {plural(len(runs), 'run')}, "
-        f"{plural(seeds_total, 'seed')}; lines are means over seeds",
-        fontsize=11,
-    )
-    right = 1.0 - legend_width / figure.get_figwidth()
-    figure.tight_layout(rect=(0.0, 0.0, right, 0.95))
-    figure.legend(handles=keys, loc="upper left", bbox_to_anchor=(right + 0.01, 0.93), borderaxespad=0.0,
-                  fontsize=8, frameon=False)  # fmt: skip
-    return figure
+
+def _draw_mean_and_band(axes, rows: pd.DataFrame, column: str, style: dict) -> float:
+    """The mean of `column` per epoch over the series' runs, and a ±1 std band where there are several;
+    returns the highest value drawn (0 when the runs logged none)."""
+    values = rows.groupby("epoch", sort=True)[column].agg(["mean", "std"]).dropna(subset=["mean"])
+    if values.empty:
+        return 0.0
+    axes.plot(values.index, values["mean"], markevery=max(1, len(values) // 12), **style)
+    spread = values["std"].fillna(0)
+    if spread.any():
+        axes.fill_between(values.index, values["mean"] - spread, values["mean"] + spread,
+                          color=style["color"], alpha=0.15, linewidth=0)  # fmt: skip
+    return float((values["mean"] + spread).max())
+
+
+def _label_norm_panels(pairs: list, columns: int, accuracy_top: float, norm_top: float) -> None:
+    """Accuracy panels share one y range up to `accuracy_top` (+ room), norm panels another up to
+    `norm_top`; axis labels only where they are not repeated."""
+    accuracy_panels = [accuracy_axes for accuracy_axes, _ in pairs]
+    norm_panels = [norm_axes for _, norm_axes in pairs]
+    for panels in (accuracy_panels, norm_panels):
+        for axes in panels[1:]:
+            axes.sharey(panels[0])
+    for index, (accuracy_axes, norm_axes) in enumerate(pairs):
+        accuracy_axes.tick_params(labelbottom=False)  # the norm panel below shows the epochs
+        norm_axes.set_xlabel("epoch")
+        norm_axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 2.5
+        if index % columns == 0:
+            accuracy_axes.set_ylabel("test accuracy (%)")
+            norm_axes.set_ylabel("mean prompt norm (L2)")
+        else:
+            accuracy_axes.tick_params(labelleft=False)
+            norm_axes.tick_params(labelleft=False)
+        for axes in (accuracy_axes, norm_axes):
+            axes.grid(alpha=0.3)
+    first_accuracy, first_norm = accuracy_panels[0], norm_panels[0]
+    _y_headroom(first_accuracy, accuracy_top, percent=True, bottom=max(0.0, min(first_accuracy.get_ylim()[0], 100.0)))
+    _y_headroom(first_norm, norm_top, bottom=max(0.0, first_norm.get_ylim()[0]))
 
 
 def axes_width_share(figure: Figure) -> float:
-    """Width of the panels (leftmost to rightmost axes) over the width of everything drawn, as saved
-    with a tight bounding box: a legend must not squeeze the axes."""
+    """Width of the panels (leftmost to rightmost axes) over the width of everything drawn (its tight
+    bounding box): a legend must not squeeze the axes."""
     renderer = figure.canvas.get_renderer()
     visible = [axes for axes in figure.axes if axes.get_visible()]
     left = min(axes.get_window_extent(renderer).x0 for axes in visible)
@@ -503,11 +583,11 @@ def axes_width_share(figure: Figure) -> float:
 # ----------------------------------------------------------------------------- few-shot curve
 
 
-def plot_few_shot_curve(averages: pd.DataFrame) -> Figure:
+def plot_few_shot_curve(averages: pd.DataFrame, layout: PaperLayout = DEFAULT_LAYOUT) -> Figure:
     """Accuracy (averaged over datasets) against shots per class, one line per method.
 
     `averages` has columns method, shots, mean and optionally model and std (the few-shot table's
-    average rows); a std is drawn as a band of +-1 std.
+    average rows); a std is drawn as a band of +-1 std. `layout` sizes the figure; the legend sits below.
     """
     rows = averages.dropna(subset=["mean", "shots"])
     if rows.empty:
@@ -517,38 +597,40 @@ def plot_few_shot_curve(averages: pd.DataFrame) -> Figure:
     keys = rows[group_columns].drop_duplicates().itertuples(index=False)
     keys = [tuple(key) for key in keys]
     colours = _palette(len(keys))
-    figure = new_figure(7.0, 4.5)
-    axes = figure.subplots()
-    for number, key in enumerate(keys):
-        selected = rows
-        for column, value in zip(group_columns, key, strict=True):
-            selected = selected[selected[column] == value]
-        positions = np.array([shots.index(value) for value in selected["shots"]])
-        order = np.argsort(positions)
-        means = selected["mean"].to_numpy(dtype=float)[order]
-        axes.plot(
-            positions[order],
-            means,
-            marker=MARKERS[number % len(MARKERS)],
-            color=colours[number],
-            label=" / ".join(str(part) for part in key),
-        )
-        if "std" in selected and selected["std"].notna().any():
-            spread = np.nan_to_num(selected["std"].to_numpy(dtype=float)[order])
-            axes.fill_between(positions[order], means - spread, means + spread, color=colours[number], alpha=0.15)
-    axes.set_xticks(range(len(shots)), [shots_label(value) for value in shots])
-    axes.set_xlim(-0.5, len(shots) - 0.5)
-    axes.set_xlabel("shots per class")
-    axes.set_ylabel("test accuracy (%), average over datasets")
-    seeds = sorted({int(value) for value in rows["seeds"].dropna()}) if "seeds" in rows else []
-    pooled = "each point: mean over the row's datasets"
-    if seeds:
-        count = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-        pooled += f", {count} seed{'' if seeds == [1] else 's'}"
-    axes.set_title(f"Few-shot classification\n{pooled}; band: ±1 std over per-seed averages", fontsize=10)
-    top = float((rows["mean"] + rows["std"].fillna(0)).max()) if "std" in rows else float(rows["mean"].max())
-    _y_headroom(axes, top, percent=True, bottom=max(0.0, axes.get_ylim()[0]))
-    axes.grid(alpha=0.3)
-    _legend_outside(axes)
-    figure.tight_layout()
-    return figure
+    with layout.fonts():
+        figure = new_figure(layout, layout.height_in(0.62, most=3.6))
+        axes = figure.subplots()
+        for number, key in enumerate(keys):
+            selected = rows
+            for column, value in zip(group_columns, key, strict=True):
+                selected = selected[selected[column] == value]
+            positions = np.array([shots.index(value) for value in selected["shots"]])
+            order = np.argsort(positions)
+            means = selected["mean"].to_numpy(dtype=float)[order]
+            axes.plot(
+                positions[order],
+                means,
+                marker=MARKERS[number % len(MARKERS)],
+                linestyle=LINE_STYLES[number % len(LINE_STYLES)],  # lines inside overlapping bands stay apart
+                color=colours[number],
+                label=" / ".join(str(part) for part in key),
+            )
+            if "std" in selected and selected["std"].notna().any():
+                spread = np.nan_to_num(selected["std"].to_numpy(dtype=float)[order])
+                axes.fill_between(positions[order], means - spread, means + spread, color=colours[number], alpha=0.15)
+        axes.set_xticks(range(len(shots)), [shots_label(value) for value in shots])
+        axes.set_xlim(-0.5, len(shots) - 0.5)
+        axes.set_xlabel("shots per class")
+        axes.set_ylabel("test accuracy (%), average over datasets")
+        seeds = sorted({int(value) for value in rows["seeds"].dropna()}) if "seeds" in rows else []
+        pooled = "each point: mean over the row's datasets"
+        if seeds:
+            count = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+            pooled += f", {count} seed{'' if seeds == [1] else 's'}"
+        title = f"Few-shot classification\n{pooled}; band: ±1 std over per-seed averages"
+        axes.set_title(layout.wrap(title))
+        top = float((rows["mean"] + rows["std"].fillna(0)).max()) if "std" in rows else float(rows["mean"].max())
+        _y_headroom(axes, top, percent=True, bottom=max(0.0, axes.get_ylim()[0]))
+        axes.grid(alpha=0.3)
+        _legend_below(figure, axes.get_lines())
+    return _finish(figure, layout)

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from nemesis.errors import NemesisError
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
+from .layout import DEFAULT_LAYOUT, PaperLayout
 from .plots import figure_paths, plot_few_shot_curve, save_figure
 from .results import Inputs, load_inputs
 from .tables import (
@@ -56,10 +57,11 @@ def build_report(
     alpha: float = DEFAULT_ALPHA,
     paper: bool = True,
     pool: bool = False,
+    layout: PaperLayout = DEFAULT_LAYOUT,
 ) -> Report:
-    """The tables the inputs support: few-shot (+ curve) from finished runs or own-dataset eval
-    records, base-to-new and domain generalisation from eval records, LNE frequency (grouped by
-    `by` and the kind of prompt, unless `pool`) from sweep tables."""
+    """The tables the inputs support: few-shot (+ curve, sized by `layout`) from finished runs or
+    own-dataset eval records, base-to-new and domain generalisation from eval records, LNE
+    frequency (grouped by `by` and the kind of prompt, unless `pool`) from sweep tables."""
     report = Report()
     skipped = len(unfinished_runs(inputs.runs))
     results = few_shot_results(inputs.runs, inputs.evals)
@@ -68,7 +70,7 @@ def build_report(
         report.tables.append(table)
         averages = few_shot_averages(table)
         if not averages.dropna(subset=["mean", "shots"]).empty:  # a curve needs shots and a complete average
-            report.figures[FEW_SHOT_CURVE] = plot_few_shot_curve(averages)
+            report.figures[FEW_SHOT_CURVE] = plot_few_shot_curve(averages, layout)
     if inputs.evals is not None:
         if not base_to_new_results(inputs.evals).empty:
             report.tables.append(base_to_new_table(inputs.evals, paper=paper))
@@ -123,7 +125,10 @@ def make_report(
     significant: bool = False,
     alpha: float = DEFAULT_ALPHA,
     paper: bool = True,
+    layout: PaperLayout = DEFAULT_LAYOUT,
 ) -> list[Path]:
-    """Load `paths`, build every supported table and figure, write them into `out_dir`."""
-    built = build_report(load_inputs(paths), by, margin=margin, significant=significant, alpha=alpha, paper=paper)
+    """Load `paths`, build every supported table and figure (sized by `layout`), write them into `out_dir`."""
+    built = build_report(
+        load_inputs(paths), by, margin=margin, significant=significant, alpha=alpha, paper=paper, layout=layout
+    )
     return write_report(built, out_dir)

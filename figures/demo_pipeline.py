@@ -15,10 +15,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 import analysis
+from analysis.layout import DEFAULT_LAYOUT, PaperLayout
 from corrupt.engine import run_sweep
 from corrupt.grid import parse_grid
 from corrupt.inputs import resolve_inputs
@@ -32,6 +34,12 @@ from nemesis.model.backbone import load_clip
 from nemesis.training.configs import TrainConfig
 from nemesis.training.train_grid import run_folder as grid_run_folder
 from nemesis.training.trainer import train
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from analysis.results import Run
 
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
@@ -162,23 +170,35 @@ def base_to_new(out_dir: Path, settings: DemoSettings, console: Console) -> Path
     return records
 
 
+def demo_figures(cells: pd.DataFrame, trajectory: list[Run], layout: PaperLayout = DEFAULT_LAYOUT) -> dict[str, Figure]:
+    """The demo's figures by file name: LNE frequency, degradation and by position from the sweep's
+    `cells`, the norm trajectory of the `trajectory` runs (the report adds the few-shot curve)."""
+    return {
+        "lne_frequency": analysis.plot_frequency(cells, layout=layout),
+        "lne_degradation": analysis.plot_frequency(cells, degradation=True, layout=layout),
+        "lne_by_position": analysis.plot_frequency(cells, by="position", layout=layout),
+        "norm_trajectory": analysis.plot_norms(trajectory, layout=layout),
+    }
+
+
 def draw(
-    out_dir: Path, runs: list[Path], table: Path, records: Path, settings: DemoSettings
+    out_dir: Path, runs: list[Path], table: Path, records: Path, settings: DemoSettings, layout: PaperLayout
 ) -> tuple[list[Path], list[Path]]:
     folder = out_dir / "figures"
     folder.mkdir(exist_ok=True)
-    cells = analysis.load_sweeps([table])
-    figures = analysis.save_figure(analysis.plot_frequency(cells), folder / "lne_frequency")
-    figures += analysis.save_figure(analysis.plot_frequency(cells, degradation=True), folder / "lne_degradation")
-    figures += analysis.save_figure(analysis.plot_frequency(cells, by="position"), folder / "lne_by_position")
     trajectory = [run_folder(out_dir, method, max(settings.shots), min(settings.seeds), settings) for method in METHODS]
-    figures += analysis.save_figure(analysis.plot_norms(analysis.load_runs(trajectory)), folder / "norm_trajectory")
-    report = analysis.make_report([*runs, table, records], out_dir / "report")
+    drawn = demo_figures(analysis.load_sweeps([table]), analysis.load_runs(trajectory), layout)
+    figures = [path for name, figure in drawn.items() for path in analysis.save_figure(figure, folder / name)]
+    report = analysis.make_report([*runs, table, records], out_dir / "report", layout=layout)
     return figures, report
 
 
-def run_demo(out_dir: str | os.PathLike = "nemesis-demo", settings: DemoSettings | None = None) -> DemoOutputs:
-    """Run the demo into `out_dir` and return where everything went."""
+def run_demo(
+    out_dir: str | os.PathLike = "nemesis-demo",
+    settings: DemoSettings | None = None,
+    layout: PaperLayout = DEFAULT_LAYOUT,
+) -> DemoOutputs:
+    """Run the demo into `out_dir`, its figures sized by `layout`, and return where everything went."""
     settings = settings or DemoSettings()
     console = Console()
     out_dir = Path(out_dir)
@@ -191,5 +211,5 @@ def run_demo(out_dir: str | os.PathLike = "nemesis-demo", settings: DemoSettings
     outputs.runs = train_runs(out_dir, settings, console)
     outputs.sweep = sweep_runs(out_dir, outputs.runs, console)
     outputs.base_to_new = base_to_new(out_dir, settings, console)
-    outputs.figures, outputs.report = draw(out_dir, outputs.runs, outputs.sweep, outputs.base_to_new, settings)
+    outputs.figures, outputs.report = draw(out_dir, outputs.runs, outputs.sweep, outputs.base_to_new, settings, layout)
     return outputs

@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from analysis.defaults import DEFAULT_ALPHA
+from analysis.layout import PaperLayout
 from nemesis.atomic import prepare_output
 from nemesis.wording import plural
 
-from .common import reports_errors
+from .common import ColumnOption, WidthOption, reports_errors
 
 # pandas and matplotlib are imported inside the commands, so `--help` answers at once.
 
@@ -86,10 +87,12 @@ def plot_frequency(
         ),
     ] = False,
     pool: PoolOption = False,
+    width: WidthOption = None,
+    column: ColumnOption = None,
 ) -> None:
     """Plot how often the Low-Norm Effect occurs, the paper's figure; print the frequency table.
 
-    Example: nemesis plot-frequency sweeps/ --out figures/lne_frequency --significant
+    Example: nemesis plot-frequency sweeps/ --out figures/lne_frequency --significant --column single
     """
     import analysis
     from analysis.plots import check_frequency_options
@@ -97,9 +100,12 @@ def plot_frequency(
     from analysis.tables import rounded
 
     check_frequency_options(by, rate=rate, degradation=degradation, significant=significant, margin=margin)
+    layout = PaperLayout.from_options(width, column)
     prepare_output(out)
     cells = analysis.load_sweeps(results or [])
-    table, figure = analysis.frequency_table_and_figure(cells, by, rate, significant, alpha, margin, degradation, pool)
+    table, figure = analysis.frequency_table_and_figure(
+        cells, by, rate, significant, alpha, margin, degradation, pool, layout
+    )
     paths = analysis.save_figure(figure, out)
     _echo_duplicates(cells.attrs.get(DUPLICATE_CELLS, 0))
     typer.echo(rounded(table, 2).to_string(index=False))
@@ -114,16 +120,19 @@ def plot_norms(
         typer.Argument(help="Run folders of `nemesis train --out`, or folders holding them.", show_default=False),
     ] = None,
     out: FigureOption = ...,
+    width: WidthOption = None,
+    column: ColumnOption = None,
 ) -> None:
-    """Plot test accuracy and mean prompt norm against epoch, CoOp vs Nemesis, as in the paper.
+    """Plot test accuracy over mean prompt norm, two panels on one epoch axis, CoOp vs Nemesis, as in the paper.
 
-    Example: nemesis plot-norms runs/cars-coop runs/cars-nemesis --out figures/norms
+    Example: nemesis plot-norms runs/cars-coop runs/cars-nemesis --out figures/norms --column single
     """
     import analysis
 
+    layout = PaperLayout.from_options(width, column)
     prepare_output(out)
     loaded = analysis.load_runs(runs or [])
-    paths = analysis.save_figure(analysis.plot_norms(loaded), out)
+    paths = analysis.save_figure(analysis.plot_norms(loaded, layout), out)
     for path in paths:
         typer.echo(f"wrote {path}")
 
@@ -147,6 +156,8 @@ def report(
         bool, typer.Option("--paper/--no-paper", help="Add the paper's published numbers as \\[paper] rows.")
     ] = True,
     pool: PoolOption = False,
+    width: WidthOption = None,
+    column: ColumnOption = None,
 ) -> None:
     """Write the few-shot, base-to-new, domain-generalisation and LNE frequency tables the inputs support.
 
@@ -155,11 +166,13 @@ def report(
     import analysis
     from analysis.low_norm_effect import parse_by
 
+    layout = PaperLayout.from_options(width, column)
     prepare_output(out, folder=True)
     loaded = analysis.load_inputs(inputs or [])
     built = analysis.build_report(
-        loaded, parse_by(by), margin=margin, significant=significant, alpha=alpha, paper=paper, pool=pool
-    )
+        loaded, parse_by(by), margin=margin, significant=significant, alpha=alpha, paper=paper, pool=pool,
+        layout=layout,
+    )  # fmt: skip
     _echo_duplicates(loaded.duplicate_cells)
     for note in built.notes:
         typer.echo(f"note: {note}", err=True)

@@ -43,6 +43,24 @@ WeightsOption = Annotated[
 ]
 ActivationOption = Annotated[str | None, typer.Option(help=ACTIVATION_HELP)]
 CtxInitOption = Annotated[str | None, typer.Option(help=CTX_INIT_HELP)]
+# The options of every command that draws figures (plot-frequency, plot-norms, report, demo).
+WidthOption = Annotated[
+    float | None,
+    typer.Option(
+        "--width",
+        help="Printed width of the figures in points (72 to an inch), e.g. \\columnwidth; fonts stay >= 7 pt there. "
+        "Not with --column.",
+        show_default=False,
+    ),
+]
+ColumnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--column",
+        help="single (397 pt) or double (826 pt, the default): the ICLR / NeurIPS text widths. Not with --width.",
+        show_default=False,
+    ),
+]
 
 
 def is_main_rank() -> bool:

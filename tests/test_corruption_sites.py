@@ -265,7 +265,7 @@ def test_tables_and_figures_of_a_mixed_sweep_show_each_site(coop_table, mean2_ta
     by_position = lne_frequency_table(cells, by="position", paper=False).display
     assert sorted(by_position["site"]) == ["every prompt", "prompt 0", "prompt 1", "whole ctx"]
     _, figure = frequency_table_and_figure(cells)
-    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    labels = [text.get_text() for text in figure.legends[0].get_texts()]  # the legend below the axes
     assert len(labels) == 4 and any("prompt 0" in label for label in labels)
 
 

@@ -35,6 +35,10 @@ def _renderer(figure):
     return figure.canvas.get_renderer()
 
 
+def _legend(figure) -> list[str]:
+    return [text.get_text() for text in figure.legends[0].get_texts()]
+
+
 def test_frequency_figure_has_one_series_per_dataset():
     figure = plot_frequency(_cells())
     (axes,) = figure.axes
@@ -42,14 +46,14 @@ def test_frequency_figure_has_one_series_per_dataset():
     assert [tick.get_text() for tick in axes.get_xticklabels()] == ["1", "2", "4", "8", "16"]
     assert axes.get_xlabel() == "shots per class"
     assert "frequency" in axes.get_ylabel()
-    legend = axes.get_legend()
+    (legend,) = figure.legends
     assert sorted(text.get_text() for text in legend.get_texts()) == ["DTD", "Food101", "OxfordPets"]
     markers = {line.get_marker() for line in axes.get_lines()}
     colours = {line.get_color() for line in axes.get_lines()}
     assert len(markers) == len(colours) == len(DATASETS)
     renderer = _renderer(figure)
-    # Legend outside the axes, to their right.
-    assert legend.get_window_extent(renderer).x0 >= axes.get_window_extent(renderer).x1
+    # Legend below the axes (and their tick labels), not beside them.
+    assert legend.get_window_extent(renderer).y1 <= axes.get_tightbbox(renderer).y0
     # Heights: each checkpoint gains shots % 3 (1 or 2) samples in one reducing cell: one occurrence.
     pets = next(line for line in axes.get_lines() if line.get_label() == "OxfordPets")
     assert list(pets.get_ydata()) == [1, 1, 1, 1, 1]
@@ -79,7 +83,7 @@ def test_degradation_figure_plots_the_share_of_increasing_cells_that_lose_accura
     assert axes.get_ylabel() == "norm-increasing cells that lower accuracy (%)"
     assert axes.get_xlabel() == "shots per class"
     assert len(axes.get_lines()) == len(DATASETS)
-    assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["DTD", "Food101", "OxfordPets"]
+    assert sorted(_legend(figure)) == ["DTD", "Food101", "OxfordPets"]
     for line in axes.get_lines():
         assert list(line.get_ydata()) == [100.0] * 5  # each checkpoint's one increasing cell loses a sample
 
@@ -112,23 +116,25 @@ def _runs(tmp_path):
     return load_runs([tmp_path])
 
 
-def _legend(figure) -> list[str]:
-    return [text.get_text() for text in figure.legends[0].get_texts()]
-
-
-def test_norm_figure_has_both_axes_and_one_series_per_run(tmp_path):
+def test_norm_figure_stacks_accuracy_over_norm_with_one_series_per_run(tmp_path):
     runs = _runs(tmp_path)
     figure = plot_norms(runs)
-    accuracy_axes, norm_axes = figure.axes
+    accuracy_axes, norm_axes = figure.axes  # two panels, no twin axes
+    renderer = _renderer(figure)
+    assert accuracy_axes.get_window_extent(renderer).y0 > norm_axes.get_window_extent(renderer).y1  # stacked
+    assert accuracy_axes.get_shared_x_axes().joined(accuracy_axes, norm_axes)  # one epoch axis
+    assert norm_axes.get_xlabel() == "epoch" and not any(label.get_visible() and label.get_text()
+                                                         for label in accuracy_axes.get_xticklabels())  # fmt: skip
     assert len(accuracy_axes.get_lines()) == len(norm_axes.get_lines()) == len(runs)
-    assert accuracy_axes.get_xlabel() == "epoch"
     assert "accuracy" in accuracy_axes.get_ylabel()
     assert "norm" in norm_axes.get_ylabel()
     labels = _legend(figure)
     assert {"CoOp", "CoOp+Nemesis (PUN, weight 10)", "CoOp+Nemesis (PAN, weight 1)"} <= set(labels)
     # The PAN run evaluated once: its accuracy line has one point, its norm line three.
     colours = [line.get_color() for line in norm_axes.get_lines()]
-    assert len(set(colours)) == len(runs)
+    styles = [line.get_linestyle() for line in norm_axes.get_lines()]
+    assert len(set(colours)) == len(set(styles)) == len(runs)  # apart by colour and by line style
+    assert [line.get_color() for line in accuracy_axes.get_lines()] == colours  # the same key in both panels
     assert sorted(len(line.get_xdata()) for line in accuracy_axes.get_lines()) == [1, 3, 3]
 
 
@@ -173,6 +179,7 @@ def test_few_shot_curve_has_one_series_per_method():
     figure = plot_few_shot_curve(averages)
     (axes,) = figure.axes
     assert len(axes.get_lines()) == 2
+    assert len({line.get_linestyle() for line in axes.get_lines()}) == 2  # apart inside their bands
     assert axes.get_xlabel() == "shots per class" and "accuracy" in axes.get_ylabel()
 
 
@@ -211,8 +218,8 @@ def _pdf_font_types(path) -> set[bytes]:
 
 
 def test_twelve_runs_paper_style_norm_figure(tmp_path):
-    """3 seeds x 2 methods x 2 shot counts: one series per method and shots with a band, the legend
-    outside without squeezing the axes, TrueType (Type 42) fonts in the PDF."""
+    """3 seeds x 2 methods x 2 shot counts: one series per method and shots with a band, panels of
+    one kind on one y range, the legend below without squeezing the axes, TrueType (Type 42) fonts in the PDF."""
     for method in ("coop", "nemesis"):
         for shots in (1, 16):
             for seed in (1, 2, 3):
@@ -221,7 +228,12 @@ def test_twelve_runs_paper_style_norm_figure(tmp_path):
     runs = load_runs([tmp_path])
     assert len(runs) == 12
     figure = plot_norms(runs)
-    accuracy_panels = [axes for axes in figure.axes if axes.get_ylabel() == "test accuracy (%)"]
+    accuracy_panels = [axes for axes in figure.axes if axes.get_title()]  # the upper panel of each pair
+    norm_panels = [axes for axes in figure.axes if not axes.get_title()]
+    assert [axes.get_ylabel() for axes in accuracy_panels] == ["test accuracy (%)", ""]  # said once a row
+    for panels in (accuracy_panels, norm_panels):
+        assert panels[0].get_ylim() == panels[1].get_ylim()  # comparable across panels
+        assert panels[0].get_shared_y_axes().joined(*panels)
     assert [axes.get_title() for axes in accuracy_panels] == [
         "OxfordPets, 1 shot (3 seeds per line)",
         "OxfordPets, 16 shots (3 seeds per line)",
@@ -254,7 +266,7 @@ def test_frequency_by_dataset_and_seed_puts_seeds_on_the_x_axis_and_sums_over_sh
     (axes,) = figure.axes
     assert axes.get_xlabel() == "seed"
     assert [tick.get_text() for tick in axes.get_xticklabels()] == ["seed 1", "seed 2"]
-    assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["Food101", "OxfordPets"]
+    assert sorted(_legend(figure)) == ["Food101", "OxfordPets"]
     title = axes.get_title(loc="left")
     assert "summed over shots, positions and factors" in title and "seeds" not in title
     assert [list(line.get_ydata()) for line in axes.get_lines()] == [[2, 2], [2, 2]]  # one occurrence per shots
@@ -264,7 +276,7 @@ def test_frequency_by_seed_and_dataset_labels_the_seeds_in_the_legend():
     figure = plot_frequency(_cells_by_seed(), "seed,dataset")
     (axes,) = figure.axes
     assert [tick.get_text() for tick in axes.get_xticklabels()] == ["Food101", "OxfordPets"]
-    assert sorted(text.get_text() for text in axes.get_legend().get_texts()) == ["seed 1", "seed 2"]
+    assert sorted(_legend(figure)) == ["seed 1", "seed 2"]
 
 
 def test_position_heatmap_never_shows_minus_zero():
