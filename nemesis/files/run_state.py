@@ -8,11 +8,13 @@ and log.txt; on resume, rows of an epoch that did not finish (or a torn last lin
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,6 +165,22 @@ def remove_orphans(folder: Path) -> None:
             orphan.unlink(missing_ok=True)
 
 
+def strict_json_row(row: dict) -> dict:
+    """The row with every non-finite float (inf, nan: no JSON value) as None, written null, as a missing
+    value is: readers of metrics.jsonl take null as "no number" (pandas: NaN)."""
+    return {key: _finite_or_none(value) for key, value in row.items()}
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(entry) for entry in value]
+    if isinstance(value, dict):
+        return strict_json_row(value)
+    return value
+
+
 class Journal:
     """metrics.jsonl and log.txt: rows appended after each epoch, just before the state is saved."""
 
@@ -180,8 +198,10 @@ class Journal:
 
     def flush_rows(self) -> None:
         if self.write:
+            # Strict JSON: the trainer stops a run before a non-finite value reaches a row; should one
+            # still come, it is written null, and allow_nan=False makes sure no `Infinity` or `NaN`
+            # (invalid JSON) is ever written.
+            rows = [strict_json_row(row) for row in self.rows]
             with open(self.metrics, "a", encoding="utf-8") as file:
-                # Strict JSON: the trainer stops a run before a non-finite value reaches a row, and
-                # allow_nan=False makes sure no `Infinity` or `NaN` (invalid JSON) is ever written.
-                file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in self.rows))
+                file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
         self.rows = []
