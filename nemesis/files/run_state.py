@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -181,12 +181,25 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-class Journal:
-    """metrics.jsonl and log.txt: rows appended after each epoch, just before the state is saved."""
+class RowSink(Protocol):
+    """Where rows go besides metrics.jsonl (the live logs of `nemesis.training.reporting`)."""
 
-    def __init__(self, out_dir: Path, echo: Callable[[str], None] | None, write: bool = True) -> None:
+    def log(self, row: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Journal:
+    """metrics.jsonl and log.txt: rows appended after each epoch, just before the state is saved.
+
+    `reporter` gets each row as it is written to metrics.jsonl, so live logs show the same values."""
+
+    def __init__(
+        self, out_dir: Path, echo: Callable[[str], None] | None, write: bool = True, reporter: RowSink | None = None
+    ) -> None:
         self.metrics, self.log, self.echo = out_dir / RUN_METRICS, out_dir / RUN_LOG, echo
         self.write = write  # False on the ranks of a batch-sharded run that do not own the folder
+        self.reporter = reporter
         self.rows: list[dict] = []
 
     def say(self, line: str, show: bool = False) -> None:
@@ -204,4 +217,13 @@ class Journal:
             rows = [strict_json_row(row) for row in self.rows]
             with open(self.metrics, "a", encoding="utf-8") as file:
                 file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+            if self.reporter is not None:
+                for row in rows:
+                    self.reporter.log(row)
         self.rows = []
+
+    def close(self) -> None:
+        """Close the live logs, if any (metrics.jsonl and log.txt are closed after every write)."""
+        if self.reporter is not None:
+            self.reporter.close()
+            self.reporter = None
