@@ -127,6 +127,23 @@ def test_a_resumed_run_shows_each_step_once(pets, tmp_path, monkeypatch):
     assert_same_series(event_series(out), expected_series(rows))
 
 
+def test_a_resume_may_start_reporting(pets, tmp_path):
+    """`nemesis train --out RUN --resume --report-to tensorboard` continues a run trained without it."""
+    out = tmp_path / "run"
+
+    def stop_after_epoch_1(epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(pets, epochs=2), out, progress=False, on_epoch_end=stop_after_epoch_1)
+    result = CliRunner().invoke(app, ["train", "--out", str(out), "--resume", "--report-to", "tensorboard"])
+    assert result.exit_code == 0, result.output
+    assert read_run_config(out).report_to == ("tensorboard",)
+    later = [row for row in metrics_rows(out) if row["epoch"] == 2]  # the epoch trained with reporting on
+    assert_same_series(event_series(out), expected_series(later))
+    assert [step for step, _ in event_series(out)["step/ce_loss"]] == [5, 6, 7, 8]
+
+
 def test_reporting_changes_nothing_a_run_learns(pets, tmp_path):
     plain, reported = tmp_path / "plain", tmp_path / "reported"
     train(small_config(pets, epochs=2), plain, progress=False)
