@@ -98,7 +98,7 @@ def test_tensorboard_events_hold_the_values_of_metrics_jsonl(pets, tmp_path):
     assert any(value != 0 for tag in events if tag.startswith("step/alpha/") for _, value in events[tag])
     # Test accuracy at the last step of epochs 2 and 3 (4 steps an epoch; eval every 2 epochs, and the last).
     assert [step for step, _ in events["epoch/test_acc"]] == [8, 12]
-    assert read_run_config(out).report_to == ("tensorboard",)
+    assert read_run_config(out).report_to == "tensorboard"
 
 
 def test_a_resumed_run_shows_each_step_once(pets, tmp_path, monkeypatch):
@@ -138,7 +138,7 @@ def test_a_resume_may_start_reporting(pets, tmp_path):
         train(small_config(pets, epochs=2), out, progress=False, on_epoch_end=stop_after_epoch_1)
     result = CliRunner().invoke(app, ["train", "--out", str(out), "--resume", "--report-to", "tensorboard"])
     assert result.exit_code == 0, result.output
-    assert read_run_config(out).report_to == ("tensorboard",)
+    assert read_run_config(out).report_to == "tensorboard"
     later = [row for row in metrics_rows(out) if row["epoch"] == 2]  # the epoch trained with reporting on
     assert_same_series(event_series(out), expected_series(later))
     assert [step for step, _ in event_series(out)["step/ce_loss"]] == [5, 6, 7, 8]
@@ -221,7 +221,7 @@ def test_wandb_logs_offline_under_the_run_folder(pets, tmp_path, monkeypatch):
     (init, options), *logs, finish = fake.calls
     assert init == "init" and finish == ("finish",)
     assert options["mode"] == "offline" and options["dir"] == str(out)
-    assert options["config"]["report_to"] == ["tensorboard", "wandb"]
+    assert options["config"]["report_to"] == "tensorboard,wandb"
     logged: dict[str, list[tuple[int, float]]] = {}
     for _, values, step in logs:
         for tag, value in values.items():
@@ -256,7 +256,7 @@ def test_missing_tensorboard_is_refused(monkeypatch):
 def test_report_to_names():
     assert reporter_names("tensorboard, WANDB,tensorboard") == ("tensorboard", "wandb")
     assert reporter_names("none") == reporter_names("") == reporter_names(None) == ()
-    assert reporter_names(["wandb"]) == ("wandb",)  # as config.json holds it
+    assert reporter_names(["wandb"]) == ("wandb",)  # a list, from Python
     with pytest.raises(NemesisError, match="unknown --report-to backend 'tensorbord'; choose tensorboard, wandb"):
         reporter_names("tensorbord")
 
@@ -265,12 +265,13 @@ def test_reporting_is_a_runtime_option(tmp_path):
     """config.json records it; files written before it existed still read; a resume may change it."""
     config = TrainConfig(dataset="dtd", epochs=2, device="cpu", report_to="tensorboard")
     values = json.loads(json.dumps(config.to_json()))
-    assert values["report_to"] == ["tensorboard"] and TrainConfig.from_json(values) == config
+    assert values["report_to"] == "tensorboard" and TrainConfig.from_json(values) == config
     older = {key: value for key, value in values.items() if key != "report_to"}  # config.json of earlier runs
-    assert TrainConfig.from_json(older).report_to == ()
+    assert TrainConfig.from_json(older).report_to == "none" and TrainConfig.from_json(older).reporters == ()
+    assert TrainConfig(dataset="dtd", report_to=["wandb", "tensorboard"]).report_to == "wandb,tensorboard"
     assert trainer._config_digest(TrainConfig.from_json(older)) == trainer._config_digest(config)
     resumed, warnings = resume_config(config, {"report_to": "wandb"}, tmp_path)
-    assert resumed.report_to == ("wandb",) and warnings == []
+    assert resumed.reporters == ("wandb",) and warnings == []
 
 
 def test_cli_report_to_tensorboard_and_an_unknown_backend(pets, tmp_path):

@@ -21,7 +21,7 @@ from ..errors import NemesisError, choice
 from ..methods import DEFAULT_METHOD, method_spec, setting_name, split_method
 from ..penalties import NO_PENALTY, NemesisConfig, checked_penalty, uses_nemesis
 from ..wording import plural
-from .reporting import reporter_names
+from .reporting import NO_REPORTING, reporter_names
 
 # The TrainConfig fields that only Nemesis methods use (config.json keeps them under "nemesis").
 NEMESIS_OPTIONS = (
@@ -90,9 +90,9 @@ class TrainConfig:
     eval_every: int = 1  # test accuracy every this many epochs (and after the last); 0: last only
     save_every: int = 0  # a checkpoint in checkpoints/ every this many epochs; 0: none
     cache_dir: str | None = None  # image-feature cache (default: the user cache)
-    # Live logs besides metrics.jsonl: tensorboard, wandb (offline), both, or none; a runtime option that
-    # changes nothing a run learns, so a resume may change it.
-    report_to: tuple[str, ...] = ()
+    # Live logs besides metrics.jsonl: tensorboard, wandb (offline), tensorboard,wandb or none, written as on
+    # the command line; a runtime option that changes nothing a run learns, so a resume may change it.
+    report_to: str = NO_REPORTING
 
     def __post_init__(self) -> None:
         self.dataset = resolve_name(self.dataset)
@@ -109,7 +109,7 @@ class TrainConfig:
         self.class_position = choice(ClassPosition, self.class_position, "class position").value
         self.root = None if self.root is None else str(self.root)
         self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
-        self.report_to = reporter_names(self.report_to)  # "tensorboard,wandb" or config.json's list
+        self.report_to = ",".join(reporter_names(self.report_to)) or NO_REPORTING  # one spelling per choice
         self.pretrained = None if self.pretrained in (None, "", "none") else str(self.pretrained)
         if self.activation is not None:
             self.activation = choice(Activation, self.activation, "activation").value
@@ -166,6 +166,11 @@ class TrainConfig:
         return uses_nemesis(self.penalty)
 
     @property
+    def reporters(self) -> tuple[str, ...]:
+        """The backends `report_to` names (none: empty)."""
+        return reporter_names(self.report_to)
+
+    @property
     def method_name(self) -> str:
         """The run's method and penalty as one name: <method>, or <method>+<penalty>."""
         return setting_name(self.prompt_method, self.penalty)
@@ -205,7 +210,6 @@ class TrainConfig:
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             values[spec.name] = value.value if isinstance(value, Enum) else value
-        values["report_to"] = list(self.report_to)  # as JSON reads it back
         for name in NEMESIS_OPTIONS:  # written once, under "nemesis"
             del values[name]
         values["nemesis"] = self.nemesis_config().to_json() if self.uses_nemesis else None

@@ -37,8 +37,8 @@ _NEEDS = {TENSORBOARD: ("tensorboard", "torch.utils.tensorboard"), WANDB: ("wand
 
 
 def reporter_names(value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """`"tensorboard,wandb"` (or a list of names, e.g. read from config.json) as known backend names,
-    each once, in the order given; `none`, an empty text and None report nowhere."""
+    """`"tensorboard,wandb"` (as the command line and config.json write it, or a list of names from Python)
+    as known backend names, each once, in the order given; `none`, an empty text and None report nowhere."""
     parts = value.split(",") if isinstance(value, str) else list(value or ())
     names: list[str] = []
     for part in parts:

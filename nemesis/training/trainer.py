@@ -217,7 +217,7 @@ def check_config(config: TrainConfig) -> Dataset:
     """Every check that can refuse a run, before a model is built or a file written; returns the data."""
     model_config(config.model)
     check_penalties(config, resolved_n_ctx(config))
-    check_reporters(config.report_to)  # a missing optional package refuses the run, not its first epoch
+    check_reporters(config.reporters)  # a missing optional package refuses the run, not its first epoch
     return load_training_data(config)
 
 
@@ -554,7 +554,7 @@ class _RunFolder:
 def _open_reporter(config: TrainConfig, folder: _RunFolder, state: RunState | None) -> Reporter:
     """The live logs (`config.report_to`) of the run, written where the folder is (rank 0 alone); a
     resumed run's logs continue after its saved step."""
-    names = config.report_to if folder.writes else ()
+    names = config.reporters if folder.writes else ()
     return open_reporter(names, folder.path, state.step if state is not None else 0, config.to_json())
 
 
