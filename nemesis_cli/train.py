@@ -114,6 +114,13 @@ def train(
         int | None, Option(help="Checkpoint every N epochs; 0: none." + _default("save_every"))
     ] = None,
     cache_dir: Annotated[Path | None, Option(help="Image-feature cache (default: the user cache).")] = None,
+    report_to: Annotated[
+        str | None,
+        Option(
+            help="Live logs besides metrics.jsonl: tensorboard (events in <run>/tensorboard), wandb (offline, in "
+            "<run>/wandb), tensorboard,wandb or none; each needs its package (pip install 'nemesis-prompts[wandb]')."
+        ),
+    ] = None,
     resume: Annotated[
         bool, Option("--resume", help="Continue the run in --out; alone, it reuses the run's config.json.")
     ] = False,

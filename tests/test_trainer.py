@@ -16,7 +16,7 @@ import nemesis.training.trainer as trainer
 from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
 from nemesis.files.checkpoint import load_prompt
-from nemesis.files.run_state import Journal
+from nemesis.files.run_state import Journal, read_finished_metrics
 from nemesis.methods import preset
 from nemesis.methods.protocol import build_learner
 from nemesis.model.backbone import load_clip
@@ -437,11 +437,22 @@ def test_non_finite_logits_stop_the_run(pets, tmp_path, monkeypatch):
 
 
 def test_metrics_rows_are_strict_json(tmp_path):
+    """A non-finite value is written null, never `Infinity` or `NaN` (not JSON), and reads back as None."""
     journal = Journal(tmp_path, echo=None)
-    journal.rows.append({"kind": "epoch", "epoch": 1, "mean_norm": float("inf")})
-    with pytest.raises(ValueError, match="not JSON compliant"):
-        journal.flush_rows()
-    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+    journal.rows.append({"kind": "epoch", "epoch": 1, "test_acc": math.nan, "norms": [1.5, math.inf, -math.inf]})
+    journal.flush_rows()
+
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=refuse) == {
+        "kind": "epoch",
+        "epoch": 1,
+        "test_acc": None,
+        "norms": [1.5, None, None],
+    }
+    assert read_finished_metrics(tmp_path / "metrics.jsonl", 1) == line + "\n"  # as a resume reads it
 
 
 # --- precision ----------------------------------------------------------------------------------

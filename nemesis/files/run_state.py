@@ -8,11 +8,13 @@ and log.txt; on resume, rows of an epoch that did not finish (or a torn last lin
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -163,12 +165,41 @@ def remove_orphans(folder: Path) -> None:
             orphan.unlink(missing_ok=True)
 
 
-class Journal:
-    """metrics.jsonl and log.txt: rows appended after each epoch, just before the state is saved."""
+def strict_json_row(row: dict) -> dict:
+    """The row with every non-finite float (inf, nan: no JSON value) as None, written null, as a missing
+    value is: readers of metrics.jsonl take null as "no number" (pandas: NaN)."""
+    return {key: _finite_or_none(value) for key, value in row.items()}
 
-    def __init__(self, out_dir: Path, echo: Callable[[str], None] | None, write: bool = True) -> None:
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(entry) for entry in value]
+    if isinstance(value, dict):
+        return strict_json_row(value)
+    return value
+
+
+class RowSink(Protocol):
+    """Where rows go besides metrics.jsonl (the live logs of `nemesis.training.reporting`)."""
+
+    def log(self, row: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Journal:
+    """metrics.jsonl and log.txt: rows appended after each epoch, just before the state is saved.
+
+    `reporter` gets each row as it is written to metrics.jsonl, so live logs show the same values."""
+
+    def __init__(
+        self, out_dir: Path, echo: Callable[[str], None] | None, write: bool = True, reporter: RowSink | None = None
+    ) -> None:
         self.metrics, self.log, self.echo = out_dir / RUN_METRICS, out_dir / RUN_LOG, echo
         self.write = write  # False on the ranks of a batch-sharded run that do not own the folder
+        self.reporter = reporter
         self.rows: list[dict] = []
 
     def say(self, line: str, show: bool = False) -> None:
@@ -180,8 +211,19 @@ class Journal:
 
     def flush_rows(self) -> None:
         if self.write:
+            # Strict JSON: the trainer stops a run before a non-finite value reaches a row; should one
+            # still come, it is written null, and allow_nan=False makes sure no `Infinity` or `NaN`
+            # (invalid JSON) is ever written.
+            rows = [strict_json_row(row) for row in self.rows]
             with open(self.metrics, "a", encoding="utf-8") as file:
-                # Strict JSON: the trainer stops a run before a non-finite value reaches a row, and
-                # allow_nan=False makes sure no `Infinity` or `NaN` (invalid JSON) is ever written.
-                file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in self.rows))
+                file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
+            if self.reporter is not None:
+                for row in rows:
+                    self.reporter.log(row)
         self.rows = []
+
+    def close(self) -> None:
+        """Close the live logs, if any (metrics.jsonl and log.txt are closed after every write)."""
+        if self.reporter is not None:
+            self.reporter.close()
+            self.reporter = None

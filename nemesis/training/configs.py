@@ -21,6 +21,7 @@ from ..errors import NemesisError, choice
 from ..methods import DEFAULT_METHOD, method_spec, setting_name, split_method
 from ..penalties import NO_PENALTY, NemesisConfig, checked_penalty, uses_nemesis
 from ..wording import plural
+from .reporting import NO_REPORTING, reporter_names
 
 # The TrainConfig fields that only Nemesis methods use (config.json keeps them under "nemesis").
 NEMESIS_OPTIONS = (
@@ -89,6 +90,9 @@ class TrainConfig:
     eval_every: int = 1  # test accuracy every this many epochs (and after the last); 0: last only
     save_every: int = 0  # a checkpoint in checkpoints/ every this many epochs; 0: none
     cache_dir: str | None = None  # image-feature cache (default: the user cache)
+    # Live logs besides metrics.jsonl: tensorboard, wandb (offline), tensorboard,wandb or none, written as on
+    # the command line; a runtime option that changes nothing a run learns, so a resume may change it.
+    report_to: str = NO_REPORTING
 
     def __post_init__(self) -> None:
         self.dataset = resolve_name(self.dataset)
@@ -105,6 +109,7 @@ class TrainConfig:
         self.class_position = choice(ClassPosition, self.class_position, "class position").value
         self.root = None if self.root is None else str(self.root)
         self.cache_dir = None if self.cache_dir is None else str(self.cache_dir)
+        self.report_to = ",".join(reporter_names(self.report_to)) or NO_REPORTING  # one spelling per choice
         self.pretrained = None if self.pretrained in (None, "", "none") else str(self.pretrained)
         if self.activation is not None:
             self.activation = choice(Activation, self.activation, "activation").value
@@ -159,6 +164,11 @@ class TrainConfig:
     @property
     def uses_nemesis(self) -> bool:
         return uses_nemesis(self.penalty)
+
+    @property
+    def reporters(self) -> tuple[str, ...]:
+        """The backends `report_to` names (none: empty)."""
+        return reporter_names(self.report_to)
 
     @property
     def method_name(self) -> str:
@@ -244,7 +254,7 @@ def read_run_config(out_dir: str | Path) -> TrainConfig:
 
 # Options a resumed run can take from the command line: they change where or how often it reports,
 # or (epochs) how long it goes on; every other option would make it another run.
-RESUMABLE_OPTIONS = ("device", "cache_dir", "eval_every", "save_every", "epochs")
+RESUMABLE_OPTIONS = ("device", "cache_dir", "eval_every", "save_every", "epochs", "report_to")
 
 
 def _flag(name: str) -> str:

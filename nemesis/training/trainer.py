@@ -8,7 +8,8 @@ tensors, SGD's momentum buffers and the counters (safetensors + JSON, no pickles
 schedule is a function of the epoch.
 
 Run folder (DESIGN section 6): config.json, metrics.jsonl, log.txt, prompt.safetensors,
-checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors.
+checkpoints/epoch-XXXX.safetensors and the resume state state.safetensors; with `report_to`, the live
+logs of `reporting` (tensorboard/, wandb/), fed the rows as metrics.jsonl is.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ from ..progress import progress_bar
 from ..tensors import position_norms
 from ..wording import plural
 from .configs import TrainConfig, read_run_config
+from .reporting import Reporter, check_reporters, open_reporter
 
 # Keys of config.json that may change when a run is resumed: they do not change what was learned so
 # far (more epochs continue it; `nemesis train --resume` checks the options a user passes).
-RESUMABLE_CHANGES = ("device", "cache_dir", "toolkit_version", "eval_every", "save_every", "epochs")
+RESUMABLE_CHANGES = (
+    "device", "cache_dir", "toolkit_version", "eval_every", "save_every", "epochs", "report_to",
+)  # fmt: skip
 LATER_OPTIONS = {"crop_scale": 0.08}  # options added after runs were saved: at their default, runs still resume
 
 
@@ -213,6 +217,7 @@ def check_config(config: TrainConfig) -> Dataset:
     """Every check that can refuse a run, before a model is built or a file written; returns the data."""
     model_config(config.model)
     check_penalties(config, resolved_n_ctx(config))
+    check_reporters(config.reporters)  # a missing optional package refuses the run, not its first epoch
     return load_training_data(config)
 
 
@@ -546,6 +551,13 @@ class _RunFolder:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+def _open_reporter(config: TrainConfig, folder: _RunFolder, state: RunState | None) -> Reporter:
+    """The live logs (`config.report_to`) of the run, written where the folder is (rank 0 alone); a
+    resumed run's logs continue after its saved step."""
+    names = config.reporters if folder.writes else ()
+    return open_reporter(names, folder.path, state.step if state is not None else 0, config.to_json())
+
+
 @dataclasses.dataclass
 class _Optimiser:
     """What training updates, by checkpoint name (ctx and the learner's other tensors), SGD over it, and the
@@ -791,11 +803,14 @@ def train(
         return out_dir
     backbone, learner = _load_models(config, data, device, {} if backbones is None else backbones)
     folder = _RunFolder.prepare(out_dir, config, state, resume, writes=ranks.is_main)
-    journal = Journal(out_dir, echo, write=folder.writes)
-    optimiser = _Optimiser.create(config, learner, device)
-    run = _Run(config, data, backbone, device, ranks, folder, journal, optimiser)
-    start_epoch = run.resume(state) if state is not None else run.announce()
-    features = _Features.encode(run, progress)
-    _train_epochs(run, features, start_epoch, progress, on_epoch_end)
-    _finish(run, features, started)
+    journal = Journal(out_dir, echo, write=folder.writes, reporter=_open_reporter(config, folder, state))
+    try:
+        optimiser = _Optimiser.create(config, learner, device)
+        run = _Run(config, data, backbone, device, ranks, folder, journal, optimiser)
+        start_epoch = run.resume(state) if state is not None else run.announce()
+        features = _Features.encode(run, progress)
+        _train_epochs(run, features, start_epoch, progress, on_epoch_end)
+        _finish(run, features, started)
+    finally:
+        journal.close()  # the live logs' files are complete, even when a run stops early
     return out_dir
