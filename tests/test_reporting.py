@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import nemesis.training.trainer as trainer
-from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
 from nemesis.methods import preset
 from nemesis.training.configs import TrainConfig, read_run_config, resume_config
@@ -22,23 +21,7 @@ from nemesis.training.reporting import check_reporters, reporter_names
 from nemesis.training.trainer import train
 from nemesis_cli.main import app
 
-CLASSNAMES = ["red apple", "green leaf", "blue sky", "yellow sun"]
-
-
-@pytest.fixture
-def pets(tmp_path):
-    root = tmp_path / "data"
-    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(4, 2, 3), image_size=28)
-    return root
-
-
-def small_config(root, **options) -> TrainConfig:
-    """A few seconds of training: tiny with random weights, 4 classes x 4 shots, batch 4 (4 steps an epoch)."""
-    values = dict(
-        dataset="oxford_pets", root=str(root), shots=4, seed=2, model="tiny", pretrained=None,
-        n_ctx=4, epochs=3, batch_size=4, lr=0.05, device="cpu",
-    )  # fmt: skip
-    return TrainConfig(**(values | options))
+from .test_trainer import pets, small_config  # noqa: F401  (pets: the data fixture; 4 steps an epoch)
 
 
 def metrics_rows(folder) -> list[dict]:
@@ -83,7 +66,7 @@ def assert_same_series(events: dict, expected: dict) -> None:
 # --- TensorBoard ---------------------------------------------------------------------------------
 
 
-def test_tensorboard_events_hold_the_values_of_metrics_jsonl(pets, tmp_path):
+def test_tensorboard_events_hold_the_values_of_metrics_jsonl(pets, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     config = small_config(pets, **preset("pan"), positions=2, eval_every=2, report_to="tensorboard")
     train(config, out, progress=False)
@@ -101,7 +84,7 @@ def test_tensorboard_events_hold_the_values_of_metrics_jsonl(pets, tmp_path):
     assert read_run_config(out).report_to == "tensorboard"
 
 
-def test_a_resumed_run_shows_each_step_once(pets, tmp_path, monkeypatch):
+def test_a_resumed_run_shows_each_step_once(pets, tmp_path, monkeypatch):  # noqa: F811
     """A kill after an epoch's rows were logged but before its state was saved: the resume replays that
     epoch, and TensorBoard shows its steps once, with the values metrics.jsonl keeps."""
     out = tmp_path / "run"
@@ -127,7 +110,7 @@ def test_a_resumed_run_shows_each_step_once(pets, tmp_path, monkeypatch):
     assert_same_series(event_series(out), expected_series(rows))
 
 
-def test_a_resume_may_start_reporting(pets, tmp_path):
+def test_a_resume_may_start_reporting(pets, tmp_path):  # noqa: F811
     """`nemesis train --out RUN --resume --report-to tensorboard` continues a run trained without it."""
     out = tmp_path / "run"
 
@@ -144,7 +127,7 @@ def test_a_resume_may_start_reporting(pets, tmp_path):
     assert [step for step, _ in event_series(out)["step/ce_loss"]] == [5, 6, 7, 8]
 
 
-def test_reporting_changes_nothing_a_run_learns(pets, tmp_path):
+def test_reporting_changes_nothing_a_run_learns(pets, tmp_path):  # noqa: F811
     plain, reported = tmp_path / "plain", tmp_path / "reported"
     train(small_config(pets, epochs=2), plain, progress=False)
     train(small_config(pets, epochs=2, report_to="tensorboard"), reported, progress=False)
@@ -157,7 +140,7 @@ def test_reporting_changes_nothing_a_run_learns(pets, tmp_path):
     assert all(torch.equal(first[key], second[key]) for key in ("ctx", "momentum"))
 
 
-def test_only_the_folders_writer_reports(pets, tmp_path):
+def test_only_the_folders_writer_reports(pets, tmp_path):  # noqa: F811
     """Under torchrun rank 0 alone writes the run folder, its live logs included."""
     out = tmp_path / "run"
     config = small_config(pets, epochs=1, report_to="tensorboard").resolved()
@@ -166,7 +149,7 @@ def test_only_the_folders_writer_reports(pets, tmp_path):
     assert not out.exists()
 
 
-def test_each_run_of_a_grid_has_its_own_events(pets, tmp_path):
+def test_each_run_of_a_grid_has_its_own_events(pets, tmp_path):  # noqa: F811
     common = ["train", "--dataset", "oxford_pets", "--root", str(pets), "--shots", "4", "--model", "tiny"]
     common += ["--pretrained", "none", "--n-ctx", "4", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
     result = CliRunner().invoke(app, [*common, "--seed", "1,2", "--report-to", "tensorboard", "--out", str(tmp_path)])
@@ -177,7 +160,7 @@ def test_each_run_of_a_grid_has_its_own_events(pets, tmp_path):
         assert_same_series(event_series(folder), expected_series(metrics_rows(folder)))
 
 
-def test_a_diverged_run_leaves_no_folder_with_its_events(pets, tmp_path, monkeypatch):
+def test_a_diverged_run_leaves_no_folder_with_its_events(pets, tmp_path, monkeypatch):  # noqa: F811
     build = trainer.build_learner
 
     def build_with_infinite_logits(*args, **kwargs):
@@ -213,7 +196,7 @@ class FakeWandb(types.ModuleType):
         self.calls.append(("finish",))
 
 
-def test_wandb_logs_offline_under_the_run_folder(pets, tmp_path, monkeypatch):
+def test_wandb_logs_offline_under_the_run_folder(pets, tmp_path, monkeypatch):  # noqa: F811
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = tmp_path / "run"
@@ -230,7 +213,7 @@ def test_wandb_logs_offline_under_the_run_folder(pets, tmp_path, monkeypatch):
     assert event_series(out)  # and TensorBoard's events beside them
 
 
-def test_a_missing_backend_is_one_error_line_before_any_work(pets, tmp_path, monkeypatch):
+def test_a_missing_backend_is_one_error_line_before_any_work(pets, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` fails as if not installed
     out = tmp_path / "run"
     with pytest.raises(NemesisError, match=r"--report-to wandb needs the wandb package.*nemesis-prompts\[wandb\]"):
@@ -274,7 +257,7 @@ def test_reporting_is_a_runtime_option(tmp_path):
     assert resumed.reporters == ("wandb",) and warnings == []
 
 
-def test_cli_report_to_tensorboard_and_an_unknown_backend(pets, tmp_path):
+def test_cli_report_to_tensorboard_and_an_unknown_backend(pets, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     common = ["train", "--dataset", "oxford_pets", "--root", str(pets), "--shots", "4", "--model", "tiny"]
     common += ["--pretrained", "none", "--n-ctx", "4", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
