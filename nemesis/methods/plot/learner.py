@@ -1,0 +1,156 @@
+"""PLOT's prompt learner: N prompts per class ("X X ... X <class>.", ctx [N, M, W]) whose text features
+are matched to an image's local features by optimal transport (`transport`).
+
+The text side is CoOp's: the N prompts are N context variants of CoOp's unified prompt, so they run
+through the same shared-prefix text pass, and K variants of PLOT's ctx are K x N variants there.
+The image side is the local features [B, T, D] of `nemesis.model.local_features` (T tokens, the
+global one first). Evaluation runs one Sinkhorn per `sinkhorn_batch` images, in the order given (the
+official code's test batches of 100); training, one per training batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...constants import LOCAL_FEATURES
+from ...errors import NemesisError
+from ...model.clip_models import Backbone
+from ...model.text_encoder import DEFAULT_TOKEN_BUDGET
+from ...tensors import WHOLE_CTX, CorruptionSite
+from ..coop.learner import PromptLearner
+from . import ALL_TOKENS, OFFICIAL_TEST_BATCH, SPATIAL_TOKENS
+from .transport import OFFICIAL, transport_scores
+
+SIMILARITY_BUDGET = 2**26  # entries of the similarity tensor of one pass (256 MiB in fp32), variants side by side
+
+
+class PLOTLearner(PromptLearner):
+    """N learned prompts per class, `ctx` [N, M, W], scored against local image features by transport."""
+
+    method = "plot"
+    image_inputs = (LOCAL_FEATURES,)
+    # The official PLOTNemesis sums Nemesis's norm penalties over the N prompts (and averages over
+    # positions): N times the penalty of the prompts' mean norms, which is what the losses compute.
+    norm_penalty_factor: float
+
+    def __init__(
+        self,
+        clip: Backbone,
+        classnames: list[str],
+        n_prompts: int = 4,
+        n_ctx: int = 16,
+        class_position: str = "end",
+        image_tokens: str = ALL_TOKENS,
+        stopping: str = OFFICIAL,
+        sinkhorn_batch: int = OFFICIAL_TEST_BATCH,
+        seed: int = 0,
+        ctx: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+    ) -> None:
+        self.n_prompts = ctx.shape[0] if ctx is not None else n_prompts
+        self.image_tokens, self.stopping, self.sinkhorn_batch = image_tokens, stopping, sinkhorn_batch
+        self.norm_penalty_factor = float(self.n_prompts)
+        super().__init__(
+            clip,
+            classnames,
+            n_ctx=n_ctx,
+            class_position=class_position,
+            seed=seed,
+            ctx=ctx,
+            chunk_size=chunk_size,
+            token_budget=token_budget,
+        )
+
+    # --- construction (CoOp's, with the prompt axis) -------------------------------------------
+
+    def _initial_ctx(self, init_tokens: list[int] | None, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn(self.n_prompts, self.n_ctx, self.encoder.width, generator=generator) * 0.02
+
+    def _checked_ctx(self, ctx: torch.Tensor) -> torch.Tensor:
+        ctx = ctx.detach().float().clone().to(self.encoder.token_embedding.weight.device)
+        if ctx.dim() != 3 or ctx.shape[-1] != self.encoder.width:
+            raise NemesisError(
+                f"PLOT ctx of shape {tuple(ctx.shape)} is not [N, M, {self.encoder.width}] for model '{self.clip.name}'"
+            )
+        if not torch.isfinite(ctx).all():
+            raise NemesisError("ctx contains NaN or Inf values")
+        return ctx
+
+    def for_classnames(self, classnames: list[str]) -> PLOTLearner:
+        """The same prompts for other class names (base-to-new, domain shift)."""
+        return PLOTLearner(
+            self.clip,
+            classnames,
+            image_tokens=self.image_tokens,
+            stopping=self.stopping,
+            sinkhorn_batch=self.sinkhorn_batch,
+            ctx=self.ctx.detach(),
+            chunk_size=self.chunk_size,
+            token_budget=self.token_budget,
+        )
+
+    # --- features and scores -------------------------------------------------------------------
+
+    def prompt_features(self, ctx_variants: torch.Tensor) -> torch.Tensor:
+        """Normalised text features [K, N, n_cls, D] of K variants of ctx ([K, N, M, W])."""
+        n_variants = ctx_variants.shape[0]
+        flat = ctx_variants.reshape(n_variants * self.n_prompts, self.n_ctx, ctx_variants.shape[-1])
+        features = self.encode(flat).float()  # [K * N, n_cls, D]
+        return F.normalize(features, dim=-1).reshape(n_variants, self.n_prompts, self.n_classes, -1)
+
+    def _tokens(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Normalised image tokens [B, T, D] the transport uses: all, or the spatial ones (token 0 dropped)."""
+        if image_features.dim() != 3:
+            raise NemesisError(f"PLOT takes local image features [B, T, D], not {tuple(image_features.shape)}")
+        tokens = image_features[:, 1:] if self.image_tokens == SPATIAL_TOKENS else image_features
+        return F.normalize(tokens.float(), dim=-1)
+
+    def transport_similarities(self, image_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """sum(T * sim) [K, B, n_cls] of image features [B, T, D] and normalised text [K, N, n_cls, D],
+        one Sinkhorn run over all B images per variant; variants side by side, as many as
+        `SIMILARITY_BUDGET` entries of [B, n_cls, T, N] allow."""
+        tokens = self._tokens(image_features)  # [B, T, D]
+        n_images, n_tokens = tokens.shape[:2]
+        per_variant = n_images * self.n_classes * n_tokens * self.n_prompts
+        group = max(1, SIMILARITY_BUDGET // per_variant)
+        scores = []
+        for part in text.split(group):
+            similarities = torch.einsum("btd,kncd->kbctn", tokens, part)  # [k, B, n_cls, T, N]
+            flat = similarities.reshape(part.shape[0], n_images * self.n_classes, n_tokens, self.n_prompts)
+            scores.append(transport_scores(flat, self.stopping).reshape(part.shape[0], n_images, self.n_classes))
+        return torch.cat(scores)
+
+    def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
+        """Transport similarities [K, B, n_cls] of local features [B, T, D] under K ctx variants, one
+        Sinkhorn run per `sinkhorn_batch` images in the order given (each variant its own run)."""
+        text = self.prompt_features(ctx_variants)
+        blocks = image_features.split(self.sinkhorn_batch)
+        return torch.cat([self.transport_similarities(block, text) for block in blocks], dim=1)
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Training logits [B, n_cls]: logit scale x transport similarity, one Sinkhorn over the batch;
+        gradients reach ctx through the similarities, not through the plan."""
+        scores = self.transport_similarities(image_features, self.prompt_features(self.ctx.unsqueeze(0)))[0]
+        return self.clip.model.logit_scale.exp().float() * scores
+
+    def text_features(self, cut: bool = True) -> torch.Tensor:
+        """Projected, unnormalised text features [N, n_cls, D] of the current prompts."""
+        return self.encode(self.ctx, cut=cut)
+
+    # --- corruption sites ----------------------------------------------------------------------
+
+    def corruption_sites(self) -> list[CorruptionSite]:
+        return self.corruption_sites_for(tuple(self.ctx.shape))
+
+    @classmethod
+    def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
+        """Position j of every prompt at once (the one PLOT corruption the official code has: PAN's)."""
+        return [WHOLE_CTX]
+
+    @classmethod
+    def per_prompt_sites(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
+        """Position j of prompt n alone, one site per prompt (`--plot-prompts`)."""
+        return [CorruptionSite(f"prompt {n}", index=(n,)) for n in range(ctx_shape[0])]

@@ -1,0 +1,119 @@
+"""PLOT: the batched Sinkhorn against a plain one written from the published definition and the official
+stopping rule, and the learner's scores against CoOp's text pass and that plain transport."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemesis.errors import NemesisError
+from nemesis.methods.coop.learner import PromptLearner
+from nemesis.methods.plot import PLOTConfig
+from nemesis.methods.plot.learner import PLOTLearner
+from nemesis.methods.plot.transport import CONVERGED, OFFICIAL, transport_plans
+
+from .conftest import cached_backbone
+
+CLASSNAMES = ["red apple", "green leaf", "blue sky"]
+
+
+def plain_sinkhorn(similarities: torch.Tensor, threshold: float = 1e-2, iterations: int = 100) -> torch.Tensor:
+    """One official run over P pairs [P, T, N]: r, c from ones, r = u / (K c), c = v / (K^T r), stop when the
+    mean |r - r_prev| over all pairs is below 1e-2 or after 100 iterations; T = diag(r) K diag(c)."""
+    pairs, tokens, prompts = similarities.shape
+    kernel = torch.exp(-(1 - similarities.double()) / 0.1)
+    r, c = torch.ones(pairs, tokens, dtype=torch.float64), torch.ones(pairs, prompts, dtype=torch.float64)
+    for _ in range(iterations):
+        previous = r
+        r = (1 / tokens) / torch.einsum("ptn,pn->pt", kernel, c)
+        c = (1 / prompts) / torch.einsum("ptn,pt->pn", kernel, r)
+        if (r - previous).abs().mean() < threshold:
+            break
+    return r[:, :, None] * kernel * c[:, None, :]
+
+
+def test_variants_side_by_side_equal_their_own_official_runs():
+    generator = torch.Generator().manual_seed(0)
+    similarities = torch.rand(3, 6, 5, 4, generator=generator) * 2 - 1  # [K, P, T, N]
+    similarities[1] *= 0.05  # a flat variant stops after fewer iterations than the others
+    similarities[2] *= 3
+    plans = transport_plans(similarities, OFFICIAL)
+    for variant in range(3):
+        expected = plain_sinkhorn(similarities[variant]).float()
+        torch.testing.assert_close(plans[variant], expected, rtol=1e-5, atol=1e-7)
+    batched_alone = [transport_plans(similarities[k : k + 1], OFFICIAL)[0] for k in range(3)]
+    assert all(torch.equal(plans[k], batched_alone[k]) for k in range(3))
+
+
+def test_converged_plans_meet_both_marginals_per_pair():
+    similarities = torch.rand(2, 7, 5, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    plans = transport_plans(similarities, CONVERGED)
+    torch.testing.assert_close(plans.sum(-1), torch.full(plans.shape[:-1], 1 / 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(plans.sum(-2), torch.full((*plans.shape[:-2], 4), 1 / 4), atol=1e-5, rtol=0)
+    official = transport_plans(similarities, OFFICIAL)
+    assert not torch.allclose(official, plans, atol=1e-6)  # the official rule stops earlier
+
+
+def _learner(**options) -> PLOTLearner:
+    ctx = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(2)) * 0.5
+    return PLOTLearner(cached_backbone("tiny"), CLASSNAMES, ctx=ctx, **options)
+
+
+def _local_features(n_images: int, n_tokens: int = 5) -> torch.Tensor:
+    width = cached_backbone("tiny").model.text_projection.shape[-1]
+    return torch.randn(n_images, n_tokens, width, generator=torch.Generator().manual_seed(3))
+
+
+def _plain_scores(learner: PLOTLearner, images: torch.Tensor, ctx: torch.Tensor, drop_global: bool) -> torch.Tensor:
+    """Scores [B, n_cls] from CoOp's text pass of each prompt and the plain official Sinkhorn over all pairs."""
+    coop = PromptLearner(learner.clip, CLASSNAMES, n_ctx=ctx.shape[1])
+    text = torch.stack([coop.encode(ctx[n : n + 1])[0] for n in range(ctx.shape[0])])  # [N, n_cls, D]
+    text = F.normalize(text.float(), dim=-1)
+    tokens = F.normalize((images[:, 1:] if drop_global else images).float(), dim=-1)
+    similarities = torch.einsum("btd,ncd->bctn", tokens, text)  # [B, n_cls, T, N]
+    flat = similarities.reshape(-1, *similarities.shape[2:])
+    plans = plain_sinkhorn(flat)
+    return (plans * flat.double()).sum(dim=(1, 2)).reshape(images.shape[0], -1).float()
+
+
+@pytest.mark.parametrize("image_tokens", ["all", "spatial"])
+def test_scores_equal_the_plain_transport_one_run_per_block_of_images(image_tokens):
+    learner = _learner(image_tokens=image_tokens, sinkhorn_batch=4)
+    images = _local_features(10)
+    variants = torch.stack([learner.ctx.detach(), learner.ctx.detach() * 0.3])  # [K, N, M, W]
+    with torch.no_grad():
+        scores = learner.similarities(images, variants)  # [K, B, n_cls]
+    assert scores.shape == (2, 10, 3)
+    for k in range(2):
+        expected = torch.cat(
+            [_plain_scores(learner, block, variants[k], image_tokens == "spatial") for block in images.split(4)]
+        )
+        torch.testing.assert_close(scores[k], expected, rtol=0, atol=2e-5)
+    whole = _plain_scores(learner, images, variants[0], image_tokens == "spatial")
+    assert not torch.allclose(scores[0], whole, atol=1e-7)  # blocks of 4 are not one run of 10
+
+
+def test_training_logits_carry_gradients_to_ctx_only_through_the_similarities():
+    learner = _learner()
+    images = _local_features(4)
+    logits = learner.logits(images)
+    with torch.no_grad():
+        expected = learner.clip.model.logit_scale.exp() * learner.similarities(images, learner.ctx[None])[0]
+    torch.testing.assert_close(logits.detach(), expected, rtol=1e-6, atol=1e-5)
+    logits.sum().backward()
+    assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
+
+
+def test_prompts_and_options_are_checked():
+    assert PLOTConfig().tensor_shapes(1024, 512, 10) == {"ctx": (4, 16, 512)}
+    assert PLOTConfig.from_dassl((4, 16, 512), None) == PLOTConfig()
+    assert PLOTConfig().folder_name() == "N4_nctx16_ctpend"
+    with pytest.raises(NemesisError, match="class position end"):
+        PLOTConfig(class_position="front")
+    with pytest.raises(NemesisError, match="stopping rule"):
+        PLOTConfig(stopping="never")
+    with pytest.raises(NemesisError, match="is not \\[N, M, 64\\]"):
+        PLOTLearner(cached_backbone("tiny"), CLASSNAMES, ctx=torch.zeros(4, 64))
+    with pytest.raises(NemesisError, match="local image features"):
+        _learner().similarities(torch.zeros(2, 64), _learner().ctx[None])
