@@ -51,6 +51,12 @@ def eval_command(
         bool,
         Option("--zero-shot", help="No prompt: CLIP with CoOp's hand-crafted template for the dataset (a baseline)."),
     ] = False,
+    save_logits: Annotated[
+        Path | None,
+        Option(
+            help="Write the logits [N_images, n_cls] (test order) and labels to this safetensors file (one prompt)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate prompts on a dataset's test split and print CoOp's result block.
 
@@ -77,6 +83,11 @@ def eval_command(
 
     if out is not None:
         prepare_output(out)
+    if save_logits is not None:
+        if base_to_new or zero_shot:
+            given = "--base-to-new" if base_to_new else "--zero-shot"
+            raise NemesisError(f"--save-logits writes the logits of one prompt on one class set; drop {given}")
+        prepare_output(save_logits)
     if base_to_new and subsample is not None:
         raise NemesisError("--base-to-new tests both base and new classes; drop --subsample")
     if zero_shot:
@@ -88,6 +99,8 @@ def eval_command(
     if not checkpoints:
         raise NemesisError("pass a prompt checkpoint or run folder, or --zero-shot for the hand-crafted baseline")
     locations = _checkpoint_locations(checkpoints)
+    if save_logits is not None and len(locations) > 1:
+        raise NemesisError(f"--save-logits writes one prompt's logits; {len(locations)} prompts were given")
     prompts = [load_checkpoint(location, epoch, prompt_method) for location in locations]  # all checked first
     for prompt in prompts:
         if (
@@ -110,7 +123,10 @@ def eval_command(
             root=root if root is not None else run_root(prompt.path),  # a run folder knows where its data was
             cache_dir=cache_dir, device=device, backbones=backbones,
         )  # fmt: skip
-        results = evaluate_base_to_new(target, **options) if base_to_new else [evaluate(target, **options)]
+        if base_to_new:
+            results = evaluate_base_to_new(target, **options)
+        else:
+            results = [evaluate(target, save_logits=save_logits, **options)]
         evaluated += results
         for index, result in enumerate(results):
             _report(result, header=index == 0)

@@ -21,6 +21,8 @@ from typer.testing import CliRunner
 from analysis.report import make_report
 from corrupt.grid import ORIGINAL_CELL, parse_grid
 from nemesis.checksum import tensors_sha256
+from nemesis.data.datasets import load_dataset
+from nemesis.data.feature_cache import encode_split
 from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
 from nemesis.evaluation.evaluate import prepare_evaluation, resolve_target
@@ -35,7 +37,7 @@ from nemesis.penalties.losses import position_norms
 from nemesis.training.configs import TrainConfig
 from nemesis_cli.main import app
 
-from .conftest import cached_backbone
+from .conftest import cached_backbone, fails_with_one_line
 from .test_sweep import _backbones, _sweep
 from .test_trainer import CLASSNAMES, small_config, train_leaving_the_backbone_unchanged
 
@@ -401,6 +403,28 @@ def test_report_row_of_an_evaluated_saved_prompt(name, data_root, tmp_path):
     assert _report_label([evals], tmp_path / "report") == f"{label(name)} (random weights)"
 
 
+@pytest.mark.parametrize("name", methods())
+def test_eval_saves_the_logits_it_scored(name, data_root, tmp_path):
+    """`nemesis eval --save-logits`: logit scale x the learner's similarities on the test split, in its
+    order, with its labels; their arg-max gives the accuracy the command reports."""
+    from safetensors.torch import load_file
+
+    learner = _learner(name)
+    _saved(learner, tmp_path / "prompt.safetensors")
+    output = _command("eval", tmp_path / "prompt.safetensors", "--root", data_root, "--pretrained", "none",
+                      "--device", "cpu", "--save-logits", tmp_path / "logits.safetensors")  # fmt: skip
+    saved = load_file(tmp_path / "logits.safetensors")
+    data = load_dataset("oxford_pets", data_root)
+    features, labels = encode_split(learner.clip, data, "test", progress=False)
+    with torch.no_grad():
+        expected = learner.clip.model.logit_scale.exp() * learner.similarities(features, learner.ctx[None])[0]
+    assert saved["logits"].shape == (len(data.test), len(CLASSNAMES)) and saved["logits"].dtype == torch.float32
+    torch.testing.assert_close(saved["logits"], expected, rtol=0, atol=1e-4)
+    assert torch.equal(saved["labels"], labels)
+    accuracy = 100.0 * float((saved["logits"].argmax(-1) == saved["labels"]).float().mean())
+    assert f"accuracy: {accuracy:.1f}%" in output
+
+
 def _command(*args) -> str:
     result = CliRunner().invoke(app, [str(argument) for argument in args])
     assert result.exit_code == 0, result.output
@@ -486,3 +510,13 @@ def test_a_method_without_coop_options_takes_none_of_them(monkeypatch):
     assert TrainConfig.from_json(config.resolved().to_json()).prompt_config() == PositionsOnlyConfig()
     with pytest.raises(NemesisError, match="--n-ctx is not an option of positions-only"):
         TrainConfig(dataset="dtd", prompt_method=spec.name, n_ctx=8)
+
+
+def test_save_logits_takes_one_prompt_on_one_class_set(data_root, tmp_path):
+    for index in range(2):
+        _saved(_learner("coop", seed=index), tmp_path / f"p{index}.safetensors")
+    common = ["--root", str(data_root), "--pretrained", "none", "--save-logits", str(tmp_path / "l.safetensors")]
+    fails_with_one_line(["eval", str(tmp_path / "p0.safetensors"), str(tmp_path / "p1.safetensors"), *common],
+                        "writes one prompt's logits; 2 prompts were given")  # fmt: skip
+    fails_with_one_line(["eval", str(tmp_path / "p0.safetensors"), "--base-to-new", *common], "drop --base-to-new")
+    assert not (tmp_path / "l.safetensors").exists()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import write_text_atomic
+from ..atomic import atomic_path, write_text_atomic
 from ..constants import NO_WEIGHTS, RANDOM_WEIGHTS
 from ..data.datasets import Dataset, load_dataset
 from ..data.feature_cache import encode_split
@@ -46,6 +46,7 @@ from ..wording import plural
 from .metrics import (  # noqa: F401
     BASE_TO_NEW,
     EvaluationResult,
+    class_logits,
     coop_result_block,
     macro_f1,
     predictions,
@@ -282,13 +283,32 @@ def activation_mismatch(checkpoint: PromptCheckpoint, activation: Activation) ->
     )
 
 
-def evaluate(target: EvaluationTarget, **options: Any) -> EvaluationResult:
-    """Test accuracy and macro-F1 of a target's prompt; `options` are those of `prepare_evaluation`."""
+def evaluate(
+    target: EvaluationTarget, save_logits: str | os.PathLike | None = None, **options: Any
+) -> EvaluationResult:
+    """Test accuracy and macro-F1 of a target's prompt; `options` are those of `prepare_evaluation`.
+
+    `save_logits`: also write the logits [N_images, n_cls] (logit scale x similarities, in the test
+    split's order) and `labels` [N_images] to that safetensors file, for analyses of one's own."""
     setup = prepare_evaluation(target, **options)
-    predicted = predictions(setup.learner, setup.features, setup.learner.ctx.detach().unsqueeze(0))[0]
+    if save_logits is None:
+        predicted = predictions(setup.learner, setup.features, setup.learner.ctx.detach().unsqueeze(0))[0]
+    else:
+        logits = class_logits(setup.learner, setup.features, setup.backbone.model.logit_scale)
+        predicted = logits.argmax(dim=-1)
+        write_logits(save_logits, logits, setup.labels)
     correct = int((predicted == setup.labels).sum())
     n = int(setup.labels.numel())
     return EvaluationResult(n, correct, 100.0 * correct / n, macro_f1(predicted, setup.labels), setup.source)
+
+
+def write_logits(path: str | os.PathLike, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """`logits` [N, n_cls] (float32) and `labels` [N] (int64) as a safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {"logits": logits.float().cpu().contiguous(), "labels": labels.long().cpu().contiguous()}
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary))
 
 
 def evaluate_base_to_new(target: EvaluationTarget, **options: Any) -> list[EvaluationResult]:

@@ -34,6 +34,15 @@ def predictions(
     return torch.cat(rows)
 
 
+def class_logits(learner: ScoresVariants, features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Logits [N, n_cls] (logit scale x the learner's similarities) of the learner's own prompt on image
+    features [N, ...] in their order, under evaluation's precision."""
+    ctx = learner.ctx.detach().unsqueeze(0).to(features.device)
+    with torch.inference_mode(), autocast_policy(features.device).context():
+        similarities = learner.similarities(features, ctx)[0].float()  # [N, n_cls]
+    return logit_scale.detach().exp().float() * similarities
+
+
 def macro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     """Macro-F1 in percent over the classes present in `labels` (Dassl's evaluator does the same)."""
     scores = []
