@@ -117,3 +117,19 @@ def test_prompts_and_options_are_checked():
         PLOTLearner(cached_backbone("tiny"), CLASSNAMES, ctx=torch.zeros(4, 64))
     with pytest.raises(NemesisError, match="local image features"):
         _learner().similarities(torch.zeros(2, 64), _learner().ctx[None])
+
+
+def test_nemesis_pun_on_plot_sums_over_prompts_as_the_official_code():
+    """Official PLOTNemesis PUN: A * s(e) * sum_n mean_j ||ctx[n, j]||_2 (the norms summed over the N prompts)."""
+    from nemesis.penalties import NemesisConfig
+    from nemesis.penalties.base import TrainingStep
+    from nemesis.penalties.losses import NemesisTerm, schedule_weight
+
+    learner = _learner()
+    config = NemesisConfig(beta=1.0, weight=2.0)
+    step = TrainingStep(learner, _local_features(2), torch.tensor([0, 1]), epoch=3, epochs=10,
+                        count_correct=None, random=lambda purpose: torch.Generator())  # fmt: skip
+    part = NemesisTerm(config).loss(step)
+    ctx = learner.ctx.detach()
+    expected = 2.0 * schedule_weight("logistic", 3, 10) * sum(ctx[n].norm(dim=-1).mean() for n in range(3))
+    torch.testing.assert_close(part.value.detach(), expected, rtol=1e-6, atol=0)

@@ -25,7 +25,9 @@ class PromptMethod(Protocol):
     """What generic code (training, evaluation, sweeps, checkpoints) uses of a learner.
 
     Learners are also `nn.Module`s (`.to`, `.parameters()`); `isinstance` checks only that the
-    members below exist, not their signatures.
+    members below exist, not their signatures. Optional: `norm_penalty_factor` (a float, default 1)
+    multiplies Nemesis's norm penalties on ctx; PLOT sets its prompt count N, as the official
+    PLOTNemesis sums the norms over the N prompts where the losses average over ctx's leading axes.
     """
 
     method: ClassVar[str]  # the registry name (`nemesis.methods.METHODS`), written into prompt files

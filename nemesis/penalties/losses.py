@@ -142,11 +142,12 @@ class NemesisTerm(PenaltyTerm):
 
     def loss(self, step: TrainingStep) -> PenaltyPart:
         """L = CE + s(e) * A * (beta * PUN + (1 - beta) * PAN): this is the part after CE (PAN's A
-        replaced by `pan_weight` when set)."""
+        replaced by `pan_weight` when set), times the learner's `norm_penalty_factor` if it has one."""
         penalty = norm_loss(
             step.learner.ctx, self.config, step.epoch, step.epochs, step.count_correct, step.random("pan")
         )
-        return PenaltyPart(penalty.value, {"norm_loss": float(penalty.value.detach()), "alpha": penalty.alpha.tolist()})
+        value = penalty.value * getattr(step.learner, "norm_penalty_factor", 1.0)
+        return PenaltyPart(value, {"norm_loss": float(value.detach()), "alpha": penalty.alpha.tolist()})
 
 
 def nemesis_term(config, learner) -> NemesisTerm:
