@@ -133,3 +133,57 @@ def test_nemesis_pun_on_plot_sums_over_prompts_as_the_official_code():
     ctx = learner.ctx.detach()
     expected = 2.0 * schedule_weight("logistic", 3, 10) * sum(ctx[n].norm(dim=-1).mean() for n in range(3))
     torch.testing.assert_close(part.value.detach(), expected, rtol=1e-6, atol=0)
+
+
+# --- official PLOT / PLOTNemesis files --------------------------------------------------------------
+
+
+@pytest.fixture
+def plot_registered():
+    from nemesis.methods import METHODS, register_method
+    from nemesis.methods.plot import SPEC
+
+    register_method(SPEC)  # one line, as in nemesis.methods once the pipelines hand PLOT local features
+    yield
+    del METHODS[SPEC.name]
+
+
+def _official_file(folder, ctx: torch.Tensor, prefix_rows: int | None, epoch: int = 50):
+    """`prompt_learner/model.pth.tar-<E>` as Dassl writes it: fp16 ctx and the token buffers."""
+    state = {"ctx": ctx.half()}
+    if prefix_rows is not None:
+        width = ctx.shape[-1]
+        state |= {"token_prefix": torch.zeros(prefix_rows, 1, width).half(),
+                  "token_suffix": torch.zeros(prefix_rows, 60, width).half()}  # fmt: skip
+    path = folder / "prompt_learner" / f"model.pth.tar-{epoch}"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": state, "epoch": epoch, "optimizer": None, "scheduler": None, "val_result": None}, path)
+    return path
+
+
+def test_official_plot_nemesis_run_folders_read_as_plot_with_nemesis(plot_registered, tmp_path):
+    from nemesis.files.checkpoint import load_checkpoint
+
+    run = (
+        tmp_path / "output/dtd/PLOTNemesis/Beta-1.0/rn50_16shots/N4_alpha1_cw0.5_pn1_nctx16_cscFalse_ctpend_nttwo/seed2"
+    )
+    ctx = torch.randn(4, 16, 512) * 0.02
+    _official_file(run, ctx, prefix_rows=4 * 47)
+    prompt = load_checkpoint(run)
+    assert (prompt.prompt_method, prompt.metadata.penalty) == ("plot", "nemesis")
+    assert (prompt.metadata.dataset, prompt.metadata.shots, prompt.metadata.seed) == ("dtd", 16, 2)
+    assert prompt.config == PLOTConfig() and torch.equal(prompt.ctx, ctx.half().float())
+
+
+def test_plot_files_outside_a_tree_are_told_from_class_specific_coop_by_their_buffers(plot_registered, tmp_path):
+    from nemesis.files.checkpoint import load_checkpoint
+
+    ctx = torch.randn(4, 16, 512) * 0.02
+    plot = load_checkpoint(_official_file(tmp_path / "plot", ctx, prefix_rows=4 * 10))
+    assert plot.prompt_method == "plot" and plot.config.n_prompts == 4
+    coop = load_checkpoint(_official_file(tmp_path / "coop", ctx, prefix_rows=4))  # CSC for 4 classes
+    assert coop.prompt_method == "coop" and coop.config.class_specific
+    bare = _official_file(tmp_path / "bare", ctx, prefix_rows=None)  # the layout alone cannot tell
+    assert load_checkpoint(bare).prompt_method == "coop"
+    named = load_checkpoint(bare, prompt_method="plot")
+    assert named.prompt_method == "plot" and named.config == PLOTConfig()

@@ -488,20 +488,28 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
     )
 
 
-def _dassl_method(trained: str | None, extra: dict[str, torch.Tensor], origin: str) -> str:
-    """The method of a Dassl file: its trainer folder's when the file holds that method's tensors, else
-    the one its tensors say (a CoCoOp file copied into a CoOp tree is read as CoCoOp, meta-net included)."""
+def _dassl_method(
+    trained: str | None, extra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], origin: str
+) -> str:
+    """The method of a Dassl file: the one named (or its trainer folder's) when the file holds that
+    method's tensors, else the one its tensors say (a CoCoOp file copied into a CoOp tree is read as
+    CoCoOp, meta-net included); among methods learning tensors of the same names, the first whose
+    layout the file's shapes fit."""
     if trained is not None and _extra_names(method_spec(trained), method_spec(trained).config()) == set(extra):
         return trained
-    return method_of_tensors(set(extra), origin)
+    method_of_tensors(set(extra), origin)  # refuses tensors no method learns
+    same_names = [spec for spec in METHODS.values() if _extra_names(spec, spec.config()) == set(extra)]
+    fitting = [spec for spec in same_names if spec.fits_dassl(shapes)]
+    return (fitting or same_names)[0].name
 
 
-def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
+def load_dassl(path: str | os.PathLike, prompt_method: str | None = None) -> PromptCheckpoint:
     """Read a Dassl checkpoint file: `state_dict["ctx"]` and the method's other tensors (CoCoOp's
-    `meta_net.*`); buffers (`token_prefix`, `token_suffix`) and optimiser state are ignored.
+    `meta_net.*`); buffers (`token_prefix`, `token_suffix`) only tell layouts apart, and optimiser
+    state is ignored.
 
-    The file names nothing else: the method comes from its trainer folder (else its tensors), and
-    dataset, shots, seed, penalty, classes and class position from its path.
+    The file names nothing else: the method is `prompt_method` when named, else its trainer folder's
+    (else its tensors'), and dataset, shots, seed, penalty, classes and class position come from its path.
     """
     path = Path(path)
     content = load_torch_file(path)
@@ -513,7 +521,8 @@ def load_dassl(path: str | os.PathLike) -> PromptCheckpoint:
     extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(_known_extra_names() & set(state))}
     ctx = _checked(state[CTX_TENSOR], str(path))
     trained, penalty = method_of_dassl_path(where.trainer, where.nemesis)
-    spec = method_spec(_dassl_method(trained, extra, str(path)))
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
+    spec = method_spec(_dassl_method(prompt_method or trained, extra, shapes, str(path)))
     config = spec.options_from_dassl(tuple(ctx.shape), where.class_position)
     extra = {name: tensor for name, tensor in extra.items() if name in _extra_names(spec, config)}
     _check_declared(spec, config, {CTX_TENSOR: ctx, **extra}, str(path))
@@ -587,11 +596,13 @@ def load_checkpoint(
     """Load a prompt from any accepted place: our file or run folder, a Dassl file, `prompt_learner/`
     folder or run folder (latest epoch unless `epoch` is named).
 
-    `prompt_method` (coop, cocoop) refuses a checkpoint of another method; None accepts any.
+    `prompt_method` names the method of a Dassl file (whose layout alone may not tell it) and refuses
+    our files of another method; None accepts any.
     """
-    checkpoint = _load_any(Path(path), epoch)
-    if prompt_method is not None and checkpoint.prompt_method != prompt_method:
+    if prompt_method is not None:
         method_spec(prompt_method)  # an unknown name fails with the choices
+    checkpoint = _load_any(Path(path), epoch, prompt_method)
+    if prompt_method is not None and checkpoint.prompt_method != prompt_method:
         found = checkpoint.prompt_method
         raise NemesisError(
             f"{checkpoint.path} is a {found} checkpoint, not {prompt_method}; pass --prompt-method {found} or drop it"
@@ -599,7 +610,7 @@ def load_checkpoint(
     return checkpoint
 
 
-def _load_any(path: Path, epoch: int | None) -> PromptCheckpoint:
+def _load_any(path: Path, epoch: int | None, dassl_method: str | None = None) -> PromptCheckpoint:
     if not path.exists():
         raise NemesisError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -607,10 +618,10 @@ def _load_any(path: Path, epoch: int | None) -> PromptCheckpoint:
             return _load_from_run_folder(path, epoch)
         if (path / RUN_PROMPT).is_file():  # a run folder copied without its config: its prompt says the rest
             return load_prompt(path / RUN_PROMPT)
-        return load_dassl(find_dassl_file(path, epoch))
+        return load_dassl(find_dassl_file(path, epoch), dassl_method)
     with open(path, "rb") as file:
         magic = file.read(9)
     # safetensors files start with an 8-byte header length then a JSON object
     if len(magic) == 9 and magic[8:9] == b"{":
         return load_prompt(path)
-    return load_dassl(path)
+    return load_dassl(path, dassl_method)

@@ -61,6 +61,13 @@ class MethodSpec:
         and text width W for `n_classes` classes (None: not known, any size)."""
         return config.tensor_shapes(embed_dim, text_width, n_classes)
 
+    def fits_dassl(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether a Dassl state dict with these tensor shapes (buffers such as `token_prefix` included)
+        can be this method's, by the config's optional `dassl_fits` (without it: yes). It tells methods
+        apart whose learned tensors have the same names (CoOp's class-specific ctx and PLOT's prompts)."""
+        fits = getattr(self.config, "dassl_fits", None)
+        return fits(shapes) if fits is not None else True
+
     def settings_folder(self, config: Any) -> str | None:
         """The folder naming the method's settings in a grid's tree (CoOp: `nctx16_cscFalse_ctpend`), from
         the config's optional `folder_name()`; None: no such folder."""

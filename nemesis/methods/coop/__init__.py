@@ -89,6 +89,12 @@ class CoOpConfig:
         return f"nctx{self.n_ctx}_csc{self.class_specific}_ctp{self.class_position}" + init_suffix(self.ctx_init)
 
     @classmethod
+    def dassl_fits(cls, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """ctx [M, W], or class-specific [n_cls, M, W] with one `token_prefix` row per class."""
+        ctx, prefix = shapes["ctx"], shapes.get("token_prefix")
+        return len(ctx) == 2 or prefix is None or prefix[0] == ctx[0]
+
+    @classmethod
     def from_dassl(cls, ctx_shape: tuple[int, ...], class_position: str | None) -> CoOpConfig:
         """A CoOp Dassl file: ctx [M, W], or [n_cls, M, W] class-specific; the position from its path."""
         return cls(n_ctx=ctx_shape[-2], class_specific=len(ctx_shape) == 3, class_position=class_position or "end")

@@ -50,6 +50,12 @@ class PLOTConfig:
         return {CTX_TENSOR: (self.n_prompts, self.n_ctx, text_width)}
 
     @classmethod
+    def dassl_fits(cls, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """ctx [N, M, W] with N x n_cls `token_prefix` rows (CoOp's class-specific ctx has n_cls rows)."""
+        ctx, prefix = shapes["ctx"], shapes.get("token_prefix")
+        return len(ctx) == 3 and prefix is not None and prefix[0] % ctx[0] == 0 and prefix[0] > ctx[0]
+
+    @classmethod
     def from_dassl(cls, ctx_shape: tuple[int, ...], class_position: str | None) -> PLOTConfig:
         """A PLOT Dassl file: ctx [N, M, W]."""
         return cls(n_prompts=ctx_shape[0], n_ctx=ctx_shape[-2])
