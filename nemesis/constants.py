@@ -37,5 +37,6 @@ def cache_root() -> Path:
 
 
 POOLED_FEATURES = "pooled"  # a learner's image input: the image tower's pooled, projected features [B, D]
+LOCAL_FEATURES = "local"  # a learner's image input: one projected feature per image token [B, T, D] (PLOT)
 
 ZERO_SHOT_METHOD = "zero-shot"  # the method of zero-shot records: the hand-crafted prompt, nothing learned
