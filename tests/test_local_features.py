@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import ClassVar
 
 import open_clip
 import pytest
@@ -15,8 +16,15 @@ from nemesis.data import feature_cache
 from nemesis.data.datasets import Sample, load_dataset
 from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
+from nemesis.evaluation.evaluate import evaluate, resolve_target
+from nemesis.files.checkpoint import load_checkpoint
+from nemesis.methods import METHODS, MethodSpec, register_method
+from nemesis.methods.coop import CoOpConfig
+from nemesis.methods.coop.learner import PromptLearner
 from nemesis.model.backbone import load_clip
 from nemesis.model.local_features import local_image_features
+from nemesis.training.configs import TrainConfig
+from nemesis.training.trainer import train
 
 TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}
 # Small towers of each kind, random weights: a 3 x 3 grid into an 8-head attention pool (T = 10), a
@@ -199,3 +207,49 @@ def test_pooled_keys_are_those_of_before_and_local_keys_differ():
     assert key(POOLED_FEATURES) == POOLED_TEST_KEY
     assert key(POOLED_FEATURES, 2, 7) == POOLED_VIEW_KEY
     assert key(LOCAL_FEATURES) != POOLED_TEST_KEY and key(LOCAL_FEATURES, 2, 7) != POOLED_VIEW_KEY
+
+
+# --- a learner of local features, through training and evaluation -----------------------------
+
+
+class ClassTokenCoOp(PromptLearner):
+    """CoOp on local features [B, T, D] classifying by token 0, the pooled feature: so it must train and
+    score as CoOp does on pooled features, and it records the shapes it is handed."""
+
+    method = "coop-token0"
+    image_inputs = (LOCAL_FEATURES,)
+    shapes_seen: ClassVar[list[tuple[int, ...]]] = []  # every learner of the class, shared
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        self.shapes_seen.append(tuple(image_features.shape))
+        return super().logits(image_features[:, 0])
+
+    def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
+        self.shapes_seen.append(tuple(image_features.shape))
+        return super().similarities(image_features[:, 0], ctx_variants)
+
+
+@pytest.fixture
+def token0_method():
+    register_method(MethodSpec(ClassTokenCoOp.method, "CoOp on token 0", ClassTokenCoOp, CoOpConfig))
+    ClassTokenCoOp.shapes_seen.clear()
+    yield ClassTokenCoOp.method
+    del METHODS[ClassTokenCoOp.method]
+
+
+@pytest.mark.parametrize("train_views", [0, 2])
+def test_training_and_evaluation_hand_a_local_learner_local_features(token0_method, tmp_path, train_views):
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(4, 2, 3), image_size=28)
+    options = dict(dataset="oxford_pets", root=str(root), shots=4, seed=2, model="tiny", pretrained=None, n_ctx=4,
+                   epochs=2, batch_size=4, lr=0.05, device="cpu", train_views=train_views)  # fmt: skip
+    prompts, accuracies = {}, {}
+    for method in ("coop", token0_method):
+        out = train(TrainConfig(prompt_method=method, **options), tmp_path / method, progress=False)
+        checkpoint = load_checkpoint(out / "prompt.safetensors")
+        prompts[method] = checkpoint.ctx
+        accuracies[method] = evaluate(resolve_target(checkpoint), root=root, device="cpu", progress=False).accuracy
+    tokens = 1 + 4 * 4  # tiny: a class token and 4 x 4 patches
+    assert ClassTokenCoOp.shapes_seen and all(len(s) == 3 and s[1:] == (tokens, 64) for s in ClassTokenCoOp.shapes_seen)
+    assert torch.allclose(prompts[token0_method], prompts["coop"], atol=1e-5)
+    assert accuracies[token0_method] == accuracies["coop"]
