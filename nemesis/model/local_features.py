@@ -89,5 +89,6 @@ def _attention_pool_all_tokens(pool: nn.Module, grid: torch.Tensor) -> torch.Ten
 def _vit_local_features(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     # The same steps as VisionTransformer.forward with class-token pooling, on all tokens: ln_post acts on
     # each token alone, so token 0 is the pooled feature whether ln_post comes before or after the pooling.
+    # `_embeds` is open_clip's own input step (patches, class token, positions, ln_pre), used, not copied.
     tokens = visual.transformer(visual._embeds(images.to(visual.conv1.weight.dtype)))  # [B, 1 + patches, width]
     return visual.ln_post(tokens) @ visual.proj  # [B, T, D]
