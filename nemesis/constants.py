@@ -37,6 +37,6 @@ def cache_root() -> Path:
 
 
 POOLED_FEATURES = "pooled"  # a learner's image input: the image tower's pooled, projected features [B, D]
-LOCAL_FEATURES = "local"  # ... or its projected tokens [B, T, D], the global one first (PLOT's)
+LOCAL_FEATURES = "local"  # ... or one projected feature per image token [B, T, D], the global one first (PLOT)
 
 ZERO_SHOT_METHOD = "zero-shot"  # the method of zero-shot records: the hand-crafted prompt, nothing learned

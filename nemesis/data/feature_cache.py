@@ -1,9 +1,12 @@
 """The image-feature cache: each split is encoded by the frozen image tower once, then read from disk.
 
-A cache entry is one safetensors file holding `features` [N, D] (float32, not normalised) and
-`labels` [N] (int64). Its key is the sha256 of everything that decides the numbers: model name,
-weights identity, preprocessing, precision, dataset, split, the exact sample list, and for
-augmented training views the view index and seed. Any change gives a new key, never a stale hit.
+A cache entry is one safetensors file holding `features` (float32, not normalised) and `labels` [N]
+(int64). The features are of one kind (`inputs`): pooled [N, D], or local [N, T, D], one per image
+token (`nemesis.model.local_features`). Local features stay float32 too: stored as float16 they move
+logits at logit scale 100 by more than PLOT's 1e-3 tolerance. An entry's key is the sha256 of
+everything that decides the numbers: model name, weights identity, preprocessing, precision, dataset,
+split, the exact sample list, the kind when it is not pooled, and for augmented training views the
+view index and seed. Any change gives a new key, never a stale hit.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from safetensors.torch import safe_open, save_file
 
 from ..atomic import atomic_path, file_lock
 from ..checksum import tensors_sha256
-from ..constants import cache_root
+from ..constants import LOCAL_FEATURES, POOLED_FEATURES, cache_root
 from ..errors import NemesisError
+from ..model.local_features import check_local_features, local_image_features
 from ..precision import autocast_policy
 from ..progress import progress_bar
 from ..wording import plural
@@ -39,6 +43,21 @@ encoded_images = 0
 
 # Turns an image and its position in the sample list into tensors [V, 3, H, W], one per view.
 ImageTransform = Callable[[Image.Image, int], torch.Tensor]
+# Features [B, ...] of a batch of preprocessed images [B, 3, H, W], from a backbone.
+ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def image_encoder(backbone, inputs: str = POOLED_FEATURES) -> ImageEncoder:
+    """The backbone's encoder of one kind of image input: pooled [B, D] or local [B, T, D] features.
+
+    An image tower without local features is refused here, before any image is encoded."""
+    model = backbone.model
+    if inputs == POOLED_FEATURES:
+        return model.encode_image
+    if inputs == LOCAL_FEATURES:
+        check_local_features(model, backbone.name)
+        return lambda images: local_image_features(model, images, backbone.name)
+    raise NemesisError(f"unknown image input '{inputs}' (known: {POOLED_FEATURES}, {LOCAL_FEATURES})")
 
 
 def default_cache_dir() -> Path:
@@ -59,6 +78,7 @@ def feature_key(
     precision: str,
     view: int | None = None,
     seed: int | None = None,
+    inputs: str = POOLED_FEATURES,
 ) -> str:
     """sha256 over everything that decides the cached numbers."""
     material = {
@@ -73,6 +93,8 @@ def feature_key(
         "seed": seed,
         "samples": [[sample.path, sample.label] for sample in samples],
     }
+    if inputs != POOLED_FEATURES:  # pooled keys stay as they were before local features, so old entries still hit
+        material["inputs"] = inputs
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -153,7 +175,7 @@ def _model_device(backbone) -> torch.device:
 
 
 def _encode(
-    backbone,
+    encoder: ImageEncoder,
     dataset: Dataset,
     samples: list[Sample],
     transform: ImageTransform,
@@ -164,7 +186,7 @@ def _encode(
     num_workers: int | None,
     progress: bool,
 ) -> torch.Tensor:
-    """Features [views, N, D] of `samples`, each image transformed into `views` tensors."""
+    """Features [views, N, ...] of `samples`, each image transformed into `views` tensors."""
     global encoded_images
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
@@ -183,13 +205,18 @@ def _encode(
             for images in loader:  # [B, V, 3, H, W]
                 batch, n_views = images.shape[:2]
                 flat = images.flatten(0, 1).to(device, non_blocking=True)  # [B * V, 3, H, W]
-                features = backbone.model.encode_image(flat).float().cpu()  # [B * V, D]
-                chunks.append(features.view(batch, n_views, -1))  # [B, V, D]
+                features = encoder(flat).float().cpu()  # [B * V, ...]
+                chunks.append(features.view(batch, n_views, *features.shape[1:]))  # [B, V, ...]
                 encoded_images += batch * n_views
                 bar.advance(task, batch)
     dim = chunks[0].shape[-1] if chunks else 0
-    features = torch.cat(chunks) if chunks else torch.zeros(0, views, dim)  # [N, V, D]
-    return features.transpose(0, 1).contiguous()  # [V, N, D]
+    features = torch.cat(chunks) if chunks else torch.zeros(0, views, dim)  # [N, V, ...]
+    return features.transpose(0, 1).contiguous()  # [V, N, ...]
+
+
+def _inputs_summary(inputs: str) -> dict[str, str]:
+    """An entry's readable summary names the features' kind when they are not pooled (as its key does)."""
+    return {} if inputs == POOLED_FEATURES else {"inputs": inputs}
 
 
 def _labels(samples: list[Sample]) -> torch.Tensor:
@@ -205,18 +232,21 @@ def encode_split(
     device: str | torch.device | None = None,
     progress: bool = True,
     num_workers: int | None = None,
+    inputs: str = POOLED_FEATURES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] (float32, unnormalised) and labels [N] of a split, encoded once then cached.
+    """Features (float32, unnormalised) and labels [N] of a split, encoded once then cached: pooled
+    features [N, D], or with `inputs="local"` local features [N, T, D].
 
     The images go through the backbone's own test preprocessing. Missing image files raise a
     NemesisError before anything is encoded or written.
     """
+    encoder = image_encoder(backbone, inputs)
     samples = dataset.split(split)
     if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise NemesisError(f"--cache-dir {cache_dir} is a file; name a folder for the feature cache")
     device = torch.device(device) if device is not None else _model_device(backbone)
     preprocessing = repr(backbone.preprocess)
-    key = feature_key(backbone, dataset.name, split, samples, preprocessing, _precision(device))
+    key = feature_key(backbone, dataset.name, split, samples, preprocessing, _precision(device), inputs=inputs)
     path = cache_file(Path(cache_dir) if cache_dir else default_cache_dir(), dataset.name, split, key)
     cached = _read_entry(path, samples)
     if cached is not None:
@@ -230,9 +260,10 @@ def encode_split(
         transform = _TestTransform(backbone.preprocess)
         description = f"encoding {dataset.name} {split}"
         features = _encode(
-            backbone, dataset, samples, transform, 1, description, batch_size, device, num_workers, progress
+            encoder, dataset, samples, transform, 1, description, batch_size, device, num_workers, progress
         )
         summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name, "split": split}
+        summary.update(_inputs_summary(inputs))
         _write_entry(path, features[0], samples, summary)
     return features[0], _labels(samples)
 
@@ -276,14 +307,17 @@ def encode_train_views(
     progress: bool = True,
     num_workers: int | None = None,
     crop_scale: float = CROP_SCALE[0],
+    inputs: str = POOLED_FEATURES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [views, N, D] of `views` augmented copies of each image, and labels [N].
+    """Features [views, N, D] (with `inputs="local"`: [views, N, T, D]) of `views` augmented copies of
+    each image, and labels [N].
 
     Each view is cached on its own (its key holds the view index and seed), so asking for more
     views later encodes only the new ones. Images are opened once for all missing views.
     """
     if views < 1:
         raise NemesisError(f"views must be at least 1 (got {views})")
+    encoder = image_encoder(backbone, inputs)
     samples = dataset.split(split)
     device = torch.device(device) if device is not None else _model_device(backbone)
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -294,7 +328,7 @@ def encode_train_views(
             folder,
             dataset.name,
             split,
-            feature_key(backbone, dataset.name, split, samples, preprocessing, precision, view, seed),
+            feature_key(backbone, dataset.name, split, samples, preprocessing, precision, view, seed, inputs),
             view,
         )
         for view in range(views)
@@ -314,7 +348,7 @@ def encode_train_views(
                 )
                 description = f"encoding {dataset.name} {split} x{plural(len(todo), 'view')}"
                 encoded = _encode(
-                    backbone,
+                    encoder,
                     dataset,
                     samples,
                     transform,
@@ -327,7 +361,7 @@ def encode_train_views(
                 )
                 for position, view in enumerate(todo):
                     summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name,
-                               "split": split, "view": view, "seed": seed}  # fmt: skip
+                               "split": split, "view": view, "seed": seed, **_inputs_summary(inputs)}  # fmt: skip
                     _write_entry(paths[view], encoded[position], samples, summary)
                     found[view] = encoded[position]
-    return torch.stack([found[view] for view in range(views)]), _labels(samples)  # [V, N, D]
+    return torch.stack([found[view] for view in range(views)]), _labels(samples)  # [V, N, ...]

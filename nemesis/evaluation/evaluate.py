@@ -239,7 +239,11 @@ def prepare_evaluation(
         ctx=checkpoint.ctx,
         **prompt_options(checkpoint, source),
     )
-    features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device, progress=progress)
+    # The learner's first image input decides which kind the cache gives (pooled [N, D], local [N, T, D]).
+    inputs = learner.image_inputs[0]
+    features, labels = encode_split(
+        backbone, data, "test", cache_dir=cache_dir, device=device, progress=progress, inputs=inputs
+    )
     return EvaluationSetup(backbone, data, learner, features.to(device), labels.to(device), source)
 
 

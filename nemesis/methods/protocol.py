@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..constants import POOLED_FEATURES
+from ..constants import LOCAL_FEATURES, POOLED_FEATURES
 from ..errors import NemesisError
 from ..model.clip_models import Backbone
 from ..tensors import WHOLE_CTX as WHOLE_CTX  # re-exported with CorruptionSite: the interface's vocabulary
@@ -31,8 +31,9 @@ class PromptMethod(Protocol):
     """
 
     method: ClassVar[str]  # the registry name (`nemesis.methods.METHODS`), written into prompt files
-    # The image inputs `logits` and `similarities` take: "pooled" features [B, D] from the feature cache
-    # (local features and pixels come with PLOT and vision prompts, and with them their caches).
+    # The image inputs `logits` and `similarities` take, from the feature cache: "pooled" features [B, D],
+    # or "local" features [B, T, D], one per image token (PLOT); the first decides what the cache gives.
+    # (Pixels come with vision prompts, and with them their cache.)
     image_inputs: ClassVar[tuple[str, ...]]
 
     @property
@@ -82,7 +83,7 @@ class PromptMethod(Protocol):
         ...
 
 
-SUPPORTED_IMAGE_INPUTS = {POOLED_FEATURES}  # what training, evaluation and sweeps can hand a learner
+SUPPORTED_IMAGE_INPUTS = {POOLED_FEATURES, LOCAL_FEATURES}  # what training, evaluation and sweeps can hand a learner
 
 
 def prompt_method(name: str) -> type[PromptMethod]:

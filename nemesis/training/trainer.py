@@ -33,10 +33,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 
 from ..atomic import write_text_atomic
 from ..choices import Precision
-from ..constants import RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
+from ..constants import POOLED_FEATURES, RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
 from ..data.augmentation import augment
 from ..data.datasets import Dataset, load_dataset
-from ..data.feature_cache import encode_split, encode_train_views
+from ..data.feature_cache import encode_split, encode_train_views, image_encoder
 from ..distributed import SINGLE_PROCESS, Ranks, rank_device
 from ..errors import NemesisError
 from ..evaluation.metrics import coop_result_block, macro_f1, predictions
@@ -123,10 +123,19 @@ class _AugmentedImages(torch.utils.data.Dataset):
 
 
 class TrainFeatures:
-    """Image features [B, D] and labels [B] of each step: cached augmented views, or live augmentation."""
+    """Image features and labels [B] of each step: cached augmented views, or live augmentation; the
+    features are of the learner's kind `inputs` (pooled [B, D], local [B, T, D])."""
 
-    def __init__(self, config: TrainConfig, backbone: Backbone, dataset: Dataset, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        backbone: Backbone,
+        dataset: Dataset,
+        device: torch.device,
+        inputs: str = POOLED_FEATURES,
+    ) -> None:
         self.config, self.backbone, self.dataset, self.device = config, backbone, dataset, device
+        self.encode = image_encoder(backbone, inputs)
         self.labels = torch.tensor([sample.label for sample in dataset.train], device=device)
         self.views = None
         if config.train_views > 0:
@@ -139,8 +148,9 @@ class TrainFeatures:
                 device=device,
                 progress=False,
                 crop_scale=config.crop_scale,
+                inputs=inputs,
             )
-            self.views = views.to(device)  # [V, N, D]
+            self.views = views.to(device)  # [V, N, ...]
 
     def __len__(self) -> int:
         return len(self.dataset.train)
@@ -162,7 +172,7 @@ class TrainFeatures:
         )
         for indices, pixels in zip(batches, loader, strict=True):
             with torch.no_grad(), autocast_policy(self.device, training=self.config.precision).context():
-                features = self.backbone.model.encode_image(pixels.to(self.device, non_blocking=True))
+                features = self.encode(pixels.to(self.device, non_blocking=True))
             yield features.float(), self.labels[indices.to(self.device)]
 
 
@@ -654,15 +664,16 @@ class _Features:
     """The image features a run reads: each step's training batch, and the test split's."""
 
     train: TrainFeatures
-    test: torch.Tensor  # [N, D]
+    test: torch.Tensor  # [N, D], or [N, T, D] for a learner of local features
     test_labels: torch.Tensor  # [N]
 
     @classmethod
     def encode(cls, run: _Run, progress: bool) -> _Features:
         config, backbone, data, device = run.config, run.backbone, run.data, run.device
-        features = TrainFeatures(config, backbone, data, device)
+        inputs = run.learner.image_inputs[0]  # which kind of image features the learner takes
+        features = TrainFeatures(config, backbone, data, device, inputs)
         test_features, test_labels = encode_split(
-            backbone, data, "test", cache_dir=config.cache_dir, device=device, progress=progress
+            backbone, data, "test", cache_dir=config.cache_dir, device=device, progress=progress, inputs=inputs
         )
         return cls(features, test_features.to(device), test_labels.to(device))
 
