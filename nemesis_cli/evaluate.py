@@ -42,7 +42,10 @@ def eval_command(
     ] = False,
     epoch: Annotated[int | None, Option(help="Epoch of a CoOp run folder (default: the latest).")] = None,
     prompt_method: Annotated[
-        str | None, Option(help="Refuse checkpoints of another prompt method: coop or cocoop (default: any).")
+        str | None,
+        Option(
+            help="The prompt method: names a Dassl file's (e.g. plot), refuses our files of another (default: any)."
+        ),
     ] = None,
     cache_dir: Annotated[Path | None, Option(help="Feature cache folder (default: the user cache).")] = None,
     device: Annotated[str | None, Option(help="cpu or cuda (default: cuda when available).")] = None,

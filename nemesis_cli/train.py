@@ -48,7 +48,7 @@ def train(
     method: Annotated[
         str | None,
         Option(
-            help="A prompt method (coop, cocoop, ...), <method>+nemesis, or a preset: nemesis (CoOp+Nemesis), pen "
+            help="A prompt method (coop, cocoop, plot), <method>+nemesis, or a preset: nemesis (CoOp+Nemesis), pen "
             "(Nemesis PUN, beta 1), pan (beta 0), cocoop-nemesis; or a list." + _default("prompt_method")
         ),
     ] = None,
@@ -135,7 +135,7 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train CoOp, CoCoOp or their Nemesis variants on few-shot data and write a run folder, or a whole grid.
+    """Train CoOp, CoCoOp, PLOT or their Nemesis variants on few-shot data and write a run folder, or a grid.
 
     Lists (--dataset a,b --shots 1,2,4 --seed 1,2,3 --method coop,pen,pan) train every combination
     in one process, one run folder each under --out; a rerun skips finished runs and resumes the

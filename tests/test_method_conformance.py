@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from analysis.report import make_report
 from corrupt.grid import ORIGINAL_CELL, parse_grid
 from nemesis.checksum import tensors_sha256
+from nemesis.constants import LOCAL_FEATURES
 from nemesis.data.datasets import load_dataset
 from nemesis.data.feature_cache import encode_split
 from nemesis.data.testing import make_coop_folder
@@ -213,9 +214,11 @@ def _saved(learner: PromptMethod, path) -> PromptMetadata:
     return dataclasses.replace(metadata, prompt_config=options, text_width=learner.ctx.shape[-1])
 
 
-def _features(n: int = 5, seed: int = 0) -> torch.Tensor:
+def _features(learner: PromptMethod, n: int = 5, seed: int = 0) -> torch.Tensor:
+    """Random image features of the kind the learner takes: pooled [B, D], or local [B, T, D] (T = tiny's 17)."""
     width = embed_dim_of(cached_backbone("tiny"))
-    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))  # [B, D]
+    shape = (n, 17, width) if LOCAL_FEATURES in learner.image_inputs else (n, width)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _clip_checksum(backbone) -> str:
@@ -297,7 +300,7 @@ def test_prompt_file_round_trip(name, tmp_path):
     assert set(loaded.extra) == set(extra) and all(torch.equal(loaded.extra[k], extra[k].detach()) for k in extra)
     # Rebuilt from the file, the learner gives the same similarities.
     rebuilt = build_learner(name, cached_backbone("tiny"), CLASSNAMES, ctx=loaded.ctx, extra=loaded.extra)
-    features, variants = _features(), learner.ctx.detach().unsqueeze(0)
+    features, variants = _features(learner), learner.ctx.detach().unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(rebuilt.similarities(features, variants), learner.similarities(features, variants))
 
@@ -322,7 +325,7 @@ def test_dassl_round_trip(name, tmp_path):
 @pytest.mark.parametrize("name", methods())
 def test_a_cell_in_a_batch_equals_the_cell_alone_i4(name):
     learner = _learner(name)
-    features = _features()
+    features = _features(learner)
     generator = torch.Generator().manual_seed(5)
     ctx = learner.ctx.detach()
     variants = torch.stack([ctx, ctx * 0.5, ctx + torch.randn(ctx.shape, generator=generator)])  # [K, ..., M, W]
@@ -415,7 +418,7 @@ def test_eval_saves_the_logits_it_scored(name, data_root, tmp_path):
                       "--device", "cpu", "--save-logits", tmp_path / "logits.safetensors")  # fmt: skip
     saved = load_file(tmp_path / "logits.safetensors")
     data = load_dataset("oxford_pets", data_root)
-    features, labels = encode_split(learner.clip, data, "test", progress=False)
+    features, labels = encode_split(learner.clip, data, "test", inputs=learner.image_inputs[0], progress=False)
     with torch.no_grad():
         expected = learner.clip.model.logit_scale.exp() * learner.similarities(features, learner.ctx[None])[0]
     assert saved["logits"].shape == (len(data.test), len(CLASSNAMES)) and saved["logits"].dtype == torch.float32

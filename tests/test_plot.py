@@ -138,16 +138,6 @@ def test_nemesis_pun_on_plot_sums_over_prompts_as_the_official_code():
 # --- official PLOT / PLOTNemesis files --------------------------------------------------------------
 
 
-@pytest.fixture
-def plot_registered():
-    from nemesis.methods import METHODS, register_method
-    from nemesis.methods.plot import SPEC
-
-    register_method(SPEC)  # one line, as in nemesis.methods once the pipelines hand PLOT local features
-    yield
-    del METHODS[SPEC.name]
-
-
 def _official_file(folder, ctx: torch.Tensor, prefix_rows: int | None, epoch: int = 50):
     """`prompt_learner/model.pth.tar-<E>` as Dassl writes it: fp16 ctx and the token buffers."""
     state = {"ctx": ctx.half()}
@@ -161,7 +151,7 @@ def _official_file(folder, ctx: torch.Tensor, prefix_rows: int | None, epoch: in
     return path
 
 
-def test_official_plot_nemesis_run_folders_read_as_plot_with_nemesis(plot_registered, tmp_path):
+def test_official_plot_nemesis_run_folders_read_as_plot_with_nemesis(tmp_path):
     from nemesis.files.checkpoint import load_checkpoint
 
     run = (
@@ -175,7 +165,7 @@ def test_official_plot_nemesis_run_folders_read_as_plot_with_nemesis(plot_regist
     assert prompt.config == PLOTConfig() and torch.equal(prompt.ctx, ctx.half().float())
 
 
-def test_plot_files_outside_a_tree_are_told_from_class_specific_coop_by_their_buffers(plot_registered, tmp_path):
+def test_plot_files_outside_a_tree_are_told_from_class_specific_coop_by_their_buffers(tmp_path):
     from nemesis.files.checkpoint import load_checkpoint
 
     ctx = torch.randn(4, 16, 512) * 0.02

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import NemesisError
 from ..penalties import NEMESIS, NO_PENALTY, UNKNOWN_PENALTY
-from . import cocoop, coop
+from . import cocoop, coop, plot
 from .base import MethodSpec, TrainingDefaults
 
 METHODS: dict[str, MethodSpec] = {}
@@ -27,6 +27,7 @@ def register_method(spec: MethodSpec) -> None:
 
 register_method(coop.SPEC)
 register_method(cocoop.SPEC)
+register_method(plot.SPEC)
 
 DEFAULT_METHOD = coop.SPEC.name  # what `nemesis train` trains when no method is named
 
@@ -69,6 +70,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pen": {"prompt_method": "coop", "penalty": "nemesis", "beta": 1.0},  # PUN only: the paper's PEN
     "pan": {"prompt_method": "coop", "penalty": "nemesis", "beta": 0.0},  # PAN only
     "cocoop-nemesis": {"prompt_method": "cocoop", "penalty": "nemesis"},
+    "plot-nemesis": {"prompt_method": "plot", "penalty": "nemesis"},
 }
 
 UNKNOWN_METHOD = "unknown"  # records of a prompt whose method is not known
