@@ -119,7 +119,7 @@ def test_bad_cocoop_input_is_one_line(tmp_path):
     fails_with_one_line(["eval", str(cocoop), *common, "--prompt-method", "coop"], "is a cocoop checkpoint, not coop")
     fails_with_one_line(["eval", str(wide), *common], "meta_net.linear1.weight has shape (32, 512)")
     fails_with_one_line(["prompt", "info", str(wide), "--model", "tiny"], "image width 64")
-    fails_with_one_line(["eval", str(cocoop), *common, "--prompt-method", "plot"], "unknown prompt method 'plot'")
+    fails_with_one_line(["eval", str(cocoop), *common, "--prompt-method", "soup"], "unknown prompt method 'soup'")
 
 
 def test_a_cocoop_file_in_a_coop_tree_is_read_as_cocoop_with_its_meta_net(tmp_path):

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from nemesis.errors import NemesisError
 from nemesis.methods.coop.learner import PromptLearner
-from nemesis.methods.plot import PLOTConfig
+from nemesis.methods.plot import CONVERGED, OFFICIAL, PLOTConfig
 from nemesis.methods.plot.learner import PLOTLearner
-from nemesis.methods.plot.transport import CONVERGED, OFFICIAL, transport_plans
+from nemesis.methods.plot.transport import transport_plans
 
 from .conftest import cached_backbone
 

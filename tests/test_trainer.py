@@ -115,7 +115,7 @@ def test_config_json_round_trip_and_official_override():
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"prompt_method": "plot"}, "unknown prompt method .plot.; choose one of coop, cocoop"),
+        ({"prompt_method": "soup"}, "unknown prompt method .soup.; choose one of coop, cocoop, plot"),
         ({**preset("nemesis"), "beta": -0.1}, "beta must be between 0 and 1"),
         ({**preset("nemesis"), "positions": 17}, "positions"),
         ({**preset("nemesis"), "weight": -1}, "weight must be 0 or more"),
@@ -271,7 +271,7 @@ def test_existing_run_and_changed_options_are_refused(pets, tmp_path):
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--method", "plot"], "unknown method 'plot'"),
+        (["--method", "soup"], "unknown method 'soup'"),
         (["--method", "nemesis", "--beta", "1.5"], "beta must be between 0 and 1"),
         (["--method", "nemesis", "--positions", "5"], "positions (NP) must be between 1 and n_ctx = 4"),
         (["--method", "nemesis", "--positions", "0"], "positions"),

@@ -1,7 +1,8 @@
 """PLOT (Chen et al., ICLR 2023): N learned prompts per class matched to an image's local features by
 optimal transport; the official Nemesis release trains it with PUN/PAN as `PLOTNemesis`.
 
-The learner is `nemesis.methods.plot.learner.PLOTLearner`; this module holds its options and spec.
+The learner is `nemesis.methods.plot.learner.PLOTLearner`; this module holds its options and spec
+(light: no torch, as every method's spec).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from ...constants import CTX_TENSOR
 from ...errors import NemesisError, choice
 from ..base import MethodSpec, TrainingDefaults
 from ..coop import check_prompt_length
-from .transport import OFFICIAL, STOPPING_RULES
 
+# Sinkhorn's stopping rules (`transport`): the official one per batch of images, or each pair converged.
+OFFICIAL, CONVERGED = "official", "converged"
+STOPPING_RULES = (OFFICIAL, CONVERGED)
 ALL_TOKENS, SPATIAL_TOKENS = "all", "spatial"  # the official Nemesis code's 50 tokens; the PLOT authors' 49
 IMAGE_TOKENS = (ALL_TOKENS, SPATIAL_TOKENS)
 OFFICIAL_TEST_BATCH = 100  # Dassl's test batch: one official Sinkhorn run per 100 test images

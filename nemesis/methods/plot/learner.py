@@ -19,8 +19,8 @@ from ...model.clip_models import Backbone
 from ...model.text_encoder import DEFAULT_TOKEN_BUDGET
 from ...tensors import WHOLE_CTX, CorruptionSite
 from ..coop.learner import PromptLearner
-from . import ALL_TOKENS, OFFICIAL_TEST_BATCH, SPATIAL_TOKENS
-from .transport import OFFICIAL, transport_scores
+from . import ALL_TOKENS, OFFICIAL, OFFICIAL_TEST_BATCH, SPATIAL_TOKENS
+from .transport import transport_scores
 
 SIMILARITY_BUDGET = 2**26  # entries of the similarity tensor of one pass (256 MiB in fp32), variants side by side
 

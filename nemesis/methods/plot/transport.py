@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-OFFICIAL, CONVERGED = "official", "converged"
-STOPPING_RULES = (OFFICIAL, CONVERGED)
+from . import OFFICIAL
+
 EPSILON = 0.1  # the kernel's temperature, the official value
 OFFICIAL_THRESHOLD, OFFICIAL_ITERATIONS = 1e-2, 100
 CONVERGED_THRESHOLD, CONVERGED_ITERATIONS = 1e-6, 1000
