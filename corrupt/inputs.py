@@ -33,7 +33,7 @@ from nemesis.errors import NemesisError
 from nemesis.evaluation.evaluate import EvaluationTarget, resolve_target
 from nemesis.files.checkpoint import PromptCheckpoint, load_checkpoint
 from nemesis.files.coop_paths import identity_from_path
-from nemesis.methods.protocol import WHOLE_CTX, CorruptionSite, prompt_method
+from nemesis.methods.protocol import WHOLE_CTX, CorruptionSite
 from nemesis.model.backbone import check_pretrained, model_config
 from nemesis.penalties import uses_nemesis
 
@@ -242,15 +242,17 @@ def resolve_inputs(
     dataset: str | None = None,
     activation: str | None = None,
     ctx_init: str | None = None,
+    prompt_method: str | None = None,
 ) -> list[SweepInput]:
     """Every checkpoint among `paths`, loaded once to check it and resolve its identity (no model is built).
+    `prompt_method` names the method of Dassl files and refuses our files of another (as `nemesis eval`).
 
     Bad input (a missing file, an unknown model or dataset, a width that does not fit the model)
     raises a NemesisError here, before any sweep work starts. The same file named twice counts once.
     """
     inputs: dict[Path, SweepInput] = {}
     for location in find_checkpoints(paths):
-        checkpoint = load_checkpoint(location, epoch)
+        checkpoint = load_checkpoint(location, epoch, prompt_method)
         file = Path(checkpoint.path).resolve()  # one name per file, so reruns find its cells
         if file in inputs:
             continue
@@ -264,7 +266,7 @@ def resolve_inputs(
             class_specific=checkpoint.class_specific,
             n_classes=checkpoint.ctx.shape[0] if checkpoint.class_specific else None,
             magnitude=checkpoint.ctx.abs().reshape(-1, *checkpoint.ctx.shape[-2:]).amax(0),  # [M, W]
-            sites=tuple(prompt_method(checkpoint.prompt_method).corruption_sites_for(tuple(checkpoint.ctx.shape))),
+            sites=tuple(checkpoint.spec.learner_class().corruption_sites_for(tuple(checkpoint.ctx.shape))),
             target=target,
         )
     return list(inputs.values())

@@ -39,6 +39,7 @@ def sweep(
     dataset: str | None = None,
     activation: str | None = None,
     ctx_init: str | None = None,
+    prompt_method: str | None = None,
     **options: Any,
 ) -> SweepSummary:
     """Corrupt each checkpoint (prompt files, run folders, CoOp output trees) over `grid` (default: the
@@ -60,6 +61,7 @@ def sweep(
         dataset=dataset,
         activation=activation,
         ctx_init=ctx_init,
+        prompt_method=prompt_method,
     )
     root = root if root is not None else runs_root(inputs)  # run folders know where their data was
     return run_sweep_job(inputs, grid, out, root=root, cache_dir=cache_dir, device=device, **options)

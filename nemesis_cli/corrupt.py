@@ -49,6 +49,10 @@ def corrupt(
         bool, Option("--paper-preset", help="REPLACE sigma 0 and RESCALE tau 0.001 at every position.")
     ] = False,
     epoch: Annotated[int | None, Option(help="Epoch of CoOp run folders (default: the latest).")] = None,
+    prompt_method: Annotated[
+        str | None,
+        Option(help="The prompt method: names Dassl files' (e.g. plot), refuses our files of another (default: any)."),
+    ] = None,
 ) -> None:
     """Corrupt every context position of each checkpoint (RESCALE, REPLACE) and re-evaluate on the test split.
 
@@ -88,6 +92,7 @@ def corrupt(
             dataset=dataset,
             activation=activation,
             ctx_init=ctx_init,
+            prompt_method=prompt_method,
             console=console,
         )
     except KeyboardInterrupt:
