@@ -120,6 +120,7 @@ def _resolve_one(
     dataset: str | None,
     activation: str | None,
     ctx_init: str | None,
+    method_options: dict[str, Any] | None = None,
 ) -> tuple[EvaluationTarget, dict[str, Any]]:
     """The checkpoint's evaluation target and the identity its table rows record."""
     metadata = checkpoint.metadata
@@ -131,6 +132,7 @@ def _resolve_one(
         pretrained=pretrained,
         activation=activation,
         ctx_init=ctx_init,
+        method_options=method_options,
         dataset=dataset or (None if metadata.dataset else from_path.dataset),
         shots=None if metadata.shots is not None else from_path.shots,
         seed=None if metadata.seed is not None else from_path.seed,
@@ -243,6 +245,7 @@ def resolve_inputs(
     activation: str | None = None,
     ctx_init: str | None = None,
     prompt_method: str | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> list[SweepInput]:
     """Every checkpoint among `paths`, loaded once to check it and resolve its identity (no model is built).
     `prompt_method` names the method of Dassl files and refuses our files of another (as `nemesis eval`).
@@ -257,7 +260,7 @@ def resolve_inputs(
         if file in inputs:
             continue
         # The identity comes from the path as given: a linked run folder keeps what its tree names.
-        target, identity = _resolve_one(checkpoint, model, pretrained, dataset, activation, ctx_init)
+        target, identity = _resolve_one(checkpoint, model, pretrained, dataset, activation, ctx_init, method_options)
         identity["checkpoint"] = str(file)
         inputs[file] = SweepInput(
             file=file,

@@ -128,3 +128,13 @@ class OneLineErrorsGroup(TyperGroup):
             raise
         except UsageError as error:
             raise _usage_line(error) from None
+
+
+MethodOptionOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--method-option",
+        help="An option of the prompt method as NAME=VALUE, repeatable (PLOT: image_tokens=all|spatial, "
+        "stopping=official|converged, sinkhorn_batch=100).",
+    ),
+]

@@ -9,7 +9,7 @@ import typer
 
 from nemesis.wording import plural
 
-from .common import ActivationOption, CtxInitOption, ModelOption, WeightsOption, reports_errors
+from .common import ActivationOption, CtxInitOption, MethodOptionOption, ModelOption, WeightsOption, reports_errors
 
 if TYPE_CHECKING:  # torch and pandas are imported inside the command, so `--help` answers at once
     from rich.console import Console
@@ -53,6 +53,7 @@ def corrupt(
         str | None,
         Option(help="The prompt method: names Dassl files' (e.g. plot), refuses our files of another (default: any)."),
     ] = None,
+    method_option: MethodOptionOption = None,
 ) -> None:
     """Corrupt every context position of each checkpoint (RESCALE, REPLACE) and re-evaluate on the test split.
 
@@ -72,6 +73,7 @@ def corrupt(
     from corrupt.results import ResultsFile
     from corrupt.sweep import sweep
     from nemesis.atomic import prepare_output
+    from nemesis.methods import option_pairs
 
     # Everything that can be checked is checked before any work, so bad input writes nothing.
     grid = parse_grid(rescale, replace, positions, noise_seeds, paper_preset, op or ())
@@ -93,6 +95,7 @@ def corrupt(
             activation=activation,
             ctx_init=ctx_init,
             prompt_method=prompt_method,
+            method_options=option_pairs(method_option or []),
             console=console,
         )
     except KeyboardInterrupt:

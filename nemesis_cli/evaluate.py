@@ -12,7 +12,7 @@ from nemesis.errors import NemesisError
 from nemesis.training.configs import run_root
 from nemesis.wording import plural
 
-from .common import ActivationOption, CtxInitOption, ModelOption, WeightsOption, reports_errors
+from .common import ActivationOption, CtxInitOption, MethodOptionOption, ModelOption, WeightsOption, reports_errors
 
 Option = typer.Option
 
@@ -54,6 +54,7 @@ def eval_command(
         bool,
         Option("--zero-shot", help="No prompt: CLIP with CoOp's hand-crafted template for the dataset (a baseline)."),
     ] = False,
+    method_option: MethodOptionOption = None,
     save_logits: Annotated[
         Path | None,
         Option(
@@ -83,6 +84,7 @@ def eval_command(
         weights_mismatch,
     )
     from nemesis.files.checkpoint import load_checkpoint
+    from nemesis.methods import option_pairs
 
     if out is not None:
         prepare_output(out)
@@ -118,6 +120,7 @@ def eval_command(
             )
     # Model, dataset and weights of every prompt, resolved and checked once, before any is evaluated or recorded.
     named = dict(model=model, pretrained=pretrained, activation=activation, ctx_init=ctx_init, dataset=dataset)
+    named["method_options"] = option_pairs(method_option or [])
     targets = [resolve_target(prompt, **named, shots=shots, seed=seed, subsample=subsample) for prompt in prompts]
     backbones: dict = {}
     evaluated = []

@@ -10,6 +10,7 @@ import typer
 
 from nemesis.atomic import prepare_output
 from nemesis.constants import RUN_CONFIG
+from nemesis.methods import option_pairs
 from nemesis.training.configs import TrainConfig, ignored_nemesis_options, read_run_config, resume_config
 from nemesis.training.option_files import read_train_options
 
@@ -64,6 +65,14 @@ def train(
     class_specific: Annotated[bool, Option("--class-specific", help="One ctx per class (CoOp's CSC).")] = False,
     class_position: Annotated[
         str | None, Option(help="Class name at the end, middle or front." + _default("class_position"))
+    ] = None,
+    method_option: Annotated[
+        list[str] | None,
+        Option(
+            "--method-option",
+            help="Another option of the method as NAME=VALUE, repeatable (PLOT: n_prompts=4, image_tokens=all|spatial, "
+            "stopping=official|converged).",
+        ),
     ] = None,
     epochs: Annotated[
         int | None, Option(help="Epochs (default: CoOp's, 50 / 100 / 200 for 1 / 2-4 / 8-16 shots; CoCoOp 10).")
@@ -158,6 +167,8 @@ def train(
     given = {name: value for name, value in options.items() if value is not None and value is not False}
     if config is not None:
         given = read_train_options(config) | given
+    if "method_option" in given:  # merged over a config file's, name by name
+        given["method_options"] = given.get("method_options", {}) | option_pairs(given.pop("method_option"))
     runtime = {name: str(given[name]) for name in ("root", "cache_dir") if name in given}
     given |= runtime
     if resume and not tree and (out / RUN_CONFIG).is_file():  # one run folder, continued from its config.json

@@ -76,9 +76,11 @@ def test_a_bad_file_is_one_line_exit_2(tmp_path, text, expected):
 
 def test_values_read_as_the_command_line_takes_them(tmp_path):
     path = tmp_path / "c.yml"
-    path.write_text("lr: 2e-3\nepochs: 3\nclass_specific: true\nseed: [1, 2]\npretrained: none\nnorm: inf\n")
+    path.write_text("lr: 2e-3\nepochs: 3\nclass_specific: true\nseed: [1, 2]\npretrained: none\nnorm: inf\n"
+                    "method_options: {n_prompts: 2}\n")  # fmt: skip
     assert read_train_options(path) == {
         "lr": 0.002, "epochs": 3, "class_specific": True, "seed": "1,2", "pretrained": "none", "norm": "inf",
+        "method_options": {"n_prompts": 2},
     }  # fmt: skip
     record = tmp_path / "config.json"  # a run record of random weights, trained with Nemesis
     recorded = {"prompt_method": "coop", "penalty": "nemesis", "pretrained": None, "nemesis": {"beta": 0.0}}

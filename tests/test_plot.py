@@ -79,7 +79,8 @@ def _plain_scores(learner: PLOTLearner, images: torch.Tensor, ctx: torch.Tensor,
 
 @pytest.mark.parametrize("image_tokens", ["all", "spatial"])
 def test_scores_equal_the_plain_transport_one_run_per_block_of_images(image_tokens):
-    learner = _learner(image_tokens=image_tokens, sinkhorn_batch=4)
+    learner = _learner(sinkhorn_batch=4)
+    learner.image_tokens = image_tokens  # tiny is a ViT, whose spatial tokens PLOT refuses: the arithmetic is the same
     images = _local_features(10)
     variants = torch.stack([learner.ctx.detach(), learner.ctx.detach() * 0.3])  # [K, N, M, W]
     with torch.no_grad():
@@ -177,3 +178,54 @@ def test_plot_files_outside_a_tree_are_told_from_class_specific_coop_by_their_bu
     assert load_checkpoint(bare).prompt_method == "coop"
     named = load_checkpoint(bare, prompt_method="plot")
     assert named.prompt_method == "plot" and named.config == PLOTConfig()
+
+
+# --- PLOT's options from the command line (`--method-option`) ------------------------------------------
+
+
+def test_method_options_train_evaluate_and_refuse_in_one_line(tmp_path):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from nemesis.data.testing import make_coop_folder
+    from nemesis.files.checkpoint import load_prompt
+    from nemesis.training.configs import TrainConfig, read_run_config
+    from nemesis_cli.main import app
+
+    from .conftest import fails_with_one_line
+
+    assert (
+        TrainConfig(dataset="dtd", prompt_method="plot", method_options={"n_prompts": "2"}).prompt_config().n_prompts
+        == 2
+    )
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(2, 1, 3), image_size=28)
+    common = ["--root", str(root), "--device", "cpu"]
+    train = ["train", "--dataset", "oxford_pets", "--method", "plot", "--model", "tiny", "--pretrained", "none",
+             "--shots", "2", "--epochs", "1", "--n-ctx", "4", *common]  # fmt: skip
+    result = CliRunner().invoke(app, [*train, "--method-option", "n_prompts=2", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert load_prompt(tmp_path / "run" / "prompt.safetensors").ctx.shape == (2, 4, 64)
+    assert read_run_config(tmp_path / "run").method_options == {"n_prompts": 2}
+    logits = {}
+    for rule in ("official", "converged"):
+        out = tmp_path / f"{rule}.safetensors"
+        args = [
+            "eval",
+            str(tmp_path / "run"),
+            *common,
+            "--method-option",
+            f"stopping={rule}",
+            "--save-logits",
+            str(out),
+        ]
+        assert CliRunner().invoke(app, args).exit_code == 0
+        logits[rule] = load_file(out)["logits"]
+    assert not torch.allclose(logits["official"], logits["converged"], atol=1e-6)
+    fails_with_one_line([*train, "--method-option", "prompts=2", "--out", str(tmp_path / "x")],
+                        "plot has no option 'prompts'")  # fmt: skip
+    fails_with_one_line([*train, "--method-option", "n_ctx=2", "--out", str(tmp_path / "x")], "--n-ctx has its own")
+    fails_with_one_line([*train, "--method-option", "n_prompts", "--out", str(tmp_path / "x")], "is not NAME=VALUE")
+    fails_with_one_line(["eval", str(tmp_path / "run"), *common, "--method-option", "image_tokens=spatial"],
+                        "spatial image tokens are a ModifiedResNet's grid")  # fmt: skip
+    assert not (tmp_path / "x").exists()

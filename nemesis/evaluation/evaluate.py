@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from ..data.datasets import Dataset, load_dataset
 from ..data.feature_cache import encode_split
 from ..errors import NemesisError, NemesisNote
 from ..files.checkpoint import PromptCheckpoint
+from ..methods import checked_method_options
 from ..methods.protocol import PromptMethod, build_learner
 from ..model.backbone import (
     QUICKGELU_SUFFIX,
@@ -77,6 +78,8 @@ class EvaluationTarget:
     shots: int | None
     seed: int | None
     ctx_init: str | None = None  # an init phrase named for a file that does not record its own
+    # The method's options to evaluate with instead of the recorded ones (`--method-option stopping=converged`)
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def source(self) -> dict[str, Any]:
@@ -115,6 +118,7 @@ def resolve_target(
     subsample: str | None = None,
     activation: Activation | str | None = None,
     ctx_init: str | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> EvaluationTarget:
     """What the checkpoint is and what it is evaluated on, checked against the model: named values win
     over the file's metadata. Every check that needs no data runs here, before any model is built.
@@ -150,7 +154,18 @@ def resolve_target(
         shots=shots if shots is not None else metadata.shots,
         seed=seed if seed is not None else metadata.seed,
         ctx_init=ctx_init,
+        method_options=_evaluation_options(checkpoint, method_options or {}),
     )
+
+
+def _evaluation_options(checkpoint: PromptCheckpoint, options: dict[str, Any]) -> dict[str, Any]:
+    """Options named for evaluation, checked against the method's config as the learner is built with."""
+    options = checked_method_options(checkpoint.spec, options)
+    try:
+        checkpoint.spec.config(**(dataclasses.asdict(checkpoint.config) | options))
+    except TypeError as error:
+        raise NemesisError(f"{checkpoint.path}: {error}") from None
+    return options
 
 
 def _check_init_phrase(checkpoint: PromptCheckpoint, ctx_init: str) -> None:
@@ -237,7 +252,7 @@ def prepare_evaluation(
         data.classnames,
         extra=checkpoint.extra,
         ctx=checkpoint.ctx,
-        **prompt_options(checkpoint, source),
+        **(prompt_options(checkpoint, source) | target.method_options),
     )
     # The learner's first image input decides which kind the cache gives (pooled [N, D], local [N, T, D]).
     inputs = learner.image_inputs[0]

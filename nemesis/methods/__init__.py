@@ -10,6 +10,8 @@ Tables and files written before the two were separate name the pair by one word 
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import NemesisError
@@ -143,3 +145,40 @@ __all__ = [
     "setting_name",
     "split_method",
 ]
+
+
+def checked_method_options(spec: MethodSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """Options of `spec`'s config by field name (`--method-option n_prompts=8`), each as its field's
+    type (text from the command line is converted); a name the method does not take is refused."""
+    hints = typing.get_type_hints(spec.config)
+    checked = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise NemesisError(f"{spec.name} has no option '{name}'; its options: {', '.join(spec.option_names())}")
+        checked[name] = _typed(name, value, hints[name])
+    return checked
+
+
+def option_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    """`["n_prompts=8", "stopping=converged"]` as {name: text}; a pair without "=" is refused."""
+    options = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name.strip():
+            raise NemesisError(f"--method-option '{pair}' is not NAME=VALUE (e.g. --method-option n_prompts=8)")
+        options[name.strip()] = value.strip()
+    return options
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` as an option of type `hint` (int, float, bool, str, or one of them or None)."""
+    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
+    kind = kinds[0] if kinds else str
+    if not isinstance(value, str) or kind is str:
+        return value
+    try:
+        if kind is bool:
+            return {"true": True, "false": False}[value.lower()]
+        return kind(value)
+    except (KeyError, ValueError):
+        raise NemesisError(f"method option {name} must be {kind.__name__}, got '{value}'") from None

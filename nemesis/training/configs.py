@@ -9,16 +9,17 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..choices import Activation, ClassPosition, Norm, Precision, Schedule
 from ..constants import RUN_CONFIG
 from ..data.dataset_records import Subsample, resolve_name
 from ..errors import NemesisError, choice
-from ..methods import DEFAULT_METHOD, method_spec, setting_name, split_method
+from ..methods import DEFAULT_METHOD, checked_method_options, method_spec, setting_name, split_method
 from ..penalties import NO_PENALTY, NemesisConfig, checked_penalty, uses_nemesis
 from ..wording import plural
 from .reporting import NO_REPORTING, reporter_names
@@ -68,6 +69,8 @@ class TrainConfig:
     ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"; None: N(0, 0.02^2)
     class_specific: bool = False  # one ctx per class (CoOp's CSC)
     class_position: str = "end"  # where the class name goes: end, middle or front
+    # The method's other options by name (`--method-option n_prompts=8`; PLOT: n_prompts, image_tokens...)
+    method_options: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None  # None: CoOp's count for the shots (1: 50, 2/4: 100, 8/16: 200, ImageNet 50); CoCoOp 10
     batch_size: int | None = None  # images per step; None: 32 (CoCoOp: 1)
     lr: float = 0.002  # SGD learning rate after warm-up, cosine-annealed over the epochs
@@ -99,6 +102,9 @@ class TrainConfig:
         spec = method_spec(self.prompt_method)
         self.penalty = checked_penalty(self.penalty)
         self._check_prompt_options(spec)
+        self.method_options = checked_method_options(spec, dict(self.method_options or {}))
+        if shared := sorted(set(self.method_options) & set(PROMPT_OPTIONS)):
+            raise NemesisError(f"{', '.join(map(_flag, shared))} has its own option; drop it from --method-option")
         defaults = spec.config()
         if self.n_ctx is None and "n_ctx" in spec.option_names():  # the method's own count and init phrase
             self.ctx_init = getattr(defaults, "ctx_init", None) if self.ctx_init is None else self.ctx_init
@@ -178,7 +184,8 @@ class TrainConfig:
     def prompt_config(self):
         """The prompt method's own config, from the prompt options it takes."""
         spec = method_spec(self.prompt_method)
-        return spec.options(**{name: getattr(self, name) for name in spec.option_names() if hasattr(self, name)})
+        given = {name: getattr(self, name) for name in spec.option_names() if name in PROMPT_OPTIONS}
+        return spec.options(**given, **self.method_options)
 
     def nemesis_config(self) -> NemesisConfig:
         return NemesisConfig(

@@ -32,6 +32,9 @@ def _option_types() -> dict[str, tuple[type, ...]]:
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("prompt_method", "penalty"):
             continue
+        if typing.get_origin(hints[field.name]) is dict:  # method_options: a mapping of its own
+            types[field.name] = (dict,)
+            continue
         kinds = tuple(
             kind for kind in typing.get_args(hints[field.name]) or (hints[field.name],) if kind is not type(None)
         )
@@ -82,6 +85,8 @@ def _checked(key: str, value: Any, kinds: tuple[type, ...], origin: str) -> Any:
     if value is None:
         return None
     for kind in kinds:
+        if kind is dict and isinstance(value, dict):
+            return value
         if kind is bool and isinstance(value, bool):
             return value
         if kind in (int, float) and not isinstance(value, bool):
@@ -94,7 +99,8 @@ def _checked(key: str, value: Any, kinds: tuple[type, ...], origin: str) -> Any:
             return number
         if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
-    wanted = " or ".join({bool: "true/false", int: "a whole number", float: "a number", str: "text"}[k] for k in kinds)
+    names = {bool: "true/false", int: "a whole number", float: "a number", str: "text", dict: "a mapping"}
+    wanted = " or ".join(names[kind] for kind in kinds)
     raise NemesisError(f"{origin}: {key} must be {wanted}, got {value!r}")
 
 

@@ -69,7 +69,8 @@ from .reporting import Reporter, check_reporters, open_reporter
 RESUMABLE_CHANGES = (
     "device", "cache_dir", "toolkit_version", "eval_every", "save_every", "epochs", "report_to",
 )  # fmt: skip
-LATER_OPTIONS = {"crop_scale": 0.08}  # options added after runs were saved: at their default, runs still resume
+# Options added after runs were saved: at their default, those runs still resume.
+LATER_OPTIONS = {"crop_scale": 0.08, "method_options": {}}
 
 
 # ---------------------------------------------------------------------------------------------

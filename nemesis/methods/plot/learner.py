@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 
 from ...constants import LOCAL_FEATURES
 from ...errors import NemesisError
@@ -49,6 +50,10 @@ class PLOTLearner(PromptLearner):
         chunk_size: int | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
     ) -> None:
+        if image_tokens == SPATIAL_TOKENS and not isinstance(clip.model.visual, ModifiedResNet):
+            raise NemesisError(
+                f"PLOT's spatial image tokens are a ModifiedResNet's grid; {clip.name} takes image_tokens=all"
+            )
         self.n_prompts = ctx.shape[0] if ctx is not None else n_prompts
         self.image_tokens, self.stopping, self.sinkhorn_batch = image_tokens, stopping, sinkhorn_batch
         self.norm_penalty_factor = float(self.n_prompts)
