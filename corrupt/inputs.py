@@ -235,6 +235,16 @@ def check_factors(inputs: Sequence[SweepInput], grid: Any) -> None:
                 )
 
 
+def corruption_sites(checkpoint: PromptCheckpoint, all_sites: bool = False) -> tuple[CorruptionSite, ...]:
+    """Where a sweep corrupts the checkpoint's ctx: the sites its method declares, and with `all_sites`
+    the optional ones too (`optional_corruption_sites_for`; PLOT: each prompt alone)."""
+    learner_class, shape = checkpoint.spec.learner_class(), tuple(checkpoint.ctx.shape)
+    sites = list(learner_class.corruption_sites_for(shape))
+    if all_sites and hasattr(learner_class, "optional_corruption_sites_for"):
+        sites += learner_class.optional_corruption_sites_for(shape)
+    return tuple(sites)
+
+
 def resolve_inputs(
     paths: Sequence[str | os.PathLike],
     *,
@@ -246,9 +256,11 @@ def resolve_inputs(
     ctx_init: str | None = None,
     prompt_method: str | None = None,
     method_options: dict[str, Any] | None = None,
+    all_sites: bool = False,
 ) -> list[SweepInput]:
     """Every checkpoint among `paths`, loaded once to check it and resolve its identity (no model is built).
-    `prompt_method` names the method of Dassl files and refuses our files of another (as `nemesis eval`).
+    `prompt_method` names the method of Dassl files and refuses our files of another (as `nemesis eval`);
+    `all_sites` adds the optional corruption sites methods declare.
 
     Bad input (a missing file, an unknown model or dataset, a width that does not fit the model)
     raises a NemesisError here, before any sweep work starts. The same file named twice counts once.
@@ -269,7 +281,7 @@ def resolve_inputs(
             class_specific=checkpoint.class_specific,
             n_classes=checkpoint.ctx.shape[0] if checkpoint.class_specific else None,
             magnitude=checkpoint.ctx.abs().reshape(-1, *checkpoint.ctx.shape[-2:]).amax(0),  # [M, W]
-            sites=tuple(checkpoint.spec.learner_class().corruption_sites_for(tuple(checkpoint.ctx.shape))),
+            sites=corruption_sites(checkpoint, all_sites),
             target=target,
         )
     return list(inputs.values())

@@ -41,6 +41,7 @@ def sweep(
     ctx_init: str | None = None,
     prompt_method: str | None = None,
     method_options: dict[str, Any] | None = None,
+    all_sites: bool = False,
     **options: Any,
 ) -> SweepSummary:
     """Corrupt each checkpoint (prompt files, run folders, CoOp output trees) over `grid` (default: the
@@ -64,6 +65,7 @@ def sweep(
         ctx_init=ctx_init,
         prompt_method=prompt_method,
         method_options=method_options,
+        all_sites=all_sites,
     )
     root = root if root is not None else runs_root(inputs)  # run folders know where their data was
     return run_sweep_job(inputs, grid, out, root=root, cache_dir=cache_dir, device=device, **options)

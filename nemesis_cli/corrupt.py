@@ -54,6 +54,10 @@ def corrupt(
         Option(help="The prompt method: names Dassl files' (e.g. plot), refuses our files of another (default: any)."),
     ] = None,
     method_option: MethodOptionOption = None,
+    all_sites: Annotated[
+        bool,
+        Option("--all-sites", help="Also the optional corruption sites of the method (PLOT: each prompt alone)."),
+    ] = False,
 ) -> None:
     """Corrupt every context position of each checkpoint (RESCALE, REPLACE) and re-evaluate on the test split.
 
@@ -96,6 +100,7 @@ def corrupt(
             ctx_init=ctx_init,
             prompt_method=prompt_method,
             method_options=option_pairs(method_option or []),
+            all_sites=all_sites,
             console=console,
         )
     except KeyboardInterrupt:

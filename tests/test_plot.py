@@ -229,3 +229,31 @@ def test_method_options_train_evaluate_and_refuse_in_one_line(tmp_path):
     fails_with_one_line(["eval", str(tmp_path / "run"), *common, "--method-option", "image_tokens=spatial"],
                         "spatial image tokens are a ModifiedResNet's grid")  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_a_sweep_with_all_sites_corrupts_every_prompt_alone_too(tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from nemesis.data.testing import make_coop_folder
+    from nemesis.files.checkpoint import PromptMetadata, save_prompt
+    from nemesis_cli.main import app
+
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(2, 1, 3), image_size=28)
+    learner = _learner()
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", shots=2, seed=1, prompt_method="plot", epoch=1)
+    save_prompt(tmp_path / "prompt.safetensors", learner.ctx.detach(), metadata)
+    args = ["corrupt", str(tmp_path / "prompt.safetensors"), "--root", str(root), "--pretrained", "none", "--device",
+            "cpu", "--rescale", "0.5", "--positions", "1", "--out", str(tmp_path / "s.parquet")]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--all-sites"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(tmp_path / "s.parquet")
+    corrupted = table[table["op"] == "rescale"]
+    assert sorted(corrupted["site"]) == ["", "prompt 0", "prompt 1", "prompt 2"]  # every prompt, then each alone
+    single = corrupted.set_index("site")
+    assert single.loc["", "norm_after"] < single.loc["", "norm_before"]
+    with torch.no_grad():  # prompt 1 alone: position 1 of that prompt scaled, the others kept
+        variant = learner.ctx.detach().clone()
+        variant[1, 1] *= 0.5
+        assert single.loc["prompt 1", "norm_after"] == pytest.approx(float(variant[1, 1].norm()), rel=1e-5)

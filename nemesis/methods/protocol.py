@@ -28,6 +28,7 @@ class PromptMethod(Protocol):
     members below exist, not their signatures. Optional: `norm_penalty_factor` (a float, default 1)
     multiplies Nemesis's norm penalties on ctx; PLOT sets its prompt count N, as the official
     PLOTNemesis sums the norms over the N prompts where the losses average over ctx's leading axes.
+    Optional: `optional_corruption_sites_for(ctx_shape)`, sites a sweep adds when asked (`--all-sites`).
     """
 
     method: ClassVar[str]  # the registry name (`nemesis.methods.METHODS`), written into prompt files

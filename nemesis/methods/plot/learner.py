@@ -156,6 +156,6 @@ class PLOTLearner(PromptLearner):
         return [WHOLE_CTX]
 
     @classmethod
-    def per_prompt_sites(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
-        """Position j of prompt n alone, one site per prompt (`--plot-prompts`)."""
+    def optional_corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
+        """Position j of prompt n alone, one site per prompt (`nemesis corrupt --all-sites`)."""
         return [CorruptionSite(f"prompt {n}", index=(n,)) for n in range(ctx_shape[0])]
