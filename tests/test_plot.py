@@ -257,3 +257,26 @@ def test_a_sweep_with_all_sites_corrupts_every_prompt_alone_too(tmp_path):
         variant = learner.ctx.detach().clone()
         variant[1, 1] *= 0.5
         assert single.loc["prompt 1", "norm_after"] == pytest.approx(float(variant[1, 1].norm()), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("ctx", "extra", "expected"),
+    [
+        (torch.randn(4, 16, 512) * 0.02, ["--prompt-method", "coop"], "is a plot checkpoint, not coop"),
+        (torch.randn(4, 16, 512) * 0.02, [], "ctx width 512 does not match the text width 64"),
+        (torch.full((4, 16, 64), float("nan")), [], "NaN"),
+    ],
+)
+def test_bad_plot_input_is_one_line(tmp_path, ctx, extra, expected):
+    from safetensors.torch import save_file
+
+    from nemesis.data.testing import make_coop_folder
+
+    from .conftest import fails_with_one_line
+
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(2, 1, 3), image_size=28)
+    header = {"nemesis": '{"format_version": 2, "model": "tiny", "dataset": "oxford_pets", "prompt_method": "plot"}'}
+    save_file({"ctx": ctx}, str(tmp_path / "prompt.safetensors"), metadata=header)  # as given, unchecked
+    args = ["eval", str(tmp_path / "prompt.safetensors"), "--root", str(root), "--pretrained", "none", *extra]
+    fails_with_one_line(args, expected)
