@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
 METHODS = ("coop", "nemesis")
+# PLOT and PLOT+Nemesis beside them, on the first seed only (their sweeps cost 4 text passes a cell).
+PLOT_METHODS = ("plot", "plot-nemesis")
+SWEPT = ("coop", "plot")  # the prompts trained without a penalty: the paper's kind, swept for the LNE
 # Base-to-new: run name -> (method, beta, weight); weight 20 as the paper's best CoCoOp+Nemesis rows.
 BASE_TO_NEW_RUNS = {
     "cocoop": ("cocoop", 1.0, 1.0),
@@ -103,29 +106,31 @@ def run_folder(out_dir: Path, method: str, shots: int, seed: int, settings: Demo
     return grid_run_folder(out_dir / "runs", method, run_config(method, shots, seed, settings))
 
 
+def demo_runs(settings: DemoSettings) -> list[tuple[str, int, int]]:
+    """(method, shots, seed) of every few-shot run: CoOp and Nemesis on every seed, PLOT's on the first."""
+    seeds = {method: settings.seeds for method in METHODS} | {method: settings.seeds[:1] for method in PLOT_METHODS}
+    return [(method, shots, seed) for method in seeds for shots in settings.shots for seed in seeds[method]]
+
+
 def train_runs(out_dir: Path, settings: DemoSettings, console: Console) -> list[Path]:
     folders = []
-    for method in METHODS:
-        for shots in settings.shots:
-            for seed in settings.seeds:
-                folder = run_folder(out_dir, method, shots, seed, settings)
-                folders.append(folder)
-                if (folder / RUN_PROMPT).is_file():
-                    continue  # finished in an earlier demo
-                console.print(f"[bold]train[/bold] {method} {shots}-shot seed {seed}")
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                train(run_config(method, shots, seed, settings), folder, resume=folder.exists())
+    for method, shots, seed in demo_runs(settings):
+        folder = run_folder(out_dir, method, shots, seed, settings)
+        folders.append(folder)
+        if (folder / RUN_PROMPT).is_file():
+            continue  # finished in an earlier demo
+        console.print(f"[bold]train[/bold] {method} {shots}-shot seed {seed}")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        train(run_config(method, shots, seed, settings), folder, resume=folder.exists())
     return folders
 
 
 def sweep_runs(out_dir: Path, runs: list[Path], console: Console) -> Path:
-    coop_runs = [
-        folder for folder in runs if folder.relative_to(out_dir / "runs").parts[1] == "coop"
-    ]  # <dataset>/<method>/
+    swept = [folder for folder in runs if folder.relative_to(out_dir / "runs").parts[1] in SWEPT]  # <dataset>/<method>/
     table = out_dir / "sweep" / "lne.parquet"
     table.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]corrupt[/bold] {len(coop_runs)} CoOp prompts over the default grid")
-    summary = run_sweep(resolve_inputs(coop_runs), parse_grid(), ResultsFile(table), device="cpu", console=console)
+    console.print(f"[bold]corrupt[/bold] {len(swept)} CoOp and PLOT prompts over the default grid")
+    summary = run_sweep(resolve_inputs(swept), parse_grid(), ResultsFile(table), device="cpu", console=console)
     console.print(f"norm-reducing cells that raised accuracy: {summary.reducing_raised} of {len(summary.reducing)}")
     return table
 

@@ -16,15 +16,19 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
         epochs=2, train_views=1, n_ctx=4, shots=(1, 2), seeds=(1, 2), base_to_new_shots=2, base_to_new_epochs=1,
         base_to_new_views=1,
     )  # fmt: skip
-    methods, shots, seeds = ["coop", "nemesis"], [1, 2], [1, 2]
     options = {"model": "tiny", "n_ctx": settings.n_ctx}
-    grid = plan_grid(tmp_path / "demo" / "runs", options, ["fashion_mnist"], methods, shots, seeds)
+    runs = tmp_path / "demo" / "runs"
+    grid = plan_grid(runs, options, ["fashion_mnist"], ["coop", "nemesis"], [1, 2], [1, 2])  # every seed
+    plot = plan_grid(runs, options, ["fashion_mnist"], ["plot", "plot-nemesis"], [1, 2], [1], tree=True)  # the first
     outputs = run_demo(tmp_path / "demo", settings)
-    assert len(outputs.runs) == 2 * 2 * 2
+    assert len(outputs.runs) == 2 * 2 * 2 + 2 * 2
     assert all((run / "prompt.safetensors").is_file() for run in outputs.runs)
     # the demo's runs lie where `nemesis train --out DEMO/runs` with lists puts them
-    assert sorted(outputs.runs) == sorted(run.folder for run in grid.runs)
+    assert sorted(outputs.runs) == sorted(run.folder for run in [*grid.runs, *plot.runs])
     assert outputs.sweep.is_file() and outputs.sweep.with_name("lne.correct.parquet").is_file()
+    import pandas as pd
+
+    assert set(pd.read_parquet(outputs.sweep)["method"]) == {"coop", "plot"}  # the LNE beside CoOp's
     names = {path.name for path in outputs.figures}
     for figure in ("lne_frequency", "lne_degradation", "lne_by_position", "norm_trajectory"):
         assert {f"{figure}.png", f"{figure}.pdf"} <= names
