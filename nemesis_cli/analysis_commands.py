@@ -13,7 +13,15 @@ from analysis.layout import PaperLayout
 from nemesis.atomic import prepare_output
 from nemesis.wording import plural
 
-from .common import ActivationOption, ColumnOption, ModelOption, WeightsOption, WidthOption, reports_errors
+from .common import (
+    ActivationOption,
+    ColumnOption,
+    MethodOptionOption,
+    ModelOption,
+    WeightsOption,
+    WidthOption,
+    reports_errors,
+)
 
 # pandas and matplotlib are imported inside the commands, so `--help` answers at once.
 
@@ -156,6 +164,7 @@ def plot_transport(
     prompt_method: Annotated[
         str | None, typer.Option(help="The prompt method: plot names a PLOT Dassl file (default: any).")
     ] = None,
+    method_option: MethodOptionOption = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder (default: the user cache).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
     width: WidthOption = None,
@@ -167,12 +176,14 @@ def plot_transport(
     """
     import analysis
     from analysis.transport import transport_figure
+    from nemesis.methods import option_pairs
 
     layout = PaperLayout.from_options(width, column)
     prepare_output(out)
     figure = transport_figure(
         checkpoint, image, layout=layout, root=root, cache_dir=cache_dir, device=device, epoch=epoch,
         prompt_method=prompt_method, model=model, pretrained=pretrained, dataset=dataset, activation=activation,
+        method_options=option_pairs(method_option or []),
     )  # fmt: skip
     for path in analysis.save_figure(figure, out):
         typer.echo(f"wrote {path}")

@@ -150,3 +150,14 @@ def test_an_image_out_of_range_is_refused_in_one_line(plot_prompt, data_root, tm
     options = ["--pretrained", "none", "--device", "cpu"]
     fails_with_one_line([*args, "--image", str(n_images), *options], f"its test split has {n_images}")
     fails_with_one_line([*args, "--image", "-1", *options], "images count from 0")
+
+
+def test_method_options_reach_the_plans(plot_prompt, data_root, tmp_path):
+    out = tmp_path / "per-image"
+    args = ["plot-transport", str(plot_prompt), "--image", "3", "--out", str(out), "--root", str(data_root)]
+    options = ["--pretrained", "none", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--method-option", "sinkhorn_batch=1", *options])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "per-image.png").is_file()
+    # tiny is a ViT: PLOT's spatial tokens (a ModifiedResNet's grid) are refused before anything is drawn.
+    fails_with_one_line([*args, "--method-option", "image_tokens=spatial", *options], "ModifiedResNet")
