@@ -1,6 +1,7 @@
 """Analysis of sweeps and training runs: Low-Norm Effect frequency, norm trajectories, figures, reports.
 
-Works on result files and run folders with pandas; needs no model. The public names below are
+Works on result files and run folders with pandas; needs no model, except `transport`, which
+evaluates a PLOT prompt to draw its transport plans. The public names below are
 imported on first use, so the CLI can read `analysis.defaults` without pandas or matplotlib.
 """
 
@@ -43,11 +44,13 @@ _PUBLIC = {
     "plot_frequency_table": "plots",
     "plot_norms": "plots",
     "plot_position_heatmap": "plots",
+    "plot_transport": "transport",
     "position_norm_frame": "trajectories",
     "read_correctness": "results",
     "runs_frame": "results",
     "save_figure": "plots",
     "step_frame": "trajectories",
+    "transport_figure": "transport",
     "unfinished_runs": "tables",
     "write_report": "report",
     "write_table": "tables",

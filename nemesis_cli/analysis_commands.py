@@ -1,4 +1,5 @@
-"""`nemesis plot-frequency`, `nemesis plot-norms`, `nemesis report`: wiring to `analysis`, no logic."""
+"""`nemesis plot-frequency`, `nemesis plot-norms`, `nemesis plot-transport`, `nemesis report`: wiring to
+`analysis`, no logic."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from analysis.layout import PaperLayout
 from nemesis.atomic import prepare_output
 from nemesis.wording import plural
 
-from .common import ColumnOption, WidthOption, reports_errors
+from .common import (
+    ActivationOption,
+    ColumnOption,
+    MethodOptionOption,
+    ModelOption,
+    WeightsOption,
+    WidthOption,
+    reports_errors,
+)
 
 # pandas and matplotlib are imported inside the commands, so `--help` answers at once.
 
@@ -134,6 +143,49 @@ def plot_norms(
     loaded = analysis.load_runs(runs or [])
     paths = analysis.save_figure(analysis.plot_norms(loaded, layout), out)
     for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@reports_errors
+def plot_transport(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A PLOT prompt: our prompt file or run folder, or an official PLOT Dassl file.")
+    ],
+    image: Annotated[int, typer.Option("--image", help="Index of the test image, in the test split's order.")],
+    out: FigureOption = ...,
+    dataset: Annotated[str | None, typer.Option(help="Dataset key (default: the checkpoint's own).")] = None,
+    root: Annotated[
+        Path | None, typer.Option(help="Folder holding the CoOp-format datasets (default: a run folder's own).")
+    ] = None,
+    model: ModelOption = None,
+    pretrained: WeightsOption = None,
+    activation: ActivationOption = None,
+    epoch: Annotated[int | None, typer.Option(help="Epoch of a Dassl run folder (default: the latest).")] = None,
+    prompt_method: Annotated[
+        str | None, typer.Option(help="The prompt method: plot names a PLOT Dassl file (default: any).")
+    ] = None,
+    method_option: MethodOptionOption = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder (default: the user cache).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when available).")] = None,
+    width: WidthOption = None,
+    column: ColumnOption = None,
+) -> None:
+    """Draw a test image's PLOT transport plans for its true and predicted class: one panel per prompt.
+
+    Example: nemesis plot-transport runs/dtd-plot --image 12 --out figures/transport --column single
+    """
+    import analysis
+    from analysis.transport import transport_figure
+    from nemesis.methods import option_pairs
+
+    layout = PaperLayout.from_options(width, column)
+    prepare_output(out)
+    figure = transport_figure(
+        checkpoint, image, layout=layout, root=root, cache_dir=cache_dir, device=device, epoch=epoch,
+        prompt_method=prompt_method, model=model, pretrained=pretrained, dataset=dataset, activation=activation,
+        method_options=option_pairs(method_option or []),
+    )  # fmt: skip
+    for path in analysis.save_figure(figure, out):
         typer.echo(f"wrote {path}")
 
 

@@ -43,7 +43,7 @@ WeightsOption = Annotated[
 ]
 ActivationOption = Annotated[str | None, typer.Option(help=ACTIVATION_HELP)]
 CtxInitOption = Annotated[str | None, typer.Option(help=CTX_INIT_HELP)]
-# The options of every command that draws figures (plot-frequency, plot-norms, report, demo).
+# The options of every command that draws figures (plot-frequency, plot-norms, plot-transport, report, demo).
 WidthOption = Annotated[
     float | None,
     typer.Option(

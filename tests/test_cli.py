@@ -23,7 +23,8 @@ def test_importing_the_cli_loads_no_heavy_library():
 
 def test_every_help_builds_without_heavy_libraries():
     # Building each command's help inspects every option declaration, defaults included.
-    commands = ["train", "eval", "corrupt", "plot-frequency", "plot-norms", "report", "demo", "models"]
+    commands = ["train", "eval", "corrupt", "plot-frequency", "plot-norms", "plot-transport", "report", "demo"]
+    commands += ["models"]
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom nemesis_cli.main import app\n"
         f"for command in {commands!r} + [['prompt', 'info'], ['data', 'check']]:\n"

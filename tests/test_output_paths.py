@@ -3,6 +3,7 @@ location in one line before any work (here: a location below a regular file, unw
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +36,7 @@ def blocked(tmp_path):
         ["corrupt", "missing-checkpoint.safetensors"],
         ["plot-frequency", "missing.parquet"],
         ["plot-norms", "missing-run"],
+        ["plot-transport", "missing-checkpoint.safetensors", "--image", "0"],
         ["report", "missing-run"],
         ["demo"],
         ["prompt", "export-dassl", "missing-checkpoint.safetensors"],
@@ -73,7 +75,7 @@ def test_prepare_output_names_what_is_wrong(tmp_path):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    """What the writing commands read: a data folder, a prompt, a sweep table and a run folder."""
+    """What the writing commands read: a data folder, a CoOp and a PLOT prompt, a sweep table and a run folder."""
     folder = tmp_path_factory.mktemp("inputs")
     make_coop_folder(folder / "data", "oxford_pets", ["red apple", "green leaf", "blue sky"], per_class=(2, 2, 2))
     ctx = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
@@ -81,6 +83,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     return {
         "data": folder / "data",
         "prompt": save_prompt(folder / "prompt.safetensors", ctx, metadata),
+        "plot_prompt": save_prompt(
+            folder / "plot.safetensors", torch.stack([ctx] * 2), dataclasses.replace(metadata, prompt_method="plot")
+        ),
         "sweep": write_sweep(folder / "sweep.parquet", [checkpoint_rows("c", [reducing(gained=1)])]),
         "run": write_run(folder / "runs" / "coop-1", [50.0, 60.0]),
     }
@@ -101,6 +106,7 @@ class _Stub:
         return self.result
 
 
+PLOT_TRANSPORT = ["--image", "0", "--pretrained", "none"]
 TRAIN = ["--model", "tiny", "--pretrained", "none", "--shots", "2", "--n-ctx", "4", "--epochs", "1"]
 # command(inputs) -> arguments without --out, and the file the command writes under --out ("": --out itself)
 WRITING_COMMANDS = {
@@ -112,6 +118,10 @@ WRITING_COMMANDS = {
     ),
     "plot-frequency": (lambda inputs: ["plot-frequency", str(inputs["sweep"])], ".png"),
     "plot-norms": (lambda inputs: ["plot-norms", str(inputs["run"])], ".png"),
+    "plot-transport": (
+        lambda inputs: ["plot-transport", str(inputs["plot_prompt"]), *PLOT_TRANSPORT, *_data(inputs)],
+        ".png",
+    ),
     "report": (lambda inputs: ["report", str(inputs["sweep"])], "lne_frequency.md"),
     "export-dassl": (
         lambda inputs: ["prompt", "export-dassl", str(inputs["prompt"])],

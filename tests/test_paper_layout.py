@@ -158,9 +158,9 @@ def test_layout_options():
         (["--column", "wide"], "error: --column 'wide' is not a column"),
     ],
 )
-@pytest.mark.parametrize("command", ["plot-frequency", "plot-norms", "report", "demo"])
+@pytest.mark.parametrize("command", ["plot-frequency", "plot-norms", "plot-transport", "report", "demo"])
 def test_bad_sizes_are_one_error_line_before_anything_is_written(tmp_path, command, options, expected):
     out = tmp_path / "out"
-    fails_with_one_line([command, str(tmp_path), "--out", str(out), *options] if command != "demo"
-                        else [command, "--out", str(out), *options], expected)  # fmt: skip
+    inputs = {"demo": [], "plot-transport": [str(tmp_path), "--image", "0"]}.get(command, [str(tmp_path)])
+    fails_with_one_line([command, *inputs, "--out", str(out), *options], expected)
     assert not out.exists()

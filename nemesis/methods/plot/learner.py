@@ -21,7 +21,7 @@ from ...model.text_encoder import DEFAULT_TOKEN_BUDGET
 from ...tensors import WHOLE_CTX, CorruptionSite
 from ..coop.learner import PromptLearner
 from . import ALL_TOKENS, OFFICIAL, OFFICIAL_TEST_BATCH, SPATIAL_TOKENS
-from .transport import transport_scores
+from .transport import transport_plans, transport_scores
 
 SIMILARITY_BUDGET = 2**26  # entries of the similarity tensor of one pass (256 MiB in fp32), variants side by side
 
@@ -106,6 +106,11 @@ class PLOTLearner(PromptLearner):
         features = self.encode(flat).float()  # [K * N, n_cls, D]
         return F.normalize(features, dim=-1).reshape(n_variants, self.n_prompts, self.n_classes, -1)
 
+    @property
+    def includes_global_token(self) -> bool:
+        """Whether the transport's image side starts with token 0, the global one (else only spatial tokens)."""
+        return self.image_tokens == ALL_TOKENS
+
     def _tokens(self, image_features: torch.Tensor) -> torch.Tensor:
         """Normalised image tokens [B, T, D] the transport uses: all, or the spatial ones (token 0 dropped)."""
         if image_features.dim() != 3:
@@ -123,10 +128,32 @@ class PLOTLearner(PromptLearner):
         group = max(1, SIMILARITY_BUDGET // per_variant)
         scores = []
         for part in text.split(group):
-            similarities = torch.einsum("btd,kncd->kbctn", tokens, part)  # [k, B, n_cls, T, N]
-            flat = similarities.reshape(part.shape[0], n_images * self.n_classes, n_tokens, self.n_prompts)
-            scores.append(transport_scores(flat, self.stopping).reshape(part.shape[0], n_images, self.n_classes))
+            pairs = self._pair_similarities(tokens, part)  # [k, B * n_cls, T, N]
+            scores.append(transport_scores(pairs, self.stopping).reshape(part.shape[0], n_images, self.n_classes))
         return torch.cat(scores)
+
+    def _pair_similarities(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Cosine similarities [K, B * n_cls, T, N] of normalised tokens [B, T, D] and text [K, N, n_cls, D]:
+        the (image, class) pairs of one Sinkhorn run per variant, image-major."""
+        similarities = torch.einsum("btd,kncd->kbctn", tokens, text)  # [K, B, n_cls, T, N]
+        return similarities.flatten(1, 2)
+
+    def plans(self, image_features: torch.Tensor, image_index: int, classes: list[int]) -> torch.Tensor:
+        """Transport plans [len(classes), T, N] that the learner's own prompt gives image `image_index` of
+        `image_features` [N_img, T_img, D] (the evaluation's order) for `classes`; T counts the tokens the
+        transport uses (`_tokens`).
+
+        The official stopping rule is one decision per run, so the plan is taken from the run evaluation
+        makes: the one over the image's block of `sinkhorn_batch` images and all classes."""
+        n_images = image_features.shape[0]
+        if not 0 <= image_index < n_images:
+            raise NemesisError(f"image {image_index} is not one of the {n_images} images (0 to {n_images - 1})")
+        start = image_index // self.sinkhorn_batch * self.sinkhorn_batch
+        tokens = self._tokens(image_features[start : start + self.sinkhorn_batch])  # the image's block
+        text = self.prompt_features(self.ctx.detach().unsqueeze(0))  # [1, N, n_cls, D]
+        pairs = self._pair_similarities(tokens, text)  # [1, B * n_cls, T, N]
+        block_plans = transport_plans(pairs, self.stopping)[0].unflatten(0, (tokens.shape[0], self.n_classes))
+        return block_plans[image_index - start, list(classes)]  # [len(classes), T, N]
 
     def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
         """Transport similarities [K, B, n_cls] of local features [B, T, D] under K ctx variants, one
