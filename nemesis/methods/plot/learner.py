@@ -23,7 +23,9 @@ from ..coop.learner import PromptLearner
 from . import ALL_TOKENS, OFFICIAL, OFFICIAL_TEST_BATCH, SPATIAL_TOKENS
 from .transport import transport_plans, transport_scores
 
-SIMILARITY_BUDGET = 2**26  # entries of the similarity tensor of one pass (256 MiB in fp32), variants side by side
+# Entries of the similarity tensor of one pass (16 MiB in fp32): variants side by side only while small,
+# as one CPU thread runs a variant's small tensors faster than many variants' large ones (benchmarks/plot.py).
+SIMILARITY_BUDGET = 2**22
 
 
 class PLOTLearner(PromptLearner):
