@@ -39,7 +39,7 @@ test: install fashion-mnist
 lint: install
 	$(BIN)/ruff check .
 
-# The GPU check (benchmarks/gpu_check.py; README "Benchmarks"). The GPU machine has Python 3.12 and
+# The GPU check (tools/gpu_check.py; README "The GPU check"). The GPU machine has Python 3.12 and
 # torch but not open_clip or this typer, and reaches no package index: `make gpu-wheels`, run here,
 # downloads the versions this venv holds into .whl/ (git-ignored; it travels with the checkout), and
 # `make gpu-check` installs them there first (where open_clip is missing). Without CUDA it runs the CPU mode.
@@ -57,5 +57,5 @@ gpu-check:
 	@if ! $(GPU_PYTHON) -c "import open_clip" 2>/dev/null && ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
 		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 			--target $(GPU_SITE) $(GPU_WHEELS)/*.whl; fi
-	PYTHONPATH=$(GPU_SITE):$(CURDIR) HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py \
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(GPU_PYTHON) tools/gpu_check.py \
 		--json gpu-check.json $(GPU_CHECK_ARGS)
