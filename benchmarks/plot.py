@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from support.baseline import imagenet_like_classnames, resident_bytes
+from support.baseline import imagenet_like_classnames, peak_resident_bytes, resident_bytes
 
 from corrupt.engine import evaluate_cells
 from corrupt.grid import parse_grid
@@ -214,14 +214,6 @@ def _largest(batched: torch.Tensor, looped: torch.Tensor) -> float:
 
 
 # --- peak memory at 1,000 classes, in its own process ---------------------------------------------
-
-
-def peak_resident_bytes() -> int:
-    """This process's peak resident set size (Linux's VmHWM). Not `ru_maxrss`: that survives `exec`, so a
-    child started by a large parent would report the parent's peak."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def measure_memory(n_classes: int, images: int) -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from support.baseline import imagenet_like_classnames, resident_bytes, todays_cut_pass
+from support.baseline import imagenet_like_classnames, peak_resident_bytes, resident_bytes, todays_cut_pass
 
 from corrupt.engine import VARIANTS_PER_PASS, evaluate_cells
 from corrupt.grid import parse_grid
@@ -84,7 +83,7 @@ def measure(way: str, n_classes: int, positions: str | None) -> dict:
         variants = torch.stack([corrupt_ctx(ctx, cell) for cell in cells[:per_pass]])
         with torch.inference_mode():
             todays_cut_pass(learner, variants, max_chunks=BEFORE_CHUNKS)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = peak_resident_bytes() - before
         return {"seconds": None, "peak": peak, "correct": [], "cells": per_pass}
     if way == "bare":
         with torch.inference_mode():
@@ -100,7 +99,7 @@ def measure(way: str, n_classes: int, positions: str | None) -> dict:
         correct = evaluate_cells(setup, ctx, cells, VARIANTS_PER_PASS).correct[0]  # the original cell
         seconds = time.process_time() - start
         count = len(cells)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = peak_resident_bytes() - before
     return {"seconds": seconds / count, "peak": peak, "correct": correct.tolist(), "cells": len(cells)}
 
 

@@ -66,6 +66,14 @@ def todays_cut_pass(learner: PromptLearner, ctx_variants: torch.Tensor, max_chun
     return features if max_chunks is not None else features.reshape(n_variants, n_classes, -1)
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident set size (Linux's VmHWM). Not `ru_maxrss`: that survives `exec`, so a
+    child started by a large parent would report the parent's peak."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def resident_bytes() -> int:
     """This process's resident set size now (Linux)."""
     with open("/proc/self/statm") as statm:
