@@ -280,3 +280,37 @@ def test_bad_plot_input_is_one_line(tmp_path, ctx, extra, expected):
     save_file({"ctx": ctx}, str(tmp_path / "prompt.safetensors"), metadata=header)  # as given, unchecked
     args = ["eval", str(tmp_path / "prompt.safetensors"), "--root", str(root), "--pretrained", "none", *extra]
     fails_with_one_line(args, expected)
+
+
+def test_a_sharded_batch_stops_as_the_whole_batch_with_batch_sum():
+    """Two shards of one batch (threads standing in for ranks): with `batch_sum` their Sinkhorn runs stop
+    when the whole batch's would, so their plans are the whole batch's; each on its own, they differ."""
+    import threading
+
+    similarities = torch.rand(1, 8, 5, 4, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    similarities[:, :4] *= 0.05  # a flat shard, which alone would stop after a few iterations
+    whole = transport_plans(similarities, OFFICIAL)
+    shards = [similarities[:, :4], similarities[:, 4:]]
+    barrier, sums, plans = threading.Barrier(2), [None, None], [None, None]
+
+    def batch_sum(index: int):
+        def summed(tensor: torch.Tensor) -> torch.Tensor:
+            sums[index] = tensor.clone()
+            barrier.wait()
+            total = sums[0] + sums[1]
+            barrier.wait()  # both have read before either writes again
+            return total
+
+        return summed
+
+    def run(index: int) -> None:
+        plans[index] = transport_plans(shards[index], OFFICIAL, batch_sum(index))
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.testing.assert_close(torch.cat(plans, dim=1), whole, rtol=1e-6, atol=1e-8)
+    alone = torch.cat([transport_plans(shard, OFFICIAL) for shard in shards], dim=1)
+    assert not torch.allclose(alone, whole, atol=1e-6)

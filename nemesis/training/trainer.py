@@ -14,6 +14,7 @@ logs of `reporting` (tensorboard/, wandb/), fed the rows as metrics.jsonl is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -337,6 +338,19 @@ class _Stepper:
         names = penalty_names(self.config.penalty)
         self.penalties = [PENALTIES[name].build(self.config, self.learner) for name in names]
 
+    @contextlib.contextmanager
+    def _batch_shared(self) -> Iterator[None]:
+        """During a step of a sharded batch, a learner that takes a `batch_sum` (PLOT's Sinkhorn, whose
+        stopping rule averages over the batch) sums over the ranks, so it decides as on the whole batch."""
+        shares = self.ranks.distributed and hasattr(self.learner, "batch_sum")
+        if shares:
+            self.learner.batch_sum = self.ranks.all_reduce_sum
+        try:
+            yield
+        finally:
+            if shares:
+                self.learner.batch_sum = None
+
     def _sum_gradients(self) -> None:
         """Sharded batch: every trained tensor's gradient summed over the ranks (no-op in one process)."""
         for parameter in (self.learner.ctx, *self.learner.extra_parameters().values()):
@@ -379,7 +393,7 @@ class _Stepper:
     ) -> dict:
         learner, ranks = self.learner, self.ranks
         logs = {"norm_loss": 0.0, "alpha": [0.0] * learner.n_ctx}  # a penalty's logs replace these
-        with autocast_policy(self.device, training=self.config.precision).context():
+        with self._batch_shared(), autocast_policy(self.device, training=self.config.precision).context():
             logits = learner.logits(images)  # [B, n_cls]
             if ranks.distributed:
                 cross_entropy = F.cross_entropy(logits, labels, reduction="sum") / batch_size  # this shard's part

@@ -36,6 +36,9 @@ class PLOTLearner(PromptLearner):
     # The official PLOTNemesis sums Nemesis's norm penalties over the N prompts (and averages over
     # positions): N times the penalty of the prompts' mean norms, which is what the losses compute.
     norm_penalty_factor: float
+    # Set by the trainer during a step of a batch sharded over processes: Sinkhorn then stops as it
+    # would on the whole batch (its official rule averages over the batch).
+    batch_sum = None
 
     def __init__(
         self,
@@ -131,7 +134,9 @@ class PLOTLearner(PromptLearner):
         scores = []
         for part in text.split(group):
             pairs = self._pair_similarities(tokens, part)  # [k, B * n_cls, T, N]
-            scores.append(transport_scores(pairs, self.stopping).reshape(part.shape[0], n_images, self.n_classes))
+            scores.append(
+                transport_scores(pairs, self.stopping, self.batch_sum).reshape(part.shape[0], n_images, self.n_classes)
+            )
         return torch.cat(scores)
 
     def _pair_similarities(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -154,7 +159,9 @@ class PLOTLearner(PromptLearner):
         tokens = self._tokens(image_features[start : start + self.sinkhorn_batch])  # the image's block
         text = self.prompt_features(self.ctx.detach().unsqueeze(0))  # [1, N, n_cls, D]
         pairs = self._pair_similarities(tokens, text)  # [1, B * n_cls, T, N]
-        block_plans = transport_plans(pairs, self.stopping)[0].unflatten(0, (tokens.shape[0], self.n_classes))
+        block_plans = transport_plans(pairs, self.stopping, self.batch_sum)[0].unflatten(
+            0, (tokens.shape[0], self.n_classes)
+        )
         return block_plans[image_index - start, list(classes)]  # [len(classes), T, N]
 
     def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:

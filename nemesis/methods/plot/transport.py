@@ -14,20 +14,28 @@ official runs would. `CONVERGED` stops each pair on its own, when its r moves le
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import OFFICIAL
+
+BatchSum = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the processes sharing one batch
 
 EPSILON = 0.1  # the kernel's temperature, the official value
 OFFICIAL_THRESHOLD, OFFICIAL_ITERATIONS = 1e-2, 100
 CONVERGED_THRESHOLD, CONVERGED_ITERATIONS = 1e-6, 1000
 
 
-def transport_plans(similarities: torch.Tensor, rule: str = OFFICIAL) -> torch.Tensor:
+def transport_plans(
+    similarities: torch.Tensor, rule: str = OFFICIAL, batch_sum: BatchSum | None = None
+) -> torch.Tensor:
     """Plans [K, P, T, N] for the cosine similarities [K, P, T, N] of K variants x P (image, class) pairs.
 
     `OFFICIAL`: each variant's P pairs are one Sinkhorn run with one stopping decision (the mean change
     of r over all its pairs); `CONVERGED`: each pair stops on its own. Computed in fp32, without gradient.
+    `batch_sum`: the batch is sharded over processes (torchrun), and the official decision is taken over
+    the whole batch, as one process would take it: the changes and their count are summed over them.
     """
     with torch.no_grad(), torch.autocast(similarities.device.type, enabled=False):
         kernel = torch.exp(-(1.0 - similarities.detach().float()) / EPSILON)  # [K, P, T, N]
@@ -44,7 +52,7 @@ def transport_plans(similarities: torch.Tensor, rule: str = OFFICIAL) -> torch.T
             new_r = u / (kernel @ c.unsqueeze(-1)).squeeze(-1)  # [K, P, T]
             new_c = v / (kernel.transpose(-1, -2) @ new_r.unsqueeze(-1)).squeeze(-1)  # [K, P, N]
             change = (new_r - r).abs()
-            change = change.mean(dim=(1, 2)) if official else change.amax(dim=2)  # [K] or [K, P]
+            change = _batch_mean(change, batch_sum) if official else change.amax(dim=2)  # [K] or [K, P]
             keep = running.reshape((*running.shape, *(1,) * (r.dim() - running.dim())))
             r, c = torch.where(keep, new_r, r), torch.where(keep, new_c, c)
             running = running & ~(change < threshold)
@@ -53,7 +61,18 @@ def transport_plans(similarities: torch.Tensor, rule: str = OFFICIAL) -> torch.T
         return r.unsqueeze(-1) * kernel * c.unsqueeze(-2)  # diag(r) K diag(c)
 
 
-def transport_scores(similarities: torch.Tensor, rule: str = OFFICIAL) -> torch.Tensor:
+def _batch_mean(change: torch.Tensor, batch_sum: BatchSum | None) -> torch.Tensor:
+    """Mean over pairs and tokens [K] of |r - r_prev| [K, P, T], over the whole batch when it is sharded."""
+    if batch_sum is None:
+        return change.mean(dim=(1, 2))
+    totals = torch.cat([change.sum(dim=(1, 2)), change.new_tensor([change[0].numel()])])  # [K + 1]
+    totals = batch_sum(totals)
+    return totals[:-1] / totals[-1]
+
+
+def transport_scores(
+    similarities: torch.Tensor, rule: str = OFFICIAL, batch_sum: BatchSum | None = None
+) -> torch.Tensor:
     """sum(T * sim) [K, P] for similarities [K, P, T, N]; gradients flow through `sim`, not the plan."""
-    plans = transport_plans(similarities, rule)
+    plans = transport_plans(similarities, rule, batch_sum)
     return (plans * similarities.float()).sum(dim=(-2, -1))
