@@ -64,6 +64,7 @@ def test_a_yaml_grid_equals_the_same_grid_from_flags(data_root, tmp_path):  # no
         ("lr: [0.1, 0.2]\n", "lr takes one value; only dataset, method, shots, seed take lists"),
         ("shots: [1, two]\n", "shots must be a whole number, got 'two'"),
         ("- dataset\n", "must hold a mapping"),
+        ("nemesis: 5\n", "nemesis must be a mapping of Nemesis options, got 5"),
         ("dataset: [oxford_pets\n", "is not valid YAML"),
     ],
 )

@@ -66,15 +66,16 @@ def _load(path: Path) -> dict[str, Any]:
     return values
 
 
-def _from_run_record(values: dict[str, Any]) -> dict[str, Any]:
+def _from_run_record(values: dict[str, Any], origin: str) -> dict[str, Any]:
     """A run's config.json as options: method and penalty as `method`, the Nemesis block spread out."""
     values = dict(values)
     values.pop("toolkit_version", None)
     if "prompt_method" in values:
         values["method"] = setting_name(values.pop("prompt_method"), values.pop("penalty", None))
     nemesis = values.pop("nemesis", None)
-    if isinstance(nemesis, dict):
-        values = nemesis | values
+    if nemesis is not None and not isinstance(nemesis, dict):
+        raise NemesisError(f"{origin}: nemesis must be a mapping of Nemesis options, got {nemesis!r}")
+    values = (nemesis or {}) | values
     if "pretrained" in values and values["pretrained"] is None:  # recorded random weights; not given is "openai"
         values["pretrained"] = "none"
     return values
@@ -118,7 +119,7 @@ def read_train_options(path: str | Path, extra: Collection[str] = ()) -> dict[st
     """
     path = Path(path)
     origin = f"--config {path}"
-    values = _from_run_record(_load(path))
+    values = _from_run_record(_load(path), origin)
     types = _option_types() | {name: (str,) for name in extra}
     options = {}
     for key, value in values.items():
