@@ -31,7 +31,14 @@ def test_every_check_holds_on_the_cpu(gpu_check, tmp_path, capsys):
     checks = json.loads(report.read_text())
     marks = {check["name"]: check["ok"] for check in checks}
     assert [name for name, ok in marks.items() if ok is False] == []
-    for part in ("evaluation autocast vs fp32", "sweep LNE decisions", "training --precision amp", "torchrun"):
+    parts = (
+        "evaluation autocast vs fp32",
+        "sweep LNE decisions",
+        "training --precision amp",
+        "torchrun",
+        "PLOT Sinkhorn",
+    )
+    for part in parts:
         assert any(name.startswith(part) and ok for name, ok in marks.items()), part
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith("ok") and "0 of" in out.splitlines()[-1]

@@ -11,7 +11,9 @@ Checks, each marked ok or FAILED (figures are marked "info"):
 - speed: sweep cells per second at 1,000 classes, the text transformer's achieved TFLOP/s (FLOPs of
   the tokens actually run, counted by torch's FlopCounterMode) against the card's dense fp16 peak;
 - peak GPU memory of an ImageNet-size sweep (1,000 classes, 50,000 cached features) and of a
-  training step at batch 32 with 1,000 classes.
+  training step at batch 32 with 1,000 classes;
+- PLOT's batched Sinkhorn: 8 variants side by side equal each variant's own run, in fp32 under
+  evaluation's autocast, and the time of each way.
 
 One summary table on stdout and, with `--json`, a JSON file; exit code 0 only if every check holds.
 `--quick` shrinks everything (the tiny model, 20 classes, 200 features) so the CPU runs it in a minute.
@@ -290,6 +292,35 @@ def memory_checks(size: Size, device: torch.device) -> list[Check]:
     return checks
 
 
+def plot_transport_check(size: Size, device: torch.device) -> list[Check]:
+    """PLOT's batched Sinkhorn: K variants side by side give each variant's own run (official rule), in fp32
+    even under evaluation's autocast; and how long each way takes."""
+    from nemesis.methods.plot.transport import transport_plans
+
+    n_images, n_tokens = (100, 50) if size is FULL else (20, 17)
+    generator = torch.Generator().manual_seed(3)
+    pairs = n_images * size.n_classes
+    similarities = (torch.rand(8, pairs, n_tokens, 4, generator=generator) * 0.6 + 0.1).to(device)  # [K, P, T, N]
+    _synchronize(device)
+    start = time.perf_counter()
+    with autocast_policy(device).context():  # evaluation's fp16 autocast: the transport stays fp32
+        batched = transport_plans(similarities)
+    _synchronize(device)
+    batched_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    alone = torch.cat([transport_plans(similarities[k : k + 1]) for k in range(similarities.shape[0])])
+    _synchronize(device)
+    alone_seconds = time.perf_counter() - start
+    difference = float((batched - alone).abs().max())
+    return [
+        Check("PLOT Sinkhorn, variants side by side vs alone", difference <= 1e-6 and batched.dtype == torch.float32,
+              f"max plan difference {difference:.1e}, {batched.dtype}", {"max_difference": difference}),
+        Check(f"PLOT Sinkhorn speed, 8 variants x {pairs:,} pairs x {n_tokens} tokens", None,
+              f"side by side {batched_seconds:.3f} s, one by one {alone_seconds:.3f} s",
+              {"batched_seconds": batched_seconds, "alone_seconds": alone_seconds}),
+    ]  # fmt: skip
+
+
 def _guarded(name: str, run: Callable[[], list[Check]]) -> list[Check]:
     """A check that raises is a failed check, and the others still run."""
     try:
@@ -303,6 +334,7 @@ PARTS: dict[str, Callable[[Size, torch.device, Path], list[Check]]] = {
     "training": lambda size, device, work: [training_check(size, device, work)],
     "torchrun": lambda size, device, work: [torchrun_check(size, device, work)],
     "memory": lambda size, device, work: memory_checks(size, device),
+    "plot": lambda size, device, work: plot_transport_check(size, device),
 }
 
 
