@@ -26,11 +26,18 @@ SINGLE = PaperLayout.column("single")
 
 
 def _demo_cells() -> pd.DataFrame:
-    """A small sweep shaped like the demo's: one dataset, shots 1-16, three seeds, the default grid
-    (both ops, all their factors) over 16 positions."""
+    """A small sweep shaped like the demo's: one dataset, shots 1-16, CoOp prompts of three seeds and
+    PLOT prompts of the first, the default grid (both ops, all their factors) over 16 positions."""
+    rows = []
+    for method, seeds in (("coop", (1, 2, 3)), ("plot", (1,))):
+        rows += _demo_method_rows(method, seeds)
+    return sweep_frame(rows)
+
+
+def _demo_method_rows(method: str, seeds: tuple[int, ...]) -> list[dict]:
     rows = []
     for shots in (1, 2, 4, 8, 16):
-        for seed in (1, 2, 3):
+        for seed in seeds:
             cells = [
                 reducing(gained=seed, position=position, factor=factor, op=op)
                 if factor < 1
@@ -39,9 +46,9 @@ def _demo_cells() -> pd.DataFrame:
                 for factor in factors
                 for position in range(16)
             ]
-            key = f"fmnist-{shots}-{seed}"
-            rows += checkpoint_rows(key, cells, dataset="fashion_mnist", shots=shots, seed=seed)[0]
-    return sweep_frame(rows)
+            key = f"fmnist-{method}-{shots}-{seed}"
+            rows += checkpoint_rows(key, cells, dataset="fashion_mnist", shots=shots, seed=seed, method=method)[0]
+    return rows
 
 
 def _demo_runs(folder):
@@ -56,11 +63,14 @@ def _demo_runs(folder):
 def _few_shot_averages() -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "method": ["CoOp"] * 5 + ["CoOp+Nemesis (PUN, weight 1)"] * 5,
-            "shots": [1, 2, 4, 8, 16] * 2,
-            "mean": [60.0, 62.0, 66.0, 70.0, 72.0, 61.0, 63.0, 67.0, 70.5, 73.0],
-            "std": [1.0, 0.5, 0.8, 0.3, 0.2] * 2,
-            "seeds": [3] * 10,
+            "method": ["CoOp"] * 5
+            + ["CoOp+Nemesis (PUN, weight 1)"] * 5
+            + ["PLOT"] * 5
+            + ["PLOT+Nemesis (PUN, weight 1)"] * 5,
+            "shots": [1, 2, 4, 8, 16] * 4,
+            "mean": [60.0, 62.0, 66.0, 70.0, 72.0, 61.0, 63.0, 67.0, 70.5, 73.0] + [24.0, 32.0, 33.0, 37.0, 43.0] * 2,
+            "std": [1.0, 0.5, 0.8, 0.3, 0.2] * 2 + [0.0] * 10,
+            "seeds": [3] * 10 + [1] * 10,
         }
     )
 
