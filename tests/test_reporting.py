@@ -21,7 +21,7 @@ from nemesis.training.reporting import check_reporters, reporter_names
 from nemesis.training.trainer import train
 from nemesis_cli.main import app
 
-from .test_trainer import pets, small_config  # noqa: F401  (pets: the data fixture; 4 steps an epoch)
+from .test_trainer import infinite_logits, pets, small_config  # noqa: F401  (pets: the data fixture; 4 steps an epoch)
 
 
 def metrics_rows(folder) -> list[dict]:
@@ -160,16 +160,7 @@ def test_each_run_of_a_grid_has_its_own_events(pets, tmp_path):  # noqa: F811
         assert_same_series(event_series(folder), expected_series(metrics_rows(folder)))
 
 
-def test_a_diverged_run_leaves_no_folder_with_its_events(pets, tmp_path, monkeypatch):  # noqa: F811
-    build = trainer.build_learner
-
-    def build_with_infinite_logits(*args, **kwargs):
-        learner = build(*args, **kwargs)
-        logits = learner.logits
-        learner.logits = lambda images: logits(images) + float("inf")
-        return learner
-
-    monkeypatch.setattr(trainer, "build_learner", build_with_infinite_logits)
+def test_a_diverged_run_leaves_no_folder_with_its_events(pets, tmp_path, infinite_logits):  # noqa: F811
     with pytest.raises(NemesisError, match="diverged in epoch 1"):
         train(small_config(pets, report_to="tensorboard"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()

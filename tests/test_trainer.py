@@ -421,7 +421,9 @@ def test_fp16_with_a_huge_lr_stops_in_one_line(pets, tmp_path, lr, expected):
     assert not out.exists()
 
 
-def test_non_finite_logits_stop_the_run(pets, tmp_path, monkeypatch):
+@pytest.fixture
+def infinite_logits(monkeypatch):
+    """Every learner the trainer builds gives infinite logits: its first step diverges."""
     build = trainer.build_learner
 
     def build_with_infinite_logits(*args, **kwargs):
@@ -431,6 +433,9 @@ def test_non_finite_logits_stop_the_run(pets, tmp_path, monkeypatch):
         return learner
 
     monkeypatch.setattr(trainer, "build_learner", build_with_infinite_logits)
+
+
+def test_non_finite_logits_stop_the_run(pets, tmp_path, infinite_logits):
     with pytest.raises(NemesisError, match="diverged in epoch 1: the logits are no longer finite"):
         train(small_config(pets), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
