@@ -1,9 +1,12 @@
 """The image-feature cache: each split is encoded by the frozen image tower once, then read from disk.
 
 A cache entry is one safetensors file holding `features` (float32, not normalised) and `labels` [N]
-(int64). The features are of one kind (`inputs`): pooled [N, D], or local [N, T, D], one per image
-token (`nemesis.model.local_features`). Local features stay float32 too: stored as float16 they move
-logits at logit scale 100 by more than PLOT's 1e-3 tolerance. An entry's key is the sha256 of
+(int64), written a batch at a time as the images are encoded (`feature_store`). An entry larger than
+`RESIDENT_LIMIT_BYTES` (ImageNet's test split as local features) is not read whole: it comes back as
+`StoredFeatures`, which evaluation walks a block of images at a time. The features are of one kind
+(`inputs`): pooled [N, D], or local [N, T, D], one per image token (`nemesis.model.local_features`).
+Local features stay float32 too: stored as float16 they move logits at logit scale 100 by more than
+PLOT's 1e-3 tolerance. An entry's key is the sha256 of
 everything that decides the numbers: model name, weights identity, preprocessing, precision, dataset,
 split, the exact sample list, the kind when it is not pooled, and for augmented training views the
 view index and seed. Any change gives a new key, never a stale hit.
@@ -11,6 +14,7 @@ view index and seed. Any change gives a new key, never a stale hit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,9 +25,9 @@ import torch
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 
-from ..atomic import atomic_path, file_lock
+from ..atomic import file_lock
 from ..checksum import tensors_sha256
 from ..constants import LOCAL_FEATURES, POOLED_FEATURES, cache_root
 from ..errors import NemesisError
@@ -33,10 +37,23 @@ from ..progress import progress_bar
 from ..wording import plural
 from .augmentation import CROP_SCALE, augment, train_augmentation_description, view_rng
 from .datasets import Dataset, Sample, missing_files
+from .feature_store import (
+    CHECKSUM_KEY,
+    FEATURES,
+    LABELS,
+    EntryWriter,
+    StoredFeatures,
+    entry_layout,
+    file_checksum,
+    read_labels,
+    stored_features,
+    write_entry,
+)
 
-FEATURES = "features"
-LABELS = "labels"
 CACHE_FORMAT_VERSION = 1
+# Entries whose features take more bytes are streamed from disk instead of read whole (a test split of
+# about 10,000 images as RN50 local features; ImageNet's 50,000 are 10 GB).
+RESIDENT_LIMIT_BYTES = 2 * 2**30
 LOCKS_FOLDER = ".locks"  # beside the entries: one lock file per entry, so one process encodes it
 # Images pushed through the image encoder by this process; tests assert a cache hit encodes none.
 encoded_images = 0
@@ -98,9 +115,6 @@ def feature_key(
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-CHECKSUM_KEY = "sha256"  # of the entry's tensors, checked on every read
-
-
 def cache_file(cache_dir: Path, dataset_name: str, split: str, key: str, view: int | None = None) -> Path:
     view_part = "" if view is None else f"-view{view}"
     return cache_dir / f"{dataset_name}-{split}{view_part}-{key}.safetensors"
@@ -113,32 +127,53 @@ def _lock_file(entry: Path) -> Path:
     return folder / f"{entry.name}.lock"
 
 
-def _read_entry(path: Path, samples: list[Sample]) -> torch.Tensor | None:
-    """Cached features of `path`, or None when absent or unreadable (then they are encoded again)."""
+Features = torch.Tensor | StoredFeatures  # what a cache read gives: the tensor, or the entry to stream
+
+
+def _read_entry(path: Path, samples: list[Sample], stream: bool = True) -> Features | None:
+    """Cached features of `path`, or None when absent or unreadable (then they are encoded again).
+    With `stream`, an entry above `RESIDENT_LIMIT_BYTES` comes back as `StoredFeatures`."""
     if not path.is_file():
         return None
+    stored = stored_features(path)
+    if stream and stored is not None and len(stored) * stored.row_bytes > RESIDENT_LIMIT_BYTES:
+        return stored if _stored_entry_is_sound(path, samples) else None
     try:
         with safe_open(str(path), framework="pt") as file:
             checksum = (file.metadata() or {}).get(CHECKSUM_KEY)
-            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
+            # Copied out of the file's memory map: a later change to the file must not change them.
+            tensors = {key: file.get_tensor(key).clone() for key in file.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError):
         return None
     if checksum != tensors_sha256(tensors):
         return None  # damaged (a flipped bit, a zeroed block) or written without a checksum: encoded again
     features, labels = tensors.get(FEATURES), tensors.get(LABELS)
-    expected = torch.tensor([sample.label for sample in samples], dtype=torch.int64)
-    if features is None or labels is None or len(features) != len(samples) or not torch.equal(labels, expected):
+    if features is None or labels is None or len(features) != len(samples) or not torch.equal(labels, _labels(samples)):
         return None
     return features
 
 
-def _write_entry(path: Path, features: torch.Tensor, samples: list[Sample], summary: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    labels = torch.tensor([sample.label for sample in samples], dtype=torch.int64)
-    tensors = {FEATURES: features.float().contiguous(), LABELS: labels}
-    with atomic_path(path) as temporary:
-        metadata = {"nemesis": json.dumps(summary), CHECKSUM_KEY: tensors_sha256(tensors)}
-        save_file(tensors, str(temporary), metadata=metadata)
+# Streamed entries whose checksum this process has checked: (path, size, modification time). A sweep
+# evaluates many prompts on one test split; its gigabytes are read through once, not once a prompt.
+_checked_entries: set[tuple[str, int, int]] = set()
+
+
+def _file_identity(path: Path) -> tuple[str, int, int]:
+    status = path.stat()
+    return str(path.resolve()), status.st_size, status.st_mtime_ns
+
+
+def _stored_entry_is_sound(path: Path, samples: list[Sample]) -> bool:
+    """A streamed entry's checksum (read through a block at a time) and labels, as `_read_entry` checks them."""
+    identity = _file_identity(path)
+    if identity not in _checked_entries:
+        layout = entry_layout(path)
+        recorded = (layout[0].get("__metadata__") or {}).get(CHECKSUM_KEY) if layout else None
+        if recorded is None or recorded != file_checksum(path):
+            return False
+        _checked_entries.add(identity)
+    labels = read_labels(path)
+    return labels is not None and len(labels) == len(samples) and torch.equal(labels, _labels(samples))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,14 +214,15 @@ def _encode(
     dataset: Dataset,
     samples: list[Sample],
     transform: ImageTransform,
-    views: int,
+    writers: list[EntryWriter],
     description: str,
     batch_size: int,
     device: torch.device,
     num_workers: int | None,
     progress: bool,
-) -> torch.Tensor:
-    """Features [views, N, ...] of `samples`, each image transformed into `views` tensors."""
+) -> None:
+    """Encode `samples`, each image transformed into one tensor per writer (view), and append each
+    view's features to its writer batch by batch, so no split is ever held whole."""
     global encoded_images
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
@@ -196,7 +232,6 @@ def _encode(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    chunks = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with progress_bar(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task(description, total=len(samples))
@@ -206,12 +241,11 @@ def _encode(
                 batch, n_views = images.shape[:2]
                 flat = images.flatten(0, 1).to(device, non_blocking=True)  # [B * V, 3, H, W]
                 features = encoder(flat).float().cpu()  # [B * V, ...]
-                chunks.append(features.view(batch, n_views, *features.shape[1:]))  # [B, V, ...]
+                features = features.view(batch, n_views, *features.shape[1:])  # [B, V, ...]
+                for view, writer in enumerate(writers):
+                    writer.append(features[:, view])
                 encoded_images += batch * n_views
                 bar.advance(task, batch)
-    dim = chunks[0].shape[-1] if chunks else 0
-    features = torch.cat(chunks) if chunks else torch.zeros(0, views, dim)  # [N, V, ...]
-    return features.transpose(0, 1).contiguous()  # [V, N, ...]
 
 
 def _inputs_summary(inputs: str) -> dict[str, str]:
@@ -259,13 +293,17 @@ def encode_split(
             return cached, _labels(samples)
         transform = _TestTransform(backbone.preprocess)
         description = f"encoding {dataset.name} {split}"
-        features = _encode(
-            encoder, dataset, samples, transform, 1, description, batch_size, device, num_workers, progress
-        )
         summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name, "split": split}
         summary.update(_inputs_summary(inputs))
-        _write_entry(path, features[0], samples, summary)
-    return features[0], _labels(samples)
+        with write_entry(path, _labels(samples), summary) as writer:
+            _encode(
+                encoder, dataset, samples, transform, [writer], description, batch_size, device, num_workers, progress
+            )
+        _checked_entries.add(_file_identity(path))  # its checksum was computed over the bytes as they were written
+        written = _read_entry(path, samples)
+    if written is None:
+        raise NemesisError(f"the feature cache entry {path} could not be read back after it was written")
+    return written, _labels(samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,12 +371,17 @@ def encode_train_views(
         )
         for view in range(views)
     ]
-    found = {view: _read_entry(path, samples) for view, path in enumerate(paths)}
+    found = {view: _read_entry(path, samples, stream=False) for view, path in enumerate(paths)}  # training holds them
+
+    def summary(view: int) -> dict:
+        return {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name, "split": split,
+                "view": view, "seed": seed, **_inputs_summary(inputs)}  # fmt: skip
+
     if any(features is None for features in found.values()):
         _check_images(dataset, samples)
         with file_lock(_lock_file(paths[0])):  # as in encode_split: one process encodes, the others wait, then read
             found = {
-                view: _read_entry(path, samples) if found[view] is None else found[view]
+                view: _read_entry(path, samples, stream=False) if found[view] is None else found[view]
                 for view, path in enumerate(paths)
             }
             todo = [view for view, features in found.items() if features is None]
@@ -347,21 +390,13 @@ def encode_train_views(
                     backbone.image_size, backbone.image_mean, backbone.image_std, todo, seed, crop_scale
                 )
                 description = f"encoding {dataset.name} {split} x{plural(len(todo), 'view')}"
-                encoded = _encode(
-                    encoder,
-                    dataset,
-                    samples,
-                    transform,
-                    len(todo),
-                    description,
-                    batch_size,
-                    device,
-                    num_workers,
-                    progress,
-                )
-                for position, view in enumerate(todo):
-                    summary = {"model": backbone.name, "weights": backbone.weights_id, "dataset": dataset.name,
-                               "split": split, "view": view, "seed": seed, **_inputs_summary(inputs)}  # fmt: skip
-                    _write_entry(paths[view], encoded[position], samples, summary)
-                    found[view] = encoded[position]
+                with contextlib.ExitStack() as entries:  # every view's entry appears, or none
+                    writers = [
+                        entries.enter_context(write_entry(paths[view], _labels(samples), summary(view)))
+                        for view in todo
+                    ]
+                    _encode(encoder, dataset, samples, transform, writers, description, batch_size, device,
+                            num_workers, progress)  # fmt: skip
+                for view in todo:
+                    found[view] = _read_entry(paths[view], samples, stream=False)
     return torch.stack([found[view] for view in range(views)]), _labels(samples)  # [V, N, ...]

@@ -11,6 +11,8 @@ ctx ("an X-ray of a" is 6 tokens: 4 learned, "of a" frozen), so the prompt reads
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -269,9 +271,12 @@ class PromptLearner(nn.Module):
 
     def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
         """Cosine similarities [K, B, n_cls] of image features [B, D] under K ctx variants."""
-        images = F.normalize(image_features.float(), dim=-1)  # [B, D]
+        return self.scorer(ctx_variants)(image_features)
+
+    def scorer(self, ctx_variants: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`similarities` under K ctx variants as a function of the images, the text encoded once."""
         text = F.normalize(self.encode(ctx_variants).float(), dim=-1)  # [K, n_cls, D]
-        return images @ text.transpose(1, 2)
+        return lambda image_features: F.normalize(image_features.float(), dim=-1) @ text.transpose(1, 2)
 
     def extra_parameters(self) -> dict[str, nn.Parameter]:
         """Learned tensors besides ctx that a checkpoint carries, by checkpoint name: none for CoOp."""

@@ -10,6 +10,8 @@ official code's test batches of 100); training, one per training batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
@@ -167,9 +169,22 @@ class PLOTLearner(PromptLearner):
     def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
         """Transport similarities [K, B, n_cls] of local features [B, T, D] under K ctx variants, one
         Sinkhorn run per `sinkhorn_batch` images in the order given (each variant its own run)."""
+        return self.scorer(ctx_variants)(image_features)
+
+    def scorer(self, ctx_variants: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`similarities` under K ctx variants as a function of the images, the prompts encoded once."""
         text = self.prompt_features(ctx_variants)
-        blocks = image_features.split(self.sinkhorn_batch)
-        return torch.cat([self.transport_similarities(block, text) for block in blocks], dim=1)
+
+        def score(image_features: torch.Tensor) -> torch.Tensor:
+            blocks = image_features.split(self.sinkhorn_batch)
+            return torch.cat([self.transport_similarities(block, text) for block in blocks], dim=1)
+
+        return score
+
+    @property
+    def image_block(self) -> int:
+        """Images scored together: one Sinkhorn run per `sinkhorn_batch` (its stopping rule is the run's)."""
+        return self.sinkhorn_batch
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """Training logits [B, n_cls]: logit scale x transport similarity, one Sinkhorn over the batch;
