@@ -436,7 +436,8 @@ def _command(*args) -> str:
 
 @pytest.mark.parametrize("name", TEST_METHODS)
 def test_every_command_runs_a_method_defined_here(name, data_root, tmp_path):
-    """Registered in this module only: `nemesis train`, `eval`, `corrupt`, `report` and `prompt info` take it."""
+    """Registered in this module only: `nemesis train`, `eval`, `corrupt`, `report`, `prompt info` and
+    `prompt interpret` take it."""
     run, evals, sweep = tmp_path / "run", tmp_path / "evals.jsonl", tmp_path / "sweep.parquet"
     _command(
         "train", "--method", name, "--dataset", "oxford_pets", "--root", data_root, "--model", "tiny",
@@ -455,6 +456,7 @@ def test_every_command_runs_a_method_defined_here(name, data_root, tmp_path):
     few_shot = pd.read_csv(tmp_path / "report" / "few_shot.csv")
     assert set(few_shot["method"]) == {f"{label(name)} (random weights)"}
     assert f"{label(name)} prompt" in _command("prompt", "info", run)
+    assert f"{label(name)} prompt" in _command("prompt", "interpret", run)
 
 
 def test_each_command_reads_and_checks_each_checkpoint_once(data_root, tmp_path, monkeypatch):
