@@ -306,6 +306,25 @@ def test_prompt_file_round_trip(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", methods())
+def test_prompt_interpret_reads_every_vector_of_ctx(name, tmp_path):
+    """`nemesis prompt interpret`: a ctx whose every vector row is the embedding of "a photo of a" reads
+    back as those words at distance 0, in every class or prompt of the method's layout."""
+    learner = _learner(name)
+    tiny = cached_backbone("tiny")
+    words = tiny.model.token_embedding.weight.detach()[tiny.tokenizer.encode("a photo of a")]  # [N_CTX, W]
+    with torch.no_grad():
+        learner.ctx.copy_(words.expand_as(learner.ctx))
+    _saved(learner, tmp_path / "prompt.safetensors")
+    args = ["prompt", "interpret", str(tmp_path / "prompt.safetensors"), "--pretrained", "none", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    nearest = [row for row in json.loads(result.stdout) if row["rank"] == 1]
+    assert len(nearest) == learner.ctx.numel() // learner.ctx.shape[-1]  # every vector of ctx, once
+    assert [row["token"] for row in nearest] == ["a", "photo", "of", "a"] * (len(nearest) // N_CTX)
+    assert {row["distance"] for row in nearest} == {0.0}
+
+
+@pytest.mark.parametrize("name", methods())
 def test_dassl_round_trip(name, tmp_path):
     """`nemesis prompt export-dassl`, read back as a Dassl run folder: the same tensors and method."""
     learner = _learner(name)
