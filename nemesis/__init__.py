@@ -38,6 +38,8 @@ _PUBLIC = {
     "evaluate": "evaluation.evaluate",
     "evaluate_base_to_new": "evaluation.evaluate",
     "resolve_target": "evaluation.evaluate",
+    "interpret_prompt": "evaluation.interpretation",
+    "nearest_tokens": "evaluation.interpretation",
     "pretrained_tiny_weights": "model.tiny",
     "PromptedCLIP": "methods.coop.learner",
     "position_norms": "tensors",

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from nemesis.atomic import prepare_output
 
-from .common import reports_errors
+from .common import ModelOption, WeightsOption, reports_errors
+
+if TYPE_CHECKING:  # torch loads inside the commands, so `--help` answers at once
+    from nemesis.evaluation.interpretation import PromptInterpretation
 
 app = typer.Typer(help="Inspect and convert prompt checkpoints.", no_args_is_help=True)
 
@@ -72,6 +76,71 @@ def _shown(key: str, value: object, source_format: str, model: str | None) -> st
     if value is None and source_format == "dassl":
         return f"{model} (--model; the file does not record it)" if key == "model" and model else "not recorded"
     return str(value)
+
+
+@app.command()
+@reports_errors
+def interpret(
+    checkpoint: CheckpointArgument,
+    topk: Annotated[int, typer.Option(help="Nearest tokens shown per position (CoOp's COOP.md uses 3).")] = 3,
+    model: ModelOption = None,
+    pretrained: WeightsOption = None,
+    epoch: EpochOption = None,
+    prompt_method: MethodOption = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the table as JSON rows instead of the text table.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the table to this file: .json (rows) or .csv.")] = None,
+) -> None:
+    """Show the vocabulary tokens nearest to each context vector (Euclidean distance to the model's token
+    embeddings, as CoOp's interpret_prompt.py) with each position's L2 norm; per class for class-specific
+    ctx, per prompt for PLOT. A token that does not end a word (a BPE piece) is shown with a trailing -.
+
+    Example: nemesis prompt interpret output/oxford_pets/CoOp/rn50_16shots/nctx16_cscFalse_ctpend/seed1
+    --model RN50 --pretrained openai --topk 5
+    """
+    from nemesis.evaluation.interpretation import check_table_path, interpret_prompt, write_table
+
+    if out is not None:
+        check_table_path(out)
+        prepare_output(out)
+    interpretation = interpret_prompt(
+        checkpoint, topk=topk, model=model, pretrained=pretrained, epoch=epoch, prompt_method=prompt_method
+    )
+    if out is not None:
+        write_table(interpretation, out)
+    if json_output:
+        typer.echo(json.dumps(interpretation.records(), indent=1))
+    else:
+        _print_interpretation(interpretation)
+    if out is not None:
+        typer.echo(f"wrote {out}", err=json_output)  # stdout stays one JSON document
+
+
+def _print_interpretation(found: PromptInterpretation) -> None:
+    """One table per class or prompt: position, L2 norm, the nearest tokens with their distances."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from nemesis.evaluation.interpretation import WORD_PIECE_MARK
+
+    console = Console(highlight=False)  # tokens are shown as they are: no markup, no highlighting
+    console.print(Text(str(found.path), style="bold"))
+    console.print(
+        Text(
+            f"{found.label} prompt: ctx shape {found.ctx_shape}; model {found.model}, weights {found.weights_id}; "
+            f"the {found.topk} nearest tokens by Euclidean distance"
+        )
+    )
+    for title, positions in found.blocks():
+        table = Table("position", "L2 norm", "nearest tokens (distance)", title=title)
+        for nearest in positions:
+            tokens = "  ".join(f"{row.shown} ({row.distance:.4f})" for row in nearest)
+            table.add_row(str(nearest[0].position), f"{nearest[0].norm:.4f}", Text(tokens))
+        console.print(table)
+    if any(not row.word_end for row in found.rows):
+        console.print(Text(f"a trailing {WORD_PIECE_MARK} marks a word piece: a token that does not end a word"))
 
 
 @app.command("export-dassl")

@@ -27,7 +27,7 @@ def test_every_help_builds_without_heavy_libraries():
     commands += ["models"]
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom nemesis_cli.main import app\n"
-        f"for command in {commands!r} + [['prompt', 'info'], ['data', 'check']]:\n"
+        f"for command in {commands!r} + [['prompt', 'info'], ['prompt', 'interpret'], ['data', 'check']]:\n"
         "    args = (command if isinstance(command, list) else [command]) + ['--help']\n"
         "    result = CliRunner().invoke(app, args)\n"
         "    assert result.exit_code == 0, (args, result.output)\n"
@@ -37,7 +37,9 @@ def test_every_help_builds_without_heavy_libraries():
     assert loaded == "", f"--help loaded {loaded}"
 
 
-@pytest.mark.parametrize("command", [["train"], ["corrupt"], ["eval"], ["report"], ["prompt", "info"], ["models"]])
+@pytest.mark.parametrize(
+    "command", [["train"], ["corrupt"], ["eval"], ["report"], ["prompt", "info"], ["prompt", "interpret"], ["models"]]
+)
 def test_flags_show_no_value_type_in_help(command):
     result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output

@@ -306,6 +306,25 @@ def test_prompt_file_round_trip(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", methods())
+def test_prompt_interpret_reads_every_vector_of_ctx(name, tmp_path):
+    """`nemesis prompt interpret`: a ctx whose every vector row is the embedding of "a photo of a" reads
+    back as those words at distance 0, in every class or prompt of the method's layout."""
+    learner = _learner(name)
+    tiny = cached_backbone("tiny")
+    words = tiny.model.token_embedding.weight.detach()[tiny.tokenizer.encode("a photo of a")]  # [N_CTX, W]
+    with torch.no_grad():
+        learner.ctx.copy_(words.expand_as(learner.ctx))
+    _saved(learner, tmp_path / "prompt.safetensors")
+    args = ["prompt", "interpret", str(tmp_path / "prompt.safetensors"), "--pretrained", "none", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    nearest = [row for row in json.loads(result.stdout) if row["rank"] == 1]
+    assert len(nearest) == learner.ctx.numel() // learner.ctx.shape[-1]  # every vector of ctx, once
+    assert [row["token"] for row in nearest] == ["a", "photo", "of", "a"] * (len(nearest) // N_CTX)
+    assert {row["distance"] for row in nearest} == {0.0}
+
+
+@pytest.mark.parametrize("name", methods())
 def test_dassl_round_trip(name, tmp_path):
     """`nemesis prompt export-dassl`, read back as a Dassl run folder: the same tensors and method."""
     learner = _learner(name)
@@ -436,7 +455,8 @@ def _command(*args) -> str:
 
 @pytest.mark.parametrize("name", TEST_METHODS)
 def test_every_command_runs_a_method_defined_here(name, data_root, tmp_path):
-    """Registered in this module only: `nemesis train`, `eval`, `corrupt`, `report` and `prompt info` take it."""
+    """Registered in this module only: `nemesis train`, `eval`, `corrupt`, `report`, `prompt info` and
+    `prompt interpret` take it."""
     run, evals, sweep = tmp_path / "run", tmp_path / "evals.jsonl", tmp_path / "sweep.parquet"
     _command(
         "train", "--method", name, "--dataset", "oxford_pets", "--root", data_root, "--model", "tiny",
@@ -455,6 +475,7 @@ def test_every_command_runs_a_method_defined_here(name, data_root, tmp_path):
     few_shot = pd.read_csv(tmp_path / "report" / "few_shot.csv")
     assert set(few_shot["method"]) == {f"{label(name)} (random weights)"}
     assert f"{label(name)} prompt" in _command("prompt", "info", run)
+    assert f"{label(name)} prompt" in _command("prompt", "interpret", run)
 
 
 def test_each_command_reads_and_checks_each_checkpoint_once(data_root, tmp_path, monkeypatch):

@@ -1,1 +1,2 @@
-"""Evaluation: accuracy of a prompt from cached features, metrics, zero-shot baselines."""
+"""Evaluation: accuracy of a prompt from cached features, metrics, zero-shot baselines, and prompts read in words
+(the vocabulary tokens nearest to each context vector)."""
