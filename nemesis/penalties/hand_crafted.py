@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.templates import template_for
+from ..tensors import at_least_fp32
 
 TEXT_CHUNK = 256  # prompts per text pass: ImageNet's 1000 classes in a few passes
 
@@ -24,7 +25,7 @@ def hand_crafted_features(learner, dataset: str, templates: dict[str, str]) -> t
     device = clip.model.logit_scale.device
     with torch.no_grad():
         chunks = [
-            clip.model.encode_text(clip.tokenizer(texts[start : start + TEXT_CHUNK]).to(device)).float()
+            at_least_fp32(clip.model.encode_text(clip.tokenizer(texts[start : start + TEXT_CHUNK]).to(device)))
             for start in range(0, len(texts), TEXT_CHUNK)
         ]
     return F.normalize(torch.cat(chunks), dim=-1)

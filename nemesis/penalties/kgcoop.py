@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.templates import KGCOOP_TEMPLATES
+from ..tensors import at_least_fp32
 from . import KGCOOP, penalty_options
 from .base import PenaltyPart, PenaltyTerm, TrainingStep
 from .hand_crafted import hand_crafted_features
@@ -19,7 +20,7 @@ from .hand_crafted import hand_crafted_features
 
 def knowledge_distance(text_features: torch.Tensor, hand_crafted: torch.Tensor) -> torch.Tensor:
     """1 - mean over classes of cos(t_c, t_c^hand); text [n_cls, D], hand-crafted [n_cls, D] normalised."""
-    cosines = (F.normalize(text_features.float(), dim=-1) * hand_crafted).sum(dim=-1)  # [n_cls]
+    cosines = (F.normalize(at_least_fp32(text_features), dim=-1) * hand_crafted).sum(dim=-1)  # [n_cls]
     return 1.0 - cosines.mean()
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.templates import PROGRAD_TEMPLATES
+from ..tensors import at_least_fp32
 from . import PROGRAD, penalty_options
 from .base import PenaltyPart, PenaltyTerm, TrainingStep
 from .hand_crafted import hand_crafted_features
@@ -23,15 +24,16 @@ from .hand_crafted import hand_crafted_features
 
 def distillation(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-sample distillation terms [B]: T^2 * sum_c -softmax(teacher / T) * log_softmax(logits / T)."""
-    targets = F.softmax(teacher_logits.float() / temperature, dim=-1)
-    return -(targets * F.log_softmax(logits.float() / temperature, dim=-1)).sum(dim=-1) * temperature**2
+    targets = F.softmax(at_least_fp32(teacher_logits) / temperature, dim=-1)
+    return -(targets * F.log_softmax(at_least_fp32(logits) / temperature, dim=-1)).sum(dim=-1) * temperature**2
 
 
 def projected(gradient: torch.Tensor, knowledge: torch.Tensor, strength: float) -> torch.Tensor:
     """`gradient` less `strength` times its component along `knowledge` when they conflict (negative dot
-    product); unchanged otherwise, or when either is zero. Computed in fp32, returned in the gradient's dtype."""
-    g, k = gradient.float(), knowledge.float()
-    unit = k / torch.linalg.vector_norm(k).clamp_min(torch.finfo(torch.float32).tiny)  # 0 stays 0: no conflict
+    product); unchanged otherwise, or when either is zero. Computed in fp32 at least, returned in the
+    gradient's dtype."""
+    g, k = at_least_fp32(gradient), at_least_fp32(knowledge)
+    unit = k / torch.linalg.vector_norm(k).clamp_min(torch.finfo(k.dtype).tiny)  # 0 stays 0: no conflict
     along = (g * unit).sum()
     # A tensor condition, not a Python branch: no device sync per step.
     return torch.where(along < 0, g - strength * along * unit, g).to(gradient.dtype)
@@ -50,8 +52,8 @@ class ProGradTerm(PenaltyTerm):
 
     def teacher_logits(self, learner, images: torch.Tensor) -> torch.Tensor:
         """Zero-shot CLIP's logits [B, n_cls] of image features [B, D]: logit_scale * cos(image, hand-crafted text)."""
-        scale = learner.clip.model.logit_scale.detach().exp().float()
-        return scale * F.normalize(images.detach().float(), dim=-1) @ self.teacher_text.T
+        scale = at_least_fp32(learner.clip.model.logit_scale.detach().exp())
+        return scale * F.normalize(at_least_fp32(images.detach()), dim=-1) @ self.teacher_text.T
 
     def loss(self, step: TrainingStep) -> PenaltyPart:
         """Records g_kl of the whole batch (summed over ranks) for `after_backward`; adds nothing to the loss."""

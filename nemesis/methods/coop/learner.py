@@ -22,7 +22,7 @@ from ...constants import POOLED_FEATURES
 from ...errors import NemesisError
 from ...model.clip_models import Backbone
 from ...model.text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
-from ...tensors import WHOLE_CTX, CorruptionSite, position_norms
+from ...tensors import WHOLE_CTX, CorruptionSite, at_least_fp32, position_norms
 from ...wording import plural
 from . import init_word_count
 
@@ -317,9 +317,9 @@ class PromptedCLIP(nn.Module):
         """Logits [N, n_cls] for image features [N, D]."""
         if text_features is None:
             text_features = self.learner.text_features()
-        image = F.normalize(image_features.float(), dim=-1)
-        text = F.normalize(text_features.float(), dim=-1)
-        return self.logit_scale.exp().float() * image @ text.T
+        image = F.normalize(at_least_fp32(image_features), dim=-1)
+        text = F.normalize(at_least_fp32(text_features), dim=-1)
+        return at_least_fp32(self.logit_scale.exp()) * image @ text.T
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.logits(image_features)
