@@ -11,7 +11,6 @@ import functools
 import json
 from collections import OrderedDict
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -32,6 +31,7 @@ from nemesis.training.trainer import train
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone, fails_with_one_line
+from .test_cocoop_checkpoint import save_as_dassl
 from .test_trainer import CLASSNAMES, pets, small_config  # noqa: F401  (pets: the data fixture)
 
 PETS_TEMPLATE_WORDS = "a type of pet, a photo of a"  # ProGrad's OxfordPets template before the class name
@@ -298,35 +298,16 @@ class _ProGradPromptLearner(torch.nn.Module):
         self.register_buffer("token_suffix", torch.randn(n_cls, 77 - 1 - 16, width))
 
 
-def _save_as_dassl(folder, learner: torch.nn.Module, epoch: int):
-    """`prompt_learner/model.pth.tar-<E>` as Dassl's save_checkpoint writes it under PREC fp16."""
-    learner = learner.half()
-    optimizer = torch.optim.SGD(learner.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epoch)
-    learner.ctx.grad = torch.ones_like(learner.ctx)  # KgCoOp trains only ctx
-    optimizer.step()
-    scheduler.step()
-    content = {
-        "state_dict": learner.state_dict(),
-        "epoch": epoch,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": {"successor": scheduler, "warmup_epoch": 1, "cons_lr": 1e-5, "last_epoch": epoch},
-        "val_result": np.float64(71.3),
-    }
-    path = folder / "prompt_learner" / f"model.pth.tar-{epoch}"
-    path.parent.mkdir(parents=True)
-    torch.save(content, path)
-    return path, learner.state_dict()
-
-
 @pytest.fixture
 def official(tmp_path):
     """A KgCoOp base-to-new tree (its scripts' `shots_<K>_<w>` folder) and a ProGrad few-shot tree."""
     backbone = cached_backbone("tiny")
     kgcoop = tmp_path / "output/base2new/train_base/oxford_pets/shots_4_8.0/KgCoOp/vit_b16_ep100_ctxv1/seed1"
     prograd = tmp_path / "output/oxford_pets/ProGrad/rn50_4shots/nctx16_cscFalse_ctpend/seed2"
-    kgcoop_file, kgcoop_state = _save_as_dassl(kgcoop, _KgCoOpPromptLearner(backbone, 2), 100)
-    prograd_file, prograd_state = _save_as_dassl(prograd, _ProGradPromptLearner(backbone, 4), 100)
+    # under PREC fp16 (both trainers' default), fp16 tensors
+    kgcoop_file, kgcoop_learner = save_as_dassl(kgcoop, _KgCoOpPromptLearner(backbone, 2).half(), 100)
+    prograd_file, prograd_learner = save_as_dassl(prograd, _ProGradPromptLearner(backbone, 4).half(), 100)
+    kgcoop_state, prograd_state = kgcoop_learner.state_dict(), prograd_learner.state_dict()
     assert set(kgcoop_state) == {"ctx", "bias_vectors", "token_prefix", "token_suffix",
                                  "meta_net.linear1.weight", "meta_net.linear1.bias"}  # fmt: skip
     return {"kgcoop": (kgcoop, kgcoop_file, kgcoop_state), "prograd": (prograd, prograd_file, prograd_state)}
