@@ -72,9 +72,8 @@ class TrainConfig:
     shots: int = 16  # training images per class, drawn CoOp's way (or read from CoOp's split_fewshot)
     seed: int = 1  # seeds the few-shot draw, ctx initialisation, data order, views and PAN's draws
     prompt_method: str = DEFAULT_METHOD  # the learner, a name registered in nemesis.methods
-    penalty: str = (
-        NO_PENALTY  # none, or penalties joined by "+": nemesis (PUN and PAN, settings below), kgcoop, prograd
-    )
+    # none, or penalties joined by "+": nemesis (PUN and PAN, settings below), kgcoop, prograd
+    penalty: str = NO_PENALTY
     subsample: str = "all"  # classes to train on: all, base or new (base-to-new)
     model: str = "RN50"  # open_clip model name
     pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
