@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import typing
 from enum import Enum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 
 class NemesisError(ValueError):
@@ -26,3 +27,18 @@ def choice(enum: type[Choice], value: object, what: str) -> Choice:
     except ValueError:
         choices = ", ".join(member.value for member in enum)
         raise NemesisError(f"unknown {what} '{value}'; choose one of {choices}") from None
+
+
+def typed_option(what: str, value: Any, hint: Any) -> Any:
+    """An option's `value` as type `hint` (int, float, bool, str, or one of them or None): text from the
+    command line is converted; `what` names it in the error ("method option n_prompts")."""
+    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
+    kind = kinds[0] if kinds else str
+    if not isinstance(value, str) or kind is str:
+        return value
+    try:
+        if kind is bool:
+            return {"true": True, "false": False}[value.lower()]
+        return kind(value)
+    except (KeyError, ValueError):
+        raise NemesisError(f"{what} must be {kind.__name__}, got '{value}'") from None

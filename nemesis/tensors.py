@@ -9,6 +9,12 @@ from typing import ClassVar
 import torch
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in fp32 (half precision is widened), or as it is when wider: fp64 stays fp64, so checks
+    against references can run in double precision."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def position_norms(ctx: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """n_j = ||ctx_j||_p for each position j [M], averaged over all leading axes of ctx [..., M, W]."""
     n_positions = ctx.shape[-2]

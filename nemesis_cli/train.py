@@ -1,4 +1,4 @@
-"""`nemesis train` (CoOp, CoCoOp, their Nemesis variants) and `nemesis pretrain-tiny` (the embedded model)."""
+"""`nemesis train` (CoOp, CoCoOp, PLOT, KgCoOp, ProGrad, their Nemesis variants) and `nemesis pretrain-tiny`."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ def train(
     method: Annotated[
         str | None,
         Option(
-            help="A prompt method (coop, cocoop, plot), <method>+nemesis, or a preset: nemesis (CoOp+Nemesis), pen "
-            "(Nemesis PUN, beta 1), pan (beta 0), cocoop-nemesis; or a list." + _default("prompt_method")
+            help="A prompt method (coop, cocoop, plot), <method>+<penalties> (nemesis, kgcoop, prograd, joined by +), "
+            "or a preset: nemesis (CoOp+Nemesis), pen (Nemesis PUN, beta 1), pan (beta 0), cocoop-nemesis, "
+            "plot-nemesis, kgcoop, kgcoop-nemesis, prograd, prograd-nemesis; or a list." + _default("prompt_method")
         ),
     ] = None,
     model: Annotated[str | None, Option(help="open_clip model." + _default("model"))] = None,
@@ -61,7 +62,13 @@ def train(
     activation: ActivationOption = None,
     subsample: Annotated[str | None, Option(help="Classes: all, base or new." + _default("subsample"))] = None,
     n_ctx: Annotated[int | None, Option(help="Context vectors M (default: 16; CoCoOp: 'a photo of a').")] = None,
-    ctx_init: Annotated[str | None, Option(help="Initialise ctx from these words, e.g. 'a photo of a'.")] = None,
+    ctx_init: Annotated[
+        str | None,
+        Option(
+            help="Initialise ctx from these words, e.g. 'a photo of a'; 'template': the dataset's hand-crafted words "
+            "(ProGrad's)."
+        ),
+    ] = None,
     class_specific: Annotated[bool, Option("--class-specific", help="One ctx per class (CoOp's CSC).")] = False,
     class_position: Annotated[
         str | None, Option(help="Class name at the end, middle or front." + _default("class_position"))
@@ -74,10 +81,19 @@ def train(
             "stopping=official|converged).",
         ),
     ] = None,
-    epochs: Annotated[
-        int | None, Option(help="Epochs (default: CoOp's, 50 / 100 / 200 for 1 / 2-4 / 8-16 shots; CoCoOp 10).")
+    penalty_option: Annotated[
+        list[str] | None,
+        Option(
+            "--penalty-option",
+            help="An option of the run's penalty as NAME=VALUE, repeatable (KgCoOp: kgcoop_weight=8; ProGrad: "
+            "prograd_lambda=1, prograd_temperature=1).",
+        ),
     ] = None,
-    batch_size: Annotated[int | None, Option(help="Images per step (default: 32; CoCoOp 1).")] = None,
+    epochs: Annotated[
+        int | None,
+        Option(help="Epochs (default: CoOp's, 50 / 100 / 200 for 1 / 2-4 / 8-16 shots; CoCoOp 10; KgCoOp 100)."),
+    ] = None,
+    batch_size: Annotated[int | None, Option(help="Images per step (default: 32; CoCoOp 1; KgCoOp 128).")] = None,
     lr: Annotated[float | None, Option(help="SGD learning rate, cosine schedule." + _default("lr"))] = None,
     momentum: Annotated[float | None, Option(help="SGD momentum." + _default("momentum"))] = None,
     weight_decay: Annotated[float | None, Option(help="SGD weight decay." + _default("weight_decay"))] = None,
@@ -144,7 +160,8 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train CoOp, CoCoOp, PLOT or their Nemesis variants on few-shot data and write a run folder, or a grid.
+    """Train CoOp, CoCoOp, PLOT, KgCoOp, ProGrad or their Nemesis variants on few-shot data and write a run
+    folder, or a grid.
 
     Lists (--dataset a,b --shots 1,2,4 --seed 1,2,3 --method coop,pen,pan) train every combination
     in one process, one run folder each under --out; a rerun skips finished runs and resumes the
@@ -169,6 +186,9 @@ def train(
         given = read_train_options(config) | given
     if "method_option" in given:  # merged over a config file's, name by name
         given["method_options"] = given.get("method_options", {}) | option_pairs(given.pop("method_option"))
+    if "penalty_option" in given:
+        pairs = option_pairs(given.pop("penalty_option"), "--penalty-option", "kgcoop_weight=8")
+        given["penalty_options"] = given.get("penalty_options", {}) | pairs
     runtime = {name: str(given[name]) for name in ("root", "cache_dir") if name in given}
     given |= runtime
     if resume and not tree and (out / RUN_CONFIG).is_file():  # one run folder, continued from its config.json

@@ -40,8 +40,12 @@ class _CoCoOpPromptLearner(torch.nn.Module):
 def write_cocoop_dassl_checkpoint(folder, n_cls=5, n_ctx=4, embed_dim=64, width=64, epoch=10, half=True):
     """A checkpoint as Dassl's `save_checkpoint` writes CoCoOp's prompt learner (fp16, PREC "fp16")."""
     learner = _CoCoOpPromptLearner(n_cls, n_ctx, embed_dim, width)
-    if half:
-        learner = learner.half()
+    return save_as_dassl(folder, learner.half() if half else learner, epoch)
+
+
+def save_as_dassl(folder, learner: torch.nn.Module, epoch: int):
+    """`<folder>/prompt_learner/model.pth.tar-<epoch>` as Dassl's `save_checkpoint` writes a prompt learner
+    after a step: its state dict, SGD's and the scheduler's state (pickled objects), a numpy val_result."""
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.002, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epoch)
     for parameter in learner.parameters():

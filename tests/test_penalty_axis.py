@@ -1,11 +1,14 @@
 """The penalty axis takes regularisers besides Nemesis: one registered here adds to the loss or edits
 the gradients, alone or with Nemesis, and files and labels name it (KgCoOp and ProGrad come this way).
+The last tests are the penalties' conformance suite: every registered penalty trains alone and with
+Nemesis, records its settings, and (with an official trainer) reads back from that trainer's tree.
 
 Each check trains one SGD step from the same start with and without the penalty, so the difference
 of the two prompts is known in closed form from the step's learning rate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,9 +16,18 @@ import torch
 
 from nemesis.constants import RUN_METRICS, RUN_PROMPT
 from nemesis.errors import NemesisError
-from nemesis.files.checkpoint import load_prompt
+from nemesis.files.checkpoint import PromptMetadata, export_dassl, load_checkpoint, load_prompt, save_prompt
+from nemesis.methods import method_of_dassl_path
 from nemesis.methods.protocol import build_learner
-from nemesis.penalties import PENALTIES, PenaltySpec, checked_penalty, penalty_label, register_penalty
+from nemesis.penalties import (
+    NEMESIS,
+    PENALTIES,
+    PenaltySpec,
+    checked_penalty,
+    penalty_label,
+    penalty_settings,
+    register_penalty,
+)
 from nemesis.penalties.base import PenaltyPart, PenaltyTerm, TrainingStep
 from nemesis.training.trainer import train
 
@@ -94,3 +106,52 @@ def test_penalty_names_are_checked():
     assert checked_penalty("Ridge+Nemesis") == "ridge+nemesis"
     with pytest.raises(NemesisError, match="unknown penalty 'lasso'"):
         checked_penalty("lasso")
+
+
+# --- conformance: every registered penalty -------------------------------------------------------------------
+
+REGISTERED_PENALTIES = list(PENALTIES)  # at collection: nemesis, kgcoop, prograd
+
+
+def _runs_on(name: str) -> str:
+    methods = PENALTIES[name].methods
+    return methods[0] if methods else "coop"
+
+
+@pytest.mark.parametrize("name", REGISTERED_PENALTIES)
+def test_every_penalty_trains_alone_and_with_nemesis_and_records_itself(pets, tmp_path, name):  # noqa: F811
+    penalties = [name] if name == NEMESIS else [name, f"{name}+{NEMESIS}"]
+    for penalty in penalties:
+        config = small_config(pets, prompt_method=_runs_on(name), penalty=penalty, epochs=1, batch_size=8)
+        train(config, tmp_path / penalty, progress=False)
+        prompt = load_prompt(tmp_path / penalty / RUN_PROMPT)
+        assert prompt.metadata.penalty == penalty and torch.isfinite(prompt.ctx).all()
+        assert prompt.metadata.penalty_config == penalty_settings(config.resolved())
+        expected_label = "".join(f"+{PENALTIES[part].label}" for part in penalty.split("+"))
+        assert penalty_label(penalty) == expected_label
+
+
+def test_penalties_settings_and_options_have_distinct_names():
+    """Prompt files record every penalty's settings in one dict, and `--penalty-option` names are global."""
+    config = small_config("data", penalty="+".join(REGISTERED_PENALTIES))
+    seen: dict[str, str] = {}
+    for name in REGISTERED_PENALTIES:
+        spec = PENALTIES[name]
+        names = set(spec.settings(config) if spec.settings else {})
+        names |= {field.name for field in dataclasses.fields(spec.options)} if spec.options else set()
+        for key in names:
+            assert seen.setdefault(key, name) == name, f"{key} of {name} is also {seen[key]}'s"
+
+
+@pytest.mark.parametrize("name", [name for name in REGISTERED_PENALTIES if PENALTIES[name].dassl is not None])
+def test_a_penalty_trainers_tree_reads_as_its_method_and_penalty(tmp_path, name):
+    """A prompt exported into the penalty's official trainer folder reads back with (method, penalty)."""
+    trainer = PENALTIES[name].dassl
+    ctx = torch.randn(16, 64) * 0.02
+    checkpoint = load_checkpoint(save_prompt(tmp_path / "p.safetensors", ctx, PromptMetadata(prompt_method="coop")))
+    run = tmp_path / "output" / "dtd" / trainer.folder / "rn50_2shots" / "nctx16_cscFalse_ctpend" / "seed3"
+    export_dassl(checkpoint, run, epoch=7)
+    back = load_checkpoint(run)
+    assert (back.prompt_method, back.metadata.penalty) == (trainer.method, name)
+    assert (back.metadata.dataset, back.metadata.shots, back.metadata.seed) == ("dtd", 2, 3)
+    assert method_of_dassl_path(f"{trainer.folder}_Nemesis", True) == (trainer.method, f"{name}+{NEMESIS}")

@@ -1,8 +1,8 @@
 """The zero-shot baseline: CLIP with CoOp's hand-crafted prompt per dataset, no learned context.
 
-The templates are the ones CoOp's zero-shot trainer uses (its `CUSTOM_TEMPLATES`), keyed here by
-CoOp's dataset folder names. The result is recorded like any `nemesis eval` so `nemesis report`
-puts a zero-shot row (0 shots) in its few-shot table.
+The templates are the ones CoOp's zero-shot trainer uses (its `CUSTOM_TEMPLATES`, in
+`nemesis.data.templates`), keyed by CoOp's dataset folder names. The result is recorded like any
+`nemesis eval` so `nemesis report` puts a zero-shot row (0 shots) in its few-shot table.
 """
 
 from __future__ import annotations
@@ -15,34 +15,14 @@ import torch.nn.functional as F
 from ..constants import ZERO_SHOT_METHOD
 from ..data.datasets import Dataset, load_dataset
 from ..data.feature_cache import encode_split
+from ..data.templates import TEMPLATES as TEMPLATES  # re-exported: tests read the zero-shot templates here
+from ..data.templates import template_for
 from ..model.backbone import Backbone, load_clip, resolve_device
 from ..penalties import NO_PENALTY
 from ..precision import autocast_policy
 from .metrics import BASE_TO_NEW, EvaluationResult, macro_f1
 
-DEFAULT_TEMPLATE = "a photo of a {}."
-TEMPLATES = {
-    "oxford_pets": "a photo of a {}, a type of pet.",
-    "oxford_flowers": "a photo of a {}, a type of flower.",
-    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
-    "dtd": "{} texture.",
-    "eurosat": "a centered satellite photo of {}.",
-    "stanford_cars": "a photo of a {}.",
-    "food101": "a photo of {}, a type of food.",
-    "sun397": "a photo of a {}.",
-    "caltech101": "a photo of a {}.",
-    "ucf101": "a photo of a person doing {}.",
-    "imagenet": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenetv2": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
-}
 ZERO_SHOT_LABEL = "Zero-shot CLIP"
-
-
-def template_for(dataset: str) -> str:
-    return TEMPLATES.get(dataset, DEFAULT_TEMPLATE)
 
 
 def zero_shot_evaluate(

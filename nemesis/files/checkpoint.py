@@ -39,7 +39,7 @@ from ..constants import (
 )
 from ..errors import NemesisError
 from ..methods import METHODS, MethodSpec, method_of_dassl_path, method_spec, split_method
-from ..penalties import NO_PENALTY
+from ..penalties import NO_PENALTY, PENALTIES, DasslTrainer, penalty_names
 from ..unpickle import load_torch_file
 from .coop_paths import identity_from_path
 
@@ -503,10 +503,34 @@ def _dassl_method(
     return (fitting or same_names)[0].name
 
 
+def _penalty_trainer(penalty: str | None, state: dict) -> tuple[str | None, DasslTrainer | None]:
+    """(penalty, official trainer) of a Dassl file trained with a penalty: the trainer of the penalty its
+    path names (KgCoOp, ProGrad), else, outside a tree, the one whose marker key the file holds."""
+    for name in penalty_names(penalty or NO_PENALTY):
+        spec = PENALTIES.get(name)
+        if spec is not None and spec.dassl is not None:
+            return penalty, spec.dassl
+    if penalty is None:
+        for spec in PENALTIES.values():
+            if spec.dassl is not None and spec.dassl.marker is not None and spec.dassl.marker in state:
+                return spec.name, spec.dassl
+    return penalty, None
+
+
+def _with_trainer_options(config: Any, trainer: DasslTrainer | None, dataset: str | None) -> Any:
+    """The config with what the official trainer builds its prompts from (ProGrad: its template's words)."""
+    if trainer is None or trainer.prompt_options is None:
+        return config
+    fields = {spec.name for spec in dataclasses.fields(config)}
+    implied = {name: value for name, value in trainer.prompt_options(dataset).items() if name in fields}
+    return dataclasses.replace(config, **implied)
+
+
 def load_dassl(path: str | os.PathLike, prompt_method: str | None = None) -> PromptCheckpoint:
     """Read a Dassl checkpoint file: `state_dict["ctx"]` and the method's other tensors (CoCoOp's
     `meta_net.*`); buffers (`token_prefix`, `token_suffix`) only tell layouts apart, and optimiser
-    state is ignored.
+    state is ignored, as are the unused keys of a penalty's official trainer (KgCoOp's `bias_vectors`
+    and `meta_net.linear1.*`).
 
     The file names nothing else: the method is `prompt_method` when named, else its trainer folder's
     (else its tensors'), and dataset, shots, seed, penalty, classes and class position come from its path.
@@ -518,12 +542,18 @@ def load_dassl(path: str | os.PathLike, prompt_method: str | None = None) -> Pro
         raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
     epoch = content.get("epoch")
     where = identity_from_path(path)
+    trained, penalty = method_of_dassl_path(where.trainer, where.nemesis)
+    penalty, trainer = _penalty_trainer(penalty, state)
+    if trainer is not None:
+        trained = trained or trainer.method
+        state = {name: value for name, value in state.items() if name not in trainer.unused_keys}
     extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(_known_extra_names() & set(state))}
     ctx = _checked(state[CTX_TENSOR], str(path))
-    trained, penalty = method_of_dassl_path(where.trainer, where.nemesis)
     shapes = {name: tuple(tensor.shape) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
     spec = method_spec(_dassl_method(prompt_method or trained, extra, shapes, str(path)))
     config = spec.options_from_dassl(tuple(ctx.shape), where.class_position)
+    if spec.name == trained:  # the trainer's own method: its prompts are built as it builds them
+        config = _with_trainer_options(config, trainer, where.dataset)
     extra = {name: tensor for name, tensor in extra.items() if name in _extra_names(spec, config)}
     _check_declared(spec, config, {CTX_TENSOR: ctx, **extra}, str(path))
     metadata = PromptMetadata(

@@ -1,9 +1,10 @@
 """What CoOp / Dassl output paths say about the run inside them.
 
 CoOp names its trees `output/<dataset>/<Trainer>/<cfg>_<K>shots/nctx<M>_csc<B>_ctp<position>/seed<S>`
-and base-to-new runs `output/base2new/train_base/<dataset>/shots_<K>/<Trainer>/<cfg>/seed<S>`; the
-checkpoint files themselves carry none of it. Read by Dassl checkpoint loading (so `eval`,
-`prompt info` and `corrupt` all see it) and by the readers of CoOp's result logs.
+and base-to-new runs `output/base2new/train_base/<dataset>/shots_<K>/<Trainer>/<cfg>/seed<S>` (KgCoOp's
+scripts: `shots_<K>_<w>`, its weight appended); the checkpoint files themselves carry none of it.
+Read by Dassl checkpoint loading (so `eval`, `prompt info` and `corrupt` all see it) and by the
+readers of CoOp's result logs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..data.dataset_records import DATASET_NAMES
 from ..penalties import NEMESIS
 
 _SHOTS_IN_CONFIG = re.compile(r"(?:^|_)(\d+)shots$")  # CoOp: <cfg>_<K>shots
-_SHOTS_FOLDER = re.compile(r"shots_(\d+)")  # base-to-new: shots_<K>
+_SHOTS_FOLDER = re.compile(r"shots_(\d+)(?:_[0-9.]+)?")  # base-to-new: shots_<K>; KgCoOp's shots_<K>_<w>
 _SEED_FOLDER = re.compile(r"seed(\d+)")
 _CLASS_POSITION = re.compile(r"ctp(end|middle|front)(?![a-z])")  # CoOp: nctx16_cscFalse_ctpend
 BASE_TRAINING_FOLDER = "train_base"  # base-to-new runs train on the base classes

@@ -14,8 +14,9 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import NemesisError
-from ..penalties import NEMESIS, NO_PENALTY, UNKNOWN_PENALTY
+from ..data.templates import TEMPLATE_INIT
+from ..errors import NemesisError, typed_option
+from ..penalties import NEMESIS, NO_PENALTY, PENALTIES, UNKNOWN_PENALTY
 from . import cocoop, coop, plot
 from .base import MethodSpec, TrainingDefaults
 
@@ -41,16 +42,25 @@ def method_spec(name: str) -> MethodSpec:
     return METHODS[name]
 
 
+def _trainer_key(name: str) -> str:
+    """A trainer folder's name in any case, without separators or the official release's Nemesis mark."""
+    return name.lower().replace("_", "").replace("-", "").replace(PENALTY_IN_TRAINER_NAMES, "")
+
+
 def method_from_dassl_trainer(folder: str) -> str | None:
     """The method whose Dassl trainer folder is `folder`, in any case, with or without the official
     release's Nemesis mark ("CoOp", "coop", "CoOp_Nemesis", "NemesisCoOp", "PLOTNemesis")."""
-
-    def key(name: str) -> str:
-        return name.lower().replace("_", "").replace("-", "").replace(PENALTY_IN_TRAINER_NAMES, "")
-
     for spec in METHODS.values():
-        if key(folder) in (key(name) for name in spec.dassl_trainers):
+        if _trainer_key(folder) in (_trainer_key(name) for name in spec.dassl_trainers):
             return spec.name
+    return None
+
+
+def penalty_from_dassl_trainer(folder: str) -> tuple[str, str] | None:
+    """(method, penalty) of a penalty's official trainer folder ("KgCoOp": coop, kgcoop), else None."""
+    for spec in PENALTIES.values():
+        if spec.dassl is not None and _trainer_key(folder) == _trainer_key(spec.dassl.folder):
+            return spec.dassl.method, spec.name
     return None
 
 
@@ -58,8 +68,13 @@ PENALTY_IN_TRAINER_NAMES = "nemesis"  # the official release's trainers: Nemesis
 
 
 def method_of_dassl_path(trainer: str | None, names_nemesis: bool) -> tuple[str | None, str | None]:
-    """(method, penalty) a Dassl output path says: the method of its trainer folder, and Nemesis when a
-    folder names it, no penalty under a known trainer, else not known (None)."""
+    """(method, penalty) a Dassl output path says: the method of its trainer folder (a penalty's trainer,
+    KgCoOp or ProGrad: its method and that penalty), and Nemesis when a folder names it, no penalty under
+    a known trainer, else not known (None)."""
+    trained = penalty_from_dassl_trainer(trainer or "")
+    if trained is not None:
+        method, penalty = trained
+        return method, f"{penalty}+{NEMESIS}" if names_nemesis else penalty
     method = method_from_dassl_trainer(trainer or "")
     if names_nemesis:
         return method, NEMESIS
@@ -73,6 +88,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pan": {"prompt_method": "coop", "penalty": "nemesis", "beta": 0.0},  # PAN only
     "cocoop-nemesis": {"prompt_method": "cocoop", "penalty": "nemesis"},
     "plot-nemesis": {"prompt_method": "plot", "penalty": "nemesis"},
+    # KgCoOp's ctx is always "a photo of a" (its configs' CTX_INIT; batch 128, 100 epochs: the penalty's defaults)
+    "kgcoop": {"prompt_method": "coop", "penalty": "kgcoop", "ctx_init": "a photo of a"},
+    "kgcoop-nemesis": {"prompt_method": "coop", "penalty": "kgcoop+nemesis", "ctx_init": "a photo of a"},
+    # ProGrad's init: the dataset's template words in the last of the 16 vectors, zeros before them
+    "prograd": {
+        "prompt_method": "coop",
+        "penalty": "prograd",
+        "ctx_init": TEMPLATE_INIT,
+        "method_options": {"pad_init": True},
+    },
+    "prograd-nemesis": {
+        "prompt_method": "coop",
+        "penalty": "prograd+nemesis",
+        "ctx_init": TEMPLATE_INIT,
+        "method_options": {"pad_init": True},
+    },
 }
 
 UNKNOWN_METHOD = "unknown"  # records of a prompt whose method is not known
@@ -139,6 +170,7 @@ __all__ = [
     "method_from_dassl_trainer",
     "method_of_dassl_path",
     "method_spec",
+    "penalty_from_dassl_trainer",
     "preset",
     "preset_names",
     "register_method",
@@ -155,30 +187,16 @@ def checked_method_options(spec: MethodSpec, values: dict[str, Any]) -> dict[str
     for name, value in values.items():
         if name not in hints:
             raise NemesisError(f"{spec.name} has no option '{name}'; its options: {', '.join(spec.option_names())}")
-        checked[name] = _typed(name, value, hints[name])
+        checked[name] = typed_option(f"method option {name}", value, hints[name])
     return checked
 
 
-def option_pairs(pairs: Sequence[str]) -> dict[str, str]:
+def option_pairs(pairs: Sequence[str], flag: str = "--method-option", example: str = "n_prompts=8") -> dict[str, str]:
     """`["n_prompts=8", "stopping=converged"]` as {name: text}; a pair without "=" is refused."""
     options = {}
     for pair in pairs:
         name, equals, value = pair.partition("=")
         if not equals or not name.strip():
-            raise NemesisError(f"--method-option '{pair}' is not NAME=VALUE (e.g. --method-option n_prompts=8)")
+            raise NemesisError(f"{flag} '{pair}' is not NAME=VALUE (e.g. {flag} {example})")
         options[name.strip()] = value.strip()
     return options
-
-
-def _typed(name: str, value: Any, hint: Any) -> Any:
-    """`value` as an option of type `hint` (int, float, bool, str, or one of them or None)."""
-    kinds = [kind for kind in typing.get_args(hint) or (hint,) if kind is not type(None)]
-    kind = kinds[0] if kinds else str
-    if not isinstance(value, str) or kind is str:
-        return value
-    try:
-        if kind is bool:
-            return {"true": True, "false": False}[value.lower()]
-        return kind(value)
-    except (KeyError, ValueError):
-        raise NemesisError(f"method option {name} must be {kind.__name__}, got '{value}'") from None

@@ -1,6 +1,6 @@
 """What a penalty gives the trainer at each step: the `PenaltyTerm` interface.
 
-A penalty is one name on the penalty axis ("nemesis"; later "kgcoop", "prograd"). For a run it is
+A penalty is one name on the penalty axis ("nemesis", "kgcoop", "prograd"). For a run it is
 built once into a `PenaltyTerm`; at each step the trainer asks every term of the run for its part
 of the loss and, after the gradients are summed over ranks, lets it edit them. Terms combine: the
 parts add up, and gradient edits run in the order the run names the penalties.
@@ -27,6 +27,16 @@ class TrainingStep:
     # ctx variants [K, ...] -> samples of the whole batch (all ranks) each classifies right [K]
     count_correct: Callable[[torch.Tensor], torch.Tensor]
     random: Callable[[str], torch.Generator]  # this step's random stream for a purpose ("pan")
+    logits: torch.Tensor | None = None  # [B, n_cls] this rank's prompted logits, with their graph (ProGrad)
+    # [n_cls, D] the prompt's text features behind `logits`, when a term reads them (KgCoOp)
+    text_features: torch.Tensor | None = None
+    batch_size: int | None = None  # the whole batch over all ranks (None: this rank's `labels`)
+    # sums a tensor over the ranks sharing the batch (one process: unchanged)
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
+
+    @property
+    def whole_batch(self) -> int:
+        return len(self.labels) if self.batch_size is None else self.batch_size
 
 
 @dataclass
@@ -41,6 +51,9 @@ class PenaltyTerm:
     """One penalty during one run. Subclasses override what they need."""
 
     edits_gradients = False  # True: `after_backward` changes gradients (unscaled first under AMP)
+    # True: the step carries the prompt's text features, from the pass that made the logits (the learner
+    # must have `logits_and_text_features`)
+    reads_text_features = False
 
     def loss(self, step: TrainingStep) -> PenaltyPart | None:
         """This step's part of the loss, or None when the penalty adds none."""

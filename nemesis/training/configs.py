@@ -18,9 +18,21 @@ from .. import __version__
 from ..choices import Activation, ClassPosition, Norm, Precision, Schedule
 from ..constants import RUN_CONFIG
 from ..data.dataset_records import Subsample, resolve_name
+from ..data.templates import TEMPLATE_INIT, init_phrase
 from ..errors import NemesisError, choice
 from ..methods import DEFAULT_METHOD, checked_method_options, method_spec, setting_name, split_method
-from ..penalties import NO_PENALTY, NemesisConfig, checked_penalty, uses_nemesis
+from ..penalties import (
+    NO_PENALTY,
+    PENALTIES,
+    NemesisConfig,
+    check_penalty_method,
+    checked_penalty,
+    checked_penalty_options,
+    penalty_defaults,
+    penalty_names,
+    penalty_options,
+    uses_nemesis,
+)
 from ..wording import plural
 from .reporting import NO_REPORTING, reporter_names
 
@@ -60,19 +72,25 @@ class TrainConfig:
     shots: int = 16  # training images per class, drawn CoOp's way (or read from CoOp's split_fewshot)
     seed: int = 1  # seeds the few-shot draw, ctx initialisation, data order, views and PAN's draws
     prompt_method: str = DEFAULT_METHOD  # the learner, a name registered in nemesis.methods
-    penalty: str = NO_PENALTY  # none, or nemesis (the norm penalties PUN and PAN, settings below)
+    # none, or penalties joined by "+": nemesis (PUN and PAN, settings below), kgcoop, prograd
+    penalty: str = NO_PENALTY
     subsample: str = "all"  # classes to train on: all, base or new (base-to-new)
     model: str = "RN50"  # open_clip model name
     pretrained: str | None = "openai"  # open_clip tag or weights file; None for seeded random weights
     activation: str | None = None  # quickgelu or gelu; None: the weights' own (QuickGELU for OpenAI's)
     n_ctx: int | None = None  # context vectors M (ignored when ctx_init is given); None: 16 (CoCoOp: "a photo of a")
-    ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"; None: N(0, 0.02^2)
+    # words to initialise ctx from, e.g. "a photo of a", or "template": the dataset's hand-crafted words
+    # (ProGrad's); None: N(0, 0.02^2)
+    ctx_init: str | None = None
     class_specific: bool = False  # one ctx per class (CoOp's CSC)
     class_position: str = "end"  # where the class name goes: end, middle or front
     # The method's other options by name (`--method-option n_prompts=8`; PLOT: n_prompts, image_tokens...)
     method_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int | None = None  # None: CoOp's count for the shots (1: 50, 2/4: 100, 8/16: 200, ImageNet 50); CoCoOp 10
-    batch_size: int | None = None  # images per step; None: 32 (CoCoOp: 1)
+    # The penalties' options other than Nemesis's (`--penalty-option kgcoop_weight=8`; prograd_lambda...)
+    penalty_options: dict[str, Any] = field(default_factory=dict)
+    # None: CoOp's count for the shots (1: 50, 2/4: 100, 8/16: 200, ImageNet 50); CoCoOp 10; KgCoOp 100
+    epochs: int | None = None
+    batch_size: int | None = None  # images per step; None: 32 (CoCoOp: 1; KgCoOp: 128)
     lr: float = 0.002  # SGD learning rate after warm-up, cosine-annealed over the epochs
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # SGD weight decay on ctx
@@ -101,6 +119,13 @@ class TrainConfig:
         self.dataset = resolve_name(self.dataset)
         spec = method_spec(self.prompt_method)
         self.penalty = checked_penalty(self.penalty)
+        check_penalty_method(self.penalty, self.prompt_method)
+        self.penalty_options = checked_penalty_options(self.penalty, dict(self.penalty_options or {}))
+        for name in penalty_names(self.penalty):  # each penalty's own checks of its options
+            if PENALTIES[name].options is not None:
+                penalty_options(name, self.penalty_options)
+        if self.ctx_init is not None and self.ctx_init.strip().lower() == TEMPLATE_INIT:
+            self.ctx_init = init_phrase(self.dataset)  # the dataset's hand-crafted words, as ProGrad starts from
         self._check_prompt_options(spec)
         self.method_options = checked_method_options(spec, dict(self.method_options or {}))
         if shared := sorted(set(self.method_options) & set(PROMPT_OPTIONS)):
@@ -109,7 +134,8 @@ class TrainConfig:
         if self.n_ctx is None and "n_ctx" in spec.option_names():  # the method's own count and init phrase
             self.ctx_init = getattr(defaults, "ctx_init", None) if self.ctx_init is None else self.ctx_init
             self.n_ctx = defaults.n_ctx
-        self.batch_size = spec.training.batch_size if self.batch_size is None else self.batch_size
+        if self.batch_size is None:
+            self.batch_size = penalty_defaults(self.penalty).get("batch_size", spec.training.batch_size)
         self.precision = choice(Precision, self.precision, "precision")
         self.subsample = choice(Subsample, self.subsample, "subsample").value
         self.class_position = choice(ClassPosition, self.class_position, "class position").value
@@ -204,7 +230,7 @@ class TrainConfig:
         from ..model.clip_models import resolve_device  # torch, only when a run starts
 
         values = dataclasses.asdict(self)
-        method_epochs = method_spec(self.prompt_method).training.epochs
+        method_epochs = penalty_defaults(self.penalty).get("epochs", method_spec(self.prompt_method).training.epochs)
         values["epochs"] = self.epochs or method_epochs or default_epochs(self.dataset, self.shots)
         values["device"] = resolve_device(self.device)
         if self.uses_nemesis:

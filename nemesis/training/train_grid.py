@@ -31,7 +31,7 @@ from ..constants import RUN_CONFIG, RUN_PROMPT
 from ..data.dataset_records import resolve_name
 from ..distributed import SINGLE_PROCESS, Ranks, rank_device
 from ..errors import NemesisError
-from ..methods import method_spec, preset
+from ..methods import method_spec, preset, setting_name
 from ..wording import plural
 from .configs import TrainConfig, read_run_config
 from .trainer import check_config, check_run_folder, train
@@ -106,14 +106,23 @@ class TrainGrid:
 
 
 def _preset(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What `--method NAME` sets, with the options given; an option given otherwise than the preset sets
+    it is refused (options by name, `method_options`, name by name)."""
     key = name.lower()
     values = preset(key)  # a registered method's name, or a preset of nemesis.methods
     for option, value in values.items():
-        if option in options and options[option] != value:
-            raise NemesisError(
-                f"--method {key} sets {option} {value}, but --{option.replace('_', '-')} {options[option]} was given; "
-                f"drop --{option.replace('_', '-')} or use --method nemesis"
-            )
+        given = options.get(option)
+        if isinstance(value, dict) and isinstance(given, dict):  # --method-option NAME=VALUE, one name each
+            clashes = {name: given[name] for name in value if name in given and given[name] != value[name]}
+            shown = ", ".join(f"--method-option {name}={item}" for name, item in clashes.items())
+            sets = ", ".join(f"{name}={value[name]}" for name in clashes)
+            values[option] = given | value
+        else:
+            clashes = {option: given} if option in options and given != value else {}
+            shown, sets = f"--{option.replace('_', '-')} {given}", f"{option} {value}"
+        if clashes:
+            plain = setting_name(values["prompt_method"], values["penalty"])
+            raise NemesisError(f"--method {key} sets {sets}, but {shown} was given; drop it or use --method {plain}")
     return values
 
 

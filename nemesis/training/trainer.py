@@ -71,7 +71,7 @@ RESUMABLE_CHANGES = (
     "device", "cache_dir", "toolkit_version", "eval_every", "save_every", "epochs", "report_to",
 )  # fmt: skip
 # Options added after runs were saved: at their default, those runs still resume.
-LATER_OPTIONS = {"crop_scale": 0.08, "method_options": {}}
+LATER_OPTIONS = {"crop_scale": 0.08, "method_options": {}, "penalty_options": {}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,8 +357,28 @@ class _Stepper:
             if parameter.grad is not None:
                 self.ranks.all_reduce_sum(parameter.grad)
 
-    def _penalty_parts(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int) -> list[PenaltyPart]:
-        inputs = TrainingStep(
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's logits [B, n_cls], and the prompt's text features [n_cls, D] when a penalty reads them
+        (from the same text pass)."""
+        if any(term.reads_text_features for term in self.penalties):
+            return self.learner.logits_and_text_features(images)
+        return self.learner.logits(images), None
+
+    def _penalty_parts(self, batch: TrainingStep) -> list[PenaltyPart]:
+        return [part for term in self.penalties if (part := term.loss(batch)) is not None]
+
+    def _training_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        logits: torch.Tensor,
+        text_features: torch.Tensor | None,
+        epoch: int,
+        step: int,
+        batch_size: int,
+    ) -> TrainingStep:
+        """What the penalties read of this step; `batch_size` is the whole batch's, over all ranks."""
+        return TrainingStep(
             learner=self.learner,
             images=images,
             labels=labels,
@@ -366,8 +386,11 @@ class _Stepper:
             epochs=self.config.epochs,
             count_correct=_correct_counter(self.learner, images, labels, self.ranks),
             random=lambda purpose: generator(self.config.seed, purpose, step),
+            logits=logits,
+            text_features=text_features,
+            batch_size=batch_size,
+            sum_over_ranks=self.ranks.all_reduce_sum,
         )
-        return [part for term in self.penalties if (part := term.loss(inputs)) is not None]
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -394,13 +417,14 @@ class _Stepper:
         learner, ranks = self.learner, self.ranks
         logs = {"norm_loss": 0.0, "alpha": [0.0] * learner.n_ctx}  # a penalty's logs replace these
         with self._batch_shared(), autocast_policy(self.device, training=self.config.precision).context():
-            logits = learner.logits(images)  # [B, n_cls]
+            logits, text_features = self._forward(images)  # [B, n_cls], [n_cls, D] or None
             if ranks.distributed:
                 cross_entropy = F.cross_entropy(logits, labels, reduction="sum") / batch_size  # this shard's part
             else:
                 cross_entropy = F.cross_entropy(logits, labels)
             loss, penalty_value = cross_entropy, 0.0
-            parts = self._penalty_parts(images, labels, epoch, step)
+            batch = self._training_step(images, labels, logits, text_features, epoch, step, batch_size)
+            parts = self._penalty_parts(batch)
             if parts:
                 penalty = sum(part.value for part in parts)  # 0 + x is x: one penalty adds exactly as before
                 # Every rank holds the same penalty: its gradient once in the sum over ranks.
@@ -431,6 +455,7 @@ class _Stepper:
             "train_acc": 100.0 * float(summed[1]) / batch_size,
             "norms": norms,
             "alpha": logs["alpha"],
+            **{key: value for key, value in logs.items() if key not in ("norm_loss", "alpha")},  # other penalties'
         }
 
 

@@ -51,8 +51,9 @@ def init_suffix(ctx_init: str | None) -> str:
 
 
 def with_init_phrase(cls: type, given: dict[str, Any]) -> Any:
-    """Options over the defaults; an init phrase sets n_ctx to its word count, as in CoOp."""
-    if given.get("ctx_init") and given["ctx_init"].strip():
+    """Options over the defaults; an init phrase sets n_ctx to its word count, as in CoOp (ProGrad's
+    padded init keeps n_ctx: the phrase fills the last vectors)."""
+    if given.get("ctx_init") and given["ctx_init"].strip() and not given.get("pad_init"):
         given = given | {"n_ctx": init_word_count(given["ctx_init"])}
     return cls(**given)
 
@@ -65,9 +66,16 @@ class CoOpConfig:
     ctx_init: str | None = None  # words to initialise ctx from, e.g. "a photo of a"
     class_specific: bool = False  # one ctx per class (CoOp's CSC): [n_cls, M, W]
     class_position: str = "end"  # where the class name goes: end, middle or front
+    # ProGrad's init: keep n_ctx, the init phrase's words in the last vectors and zeros before them
+    pad_init: bool = False
 
     def __post_init__(self) -> None:
         checked_text_options(self)
+        if self.pad_init and self.ctx_init is not None and init_word_count(self.ctx_init) > self.n_ctx:
+            raise NemesisError(
+                f"ctx init '{self.ctx_init}' has {init_word_count(self.ctx_init)} words, more than the {self.n_ctx} "
+                "context vectors a padded init keeps; raise --n-ctx"
+            )
 
     @classmethod
     def from_options(cls, **given: Any) -> CoOpConfig:
@@ -86,7 +94,10 @@ class CoOpConfig:
     def folder_name(self) -> str:
         """CoOp's settings folder, `nctx16_cscFalse_ctpend` (an init phrase appended: Dassl puts it in the
         config's name, which a grid's tree does not have)."""
-        return f"nctx{self.n_ctx}_csc{self.class_specific}_ctp{self.class_position}" + init_suffix(self.ctx_init)
+        padded = "_padded" if self.pad_init and self.ctx_init else ""
+        return (
+            f"nctx{self.n_ctx}_csc{self.class_specific}_ctp{self.class_position}" + init_suffix(self.ctx_init) + padded
+        )
 
     @classmethod
     def dassl_fits(cls, shapes: dict[str, tuple[int, ...]]) -> bool:

@@ -7,6 +7,8 @@ embeddings of everything else are frozen buffers, and the CLIP tower is driven b
 An init phrase works as in CoOp: M is its number of words, ctx starts as the embeddings of its
 first M BPE tokens, and any further tokens of the phrase stay in the prompt, frozen, right after
 ctx ("an X-ray of a" is 6 tokens: 4 learned, "of a" frozen), so the prompt reads as the phrase.
+ProGrad's padded init (`pad_init`) keeps M: with k the phrase's word count, ctx starts as M - k
+zero vectors followed by the embeddings of its first k tokens, the rest frozen after ctx as above.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ...constants import POOLED_FEATURES
 from ...errors import NemesisError
 from ...model.clip_models import Backbone
 from ...model.text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
-from ...tensors import WHOLE_CTX, CorruptionSite, position_norms
+from ...tensors import WHOLE_CTX, CorruptionSite, at_least_fp32, position_norms
 from ...wording import plural
 from . import init_word_count
 
@@ -46,6 +48,7 @@ class PromptLearner(nn.Module):
         ctx: torch.Tensor | None = None,
         chunk_size: int | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
+        pad_init: bool = False,
     ) -> None:
         super().__init__()
         if not classnames:
@@ -62,27 +65,33 @@ class PromptLearner(nn.Module):
         self.class_position = class_position
         ctx_init = ctx_init.replace("_", " ") if ctx_init else None  # CoOp accepts "a_photo_of_a"
         self.ctx_init = ctx_init
+        self.pad_init = pad_init
         self.chunk_size = chunk_size  # at most this many prompts per text pass (None: as the token budget allows)
         self.token_budget = token_budget  # at most this many tokens (prompts x cut length) per text pass
 
         init_tokens = self._words(ctx_init) if ctx_init else None
-        if init_tokens is not None:
+        if init_tokens is not None and not pad_init:
             n_ctx = init_word_count(ctx_init)
         if ctx is not None:
             n_ctx = ctx.shape[-2]
         if n_ctx < 1:
             raise NemesisError(f"n_ctx must be at least 1, got {n_ctx}")
         self.n_ctx = n_ctx
-        # CoOp keeps the init phrase's tokens beyond the first n_ctx in the prompt, frozen.
-        self.frozen_init_tokens = init_tokens[n_ctx:] if init_tokens is not None else []
+        # The init phrase's tokens that become context vectors: n_ctx, or its word count when padded.
+        self.init_vectors = init_word_count(ctx_init) if init_tokens is not None and pad_init else n_ctx
+        if self.init_vectors > n_ctx:
+            raise NemesisError(f"ctx init '{ctx_init}' has more words than the {n_ctx} context vectors")
+        # CoOp (and ProGrad) keep the init phrase's tokens beyond those in the prompt, frozen.
+        self.frozen_init_tokens = init_tokens[self.init_vectors :] if init_tokens is not None else []
         if self.frozen_init_tokens and class_position is not ClassPosition.end:
             raise NemesisError(
                 f"ctx init '{ctx_init}' has more tokens ({len(init_tokens)}) than words ({n_ctx}); CoOp's layout for "
                 "such an init keeps the rest of the phrase before the class name, so use class position end"
             )
-        if init_tokens is not None and len(init_tokens) < n_ctx:
+        if init_tokens is not None and len(init_tokens) < self.init_vectors:
             raise NemesisError(
-                f"ctx init '{ctx_init}' has {plural(len(init_tokens), 'token')} for {plural(n_ctx, 'context vector')}"
+                f"ctx init '{ctx_init}' has {plural(len(init_tokens), 'token')} for "
+                f"{plural(self.init_vectors, 'context vector')}"
             )
         if ctx is None:
             ctx = self._initial_ctx(init_tokens, seed)
@@ -106,9 +115,11 @@ class PromptLearner(nn.Module):
         width = self.encoder.width
         if init_tokens is not None:
             weight = self.encoder.token_embedding.weight
-            learned = init_tokens[: self.n_ctx]  # CoOp: the first n_ctx BPE tokens of the phrase
+            learned = init_tokens[: self.init_vectors]  # CoOp: the first n_ctx BPE tokens of the phrase
             with torch.no_grad():
-                ctx = weight[torch.tensor(learned, device=weight.device)].detach().float().cpu()  # [M, W]
+                words = weight[torch.tensor(learned, device=weight.device)].detach().float().cpu()  # [k, W]
+            zeros = words.new_zeros(self.n_ctx - len(learned), width)  # ProGrad's padding: [M - k, W]
+            ctx = torch.cat([zeros, words])  # [M, W]
             if self.class_specific:
                 ctx = ctx.expand(len(self.classnames), -1, -1).clone()  # [n_cls, M, W]
             return ctx
@@ -252,6 +263,7 @@ class PromptLearner(nn.Module):
             class_position=self.class_position,
             ctx=self.ctx.detach(),
             ctx_init=self.ctx_init,  # for the frozen rest of the init phrase; ctx itself is kept
+            pad_init=self.pad_init,
             chunk_size=self.chunk_size,
             token_budget=self.token_budget,
         )
@@ -268,6 +280,11 @@ class PromptLearner(nn.Module):
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """Training logits [B, n_cls] of image features [B, D], with gradients to ctx."""
         return PromptedCLIP(self).logits(image_features)
+
+    def logits_and_text_features(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logits` and the text features [n_cls, D] they came from, of one text pass (KgCoOp reads both)."""
+        text_features = self.text_features()
+        return PromptedCLIP(self).logits(image_features, text_features), text_features
 
     def similarities(self, image_features: torch.Tensor, ctx_variants: torch.Tensor) -> torch.Tensor:
         """Cosine similarities [K, B, n_cls] of image features [B, D] under K ctx variants."""
@@ -305,9 +322,9 @@ class PromptedCLIP(nn.Module):
         """Logits [N, n_cls] for image features [N, D]."""
         if text_features is None:
             text_features = self.learner.text_features()
-        image = F.normalize(image_features.float(), dim=-1)
-        text = F.normalize(text_features.float(), dim=-1)
-        return self.logit_scale.exp().float() * image @ text.T
+        image = F.normalize(at_least_fp32(image_features), dim=-1)
+        text = F.normalize(at_least_fp32(text_features), dim=-1)
+        return at_least_fp32(self.logit_scale.exp()) * image @ text.T
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.logits(image_features)
