@@ -282,23 +282,19 @@ def test_bad_plot_input_is_one_line(tmp_path, ctx, extra, expected):
     fails_with_one_line(args, expected)
 
 
-def test_a_sharded_batch_stops_as_the_whole_batch_with_batch_sum():
-    """Two shards of one batch (threads standing in for ranks): with `batch_sum` their Sinkhorn runs stop
-    when the whole batch's would, so their plans are the whole batch's; each on its own, they differ."""
+def _sharded_plans(shards: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Official plans of each shard [K, P_i, T, N] of one batch, threads standing in for ranks that share
+    the stopping decisions through `batch_sum`; a rank making calls the other does not breaks the barrier."""
     import threading
 
-    similarities = torch.rand(1, 8, 5, 4, generator=torch.Generator().manual_seed(4)) * 2 - 1
-    similarities[:, :4] *= 0.05  # a flat shard, which alone would stop after a few iterations
-    whole = transport_plans(similarities, OFFICIAL)
-    shards = [similarities[:, :4], similarities[:, 4:]]
-    barrier, sums, plans = threading.Barrier(2), [None, None], [None, None]
+    barrier, sums, plans = threading.Barrier(len(shards), timeout=30), [None] * len(shards), [None] * len(shards)
 
     def batch_sum(index: int):
         def summed(tensor: torch.Tensor) -> torch.Tensor:
             sums[index] = tensor.clone()
             barrier.wait()
-            total = sums[0] + sums[1]
-            barrier.wait()  # both have read before either writes again
+            total = sum(sums)
+            barrier.wait()  # all have read before any writes again
             return total
 
         return summed
@@ -306,11 +302,79 @@ def test_a_sharded_batch_stops_as_the_whole_batch_with_batch_sum():
     def run(index: int) -> None:
         plans[index] = transport_plans(shards[index], OFFICIAL, batch_sum(index))
 
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(shards))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    torch.testing.assert_close(torch.cat(plans, dim=1), whole, rtol=1e-6, atol=1e-8)
+    assert all(plan is not None for plan in plans), "a rank failed (see its thread's exception)"
+    return plans
+
+
+def test_a_sharded_batch_stops_as_the_whole_batch_with_batch_sum():
+    """Two shards of one batch: with `batch_sum` their Sinkhorn runs stop when the whole batch's would, so
+    their plans are the whole batch's; each on its own, they differ."""
+    similarities = torch.rand(1, 8, 5, 4, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    similarities[:, :4] *= 0.05  # a flat shard, which alone would stop after a few iterations
+    whole = transport_plans(similarities, OFFICIAL)
+    shards = [similarities[:, :4], similarities[:, 4:]]
+    torch.testing.assert_close(torch.cat(_sharded_plans(shards), dim=1), whole, rtol=1e-6, atol=1e-8)
     alone = torch.cat([transport_plans(shard, OFFICIAL) for shard in shards], dim=1)
     assert not torch.allclose(alone, whole, atol=1e-6)
+
+
+def test_sharded_variants_that_stop_at_different_iterations_leave_every_rank_alike():
+    """Variants leave the iterations as they stop; sharded, every rank drops the same ones at once (their
+    decisions are the whole batch's), so shards of unequal size still match the whole batch."""
+    similarities = _mixed_variants()
+    whole = transport_plans(similarities, OFFICIAL)
+    shards = [similarities[:, :2], similarities[:, 2:]]  # 2 and 4 pairs
+    torch.testing.assert_close(torch.cat(_sharded_plans(shards), dim=1), whole, rtol=1e-6, atol=1e-8)
+
+
+def _loop_run(similarities: torch.Tensor, threshold: float, iterations: int, mean: bool) -> tuple[torch.Tensor, int]:
+    """Plans [P, T, N] of one plain fp32 Sinkhorn run over P pairs, and the iteration it stopped at: the
+    change is the mean of |r - r_prev| over the run (official) or its largest (a single pair, converged)."""
+    kernel = torch.exp(-(1.0 - similarities) / 0.1)
+    n_pairs, n_tokens, n_prompts = kernel.shape
+    r, c = torch.ones(n_pairs, n_tokens), torch.ones(n_pairs, n_prompts)
+    for step in range(1, iterations + 1):
+        new_r = (1.0 / n_tokens) / (kernel @ c.unsqueeze(-1)).squeeze(-1)
+        new_c = (1.0 / n_prompts) / (kernel.transpose(-1, -2) @ new_r.unsqueeze(-1)).squeeze(-1)
+        change = (new_r - r).abs()
+        r, c = new_r, new_c
+        if (change.mean() if mean else change.amax()) < threshold:
+            return r.unsqueeze(-1) * kernel * c.unsqueeze(-2), step
+    return r.unsqueeze(-1) * kernel * c.unsqueeze(-2), iterations
+
+
+def _mixed_variants() -> torch.Tensor:
+    """Similarities [4, 6, 5, 4] whose official runs stop at 4, 14, 57 and 100 (the cap) iterations."""
+    similarities = torch.rand(4, 6, 5, 4, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    return similarities * torch.tensor([0.02, 0.3, 1.0, 3.0]).view(4, 1, 1, 1)
+
+
+@pytest.mark.parametrize("group_bytes", [None, 1], ids=["variants-at-once", "one-variant-a-group"])
+def test_official_variants_that_stop_apart_equal_their_plain_runs(monkeypatch, group_bytes):
+    """Stopped variants leave the iterations (and on CPU variants may go a group at a time): the plans
+    stay those of one plain run per variant, to 1e-7."""
+    if group_bytes is not None:
+        monkeypatch.setattr("nemesis.methods.plot.transport.CPU_GROUP_BYTES", group_bytes)
+    similarities = _mixed_variants()
+    plans = transport_plans(similarities, OFFICIAL)
+    runs = [_loop_run(variant, 1e-2, 100, mean=True) for variant in similarities]
+    assert len({step for _, step in runs}) == 4  # every variant stops at its own iteration
+    torch.testing.assert_close(plans, torch.stack([plan for plan, _ in runs]), rtol=0, atol=1e-7)
+
+
+def test_converged_pairs_that_stop_apart_equal_their_plain_runs():
+    """Each pair stops on its own; once most have, the running ones are gathered into smaller tensors: the
+    plans stay those of one plain run per pair, to 1e-7."""
+    similarities = torch.rand(2, 12, 5, 4, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    similarities = similarities * torch.logspace(-2, 0.5, 12).view(1, 12, 1, 1)  # flat to sharp pairs
+    plans = transport_plans(similarities, CONVERGED)
+    runs = [_loop_run(pair.unsqueeze(0), 1e-6, 1000, mean=False) for pair in similarities.flatten(0, 1)]
+    steps = sorted(step for _, step in runs)
+    assert steps[len(steps) // 2] * 2 < steps[-1]  # over half stop long before the last: gathered out
+    expected = torch.cat([plan for plan, _ in runs]).reshape(plans.shape)
+    torch.testing.assert_close(plans, expected, rtol=0, atol=1e-7)
