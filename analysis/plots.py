@@ -126,7 +126,9 @@ def _palette(count: int) -> list:
 
 
 def _category_order(values: pd.Series) -> list:
-    """Distinct values in numeric order when numeric, missing values last."""
+    """Distinct values in numeric order when numeric (a categorical column: its own order), missing values last."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        return [category for category in values.cat.categories if (values == category).any()]
     present = values.dropna().unique().tolist()
     ordered = sorted(present)
     return ordered + ([None] if values.isna().any() else [])
@@ -261,7 +263,11 @@ def plot_frequency_table(
     fixed = _single_kind(table, columns)
     weights = _weights_names(table)
     asked = [column for column in parse_by(by) if column in columns]  # without the prompt-kind columns
-    x_column = "shots" if "shots" in asked else asked[-1]
+    if METHOD in asked:  # the cross-method figure: one category per kind of prompt, series by the rest
+        table, columns, fixed = _kinds_as_methods(table, columns, weights), _without_kinds(columns), {}
+        x_column = METHOD
+    else:
+        x_column = "shots" if "shots" in asked else asked[-1]
     series_columns = [column for column in columns if column != x_column and column not in fixed]
     y_column = DEGRADATION_RATE if degradation else RATE if rate else "frequency"
     x_values = _category_order(table[x_column])
@@ -291,10 +297,11 @@ def plot_frequency_table(
                 marker=MARKERS[number % len(MARKERS)],
                 color=colours[number],
                 label=label or "all cells",
+                linestyle="" if x_column == METHOD else "-",  # methods are categories, not a progression
             )
         axes.set_xticks(range(len(x_values)), [_category_label(x_column, value) for value in x_values])
         axes.set_xlim(-0.5, len(x_values) - 0.5)
-        axes.set_xlabel("shots per class" if x_column == "shots" else x_column)
+        axes.set_xlabel({"shots": "shots per class", METHOD: "prompts"}.get(x_column, x_column))
         if degradation:
             axes.set_ylabel("norm-increasing cells that lower accuracy (%)")
         elif rate:
@@ -313,6 +320,25 @@ def plot_frequency_table(
             names.append("prompts")
         _legend_below(figure, axes.get_lines(), title=" / ".join(names) if names else None)
     return _finish(figure, layout)
+
+
+METHOD = "method"
+
+
+def _kinds_as_methods(table: pd.DataFrame, columns: Sequence[str], weights: dict) -> pd.DataFrame:
+    """`table` with its `method` column holding each row's kind of prompt as one label ("CoOp+KgCoOp",
+    "PLOT", "CoOp (base classes)"), in the order the methods come, so `--by method` compares methods."""
+    kinds = [column for column in columns if column in PROMPT_KIND]
+    labels = [
+        kind_label(dict(zip(kinds, values, strict=True)), weights) for values in table[kinds].itertuples(index=False)
+    ]
+    order = list(dict.fromkeys(label for _, label in sorted(zip(table[METHOD].astype(str), labels, strict=True))))
+    return table.assign(**{METHOD: pd.Categorical(labels, categories=order, ordered=True)})
+
+
+def _without_kinds(columns: Sequence[str]) -> list[str]:
+    """The grouping columns besides the prompt-kind ones, then `method`: the kinds' label."""
+    return [column for column in columns if column not in PROMPT_KIND] + [METHOD]
 
 
 def _frequency_title(table, columns, fixed, weights, rate, significant, alpha, margin, degradation, pool) -> str:

@@ -1,8 +1,9 @@
 """`nemesis demo`: the whole pipeline on the embedded default (the `tiny` model, Fashion-MNIST), on a CPU.
 
 Steps: pretrain `tiny` (once, cached), train CoOp and Nemesis (PUN) prompts for shots 1-16 and
-three seeds with reduced epochs on cached augmented views, sweep every CoOp prompt over the
-default corruption grid, train CoCoOp and CoCoOp+Nemesis (PUN and PAN, weight 20) on the 5 base
+three seeds with reduced epochs on cached augmented views, and PLOT, PLOT+Nemesis, KgCoOp and ProGrad
+on the first seed, sweep every CoOp, PLOT, KgCoOp and ProGrad prompt over the default corruption grid
+(the cross-method Low-Norm Effect figure), train CoCoOp and CoCoOp+Nemesis (PUN and PAN, weight 20) on the 5 base
 classes and test them on base and new classes (the base-to-new protocol with CoCoOp's settings, on
 cached flipped views), then draw every figure and table. Each step resumes: finished runs are
 kept, the sweep computes only missing cells, evaluated prompts are not evaluated again, so an
@@ -44,9 +45,10 @@ if TYPE_CHECKING:
 SHOTS = (1, 2, 4, 8, 16)
 SEEDS = (1, 2, 3)
 METHODS = ("coop", "nemesis")
-# PLOT and PLOT+Nemesis beside them, on the first seed only (their sweeps cost 4 text passes a cell).
-PLOT_METHODS = ("plot", "plot-nemesis")
-SWEPT = ("coop", "plot")  # the prompts trained without a penalty: the paper's kind, swept for the LNE
+# On the first seed only: PLOT and PLOT+Nemesis (their sweeps cost 4 text passes a cell), and CoOp's
+# regularised successors KgCoOp and ProGrad, for the cross-method comparison of the Low-Norm Effect.
+FIRST_SEED_METHODS = ("plot", "plot-nemesis", "kgcoop", "prograd")
+SWEPT = ("coop", "plot", "kgcoop", "prograd")  # prompts trained without Nemesis, swept for the LNE
 # Base-to-new: run name -> (method, beta, weight); weight 20 as the paper's best CoCoOp+Nemesis rows.
 BASE_TO_NEW_RUNS = {
     "cocoop": ("cocoop", 1.0, 1.0),
@@ -85,14 +87,16 @@ class DemoOutputs:
 
 
 def run_config(method: str, shots: int, seed: int, settings: DemoSettings) -> TrainConfig:
+    options = preset(method)
+    if "ctx_init" not in options:  # an init phrase sets the prompt's length (KgCoOp: "a photo of a", 4 vectors)
+        options["n_ctx"] = settings.n_ctx
     return TrainConfig(
         dataset=DATASET,
         shots=shots,
         seed=seed,
-        **preset(method),
+        **options,
         model=MODEL,
         pretrained=WEIGHTS,
-        n_ctx=settings.n_ctx,
         epochs=settings.epochs,
         train_views=settings.train_views,
         weight=settings.weight,
@@ -107,8 +111,9 @@ def run_folder(out_dir: Path, method: str, shots: int, seed: int, settings: Demo
 
 
 def demo_runs(settings: DemoSettings) -> list[tuple[str, int, int]]:
-    """(method, shots, seed) of every few-shot run: CoOp and Nemesis on every seed, PLOT's on the first."""
-    seeds = {method: settings.seeds for method in METHODS} | {method: settings.seeds[:1] for method in PLOT_METHODS}
+    """(method, shots, seed) of every few-shot run: CoOp and Nemesis on every seed, the others on the first."""
+    seeds = {method: settings.seeds for method in METHODS}
+    seeds |= {method: settings.seeds[:1] for method in FIRST_SEED_METHODS}
     return [(method, shots, seed) for method in seeds for shots in settings.shots for seed in seeds[method]]
 
 
@@ -129,7 +134,7 @@ def sweep_runs(out_dir: Path, runs: list[Path], console: Console) -> Path:
     swept = [folder for folder in runs if folder.relative_to(out_dir / "runs").parts[1] in SWEPT]  # <dataset>/<method>/
     table = out_dir / "sweep" / "lne.parquet"
     table.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]corrupt[/bold] {len(swept)} CoOp and PLOT prompts over the default grid")
+    console.print(f"[bold]corrupt[/bold] {len(swept)} CoOp, PLOT, KgCoOp and ProGrad prompts over the default grid")
     summary = run_sweep(resolve_inputs(swept), parse_grid(), ResultsFile(table), device="cpu", console=console)
     console.print(f"norm-reducing cells that raised accuracy: {summary.reducing_raised} of {len(summary.reducing)}")
     return table
@@ -176,10 +181,11 @@ def base_to_new(out_dir: Path, settings: DemoSettings, console: Console) -> Path
 
 
 def demo_figures(cells: pd.DataFrame, trajectory: list[Run], layout: PaperLayout = DEFAULT_LAYOUT) -> dict[str, Figure]:
-    """The demo's figures by file name: LNE frequency, degradation and by position from the sweep's
-    `cells`, the norm trajectory of the `trajectory` runs (the report adds the few-shot curve)."""
+    """The demo's figures by file name: LNE frequency, degradation, by position and by method from the
+    sweep's `cells`, the norm trajectory of the `trajectory` runs (the report adds the few-shot curve)."""
     return {
         "lne_frequency": analysis.plot_frequency(cells, layout=layout),
+        "lne_by_method": analysis.plot_frequency(cells, by="method,shots", rate=True, layout=layout),
         "lne_degradation": analysis.plot_frequency(cells, degradation=True, layout=layout),
         "lne_by_position": analysis.plot_frequency(cells, by="position", layout=layout),
         "norm_trajectory": analysis.plot_norms(trajectory, layout=layout),

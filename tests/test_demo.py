@@ -20,17 +20,25 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
     runs = tmp_path / "demo" / "runs"
     grid = plan_grid(runs, options, ["fashion_mnist"], ["coop", "nemesis"], [1, 2], [1, 2])  # every seed
     plot = plan_grid(runs, options, ["fashion_mnist"], ["plot", "plot-nemesis"], [1, 2], [1], tree=True)  # the first
+    # KgCoOp's and ProGrad's init phrases set their prompts' lengths
+    regularised = plan_grid(runs, {"model": "tiny"}, ["fashion_mnist"], ["kgcoop", "prograd"], [1, 2], [1], tree=True)
     outputs = run_demo(tmp_path / "demo", settings)
-    assert len(outputs.runs) == 2 * 2 * 2 + 2 * 2
+    assert len(outputs.runs) == 2 * 2 * 2 + 4 * 2
     assert all((run / "prompt.safetensors").is_file() for run in outputs.runs)
     # the demo's runs lie where `nemesis train --out DEMO/runs` with lists puts them
-    assert sorted(outputs.runs) == sorted(run.folder for run in [*grid.runs, *plot.runs])
+    assert sorted(outputs.runs) == sorted(run.folder for run in [*grid.runs, *plot.runs, *regularised.runs])
     assert outputs.sweep.is_file() and outputs.sweep.with_name("lne.correct.parquet").is_file()
     import pandas as pd
 
-    assert set(pd.read_parquet(outputs.sweep)["method"]) == {"coop", "plot"}  # the LNE beside CoOp's
+    swept = pd.read_parquet(outputs.sweep)[["method", "penalty"]].drop_duplicates()
+    assert set(swept.itertuples(index=False, name=None)) == {  # the LNE of every method beside CoOp's
+        ("coop", "none"),
+        ("plot", "none"),
+        ("coop", "kgcoop"),
+        ("coop", "prograd"),
+    }
     names = {path.name for path in outputs.figures}
-    for figure in ("lne_frequency", "lne_degradation", "lne_by_position", "norm_trajectory"):
+    for figure in ("lne_frequency", "lne_by_method", "lne_degradation", "lne_by_position", "norm_trajectory"):
         assert {f"{figure}.png", f"{figure}.pdf"} <= names
     report = {path.name for path in outputs.report}
     assert {"few_shot.md", "few_shot.csv", "few_shot.tex", "lne_frequency.md", "few_shot_curve.png"} <= report

@@ -107,7 +107,8 @@ def legends_outside_the_figure(figure: Figure) -> list[str]:
 
 def test_every_demo_figure_at_one_column_has_7pt_text_and_its_legend_inside(tmp_path):
     drawn = _every_demo_figure(tmp_path, SINGLE)
-    assert set(drawn) == {"lne_frequency", "lne_degradation", "lne_by_position", "norm_trajectory", "few_shot_curve"}
+    assert set(drawn) == {"lne_frequency", "lne_by_method", "lne_degradation", "lne_by_position", "norm_trajectory",
+                          "few_shot_curve"}  # fmt: skip
     for name, figure in drawn.items():
         assert figure.get_figwidth() * 72.0 == pytest.approx(COLUMN_WIDTHS["single"]), name
         size, text = smallest_printed_font(figure, COLUMN_WIDTHS["single"])

@@ -285,3 +285,25 @@ def test_position_heatmap_never_shows_minus_zero():
     figure = plot_frequency(cells, by="position")
     texts = [text.get_text() for axes in figure.axes for text in axes.texts]
     assert texts and "-0.0" not in texts and "0.0" in texts
+
+
+def test_by_method_puts_each_kind_of_prompt_on_the_axis_and_shots_in_the_legend():
+    """`--by method,shots`: the cross-method figure, one category per method and penalty (CoOp+KgCoOp is
+    not CoOp), in the methods' order, one series per shots, markers without lines between methods."""
+    kinds = [("plot", None, 2), ("coop", "prograd", 1), ("coop", None, 0), ("coop", "kgcoop", 2)]
+    rows = []
+    for method, penalty, gained in kinds:
+        for shots in (1, 4):
+            cells = [reducing(gained=gained, position=0), reducing(lost=1, position=1)]
+            part, _ = checkpoint_rows(f"{method}-{penalty}-{shots}", cells, method=method, shots=shots)
+            rows += [row | {"penalty": penalty or "none"} for row in part]
+    figure = plot_frequency(sweep_frame(rows), by="method,shots", rate=True)
+    (axes,) = figure.axes
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == ["CoOp", "CoOp+KgCoOp", "CoOp+ProGrad", "PLOT"]
+    assert axes.get_xlabel() == "prompts"
+    assert _legend(figure) == ["1", "4"] and figure.legends[0].get_title().get_text() == "shots"
+    for line in axes.get_lines():
+        assert line.get_linestyle() == "None"
+        assert list(line.get_ydata()) == [0.0, 50.0, 50.0, 50.0]  # CoOp gains nothing; one of two cells elsewhere
+    (pooled,) = plot_frequency(sweep_frame(rows), by="method").axes[0].get_lines()
+    assert list(pooled.get_ydata()) == [0, 2, 2, 2]  # occurrences over both shots
