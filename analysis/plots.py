@@ -291,6 +291,8 @@ def plot_frequency_table(
                     positions.append(position)
                     values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
             label = _series_label(series_columns, key, fixed, weights)
+            if x_column == METHOD:  # series side by side within each method's slot, so equal values stay visible
+                positions = [position + _dodge(number, len(series)) for position in positions]
             axes.plot(
                 positions,
                 values,
@@ -323,6 +325,11 @@ def plot_frequency_table(
 
 
 METHOD = "method"
+
+
+def _dodge(number: int, count: int) -> float:
+    """The x offset of series `number` of `count` in a category's slot (together at most 0.6 wide)."""
+    return (number - (count - 1) / 2) * min(0.12, 0.6 / max(count, 1))
 
 
 def _kinds_as_methods(table: pd.DataFrame, columns: Sequence[str], weights: dict) -> pd.DataFrame:

@@ -2,8 +2,8 @@
 
 Steps: pretrain `tiny` (once, cached), train CoOp and Nemesis (PUN) prompts for shots 1-16 and
 three seeds with reduced epochs on cached augmented views, and PLOT, PLOT+Nemesis, KgCoOp and ProGrad
-on the first seed, sweep every CoOp, PLOT, KgCoOp and ProGrad prompt over the default corruption grid
-(the cross-method Low-Norm Effect figure), train CoCoOp and CoCoOp+Nemesis (PUN and PAN, weight 20) on the 5 base
+on the first seed, sweep every one of these prompts over the default corruption grid (the
+cross-method Low-Norm Effect figure), train CoCoOp and CoCoOp+Nemesis (PUN and PAN, weight 20) on the 5 base
 classes and test them on base and new classes (the base-to-new protocol with CoCoOp's settings, on
 cached flipped views), then draw every figure and table. Each step resumes: finished runs are
 kept, the sweep computes only missing cells, evaluated prompts are not evaluated again, so an
@@ -48,7 +48,6 @@ METHODS = ("coop", "nemesis")
 # On the first seed only: PLOT and PLOT+Nemesis (their sweeps cost 4 text passes a cell), and CoOp's
 # regularised successors KgCoOp and ProGrad, for the cross-method comparison of the Low-Norm Effect.
 FIRST_SEED_METHODS = ("plot", "plot-nemesis", "kgcoop", "prograd")
-SWEPT = ("coop", "plot", "kgcoop", "prograd")  # prompts trained without Nemesis, swept for the LNE
 # Base-to-new: run name -> (method, beta, weight); weight 20 as the paper's best CoCoOp+Nemesis rows.
 BASE_TO_NEW_RUNS = {
     "cocoop": ("cocoop", 1.0, 1.0),
@@ -131,11 +130,11 @@ def train_runs(out_dir: Path, settings: DemoSettings, console: Console) -> list[
 
 
 def sweep_runs(out_dir: Path, runs: list[Path], console: Console) -> Path:
-    swept = [folder for folder in runs if folder.relative_to(out_dir / "runs").parts[1] in SWEPT]  # <dataset>/<method>/
+    """Every few-shot prompt over the default grid: each method's Low-Norm Effect, with and without Nemesis."""
     table = out_dir / "sweep" / "lne.parquet"
     table.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]corrupt[/bold] {len(swept)} CoOp, PLOT, KgCoOp and ProGrad prompts over the default grid")
-    summary = run_sweep(resolve_inputs(swept), parse_grid(), ResultsFile(table), device="cpu", console=console)
+    console.print(f"[bold]corrupt[/bold] {len(runs)} prompts of every method over the default grid")
+    summary = run_sweep(resolve_inputs(runs), parse_grid(), ResultsFile(table), device="cpu", console=console)
     console.print(f"norm-reducing cells that raised accuracy: {summary.reducing_raised} of {len(summary.reducing)}")
     return table
 

@@ -31,9 +31,11 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
     import pandas as pd
 
     swept = pd.read_parquet(outputs.sweep)[["method", "penalty"]].drop_duplicates()
-    assert set(swept.itertuples(index=False, name=None)) == {  # the LNE of every method beside CoOp's
+    assert set(swept.itertuples(index=False, name=None)) == {  # the LNE of every few-shot method
         ("coop", "none"),
+        ("coop", "nemesis"),
         ("plot", "none"),
+        ("plot", "nemesis"),
         ("coop", "kgcoop"),
         ("coop", "prograd"),
     }

@@ -302,6 +302,8 @@ def test_by_method_puts_each_kind_of_prompt_on_the_axis_and_shots_in_the_legend(
     assert [tick.get_text() for tick in axes.get_xticklabels()] == ["CoOp", "CoOp+KgCoOp", "CoOp+ProGrad", "PLOT"]
     assert axes.get_xlabel() == "prompts"
     assert _legend(figure) == ["1", "4"] and figure.legends[0].get_title().get_text() == "shots"
+    one, four = axes.get_lines()
+    assert list(one.get_xdata() + 0.12) == pytest.approx(list(four.get_xdata()))  # side by side in each slot
     for line in axes.get_lines():
         assert line.get_linestyle() == "None"
         assert list(line.get_ydata()) == [0.0, 50.0, 50.0, 50.0]  # CoOp gains nothing; one of two cells elsewhere
