@@ -9,6 +9,8 @@ images, stopped when the mean change of r over the batch falls below 1e-2 (or af
 
 from __future__ import annotations
 
+import math
+
 import open_clip
 import pytest
 import torch
@@ -32,9 +34,12 @@ def setting(tmp_path_factory):
     make_coop_folder(root / "data", "dtd", CLASSNAMES, per_class=(2, 1, TEST_PER_CLASS), image_size=64)
     torch.manual_seed(0)
     model = open_clip.create_model("RN50-quickgelu", pretrained=None).eval()  # QuickGELU: OpenAI's weights
+    _calibrate(model, _images(root)[0])
+    model.logit_scale.data.fill_(math.log(100))  # CLIP's trained scale, at which the tolerance is stated
     archive = write_openai_archive(model, root / "RN50.pt")
     run = root / "output/dtd/PLOTNemesis/Beta-1.0/rn50_16shots/N4_alpha1_cw0.5_pn1_nctx16_cscFalse_ctpend_nttwo/seed1"
-    ctx = (torch.randn(N_PROMPTS, N_CTX, 512, generator=torch.Generator().manual_seed(1)) * 0.3).half()
+    # Seed 3: the prompt predicts three classes, and both corrupted cells change its count of correct images.
+    ctx = (torch.randn(N_PROMPTS, N_CTX, 512, generator=torch.Generator().manual_seed(3)) * 0.3).half()
     rows = N_PROMPTS * len(CLASSNAMES)
     state = {
         "ctx": ctx,
@@ -45,6 +50,19 @@ def setting(tmp_path_factory):
     torch.save({"state_dict": state, "epoch": 50, "optimizer": None, "scheduler": None, "val_result": None},
                run / "prompt_learner" / "model.pth.tar-50")  # fmt: skip
     return root, archive, run, model, ctx.float()
+
+
+def _calibrate(model, images: torch.Tensor) -> None:
+    """Batch-norm statistics of the test images, so the random image tower's features depend on the image
+    (with the initial statistics every image gets nearly the same features, and one class wins them all)."""
+    for module in model.visual.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the one batch
+    model.visual.train()
+    with torch.no_grad():
+        model.visual(images)
+    model.eval()
 
 
 def _images(root) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +155,7 @@ def test_plot_nemesis_run_folder_gives_the_official_logits_and_corruption_counts
     assert torch.equal(saved["labels"], labels)
     assert (saved["logits"] - expected).abs().max() <= 1e-3  # at logit scale 100
     assert torch.equal(saved["logits"].argmax(-1), expected.argmax(-1))
+    assert len(expected.argmax(-1).unique()) >= 3  # a prompt that tells images apart, so the checks can fail
     # Corruption at position 3 of every prompt: RESCALE 0.001 and REPLACE 0 (the zero vector).
     table = tmp_path / "sweep.csv"
     _nemesis("corrupt", run, *common, "--rescale", "0.001", "--replace", "0", "--positions", "3", "--csv",
@@ -144,8 +163,10 @@ def test_plot_nemesis_run_folder_gives_the_official_logits_and_corruption_counts
     import pandas as pd
 
     rows = pd.read_csv(table).set_index("op")
+    original = int((expected.argmax(-1) == labels).sum())
     for op, variant in (("rescale", ctx.clone()), ("replace", ctx.clone())):
         variant[:, 3] = variant[:, 3] * 0.001 if op == "rescale" else 0.0
         correct = int((_official_logits(model, tokens, variant).argmax(-1) == labels).sum())
+        assert correct != original  # the corruption changes the count, so matching it means something
         assert round(rows.loc[op, "accuracy"] * len(labels) / 100) == correct, op
     assert rows.loc["rescale", "method"] == "plot"
