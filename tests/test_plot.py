@@ -180,6 +180,27 @@ def test_plot_files_outside_a_tree_are_told_from_class_specific_coop_by_their_bu
     assert named.prompt_method == "plot" and named.config == PLOTConfig()
 
 
+def test_a_dassl_file_named_as_the_other_method_is_one_line(tmp_path):
+    """A PLOT Dassl file given as CoOp (in its PLOT tree or not), and a class-specific CoOp file given as
+    PLOT: the buffers say which it is, so each is refused in one line naming the right method."""
+    from nemesis.data.testing import make_coop_folder
+
+    from .conftest import fails_with_one_line
+
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", CLASSNAMES, per_class=(2, 1, 3), image_size=28)
+    ctx = torch.randn(4, 4, 64) * 0.02
+    plot = _official_file(tmp_path / "output/oxford_pets/PLOT/tiny_2shots/N4/seed1", ctx, prefix_rows=4 * 3)
+    coop = _official_file(tmp_path / "coop", ctx[:3], prefix_rows=3)  # class-specific, 3 classes
+    common = ["--root", str(root), "--model", "tiny", "--pretrained", "none", "--dataset", "oxford_pets"]
+    fails_with_one_line(["eval", str(plot), *common, "--prompt-method", "coop"], "holds a PLOT prompt")
+    fails_with_one_line(
+        ["corrupt", str(plot), *common, "--prompt-method", "coop", "--out", str(tmp_path / "t.parquet")],
+        "pass --prompt-method plot",
+    )
+    fails_with_one_line(["eval", str(coop), *common, "--prompt-method", "plot"], "holds a CoOp prompt")
+
+
 # --- PLOT's options from the command line (`--method-option`) ------------------------------------------
 
 

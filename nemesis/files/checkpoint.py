@@ -496,11 +496,31 @@ def _dassl_method(
     CoCoOp, meta-net included); among methods learning tensors of the same names, the first whose
     layout the file's shapes fit."""
     if trained is not None and _extra_names(method_spec(trained), method_spec(trained).config()) == set(extra):
+        _check_buffers_fit(method_spec(trained), extra, shapes, origin)
         return trained
     method_of_tensors(set(extra), origin)  # refuses tensors no method learns
     same_names = [spec for spec in METHODS.values() if _extra_names(spec, spec.config()) == set(extra)]
     fitting = [spec for spec in same_names if spec.fits_dassl(shapes)]
     return (fitting or same_names)[0].name
+
+
+def _check_buffers_fit(spec: MethodSpec, extra: dict, shapes: dict[str, tuple[int, ...]], origin: str) -> None:
+    """Refuse a file named as (or filed under) `spec` whose buffers say it is another method's: a PLOT file
+    (N x n_cls `token_prefix` rows) given as CoOp, or a class-specific CoOp file given as PLOT."""
+    buffers = set(shapes) - {CTX_TENSOR} - set(extra)  # token_prefix, ...: without them the layout cannot tell
+    if not buffers or spec.fits_dassl(shapes):
+        return
+    others = [
+        other
+        for other in METHODS.values()
+        if other.name != spec.name and _extra_names(other, other.config()) == set(extra) and other.fits_dassl(shapes)
+    ]
+    if others:
+        rows = shapes.get("token_prefix", (None,))[0]
+        raise NemesisError(
+            f"{origin} holds a {others[0].label} prompt (ctx {list(shapes[CTX_TENSOR])}, {rows} token_prefix rows), "
+            f"not a {spec.label} one; pass --prompt-method {others[0].name}"
+        )
 
 
 def _penalty_trainer(penalty: str | None, state: dict) -> tuple[str | None, DasslTrainer | None]:
