@@ -95,6 +95,28 @@ def test_scores_equal_the_plain_transport_one_run_per_block_of_images(image_toke
     assert not torch.allclose(scores[0], whole, atol=1e-7)  # blocks of 4 are not one run of 10
 
 
+def test_the_global_logit_adds_the_global_token_against_the_mean_prompt():
+    """`global_logit` (the PLOT authors' ImageNet setting, with spatial tokens): the transport's score plus
+    cos(token 0, the normalised mean of each class's N unnormalised prompt features), in evaluation and
+    in the training logits."""
+    learner = _learner(sinkhorn_batch=4, global_logit=True)
+    learner.image_tokens = "spatial"  # tiny is a ViT; the arithmetic is a ModifiedResNet's
+    images = _local_features(6)
+    ctx = learner.ctx.detach()
+    coop = PromptLearner(learner.clip, CLASSNAMES, n_ctx=ctx.shape[1])
+    text = torch.stack([coop.encode(ctx[n : n + 1])[0] for n in range(ctx.shape[0])]).float()  # [N, n_cls, D]
+    pooled = F.normalize(text.mean(dim=0), dim=-1)  # [n_cls, D]
+    global_scores = F.normalize(images[:, 0], dim=-1) @ pooled.T  # [B, n_cls]
+    transport = torch.cat([_plain_scores(learner, block, ctx, True) for block in images.split(4)])
+    with torch.no_grad():
+        scores = learner.similarities(images, ctx[None])[0]
+        logits = learner.logits(images[:4])
+    torch.testing.assert_close(scores, transport + global_scores, rtol=0, atol=2e-5)
+    scale = learner.clip.model.logit_scale.exp()
+    torch.testing.assert_close(logits, scale * (transport[:4] + global_scores[:4]), rtol=0, atol=2e-4)
+    assert (global_scores.abs() > 1e-3).any()  # the term is not vanishing
+
+
 def test_training_logits_carry_gradients_to_ctx_only_through_the_similarities():
     learner = _learner()
     images = _local_features(4)

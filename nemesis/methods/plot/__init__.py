@@ -34,6 +34,9 @@ class PLOTConfig:
     image_tokens: str = ALL_TOKENS  # all: the global token and the spatial ones (Nemesis's); spatial: PLOT's
     stopping: str = OFFICIAL  # Sinkhorn's stopping rule: official (per batch) or converged (per pair)
     sinkhorn_batch: int = OFFICIAL_TEST_BATCH  # images per Sinkhorn run in evaluation (official: 100)
+    # Add CLIP's global logit, cos(global token, mean of the N prompts' features), to the transport's: what
+    # the PLOT authors do on ImageNet (with spatial tokens); the official Nemesis code never does.
+    global_logit: bool = False
 
     def __post_init__(self) -> None:
         if self.n_prompts < 1 or self.n_ctx < 1 or self.sinkhorn_batch < 1:

@@ -52,6 +52,7 @@ class PLOTLearner(PromptLearner):
         image_tokens: str = ALL_TOKENS,
         stopping: str = OFFICIAL,
         sinkhorn_batch: int = OFFICIAL_TEST_BATCH,
+        global_logit: bool = False,
         seed: int = 0,
         ctx: torch.Tensor | None = None,
         chunk_size: int | None = None,
@@ -63,6 +64,7 @@ class PLOTLearner(PromptLearner):
             )
         self.n_prompts = ctx.shape[0] if ctx is not None else n_prompts
         self.image_tokens, self.stopping, self.sinkhorn_batch = image_tokens, stopping, sinkhorn_batch
+        self.global_logit = global_logit
         self.norm_penalty_factor = float(self.n_prompts)
         super().__init__(
             clip,
@@ -99,6 +101,7 @@ class PLOTLearner(PromptLearner):
             image_tokens=self.image_tokens,
             stopping=self.stopping,
             sinkhorn_batch=self.sinkhorn_batch,
+            global_logit=self.global_logit,
             ctx=self.ctx.detach(),
             chunk_size=self.chunk_size,
             token_budget=self.token_budget,
@@ -108,10 +111,27 @@ class PLOTLearner(PromptLearner):
 
     def prompt_features(self, ctx_variants: torch.Tensor) -> torch.Tensor:
         """Normalised text features [K, N, n_cls, D] of K variants of ctx ([K, N, M, W])."""
+        return F.normalize(self._raw_prompt_features(ctx_variants), dim=-1)
+
+    def _raw_prompt_features(self, ctx_variants: torch.Tensor) -> torch.Tensor:
+        """Projected, unnormalised text features [K, N, n_cls, D] of K variants of ctx."""
         n_variants = ctx_variants.shape[0]
         flat = ctx_variants.reshape(n_variants * self.n_prompts, self.n_ctx, ctx_variants.shape[-1])
         features = self.encode(flat).float()  # [K * N, n_cls, D]
-        return F.normalize(features, dim=-1).reshape(n_variants, self.n_prompts, self.n_classes, -1)
+        return features.reshape(n_variants, self.n_prompts, self.n_classes, -1)
+
+    def _text_sides(self, ctx_variants: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The transport's normalised prompt features [K, N, n_cls, D] and, with `global_logit`, the
+        normalised mean of each class's N prompt features [K, n_cls, D] (as the PLOT authors pool them)."""
+        raw = self._raw_prompt_features(ctx_variants)
+        pooled = F.normalize(raw.mean(dim=1), dim=-1) if self.global_logit else None
+        return F.normalize(raw, dim=-1), pooled
+
+    def _global_similarities(self, image_features: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor | float:
+        """cos(global token, pooled prompt features) [K, B, n_cls], or 0 without `global_logit`."""
+        if pooled is None:
+            return 0.0
+        return torch.einsum("bd,kcd->kbc", F.normalize(image_features[:, 0].float(), dim=-1), pooled)
 
     @property
     def includes_global_token(self) -> bool:
@@ -173,11 +193,12 @@ class PLOTLearner(PromptLearner):
 
     def scorer(self, ctx_variants: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """`similarities` under K ctx variants as a function of the images, the prompts encoded once."""
-        text = self.prompt_features(ctx_variants)
+        text, pooled = self._text_sides(ctx_variants)
 
         def score(image_features: torch.Tensor) -> torch.Tensor:
             blocks = image_features.split(self.sinkhorn_batch)
-            return torch.cat([self.transport_similarities(block, text) for block in blocks], dim=1)
+            transport = torch.cat([self.transport_similarities(block, text) for block in blocks], dim=1)
+            return transport + self._global_similarities(image_features, pooled)
 
         return score
 
@@ -189,8 +210,9 @@ class PLOTLearner(PromptLearner):
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """Training logits [B, n_cls]: logit scale x transport similarity, one Sinkhorn over the batch;
         gradients reach ctx through the similarities, not through the plan."""
-        scores = self.transport_similarities(image_features, self.prompt_features(self.ctx.unsqueeze(0)))[0]
-        return self.clip.model.logit_scale.exp().float() * scores
+        text, pooled = self._text_sides(self.ctx.unsqueeze(0))
+        scores = self.transport_similarities(image_features, text) + self._global_similarities(image_features, pooled)
+        return self.clip.model.logit_scale.exp().float() * scores[0]
 
     def text_features(self, cut: bool = True) -> torch.Tensor:
         """Projected, unnormalised text features [N, n_cls, D] of the current prompts."""
