@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -301,7 +302,10 @@ def plot_frequency_table(
                 label=label or "all cells",
                 linestyle="" if x_column == METHOD else "-",  # methods are categories, not a progression
             )
-        axes.set_xticks(range(len(x_values)), [_category_label(x_column, value) for value in x_values])
+        ticks = [_category_label(x_column, value) for value in x_values]
+        if x_column == METHOD:  # long labels ("CoOp+Nemesis (PUN, weight 1)") on lines of their own
+            ticks = [textwrap.fill(tick, width=max(12, int(90 / max(len(ticks), 1)))) for tick in ticks]
+        axes.set_xticks(range(len(x_values)), ticks)
         axes.set_xlim(-0.5, len(x_values) - 0.5)
         axes.set_xlabel({"shots": "shots per class", METHOD: "prompts"}.get(x_column, x_column))
         if degradation:

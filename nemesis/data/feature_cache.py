@@ -267,12 +267,15 @@ def encode_split(
     progress: bool = True,
     num_workers: int | None = None,
     inputs: str = POOLED_FEATURES,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    stream: bool = True,
+) -> tuple[Features, torch.Tensor]:
     """Features (float32, unnormalised) and labels [N] of a split, encoded once then cached: pooled
     features [N, D], or with `inputs="local"` local features [N, T, D].
 
     The images go through the backbone's own test preprocessing. Missing image files raise a
-    NemesisError before anything is encoded or written.
+    NemesisError before anything is encoded or written. An entry above `RESIDENT_LIMIT_BYTES` comes
+    back as `StoredFeatures`, read a block at a time (`evaluation.metrics.predictions` takes either),
+    unless `stream` is False.
     """
     encoder = image_encoder(backbone, inputs)
     samples = dataset.split(split)
@@ -282,13 +285,13 @@ def encode_split(
     preprocessing = repr(backbone.preprocess)
     key = feature_key(backbone, dataset.name, split, samples, preprocessing, _precision(device), inputs=inputs)
     path = cache_file(Path(cache_dir) if cache_dir else default_cache_dir(), dataset.name, split, key)
-    cached = _read_entry(path, samples)
+    cached = _read_entry(path, samples, stream)
     if cached is not None:
         return cached, _labels(samples)
     _check_images(dataset, samples)
     # One process encodes an entry; others asking for it meanwhile (torchrun ranks) wait, then read it.
     with file_lock(_lock_file(path)):
-        cached = _read_entry(path, samples)
+        cached = _read_entry(path, samples, stream)
         if cached is not None:
             return cached, _labels(samples)
         transform = _TestTransform(backbone.preprocess)
@@ -300,7 +303,7 @@ def encode_split(
                 encoder, dataset, samples, transform, [writer], description, batch_size, device, num_workers, progress
             )
         _checked_entries.add(_file_identity(path))  # its checksum was computed over the bytes as they were written
-        written = _read_entry(path, samples)
+        written = _read_entry(path, samples, stream)
     if written is None:
         raise NemesisError(f"the feature cache entry {path} could not be read back after it was written")
     return written, _labels(samples)

@@ -67,7 +67,7 @@ def _evaluate(
 ) -> EvaluationResult:
     template = template_for(data.name)
     texts = [template.format(name.replace("_", " ")) for name in data.classnames]
-    features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device)
+    features, labels = encode_split(backbone, data, "test", cache_dir=cache_dir, device=device, stream=False)
     with torch.inference_mode(), autocast_policy(device).context():
         text = F.normalize(backbone.model.encode_text(backbone.tokenizer(texts).to(device)).float(), dim=-1)
         images = F.normalize(features.to(device).float(), dim=-1)

@@ -37,7 +37,7 @@ from ..choices import Precision
 from ..constants import POOLED_FEATURES, RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
 from ..data.augmentation import augment
 from ..data.datasets import Dataset, load_dataset
-from ..data.feature_cache import encode_split, encode_train_views, image_encoder
+from ..data.feature_cache import Features, encode_split, encode_train_views, image_encoder
 from ..distributed import SINGLE_PROCESS, Ranks, rank_device
 from ..errors import NemesisError
 from ..evaluation.metrics import coop_result_block, macro_f1, predictions
@@ -704,7 +704,7 @@ class _Features:
     """The image features a run reads: each step's training batch, and the test split's."""
 
     train: TrainFeatures
-    test: torch.Tensor  # [N, D], or [N, T, D] for a learner of local features
+    test: Features  # [N, D], or [N, T, D] for a learner of local features (streamed from disk when large)
     test_labels: torch.Tensor  # [N]
 
     @classmethod
