@@ -283,3 +283,22 @@ def test_deep_text_prompts_must_fit_the_prefix(tiny):
         encoder.encode_pairs(embeddings[:1, :3], embeddings[:, 3:], encoder.pool_index(token_ids), deep_prompts=deep)
     with pytest.raises(ValueError, match="layers of deep text prompts"):
         encoder(embeddings, encoder.pool_index(token_ids), deep_prompts=_prompts(2, 4, encoder.width, seed=0))
+
+
+def test_ivlp_geometry_on_vit_b16():
+    """The released checkpoints' geometry (ViT-B/16, 4 + 4 tokens, depth 9 in both towers: PromptSRC, IVLP)."""
+    backbone = cached_backbone("ViT-B-16")
+    visual = backbone.model.visual
+    encoder = TextEncoder(backbone.model, backbone.name, backbone.tokenizer)
+    images = _images(backbone)
+    vision = _prompts(9, 4, visual.class_embedding.shape[0], seed=1)
+    token_ids, embeddings = _text_inputs(backbone, 4)
+    deep = _prompts(8, 4, encoder.width, seed=2)  # layers 1..8
+    with torch.no_grad():
+        ours = prompted_image_features(visual, images, vision)
+        assert (ours - _reference_vision(visual, images, vision, "append", True)).abs().max().item() <= TOLERANCE
+        text = encoder.encode_pairs(
+            embeddings[:1, :5], embeddings[:, 5:], encoder.pool_index(token_ids), deep_prompts=deep
+        )
+        reference = _reference_text(backbone.model, token_ids, embeddings, deep)
+    assert (text[0] - reference).abs().max().item() <= TOLERANCE
