@@ -6,16 +6,19 @@ loops over open_clip's blocks, sequences built by hand with slicing and in-place
 
 from __future__ import annotations
 
+import copy
 import json
 
 import open_clip
 import pytest
 import torch
 
+from nemesis.errors import NemesisError
 from nemesis.model.deep_prompts import check_layer_prompts
 from nemesis.model.text_encoder import TextEncoder
 from nemesis.model.vision_prompts import (
     VisionPromptPlacement,
+    check_vision_prompts,
     insert_prompts,
     patch_embeddings,
     pool_prompted,
@@ -302,3 +305,28 @@ def test_ivlp_geometry_on_vit_b16():
         )
         reference = _reference_text(backbone.model, token_ids, embeddings, deep)
     assert (text[0] - reference).abs().max().item() <= TOLERANCE
+
+
+def test_low_precision_towers_take_fp32_prompts(tiny):
+    """As the released models run: fp32 prompts cast to the tower's dtype where they enter (bf16 on the CPU)."""
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    encoder = TextEncoder(model, tiny.name, tiny.tokenizer)
+    images = _images(tiny).to(torch.bfloat16)
+    vision = _prompts(2, 2, 64, seed=1)
+    token_ids, embeddings = _text_inputs(tiny, 2)
+    deep = _prompts(1, 2, encoder.width, seed=2)
+    with torch.no_grad():
+        ours = prompted_image_features(model.visual, images, vision)
+        reference = _reference_vision(model.visual, images, [p.to(torch.bfloat16) for p in vision], "append", True)
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, reference)
+        embeddings = embeddings.to(torch.bfloat16)
+        text = encoder(embeddings, encoder.pool_index(token_ids), cut=False, deep_prompts=deep)
+        reference = _reference_text(model, token_ids, embeddings, [p.to(torch.bfloat16) for p in deep])
+    assert text.dtype == torch.bfloat16 and torch.equal(text, reference)
+
+
+def test_a_resnet_image_tower_is_refused_in_one_line_naming_the_model():
+    backbone = cached_backbone("RN50")
+    with pytest.raises(NemesisError, match=r"^RN50 cannot take vision prompts: its image tower is a ModifiedResNet"):
+        check_vision_prompts(backbone.model.visual, "RN50")
+    check_vision_prompts(cached_backbone("tiny").model.visual, "tiny")  # a ViT passes
