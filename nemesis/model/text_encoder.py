@@ -9,6 +9,10 @@ training all call `TextEncoder`. Two passes, both exact:
   suffixes. With a causal tower a prefix's hidden states do not depend on what follows, so each
   prefix runs once, its keys and values are kept per layer, and every (prefix, class) suffix
   attends to them. Towers where that does not hold fall back to the cut pass of whole prompts.
+
+Both passes take deep text prompts (IVLP, MaPLe, PromptSRC): `deep_prompts[i - 1]` replaces the
+hidden states at positions 1..n at the input of layer i (`deep_prompts.replace_tokens`). They lie
+inside the shared prefix and are the same for every class, so the prefix still runs once per variant.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from open_clip import transformer as open_clip_transformer
 from torch import nn
 
 from ..errors import NemesisError
+from .deep_prompts import LayerPrompts, check_layer_prompts, replace_tokens, select_rows
 
 POOL_TYPES = ("argmax", "eos", "first", "last")
 # Tokens per text pass (prompts x cut length): bounds activation memory whatever the class-name lengths.
@@ -33,6 +38,7 @@ ROW_BLOCK = 8
 # build_suffixes(prefix_rows [B], class_rows [B], length) -> suffix embeddings [B, length - Lp, W]
 SuffixBuilder = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [V, heads, Lp, head_dim]
+DEEP_TEXT_START = 1  # deep text prompts sit right after the start token, as the layer-0 ctx does
 
 
 class TextEncoder:
@@ -100,8 +106,17 @@ class TextEncoder:
 
     # --- the cut pass ----------------------------------------------------------------------------
 
-    def __call__(self, embeddings: torch.Tensor, pool_index: torch.Tensor, cut: bool = True) -> torch.Tensor:
-        """Projected, unnormalised text features [B, D] from token embeddings [B, L, W]."""
+    def __call__(
+        self,
+        embeddings: torch.Tensor,
+        pool_index: torch.Tensor,
+        cut: bool = True,
+        deep_prompts: LayerPrompts = (),
+    ) -> torch.Tensor:
+        """Projected, unnormalised text features [B, D] from token embeddings [B, L, W].
+
+        deep_prompts[i - 1] ([n, W], or [B, n, W] one per row) replaces positions 1..n at the input of layer i.
+        """
         tower = self.tower
         cast_dtype = tower.transformer.get_cast_dtype()
         length = embeddings.shape[1]
@@ -109,10 +124,29 @@ class TextEncoder:
             length = int(pool_index.max()) + 1
         x = embeddings[:, :length].to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
         mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
-        x = tower.transformer(x, attn_mask=mask)
+        # Without deep prompts, open_clip's own loop (and its gradient checkpointing).
+        deep = bool(len(deep_prompts))
+        x = self._deep_transformer(x, mask, deep_prompts) if deep else tower.transformer(x, attn_mask=mask)
         x = tower.ln_final(x)  # [B, length, W]
         pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]  # [B, W]
         return self._project(pooled)
+
+    def _deep_transformer(self, x: torch.Tensor, mask: torch.Tensor | None, deep_prompts: LayerPrompts) -> torch.Tensor:
+        """open_clip's transformer loop on x [B, L, W] with the deep prompts swapped in before layers 1..depth-1."""
+        self.check_deep_prompts(deep_prompts, x.shape[1])
+        for layer, block in enumerate(self.tower.transformer.resblocks):
+            if 1 <= layer <= len(deep_prompts):
+                x = replace_tokens(x, deep_prompts[layer - 1], DEEP_TEXT_START)
+            x = block(x, attn_mask=mask)
+        return x
+
+    def check_deep_prompts(self, deep_prompts: LayerPrompts, length: int) -> None:
+        """Refuse deep prompts that do not fit the tower or a sequence (or shared prefix) of `length` tokens."""
+        blocks = len(self.tower.transformer.resblocks)
+        check_layer_prompts(deep_prompts, self.width, blocks - 1, "deep text")  # layers 1..blocks-1
+        n = deep_prompts[0].shape[-2] if len(deep_prompts) else 0
+        if DEEP_TEXT_START + n > length:
+            raise ValueError(f"deep text prompts of {n} tokens do not fit after the start token of {length} tokens")
 
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:
         projection = self.tower.text_projection
@@ -130,6 +164,7 @@ class TextEncoder:
         suffixes: torch.Tensor,
         suffix_pool_index: torch.Tensor,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
+        deep_prompts: LayerPrompts = (),
     ) -> torch.Tensor:
         """Text features [V, C, D] of every prompt `prefixes[v] + suffixes[c]`.
 
@@ -144,6 +179,7 @@ class TextEncoder:
         end-of-text position, each cut after its last end-of-text token. Equal to the cut pass of
         the concatenated prompts (to float rounding); towers without a causal mask (or with blocks
         this module does not know) run exactly that. Differentiable w.r.t. prefixes and suffixes.
+        deep_prompts: [n, W] or [V, n, W] (one per prefix) per layer 1..depth-1, inside the prefix (Lp >= 1 + n).
         """
         prefix_length = prefixes.shape[1]
         total_length = prefix_length + suffixes.shape[1]
@@ -151,7 +187,9 @@ class TextEncoder:
         def build(prefix_rows: torch.Tensor, class_rows: torch.Tensor, length: int) -> torch.Tensor:
             return suffixes[class_rows, : length - prefix_length]
 
-        return self.encode_prefixed(prefixes, build, suffix_pool_index, total_length, token_budget)
+        return self.encode_prefixed(
+            prefixes, build, suffix_pool_index, total_length, token_budget, deep_prompts=deep_prompts
+        )
 
     def encode_prefixed(
         self,
@@ -162,6 +200,7 @@ class TextEncoder:
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         max_prompts: int | None = None,
         cut: bool = True,
+        deep_prompts: LayerPrompts = (),
     ) -> torch.Tensor:
         """`encode_pairs` with suffixes built per chunk, so they may depend on the prefix row too.
 
@@ -169,6 +208,7 @@ class TextEncoder:
         of the pairs' positions Lp..length-1; `pool_index` [C] is per class (in the whole prompt);
         `total_length` is the uncut prompt length. Prefixes of length 0 or `cut=False` give the
         plain (cut or full-length) pass of whole prompts, assembled chunk by chunk.
+        `deep_prompts` as in `encode_pairs` (with prefixes of length 0 they go into the whole prompts).
         Returns [V, C, D].
         """
         n_prefixes, prefix_length = prefixes.shape[:2]
@@ -183,7 +223,7 @@ class TextEncoder:
             order = torch.arange(n_classes)
         lengths = (pool_index.cpu()[order] + 1).tolist() if cut else [total_length] * n_classes
         order = order.to(pool_index.device)
-        cache = self.prefix_keys_values(prefixes) if share else None
+        cache = self.prefix_keys_values(prefixes, deep_prompts) if share else None
         features = []
         for first, last, length in _chunks(lengths, n_prefixes, token_budget, max_prompts):
             flat = torch.arange(first, last, device=pool_index.device)  # pair r * V + v: r-th class by length
@@ -194,13 +234,17 @@ class TextEncoder:
                 features.append(self._suffix_pass(cache, prefix_rows, suffix, pooled_at, prefix_length))
             else:
                 prompts = torch.cat([prefixes[prefix_rows].to(suffix.dtype), suffix], dim=1)  # [B, length, W]
-                features.append(self(prompts, pooled_at, cut=cut))
+                features.append(self(prompts, pooled_at, cut, select_rows(deep_prompts, prefix_rows)))
         ordered = torch.cat(features).reshape(n_classes, n_prefixes, -1)  # [C sorted by length, V, D]
         inverse = torch.argsort(order)
         return ordered[inverse].transpose(0, 1)  # [V, C, D]
 
-    def prefix_keys_values(self, prefixes: torch.Tensor) -> KeysValues:
-        """Run prefixes [V, Lp, W] through every block once; their keys and values per layer."""
+    def prefix_keys_values(self, prefixes: torch.Tensor, deep_prompts: LayerPrompts = ()) -> KeysValues:
+        """Run prefixes [V, Lp, W] through every block once; their keys and values per layer.
+
+        deep_prompts[i - 1] ([n, W] or [V, n, W]) replaces positions 1..n at the input of layer i: as the
+        whole prompt's, since with a causal mask those positions never see the suffixes.
+        """
         tower = self.tower
         cast_dtype = tower.transformer.get_cast_dtype()
         n_prefixes, length, width = prefixes.shape
@@ -209,8 +253,12 @@ class TextEncoder:
         padded = _round_up(length, ROW_BLOCK)
         x = torch.cat([x, x.new_zeros(n_prefixes, padded - length, width)], dim=1)  # [V, padded, W]
         mask = _causal_mask(padded, padded, x.device)
+        if len(deep_prompts):
+            self.check_deep_prompts(deep_prompts, length)
         cache = []
-        for block in tower.transformer.resblocks:
+        for layer, block in enumerate(tower.transformer.resblocks):
+            if 1 <= layer <= len(deep_prompts):
+                x = replace_tokens(x, deep_prompts[layer - 1], DEEP_TEXT_START)
             x, keys, values = _run_block(block, x, mask, None)
             cache.append((keys[:, :, :length], values[:, :, :length]))
         return cache
