@@ -202,6 +202,22 @@ def test_plot_files_outside_a_tree_are_told_from_class_specific_coop_by_their_bu
     assert named.prompt_method == "plot" and named.config == PLOTConfig()
 
 
+def test_an_exported_plot_prompt_reads_back_as_plot_outside_a_tree(tmp_path):
+    """`export_dassl` of a PLOT prompt that records its classes writes N x n_cls zero `token_prefix` rows
+    (Dassl's loaders drop them), so the file reads back as PLOT, not as class-specific CoOp; torch's
+    safe loader reads it."""
+    from nemesis.files.checkpoint import PromptMetadata, export_dassl, load_checkpoint, save_prompt
+
+    ctx = torch.randn(4, 16, 512) * 0.02
+    metadata = PromptMetadata(model="RN50", dataset="dtd", prompt_method="plot", classnames=CLASSNAMES)
+    save_prompt(tmp_path / "prompt.safetensors", ctx, metadata, {})
+    exported = export_dassl(load_checkpoint(tmp_path / "prompt.safetensors"), tmp_path / "export", epoch=3)
+    state = torch.load(exported, weights_only=True)["state_dict"]
+    assert state["token_prefix"].shape == (4 * len(CLASSNAMES), 1, 512) and not state["token_prefix"].any()
+    back = load_checkpoint(exported)
+    assert back.prompt_method == "plot" and torch.equal(back.ctx, ctx)
+
+
 def test_a_dassl_file_named_as_the_other_method_is_one_line(tmp_path):
     """A PLOT Dassl file given as CoOp (in its PLOT tree or not), and a class-specific CoOp file given as
     PLOT: the buffers say which it is, so each is refused in one line naming the right method."""

@@ -596,12 +596,20 @@ def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch
     """Write `<out_dir>/prompt_learner/model.pth.tar-<E>` so CoOp's `load_model` reads the prompt.
 
     Only tensors and plain values are saved, so the file also loads with `torch.load(weights_only=True)`.
+    Buffers the method needs to be told apart (PLOT's `token_prefix` rows, when its classes are recorded)
+    are written as zeros; Dassl's loaders drop them.
     """
     epoch = epoch if epoch is not None else (checkpoint.metadata.epoch or 0)
     folder = Path(out_dir) / DASSL_PROMPT_FOLDER  # created with any missing parents by the atomic write
     target = folder / f"{DASSL_FILE_PREFIX}{epoch}"
+    classnames = checkpoint.metadata.classnames
+    buffers = checkpoint.spec.dassl_buffers(
+        checkpoint.config, tuple(checkpoint.ctx.shape), len(classnames) if classnames else None
+    )
+    state = {CTX_TENSOR: checkpoint.ctx.clone(), **{k: v.clone() for k, v in checkpoint.extra.items()}}
+    state |= {name: checkpoint.ctx.new_zeros(shape) for name, shape in buffers.items()}
     content = {
-        "state_dict": {CTX_TENSOR: checkpoint.ctx.clone(), **{k: v.clone() for k, v in checkpoint.extra.items()}},
+        "state_dict": state,
         "epoch": epoch,
         "optimizer": None,
         "scheduler": None,

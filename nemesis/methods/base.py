@@ -68,6 +68,12 @@ class MethodSpec:
         fits = getattr(self.config, "dassl_fits", None)
         return fits(shapes) if fits is not None else True
 
+    def dassl_buffers(self, config: Any, ctx_shape: tuple[int, ...], n_classes: int | None) -> dict[str, tuple]:
+        """Shapes of the buffers an export writes beside the learned tensors so the file reads back as this
+        method's (`fits_dassl`), by the config's optional `dassl_buffer_shapes`; Dassl's loaders drop them."""
+        shapes = getattr(config, "dassl_buffer_shapes", None)
+        return shapes(ctx_shape, n_classes) if shapes is not None else {}
+
     def settings_folder(self, config: Any) -> str | None:
         """The folder naming the method's settings in a grid's tree (CoOp: `nctx16_cscFalse_ctpend`), from
         the config's optional `folder_name()`; None: no such folder."""

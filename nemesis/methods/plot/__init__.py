@@ -61,6 +61,14 @@ class PLOTConfig:
         ctx, prefix = shapes["ctx"], shapes.get("token_prefix")
         return len(ctx) == 3 and prefix is not None and prefix[0] % ctx[0] == 0 and prefix[0] > ctx[0]
 
+    @staticmethod
+    def dassl_buffer_shapes(ctx_shape: tuple[int, ...], n_classes: int | None) -> dict[str, tuple[int, ...]]:
+        """`token_prefix` [N x n_cls, 1, W], the buffer that tells a PLOT file from class-specific CoOp (the
+        60-token `token_suffix` is left out: nothing reads it); none when the classes are not known."""
+        if n_classes is None:
+            return {}
+        return {"token_prefix": (ctx_shape[0] * n_classes, 1, ctx_shape[-1])}
+
     @classmethod
     def from_dassl(cls, ctx_shape: tuple[int, ...], class_position: str | None) -> PLOTConfig:
         """A PLOT Dassl file: ctx [N, M, W]."""
