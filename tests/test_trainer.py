@@ -139,8 +139,10 @@ def test_runs_saved_before_crop_scale_existed_still_resume():
     from nemesis.training.trainer import RESUMABLE_CHANGES, _config_digest
 
     config = TrainConfig(dataset="dtd", epochs=2, device="cpu")
-    # A config.json of those days: no crop_scale nor method_options, and one word for method and penalty.
-    older = {k: v for k, v in config.to_json().items() if k not in ("crop_scale", "method_options", "penalty")}
+    # A config.json of those days: no crop_scale, method_options nor penalty_options, and one word for
+    # method and penalty.
+    later = ("crop_scale", "method_options", "penalty_options", "penalty")
+    older = {k: v for k, v in config.to_json().items() if k not in later}
     older["method"] = older.pop("prompt_method")
     compared = {key: value for key, value in older.items() if key not in RESUMABLE_CHANGES}
     saved = hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()  # in states saved then
