@@ -14,7 +14,7 @@ from nemesis_cli.main import app
 def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
     settings = DemoSettings(
         epochs=2, train_views=1, n_ctx=4, shots=(1, 2), seeds=(1, 2), base_to_new_shots=2, base_to_new_epochs=1,
-        base_to_new_views=1,
+        base_to_new_views=1, sweep_cocoop=False,  # CoCoOp's sweep (a text pass per image) has tests of its own
     )  # fmt: skip
     options = {"model": "tiny", "n_ctx": settings.n_ctx}
     runs = tmp_path / "demo" / "runs"
