@@ -42,6 +42,7 @@ from nemesis.evaluation.evaluate import EvaluationSetup, predictions, prepare_ev
 from nemesis.methods import setting_name
 from nemesis.model.backbone import Backbone, resolve_device
 from nemesis.progress import progress_bar
+from nemesis.tensors import WHOLE_CTX
 
 from .grid import Cell, Grid
 from .inputs import SweepInput, check_against_data, check_factors
@@ -67,28 +68,54 @@ def evaluate_cells(
     cells: Sequence[Cell],
     variants_per_pass: int = VARIANTS_PER_PASS,
     on_chunk: Callable[[int], None] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> CellOutcome:
-    """Classify the cached test features under every cell's variant of `ctx`, `variants_per_pass` at a time.
+    """Classify the cached test features under every cell's variant of `ctx` (or of the learned tensor its
+    site names, among `tensors`), `variants_per_pass` at a time.
 
-    Variants are built chunk by chunk, so memory holds one chunk of ctx copies at a time.
-    `on_chunk(k)` is called after each chunk of k cells (progress bars).
+    Variants are built chunk by chunk, so memory holds one chunk of copies at a time. A learner that
+    scores sites (`scores_sites`: prompts inside the towers) gets each run of cells at one site together
+    with that site. `on_chunk(k)` is called after each chunk of k cells (progress bars).
     """
+    learned = {WHOLE_CTX.tensor: ctx, **(tensors or {})}
+    by_site = getattr(setup.learner, "scores_sites", False)
     rows, before, after = [], [], []
     labels = setup.labels
     for start in range(0, len(cells), variants_per_pass):
         chunk = list(cells[start : start + variants_per_pass])
-        variants = corrupted_variants(ctx, chunk)  # [k, M, W] or [k, n_cls, M, W]
-        predicted = predictions(setup.learner, setup.features, variants, variants_per_pass)  # [k, N]
-        rows.append((predicted == labels.to(predicted.device)).cpu())
-        for cell, variant in zip(chunk, variants, strict=True):
-            original = cell.op == ORIGINAL
-            before.append(math.nan if original else position_norm(ctx, cell.position, cell.site))
-            after.append(math.nan if original else position_norm(variant, cell.position, cell.site))
+        for group in _runs(chunk, (lambda cell: cell.site) if by_site else (lambda cell: cell.site.tensor)):
+            site = group[0].site
+            if site.tensor not in learned:
+                raise NemesisError(
+                    f"corruption site {site.name!r} acts on {site.tensor!r}, which this prompt does not learn "
+                    f"(it learns {', '.join(learned)})"
+                )
+            tensor = learned[site.tensor]
+            variants = corrupted_variants(tensor, group)  # [k, *tensor.shape]
+            predicted = predictions(
+                setup.learner, setup.features, variants, variants_per_pass, site if by_site else None
+            )  # [k, N]
+            rows.append((predicted == labels.to(predicted.device)).cpu())
+            for cell, variant in zip(group, variants, strict=True):
+                original = cell.op == ORIGINAL
+                before.append(math.nan if original else position_norm(tensor, cell.position, cell.site))
+                after.append(math.nan if original else position_norm(variant, cell.position, cell.site))
         if on_chunk is not None:
             on_chunk(len(chunk))
     n = labels.numel()
     correct = torch.cat(rows) if rows else torch.zeros(0, n, dtype=torch.bool)
     return CellOutcome(correct, before, after)
+
+
+def _runs(cells: list[Cell], key: Callable[[Cell], Any]) -> list[list[Cell]]:
+    """`cells` cut into runs of consecutive cells with the same key, in order."""
+    runs: list[list[Cell]] = []
+    for cell in cells:
+        if runs and key(runs[-1][0]) == key(cell):
+            runs[-1].append(cell)
+        else:
+            runs.append([cell])
+    return runs
 
 
 def _decimal(points: float) -> float:
@@ -128,6 +155,8 @@ def cell_rows(
                 "train_dataset": identity.get("train_dataset"),
                 "n_classes": identity.get("n_classes"),
                 "site": cell.site.name,
+                "tower": cell.site.tower,
+                "layer": cell.site.layer,
                 "op": cell.op,
                 "position": cell.position,
                 "factor": math.nan if cell.factor is None else cell.factor,
@@ -300,7 +329,7 @@ def run_sweep(
             )
             _append_cells(
                 setup,
-                checkpoint.ctx,
+                checkpoint.tensors,
                 item.identity,
                 missing,
                 results,
@@ -320,21 +349,23 @@ def run_sweep(
 
 def _append_cells(
     setup: EvaluationSetup,
-    ctx: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
     identity: dict[str, Any],
     missing: Sequence[Cell],
     results: ResultsFile,
     variants_per_pass: int,
     on_chunk: Callable[[int], None] | None = None,
 ) -> None:
-    """Evaluate `missing` cells of one checkpoint and append their rows (delta_acc against its original row)."""
-    outcome = evaluate_cells(setup, ctx, missing, variants_per_pass, on_chunk=on_chunk)
+    """Evaluate `missing` cells of one checkpoint (its learned `tensors`, ctx first) and append their rows
+    (delta_acc against its original row)."""
+    ctx, others = tensors[WHOLE_CTX.tensor], {name: t for name, t in tensors.items() if name != WHOLE_CTX.tensor}
+    outcome = evaluate_cells(setup, ctx, missing, variants_per_pass, on_chunk=on_chunk, tensors=others)
     if missing[0].op == ORIGINAL:
         original_accuracy = accuracy_percent(int(outcome.correct[0].sum()), outcome.correct.shape[1])
     elif (original_id := cell_id(identity, Cell(ORIGINAL))) in results.cell_ids:
         original_accuracy = results.accuracy_of(original_id)  # written by an earlier run of a smaller grid
     else:  # another rank's cell: evaluated here too (one more variant), written by that rank only
-        original = evaluate_cells(setup, ctx, [Cell(ORIGINAL)], variants_per_pass).correct[0]
+        original = evaluate_cells(setup, ctx, [Cell(ORIGINAL)], variants_per_pass, tensors=others).correct[0]
         original_accuracy = accuracy_percent(int(original.sum()), original.numel())
     identity = {**identity, "weights": setup.backbone.weights_id, "n_classes": len(setup.dataset.classnames)}
     rows = cell_rows(identity, missing, outcome, original_accuracy)
@@ -363,7 +394,9 @@ def sweep_learner(
     done = results.cell_ids
     missing = [cell for cell, identifier in zip(cells, ids, strict=True) if identifier not in done]
     if missing:
-        _append_cells(setup, learner.ctx.detach(), identity, missing, results, variants_per_pass)
+        learned = {WHOLE_CTX.tensor: learner.ctx, **learner.extra_parameters()}
+        tensors = {name: tensor.detach() for name, tensor in learned.items()}
+        _append_cells(setup, tensors, identity, missing, results, variants_per_pass)
     return results.rows_of(ids)
 
 

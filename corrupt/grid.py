@@ -98,18 +98,13 @@ class Grid:
 
 
 def check_sites(sites: Sequence[CorruptionSite]) -> None:
-    """Refuse sites a sweep cannot tell apart or apply: none, a repeated name, a tensor other than ctx."""
+    """Refuse sites a sweep cannot tell apart: none, or a repeated name."""
     if not sites:
         raise NemesisError("the prompt method declares no corruption site; a sweep needs at least one")
     names = [site.name for site in sites]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise NemesisError(f"corruption site names must differ, but {', '.join(map(repr, repeated))} repeat")
-    for site in sites:
-        if site.tensor != WHOLE_CTX.tensor:
-            raise NemesisError(
-                f"corruption site {site.name!r} acts on {site.tensor!r}; sweeps corrupt only {WHOLE_CTX.tensor!r}"
-            )
 
 
 # --- parsing the command-line flags -------------------------------------------------------------

@@ -239,7 +239,12 @@ def corruption_sites(checkpoint: PromptCheckpoint, all_sites: bool = False) -> t
     """Where a sweep corrupts the checkpoint's ctx: the sites its method declares, and with `all_sites`
     the optional ones too (`optional_corruption_sites_for`; PLOT: each prompt alone)."""
     learner_class, shape = checkpoint.spec.learner_class(), tuple(checkpoint.ctx.shape)
-    sites = list(learner_class.corruption_sites_for(shape))
+    if hasattr(learner_class, "corruption_sites_of"):  # sites on tensors besides ctx (IVLP's vision prompts)
+        sites = list(
+            learner_class.corruption_sites_of({name: tuple(t.shape) for name, t in checkpoint.tensors.items()})
+        )
+    else:
+        sites = list(learner_class.corruption_sites_for(shape))
     if all_sites and hasattr(learner_class, "optional_corruption_sites_for"):
         sites += learner_class.optional_corruption_sites_for(shape)
     return tuple(sites)

@@ -57,3 +57,10 @@ class Schedule(str, Enum):
 
     constant = "constant"
     logistic = "logistic"
+
+
+class VisionPromptPlacement(str, Enum):
+    """Where layer-0 vision prompts enter a ViT (both without positional embedding)."""
+
+    append = "append"  # after the patches, before ln_pre (MaPLe, IVLP, PromptSRC and their VPT)
+    prepend = "prepend"  # between the class token and the patches (KMnP's VPT)

@@ -38,5 +38,8 @@ def cache_root() -> Path:
 
 POOLED_FEATURES = "pooled"  # a learner's image input: the image tower's pooled, projected features [B, D]
 LOCAL_FEATURES = "local"  # ... or one projected feature per image token [B, T, D], the global one first (PLOT)
+# ... or a ViT's patch embeddings [B, 1 + P, W] (class token and patches with positions, before ln_pre): what
+# vision prompts do not change, so a learner with prompts in the image tower runs its blocks from there
+PATCH_TOKENS = "patches"
 
 ZERO_SHOT_METHOD = "zero-shot"  # the method of zero-shot records: the hand-crafted prompt, nothing learned

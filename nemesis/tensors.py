@@ -31,12 +31,17 @@ class CorruptionSite:
     [..., M, W]); an operator at position j changes row j of every leading index of the part at once.
     Examples: CoOp's ctx [M, W] or class-specific [n_cls, M, W]: one site, `index` (), so position j
     of every class; two prompts per class, ctx [N, M, W]: "prompt n" with `index` (n,), and "every
-    prompt" with `index` ().
+    prompt" with `index` (); IVLP's vision stack [depth, n, W]: "vision layer 3" with `tensor`
+    "vision_prompts", `index` (3,), `tower` "vision" and `layer` 3.
     """
 
     name: str = ""  # the sweep table's `site` value; "" for a method's single, whole-ctx site
-    tensor: str = "ctx"  # the learned tensor it acts on: today ctx, the tensor `similarities` takes variants of
+    tensor: str = "ctx"  # the learned tensor it acts on (a learner's `similarities` takes variants of it)
     index: tuple[int, ...] = ()  # leading index of the part: () all of it; (n,) prompt n of ctx [N, M, W]
+    tower: str = (
+        ""  # prompts inside the towers: "text" or "vision", the tower the part enters ("" for ctx-only methods)
+    )
+    layer: int | None = None  # ... and the layer at whose input it enters (0: the tower's input)
 
     POSITION_AXIS: ClassVar[int] = -2
 

@@ -84,12 +84,18 @@ def test_cells_run_over_every_site_with_one_original():
     [
         ([], "declares no corruption site"),
         ([CorruptionSite("a"), CorruptionSite("a", index=(1,))], "'a' repeat"),
-        ([CorruptionSite("deep", tensor="vision_ctx")], "acts on 'vision_ctx'; sweeps corrupt only 'ctx'"),
     ],
 )
 def test_sites_a_sweep_cannot_tell_apart_or_apply_are_refused(sites, message):
     with pytest.raises(NemesisError, match=message):
         check_sites(sites)
+
+
+def test_a_site_on_a_tensor_the_prompt_lacks_is_refused(mean2_setup):
+    """Sites may name any learned tensor (IVLP's vision prompts); one the prompt does not have is refused."""
+    cell = GRID.cells(N_CTX, [CorruptionSite("deep", tensor="vision_ctx")])[1]
+    with pytest.raises(NemesisError, match="acts on 'vision_ctx', which this prompt does not learn"):
+        evaluate_cells(mean2_setup, mean2_setup.learner.ctx.detach(), [cell])
 
 
 def test_a_site_index_must_select_a_part_of_ctx():

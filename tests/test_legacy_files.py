@@ -105,6 +105,7 @@ def version_1_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
     for row in rows:
         row["method"] = legacy_name(row["method"], row.pop("penalty"))
         assert row.pop("site", "") == ""  # before corruption sites, every cell corrupted the whole ctx
+        assert row.pop("tower", "") == "" and row.pop("layer", None) is None  # ... and no prompt was in a tower
     return rows
 
 

@@ -21,19 +21,20 @@ from typer.testing import CliRunner
 from analysis.report import make_report
 from corrupt.grid import ORIGINAL_CELL, parse_grid
 from nemesis.checksum import tensors_sha256
-from nemesis.constants import LOCAL_FEATURES
+from nemesis.constants import LOCAL_FEATURES, PATCH_TOKENS
 from nemesis.data.datasets import load_dataset
 from nemesis.data.feature_cache import encode_split
 from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
 from nemesis.evaluation.evaluate import prepare_evaluation, resolve_target
-from nemesis.files.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt
+from nemesis.files.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt, shape_fits
 from nemesis.methods import METHODS, MethodSpec, register_method
 from nemesis.methods.cocoop.learner import embed_dim_of
 from nemesis.methods.coop import CoOpConfig, checked_text_options
 from nemesis.methods.coop.learner import PromptedCLIP, PromptLearner
-from nemesis.methods.protocol import CorruptionSite, PromptMethod, build_learner
+from nemesis.methods.protocol import CorruptionSite, PromptMethod, build_learner, planned_sites
 from nemesis.model.backbone import load_clip
+from nemesis.model.clip_models import text_width, vision_width
 from nemesis.penalties.losses import position_norms
 from nemesis.training.configs import TrainConfig
 from nemesis_cli.main import app
@@ -135,7 +136,7 @@ class AveragedCoOp(nn.Module):
 class ShiftConfig(CoOpConfig):
     """CoOp's options; the tensors are CoOp's and the shift."""
 
-    def tensor_shapes(self, embed_dim, text_width, n_classes) -> dict[str, tuple]:
+    def tensor_shapes(self, embed_dim, text_width, n_classes, vision_width=None) -> dict[str, tuple]:
         return super().tensor_shapes(embed_dim, text_width, n_classes) | {"shift": (text_width,)}
 
 
@@ -150,7 +151,7 @@ class AveragedConfig:
     def __post_init__(self) -> None:
         checked_text_options(self)
 
-    def tensor_shapes(self, embed_dim, text_width, n_classes) -> dict[str, tuple]:
+    def tensor_shapes(self, embed_dim, text_width, n_classes, vision_width=None) -> dict[str, tuple]:
         return {"ctx": (2, self.n_ctx, text_width)}
 
     @classmethod
@@ -215,8 +216,11 @@ def _saved(learner: PromptMethod, path) -> PromptMetadata:
 
 
 def _features(learner: PromptMethod, n: int = 5, seed: int = 0) -> torch.Tensor:
-    """Random image features of the kind the learner takes: pooled [B, D], or local [B, T, D] (T = tiny's 17)."""
+    """Random image features of the kind the learner takes: pooled [B, D], local [B, T, D] (T = tiny's 17), or
+    patch embeddings [B, T, W] (W: tiny's image-tower width)."""
     width = embed_dim_of(cached_backbone("tiny"))
+    if PATCH_TOKENS in learner.image_inputs:
+        return torch.randn(n, 17, vision_width("tiny"), generator=torch.Generator().manual_seed(seed))
     shape = (n, 17, width) if LOCAL_FEATURES in learner.image_inputs else (n, width)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
@@ -239,7 +243,12 @@ def runs() -> dict:
 
 
 def _train_once(name: str, runs: dict, data_root, tmp_path_factory, monkeypatch):
-    """One epoch on tiny (random weights, 4 classes x 2 shots), leaving the CLIP weights unchanged (I5)."""
+    """One epoch on tiny (random weights, 4 classes x 2 shots), leaving the CLIP weights unchanged (I5).
+    A method that is not trained here (PromptSRC): the refusal is checked and the test ends."""
+    if not METHODS[name].trains:
+        with pytest.raises(NemesisError, match="is not offered"):
+            small_config(data_root, prompt_method=name, shots=2, epochs=1, batch_size=4, n_ctx=N_CTX)
+        pytest.skip(f"{name} is read and evaluated, not trained; its refusal to train was checked")
     if name not in runs:
         config = small_config(data_root, prompt_method=name, shots=2, epochs=1, batch_size=4, n_ctx=N_CTX)
         out = tmp_path_factory.mktemp(f"run-{name}")
@@ -257,13 +266,13 @@ def test_learner_satisfies_the_protocol(name):
     assert learner.method == name and METHODS[name].learner_class() is type(learner)
     assert (learner.n_ctx, learner.n_classes, learner.classnames) == (N_CTX, len(CLASSNAMES), CLASSNAMES)
     assert learner.norms().shape == (N_CTX,)
-    width = learner.ctx.shape[-1]
+    tiny = cached_backbone("tiny")
     spec = METHODS[name]
-    shapes = spec.tensor_shapes(
-        spec.options(n_ctx=N_CTX), embed_dim_of(cached_backbone("tiny")), width, len(CLASSNAMES)
-    )
+    widths = dict(text_width=text_width("tiny"), vision_width=vision_width("tiny"))
+    shapes = spec.tensor_shapes(spec.options(n_ctx=N_CTX), embed_dim_of(tiny), n_classes=len(CLASSNAMES), **widths)
     learned = {"ctx": learner.ctx, **learner.extra_parameters()}
-    assert {key: tuple(value.shape) for key, value in learned.items()} == shapes
+    assert set(learned) == set(shapes)  # None in a declared shape: any size (a prompt stack's depth)
+    assert all(shape_fits(learned[key].shape, shapes[key]) for key in shapes), (learned, shapes)
     other = learner.for_classnames(["a", "b"])
     assert type(other) is type(learner) and other.n_classes == 2 and torch.equal(other.ctx, learner.ctx)
     extra = learner.extra_parameters()
@@ -278,14 +287,16 @@ SITE_NAMES = {"coop": [""], "cocoop": [""], SHIFT: [""], MEAN2: ["prompt 0", "pr
 def test_corruption_sites_are_declared_and_fit_the_ctx(name):
     learner = _learner(name)
     sites = learner.corruption_sites()
-    # What sweeps plan with before a learner is built, from the checkpoint's ctx shape alone.
-    assert sites == type(learner).corruption_sites_for(tuple(learner.ctx.shape))
+    learned = {"ctx": learner.ctx, **learner.extra_parameters()}
+    # What sweeps plan with before a learner is built, from the checkpoint's tensor shapes alone.
+    assert sites == planned_sites(type(learner), {key: tuple(value.shape) for key, value in learned.items()})
     if name in SITE_NAMES:
         assert [site.name for site in sites] == SITE_NAMES[name]
-    assert len({site.name for site in sites}) == len(sites) and all(site.tensor == "ctx" for site in sites)
+    assert len({site.name for site in sites}) == len(sites) and all(site.tensor in learned for site in sites)
     for site in sites:
-        part = site.part(learner.ctx.detach())  # [..., M, W]: positions on axis -2
-        assert part.shape[site.POSITION_AXIS] == learner.n_ctx and part.shape[-1] == learner.ctx.shape[-1]
+        tensor = learned[site.tensor].detach()
+        part = site.part(tensor)  # [..., M, W]: positions on axis -2
+        assert part.shape[site.POSITION_AXIS] == learner.n_ctx and part.shape[-1] == tensor.shape[-1]
 
 
 @pytest.mark.parametrize("name", methods())
@@ -317,6 +328,9 @@ def test_prompt_interpret_reads_every_vector_of_ctx(name, tmp_path):
     _saved(learner, tmp_path / "prompt.safetensors")
     args = ["prompt", "interpret", str(tmp_path / "prompt.safetensors"), "--pretrained", "none", "--json"]
     result = CliRunner().invoke(app, args)
+    if METHODS[name].ctx_tower() != "text":  # VPT: its ctx is image-tower tokens, which no vocabulary reads
+        assert result.exit_code == 2 and "image tower" in result.output
+        return
     assert result.exit_code == 0, result.output
     nearest = [row for row in json.loads(result.stdout) if row["rank"] == 1]
     assert len(nearest) == learner.ctx.numel() // learner.ctx.shape[-1]  # every vector of ctx, once
@@ -376,11 +390,15 @@ def _check_two_cell_sweep(name: str, checkpoint, data_root, out) -> None:
     corruption sites, through the method's own learner."""
     summary = _sweep([checkpoint], out, parse_grid(rescale="0.5,3", positions="0"), data_root)
     table = pd.read_parquet(out)
-    sites = METHODS[name].learner_class().corruption_sites_for(tuple(load_checkpoint(checkpoint).ctx.shape))
+    shapes = {key: tuple(value.shape) for key, value in load_checkpoint(checkpoint).tensors.items()}
+    sites = planned_sites(METHODS[name].learner_class(), shapes)
     assert len(table) == 1 + 2 * len(sites) and summary.computed == len(table)  # the original row once
     assert list(table["op"]).count(ORIGINAL_CELL.op) == 1 and set(table["method"]) == {name}
     corrupted = table[table["op"] != ORIGINAL_CELL.op]
     assert corrupted["site"].value_counts().to_dict() == {site.name: 2 for site in sites}
+    towers = corrupted[["site", "tower", "layer"]].drop_duplicates().astype(object).itertuples(index=False)
+    declared = {(site.name, site.tower, pd.NA if site.layer is None else site.layer) for site in sites}
+    assert {tuple(row) for row in towers} == declared
     target = resolve_target(load_checkpoint(checkpoint), pretrained="none")
     setup = prepare_evaluation(target, root=data_root, device="cpu", backbones=_backbones(), progress=False)
     assert type(setup.learner) is METHODS[name].learner_class()

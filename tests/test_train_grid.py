@@ -107,7 +107,10 @@ def test_an_interrupted_grid_resumes_to_the_uninterrupted_prompts(data_root, tmp
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"methods": "coop,pun"}, "unknown method 'pun'; choose one of coop, cocoop, plot, nemesis, pen, pan"),
+        (
+            {"methods": "coop,pun"},
+            "unknown method 'pun'; choose one of coop, cocoop, plot, vpt, ivlp, maple, promptsrc, nemesis, pen, pan",
+        ),
         ({"seeds": ""}, "--seed is empty"),
         ({"shots": "1,,2"}, "--shots '1,,2' has an empty entry"),
         ({"shots": "one"}, "--shots 'one' must be a comma-separated list of ints"),

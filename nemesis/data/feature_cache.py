@@ -29,9 +29,10 @@ from safetensors.torch import safe_open
 
 from ..atomic import file_lock
 from ..checksum import tensors_sha256
-from ..constants import LOCAL_FEATURES, POOLED_FEATURES, cache_root
+from ..constants import LOCAL_FEATURES, PATCH_TOKENS, POOLED_FEATURES, cache_root
 from ..errors import NemesisError
 from ..model.local_features import check_local_features, local_image_features
+from ..model.vision_prompts import check_vision_prompts, patch_embeddings
 from ..precision import autocast_policy
 from ..progress import progress_bar
 from ..wording import plural
@@ -74,7 +75,11 @@ def image_encoder(backbone, inputs: str = POOLED_FEATURES) -> ImageEncoder:
     if inputs == LOCAL_FEATURES:
         check_local_features(model, backbone.name)
         return lambda images: local_image_features(model, images, backbone.name)
-    raise NemesisError(f"unknown image input '{inputs}' (known: {POOLED_FEATURES}, {LOCAL_FEATURES})")
+    if inputs == PATCH_TOKENS:
+        check_vision_prompts(model.visual, backbone.name)
+        return lambda images: patch_embeddings(model.visual, images)
+    known = ", ".join((POOLED_FEATURES, LOCAL_FEATURES, PATCH_TOKENS))
+    raise NemesisError(f"unknown image input '{inputs}' (known: {known})")
 
 
 def default_cache_dir() -> Path:

@@ -118,6 +118,10 @@ def interpret_prompt(
     """
     if not isinstance(checkpoint, PromptCheckpoint):
         checkpoint = load_checkpoint(checkpoint, epoch, prompt_method)
+    if checkpoint.spec.ctx_tower() != "text":
+        raise NemesisError(
+            f"{checkpoint.path}: {checkpoint.spec.label}'s prompts enter the image tower; no vocabulary reads them"
+        )
     model = model or checkpoint.metadata.model
     if model is None:
         raise NemesisError(f"{checkpoint.path}: the checkpoint does not name its model; pass --model (e.g. RN50)")

@@ -28,9 +28,12 @@ Scorer = Callable[[torch.Tensor], torch.Tensor]  # image features [B, ...] -> si
 STREAM_BLOCK_BYTES = 256 * 2**20
 
 
-def variant_scorer(learner: ScoresVariants, ctx_variants: torch.Tensor) -> Scorer:
+def variant_scorer(learner: ScoresVariants, ctx_variants: torch.Tensor, site: Any = None) -> Scorer:
     """The learner's similarities under `ctx_variants` as a function of the images: its own `scorer`,
-    which computes the text side once, or `similarities` called on each block."""
+    which computes the text side once, or `similarities` called on each block. A `site` (the corruption
+    site the variants differ at, of a learner whose `scores_sites` is set) says which tensor they are of."""
+    if site is not None:
+        return learner.scorer(ctx_variants, site)
     if _scorer_is_current(type(learner)):
         return learner.scorer(ctx_variants)
     return lambda image_features: learner.similarities(image_features, ctx_variants)
@@ -59,10 +62,10 @@ def image_blocks(learner: ScoresVariants, features: Any) -> Iterator[torch.Tenso
 
 
 def predictions(
-    learner: ScoresVariants, features: Any, ctx_variants: torch.Tensor, variants_per_pass: int = 32
+    learner: ScoresVariants, features: Any, ctx_variants: torch.Tensor, variants_per_pass: int = 32, site: Any = None
 ) -> torch.Tensor:
     """Predicted labels [K, N] of image features [N, ...] (a tensor, or `StoredFeatures` streamed from
-    disk) under K ctx variants, without autograd.
+    disk) under K ctx variants (of `site`'s tensor, for a learner that scores sites), without autograd.
 
     The logit scale is left out: a positive factor does not change the arg-max.
     """
@@ -70,7 +73,7 @@ def predictions(
     rows = []
     with torch.inference_mode(), autocast_policy(device).context():
         for start in range(0, ctx_variants.shape[0], variants_per_pass):
-            score = variant_scorer(learner, ctx_variants[start : start + variants_per_pass].to(device))
+            score = variant_scorer(learner, ctx_variants[start : start + variants_per_pass].to(device), site)
             rows.append(torch.cat([score(block).argmax(dim=-1) for block in image_blocks(learner, features)], dim=1))
     return torch.cat(rows)  # [K, N]
 

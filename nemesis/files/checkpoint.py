@@ -39,6 +39,7 @@ from ..constants import (
 )
 from ..errors import NemesisError
 from ..methods import METHODS, MethodSpec, method_of_dassl_path, method_spec, split_method
+from ..model.clip_models import vision_width
 from ..penalties import NO_PENALTY, PENALTIES, DasslTrainer, penalty_names
 from ..unpickle import load_torch_file
 from .coop_paths import identity_from_path
@@ -256,11 +257,15 @@ class PromptCheckpoint:
         return self.metadata.source_format != "dassl" or identity_from_path(self.path).subsample is not None
 
     def check_model(self, model: str, embed_dim: int, text_width: int, n_classes: int | None = None) -> None:
-        """Refuse a prompt whose tensors do not fit `model` (widths D and W) or `n_classes` classes."""
-        expected = self.spec.tensor_shapes(self.config, embed_dim, text_width, n_classes)
-        if self.ctx.shape[-1] != text_width:
+        """Refuse a prompt whose tensors do not fit `model` (widths D and W, its image tower's width) or
+        `n_classes` classes."""
+        tower_width = vision_width(model)
+        expected = self.spec.tensor_shapes(self.config, embed_dim, text_width, n_classes, tower_width)
+        tower = self.spec.ctx_tower()
+        width = tower_width if tower == "vision" else text_width
+        if self.ctx.shape[-1] != width:
             raise NemesisError(
-                f"{self.path}: ctx width {self.ctx.shape[-1]} does not match the text width {text_width} "
+                f"{self.path}: ctx width {self.ctx.shape[-1]} does not match the {tower} width {width} "
                 f"of model '{model}'; name the model the prompt was trained with (--model)"
             )
         if n_classes is not None and self.class_specific and self.ctx.shape[0] != n_classes:
@@ -272,8 +277,8 @@ class PromptCheckpoint:
         if name is not None:
             raise NemesisError(
                 f"{self.path}: {name} has shape {tuple(tensors[name].shape)}, but {self.prompt_method} on model "
-                f"'{model}' (image width {embed_dim}, text width {text_width}) needs {_shown(expected[name])}; "
-                "name the model it was trained with"
+                f"'{model}' (image width {embed_dim}, text width {text_width}, image-tower width {tower_width}) "
+                f"needs {_shown(expected[name])}; name the model it was trained with"
             )
 
 
@@ -365,7 +370,9 @@ def method_of_tensors(names: set[str], origin: str) -> str:
 
 def _check_declared(spec: MethodSpec, config: Any, tensors: dict[str, torch.Tensor], origin: str) -> None:
     """Refuse tensors that are not the method's, by name and by the shapes the file itself fixes."""
-    expected = spec.tensor_shapes(config, None, tensors[CTX_TENSOR].shape[-1], None)
+    width = tensors[CTX_TENSOR].shape[-1]
+    text, vision = (None, width) if spec.ctx_tower() == "vision" else (width, None)
+    expected = spec.tensor_shapes(config, None, text, None, vision)
     if set(tensors) != set(expected):
         found = method_of_tensors(set(tensors) - {CTX_TENSOR}, origin)
         raise NemesisError(f"{origin} says it is a {spec.name} prompt but holds the tensors of {found}")

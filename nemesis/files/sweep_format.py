@@ -54,6 +54,10 @@ SWEEP_DTYPES = {
     # The corruption site of the cell (`PromptMethod.corruption_sites`), e.g. "prompt 0"; "" for a
     # method's whole-ctx site (CoOp, CoCoOp) and for the original row.
     "site": "string",
+    # Prompts inside the towers: the tower ("text", "vision") and layer of the site's prompt; "" and null
+    # for methods whose prompt is one ctx (CoOp, CoCoOp, PLOT) and for the original row.
+    "tower": "string",
+    "layer": "Int64",
     "op": "string",  # original | replace | rescale
     "position": "Int64",  # null for the original row
     "factor": "float64",  # tau (rescale) or sigma (replace); NaN for the original row
@@ -72,7 +76,8 @@ SWEEP_COLUMNS = tuple(SWEEP_DTYPES)
 KIND_COLUMNS = ("weights", "penalty", "method_variant", "subsample", "train_dataset", "n_classes")
 # Columns added later whose value in an older table is known: every sweep before corruption sites
 # corrupted the whole ctx, so such a table reads with site "" (as a new table writes it).
-DEFAULTED_COLUMNS = {"site": ""}
+DEFAULTED_COLUMNS = {"site": "", "tower": ""}
+LATER_COLUMNS = ("layer",)  # added later too; null in an older table, as it is for its methods
 CORRECTNESS_COLUMNS = ("cell_id", "correct")
 CORRECTNESS_SUFFIX = ".correct.parquet"
 CORRECTNESS_SCHEMA = pa.schema([("cell_id", pa.string()), ("correct", pa.list_(pa.bool_()))])
@@ -139,7 +144,7 @@ def _split_legacy_methods(frame: pd.DataFrame) -> pd.DataFrame:
 
 def typed_sweep_frame(frame: pd.DataFrame, origin: str) -> pd.DataFrame:
     """`frame` with exactly the sweep columns, in order, with their dtypes; NemesisError if it is not one."""
-    optional = (*KIND_COLUMNS, *DEFAULTED_COLUMNS)
+    optional = (*KIND_COLUMNS, *DEFAULTED_COLUMNS, *LATER_COLUMNS)
     missing = [column for column in SWEEP_COLUMNS if column not in frame.columns and column not in optional]
     if missing:
         raise NemesisError(

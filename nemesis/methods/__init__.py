@@ -17,7 +17,7 @@ from typing import Any
 from ..data.templates import TEMPLATE_INIT
 from ..errors import NemesisError, typed_option
 from ..penalties import NEMESIS, NO_PENALTY, PENALTIES, UNKNOWN_PENALTY
-from . import cocoop, coop, plot
+from . import cocoop, coop, ivlp, maple, plot, promptsrc, vpt
 from .base import MethodSpec, TrainingDefaults
 
 METHODS: dict[str, MethodSpec] = {}
@@ -31,6 +31,10 @@ def register_method(spec: MethodSpec) -> None:
 register_method(coop.SPEC)
 register_method(cocoop.SPEC)
 register_method(plot.SPEC)
+register_method(vpt.SPEC)
+register_method(ivlp.SPEC)
+register_method(maple.SPEC)
+register_method(promptsrc.SPEC)
 
 DEFAULT_METHOD = coop.SPEC.name  # what `nemesis train` trains when no method is named
 
@@ -88,6 +92,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pan": {"prompt_method": "coop", "penalty": "nemesis", "beta": 0.0},  # PAN only
     "cocoop-nemesis": {"prompt_method": "cocoop", "penalty": "nemesis"},
     "plot-nemesis": {"prompt_method": "plot", "penalty": "nemesis"},
+    "vpt-nemesis": {"prompt_method": "vpt", "penalty": "nemesis"},
+    "ivlp-nemesis": {"prompt_method": "ivlp", "penalty": "nemesis"},
+    "maple-nemesis": {"prompt_method": "maple", "penalty": "nemesis"},
     # KgCoOp's ctx is always "a photo of a" (its configs' CTX_INIT; batch 128, 100 epochs: the penalty's defaults)
     "kgcoop": {"prompt_method": "coop", "penalty": "kgcoop", "ctx_init": "a photo of a"},
     "kgcoop-nemesis": {"prompt_method": "coop", "penalty": "kgcoop+nemesis", "ctx_init": "a photo of a"},

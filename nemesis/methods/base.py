@@ -29,7 +29,8 @@ class MethodSpec:
     takes (each also a `nemesis train` option) and its defaults are the method's. It may define
     `from_options(**given)` (given options only; the rest default) and `from_dassl(ctx_shape,
     class_position)` (what a Dassl file's tensors and path say), and must define
-    `tensor_shapes(embed_dim, text_width, n_classes)`: the prompt tensors it learns, by name and shape.
+    `tensor_shapes(embed_dim, text_width, n_classes, vision_width)`: the prompt tensors it learns, by
+    name and shape. A config whose ctx is not in the text tower says so by `first_tower` ("vision").
     """
 
     name: str  # registry name, written into prompt files, run configs and tables
@@ -38,6 +39,7 @@ class MethodSpec:
     config: type  # the options dataclass
     training: TrainingDefaults = TrainingDefaults()
     dassl_trainers: tuple[str, ...] = ()  # trainer folder names in Dassl output trees ("CoOp")
+    trains: bool = True  # False: its users' prompts are read, evaluated and swept, but `nemesis train` refuses it
 
     def learner_class(self) -> type:
         if isinstance(self.learner, type):
@@ -55,11 +57,17 @@ class MethodSpec:
         return maker(**given)
 
     def tensor_shapes(
-        self, config: Any, embed_dim: int | None = None, text_width: int | None = None, n_classes: int | None = None
+        self,
+        config: Any,
+        embed_dim: int | None = None,
+        text_width: int | None = None,
+        n_classes: int | None = None,
+        vision_width: int | None = None,
     ) -> dict[str, tuple[int | None, ...]]:
-        """Every tensor the method learns, by checkpoint name, and its shape on a model of image width D
-        and text width W for `n_classes` classes (None: not known, any size)."""
-        return config.tensor_shapes(embed_dim, text_width, n_classes)
+        """Every tensor the method learns, by checkpoint name, and its shape on a model of image width D,
+        text width W and image-tower token width `vision_width` for `n_classes` classes (None: not known,
+        any size)."""
+        return config.tensor_shapes(embed_dim, text_width, n_classes, vision_width)
 
     def fits_dassl(self, shapes: dict[str, tuple[int, ...]]) -> bool:
         """Whether a Dassl state dict with these tensor shapes (buffers such as `token_prefix` included)
@@ -88,6 +96,10 @@ class MethodSpec:
         check = getattr(config, "check_classnames", None)
         if check is not None:
             check(classnames, token_count, context_length)
+
+    def ctx_tower(self) -> str:
+        """The tower ctx's vectors enter: "text" (CoOp's context, ...), or "vision" (VPT)."""
+        return getattr(self.config, "first_tower", "text")
 
     def options_from_dassl(self, ctx_shape: tuple[int, ...], class_position: str | None) -> Any:
         """The config a Dassl file of this method implies: its tensors' shapes and its path."""

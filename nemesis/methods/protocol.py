@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..constants import LOCAL_FEATURES, POOLED_FEATURES
+from ..constants import LOCAL_FEATURES, PATCH_TOKENS, POOLED_FEATURES
 from ..errors import NemesisError
 from ..model.clip_models import Backbone
 from ..tensors import WHOLE_CTX as WHOLE_CTX  # re-exported with CorruptionSite: the interface's vocabulary
@@ -29,12 +29,16 @@ class PromptMethod(Protocol):
     multiplies Nemesis's norm penalties on ctx; PLOT sets its prompt count N, as the official
     PLOTNemesis sums the norms over the N prompts where the losses average over ctx's leading axes.
     Optional: `optional_corruption_sites_for(ctx_shape)`, sites a sweep adds when asked (`--all-sites`).
+    Optional, for sites on learned tensors besides ctx (prompts inside the towers): the classmethod
+    `corruption_sites_of(shapes)` (every learned tensor's shape by name) replaces `corruption_sites_for`,
+    and `scores_sites = True` makes sweeps call `scorer(variants, site)` with variants of `site.tensor`.
+    Optional: `mean_prompt_norm(p)`, the mean norm PUN takes over every prompt the learner has.
     """
 
     method: ClassVar[str]  # the registry name (`nemesis.methods.METHODS`), written into prompt files
     # The image inputs `logits` and `similarities` take, from the feature cache: "pooled" features [B, D],
     # or "local" features [B, T, D], one per image token (PLOT); the first decides what the cache gives.
-    # (Pixels come with vision prompts, and with them their cache.)
+    # or "patches", a ViT's patch embeddings [B, 1 + P, W] before ln_pre (learners with vision prompts).
     image_inputs: ClassVar[tuple[str, ...]]
 
     @property
@@ -84,7 +88,19 @@ class PromptMethod(Protocol):
         ...
 
 
-SUPPORTED_IMAGE_INPUTS = {POOLED_FEATURES, LOCAL_FEATURES}  # what training, evaluation and sweeps can hand a learner
+def planned_sites(learner_class: type, shapes: dict[str, tuple[int, ...]]) -> list[CorruptionSite]:
+    """The sites a learner of `learner_class` with learned tensors of these shapes (by name, ctx's among
+    them) declares, before any learner is built: `corruption_sites_of(shapes)`, else `corruption_sites_for`."""
+    if hasattr(learner_class, "corruption_sites_of"):
+        return list(learner_class.corruption_sites_of(shapes))
+    return list(learner_class.corruption_sites_for(shapes[WHOLE_CTX.tensor]))
+
+
+SUPPORTED_IMAGE_INPUTS = {
+    POOLED_FEATURES,
+    LOCAL_FEATURES,
+    PATCH_TOKENS,
+}  # what training, evaluation and sweeps can hand a learner
 
 
 def prompt_method(name: str) -> type[PromptMethod]:

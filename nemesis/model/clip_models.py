@@ -84,6 +84,11 @@ def text_width(name: str) -> int:
     return int(model_config(name)["text_cfg"].get("width", 512))
 
 
+def vision_width(name: str) -> int:
+    """Width of the tokens inside `name`'s image tower (a ViT's; a ResNet's config has it too), from its config."""
+    return int(model_config(name)["vision_cfg"].get("width", 768))
+
+
 def embed_dim(name: str) -> int:
     """Width D of `name`'s image (and projected text) features, read from its config."""
     return int(model_config(name)["embed_dim"])

@@ -19,19 +19,13 @@ embeddings (`patch_embeddings`) and the hidden states entering layer l (`run_blo
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from ..choices import VisionPromptPlacement
 from ..errors import NemesisError
 from .deep_prompts import LayerPrompts, check_layer_prompts, prompt_length, replace_tokens
-
-
-class VisionPromptPlacement(str, Enum):
-    append = "append"  # after the patches, before ln_pre (MaPLe, IVLP, PromptSRC)
-    prepend = "prepend"  # between the class token and the patches (KMnP's VPT)
 
 
 def vision_prompts_problem(visual: nn.Module) -> str | None:
@@ -50,7 +44,7 @@ def check_vision_prompts(visual: nn.Module, model_name: str) -> None:
         raise NemesisError(f"{model_name} cannot take vision prompts: {problem}")
 
 
-def vision_width(visual: VisionTransformer) -> int:
+def token_width(visual: VisionTransformer) -> int:
     return visual.class_embedding.shape[0]
 
 
@@ -66,7 +60,7 @@ def prompted_image_features(
     `prompts` has `depth` entries, [n, W] or [B, n, W] each; none (depth 0) or n = 0: `encode_image`.
     """
     placement = VisionPromptPlacement(placement)
-    check_layer_prompts(prompts, vision_width(visual), len(visual.transformer.resblocks), "vision")
+    check_layer_prompts(prompts, token_width(visual), len(visual.transformer.resblocks), "vision")
     tokens = patch_embeddings(visual, images)  # [B, 1 + P, W]
     x = insert_prompts(visual, tokens, prompts[0] if len(prompts) else None, placement, through_ln_pre)
     x = run_blocks(visual, x, prompts, placement)

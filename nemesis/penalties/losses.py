@@ -51,6 +51,9 @@ class PenaltyInputs:
     corrupt_weight: float = 0.5  # CW: the factor PAN rescales a tried position by
     count_correct: CountCorrect | None = None
     generator: torch.Generator | None = None
+    # The learner's mean norm over every prompt it has (prompts in both towers: `mean_prompt_norm(p)`), which
+    # PUN takes instead of ctx's when given; PAN still rescales ctx's positions.
+    mean_norm: Callable[[float], torch.Tensor] | None = None
 
 
 @dataclass
@@ -60,9 +63,10 @@ class Penalty:
 
 
 def pun(ctx: torch.Tensor, inputs: PenaltyInputs) -> Penalty:
-    """Position-uniform normalisation: the mean of n_j over all M positions."""
+    """Position-uniform normalisation: the mean of n_j over all M positions (or the learner's mean norm)."""
     norms = position_norms(ctx, inputs.p)
-    return Penalty(norms.mean(), torch.ones_like(norms.detach()))
+    value = norms.mean() if inputs.mean_norm is None else inputs.mean_norm(inputs.p)
+    return Penalty(value, torch.ones_like(norms.detach()))
 
 
 def pan_alpha(ctx: torch.Tensor, inputs: PenaltyInputs) -> torch.Tensor:
@@ -110,6 +114,7 @@ def norm_loss(
     epochs: int,
     count_correct: CountCorrect | None = None,
     generator: torch.Generator | None = None,
+    mean_norm: Callable[[float], torch.Tensor] | None = None,
 ) -> NormLoss:
     """The penalty part of L at 0-based epoch index `epoch` of `epochs`."""
     inputs = PenaltyInputs(
@@ -118,6 +123,7 @@ def norm_loss(
         corrupt_weight=config.corrupt_weight,
         count_correct=count_correct,
         generator=generator,
+        mean_norm=mean_norm,
     )
     factor = schedule_weight(config.schedule, epoch, epochs, config.rate)
     value = ctx.new_zeros(())
@@ -142,9 +148,12 @@ class NemesisTerm(PenaltyTerm):
 
     def loss(self, step: TrainingStep) -> PenaltyPart:
         """L = CE + s(e) * A * (beta * PUN + (1 - beta) * PAN): this is the part after CE (PAN's A
-        replaced by `pan_weight` when set), times the learner's `norm_penalty_factor` if it has one."""
+        replaced by `pan_weight` when set), times the learner's `norm_penalty_factor` if it has one. PUN
+        takes the learner's `mean_prompt_norm` when it has prompts besides ctx (both towers)."""
+        learner = step.learner
+        mean_norm = getattr(learner, "mean_prompt_norm", None)
         penalty = norm_loss(
-            step.learner.ctx, self.config, step.epoch, step.epochs, step.count_correct, step.random("pan")
+            learner.ctx, self.config, step.epoch, step.epochs, step.count_correct, step.random("pan"), mean_norm
         )
         value = penalty.value * getattr(step.learner, "norm_penalty_factor", 1.0)
         return PenaltyPart(value, {"norm_loss": float(value.detach()), "alpha": penalty.alpha.tolist()})

@@ -118,6 +118,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.dataset = resolve_name(self.dataset)
         spec = method_spec(self.prompt_method)
+        if not spec.trains:
+            raise NemesisError(
+                f"training {spec.label} is not offered: its users' prompts are read, evaluated and swept; "
+                "train the same prompts with --method ivlp"
+            )
         self.penalty = checked_penalty(self.penalty)
         check_penalty_method(self.penalty, self.prompt_method)
         self.penalty_options = checked_penalty_options(self.penalty, dict(self.penalty_options or {}))

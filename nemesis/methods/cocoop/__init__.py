@@ -46,7 +46,7 @@ class CoCoOpConfig:
         return f"nctx{self.n_ctx}_ctp{self.class_position}" + init_suffix(self.ctx_init)
 
     def tensor_shapes(
-        self, embed_dim: int | None, text_width: int | None, n_classes: int | None
+        self, embed_dim: int | None, text_width: int | None, n_classes: int | None, vision_width: int | None = None
     ) -> dict[str, tuple[int | None, ...]]:
         """ctx [M, W] and the meta-net Linear(D, D // 16) - ReLU - Linear(D // 16, W)."""
         hidden = None if embed_dim is None else embed_dim // META_NET_REDUCTION

@@ -82,7 +82,7 @@ class CoOpConfig:
         return with_init_phrase(cls, given)
 
     def tensor_shapes(
-        self, embed_dim: int | None, text_width: int | None, n_classes: int | None
+        self, embed_dim: int | None, text_width: int | None, n_classes: int | None, vision_width: int | None = None
     ) -> dict[str, tuple[int | None, ...]]:
         """ctx [M, W], or [n_cls, M, W] class-specific."""
         leading = (n_classes,) if self.class_specific else ()

@@ -23,6 +23,7 @@ from ...choices import ClassPosition
 from ...constants import POOLED_FEATURES
 from ...errors import NemesisError
 from ...model.clip_models import Backbone
+from ...model.deep_prompts import LayerPrompts
 from ...model.text_encoder import DEFAULT_TOKEN_BUDGET, TextEncoder
 from ...tensors import WHOLE_CTX, CorruptionSite, at_least_fp32, position_norms
 from ...wording import plural
@@ -213,14 +214,15 @@ class PromptLearner(nn.Module):
             return 0
         return self.n_ctx if self.class_position is ClassPosition.end else self.n_ctx // 2
 
-    def encode(self, ctx_variants: torch.Tensor, cut: bool = True) -> torch.Tensor:
+    def encode(self, ctx_variants: torch.Tensor, cut: bool = True, deep_prompts: LayerPrompts = ()) -> torch.Tensor:
         """Text features [K, n_cls, D] for K context variants ([K, M, W], or [K, n_cls, M, W] class-specific).
 
         Shared prefixes ([SOS] + the context before the class name) run once per variant; the
         class-dependent rest of every (variant, class) prompt runs against them, in chunks of at
         most `token_budget` tokens ordered by end-of-text position, each assembled only up to its
         cut. Class-specific ctx and class-first prompts share nothing and take the cut pass of
-        whole prompts, likewise chunked.
+        whole prompts, likewise chunked. `deep_prompts` (IVLP's, MaPLe's: [n, W] or [K, n, W] per layer
+        1..depth-1) replace positions 1..n at those layers' inputs.
         """
         shared = self.shared_context
         n_variants, width = ctx_variants.shape[0], ctx_variants.shape[-1]
@@ -244,6 +246,7 @@ class PromptLearner(nn.Module):
             token_budget=self.token_budget,
             max_prompts=self.chunk_size,
             cut=cut,
+            deep_prompts=deep_prompts,
         )
 
     def text_features(self, cut: bool = True) -> torch.Tensor:

@@ -50,7 +50,7 @@ class PLOTConfig:
             raise NemesisError(f"unknown Sinkhorn stopping rule '{self.stopping}'; choose {', '.join(STOPPING_RULES)}")
 
     def tensor_shapes(
-        self, embed_dim: int | None, text_width: int | None, n_classes: int | None
+        self, embed_dim: int | None, text_width: int | None, n_classes: int | None, vision_width: int | None = None
     ) -> dict[str, tuple[int | None, ...]]:
         """ctx [N, M, W]: N prompts of M context vectors, shared by every class."""
         return {CTX_TENSOR: (self.n_prompts, self.n_ctx, text_width)}

@@ -1,0 +1,99 @@
+"""What the methods with prompts inside the towers share (VPT, IVLP, MaPLe, PromptSRC): their options.
+
+Their learned prompts are stacks [depth, n, W] per tower: row 0 enters the tower's input (text:
+positions 1..n after the start token; vision: appended after the patches, or KMnP's place after
+the class token), row i replaces the prompt slots at the input of layer i. `ctx` is the stack of
+the method's first tower (text for IVLP, MaPLe, PromptSRC; vision for VPT), so Nemesis, sweeps
+and reports see one [depth, n, W] tensor per tower with n positions at every layer.
+
+A configured depth deeper than a tower is capped at its layer count (MaPLe's depth 9 on the
+2-layer `tiny` prompts both layers): the stacks' first axis says the depth a prompt has.
+Light to import: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..choices import VisionPromptPlacement
+from ..errors import NemesisError, choice
+
+TEXT_TOWER, VISION_TOWER = "text", "vision"
+VISION_PROMPTS = "vision_prompts"  # the second stack's checkpoint name (IVLP, PromptSRC)
+PROJECTION_WEIGHT, PROJECTION_BIAS = "projection.weight", "projection.bias"  # MaPLe's Linear_l, stacked over l
+# How PUN averages the norms of every (tower, layer, position): each norm weighs the same, or each
+# tower's mean norm weighs the same (then a tower with fewer prompts counts as much as one with more).
+EVERY_NORM, EVERY_TOWER = "every-norm", "every-tower"
+NORM_AVERAGES = (EVERY_NORM, EVERY_TOWER)
+DEFAULT_INIT = "a photo of a"
+
+
+def check_tower_options(config: Any) -> None:
+    """The checks every tower-prompt config shares: n at least 1, depths at least 0, a known average."""
+    if config.n_ctx < 1:
+        raise NemesisError(f"n_ctx (prompt tokens per layer) must be at least 1, got {config.n_ctx}")
+    for name in ("text_depth", "vision_depth"):
+        if getattr(config, name) < 0:
+            raise NemesisError(f"{name} must be at least 0, got {getattr(config, name)}")
+    if config.text_depth == 0 and config.vision_depth == 0:
+        raise NemesisError("a prompt needs text_depth or vision_depth above 0")
+    if config.norm_average not in NORM_AVERAGES:
+        raise NemesisError(f"unknown norm average '{config.norm_average}'; choose {', '.join(NORM_AVERAGES)}")
+    if config.ctx_init is not None and not config.ctx_init.strip():
+        config.ctx_init = None
+    config.vision_placement = choice(VisionPromptPlacement, config.vision_placement, "vision placement").value
+
+
+@dataclass
+class TowerPromptsConfig:
+    """Prompts in both towers: n tokens per layer, in the first `text_depth` text layers and the first
+    `vision_depth` image layers (capped at each tower's layers); IVLP's defaults (its 2+2 config)."""
+
+    n_ctx: int = 2  # prompt tokens per layer, the same in both towers (the sweep's positions)
+    text_depth: int = 12  # text layers with prompts; 0: the hand-crafted prompt's text side
+    vision_depth: int = 12  # image layers with prompts; 0: none (deep language prompting)
+    ctx_init: str | None = DEFAULT_INIT  # the layer-0 text prompt's words (its first n tokens are learned)
+    vision_placement: str = "append"  # after the patches (MaPLe, IVLP); prepend: after the class token (KMnP)
+    norm_average: str = EVERY_NORM  # how Nemesis's PUN averages norms over towers (NORM_AVERAGES)
+
+    first_tower: ClassVar[str] = TEXT_TOWER  # the tower whose stack is ctx
+    coupled: ClassVar[bool] = False  # MaPLe: the vision prompts are projections of the text prompts
+
+    def __post_init__(self) -> None:
+        check_tower_options(self)
+
+    def towers(self) -> tuple[str, ...]:
+        """The towers with learned prompt stacks, ctx's first."""
+        depths = {TEXT_TOWER: self.text_depth, VISION_TOWER: self.vision_depth}
+        learned = [self.first_tower, *(t for t in depths if t != self.first_tower and not self.coupled)]
+        return tuple(tower for tower in learned if depths[tower] > 0)
+
+    def tensor_shapes(
+        self,
+        embed_dim: int | None,
+        text_width: int | None,
+        n_classes: int | None,
+        vision_width: int | None = None,
+    ) -> dict[str, tuple[int | None, ...]]:
+        """ctx [depth, n, W] of the first tower (and IVLP's vision stack); the depth axis is any size, as a
+        tower shallower than the configured depth caps it."""
+        widths = {TEXT_TOWER: text_width, VISION_TOWER: vision_width}
+        names = {self.first_tower: "ctx"} | {tower: VISION_PROMPTS for tower in self.towers()[1:]}
+        return {names[tower]: (None, self.n_ctx, widths[tower]) for tower in self.towers()}
+
+    @classmethod
+    def from_dassl(cls, ctx_shape: tuple[int, ...], class_position: str | None) -> TowerPromptsConfig:
+        return cls(n_ctx=ctx_shape[-2])
+
+    def folder_name(self) -> str:
+        """`nctx2_depth12+12`: tokens per layer, text+vision depths."""
+        return f"nctx{self.n_ctx}_depth{self.text_depth}+{self.vision_depth}"
+
+    def check_classnames(self, classnames: list[str], token_count, context_length: int) -> None:
+        longest = max(classnames, key=token_count)
+        if self.text_depth and self.n_ctx + token_count(longest) + 3 > context_length:
+            raise NemesisError(
+                f"the prompt for class '{longest}' with {self.n_ctx} prompt tokens exceeds the context length "
+                f"{context_length}"
+            )

@@ -1,0 +1,47 @@
+"""VPT (Jia et al., ECCV 2022) on CLIP: prompts in the image tower only, the text side the fixed
+hand-crafted prompt "a photo of a {}.", as the MaPLe authors' VPT trainer has it.
+
+The learner is `nemesis.methods.vpt.learner.VPTLearner`; this module holds its options and spec.
+The defaults are that trainer's (vit_b16_c2_ep5_batch4_4): 8 tokens per layer, depth 12 (deep VPT;
+depth 1 is shallow VPT), appended after the patches; `vision_placement=prepend` is KMnP's VPT,
+after the class token, with its Xavier-uniform init.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...errors import NemesisError
+from ..base import MethodSpec, TrainingDefaults
+from ..tower_prompts import VISION_TOWER, TowerPromptsConfig
+
+
+@dataclass
+class VPTConfig(TowerPromptsConfig):
+    """VPT's options: vision prompts only."""
+
+    n_ctx: int = 8
+    text_depth: int = 0
+    vision_depth: int = 12
+    ctx_init: str | None = None
+
+    first_tower: ClassVar[str] = VISION_TOWER
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.text_depth != 0 or self.vision_depth == 0:
+            raise NemesisError("VPT prompts the image tower only: text_depth 0, vision_depth at least 1 (use ivlp)")
+
+    def folder_name(self) -> str:
+        return f"nctx{self.n_ctx}_depth{self.vision_depth}_{self.vision_placement}"
+
+
+SPEC = MethodSpec(
+    name="vpt",
+    label="VPT",
+    learner="nemesis.methods.vpt.learner:VPTLearner",
+    config=VPTConfig,
+    training=TrainingDefaults(batch_size=4, epochs=5),
+    dassl_trainers=("VPT",),
+)
