@@ -19,7 +19,7 @@ import nemesis.training.trainer as trainer
 from corrupt.inputs import identity_from_path, resolve_inputs
 from nemesis.data.testing import make_coop_folder
 from nemesis.distributed import Ranks, ranks_from_environment
-from nemesis.files.checkpoint import PromptMetadata, save_prompt
+from nemesis.files.checkpoint import PromptMetadata, load_prompt, save_prompt
 from nemesis.files.sweep_format import correctness_path, part_files
 from nemesis_cli.main import app
 
@@ -173,8 +173,9 @@ def test_a_killed_grid_reruns_to_the_uninterrupted_one(data_root, uninterrupted_
 
 
 @pytest.mark.slow
-# PAN: its per-batch counts are summed over the ranks too; PLOT: its Sinkhorn stops as on the whole batch.
-@pytest.mark.parametrize("method", ["pan", "plot-nemesis"])
+# PAN: its per-batch counts are summed over the ranks too; PLOT: its Sinkhorn stops as on the whole batch;
+# MaPLe: prompts in both towers, the vision ones projected (every learned tensor's gradient summed).
+@pytest.mark.parametrize("method", ["pan", "plot-nemesis", "maple-nemesis"])
 def test_batch_sharded_training_matches_one_process_with_the_global_batch(data_root, tmp_path, method):
     """8 images per step split 4 + 4 over two ranks, live CoOp augmentation, 3 epochs: same ctx (<= 1e-5)."""
     arguments = ["train", "--dataset", "oxford_pets", "--root", str(data_root), "--shots", "4", "--seed", "1",
@@ -183,8 +184,9 @@ def test_batch_sharded_training_matches_one_process_with_the_global_batch(data_r
     assert one.exit_code == 0, one.output
     two = run_torchrun(2, [*arguments, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stdout + two.stderr
-    difference = (prompt_ctx(tmp_path / "one") - prompt_ctx(tmp_path / "two")).abs().max().item()
-    assert difference <= 1e-5
+    one_prompt, two_prompt = (load_prompt(tmp_path / run / "prompt.safetensors") for run in ("one", "two"))
+    for name, tensor in one_prompt.tensors.items():
+        assert (tensor - two_prompt.tensors[name]).abs().max().item() <= 1e-5, name
     assert "each batch sharded over 2 ranks" in (tmp_path / "two" / "log.txt").read_text()
     steps = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
     assert len(steps) == 3 * 2  # the run's folder is written once, by rank 0

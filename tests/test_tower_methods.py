@@ -10,15 +10,23 @@ row l), rows 1.. over the last n tokens before image layers 1..; class-token poo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nemesis.data.testing import make_coop_folder
+from nemesis.errors import NemesisError
+from nemesis.files.checkpoint import load_prompt
+from nemesis.methods import preset
 from nemesis.methods.protocol import build_learner
 from nemesis.model.vision_prompts import patch_embeddings
 from nemesis.tensors import CorruptionSite
+from nemesis.training.trainer import train
 
 from .conftest import cached_backbone
+from .test_trainer import small_config, train_until_interrupted
 
 CLASSNAMES = ["golden retriever", "dog", "sea lion"]
 TOLERANCE = 1e-5
@@ -225,3 +233,44 @@ def test_sites_name_tower_and_layer():
         ("vision layer 1", "vision_prompts", "vision", 1),
     ]
     assert sites[3] == CorruptionSite("vision layer 1", tensor="vision_prompts", index=(1,), tower="vision", layer=1)
+
+
+# --- training: Nemesis, resume, fp16 ------------------------------------------------------------------
+
+
+@pytest.fixture
+def pets(tmp_path):
+    root = tmp_path / "data"
+    make_coop_folder(root, "oxford_pets", TRAIN_CLASSES, per_class=(4, 2, 3), image_size=28)
+    return root
+
+
+TRAIN_CLASSES = ["abyssinian", "beagle", "bombay", "boxer"]
+
+
+@pytest.mark.parametrize(("method", "options"), [("ivlp-nemesis", {"beta": 0.5}), ("maple-nemesis", {}),
+                                                 ("vpt-nemesis", {"precision": "fp16"})])  # fmt: skip
+def test_tower_prompts_resume_to_the_uninterrupted_run(pets, tmp_path, method, options):
+    """Trained with Nemesis (PUN over both towers; PAN's variants re-encode the images), interrupted after
+    epoch 1 and resumed: every learned tensor equals the uninterrupted run's, bit for bit."""
+    config = small_config(pets, **preset(method), n_ctx=2, epochs=2, **options)
+    whole = load_prompt(train(config, tmp_path / "whole", progress=False) / "prompt.safetensors")
+    train_until_interrupted(config, tmp_path / "cut", after_epoch=1)
+    train(config, tmp_path / "cut", resume=True, progress=False)
+    resumed = load_prompt(tmp_path / "cut" / "prompt.safetensors")
+    assert torch.equal(resumed.ctx, whole.ctx) and set(resumed.extra) == set(whole.extra)
+    assert all(torch.equal(resumed.extra[name], whole.extra[name]) for name in whole.extra)
+    untrained = build_learner(preset(method)["prompt_method"], cached_backbone("tiny"), TRAIN_CLASSES, n_ctx=2, seed=2)
+    assert not torch.equal(whole.ctx, untrained.ctx.detach())
+    norm_losses = [row["norm_loss"] for row in _rows(tmp_path / "whole", "step")]
+    assert all(value > 0 for value in norm_losses)  # Nemesis acted on every step
+
+
+def _rows(folder, kind: str) -> list[dict]:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["kind"] == kind]
+
+
+def test_promptsrc_is_read_not_trained(pets):
+    with pytest.raises(NemesisError, match="training PromptSRC is not offered"):
+        small_config(pets, prompt_method="promptsrc")
