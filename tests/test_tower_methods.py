@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
-from nemesis.files.checkpoint import load_prompt
+from nemesis.files.checkpoint import PromptMetadata, load_prompt, save_prompt
 from nemesis.methods import preset
 from nemesis.methods.protocol import build_learner
 from nemesis.model.vision_prompts import patch_embeddings
@@ -84,7 +84,7 @@ def _reference_stacks(learner, tensors: dict[str, torch.Tensor]) -> tuple[torch.
     """(text stack, vision stack) of the learned tensors, from the method's definition."""
     ctx = tensors["ctx"]
     if learner.method == "vpt":
-        return None, ctx
+        return tensors.get("text_prompts"), ctx
     if learner.method == "maple":
         weight, bias = tensors["projection.weight"], tensors["projection.bias"]
         vision = torch.stack([F.linear(ctx[layer], weight[layer], bias[layer]) for layer in range(len(weight))])
@@ -214,7 +214,7 @@ def test_pun_averages_every_norm_or_every_tower():
     for average in ("every-norm", "every-tower"):
         learner = _learner("ivlp", backbone, n_ctx=2, vision_depth=1, norm_average=average)
         text = learner.ctx.detach().norm(dim=-1)  # [2, 2]
-        vision = learner.vision_prompts.detach().norm(dim=-1)  # [1, 2]
+        vision = learner.extra_parameters()["vision_prompts"].detach().norm(dim=-1)  # [1, 2]
         expected = (
             torch.cat([text.flatten(), vision.flatten()]).mean()
             if average == "every-norm"
@@ -274,3 +274,30 @@ def _rows(folder, kind: str) -> list[dict]:
 def test_promptsrc_is_read_not_trained(pets):
     with pytest.raises(NemesisError, match="training PromptSRC is not offered"):
         small_config(pets, prompt_method="promptsrc")
+
+
+def test_vpt_with_coop_context_learns_a_text_stack_of_one_layer(tmp_path):
+    """VPT with text_depth 1: CoOp's context beside the image prompts, saved as `text_prompts`, read back, and
+    swept at its own site; equal to the reference with that ctx in the text prompt."""
+    backbone = cached_backbone("tiny")
+    learner = _learner("vpt", backbone, n_ctx=2, text_depth=1, ctx_init="a photo of a")
+    assert set(learner.extra_parameters()) == {"text_prompts"} and learner.extra_parameters()["text_prompts"].shape == (
+        1,
+        2,
+        64,
+    )
+    with torch.no_grad():
+        learner.extra_parameters()["text_prompts"].add_(0.3)
+    images = _images(backbone)
+    patches = patch_embeddings(backbone.model.visual, images).detach()
+    with torch.no_grad():
+        ours = learner.similarities(patches, learner.ctx.detach().unsqueeze(0))[0]
+        text = F.normalize(_reference_text(backbone, learner.extra_parameters()["text_prompts"].detach()), dim=-1)
+        image = F.normalize(_reference_images(backbone, images, learner.ctx.detach()), dim=-1)
+        assert (ours - image @ text.T).abs().max().item() <= TOLERANCE
+    assert [site.name for site in learner.corruption_sites()] == ["vision layer 0", "vision layer 1", "text layer 0"]
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", prompt_method="vpt")
+    metadata.prompt_config = {"n_ctx": 2, "text_depth": 1, "ctx_init": "a photo of a"}
+    save_prompt(tmp_path / "p.safetensors", learner.ctx.detach(), metadata, learner.extra_parameters())
+    loaded = load_prompt(tmp_path / "p.safetensors")
+    assert torch.equal(loaded.extra["text_prompts"], learner.extra_parameters()["text_prompts"].detach())

@@ -355,8 +355,10 @@ def _extra_names(spec: MethodSpec, config: Any) -> set[str]:
 
 
 def _known_extra_names() -> set[str]:
-    """Every registered method's tensor names besides ctx: what a file may hold that is read."""
-    return {name for spec in METHODS.values() for name in _extra_names(spec, spec.config())}
+    """Every registered method's tensor names besides ctx (those its default options learn, and those other
+    options may add: the config's `possible_tensor_names()`): what a file may hold that is read."""
+    possible = {name for spec in METHODS.values() for name in getattr(spec.config, "possible_tensor_names", tuple)()}
+    return possible | {name for spec in METHODS.values() for name in _extra_names(spec, spec.config())}
 
 
 def method_of_tensors(names: set[str], origin: str) -> str:

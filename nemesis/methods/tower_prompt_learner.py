@@ -40,9 +40,9 @@ from .tower_prompts import (
     PROJECTION_BIAS,
     PROJECTION_WEIGHT,
     TEXT_TOWER,
-    VISION_PROMPTS,
     VISION_TOWER,
     TowerPromptsConfig,
+    stack_name,
 )
 
 PROMPT_INIT_STD = 0.02  # N(0, 0.02^2): the deep prompts' init in MaPLe, IVLP and PromptSRC
@@ -89,15 +89,14 @@ class TowerPromptLearner(nn.Module):
         if ctx is None:
             ctx = self._initial_stack(first, generator)
         self.ctx = nn.Parameter(self._checked_stack(ctx, first).to(device))
-        self.vision_prompts = None
+        self.second_tower = None  # the other tower's stack, when it is learned apart (IVLP's image, VPT's text)
         if self.options.coupled and VISION_TOWER in self.depths:
             weight, bias = self._projections(generator)
-            self.projection_weight, self.projection_bias = (
-                nn.Parameter(weight.to(device)),
-                nn.Parameter(bias.to(device)),
-            )
-        elif first != VISION_TOWER and VISION_TOWER in self.depths:
-            self.vision_prompts = nn.Parameter(self._initial_stack(VISION_TOWER, generator).to(device))
+            self.projection_weight = nn.Parameter(weight.to(device))
+            self.projection_bias = nn.Parameter(bias.to(device))
+        elif len(self.options.towers()) > 1:
+            self.second_tower = self.options.towers()[1]
+            self.second_stack = nn.Parameter(self._initial_stack(self.second_tower, generator).to(device))
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -210,8 +209,8 @@ class TowerPromptLearner(nn.Module):
         return {CTX_TENSOR: self.ctx, **self.extra_parameters()}
 
     def extra_parameters(self) -> dict[str, nn.Parameter]:
-        if self.vision_prompts is not None:
-            return {VISION_PROMPTS: self.vision_prompts}
+        if self.second_tower is not None:
+            return {self.options.tensor_name(self.second_tower): self.second_stack}
         if hasattr(self, "projection_weight"):
             return {PROJECTION_WEIGHT: self.projection_weight, PROJECTION_BIAS: self.projection_bias}
         return {}
@@ -221,9 +220,7 @@ class TowerPromptLearner(nn.Module):
         (default: the learner's own, K = 1); MaPLe's vision stack is projected from the text stack."""
         tensors = {name: tensor.unsqueeze(0) for name, tensor in self._learned().items()}
         tensors |= variants or {}
-        stacks = {self.options.first_tower: tensors[CTX_TENSOR]}
-        if VISION_PROMPTS in tensors:
-            stacks[VISION_TOWER] = tensors[VISION_PROMPTS]
+        stacks = {tower: tensors[self.options.tensor_name(tower)] for tower in self.options.towers()}
         if PROJECTION_WEIGHT in tensors:
             text = tensors[CTX_TENSOR][:, : self.depths[VISION_TOWER]]  # [K, dv, n, Wt]
             weight, bias = tensors[PROJECTION_WEIGHT], tensors[PROJECTION_BIAS]  # [1, dv, Wv, Wt], [1, dv, Wv]
@@ -316,8 +313,9 @@ class TowerPromptLearner(nn.Module):
         name = CTX_TENSOR if site is None else site.tensor
         own = self._learned()[name].detach()
         stacks = self.stacks({name: variants})
-        text_changes = name == CTX_TENSOR and self.options.first_tower == TEXT_TOWER
-        vision_changes = VISION_TOWER in stacks and not (text_changes and not self.options.coupled)
+        tower = next(tower for tower in self.options.towers() if self.options.tensor_name(tower) == name)
+        text_changes = tower == TEXT_TOWER
+        vision_changes = VISION_TOWER in stacks and (tower == VISION_TOWER or self.options.coupled)
         text = self.text_features(stacks if text_changes else self.stacks())
         first = self._first_changed_layer(variants, own) if vision_changes else 0
 
@@ -360,19 +358,20 @@ class TowerPromptLearner(nn.Module):
 
     @classmethod
     def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
-        """Each layer of ctx's stack (the first tower's); `corruption_sites_of` adds IVLP's vision stack."""
+        """Each layer of ctx's stack (the first tower's); `corruption_sites_of` adds the other tower's."""
         return cls.corruption_sites_of({CTX_TENSOR: ctx_shape})
 
     @classmethod
     def corruption_sites_of(cls, shapes: dict[str, tuple[int, ...]]) -> list[CorruptionSite]:
         """One site per (tower, layer) of the learned stacks, by their shapes: "text layer 0", ...; MaPLe's
         text sites change the vision prompts through the projections, as the model computes them."""
-        towers = {CTX_TENSOR: cls.config_class.first_tower, VISION_PROMPTS: VISION_TOWER}
+        config = cls.config_class
+        towers = {CTX_TENSOR: config.first_tower} | {stack_name(t): t for t in (TEXT_TOWER, VISION_TOWER)}
         return [
             CorruptionSite(
                 f"{towers[name]} layer {layer}", tensor=name, index=(layer,), tower=towers[name], layer=layer
             )
-            for name in (CTX_TENSOR, VISION_PROMPTS)
+            for name in (CTX_TENSOR, *config.possible_tensor_names())
             if name in shapes
             for layer in range(shapes[name][0])
         ]

@@ -20,7 +20,14 @@ from ..choices import VisionPromptPlacement
 from ..errors import NemesisError, choice
 
 TEXT_TOWER, VISION_TOWER = "text", "vision"
-VISION_PROMPTS = "vision_prompts"  # the second stack's checkpoint name (IVLP, PromptSRC)
+
+
+def stack_name(tower: str) -> str:
+    """The checkpoint name of a tower's stack when it is not ctx: IVLP's `vision_prompts`, VPT's `text_prompts`."""
+    return f"{tower}_prompts"
+
+
+VISION_PROMPTS = stack_name("vision")  # IVLP's and PromptSRC's image stack
 PROJECTION_WEIGHT, PROJECTION_BIAS = "projection.weight", "projection.bias"  # MaPLe's Linear_l, stacked over l
 # How PUN averages the norms of every (tower, layer, position): each norm weighs the same, or each
 # tower's mean norm weighs the same (then a tower with fewer prompts counts as much as one with more).
@@ -79,8 +86,17 @@ class TowerPromptsConfig:
         """ctx [depth, n, W] of the first tower (and IVLP's vision stack); the depth axis is any size, as a
         tower shallower than the configured depth caps it."""
         widths = {TEXT_TOWER: text_width, VISION_TOWER: vision_width}
-        names = {self.first_tower: "ctx"} | {tower: VISION_PROMPTS for tower in self.towers()[1:]}
-        return {names[tower]: (None, self.n_ctx, widths[tower]) for tower in self.towers()}
+        return {self.tensor_name(tower): (None, self.n_ctx, widths[tower]) for tower in self.towers()}
+
+    def tensor_name(self, tower: str) -> str:
+        """The checkpoint name of `tower`'s stack: ctx for the first tower."""
+        return "ctx" if tower == self.first_tower else stack_name(tower)
+
+    @classmethod
+    def possible_tensor_names(cls) -> tuple[str, ...]:
+        """Every name a prompt of this method may hold besides ctx, whatever its options (IVLP: vision_prompts,
+        which deep language prompting, vision depth 0, lacks)."""
+        return tuple(stack_name(tower) for tower in (TEXT_TOWER, VISION_TOWER) if tower != cls.first_tower)
 
     @classmethod
     def from_dassl(cls, ctx_shape: tuple[int, ...], class_position: str | None) -> TowerPromptsConfig:

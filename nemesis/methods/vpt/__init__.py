@@ -1,5 +1,6 @@
-"""VPT (Jia et al., ECCV 2022) on CLIP: prompts in the image tower only, the text side the fixed
-hand-crafted prompt "a photo of a {}.", as the MaPLe authors' VPT trainer has it.
+"""VPT (Jia et al., ECCV 2022) on CLIP: prompts in the image tower, the text side the fixed
+hand-crafted prompt "a photo of a {}." (as the MaPLe authors' VPT trainer has it), or with
+`text_depth=1` CoOp's learned context of n tokens (`text_prompts` [1, n, Wt]).
 
 The learner is `nemesis.methods.vpt.learner.VPTLearner`; this module holds its options and spec.
 The defaults are that trainer's (vit_b16_c2_ep5_batch4_4): 8 tokens per layer, depth 12 (deep VPT;
@@ -30,8 +31,11 @@ class VPTConfig(TowerPromptsConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.text_depth != 0 or self.vision_depth == 0:
-            raise NemesisError("VPT prompts the image tower only: text_depth 0, vision_depth at least 1 (use ivlp)")
+        if self.text_depth not in (0, 1) or self.vision_depth == 0:
+            raise NemesisError(
+                "VPT prompts the image tower (vision_depth at least 1) beside a fixed text side (text_depth 0) or "
+                "CoOp's context (text_depth 1); deeper text prompts are IVLP's (--method ivlp)"
+            )
 
     def folder_name(self) -> str:
         return f"nctx{self.n_ctx}_depth{self.vision_depth}_{self.vision_placement}"
