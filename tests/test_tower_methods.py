@@ -124,15 +124,18 @@ def test_each_method_equals_the_reference_model(model, method):
         assert (learner.logits(patches) - scale * reference).abs().max().item() <= TOLERANCE * scale
 
 
-def test_maple_and_ivlp_on_vit_b16_at_their_depths():
-    """MaPLe at depth 9 with 2 tokens and IVLP 4+4 at depth 9 (PromptSRC's) on ViT-B-16's 197 tokens."""
+def test_maple_ivlp_and_vpt_on_vit_b16_at_their_depths():
+    """MaPLe at depth 9 with 2 tokens, IVLP 4+4 at depth 9 (PromptSRC's) and VPT's 8 tokens at depth 12 on
+    ViT-B-16's 197 tokens."""
     backbone = cached_backbone("ViT-B-16")
     images = _images(backbone, count=2)
     with torch.no_grad():
         patches = patch_embeddings(backbone.model.visual, images)
-        for method, options in (("maple", {}), ("ivlp", {"n_ctx": 4, "text_depth": 9, "vision_depth": 9})):
+        cases = {"maple": {}, "ivlp": {"n_ctx": 4, "text_depth": 9, "vision_depth": 9}, "vpt": {}}
+        depths = {"maple": {"text": 9, "vision": 9}, "ivlp": {"text": 9, "vision": 9}, "vpt": {"vision": 12}}
+        for method, options in cases.items():
             learner = _learner(method, backbone, **options)
-            assert learner.depths == {"text": 9, "vision": 9}
+            assert learner.depths == depths[method]
             ours = learner.similarities(patches, learner.ctx.detach().unsqueeze(0))[0]
             reference = _reference_similarities(learner, backbone, images, _learned(learner))
             assert (ours - reference).abs().max().item() <= TOLERANCE
