@@ -13,6 +13,11 @@ training all call `TextEncoder`. Two passes, both exact:
 Both passes take deep text prompts (IVLP, MaPLe, PromptSRC): `deep_prompts[i - 1]` replaces the
 hidden states at positions 1..n at the input of layer i (`deep_prompts.replace_tokens`). They lie
 inside the shared prefix and are the same for every class, so the prefix still runs once per variant.
+
+Both passes also take prefix tuning's learned keys and values (`kv_prefix`): at every layer, P keys
+and P values put before the sequence's own, without position, seen by every token (the attention
+mask [L, P + L]: prefix columns open, the rest causal). The shared prefix's cache then starts with
+them, so suffixes attend to the learned vectors and the shared tokens alike.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ ROW_BLOCK = 8
 SuffixBuilder = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [V, heads, Lp, head_dim]
 DEEP_TEXT_START = 1  # deep text prompts sit right after the start token, as the layer-0 ctx does
+# Prefix tuning's learned keys and values: [layers, 2, P, W] (key, value; P vectors of the tower's width W, its
+# heads side by side) for every sequence, or [B, layers, 2, P, W], one per sequence (per variant in sweeps).
+KeyValuePrefix = torch.Tensor
 
 
 class TextEncoder:
@@ -112,10 +120,12 @@ class TextEncoder:
         pool_index: torch.Tensor,
         cut: bool = True,
         deep_prompts: LayerPrompts = (),
+        kv_prefix: KeyValuePrefix | None = None,
     ) -> torch.Tensor:
         """Projected, unnormalised text features [B, D] from token embeddings [B, L, W].
 
-        deep_prompts[i - 1] ([n, W], or [B, n, W] one per row) replaces positions 1..n at the input of layer i.
+        deep_prompts[i - 1] ([n, W], or [B, n, W] one per row) replaces positions 1..n at the input of layer i;
+        `kv_prefix` ([layers, 2, P, W] or [B, layers, 2, P, W]): learned keys and values before every layer's own.
         """
         tower = self.tower
         cast_dtype = tower.transformer.get_cast_dtype()
@@ -124,9 +134,12 @@ class TextEncoder:
             length = int(pool_index.max()) + 1
         x = embeddings[:, :length].to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
         mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
-        # Without deep prompts, open_clip's own loop (and its gradient checkpointing).
-        deep = bool(len(deep_prompts))
-        x = self._deep_transformer(x, mask, deep_prompts) if deep else tower.transformer(x, attn_mask=mask)
+        if kv_prefix is not None:
+            x = self._prefixed_transformer(x, deep_prompts, kv_prefix)
+        elif len(deep_prompts):
+            x = self._deep_transformer(x, mask, deep_prompts)
+        else:  # open_clip's own loop (and its gradient checkpointing)
+            x = tower.transformer(x, attn_mask=mask)
         x = tower.ln_final(x)  # [B, length, W]
         pooled = x[torch.arange(x.shape[0], device=x.device), pool_index]  # [B, W]
         return self._project(pooled)
@@ -139,6 +152,45 @@ class TextEncoder:
                 x = replace_tokens(x, deep_prompts[layer - 1], DEEP_TEXT_START)
             x = block(x, attn_mask=mask)
         return x
+
+    def _prefixed_transformer(
+        self, x: torch.Tensor, deep_prompts: LayerPrompts, kv_prefix: KeyValuePrefix
+    ) -> torch.Tensor:
+        """The block loop on x [B, L, W] with the learned keys and values before each layer's own (causal rest)."""
+        self.check_kv_prefix(kv_prefix)
+        if len(deep_prompts):
+            self.check_deep_prompts(deep_prompts, x.shape[1])
+        batch, length = x.shape[:2]
+        mask = _causal_mask(length, kv_prefix.shape[-2] + length, x.device)  # prefix columns open
+        for layer, block in enumerate(self.tower.transformer.resblocks):
+            if 1 <= layer <= len(deep_prompts):
+                x = replace_tokens(x, deep_prompts[layer - 1], DEEP_TEXT_START)
+            x, _, _ = _run_block(block, x, mask, self._layer_prefix(kv_prefix, layer, batch, block))
+        return x
+
+    def check_kv_prefix(self, kv_prefix: KeyValuePrefix) -> None:
+        """Refuse learned keys and values that are not [layers, 2, P, W] (or [B, ...]) for this tower, or a tower
+        whose blocks this module cannot run with them (ValueError)."""
+        layers = len(self.tower.transformer.resblocks)
+        if kv_prefix.dim() not in (4, 5) or kv_prefix.shape[-4:-2] != (layers, 2) or kv_prefix.shape[-1] != self.width:
+            raise ValueError(
+                f"prefix keys and values of shape {tuple(kv_prefix.shape)}; expected [{layers}, 2, P, {self.width}] "
+                "(or one per sequence in front)"
+            )
+        if not (self.can_cut and _is_causal(self.attn_mask) and _blocks_supported(self.tower.transformer)):
+            raise ValueError("prefix tuning needs a causal text tower of open_clip's own blocks")
+
+    @staticmethod
+    def _layer_prefix(
+        kv_prefix: KeyValuePrefix, layer: int, batch: int, block: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s learned keys and values as attention takes them: [B, heads, P, head_dim] each."""
+        heads = block.attn.num_heads
+        pair = kv_prefix[..., layer, :, :, :]  # [2, P, W] or [B, 2, P, W]
+        pair = pair.expand(batch, *pair.shape[-3:]) if pair.dim() == 3 else pair
+        count, width = pair.shape[-2:]
+        split = pair.reshape(batch, 2, count, heads, width // heads).transpose(2, 3)  # [B, 2, heads, P, head_dim]
+        return split[:, 0], split[:, 1]
 
     def check_deep_prompts(self, deep_prompts: LayerPrompts, length: int) -> None:
         """Refuse deep prompts that do not fit the tower or a sequence (or shared prefix) of `length` tokens."""
@@ -165,6 +217,7 @@ class TextEncoder:
         suffix_pool_index: torch.Tensor,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         deep_prompts: LayerPrompts = (),
+        kv_prefix: KeyValuePrefix | None = None,
     ) -> torch.Tensor:
         """Text features [V, C, D] of every prompt `prefixes[v] + suffixes[c]`.
 
@@ -180,6 +233,7 @@ class TextEncoder:
         the concatenated prompts (to float rounding); towers without a causal mask (or with blocks
         this module does not know) run exactly that. Differentiable w.r.t. prefixes and suffixes.
         deep_prompts: [n, W] or [V, n, W] (one per prefix) per layer 1..depth-1, inside the prefix (Lp >= 1 + n).
+        kv_prefix: learned keys and values [layers, 2, P, W] or [V, layers, 2, P, W] (one per prefix).
         """
         prefix_length = prefixes.shape[1]
         total_length = prefix_length + suffixes.shape[1]
@@ -188,7 +242,13 @@ class TextEncoder:
             return suffixes[class_rows, : length - prefix_length]
 
         return self.encode_prefixed(
-            prefixes, build, suffix_pool_index, total_length, token_budget, deep_prompts=deep_prompts
+            prefixes,
+            build,
+            suffix_pool_index,
+            total_length,
+            token_budget,
+            deep_prompts=deep_prompts,
+            kv_prefix=kv_prefix,
         )
 
     def encode_prefixed(
@@ -201,6 +261,7 @@ class TextEncoder:
         max_prompts: int | None = None,
         cut: bool = True,
         deep_prompts: LayerPrompts = (),
+        kv_prefix: KeyValuePrefix | None = None,
     ) -> torch.Tensor:
         """`encode_pairs` with suffixes built per chunk, so they may depend on the prefix row too.
 
@@ -208,8 +269,8 @@ class TextEncoder:
         of the pairs' positions Lp..length-1; `pool_index` [C] is per class (in the whole prompt);
         `total_length` is the uncut prompt length. Prefixes of length 0 or `cut=False` give the
         plain (cut or full-length) pass of whole prompts, assembled chunk by chunk.
-        `deep_prompts` as in `encode_pairs` (with prefixes of length 0 they go into the whole prompts).
-        Returns [V, C, D].
+        `deep_prompts` and `kv_prefix` as in `encode_pairs` (with prefixes of length 0 they go into the whole
+        prompts). Returns [V, C, D].
         """
         n_prefixes, prefix_length = prefixes.shape[:2]
         n_classes = pool_index.shape[0]
@@ -223,7 +284,7 @@ class TextEncoder:
             order = torch.arange(n_classes)
         lengths = (pool_index.cpu()[order] + 1).tolist() if cut else [total_length] * n_classes
         order = order.to(pool_index.device)
-        cache = self.prefix_keys_values(prefixes, deep_prompts) if share else None
+        cache = self.prefix_keys_values(prefixes, deep_prompts, kv_prefix) if share else None
         features = []
         for first, last, length in _chunks(lengths, n_prefixes, token_budget, max_prompts):
             flat = torch.arange(first, last, device=pool_index.device)  # pair r * V + v: r-th class by length
@@ -234,16 +295,20 @@ class TextEncoder:
                 features.append(self._suffix_pass(cache, prefix_rows, suffix, pooled_at, prefix_length))
             else:
                 prompts = torch.cat([prefixes[prefix_rows].to(suffix.dtype), suffix], dim=1)  # [B, length, W]
-                features.append(self(prompts, pooled_at, cut, select_rows(deep_prompts, prefix_rows)))
+                rows_prefix = kv_prefix[prefix_rows] if kv_prefix is not None and kv_prefix.dim() == 5 else kv_prefix
+                features.append(self(prompts, pooled_at, cut, select_rows(deep_prompts, prefix_rows), rows_prefix))
         ordered = torch.cat(features).reshape(n_classes, n_prefixes, -1)  # [C sorted by length, V, D]
         inverse = torch.argsort(order)
         return ordered[inverse].transpose(0, 1)  # [V, C, D]
 
-    def prefix_keys_values(self, prefixes: torch.Tensor, deep_prompts: LayerPrompts = ()) -> KeysValues:
+    def prefix_keys_values(
+        self, prefixes: torch.Tensor, deep_prompts: LayerPrompts = (), kv_prefix: KeyValuePrefix | None = None
+    ) -> KeysValues:
         """Run prefixes [V, Lp, W] through every block once; their keys and values per layer.
 
         deep_prompts[i - 1] ([n, W] or [V, n, W]) replaces positions 1..n at the input of layer i: as the
-        whole prompt's, since with a causal mask those positions never see the suffixes.
+        whole prompt's, since with a causal mask those positions never see the suffixes. With `kv_prefix`
+        the prefix attends to the learned keys and values too, and each layer's cache starts with them.
         """
         tower = self.tower
         cast_dtype = tower.transformer.get_cast_dtype()
@@ -252,15 +317,25 @@ class TextEncoder:
         # Trailing padding positions (harmless: causal) keep the row count a multiple of ROW_BLOCK.
         padded = _round_up(length, ROW_BLOCK)
         x = torch.cat([x, x.new_zeros(n_prefixes, padded - length, width)], dim=1)  # [V, padded, W]
-        mask = _causal_mask(padded, padded, x.device)
+        learned = 0 if kv_prefix is None else kv_prefix.shape[-2]
+        mask = _causal_mask(padded, learned + padded, x.device)
         if len(deep_prompts):
             self.check_deep_prompts(deep_prompts, length)
+        if kv_prefix is not None:
+            self.check_kv_prefix(kv_prefix)
         cache = []
         for layer, block in enumerate(tower.transformer.resblocks):
             if 1 <= layer <= len(deep_prompts):
                 x = replace_tokens(x, deep_prompts[layer - 1], DEEP_TEXT_START)
-            x, keys, values = _run_block(block, x, mask, None)
-            cache.append((keys[:, :, :length], values[:, :, :length]))
+            past = None if kv_prefix is None else self._layer_prefix(kv_prefix, layer, n_prefixes, block)
+            x, keys, values = _run_block(block, x, mask, past)
+            keys, values = keys[:, :, :length], values[:, :, :length]
+            if past is not None:  # the learned keys and values first, as the suffixes see them
+                keys, values = (
+                    torch.cat([past[0].to(keys.dtype), keys], dim=2),
+                    torch.cat([past[1].to(values.dtype), values], dim=2),
+                )
+            cache.append((keys, values))
         return cache
 
     def _suffix_pass(
@@ -284,7 +359,8 @@ class TextEncoder:
         real = torch.arange(length, device=x.device) <= (pool_index - prefix_length).unsqueeze(1)  # [B, Ls]
         packing = _Packing(real)
         x = packing.pack(x)  # [T, W]
-        mask = _causal_mask(length, end, x.device)  # suffix queries see the prefix and earlier suffix keys
+        cached = cache[0][0].shape[2]  # the prefix's keys (after any learned ones)
+        mask = _causal_mask(length, cached + length, x.device)  # suffix queries see the prefix and earlier suffix keys
         for block, (keys, values) in zip(tower.transformer.resblocks, cache, strict=True):
             x, _, _ = _run_block(block, x, mask, (keys[prefix_rows], values[prefix_rows]), packing)
         pooled = x[real.sum(dim=1).cumsum(dim=0) - 1]  # [B, W]: each suffix's end-of-text row
