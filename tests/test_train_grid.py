@@ -109,7 +109,8 @@ def test_an_interrupted_grid_resumes_to_the_uninterrupted_prompts(data_root, tmp
     [
         (
             {"methods": "coop,pun"},
-            "unknown method 'pun'; choose one of coop, cocoop, plot, vpt, ivlp, maple, promptsrc, nemesis, pen, pan",
+            "unknown method 'pun'; choose one of coop, cocoop, plot, vpt, ivlp, maple, promptsrc, prefix, nemesis, "
+            "pen, pan",
         ),
         ({"seeds": ""}, "--seed is empty"),
         ({"shots": "1,,2"}, "--shots '1,,2' has an empty entry"),

@@ -120,7 +120,8 @@ def interpret_prompt(
         checkpoint = load_checkpoint(checkpoint, epoch, prompt_method)
     if checkpoint.spec.ctx_tower() != "text":
         raise NemesisError(
-            f"{checkpoint.path}: {checkpoint.spec.label}'s prompts enter the image tower; no vocabulary reads them"
+            f"{checkpoint.path}: {checkpoint.spec.label}'s ctx holds {checkpoint.spec.ctx_tower()} vectors, not "
+            "text-token embeddings; no vocabulary reads it"
         )
     model = model or checkpoint.metadata.model
     if model is None:

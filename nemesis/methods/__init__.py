@@ -17,7 +17,7 @@ from typing import Any
 from ..data.templates import TEMPLATE_INIT
 from ..errors import NemesisError, typed_option
 from ..penalties import NEMESIS, NO_PENALTY, PENALTIES, UNKNOWN_PENALTY
-from . import cocoop, coop, ivlp, maple, plot, promptsrc, vpt
+from . import cocoop, coop, ivlp, maple, plot, prefix, promptsrc, vpt
 from .base import MethodSpec, TrainingDefaults
 
 METHODS: dict[str, MethodSpec] = {}
@@ -35,6 +35,7 @@ register_method(vpt.SPEC)
 register_method(ivlp.SPEC)
 register_method(maple.SPEC)
 register_method(promptsrc.SPEC)
+register_method(prefix.SPEC)
 
 DEFAULT_METHOD = coop.SPEC.name  # what `nemesis train` trains when no method is named
 
@@ -95,6 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vpt-nemesis": {"prompt_method": "vpt", "penalty": "nemesis"},
     "ivlp-nemesis": {"prompt_method": "ivlp", "penalty": "nemesis"},
     "maple-nemesis": {"prompt_method": "maple", "penalty": "nemesis"},
+    "prefix-nemesis": {"prompt_method": "prefix", "penalty": "nemesis"},
     # KgCoOp's ctx is always "a photo of a" (its configs' CTX_INIT; batch 128, 100 epochs: the penalty's defaults)
     "kgcoop": {"prompt_method": "coop", "penalty": "kgcoop", "ctx_init": "a photo of a"},
     "kgcoop-nemesis": {"prompt_method": "coop", "penalty": "kgcoop+nemesis", "ctx_init": "a photo of a"},

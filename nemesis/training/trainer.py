@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 
 from ..atomic import write_text_atomic
 from ..choices import Precision
-from ..constants import POOLED_FEATURES, RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
+from ..constants import CTX_TENSOR, POOLED_FEATURES, RUN_CHECKPOINTS, RUN_CONFIG, RUN_LOG, RUN_METRICS, RUN_PROMPT
 from ..data.augmentation import augment
 from ..data.datasets import Dataset, load_dataset
 from ..data.feature_cache import Features, encode_split, encode_train_views, image_encoder
@@ -353,9 +353,10 @@ class _Stepper:
 
     def _sum_gradients(self) -> None:
         """Sharded batch: every trained tensor's gradient summed over the ranks (no-op in one process)."""
-        for parameter in (self.learner.ctx, *self.learner.extra_parameters().values()):
-            if parameter.grad is not None:
-                self.ranks.all_reduce_sum(parameter.grad)
+        for group in self.optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    self.ranks.all_reduce_sum(parameter.grad)
 
     def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batch's logits [B, n_cls], and the prompt's text features [n_cls, D] when a penalty reads them
@@ -476,6 +477,14 @@ def _metadata(config: TrainConfig, backbone: Backbone, data: Dataset, epoch: int
         penalty_config=penalty_settings(config),
         epoch=epoch,
     )
+
+
+def trained_parameters(learner: PromptMethod) -> dict[str, torch.nn.Parameter]:
+    """What training updates, by name: ctx and the learner's other tensors, or what the learner's optional
+    `trained_parameters()` says (prefix tuning's reparameterisation: an embedding and an MLP that give ctx)."""
+    if hasattr(learner, "trained_parameters"):
+        return learner.trained_parameters()
+    return {CTX_TENSOR: learner.ctx, **learner.extra_parameters()}
 
 
 def _extra_state(parameters: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
@@ -620,7 +629,7 @@ class _Optimiser:
 
     @classmethod
     def create(cls, config: TrainConfig, learner: PromptMethod, device: torch.device) -> _Optimiser:
-        parameters = {"ctx": learner.ctx, **learner.extra_parameters()}  # what training updates, by checkpoint name
+        parameters = trained_parameters(learner)
         _hold_in_precision(config, parameters)
         optimizer = torch.optim.SGD(
             list(parameters.values()), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
@@ -633,20 +642,22 @@ class _Optimiser:
     def restore(self, state: RunState, device: torch.device) -> None:
         """The learned tensors, their SGD momenta and the loss scale as `state` saved them."""
         learner, optimizer = self.learner, self.optimizer
-        with torch.no_grad():
-            learner.ctx.copy_(state.ctx.to(device))
-        if state.momentum is not None:  # saved as fp32: back in the parameter's precision
-            optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device, learner.ctx.dtype)
+        if CTX_TENSOR in self.parameters:  # else ctx is computed from what is restored below (reparameterised)
+            with torch.no_grad():
+                learner.ctx.copy_(state.ctx.to(device))
+            if state.momentum is not None:  # saved as fp32: back in the parameter's precision
+                optimizer.state[learner.ctx]["momentum_buffer"] = state.momentum.to(device, learner.ctx.dtype)
         _restore_extra(self.parameters, optimizer, state.tensors, device)
         if self.scaler is not None and state.extra.get("scaler"):
             self.scaler.load_state_dict(state.extra["scaler"])
 
     def state(self, epoch: int, step: int, config_digest: str) -> RunState:
         """The resume state after `epoch` finished epochs and `step` steps."""
-        momentum = self.optimizer.state.get(self.learner.ctx, {}).get("momentum_buffer")
+        ctx = self.parameters.get(CTX_TENSOR)
+        momentum = None if ctx is None else self.optimizer.state.get(ctx, {}).get("momentum_buffer")
         extra = {"scaler": self.scaler.state_dict() if self.scaler is not None else None, "config": config_digest}
         tensors = _extra_state(self.parameters, self.optimizer)
-        return RunState(epoch, step, self.learner.ctx, momentum, extra, tensors)
+        return RunState(epoch, step, self.learner.ctx.detach(), momentum, extra, tensors)
 
 
 @dataclasses.dataclass

@@ -214,7 +214,13 @@ class PromptLearner(nn.Module):
             return 0
         return self.n_ctx if self.class_position is ClassPosition.end else self.n_ctx // 2
 
-    def encode(self, ctx_variants: torch.Tensor, cut: bool = True, deep_prompts: LayerPrompts = ()) -> torch.Tensor:
+    def encode(
+        self,
+        ctx_variants: torch.Tensor,
+        cut: bool = True,
+        deep_prompts: LayerPrompts = (),
+        kv_prefix: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Text features [K, n_cls, D] for K context variants ([K, M, W], or [K, n_cls, M, W] class-specific).
 
         Shared prefixes ([SOS] + the context before the class name) run once per variant; the
@@ -222,7 +228,8 @@ class PromptLearner(nn.Module):
         most `token_budget` tokens ordered by end-of-text position, each assembled only up to its
         cut. Class-specific ctx and class-first prompts share nothing and take the cut pass of
         whole prompts, likewise chunked. `deep_prompts` (IVLP's, MaPLe's: [n, W] or [K, n, W] per layer
-        1..depth-1) replace positions 1..n at those layers' inputs.
+        1..depth-1) replace positions 1..n at those layers' inputs; `kv_prefix` (prefix tuning's keys and
+        values, [layers, 2, P, W] or [K, ...]) go before every layer's own.
         """
         shared = self.shared_context
         n_variants, width = ctx_variants.shape[0], ctx_variants.shape[-1]
@@ -247,6 +254,7 @@ class PromptLearner(nn.Module):
             max_prompts=self.chunk_size,
             cut=cut,
             deep_prompts=deep_prompts,
+            kv_prefix=kv_prefix,
         )
 
     def text_features(self, cut: bool = True) -> torch.Tensor:
