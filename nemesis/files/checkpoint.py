@@ -482,7 +482,7 @@ def _dassl_epoch(path: Path) -> int | None:
 def dassl_folders() -> tuple[str, ...]:
     """The folders Dassl trainers register their models in: CoOp's `prompt_learner`, then those of the
     trainers that save the whole model (`MultiModalPromptLearner`, `VLPromptLearner`)."""
-    return tuple(dict.fromkeys((DASSL_PROMPT_FOLDER, *whole_model.folders())))
+    return tuple(dict.fromkeys((DASSL_PROMPT_FOLDER, *whole_model.folders(METHODS))))
 
 
 def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
@@ -499,9 +499,10 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
         return max(numbered)[1]
     if (folder / DASSL_BEST_FILE).is_file():
         return folder / DASSL_BEST_FILE
+    others = ", ".join(f"{name}/" for name in dassl_folders() if name != DASSL_PROMPT_FOLDER)
     raise NemesisError(
-        f"no prompt checkpoint in {path} (looked for {RUN_PROMPT}, {'|'.join(dassl_folders())}/"
-        f"{DASSL_FILE_PREFIX}<epoch> or {DASSL_BEST_FILE})"
+        f"no prompt checkpoint in {path} (looked for {RUN_PROMPT}, {DASSL_PROMPT_FOLDER}/{DASSL_FILE_PREFIX}<epoch> "
+        f"or {DASSL_BEST_FILE}, also in {others})"
     )
 
 
@@ -573,7 +574,7 @@ def load_dassl(path: str | os.PathLike, prompt_method: str | None = None) -> Pro
     (else its tensors'), and dataset, shots, seed, penalty, classes and class position come from its path.
     """
     path = Path(path)
-    content = load_torch_file(path, tensors=_read_from_dassl)  # the frozen towers of whole-model files stay unread
+    content = load_torch_file(path, tensors=_dassl_reads())  # the frozen towers of whole-model files stay unread
     state = content.get("state_dict") if isinstance(content, dict) else None
     epoch = content.get("epoch") if isinstance(content, dict) else None
     epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None
@@ -614,17 +615,18 @@ def load_dassl(path: str | os.PathLike, prompt_method: str | None = None) -> Pro
     return PromptCheckpoint(ctx, metadata, path, extra)
 
 
-def _read_from_dassl(key: str) -> bool:
-    """The tensors a Dassl file is read for: ctx, the methods' other tensors, and a whole-model file's
+def _dassl_reads() -> Any:
+    """Which tensors a Dassl file is read for: ctx, the methods' other tensors, and a whole-model file's
     prompt rows and reference weights; buffers (token_prefix...) and frozen towers give their shapes only."""
-    return key == CTX_TENSOR or key in _known_extra_names() or whole_model.wanted(key)
+    known = {CTX_TENSOR, *_known_extra_names()}
+    return lambda key: key in known or whole_model.wanted(key, METHODS)
 
 
 def _load_whole_model(
     path: Path, state: dict, prompt_method: str | None, trained: str | None, penalty: str | None, epoch: int | None
 ) -> PromptCheckpoint:
     """A whole-model file of an official trainer (MaPLe's, IVLP's...): our tensors from its prompt rows."""
-    read = whole_model.read_whole_model(state, prompt_method, trained, str(path))
+    read = whole_model.read_whole_model(state, METHODS, prompt_method, trained, str(path))
     tensors = {name: _checked(t, str(path)) if name == CTX_TENSOR else t for name, t in read.tensors.items()}
     ctx = tensors.pop(CTX_TENSOR)
     extra = {name: _checked_extra(tensor, name, str(path)) for name, tensor in tensors.items()}

@@ -6,11 +6,14 @@ prompt stack spread over numbered keys. Each method declares where (`MethodSpec.
 `nemesis.methods.whole_model_layout.WholeModelLayout`); this module reads the stacks back into our
 tensors (only those keys' storages are read), tells the methods apart by the keys a file holds, keeps
 a few frozen tensors to check the backbone against, and writes our prompts back in their layout.
+The registry (`nemesis.methods.METHODS`) is passed in as `methods`.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import torch
 from ..atomic import atomic_path
 from ..constants import DASSL_FILE_PREFIX
 from ..errors import NemesisError
-from ..methods import METHODS, MethodSpec, method_spec
+from ..methods.base import MethodSpec
 from ..methods.whole_model_layout import PromptStackKeys, WholeModelLayout
 from ..unpickle import UnreadTensor
 
@@ -38,14 +41,17 @@ _TOWER_BLOCK = {"text": re.compile(r"text_encoder\.transformer\.resblocks\.(\d+)
                 "vision": re.compile(r"image_encoder\.transformer\.resblocks\.(\d+)\.")}  # fmt: skip
 
 
-def layouts() -> dict[str, WholeModelLayout]:
-    """Every registered method whose official trainer saves the whole model, by method name."""
-    return {spec.name: spec.dassl_layout for spec in METHODS.values() if spec.dassl_layout is not None}
+Methods = Mapping[str, MethodSpec]  # the registry, by name
 
 
-def folders() -> tuple[str, ...]:
+def layouts(methods: Methods) -> dict[str, WholeModelLayout]:
+    """Every method whose official trainer saves the whole model, by method name."""
+    return {spec.name: spec.dassl_layout for spec in methods.values() if spec.dassl_layout is not None}
+
+
+def folders(methods: Methods) -> tuple[str, ...]:
     """The folders those trainers file their checkpoints in (`MultiModalPromptLearner`, ...), without repeats."""
-    return tuple(dict.fromkeys(layout.folder for layout in layouts().values()))
+    return tuple(dict.fromkeys(layout.folder for layout in layouts(methods).values()))
 
 
 def is_whole_model(names: Any) -> bool:
@@ -53,18 +59,19 @@ def is_whole_model(names: Any) -> bool:
     return any(name.startswith((IMAGE_TOWER, TEXT_TOWER)) for name in names if isinstance(name, str))
 
 
-def _deeper_pattern(stack: PromptStackKeys) -> re.Pattern:
-    return re.compile(re.escape(stack.deeper).replace(r"\{\}", r"(\d{1,4})"))
+def wanted(name: str, methods: Methods) -> bool:
+    """Whether the reader needs a key's tensor: a prompt row of some method's layout or a reference weight
+    (the frozen towers are never read)."""
+    return name in REFERENCE_WEIGHTS or any(_is_prompt_key(layout, name) for layout in layouts(methods).values())
 
 
 def _is_prompt_key(layout: WholeModelLayout, name: str) -> bool:
     return any(name == stack.first or _deeper_pattern(stack).fullmatch(name) for stack in layout.stacks)
 
 
-def wanted(name: str) -> bool:
-    """Whether the reader needs a key's tensor: a prompt row of some method's layout or a reference weight
-    (the frozen towers are never read)."""
-    return name in REFERENCE_WEIGHTS or any(_is_prompt_key(layout, name) for layout in layouts().values())
+@functools.cache
+def _deeper_pattern(stack: PromptStackKeys) -> re.Pattern:
+    return re.compile(re.escape(stack.deeper).replace(r"\{\}", r"(\d{1,4})"))
 
 
 @dataclass
@@ -77,10 +84,12 @@ class WholeModelPrompt:
     frozen: dict[str, torch.Tensor]  # our state-dict name -> the file's frozen tensor, as saved
 
 
-def read_whole_model(state: dict, requested: str | None, trained: str | None, origin: str) -> WholeModelPrompt:
+def read_whole_model(
+    state: dict, methods: Methods, requested: str | None, trained: str | None, origin: str
+) -> WholeModelPrompt:
     """Our prompt from a whole-model `state_dict` (tensors not asked for are `UnreadTensor`s): the method
     `requested`, else the trainer folder's `trained`, when the file's keys are its, else the one whose they are."""
-    spec = method_spec(_method_of(set(state), requested, trained, origin))
+    spec = methods[_method_of(set(state), methods, requested, trained, origin)]
     layout = spec.dassl_layout
     stacks = {stack.tensor: _read_stack(state, stack, origin) for stack in layout.stacks}
     stacks = {name: stack for name, stack in stacks.items() if stack is not None}
@@ -103,12 +112,14 @@ def read_whole_model(state: dict, requested: str | None, trained: str | None, or
     return WholeModelPrompt(spec, config, stacks, frozen)
 
 
-def _fit(layout: WholeModelLayout, names: set[str], prompt_keys: set[str]) -> tuple[list[str], list[str]]:
+def _fit(
+    layout: WholeModelLayout, names: set[str], prompt_keys: set[str], methods: Methods
+) -> tuple[list[str], list[str]]:
     """(the layout's required keys the file lacks, the file's prompt keys or second tower the layout does
     not hold): both empty when the file is this layout's."""
     missing = [stack.first for stack in layout.stacks if not stack.optional and stack.first not in names]
     foreign = sorted(name for name in prompt_keys if not _is_prompt_key(layout, name))
-    copies = {other.image_tower_copy for other in layouts().values()} - {None}
+    copies = {other.image_tower_copy for other in layouts(methods).values()} - {None}
     for prefix in sorted(copies):
         held = any(name.startswith(prefix) for name in names)
         if prefix == layout.image_tower_copy and not held:
@@ -118,16 +129,16 @@ def _fit(layout: WholeModelLayout, names: set[str], prompt_keys: set[str]) -> tu
     return missing, foreign
 
 
-def _method_of(names: set[str], requested: str | None, trained: str | None, origin: str) -> str:
-    prompt_keys = {name for name in names if wanted(name) and name not in REFERENCE_WEIGHTS}
-    fits = {name: _fit(layout, names, prompt_keys) for name, layout in layouts().items()}
+def _method_of(names: set[str], methods: Methods, requested: str | None, trained: str | None, origin: str) -> str:
+    prompt_keys = {name for name in names if wanted(name, methods) and name not in REFERENCE_WEIGHTS}
+    fits = {name: _fit(layout, names, prompt_keys, methods) for name, layout in layouts(methods).items()}
     fitting = [name for name, (missing, foreign) in fits.items() if not missing and not foreign]
     if requested is not None:
         if requested in fitting:
             return requested
-        wanted_spec = method_spec(requested)
+        wanted_spec = methods[requested]
         if fitting:
-            found = method_spec(fitting[0])
+            found = methods[fitting[0]]
             evidence = fits[requested][1][0] if requested in fits and fits[requested][1] else found.dassl_layout.folder
             raise NemesisError(
                 f"{origin} holds {found.label}'s prompt ({evidence}), not {wanted_spec.label}'s; "
@@ -146,7 +157,7 @@ def _method_of(names: set[str], requested: str | None, trained: str | None, orig
     closest = requested or (trained if trained in fits else None)
     closest = closest or min(fits, key=lambda name: len(fits[name][0]) + len(fits[name][1]))
     missing, foreign = fits[closest]
-    label = method_spec(closest).label
+    label = methods[closest].label
     if missing:
         raise NemesisError(f"{origin}: a {label} checkpoint holds {missing[0]}, which this file lacks")
     raise NemesisError(f"{origin}: holds {foreign[0]}, which no {label} checkpoint holds; the file is not {label}'s")
