@@ -27,7 +27,7 @@ from nemesis.files.checkpoint import export_dassl, load_checkpoint
 from nemesis.files.whole_model import check_frozen_weights, frozen_mismatch
 from nemesis.methods.protocol import build_learner
 from nemesis.model.vision_prompts import patch_embeddings
-from nemesis.unpickle import load_torch_file
+from nemesis.unpickle import UnreadTensor, load_torch_file
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone, fails_with_one_line
@@ -185,6 +185,25 @@ def test_the_trainer_folder_tells_promptsrc_from_ivlp_and_the_file_wins_elsewher
     outside.symlink_to(_tree_file(root, "promptsrc"))
     assert load_checkpoint(outside).prompt_method == "promptsrc"
     assert load_checkpoint(_tree_file(root, "ivlp")).prompt_method == "ivlp"
+
+
+def test_a_promptsrc_tree_without_the_second_tower_is_still_promptsrc(tmp_path):
+    path = _small_file(tmp_path, "promptsrc")  # IVLP's keys, no zero-shot tower, in PromptSRC's tree
+    assert load_checkpoint(path).prompt_method == "promptsrc"
+    assert load_checkpoint(path, prompt_method="ivlp").prompt_method == "ivlp"  # the same keys, named
+
+
+def test_only_the_tensors_asked_for_are_read(tmp_path):
+    """`load_torch_file(tensors=...)`: wanted keys come back as tensors (a view of a shared storage too),
+    the others as UnreadTensor with dtype and shape; containers and plain values are kept."""
+    base = torch.arange(12, dtype=torch.float16)
+    content = {"state_dict": {"a": base[:4], "b": base[4:].view(2, 4), "c": torch.ones(3)}, "rest": [base, 5]}
+    torch.save(content, tmp_path / "file.pth")
+    read = load_torch_file(tmp_path / "file.pth", tensors=lambda key: key in ("b", "c"))
+    state = read["state_dict"]
+    assert isinstance(state["a"], UnreadTensor) and (state["a"].dtype, state["a"].shape) == (torch.float16, (4,))
+    assert torch.equal(state["b"], base[4:].view(2, 4)) and torch.equal(state["c"], torch.ones(3))
+    assert isinstance(read["rest"][0], UnreadTensor) and read["rest"][1] == 5  # under the key "rest"
 
 
 def test_export_writes_their_layout_and_reads_back(trees, tmp_path):

@@ -133,9 +133,15 @@ def _method_of(names: set[str], methods: Methods, requested: str | None, trained
     prompt_keys = {name for name in names if wanted(name, methods) and name not in REFERENCE_WEIGHTS}
     fits = {name: _fit(layout, names, prompt_keys, methods) for name, layout in layouts(methods).items()}
     fitting = [name for name, (missing, foreign) in fits.items() if not missing and not foreign]
+
+    def holds(name: str | None) -> bool:
+        """The file is `name`'s, its second tower aside (a copy without it, or with it stripped)."""
+        return name in fits and not fits[name][1] and all(key.endswith("*") for key in fits[name][0])
+
+    # the method named, else the trainer folder's, when the file's prompt keys are its own
+    if holds(requested if requested is not None else trained):
+        return requested if requested is not None else trained
     if requested is not None:
-        if requested in fitting:
-            return requested
         wanted_spec = methods[requested]
         if fitting:
             found = methods[fitting[0]]
@@ -149,8 +155,6 @@ def _method_of(names: set[str], methods: Methods, requested: str | None, trained
                 f"{origin} is a whole-model checkpoint (frozen CLIP towers and prompts), which {wanted_spec.label}'s "
                 f"trainer does not write; pass the method of the trainer that wrote it"
             )
-    if trained in fitting:
-        return trained
     if fitting:
         return fitting[0]
     # No layout fits: say what the closest one (the one named, else the trainer's, else fewest misses) lacks.
@@ -160,7 +164,7 @@ def _method_of(names: set[str], methods: Methods, requested: str | None, trained
     label = methods[closest].label
     if missing:
         raise NemesisError(f"{origin}: a {label} checkpoint holds {missing[0]}, which this file lacks")
-    raise NemesisError(f"{origin}: holds {foreign[0]}, which no {label} checkpoint holds; the file is not {label}'s")
+    raise NemesisError(f"{origin} holds {foreign[0]}, which a {label} checkpoint never holds; it is not {label}'s")
 
 
 def _read_stack(state: dict, stack: PromptStackKeys, origin: str) -> torch.Tensor | None:
