@@ -31,7 +31,7 @@ from nemesis.constants import (
 from nemesis.data.datasets import Subsample, load_dataset, resolve_name
 from nemesis.errors import NemesisError
 from nemesis.evaluation.evaluate import EvaluationTarget, resolve_target
-from nemesis.files.checkpoint import PromptCheckpoint, load_checkpoint
+from nemesis.files.checkpoint import PromptCheckpoint, dassl_folders, load_checkpoint
 from nemesis.files.coop_paths import identity_from_path
 from nemesis.methods.protocol import WHOLE_CTX, CorruptionSite
 from nemesis.model.backbone import check_pretrained, model_config
@@ -47,12 +47,12 @@ def _has_dassl_files(folder: Path) -> bool:
 
 
 def _is_checkpoint_folder(folder: Path) -> bool:
-    """Our run folder, a Dassl run folder or a Dassl `prompt_learner/` folder."""
+    """Our run folder, a Dassl run folder or a Dassl model folder (`prompt_learner/`, `VLPromptLearner/`...)."""
     return (
         (folder / RUN_PROMPT).is_file()
         or (folder / RUN_CHECKPOINTS).is_dir()
-        or _has_dassl_files(folder / DASSL_PROMPT_FOLDER)
-        or (folder.name == DASSL_PROMPT_FOLDER and _has_dassl_files(folder))
+        or any(_has_dassl_files(folder / name) for name in dassl_folders())
+        or (folder.name in dassl_folders() and _has_dassl_files(folder))
     )
 
 
@@ -85,7 +85,7 @@ def find_checkpoints(paths: Sequence[str | os.PathLike]) -> list[Path]:
         under = _checkpoint_folders_under(path)
         if not under:
             raise NemesisError(
-                f"no prompt checkpoints under {path} (looked for prompt_learner/{DASSL_FILE_PREFIX}<E> "
+                f"no prompt checkpoints under {path} (looked for {DASSL_PROMPT_FOLDER}/{DASSL_FILE_PREFIX}<E> "
                 f"and {RUN_PROMPT}); pass checkpoint files or run folders"
             )
         found.extend(under)

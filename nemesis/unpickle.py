@@ -68,10 +68,30 @@ class PickledObject:
 
 
 class _Storage:
-    """A tensor storage read from the archive: a flat tensor of its dtype, never reachable as a callable."""
+    """A tensor storage of the archive: a flat tensor of its dtype, never reachable as a callable; when the
+    caller reads only some tensors (`load_torch_file(tensors=...)`), `flat` is None until one needs it."""
 
-    def __init__(self, flat: torch.Tensor) -> None:
+    def __init__(self, flat: torch.Tensor | None, dtype: torch.dtype | None = None, numel: int = 0) -> None:
         self.flat = flat
+        self.dtype = flat.dtype if flat is not None else dtype
+        self.numel = flat.numel() if flat is not None else numel
+
+
+class UnreadTensor:
+    """A tensor of a torch file that was not asked for: its dtype and shape only, its bytes never read."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        self.dtype, self.shape = dtype, torch.Size(shape)
+
+    def __repr__(self) -> str:
+        return f"UnreadTensor({self.dtype}, {tuple(self.shape)})"
+
+
+class _PendingTensor:
+    """A tensor whose storage is read only if a wanted key holds it (checked view of a `_Storage`)."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 
 class _StorageType:
@@ -131,7 +151,7 @@ def _rebuild_tensor(
         raise ForbiddenGlobal("tensor requires_grad is not a boolean")
     _no_hooks(backward_hooks, "backward hooks")
     _no_hooks(metadata, "metadata")
-    available = storage.flat.numel()
+    available = storage.numel
     elements = 1
     for length in size:
         elements *= length
@@ -143,12 +163,14 @@ def _rebuild_tensor(
         last = storage_offset + sum((length - 1) * step for length, step in zip(size, stride, strict=True))
         if last >= available or elements > available:
             raise ForbiddenGlobal(f"tensor of size {size} reaches past its storage of {available} elements")
+    if storage.flat is None:  # read later, if a wanted key holds it
+        return _PendingTensor(storage, storage_offset if elements else 0, size, stride)
     return torch.as_strided(storage.flat, size, stride, storage_offset if elements else 0)
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any, state: Any = None) -> torch.Tensor:
     """Stand-in for torch's `_rebuild_parameter(_with_state)`: the tensor itself; Python attributes are dropped."""
-    if not isinstance(data, torch.Tensor):
+    if not isinstance(data, (torch.Tensor, _PendingTensor)):
         raise ForbiddenGlobal("a parameter is rebuilt from something that is not a tensor")
     _no_hooks(backward_hooks, "backward hooks")
     return data
@@ -413,12 +435,16 @@ def load_torch_file(
     pickle_name: str = "data.pkl",
     inert_prefixes: Iterable[str] = INERT_MODULE_PREFIXES,
     extra_globals: dict[str, Any] | None = None,
+    tensors: Callable[[str], bool] | None = None,
 ) -> Any:
     """Read a `torch.save` file (zip format, torch >= 1.6) on the CPU without running code from it.
 
     `pickle_name` names the archive's pickle (TorchScript archives also hold `constants.pkl`), whose
     storages lie in the folder of the same name (`data/`, `constants/`);
     `inert_prefixes` and `extra_globals` widen what the unpickler accepts (see RestrictedUnpickler).
+    `tensors` reads only the tensors held under the dictionary keys it accepts (the innermost text key
+    above a tensor decides): the others come back as `UnreadTensor` (dtype and shape) and their
+    storages are never read, so a whole-model checkpoint of hundreds of MB yields its prompts in kB.
     """
     path = Path(path)
     if not path.is_file():
@@ -434,7 +460,7 @@ def load_torch_file(
         raise NemesisError(f"{path} is not a torch checkpoint (neither a zip archive nor an older torch format)")
     try:
         with zipfile.ZipFile(path) as archive:
-            return _load_torch_zip(archive, path, pickle_name, inert_prefixes, extra_globals)
+            return _load_torch_zip(archive, path, pickle_name, inert_prefixes, extra_globals, tensors)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as error:
         if isinstance(error, NemesisError):
             raise
@@ -447,6 +473,7 @@ def _load_torch_zip(
     pickle_name: str,
     inert_prefixes: Iterable[str],
     extra_globals: dict[str, Any] | None,
+    wanted: Callable[[str], bool] | None = None,
 ) -> Any:
     archive_size = path.stat().st_size
     members = archive.infolist()
@@ -471,9 +498,11 @@ def _load_torch_zip(
     loaded: dict[str, _Storage] = {}
     budget = [archive_size]  # all storages together hold at most the file's own bytes
 
+    members_of: dict[int, zipfile.ZipInfo] = {}
+
     def storage(dtype: torch.dtype, key: str, numel: int) -> _Storage:
         if key in loaded:
-            if loaded[key].flat.dtype != dtype or loaded[key].flat.numel() != numel:
+            if loaded[key].dtype != dtype or loaded[key].numel != numel:
                 raise ForbiddenGlobal(f"storage {key!r:.60} is declared twice with different types or sizes")
             return loaded[key]
         info = by_name.get(f"{prefix}{storage_folder}/{key}")
@@ -483,10 +512,69 @@ def _load_torch_zip(
         if nbytes > budget[0]:
             raise ForbiddenGlobal("the storages declare more bytes than the file holds")
         budget[0] -= nbytes
-        data = bytearray(archive.read(info))  # checked above: uncompressed, inside the file, of the declared size
-        flat = torch.frombuffer(data, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-        loaded[key] = _Storage(flat)
+        if wanted is None:  # checked above: uncompressed, inside the file, of the declared size
+            loaded[key] = _Storage(_read_storage(archive, info, dtype))
+        else:
+            loaded[key] = _Storage(None, dtype, numel)
+            members_of[id(loaded[key])] = info
         return loaded[key]
 
     options = {"storages": storage, "inert_prefixes": inert_prefixes, "extra_globals": extra_globals}
-    return _unpickle(archive.read(pickle_info), path, "a torch checkpoint", **options)
+    value = _unpickle(archive.read(pickle_info), path, "a torch checkpoint", **options)
+    if wanted is None:
+        return value
+
+    def read(pending: _PendingTensor) -> torch.Tensor:
+        held = pending.storage
+        if held.flat is None:
+            held.flat = _read_storage(archive, members_of[id(held)], held.dtype)
+        return torch.as_strided(held.flat, pending.size, pending.stride, pending.offset)
+
+    return _resolve_pending(value, wanted, read, False, {})
+
+
+_READ_CHUNK = 16 * 2**20
+
+
+def _read_storage(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dtype: torch.dtype) -> torch.Tensor:
+    """One storage member as a flat tensor, read in chunks into its own buffer (never held twice)."""
+    data = bytearray(info.file_size)
+    view = memoryview(data)
+    with archive.open(info) as member:
+        done = 0
+        while done < len(data):
+            chunk = member.read(min(_READ_CHUNK, len(data) - done))
+            if not chunk:
+                raise EOFError(f"storage member {info.filename!r:.80} ends early")
+            view[done : done + len(chunk)] = chunk
+            done += len(chunk)
+    return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+
+def _resolve_pending(
+    value: Any, wanted: Callable[[str], bool], read: Callable[[_PendingTensor], torch.Tensor], here: bool, seen: dict
+) -> Any:
+    """`value` with each pending tensor read (when the innermost text key above it is wanted) or replaced by
+    an `UnreadTensor`; containers are changed in place (shared ones once), tuples and sets rebuilt."""
+    if isinstance(value, _PendingTensor):
+        return read(value) if here else UnreadTensor(value.storage.dtype, value.size)
+    if id(value) in seen:  # seen: id -> (the original, kept alive so its id is not reused; its result)
+        return seen[id(value)][1]
+    if isinstance(value, dict):
+        seen[id(value)] = (value, value)
+        for key in list(value):
+            inner = wanted(key) if isinstance(key, str) else here
+            value[key] = _resolve_pending(value[key], wanted, read, inner, seen)
+    elif isinstance(value, list):
+        seen[id(value)] = (value, value)
+        value[:] = [_resolve_pending(item, wanted, read, here, seen) for item in value]
+    elif isinstance(value, (tuple, set, frozenset)) and type(value) is not torch.Size:
+        items = [_resolve_pending(item, wanted, read, here, seen) for item in value]
+        seen[id(value)] = (value, type(value)(items))
+    elif isinstance(value, PickledObject):
+        seen[id(value)] = (value, value)
+        value.args = _resolve_pending(value.args, wanted, read, here, seen)
+        value.state = _resolve_pending(value.state, wanted, read, here, seen)
+    else:
+        return value
+    return seen[id(value)][1]

@@ -120,11 +120,12 @@ def _interrupted_line(results) -> str:
 
 def _run_folder(checkpoint: str) -> str:
     """The run a checkpoint belongs to, as the user would name it: its folder, relative when below here."""
-    from nemesis.constants import DASSL_PROMPT_FOLDER, RUN_CHECKPOINTS
+    from nemesis.constants import RUN_CHECKPOINTS
+    from nemesis.files.checkpoint import dassl_folders
 
     path = Path(checkpoint)
     folder = path.parent
-    if folder.name in (DASSL_PROMPT_FOLDER, RUN_CHECKPOINTS):
+    if folder.name in (*dassl_folders(), RUN_CHECKPOINTS):
         folder = folder.parent
     try:
         return str(folder.resolve().relative_to(Path.cwd().resolve())) or "."

@@ -150,14 +150,22 @@ def export(
     out: Annotated[Path, typer.Option(help="Run folder to write prompt_learner/model.pth.tar-<E> into.")],
     epoch: Annotated[int | None, typer.Option(help="Epoch number in the file name (default: the prompt's).")] = None,
     prompt_method: MethodOption = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model whose frozen towers a whole-model file holds (default: the prompt's).")
+    ] = None,
+    pretrained: WeightsOption = None,
 ) -> None:
-    """Write a prompt in CoOp's layout so CoOp's own tools can load it.
+    """Write a prompt in its official trainer's layout so that code loads it: CoOp's prompt_learner/ file;
+    for MaPLe, IVLP, PromptSRC and VPT the whole model (frozen towers of the weights the prompt was
+    trained on, and its prompts) in MultiModalPromptLearner/, VLPromptLearner/ or prompt_learner/.
 
     Example: nemesis prompt export-dassl runs/pets-16/prompt.safetensors --out coop_output/pets/seed1
     """
+    from nemesis.evaluation.evaluate import export_backbone
     from nemesis.files.checkpoint import export_dassl, load_checkpoint
 
     prepare_output(out, folder=True)
     prompt = load_checkpoint(checkpoint, prompt_method=prompt_method)  # first: a bad one leaves no folder behind
-    target = export_dassl(prompt, out, epoch)  # creates --out and its missing parents
+    backbone = export_backbone(prompt, model, pretrained)
+    target = export_dassl(prompt, out, epoch, backbone)  # creates --out and its missing parents
     typer.echo(f"wrote {target}")

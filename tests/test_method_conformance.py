@@ -37,6 +37,7 @@ from nemesis.model.backbone import load_clip
 from nemesis.model.clip_models import text_width, vision_width
 from nemesis.penalties.losses import position_norms
 from nemesis.training.configs import TrainConfig
+from nemesis.unpickle import load_torch_file
 from nemesis_cli.main import app
 
 from .conftest import cached_backbone, fails_with_one_line
@@ -340,14 +341,22 @@ def test_prompt_interpret_reads_every_vector_of_ctx(name, tmp_path):
 
 @pytest.mark.parametrize("name", methods())
 def test_dassl_round_trip(name, tmp_path):
-    """`nemesis prompt export-dassl`, read back as a Dassl run folder: the same tensors and method."""
+    """`nemesis prompt export-dassl`, read back as a Dassl run folder: the same tensors and method. Methods
+    whose official trainer saves the whole model get that file (the random tiny towers the prompt was
+    trained on, their key layout) in their trainer's folder."""
     learner = _learner(name)
     _saved(learner, tmp_path / "prompt.safetensors")
     out = tmp_path / "dassl" / "oxford_pets" / METHODS[name].dassl_trainers[0] / "seed1"  # the method's tree
-    args = ["prompt", "export-dassl", str(tmp_path / "prompt.safetensors"), "--out", str(out)]
+    args = ["prompt", "export-dassl", str(tmp_path / "prompt.safetensors"), "--out", str(out), "--pretrained", "none"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (out / "prompt_learner" / "model.pth.tar-1").is_file()
+    layout = METHODS[name].dassl_layout
+    folder = layout.folder if layout is not None else "prompt_learner"
+    assert (out / folder / "model.pth.tar-1").is_file()
+    if layout is not None:  # the whole model: frozen towers beside the prompt rows
+        state = load_torch_file(out / folder / "model.pth.tar-1", tensors=lambda key: False)["state_dict"]
+        assert "image_encoder.conv1.weight" in state and "text_encoder.text_projection" in state
+        assert "ctx" not in state and layout.stacks[0].first in state
     back = load_checkpoint(out)
     assert back.metadata.source_format == "dassl" and back.prompt_method == name and back.metadata.epoch == 1
     assert torch.equal(back.ctx, learner.ctx.detach())

@@ -25,6 +25,7 @@ from ..data.datasets import Dataset, load_dataset
 from ..data.feature_cache import encode_split
 from ..errors import NemesisError, NemesisNote
 from ..files.checkpoint import PromptCheckpoint
+from ..files.whole_model import check_frozen_weights
 from ..methods import checked_method_options
 from ..methods.protocol import PromptMethod, build_learner
 from ..model.backbone import (
@@ -242,6 +243,7 @@ def prepare_evaluation(
     if key not in backbones:
         backbones[key] = load_clip(target.model, target.pretrained, device=device, activation=target.activation)
     backbone = backbones[key]
+    check_frozen_weights(checkpoint, backbone, target.pretrained)  # a whole-model file carries its towers
     source["weights_id"] = backbone.weights_id
     source["activation"] = backbone.activation.value
     if (note := activation_mismatch(checkpoint, backbone.activation)) is not None:
@@ -260,6 +262,21 @@ def prepare_evaluation(
         backbone, data, "test", cache_dir=cache_dir, device=device, progress=progress, inputs=inputs
     )
     return EvaluationSetup(backbone, data, learner, features.to(device), labels.to(device), source)
+
+
+def export_backbone(checkpoint: PromptCheckpoint, model: str | None, pretrained: str | None) -> Backbone | None:
+    """The backbone whose frozen towers a whole-model Dassl export writes (the prompt's own model and
+    weights unless named), checked against the towers the prompt's file carries; None: not needed."""
+    if checkpoint.spec.dassl_layout is None:
+        return None
+    model = model or checkpoint.metadata.model
+    if model is None:
+        raise NemesisError(f"{checkpoint.path}: the checkpoint does not name its model; pass --model (e.g. ViT-B-16)")
+    weights = choose_weights(checkpoint, model, pretrained)
+    checkpoint.check_model(model, embed_dim(model), text_width(model))
+    backbone = load_clip(model, weights, activation=checkpoint.metadata.activation)
+    check_frozen_weights(checkpoint, backbone, weights)
+    return backbone
 
 
 def prompt_options(checkpoint: PromptCheckpoint, source: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,8 @@ from ..errors import NemesisError
 from ..methods import METHODS, MethodSpec, method_of_dassl_path, method_spec, split_method
 from ..model.clip_models import vision_width
 from ..penalties import NO_PENALTY, PENALTIES, DasslTrainer, penalty_names
-from ..unpickle import load_torch_file
+from ..unpickle import UnreadTensor, load_torch_file
+from . import whole_model
 from .coop_paths import identity_from_path
 
 
@@ -223,6 +224,8 @@ class PromptCheckpoint:
     metadata: PromptMetadata
     path: Path | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's other tensors (CoCoOp's meta-net)
+    # A whole-model Dassl file's few frozen CLIP tensors (our state-dict names, as saved): the backbone must match
+    frozen: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """A checkpoint built in memory without its method or options gets what its tensors say."""
@@ -478,9 +481,16 @@ def _dassl_epoch(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def dassl_folders() -> tuple[str, ...]:
+    """The folders Dassl trainers register their models in: CoOp's `prompt_learner`, then those of the
+    trainers that save the whole model (`MultiModalPromptLearner`, `VLPromptLearner`)."""
+    return tuple(dict.fromkeys((DASSL_PROMPT_FOLDER, *whole_model.folders(METHODS))))
+
+
 def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
-    """The checkpoint file inside a Dassl run or `prompt_learner/` folder: `epoch`, else the latest."""
-    folder = path / DASSL_PROMPT_FOLDER if (path / DASSL_PROMPT_FOLDER).is_dir() else path
+    """The checkpoint file inside a Dassl run or model folder (`prompt_learner/`, `VLPromptLearner/`...):
+    `epoch`, else the latest."""
+    folder = next((path / name for name in dassl_folders() if (path / name).is_dir()), path)
     if epoch is not None:
         candidate = folder / f"{DASSL_FILE_PREFIX}{epoch}"
         if not candidate.is_file():
@@ -491,9 +501,10 @@ def find_dassl_file(path: Path, epoch: int | None = None) -> Path:
         return max(numbered)[1]
     if (folder / DASSL_BEST_FILE).is_file():
         return folder / DASSL_BEST_FILE
+    others = ", ".join(f"{name}/" for name in dassl_folders() if name != DASSL_PROMPT_FOLDER)
     raise NemesisError(
         f"no prompt checkpoint in {path} (looked for {RUN_PROMPT}, {DASSL_PROMPT_FOLDER}/{DASSL_FILE_PREFIX}<epoch> "
-        f"or {DASSL_BEST_FILE})"
+        f"or {DASSL_BEST_FILE}, also in {others})"
     )
 
 
@@ -565,20 +576,25 @@ def load_dassl(path: str | os.PathLike, prompt_method: str | None = None) -> Pro
     (else its tensors'), and dataset, shots, seed, penalty, classes and class position come from its path.
     """
     path = Path(path)
-    content = load_torch_file(path)
+    content = load_torch_file(path, tensors=_dassl_reads())  # the frozen towers of whole-model files stay unread
     state = content.get("state_dict") if isinstance(content, dict) else None
-    if not isinstance(state, dict) or CTX_TENSOR not in state or not isinstance(state[CTX_TENSOR], torch.Tensor):
-        raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
-    epoch = content.get("epoch")
+    epoch = content.get("epoch") if isinstance(content, dict) else None
+    epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None
     where = identity_from_path(path)
     trained, penalty = method_of_dassl_path(where.trainer, where.nemesis)
+    if isinstance(state, dict) and whole_model.is_whole_model(state):
+        return _load_whole_model(path, state, prompt_method, trained, penalty, epoch)
+    if not isinstance(state, dict) or CTX_TENSOR not in state or not isinstance(state[CTX_TENSOR], torch.Tensor):
+        raise NemesisError(f"{path} is not a CoOp/Nemesis prompt checkpoint (no state_dict['ctx'])")
     penalty, trainer = _penalty_trainer(penalty, state)
     if trainer is not None:
         trained = trained or trainer.method
         state = {name: value for name, value in state.items() if name not in trainer.unused_keys}
     extra = {name: _checked_extra(state[name], name, str(path)) for name in sorted(_known_extra_names() & set(state))}
     ctx = _checked(state[CTX_TENSOR], str(path))
-    shapes = {name: tuple(tensor.shape) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)}
+    shapes = {
+        name: tuple(tensor.shape) for name, tensor in state.items() if isinstance(tensor, (torch.Tensor, UnreadTensor))
+    }
     spec = method_spec(_dassl_method(prompt_method or trained, extra, shapes, str(path)))
     config = spec.options_from_dassl(tuple(ctx.shape), where.class_position)
     if spec.name == trained:  # the trainer's own method: its prompts are built as it builds them
@@ -587,7 +603,7 @@ def load_dassl(path: str | os.PathLike, prompt_method: str | None = None) -> Pro
     _check_declared(spec, config, {CTX_TENSOR: ctx, **extra}, str(path))
     metadata = PromptMetadata(
         text_width=ctx.shape[-1],
-        epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < 2**31 else None,
+        epoch=epoch,
         dataset=where.dataset,
         shots=where.shots,
         seed=where.seed,
@@ -601,14 +617,55 @@ def load_dassl(path: str | os.PathLike, prompt_method: str | None = None) -> Pro
     return PromptCheckpoint(ctx, metadata, path, extra)
 
 
-def export_dassl(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch: int | None = None) -> Path:
-    """Write `<out_dir>/prompt_learner/model.pth.tar-<E>` so CoOp's `load_model` reads the prompt.
+def _dassl_reads() -> Any:
+    """Which tensors a Dassl file is read for: ctx, the methods' other tensors, and a whole-model file's
+    prompt rows and reference weights; buffers (token_prefix...) and frozen towers give their shapes only."""
+    known = {CTX_TENSOR, *_known_extra_names()}
+    return lambda key: key in known or whole_model.wanted(key, METHODS)
+
+
+def _load_whole_model(
+    path: Path, state: dict, prompt_method: str | None, trained: str | None, penalty: str | None, epoch: int | None
+) -> PromptCheckpoint:
+    """A whole-model file of an official trainer (MaPLe's, IVLP's...): our tensors from its prompt rows."""
+    read = whole_model.read_whole_model(state, METHODS, prompt_method, trained, str(path))
+    tensors = {name: _checked(t, str(path)) if name == CTX_TENSOR else t for name, t in read.tensors.items()}
+    ctx = tensors.pop(CTX_TENSOR)
+    extra = {name: _checked_extra(tensor, name, str(path)) for name, tensor in tensors.items()}
+    _check_declared(read.spec, read.config, {CTX_TENSOR: ctx, **extra}, str(path))
+    where = identity_from_path(path)
+    metadata = PromptMetadata(
+        text_width=ctx.shape[-1],
+        epoch=epoch,
+        dataset=where.dataset,
+        shots=where.shots,
+        seed=where.seed,
+        prompt_method=read.spec.name,
+        prompt_config=dataclasses.asdict(read.config),
+        penalty=penalty if read.spec.name == trained else None,
+        activation=None,  # their CLIP runs QuickGELU (OpenAI's weights), not recorded in the file
+        subsample=where.subsample or "all",
+        source_format="dassl",
+    )
+    return PromptCheckpoint(ctx, metadata, path, extra, frozen=read.frozen)
+
+
+def export_dassl(
+    checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, epoch: int | None = None, backbone: Any = None
+) -> Path:
+    """Write `<out_dir>/prompt_learner/model.pth.tar-<E>` so CoOp's `load_model` reads the prompt; a method
+    whose official trainer saves the whole model (`MethodSpec.dassl_layout`) gets that file instead, in its
+    folder, the frozen towers taken from `backbone` (the weights the prompt was trained on).
 
     Only tensors and plain values are saved, so the file also loads with `torch.load(weights_only=True)`.
     Buffers the method needs to be told apart (PLOT's `token_prefix` rows, when its classes are recorded)
     are written as zeros; Dassl's loaders drop them.
     """
     epoch = epoch if epoch is not None else (checkpoint.metadata.epoch or 0)
+    if checkpoint.spec.dassl_layout is not None:
+        if backbone is None:
+            raise NemesisError(f"{checkpoint.spec.label}'s checkpoints hold the whole model: name its weights")
+        return whole_model.export_whole_model(checkpoint, backbone, Path(out_dir), epoch)
     folder = Path(out_dir) / DASSL_PROMPT_FOLDER  # created with any missing parents by the atomic write
     target = folder / f"{DASSL_FILE_PREFIX}{epoch}"
     classnames = checkpoint.metadata.classnames

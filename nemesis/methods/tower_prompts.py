@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from ..choices import VisionPromptPlacement
 from ..errors import NemesisError, choice
+from .whole_model_layout import PromptStackKeys, WholeModelLayout
 
 TEXT_TOWER, VISION_TOWER = "text", "vision"
 
@@ -113,3 +114,25 @@ class TowerPromptsConfig:
                 f"the prompt for class '{longest}' with {self.n_ctx} prompt tokens exceeds the context length "
                 f"{context_length}"
             )
+
+
+# --- their official trainers' whole-model checkpoints (nemesis.methods.whole_model_layout) ---------
+
+TEXT_FIRST_PROMPT = "prompt_learner.ctx"  # the text prompt after the start token (IVLP, MaPLe, PromptSRC)
+TEXT_BLOCK_PROMPT = "text_encoder.transformer.resblocks.{}.VPT_shallow"  # IVLP's deep text prompt of block {}
+IMAGE_FIRST_PROMPT = "image_encoder.VPT"  # the vision prompt appended before ln_pre (IVLP, VPT)
+IMAGE_BLOCK_PROMPT = "image_encoder.transformer.resblocks.{}.VPT_shallow"  # ... and the deep ones
+
+
+def independent_layout(folder: str, image_tower_copy: str | None = None) -> WholeModelLayout:
+    """IVLP's keys (PromptSRC's too): a text and a vision stack, row 0 apart and one parameter per deeper
+    block (fp32); the text row 0 is fp16. Without vision prompts (deep language prompting) only the text."""
+    return WholeModelLayout(
+        folder=folder,
+        stacks=(
+            PromptStackKeys("ctx", TEXT_FIRST_PROMPT, TEXT_BLOCK_PROMPT, first_dtype="float16"),
+            PromptStackKeys(VISION_PROMPTS, IMAGE_FIRST_PROMPT, IMAGE_BLOCK_PROMPT, tower=VISION_TOWER, optional=True),
+        ),
+        depth_options={"ctx": ("text_depth",), VISION_PROMPTS: ("vision_depth",)},
+        image_tower_copy=image_tower_copy,
+    )

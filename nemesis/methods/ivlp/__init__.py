@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import MethodSpec, TrainingDefaults
-from ..tower_prompts import TowerPromptsConfig
+from ..tower_prompts import TowerPromptsConfig, independent_layout
 
 
 @dataclass
@@ -26,4 +26,5 @@ SPEC = MethodSpec(
     config=IVLPConfig,
     training=TrainingDefaults(batch_size=4, epochs=5),
     dassl_trainers=("IVLP",),
+    dassl_layout=independent_layout("VLPromptLearner"),  # trainers/independentVL.py registers the whole model
 )

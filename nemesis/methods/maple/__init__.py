@@ -13,7 +13,27 @@ from typing import ClassVar
 
 from ...errors import NemesisError
 from ..base import MethodSpec, TrainingDefaults
-from ..tower_prompts import PROJECTION_BIAS, PROJECTION_WEIGHT, TowerPromptsConfig
+from ..tower_prompts import PROJECTION_BIAS, PROJECTION_WEIGHT, TEXT_FIRST_PROMPT, TowerPromptsConfig
+from ..whole_model_layout import PromptStackKeys, WholeModelLayout
+
+# trainers/maple.py registers the whole model as "MultiModalPromptLearner". Layer 0: ctx and proj (fp16);
+# layer l >= 1: compound_prompts_text[l-1] and compound_prompt_projections[l-1] (fp32 ParameterLists).
+_DEEP_TEXT = "prompt_learner.compound_prompts_text.{}"
+_DEEP_PROJECTION = "prompt_learner.compound_prompt_projections.{}"
+DASSL_LAYOUT = WholeModelLayout(
+    folder="MultiModalPromptLearner",
+    stacks=(
+        PromptStackKeys("ctx", TEXT_FIRST_PROMPT, _DEEP_TEXT, first_number=0, first_dtype="float16"),
+        PromptStackKeys(
+            PROJECTION_WEIGHT, "prompt_learner.proj.weight", _DEEP_PROJECTION + ".weight", 0, first_dtype="float16"
+        ),
+        PromptStackKeys(
+            PROJECTION_BIAS, "prompt_learner.proj.bias", _DEEP_PROJECTION + ".bias", 0, first_dtype="float16"
+        ),
+    ),
+    depth_options={"ctx": ("text_depth", "vision_depth")},
+    same_depth=True,
+)
 
 
 @dataclass
@@ -52,4 +72,5 @@ SPEC = MethodSpec(
     config=MaPLeConfig,
     training=TrainingDefaults(batch_size=4, epochs=5),
     dassl_trainers=("MaPLe",),
+    dassl_layout=DASSL_LAYOUT,
 )

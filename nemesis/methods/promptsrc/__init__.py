@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import MethodSpec, TrainingDefaults
-from ..tower_prompts import TowerPromptsConfig
+from ..tower_prompts import TowerPromptsConfig, independent_layout
+
+# Its files hold a second frozen image tower (the zero-shot one its losses compare with); IVLP's never do.
+ZERO_SHOT_IMAGE_TOWER = "prompt_learner.ZS_image_encoder."
 
 
 @dataclass
@@ -30,5 +33,6 @@ SPEC = MethodSpec(
     config=PromptSRCConfig,
     training=TrainingDefaults(batch_size=4, epochs=20),
     dassl_trainers=("PromptSRC",),
+    dassl_layout=independent_layout("VLPromptLearner", image_tower_copy=ZERO_SHOT_IMAGE_TOWER),
     trains=False,
 )

@@ -15,7 +15,17 @@ from typing import ClassVar
 
 from ...errors import NemesisError
 from ..base import MethodSpec, TrainingDefaults
-from ..tower_prompts import VISION_TOWER, TowerPromptsConfig
+from ..tower_prompts import IMAGE_BLOCK_PROMPT, IMAGE_FIRST_PROMPT, VISION_TOWER, TowerPromptsConfig
+from ..whole_model_layout import PromptStackKeys, WholeModelLayout
+
+# The MaPLe authors' VPT trainer registers the whole model as "prompt_learner" (no `prompt_learner.*` key in
+# it) and runs CLIP in fp32 (`load_clip_to_cpu` returns `model.float()`), so every tensor is fp32.
+DASSL_LAYOUT = WholeModelLayout(
+    folder="prompt_learner",
+    stacks=(PromptStackKeys("ctx", IMAGE_FIRST_PROMPT, IMAGE_BLOCK_PROMPT, tower=VISION_TOWER),),
+    depth_options={"ctx": ("vision_depth",)},
+    frozen_dtype="float32",
+)
 
 
 @dataclass
@@ -48,4 +58,5 @@ SPEC = MethodSpec(
     config=VPTConfig,
     training=TrainingDefaults(batch_size=4, epochs=5),
     dassl_trainers=("VPT",),
+    dassl_layout=DASSL_LAYOUT,
 )
