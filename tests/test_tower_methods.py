@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 from nemesis.data.testing import make_coop_folder
 from nemesis.errors import NemesisError
@@ -24,6 +25,7 @@ from nemesis.methods.protocol import build_learner
 from nemesis.model.vision_prompts import patch_embeddings
 from nemesis.tensors import CorruptionSite
 from nemesis.training.trainer import train
+from nemesis_cli.main import app
 
 from .conftest import cached_backbone
 from .test_trainer import small_config, train_until_interrupted
@@ -304,3 +306,8 @@ def test_vpt_with_coop_context_learns_a_text_stack_of_one_layer(tmp_path):
     save_prompt(tmp_path / "p.safetensors", learner.ctx.detach(), metadata, learner.extra_parameters())
     loaded = load_prompt(tmp_path / "p.safetensors")
     assert torch.equal(loaded.extra["text_prompts"], learner.extra_parameters()["text_prompts"].detach())
+    # Their VPT trainer's checkpoint has no key for a learned text side: exporting there is refused.
+    out = tmp_path / "dassl" / "oxford_pets" / "VPT" / "seed1"
+    arguments = ["prompt", "export-dassl", str(tmp_path / "p.safetensors"), "--out", str(out), "--pretrained", "none"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2 and "has no place for text_prompts" in result.output and not out.exists()

@@ -290,6 +290,12 @@ def export_whole_model(checkpoint: Any, backbone: Any, out_dir: Path, epoch: int
     """Write `<out_dir>/<folder>/model.pth.tar-<E>` in the method's official layout: the frozen towers of
     `backbone` (the weights the prompt was trained on) and our prompts as their rows."""
     layout = checkpoint.spec.dassl_layout
+    unlaid = sorted(set(checkpoint.tensors) - {stack.tensor for stack in layout.stacks})
+    if unlaid:  # e.g. VPT with CoOp's context: its trainer has no key for it
+        raise NemesisError(
+            f"{checkpoint.path}: the official {checkpoint.spec.label} checkpoint has no place for {', '.join(unlaid)}; "
+            "keep the prompt in our file"
+        )
     target = Path(out_dir) / layout.folder / f"{DASSL_FILE_PREFIX}{epoch}"
     state = _frozen_state(backbone, layout) | prompt_state(layout, checkpoint.tensors)
     content = {"state_dict": state, "epoch": epoch, "optimizer": None, "scheduler": None, "val_result": None}
