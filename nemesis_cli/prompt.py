@@ -169,3 +169,26 @@ def export(
     backbone = export_backbone(prompt, model, pretrained)
     target = export_dassl(prompt, out, epoch, backbone)  # creates --out and its missing parents
     typer.echo(f"wrote {target}")
+
+
+@app.command("export-peft")
+@reports_errors
+def export_peft(
+    checkpoint: CheckpointArgument,
+    out: Annotated[
+        Path, typer.Option(help="Adapter folder to write (adapter_model.safetensors, adapter_config.json).")
+    ],
+    prompt_method: MethodOption = None,
+    model: Annotated[str | None, typer.Option(help="The prompt's model (default: the one it records).")] = None,
+) -> None:
+    """Write a prefix-tuning prompt as a PEFT adapter: prompt_embeddings [P, layers x 2 x W] (the final keys and
+    values), which `nemesis` reads back from the folder.
+
+    Example: nemesis prompt export-peft runs/pets-prefix --out pets-prefix-adapter
+    """
+    from nemesis.files.checkpoint import export_peft as write_adapter
+    from nemesis.files.checkpoint import load_checkpoint
+
+    prepare_output(out, folder=True)
+    prompt = load_checkpoint(checkpoint, prompt_method=prompt_method)
+    typer.echo(f"wrote {write_adapter(prompt, out, model)}")

@@ -4,15 +4,20 @@ reference of "a photo of a <class>." under its keys and values; training reaches
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from nemesis.data.testing import make_coop_folder
-from nemesis.files.checkpoint import load_prompt
+from nemesis.files.checkpoint import PromptMetadata, load_checkpoint, load_prompt, save_prompt
 from nemesis.methods import preset
 from nemesis.methods.protocol import build_learner
 from nemesis.training.trainer import train
+from nemesis_cli.main import app
 
 from .conftest import cached_backbone
 from .test_prefix_keys_values import _reference
@@ -81,3 +86,44 @@ def test_reparameterised_prefix_nemesis_resumes_to_the_uninterrupted_prompt(pets
     assert torch.equal(resumed.ctx, whole.ctx) and whole.extra == {} and whole.ctx.shape == (2, 2, 2, 64)
     untrained = build_learner("prefix", cached_backbone("tiny"), ["a", "b"], n_ctx=2, hidden=8, seed=2)
     assert not torch.equal(whole.ctx, untrained.ctx.detach())
+
+
+def test_a_peft_export_reads_back_to_the_same_tensors(tmp_path):
+    """`nemesis prompt export-peft`: PEFT's prompt_embeddings [P, layers x 2 x W], read back by every command
+    from the adapter folder; row p holds layer l's key at 2l and value at 2l + 1, heads side by side."""
+    learner = build_learner("prefix", cached_backbone("tiny"), CLASSNAMES, n_ctx=3, hidden=8)
+    metadata = PromptMetadata(model="tiny", dataset="oxford_pets", prompt_method="prefix", classnames=CLASSNAMES)
+    save_prompt(tmp_path / "prompt.safetensors", learner.ctx.detach(), metadata)
+    result = CliRunner().invoke(
+        app, ["prompt", "export-peft", str(tmp_path / "prompt.safetensors"), "--out", str(tmp_path / "adapter")]
+    )
+    assert result.exit_code == 0, result.output
+    embeddings = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))["prompt_embeddings"]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert embeddings.shape == (3, 2 * 2 * 64) and config["peft_type"] == "PREFIX_TUNING"
+    assert (config["num_layers"], config["num_virtual_tokens"], config["token_dim"]) == (2, 3, 64)
+    ctx = learner.ctx.detach()
+    assert torch.equal(embeddings[2].view(2 * 2, 64)[2 * 1 + 1], ctx[1, 1, 2])  # PEFT's layer 1 value, index 2
+    back = load_checkpoint(tmp_path / "adapter")
+    assert back.prompt_method == "prefix" and back.metadata.model == "tiny" and torch.equal(back.ctx, ctx)
+    assert back.metadata.source_format == "peft" and back.metadata.prompt_config["n_ctx"] == 3
+    refused = CliRunner().invoke(
+        app,
+        [
+            "prompt",
+            "export-peft",
+            str(tmp_path / "prompt.safetensors").replace("prompt.", "x."),
+            "--out",
+            str(tmp_path / "a2"),
+        ],
+    )
+    assert refused.exit_code == 2
+
+
+def test_a_prompt_of_another_method_has_no_peft_layout(tmp_path):
+    learner = build_learner("coop", cached_backbone("tiny"), CLASSNAMES, n_ctx=2)
+    save_prompt(tmp_path / "p.safetensors", learner.ctx.detach(), PromptMetadata(model="tiny", prompt_method="coop"))
+    result = CliRunner().invoke(
+        app, ["prompt", "export-peft", str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 2 and "no PEFT adapter layout" in result.output and not (tmp_path / "a").exists()

@@ -39,10 +39,10 @@ from ..constants import (
 )
 from ..errors import NemesisError
 from ..methods import METHODS, MethodSpec, method_of_dassl_path, method_spec, split_method
-from ..model.clip_models import vision_width
+from ..model.clip_models import embed_dim, list_models, text_heads, text_width, vision_width
 from ..penalties import NO_PENALTY, PENALTIES, DasslTrainer, penalty_names
 from ..unpickle import UnreadTensor, load_torch_file
-from . import whole_model
+from . import peft_prefix, whole_model
 from .coop_paths import identity_from_path
 
 
@@ -70,7 +70,7 @@ class PromptMetadata:
     penalty: str | None = NO_PENALTY  # "none", "nemesis", ...; None: not recorded (a Dassl file outside a tree)
     penalty_config: dict[str, Any] = field(default_factory=dict)  # e.g. NemesisConfig.to_json()
     epoch: int | None = None
-    source_format: str = "nemesis"  # "nemesis" or "dassl"
+    source_format: str = "nemesis"  # "nemesis", "dassl" or "peft"
     toolkit_version: str = __version__
 
     @classmethod
@@ -686,6 +686,42 @@ def export_dassl(
     return target
 
 
+# --- PEFT adapters (prefix tuning) ---------------------------------------------------------------
+
+
+def load_peft(path: Path) -> PromptCheckpoint:
+    """A PEFT adapter folder (or its weights file): the method whose `peft_type` its config names, ctx from
+    `prompt_embeddings`, the model when the config names an open_clip model; nothing else is recorded."""
+    config, ctx = peft_prefix.read_peft(path)
+    kinds = [spec for spec in METHODS.values() if spec.peft_type is not None]
+    spec = next((spec for spec in kinds if spec.peft_type == config.get("peft_type")), None)
+    if spec is None:
+        known = ", ".join(sorted({str(kind.peft_type) for kind in kinds}))
+        raise NemesisError(f"{path}: a PEFT adapter of type {config.get('peft_type')!r}; this toolkit reads {known}")
+    ctx = _checked(ctx, str(path))
+    base = config.get("base_model_name_or_path")
+    model = base if isinstance(base, str) and base in list_models() else None
+    metadata = PromptMetadata(
+        model=model, prompt_method=spec.name, penalty=None, text_width=ctx.shape[-1], source_format="peft"
+    )
+    metadata.prompt_config = dataclasses.asdict(spec.options_from_dassl(tuple(ctx.shape), None))
+    _check_declared(spec, spec.config(**metadata.prompt_config), {CTX_TENSOR: ctx}, str(path))
+    return PromptCheckpoint(ctx, metadata, path)
+
+
+def export_peft(checkpoint: PromptCheckpoint, out_dir: str | os.PathLike, model: str | None = None) -> Path:
+    """Write the prompt as a PEFT adapter folder (`adapter_model.safetensors`, `adapter_config.json`), for a
+    method stored so (`MethodSpec.peft_type`: prefix tuning)."""
+    spec = checkpoint.spec
+    model = model or checkpoint.metadata.model
+    if spec.peft_type is None:
+        raise NemesisError(f"{checkpoint.path}: {spec.label} prompts have no PEFT adapter layout")
+    if model is None:
+        raise NemesisError(f"{checkpoint.path}: the prompt does not name its model; pass --model")
+    checkpoint.check_model(model, embed_dim(model), text_width(model))
+    return peft_prefix.export_peft(checkpoint.ctx, spec.peft_type, text_heads(model), Path(out_dir), model)
+
+
 # --- any format ---------------------------------------------------------------------------------
 
 
@@ -737,6 +773,8 @@ def load_checkpoint(
 def _load_any(path: Path, epoch: int | None, dassl_method: str | None = None) -> PromptCheckpoint:
     if not path.exists():
         raise NemesisError(f"checkpoint not found: {path}")
+    if peft_prefix.is_peft_adapter(path):
+        return load_peft(path)
     if path.is_dir():
         if (path / RUN_CONFIG).is_file():
             return _load_from_run_folder(path, epoch)

@@ -40,6 +40,7 @@ class MethodSpec:
     training: TrainingDefaults = TrainingDefaults()
     dassl_trainers: tuple[str, ...] = ()  # trainer folder names in Dassl output trees ("CoOp")
     trains: bool = True  # False: its users' prompts are read, evaluated and swept, but `nemesis train` refuses it
+    peft_type: str | None = None  # the PEFT adapter type its prompts are exported as and read from (PREFIX_TUNING)
     # Its official trainer saves the whole model (frozen towers and prompts): where the prompts lie in that
     # file (a `nemesis.methods.whole_model_layout.WholeModelLayout`); None: CoOp's prompt-only `state_dict`.
     dassl_layout: Any = None

@@ -84,6 +84,11 @@ def text_width(name: str) -> int:
     return int(model_config(name)["text_cfg"].get("width", 512))
 
 
+def text_heads(name: str) -> int:
+    """Attention heads of `name`'s text tower, from its config (open_clip's default 8)."""
+    return int(model_config(name)["text_cfg"].get("heads", 8))
+
+
 def vision_width(name: str) -> int:
     """Width of the tokens inside `name`'s image tower (a ViT's; a ResNet's config has it too), from its config."""
     return int(model_config(name)["vision_cfg"].get("width", 768))

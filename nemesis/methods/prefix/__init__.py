@@ -64,4 +64,5 @@ SPEC = MethodSpec(
     config=PrefixConfig,
     training=TrainingDefaults(batch_size=32, epochs=None),
     dassl_trainers=("PrefixTuning",),  # no official Dassl trainer: the folder name our Dassl exports take
+    peft_type="PREFIX_TUNING",
 )
