@@ -64,7 +64,10 @@ def test_gradients_reach_what_is_trained_and_nothing_else(tiny, reparameterize):
 def test_sites_are_one_per_layer_key_and_value(tiny):
     sites = build_learner("prefix", tiny, CLASSNAMES, n_ctx=2).corruption_sites()
     assert [site.name for site in sites] == ["layer 0 key", "layer 0 value", "layer 1 key", "layer 1 value"]
-    assert [(site.index, site.layer) for site in sites[2:]] == [((1, 0), 1), ((1, 1), 1)]
+    assert [(site.index, site.layer, site.tower) for site in sites[2:]] == [
+        ((1, 0), 1, "text keys"),
+        ((1, 1), 1, "text values"),
+    ]
 
 
 @pytest.fixture

@@ -54,8 +54,9 @@ SWEEP_DTYPES = {
     # The corruption site of the cell (`PromptMethod.corruption_sites`), e.g. "prompt 0"; "" for a
     # method's whole-ctx site (CoOp, CoCoOp) and for the original row.
     "site": "string",
-    # Prompts inside the towers: the tower ("text", "vision") and layer of the site's prompt; "" and null
-    # for methods whose prompt is one ctx (CoOp, CoCoOp, PLOT) and for the original row.
+    # Prompts inside the towers: the tower ("text", "vision"; prefix tuning's "text keys", "text values") and
+    # layer of the site's prompt; "" and null for methods whose prompt is one ctx (CoOp, CoCoOp, PLOT) and for
+    # the original row.
     "tower": "string",
     "layer": "Int64",
     "op": "string",  # original | replace | rescale

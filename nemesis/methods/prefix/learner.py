@@ -26,6 +26,8 @@ from . import PREFIX_PROMPT, PrefixConfig
 
 DIRECT_INIT_STD = 0.02  # a prefix learned directly starts from N(0, 0.02^2), as CoOp's context does
 KEY_VALUE = ("key", "value")  # ctx[l, 0] and ctx[l, 1]
+# The sweep table's `tower` of a site: the text tower's keys or values, so tables and figures keep them apart.
+KEY_VALUE_TOWERS = ("text keys", "text values")
 
 
 class PrefixLearner(nn.Module):
@@ -168,9 +170,11 @@ class PrefixLearner(nn.Module):
 
     @classmethod
     def corruption_sites_for(cls, ctx_shape: tuple[int, ...]) -> list[CorruptionSite]:
-        """One site per (layer, key or value): "layer 3 key"; its positions are the P indices."""
+        """One site per (layer, key or value): "layer 3 key", tower "text keys"; its positions are the P indices."""
         return [
-            CorruptionSite(f"layer {layer} {KEY_VALUE[kind]}", index=(layer, kind), tower="text", layer=layer)
+            CorruptionSite(
+                f"layer {layer} {KEY_VALUE[kind]}", index=(layer, kind), tower=KEY_VALUE_TOWERS[kind], layer=layer
+            )
             for layer in range(ctx_shape[0])
             for kind in range(2)
         ]
