@@ -1,14 +1,15 @@
 """`nemesis demo`: the whole pipeline on the embedded default (the `tiny` model, Fashion-MNIST), on a CPU.
 
-Steps: pretrain `tiny` (once, cached), train CoOp and Nemesis (PUN) prompts for shots 1-16 and
-three seeds with reduced epochs on cached augmented views, and PLOT, PLOT+Nemesis, KgCoOp and ProGrad
-on the first seed, IVLP, IVLP+Nemesis, MaPLe and VPT (prompts inside both towers) on the first seed
-with 16 shots; train CoCoOp and CoCoOp+Nemesis (PUN and PAN, weight 20) on the 5 base classes and
-test them on base and new classes (the base-to-new protocol with CoCoOp's settings, on cached flipped
-views); sweep every few-shot prompt and the base-class CoCoOp prompt over the default corruption
-grid (the cross-method Low-Norm Effect figure, and the effect by tower and layer); then draw every
-figure and table. Each step resumes: finished runs are kept, the sweep computes only missing cells,
-evaluated prompts are not evaluated again, so an interrupted demo picks up where it stopped.
+Steps: pretrain `tiny` (once, cached), train CoOp and Nemesis (PUN) prompts for shots 1-16 and three
+seeds with reduced epochs on cached augmented views, and PLOT, PLOT+Nemesis, KgCoOp and ProGrad on
+the first seed, IVLP, IVLP+Nemesis, MaPLe and VPT (prompts inside both towers) and prefix tuning
+with and without Nemesis on the first seed with 16 shots; train CoCoOp and CoCoOp+Nemesis (PUN and
+PAN, weight 20) on the 5 base classes and test them on base and new classes (the base-to-new
+protocol with CoCoOp's settings, on cached flipped views); sweep every few-shot prompt and the
+base-class CoCoOp prompt over the default corruption grid (the cross-method Low-Norm Effect figure, and
+the effect by tower and layer); then draw every figure and table. Each step resumes: finished runs
+are kept, the sweep computes only missing cells, evaluated prompts are not evaluated again, so an
+interrupted demo picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ METHODS = ("coop", "nemesis")
 # On the first seed only: PLOT and PLOT+Nemesis (their sweeps cost 4 text passes a cell), and CoOp's
 # regularised successors KgCoOp and ProGrad, for the cross-method comparison of the Low-Norm Effect.
 FIRST_SEED_METHODS = ("plot", "plot-nemesis", "kgcoop", "prograd")
-# Prompts inside the towers, on the first seed and the most shots: IVLP with and without Nemesis, MaPLe and
-# VPT (2 tokens per layer in both of tiny's layers); their sweeps re-encode the test images per image cell.
-TOWER_METHODS = ("ivlp", "ivlp-nemesis", "maple", "vpt")
+# Prompts inside the towers and in attention, on the first seed and the most shots, with their prompt lengths:
+# IVLP with and without Nemesis, MaPLe and VPT (2 tokens per layer in both of tiny's layers; their image cells
+# re-encode the test images), prefix tuning with and without Nemesis (8 keys and values per layer).
+DEEP_METHODS = {"ivlp": 2, "ivlp-nemesis": 2, "maple": 2, "vpt": 2, "prefix": 8, "prefix-nemesis": 8}
 # Base-to-new: run name -> (method, beta, weight); weight 20 as the paper's best CoCoOp+Nemesis rows.
 BASE_TO_NEW_RUNS = {
     "cocoop": ("cocoop", 1.0, 1.0),
@@ -81,8 +83,7 @@ class DemoSettings:
     # Sweep the base-class CoCoOp prompt too (about 3.5 min here: CoCoOp scores every image with its own
     # prompts, a text pass per image and cell), so the cross-method figure has every method of the demo.
     sweep_cocoop: bool = True
-    tower_methods: tuple[str, ...] = TOWER_METHODS
-    tower_n_ctx: int = 2  # prompt tokens per layer and tower
+    deep_methods: tuple[str, ...] = tuple(DEEP_METHODS)
 
 
 @dataclass
@@ -96,8 +97,8 @@ class DemoOutputs:
 
 def run_config(method: str, shots: int, seed: int, settings: DemoSettings) -> TrainConfig:
     options = preset(method)
-    if method in settings.tower_methods:
-        options |= {"n_ctx": settings.tower_n_ctx, "batch_size": 32}  # batch 32 as CoOp's, not their 4: fewer steps
+    if method in settings.deep_methods:
+        options |= {"n_ctx": DEEP_METHODS[method], "batch_size": 32}  # batch 32 as CoOp's, not their 4: fewer steps
     elif "ctx_init" not in options:  # an init phrase sets the prompt's length (KgCoOp: "a photo of a", 4 vectors)
         options["n_ctx"] = settings.n_ctx
     return TrainConfig(
@@ -122,11 +123,11 @@ def run_folder(out_dir: Path, method: str, shots: int, seed: int, settings: Demo
 
 def demo_runs(settings: DemoSettings) -> list[tuple[str, int, int]]:
     """(method, shots, seed) of every few-shot run: CoOp and Nemesis on every seed, the others on the first,
-    the tower-prompt methods on the first seed with the most shots."""
+    the deep-prompt methods on the first seed with the most shots."""
     seeds = {method: settings.seeds for method in METHODS}
     seeds |= {method: settings.seeds[:1] for method in FIRST_SEED_METHODS}
     runs = [(method, shots, seed) for method in seeds for shots in settings.shots for seed in seeds[method]]
-    return runs + [(method, max(settings.shots), settings.seeds[0]) for method in settings.tower_methods]
+    return runs + [(method, max(settings.shots), settings.seeds[0]) for method in settings.deep_methods]
 
 
 def train_runs(out_dir: Path, settings: DemoSettings, console: Console) -> list[Path]:

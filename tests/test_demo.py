@@ -15,7 +15,7 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
     settings = DemoSettings(
         epochs=2, train_views=1, n_ctx=4, shots=(1, 2), seeds=(1, 2), base_to_new_shots=2, base_to_new_epochs=1,
         base_to_new_views=1, sweep_cocoop=False,  # CoCoOp's sweep (a text pass per image) has tests of its own
-        tower_methods=("ivlp",),  # one of the tower-prompt methods: its image cells re-encode the test images
+        deep_methods=("ivlp", "prefix"),  # IVLP's image cells re-encode the test images
     )  # fmt: skip
     options = {"model": "tiny", "n_ctx": settings.n_ctx}
     runs = tmp_path / "demo" / "runs"
@@ -23,13 +23,17 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
     plot = plan_grid(runs, options, ["fashion_mnist"], ["plot", "plot-nemesis"], [1, 2], [1], tree=True)  # the first
     # KgCoOp's and ProGrad's init phrases set their prompts' lengths
     regularised = plan_grid(runs, {"model": "tiny"}, ["fashion_mnist"], ["kgcoop", "prograd"], [1, 2], [1], tree=True)
-    tower_options = {"model": "tiny", "n_ctx": 2, "batch_size": 32}
-    towers = plan_grid(runs, tower_options, ["fashion_mnist"], ["ivlp"], [2], [1], tree=True)
+    towers = plan_grid(
+        runs, {"model": "tiny", "n_ctx": 2, "batch_size": 32}, ["fashion_mnist"], ["ivlp"], [2], [1], tree=True
+    )
+    prefix = plan_grid(
+        runs, {"model": "tiny", "n_ctx": 8, "batch_size": 32}, ["fashion_mnist"], ["prefix"], [2], [1], tree=True
+    )
     outputs = run_demo(tmp_path / "demo", settings)
-    assert len(outputs.runs) == 2 * 2 * 2 + 4 * 2 + 1
+    assert len(outputs.runs) == 2 * 2 * 2 + 4 * 2 + 2
     assert all((run / "prompt.safetensors").is_file() for run in outputs.runs)
     # the demo's runs lie where `nemesis train --out DEMO/runs` with lists puts them
-    planned = [*grid.runs, *plot.runs, *regularised.runs, *towers.runs]
+    planned = [*grid.runs, *plot.runs, *regularised.runs, *towers.runs, *prefix.runs]
     assert sorted(outputs.runs) == sorted(run.folder for run in planned)
     assert outputs.sweep.is_file() and outputs.sweep.with_name("lne.correct.parquet").is_file()
     import pandas as pd
@@ -43,6 +47,7 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
         ("coop", "kgcoop"),
         ("coop", "prograd"),
         ("ivlp", "none"),
+        ("prefix", "none"),
     }
     names = {path.name for path in outputs.figures}
     for figure in ("lne_frequency", "lne_by_method", "lne_degradation", "lne_by_position", "norm_trajectory"):
