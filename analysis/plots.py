@@ -728,6 +728,7 @@ def plot_lne_by_depth(table: pd.DataFrame, pool: bool = False, layout: PaperLayo
                     axes.bar(x + (index - (len(series) - 1) / 2) * width, rows[value].to_numpy(dtype=float),
                              width=width, color=colours[index % len(colours)], label=label)  # fmt: skip
                 axes.set_xticks(range(len(all_layers)), [str(layer) for layer in all_layers])
+                axes.set_xlim(-0.75, len(all_layers) - 0.25)  # a lone layer's bars stay bars, not a wall
                 if row == 0:
                     axes.set_title(f"{tower} tower")
                     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -745,10 +746,8 @@ def plot_lne_by_depth(table: pd.DataFrame, pool: bool = False, layout: PaperLayo
         if len(labels) > 1:
             figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)))
         pooled = f" ({POOLED_NOTE})" if pool else ""
-        if single:
-            pooled = f" (prompts: {_series_label(list(single), list(single.values()), weights=weights)})"
-        elif len(labels) == 1:
-            pooled = f" ({labels[0]})"
+        if len(labels) == 1:  # one kind of prompt: named in the title, no legend
+            pooled = f" (prompts: {labels[0]}){pooled}"
         title = f"Low-Norm Effect by tower and layer, summed over positions{pooled}"
         figure.suptitle(layout.wrap(title, size=layout.title_size))
     return _finish(figure, layout)
