@@ -374,6 +374,7 @@ DEPTH_BY = ("method", TOWER, LAYER, "position")
 MEAN_CHANGE, MEAN_CHANGE_REDUCING = "mean_delta_acc", "mean_delta_acc_reducing"
 DEPTH_COLUMNS = ("seeds", "cells", "reducing", "frequency", RATE, MEAN_CHANGE, MEAN_CHANGE_REDUCING)
 TOWER_ORDER = {"text": 0, "vision": 1}
+DEPTH_POOLED_NOTE = "kinds of prompt of each method pooled (--pool)"  # methods always stay apart there
 
 
 def _tower_rows(cells: pd.DataFrame) -> pd.Series:

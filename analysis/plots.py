@@ -38,6 +38,7 @@ from .layout import DEFAULT_LAYOUT, PaperLayout
 from .low_norm_effect import (
     DEGRADATION_RATE,
     DEPTH_COLUMNS,
+    DEPTH_POOLED_NOTE,
     LAYER,
     MEAN_CHANGE,
     POOLED_NOTE,
@@ -745,7 +746,7 @@ def plot_lne_by_depth(table: pd.DataFrame, pool: bool = False, layout: PaperLayo
                     labels.append(label)
         if len(labels) > 1:
             figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)))
-        pooled = f" ({POOLED_NOTE})" if pool else ""
+        pooled = f" ({DEPTH_POOLED_NOTE})" if pool else ""
         if len(labels) == 1:  # one kind of prompt: named in the title, no legend
             pooled = f" (prompts: {labels[0]}){pooled}"
         title = f"Low-Norm Effect by tower and layer, summed over positions{pooled}"

@@ -20,6 +20,7 @@ from .low_norm_effect import has_depth_sites
 from .plots import figure_paths, plot_few_shot_curve, plot_lne_by_depth, save_figure
 from .results import Inputs, load_inputs
 from .tables import (
+    LNE_BY_DEPTH,
     Table,
     base_to_new_results,
     base_to_new_table,
@@ -98,7 +99,7 @@ def build_report(
             report.figures[depth.name] = plot_lne_by_depth(depth.data, pool=pool, layout=layout)
     conflicts = weights_conflicts(inputs.evals)
     for table in report.tables:
-        if table.name not in ("lne_frequency", "lne_by_depth"):  # the tables built from eval records
+        if table.name not in ("lne_frequency", LNE_BY_DEPTH):  # the tables built from eval records
             table.notes.extend(conflicts)
     report.notes = [finding for table in report.tables for finding in table.findings] + conflicts
     if not report.tables:

@@ -40,7 +40,7 @@ from .labels import (
 from .low_norm_effect import (
     DEGRADATION_RATE,
     DEPTH_BY,
-    DEPTH_COLUMNS,
+    DEPTH_POOLED_NOTE,
     MEAN_CHANGE,
     MEAN_CHANGE_REDUCING,
     POOLED_NOTE,
@@ -797,9 +797,8 @@ def lne_depth_table(
     ]
     if pool:
         notes.append("Kinds of prompt of one method are counted together, as --pool asked.")
-    pooled = f" ({POOLED_NOTE})" if pool else ""
-    data = frequency[[*frequency.columns[: -len(DEPTH_COLUMNS)], *DEPTH_COLUMNS]]
-    return Table(LNE_BY_DEPTH, f"Low-Norm Effect by tower, layer and position{pooled}", data, display, notes)
+    pooled = f" ({DEPTH_POOLED_NOTE})" if pool else ""
+    return Table(LNE_BY_DEPTH, f"Low-Norm Effect by tower, layer and position{pooled}", frequency, display, notes)
 
 
 def _percent(value: float) -> str:

@@ -136,3 +136,22 @@ def test_plot_depth_command_without_tower_sites_fails_in_one_line(tmp_path):
     assert result.exit_code == 2
     assert "no cells at (tower, layer) sites" in result.output
     assert not (tmp_path / "depth.png").exists()
+
+
+def test_kinds_of_prompt_stay_apart_unless_pooled_and_methods_always(tmp_path):
+    cells = [reducing(gained=1, position=0)]
+    parts = []
+    for checkpoint, method, variant in (("a", "ivlp", None), ("b", "ivlp", "other"), ("c", "maple", None)):
+        rows, correctness = checkpoint_rows(checkpoint, cells, method=method, method_variant=variant)
+        parts.append((_at(rows, [("vision", 2)]), correctness))
+    sweep = _sweep(tmp_path, parts)
+    apart = lne_by_depth(sweep)
+    variants = apart["method_variant"].astype("string").fillna("-")
+    assert list(zip(apart["method"], variants, apart["frequency"], strict=True)) == [
+        ("ivlp", "-", 1),
+        ("ivlp", "other", 1),
+        ("maple", "-", 1),
+    ]
+    pooled = lne_by_depth(sweep, pool=True)
+    assert list(pooled.columns[:4]) == ["method", "tower", "layer", "position"]
+    assert pooled[["method", "cells", "frequency"]].values.tolist() == [["ivlp", 2, 2], ["maple", 1, 1]]
