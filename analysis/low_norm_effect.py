@@ -364,3 +364,113 @@ def reducing_share_by_factor(cells: pd.DataFrame) -> pd.Series:
     """factor -> share of the corrupted cells at that factor that reduce the norm (one op's cells)."""
     marked = mark_cells(corrupted_cells(cells))
     return marked.groupby("factor", sort=True)["reduces"].mean()
+
+
+# --- prompts inside the towers: the LNE by tower, layer and position ----------------------------------
+
+TOWER, LAYER = "tower", "layer"
+# The depth table's groups: a method's (tower, layer) site and the position corrupted there.
+DEPTH_BY = ("method", TOWER, LAYER, "position")
+MEAN_CHANGE, MEAN_CHANGE_REDUCING = "mean_delta_acc", "mean_delta_acc_reducing"
+DEPTH_COLUMNS = ("seeds", "cells", "reducing", "frequency", RATE, MEAN_CHANGE, MEAN_CHANGE_REDUCING)
+TOWER_ORDER = {"text": 0, "vision": 1}
+DEPTH_POOLED_NOTE = "kinds of prompt of each method pooled (--pool)"  # methods always stay apart there
+
+
+def _tower_rows(cells: pd.DataFrame) -> pd.Series:
+    """Which rows corrupt a (tower, layer) site: a tower named ("" for CoOp-like methods, original rows
+    and tables from before the column)."""
+    if TOWER not in cells.columns:
+        return pd.Series(False, index=cells.index)
+    return cells[TOWER].astype("string").fillna("") != ""
+
+
+def has_depth_sites(cells: pd.DataFrame) -> bool:
+    """Whether `cells` hold corrupted cells at (tower, layer) sites (prompts inside the towers)."""
+    return bool(_tower_rows(cells).any())
+
+
+def lne_by_depth(
+    cells: pd.DataFrame,
+    margin: float = 0.0,
+    significant: bool = False,
+    alpha: float = DEFAULT_ALPHA,
+    pool: bool = False,
+) -> pd.DataFrame:
+    """LNE frequency and mean accuracy change per (method, tower, layer, position), summed over seeds and
+    settings; rows of methods without tower sites (CoOp-like, tower "") are left out.
+
+    Groups are DEPTH_BY plus the other prompt-kind columns unless `pool` (the method always stays).
+    Columns: the group columns, then seeds, cells (corrupted cells), reducing, frequency (occurrences as
+    `mark_occurrences` counts them), rate_percent (100 * frequency / reducing), mean_delta_acc (mean
+    accuracy change of the group's cells, pp) and mean_delta_acc_reducing (of its norm-reducing cells).
+    """
+    towers = _tower_rows(cells)
+    if not towers.any():
+        raise NemesisError(
+            "the results hold no cells at (tower, layer) sites; sweep a prompt inside the towers "
+            "(vpt, ivlp, maple, promptsrc) to see the Low-Norm Effect by depth"
+        )
+    kept = cells[towers | (cells["op"] == ORIGINAL_OP)]  # the originals pair cells for --significant
+    marked = corrupted_cells(mark_occurrences(kept, margin, significant, alpha))
+    marked = marked[_tower_rows(marked)].copy()
+    marked["reducing_change"] = marked["delta_acc"].where(marked["reduces"])
+    columns = [column for column in group_columns(list(DEPTH_BY), pool) if column in marked.columns]
+    table = (
+        marked.groupby(columns, dropna=False, sort=False)
+        .agg(
+            seeds=("seed", "nunique"),
+            cells=("cell_id", "size"),
+            reducing=("reduces", "sum"),
+            frequency=("lne", "sum"),
+            mean_delta_acc=("delta_acc", "mean"),
+            mean_delta_acc_reducing=("reducing_change", "mean"),
+        )
+        .reset_index()
+    )
+    for column in ("seeds", "cells", "reducing", "frequency"):
+        table[column] = table[column].astype("int64")
+    table[RATE] = 100 * _ratio(table["frequency"], table["reducing"])
+    table = _sort_depth(table, [column for column in columns if column not in DEPTH_BY])
+    return table[[*columns, *DEPTH_COLUMNS]].reset_index(drop=True)
+
+
+def lne_by_layer(table: pd.DataFrame) -> pd.DataFrame:
+    """A table of `lne_by_depth` summed over positions: one row per (method, kind, tower, layer); the
+    rate from the sums, the mean changes weighted by each position's cells (reducing cells)."""
+    columns = [column for column in table.columns if column not in (*DEPTH_COLUMNS, "position")]
+    frame = table.assign(
+        weighted=table[MEAN_CHANGE] * table["cells"],
+        weighted_reducing=table[MEAN_CHANGE_REDUCING].fillna(0.0) * table["reducing"],
+    )
+    summed = (
+        frame.groupby(columns, dropna=False, sort=False)
+        .agg(
+            seeds=("seeds", "max"),
+            cells=("cells", "sum"),
+            reducing=("reducing", "sum"),
+            frequency=("frequency", "sum"),
+            weighted=("weighted", "sum"),
+            weighted_reducing=("weighted_reducing", "sum"),
+        )
+        .reset_index()
+    )
+    summed[RATE] = 100 * _ratio(summed["frequency"], summed["reducing"])
+    summed[MEAN_CHANGE] = _ratio(summed["weighted"], summed["cells"])
+    summed[MEAN_CHANGE_REDUCING] = _ratio(summed["weighted_reducing"], summed["reducing"])
+    summed = _sort_depth(summed, [column for column in columns if column not in DEPTH_BY])
+    return summed[[*columns, *DEPTH_COLUMNS]].reset_index(drop=True)
+
+
+def _sort_depth(table: pd.DataFrame, kinds: Sequence[str]) -> pd.DataFrame:
+    """Rows by method and kind, then text before vision, then layer and position in order."""
+    keys = [column for column in ("method", *kinds, TOWER, LAYER, "position") if column in table.columns]
+
+    def key(column: pd.Series) -> pd.Series:
+        if column.name == TOWER:
+            return column.map(lambda tower: (TOWER_ORDER.get(str(tower), len(TOWER_ORDER)), str(tower)))
+        if column.name in (LAYER, "position"):
+            return column
+        return column.astype("string").fillna("")
+
+    return table.sort_values(keys, key=key, kind="stable")

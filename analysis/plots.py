@@ -37,12 +37,19 @@ from .labels import dataset_name, kind_label, shots_label, site_label, weights_n
 from .layout import DEFAULT_LAYOUT, PaperLayout
 from .low_norm_effect import (
     DEGRADATION_RATE,
+    DEPTH_COLUMNS,
+    DEPTH_POOLED_NOTE,
+    LAYER,
+    MEAN_CHANGE,
     POOLED_NOTE,
     PROMPT_KIND,
     RATE,
     SITE,
+    TOWER,
     apart_columns,
     group_columns,
+    lne_by_depth,
+    lne_by_layer,
     lne_frequency,
     mean_change_by_position,
     parse_by,
@@ -670,4 +677,78 @@ def plot_few_shot_curve(averages: pd.DataFrame, layout: PaperLayout = DEFAULT_LA
         _y_headroom(axes, top, percent=True, bottom=max(0.0, axes.get_ylim()[0]))
         axes.grid(alpha=0.3)
         _legend_below(figure, axes.get_lines())
+    return _finish(figure, layout)
+
+
+# ----------------------------------------------------------------------------- the LNE by depth
+
+
+def depth_table_and_figure(
+    cells: pd.DataFrame,
+    margin: float = 0.0,
+    significant: bool = False,
+    alpha: float = DEFAULT_ALPHA,
+    pool: bool = False,
+    layout: PaperLayout = DEFAULT_LAYOUT,
+) -> tuple[pd.DataFrame, Figure]:
+    """The LNE by (method, tower, layer) and position (`lne_by_depth`) and its figure (`plot_lne_by_depth`)."""
+    table = lne_by_depth(cells, margin=margin, significant=significant, alpha=alpha, pool=pool)
+    return table, plot_lne_by_depth(table, pool=pool, layout=layout)
+
+
+def plot_lne_by_depth(table: pd.DataFrame, pool: bool = False, layout: PaperLayout = DEFAULT_LAYOUT) -> Figure:
+    """A table of `lne_by_depth`, summed over positions (`lne_by_layer`): one column of panels per tower,
+    x = layer; the top row the LNE frequency, the bottom row the mean accuracy change of the cells (pp);
+    grouped bars, one series per kind of prompt (method first)."""
+    layers = lne_by_layer(table)
+    kinds = [column for column in layers.columns if column not in (*DEPTH_COLUMNS, TOWER, LAYER)]
+    towers = list(dict.fromkeys(layers[TOWER]))
+    weights = _weights_names(layers)
+    single = _single_kind(layers, kinds) if len(kinds) > 1 else {}
+    series = list(dict.fromkeys(tuple(row) for row in layers[kinds].itertuples(index=False)))
+    colours = list(TABLEAU_COLORS.values())
+    width = 0.8 / max(1, len(series))
+    with layout.fonts():
+        figure = new_figure(layout, 4.2)
+        grid = figure.subplots(2, len(towers), squeeze=False, sharex="col")
+        for column, tower in enumerate(towers):
+            in_tower = layers[layers[TOWER] == tower]
+            all_layers = sorted(int(layer) for layer in in_tower[LAYER].dropna().unique())
+            for row, (value, name) in enumerate(
+                (("frequency", "LNE frequency"), (MEAN_CHANGE, "mean accuracy change (pp)"))
+            ):
+                axes = grid[row, column]
+                for index, key in enumerate(series):
+                    rows = in_tower
+                    for kind, kind_value in zip(kinds, key, strict=True):
+                        rows = rows[rows[kind].map(lambda other, kind_value=kind_value: _same(kind_value, other))]
+                    if rows.empty:
+                        continue
+                    x = np.array([all_layers.index(int(layer)) for layer in rows[LAYER]], dtype=float)
+                    label = _series_label(kinds, key, single, weights)
+                    axes.bar(x + (index - (len(series) - 1) / 2) * width, rows[value].to_numpy(dtype=float),
+                             width=width, color=colours[index % len(colours)], label=label)  # fmt: skip
+                axes.set_xticks(range(len(all_layers)), [str(layer) for layer in all_layers])
+                axes.set_xlim(-0.75, len(all_layers) - 0.25)  # a lone layer's bars stay bars, not a wall
+                if row == 0:
+                    axes.set_title(f"{tower} tower")
+                    axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+                else:
+                    axes.axhline(0.0, color="black", linewidth=0.6)
+                    axes.set_xlabel("layer")
+                if column == 0:
+                    axes.set_ylabel(layout.wrap(name, 0.3))
+        handles, labels = grid[0, 0].get_legend_handles_labels()
+        for axes in grid.ravel()[1:]:
+            for handle, label in zip(*axes.get_legend_handles_labels(), strict=True):
+                if label not in labels:
+                    handles.append(handle)
+                    labels.append(label)
+        if len(labels) > 1:
+            figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)))
+        pooled = f" ({DEPTH_POOLED_NOTE})" if pool else ""
+        if len(labels) == 1:  # one kind of prompt: named in the title, no legend
+            pooled = f" (prompts: {labels[0]}){pooled}"
+        title = f"Low-Norm Effect by tower and layer, summed over positions{pooled}"
+        figure.suptitle(layout.wrap(title, size=layout.title_size))
     return _finish(figure, layout)

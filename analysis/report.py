@@ -16,9 +16,11 @@ from nemesis.errors import NemesisError
 
 from .defaults import DEFAULT_ALPHA, DEFAULT_BY
 from .layout import DEFAULT_LAYOUT, PaperLayout
-from .plots import figure_paths, plot_few_shot_curve, save_figure
+from .low_norm_effect import has_depth_sites
+from .plots import figure_paths, plot_few_shot_curve, plot_lne_by_depth, save_figure
 from .results import Inputs, load_inputs
 from .tables import (
+    LNE_BY_DEPTH,
     Table,
     base_to_new_results,
     base_to_new_table,
@@ -27,6 +29,7 @@ from .tables import (
     few_shot_averages,
     few_shot_results,
     few_shot_table,
+    lne_depth_table,
     lne_frequency_table,
     table_paths,
     unfinished_runs,
@@ -61,7 +64,8 @@ def build_report(
 ) -> Report:
     """The tables the inputs support: few-shot (+ curve, sized by `layout`) from finished runs or
     own-dataset eval records, base-to-new and domain generalisation from eval records, LNE
-    frequency (grouped by `by` and the kind of prompt, unless `pool`) from sweep tables."""
+    frequency (grouped by `by` and the kind of prompt, unless `pool`) from sweep tables, and where
+    they hold (tower, layer) sites the LNE by tower, layer and position with its figure."""
     report = Report()
     skipped = len(unfinished_runs(inputs.runs))
     results = few_shot_results(inputs.runs, inputs.evals)
@@ -89,9 +93,13 @@ def build_report(
                 pool=pool,
             )
         )
+        if has_depth_sites(inputs.cells):  # prompts inside the towers: the LNE by tower, layer and position
+            depth = lne_depth_table(inputs.cells, margin=margin, significant=significant, alpha=alpha, pool=pool)
+            report.tables.append(depth)
+            report.figures[depth.name] = plot_lne_by_depth(depth.data, pool=pool, layout=layout)
     conflicts = weights_conflicts(inputs.evals)
     for table in report.tables:
-        if table.name != "lne_frequency":  # the tables built from eval records
+        if table.name not in ("lne_frequency", LNE_BY_DEPTH):  # the tables built from eval records
             table.notes.extend(conflicts)
     report.notes = [finding for table in report.tables for finding in table.findings] + conflicts
     if not report.tables:

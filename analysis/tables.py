@@ -37,7 +37,20 @@ from .labels import (
     weights_label,
     weights_names,
 )
-from .low_norm_effect import DEGRADATION_RATE, POOLED_NOTE, PROMPT_KIND, RATE, SITE, lne_frequency, parse_by
+from .low_norm_effect import (
+    DEGRADATION_RATE,
+    DEPTH_BY,
+    DEPTH_POOLED_NOTE,
+    MEAN_CHANGE,
+    MEAN_CHANGE_REDUCING,
+    POOLED_NOTE,
+    PROMPT_KIND,
+    RATE,
+    SITE,
+    lne_by_depth,
+    lne_frequency,
+    parse_by,
+)
 from .results import Run, runs_frame
 
 AVERAGE = "Average"
@@ -742,6 +755,50 @@ def lne_frequency_table(
     display = pd.DataFrame(display_rows).reindex(columns=[*label_columns, *shot_columns]).fillna("")
     display = display.rename(columns={label: f"{label} shot{'' if label == '1' else 's'}" for label in shot_columns})
     return Table("lne_frequency", f"Low-Norm Effect frequency by dataset and shots{pooled}", data, display, notes)
+
+
+LNE_BY_DEPTH = "lne_by_depth"
+
+
+def lne_depth_table(
+    cells: pd.DataFrame,
+    margin: float = 0.0,
+    significant: bool = False,
+    alpha: float = DEFAULT_ALPHA,
+    pool: bool = False,
+) -> Table:
+    """LNE frequency and mean accuracy change by (method, tower, layer) and position (`lne_by_depth`):
+    one row per prompt kind, tower, layer and position; cells of CoOp-like methods (no tower) are not
+    in it. The CSV keeps the raw columns; the display labels the kind of prompt in one column."""
+    frequency = lne_by_depth(cells, margin=margin, significant=significant, alpha=alpha, pool=pool)
+    kind_columns = [column for column in PROMPT_KIND if column in frequency.columns]
+    weights = weights_names(frequency["weights"]) if "weights" in frequency.columns else {}
+    display = pd.DataFrame(
+        {
+            "prompts": [
+                kind_label(dict(zip(kind_columns, values, strict=True)), weights)
+                for values in frequency[kind_columns].itertuples(index=False)
+            ]
+        }
+    )
+    for column in DEPTH_BY[1:]:
+        display[column] = [str(value) for value in frequency[column]]
+    for column in ("seeds", "cells", "reducing", "frequency"):
+        display[column] = frequency[column].astype(str)
+    display[RATE] = [_percent(value) for value in frequency[RATE]]
+    for column in (MEAN_CHANGE, MEAN_CHANGE_REDUCING):
+        display[column] = ["n/a" if pd.isna(value) else f"{value:+.2f}" for value in frequency[column]]
+    criterion = f"accuracy change > {margin:g} pp" + (f" and exact McNemar p < {alpha:g}" if significant else "")
+    notes = [
+        f"An occurrence: a norm-reducing cell with {criterion}; summed over seeds and corruption settings.",
+        f"{RATE} = frequency / reducing cells; {MEAN_CHANGE} = mean accuracy change (pp) of the group's cells, "
+        f"{MEAN_CHANGE_REDUCING} of its norm-reducing cells (n/a: none).",
+        "Only prompts inside the towers have (tower, layer) sites: cells of CoOp-like methods are not in this table.",
+    ]
+    if pool:
+        notes.append("Kinds of prompt of one method are counted together, as --pool asked.")
+    pooled = f" ({DEPTH_POOLED_NOTE})" if pool else ""
+    return Table(LNE_BY_DEPTH, f"Low-Norm Effect by tower, layer and position{pooled}", frequency, display, notes)
 
 
 def _percent(value: float) -> str:

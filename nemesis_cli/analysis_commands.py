@@ -1,5 +1,5 @@
-"""`nemesis plot-frequency`, `nemesis plot-norms`, `nemesis plot-transport`, `nemesis report`: wiring to
-`analysis`, no logic."""
+"""`nemesis plot-frequency`, `nemesis plot-depth`, `nemesis plot-norms`, `nemesis plot-transport`,
+`nemesis report`: wiring to `analysis`, no logic."""
 
 from __future__ import annotations
 
@@ -115,6 +115,38 @@ def plot_frequency(
     table, figure = analysis.frequency_table_and_figure(
         cells, by, rate, significant, alpha, margin, degradation, pool, layout
     )
+    paths = analysis.save_figure(figure, out)
+    _echo_duplicates(cells.attrs.get(DUPLICATE_CELLS, 0))
+    typer.echo(rounded(table, 2).to_string(index=False))
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+@reports_errors
+def plot_depth(
+    results: ResultsArgument = None,
+    out: FigureOption = ...,
+    significant: SignificantOption = False,
+    alpha: AlphaOption = DEFAULT_ALPHA,
+    margin: MarginOption = 0.0,
+    pool: PoolOption = False,
+    width: WidthOption = None,
+    column: ColumnOption = None,
+) -> None:
+    """Plot the Low-Norm Effect by tower and layer (prompts inside the towers: VPT, IVLP, MaPLe, PromptSRC);
+    print its table by tower, layer and position.
+
+    Example: nemesis plot-depth sweeps/maple.parquet --out figures/lne_by_depth --column single
+    """
+    import analysis
+    from analysis.plots import depth_table_and_figure
+    from analysis.results import DUPLICATE_CELLS
+    from analysis.tables import rounded
+
+    layout = PaperLayout.from_options(width, column)
+    prepare_output(out)
+    cells = analysis.load_sweeps(results or [])
+    table, figure = depth_table_and_figure(cells, margin, significant, alpha, pool, layout)
     paths = analysis.save_figure(figure, out)
     _echo_duplicates(cells.attrs.get(DUPLICATE_CELLS, 0))
     typer.echo(rounded(table, 2).to_string(index=False))

@@ -24,7 +24,7 @@ def test_importing_the_cli_loads_no_heavy_library():
 def test_every_help_builds_without_heavy_libraries():
     # Building each command's help inspects every option declaration, defaults included.
     commands = ["train", "eval", "corrupt", "plot-frequency", "plot-norms", "plot-transport", "report", "demo"]
-    commands += ["models"]
+    commands += ["models", "plot-depth"]
     code = (
         "import sys\nfrom typer.testing import CliRunner\nfrom nemesis_cli.main import app\n"
         f"for command in {commands!r} + [['prompt', 'info'], ['prompt', 'interpret'], ['data', 'check']]:\n"

@@ -35,6 +35,7 @@ def blocked(tmp_path):
         ["eval", "missing-checkpoint.safetensors"],
         ["corrupt", "missing-checkpoint.safetensors"],
         ["plot-frequency", "missing.parquet"],
+        ["plot-depth", "missing.parquet"],
         ["plot-norms", "missing-run"],
         ["plot-transport", "missing-checkpoint.safetensors", "--image", "0"],
         ["report", "missing-run"],

@@ -169,7 +169,7 @@ def test_layout_options():
         (["--column", "wide"], "error: --column 'wide' is not a column"),
     ],
 )
-@pytest.mark.parametrize("command", ["plot-frequency", "plot-norms", "plot-transport", "report", "demo"])
+@pytest.mark.parametrize("command", ["plot-frequency", "plot-depth", "plot-norms", "plot-transport", "report", "demo"])
 def test_bad_sizes_are_one_error_line_before_anything_is_written(tmp_path, command, options, expected):
     out = tmp_path / "out"
     inputs = {"demo": [], "plot-transport": [str(tmp_path), "--image", "0"]}.get(command, [str(tmp_path)])
