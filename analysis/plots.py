@@ -183,6 +183,12 @@ def _same(value, other) -> bool:
     return other is not None and not pd.isna(other) and other == value
 
 
+def _rows_where(rows: pd.DataFrame, column: str, value) -> pd.DataFrame:
+    """The rows whose `column` is `value` (missing matches missing). The mask is made boolean: on no rows
+    `map` gives an object Series, which pandas would read as column labels."""
+    return rows[rows[column].map(lambda other: _same(value, other)).astype(bool)]
+
+
 # ----------------------------------------------------------------------------- LNE frequency
 
 
@@ -291,10 +297,10 @@ def plot_frequency_table(
         for number, key in enumerate(series):
             rows = table
             for column, value in zip(series_columns, key, strict=True):
-                rows = rows[rows[column].map(lambda other, value=value: _same(value, other))]
+                rows = _rows_where(rows, column, value)
             positions, values = [], []
             for position, x_value in enumerate(x_values):
-                match = rows[rows[x_column].map(lambda other, x_value=x_value: _same(x_value, other))]
+                match = _rows_where(rows, x_column, x_value)
                 if not match.empty:
                     positions.append(position)
                     values.append(float(match[y_column].iloc[0]))  # one row: the table is grouped by exactly these
@@ -435,7 +441,7 @@ def plot_position_heatmap(cells: pd.DataFrame, pool: bool = False, layout: Paper
             op, kind = key[0], dict(zip(kind_columns, key[1:], strict=True))
             panel_cells = corrupted[corrupted["op"] == op]
             for column, value in kind.items():
-                panel_cells = panel_cells[panel_cells[column].map(lambda other, value=value: _same(value, other))]
+                panel_cells = _rows_where(panel_cells, column, value)
             image = _heatmap_panel(axes, frame, largest, layout, share)
             _rule_between_reducing_and_increasing(axes, reducing_share_by_factor(panel_cells).reindex(frame.columns))
             varying = {column: value for column, value in kind.items() if column not in single}
@@ -721,7 +727,7 @@ def plot_lne_by_depth(table: pd.DataFrame, pool: bool = False, layout: PaperLayo
                 for index, key in enumerate(series):
                     rows = in_tower
                     for kind, kind_value in zip(kinds, key, strict=True):
-                        rows = rows[rows[kind].map(lambda other, kind_value=kind_value: _same(kind_value, other))]
+                        rows = _rows_where(rows, kind, kind_value)
                     if rows.empty:
                         continue
                     x = np.array([all_layers.index(int(layer)) for layer in rows[LAYER]], dtype=float)

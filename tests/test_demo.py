@@ -50,7 +50,15 @@ def test_reduced_demo_writes_every_output(tmp_path, pretrained_tiny):
         ("prefix", "none"),
     }
     names = {path.name for path in outputs.figures}
-    for figure in ("lne_frequency", "lne_by_method", "lne_degradation", "lne_by_position", "norm_trajectory"):
+    figures = (
+        "lne_frequency",
+        "lne_by_method",
+        "lne_degradation",
+        "lne_by_position",
+        "norm_trajectory",
+        "lne_by_depth",
+    )
+    for figure in figures:
         assert {f"{figure}.png", f"{figure}.pdf"} <= names
     report = {path.name for path in outputs.report}
     assert {"few_shot.md", "few_shot.csv", "few_shot.tex", "lne_frequency.md", "few_shot_curve.png"} <= report

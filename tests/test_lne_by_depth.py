@@ -155,3 +155,15 @@ def test_kinds_of_prompt_stay_apart_unless_pooled_and_methods_always(tmp_path):
     pooled = lne_by_depth(sweep, pool=True)
     assert list(pooled.columns[:4]) == ["method", "tower", "layer", "position"]
     assert pooled[["method", "cells", "frequency"]].values.tolist() == [["ivlp", 2, 2], ["maple", 1, 1]]
+
+
+def test_kinds_of_prompt_in_different_towers_draw(tmp_path):
+    """A kind with no row in a tower (VPT has no text panel, prefix tuning only keys and values): its series
+    is left out of that panel (an empty selection once broke the filtering of the next kind column)."""
+    vpt, vpt_correctness = checkpoint_rows("vpt-1", [reducing(gained=1, position=0)], method="vpt", seed=1)
+    prefix, prefix_correctness = checkpoint_rows("prefix-1", [reducing(lost=1, position=0)], method="prefix", seed=1)
+    parts = [(_at(vpt, [("vision", 0)]), vpt_correctness), (_at(prefix, [("text keys", 1)]), prefix_correctness)]
+    table, figure = depth_table_and_figure(_sweep(tmp_path, parts))
+    assert set(zip(table["method"], table["tower"], strict=True)) == {("vpt", "vision"), ("prefix", "text keys")}
+    bars = [len(axes.patches) for axes in figure.axes[:4]]
+    assert sum(bars) == 4  # one bar per kind in its own tower's two panels
