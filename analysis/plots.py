@@ -737,7 +737,7 @@ def plot_lne_by_depth(table: pd.DataFrame, pool: bool = False, layout: PaperLayo
                 axes.set_xticks(range(len(all_layers)), [str(layer) for layer in all_layers])
                 axes.set_xlim(-0.75, len(all_layers) - 0.25)  # a lone layer's bars stay bars, not a wall
                 if row == 0:
-                    axes.set_title(f"{tower} tower")
+                    axes.set_title(tower if " " in tower else f"{tower} tower")  # "text keys" names its tower
                     axes.yaxis.set_major_locator(MaxNLocator(integer=True))
                 else:
                     axes.axhline(0.0, color="black", linewidth=0.6)
