@@ -23,7 +23,9 @@ image on every cell the slow way ran. Layer reuse alone bounds the ratio at 36 /
 0, 4 and 8 with many cells a layer; with 4 cells a layer, 144 / (96 + 12) = 1.33 blocks.
 
 Times are CPU seconds of the process (`time.process_time`, every thread), so other work on the
-machine distorts them less than wall clock; wall seconds are printed beside them. The peak resident
+machine distorts them less than wall clock; wall seconds are printed beside them. Both ways run on
+`--threads` threads (default 1): with two, how the variants side by side share them moved the ratio
+by +-0.1 from run to run. The peak resident
 set size (VmHWM) above the level after the set-up is printed after each way. The last line is
 `ratio: <slow / ours>`.
 """
@@ -148,4 +150,7 @@ def main(slow_cells: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slow-cells", type=int, default=1, help="cells of each layer run the slow way")
-    main(parser.parse_args().slow_cells)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both ways")
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    main(arguments.slow_cells)

@@ -24,6 +24,7 @@ from rich.console import Console
 
 import analysis
 from analysis.layout import DEFAULT_LAYOUT, PaperLayout
+from analysis.low_norm_effect import has_depth_sites
 from corrupt.engine import run_sweep
 from corrupt.grid import parse_grid
 from corrupt.inputs import resolve_inputs
@@ -215,13 +216,10 @@ def demo_figures(cells: pd.DataFrame, trajectory: list[Run], layout: PaperLayout
         "lne_degradation": analysis.plot_frequency(cells, degradation=True, layout=layout),
         "lne_by_position": analysis.plot_frequency(cells, by="position", layout=layout),
         "norm_trajectory": analysis.plot_norms(trajectory, layout=layout),
-        **({"lne_by_depth": analysis.depth_table_and_figure(cells, layout=layout)[1]} if _has_depth(cells) else {}),
+        **(
+            {"lne_by_depth": analysis.depth_table_and_figure(cells, layout=layout)[1]} if has_depth_sites(cells) else {}
+        ),
     }
-
-
-def _has_depth(cells: pd.DataFrame) -> bool:
-    """Whether the sweep has cells of prompts inside the towers or in attention (a `tower`)."""
-    return bool((cells["tower"].fillna("") != "").any())
 
 
 def draw(
