@@ -33,7 +33,7 @@ from nemesis.errors import NemesisError
 from nemesis.evaluation.evaluate import EvaluationTarget, resolve_target
 from nemesis.files.checkpoint import PromptCheckpoint, dassl_folders, load_checkpoint
 from nemesis.files.coop_paths import identity_from_path
-from nemesis.methods.protocol import WHOLE_CTX, CorruptionSite
+from nemesis.methods.protocol import WHOLE_CTX, CorruptionSite, planned_sites
 from nemesis.model.backbone import check_pretrained, model_config
 from nemesis.penalties import uses_nemesis
 
@@ -239,12 +239,7 @@ def corruption_sites(checkpoint: PromptCheckpoint, all_sites: bool = False) -> t
     """Where a sweep corrupts the checkpoint's ctx: the sites its method declares, and with `all_sites`
     the optional ones too (`optional_corruption_sites_for`; PLOT: each prompt alone)."""
     learner_class, shape = checkpoint.spec.learner_class(), tuple(checkpoint.ctx.shape)
-    if hasattr(learner_class, "corruption_sites_of"):  # sites on tensors besides ctx (IVLP's vision prompts)
-        sites = list(
-            learner_class.corruption_sites_of({name: tuple(t.shape) for name, t in checkpoint.tensors.items()})
-        )
-    else:
-        sites = list(learner_class.corruption_sites_for(shape))
+    sites = planned_sites(learner_class, {name: tuple(tensor.shape) for name, tensor in checkpoint.tensors.items()})
     if all_sites and hasattr(learner_class, "optional_corruption_sites_for"):
         sites += learner_class.optional_corruption_sites_for(shape)
     return tuple(sites)

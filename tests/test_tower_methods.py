@@ -311,3 +311,19 @@ def test_vpt_with_coop_context_learns_a_text_stack_of_one_layer(tmp_path):
     arguments = ["prompt", "export-dassl", str(tmp_path / "p.safetensors"), "--out", str(out), "--pretrained", "none"]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 2 and "has no place for text_prompts" in result.output and not out.exists()
+
+
+def test_nemesis_pun_in_training_takes_every_towers_norms():
+    """The Nemesis term of a training step: PUN is the learner's mean over both towers' prompts (MaPLe: its
+    projected image prompts too), not ctx's alone, times the weight A."""
+    from types import SimpleNamespace
+
+    from nemesis.penalties import NemesisConfig
+    from nemesis.penalties.losses import NemesisTerm
+
+    learner = _learner("maple", cached_backbone("tiny"), n_ctx=2)
+    step = SimpleNamespace(learner=learner, epoch=0, epochs=1, count_correct=None, random=lambda purpose: None)
+    part = NemesisTerm(NemesisConfig(beta=1.0, weight=3.0, schedule="constant")).loss(step)
+    expected = 3.0 * learner.mean_prompt_norm().detach()
+    torch.testing.assert_close(part.value.detach(), expected)
+    assert abs(float(expected) - 3.0 * float(learner.norms().detach().mean())) > 1e-3  # not ctx's own mean
