@@ -33,6 +33,7 @@ from ..errors import NemesisError
 from ..model.clip_models import Backbone
 from ..model.text_encoder import DEFAULT_TOKEN_BUDGET
 from ..model.vision_prompts import check_vision_prompts, insert_prompts, pool_prompted, run_blocks, token_width
+from ..penalties.hand_crafted import prompt_features
 from ..tensors import CorruptionSite, position_norms
 from .coop.learner import PromptLearner
 from .tower_prompts import (
@@ -187,12 +188,9 @@ class TowerPromptLearner(nn.Module):
             raise NemesisError(f"{self.method} {tower} prompts contain NaN or Inf values")
         return stack
 
-    @torch.no_grad()
     def _hand_crafted_features(self) -> torch.Tensor:
-        """Text features [n_cls, D] of "a photo of a {}." (VPT's fixed text side)."""
-        model = self.clip.model
-        tokens = self.clip.tokenizer([DEFAULT_TEMPLATE.format(name) for name in self.classnames])
-        return model.encode_text(tokens.to(model.logit_scale.device)).float()
+        """Normalised text features [n_cls, D] of "a photo of a {}." (VPT's fixed text side)."""
+        return prompt_features(self.clip, [DEFAULT_TEMPLATE.format(name) for name in self.classnames])
 
     # --- the prompts ----------------------------------------------------------------------------
 

@@ -19,9 +19,13 @@ TEXT_CHUNK = 256  # prompts per text pass: ImageNet's 1000 classes in a few pass
 def hand_crafted_features(learner, dataset: str, templates: dict[str, str]) -> torch.Tensor:
     """Normalised text features [n_cls, D] of the dataset's template in `templates` for each of the
     learner's class names."""
-    clip = learner.clip
     template = template_for(dataset, templates)
-    texts = [template.format(name) for name in learner.classnames]
+    return prompt_features(learner.clip, [template.format(name) for name in learner.classnames])
+
+
+def prompt_features(clip, texts: list[str]) -> torch.Tensor:
+    """Normalised text features [len(texts), D] of plain prompts by the frozen CLIP's `encode_text`, without
+    gradients, `TEXT_CHUNK` prompts a pass (VPT's fixed text side too)."""
     device = clip.model.logit_scale.device
     with torch.no_grad():
         chunks = [
