@@ -35,7 +35,7 @@ from ..model.text_encoder import DEFAULT_TOKEN_BUDGET
 from ..model.vision_prompts import check_vision_prompts, insert_prompts, pool_prompted, run_blocks, token_width
 from ..penalties.hand_crafted import prompt_features
 from ..tensors import CorruptionSite, position_norms
-from .coop.learner import PromptLearner
+from .coop.learner import PromptLearner, phrase_prompts
 from .tower_prompts import (
     EVERY_TOWER,
     PROJECTION_BIAS,
@@ -144,31 +144,13 @@ class TowerPromptLearner(nn.Module):
     def _text_side(self) -> PromptLearner:
         """CoOp's layout and text pass for the layer-0 text prompt (its own ctx unused and frozen)."""
         n, init = self.options.n_ctx, self.options.ctx_init
-        if init is not None and len(self.clip.tokenizer.encode(init.replace("_", " "))) < n:
-            init = None  # as MaPLe and IVLP: a phrase shorter than n leaves ctx random and "X X ..." in the text
-        if init is not None:
-            text = self._phrase_layout(init, n)
-        else:
-            text = PromptLearner(
-                self.clip, self.classnames, n_ctx=n, chunk_size=self.chunk_size, token_budget=self.token_budget
-            )
+        options = {"chunk_size": self.chunk_size, "token_budget": self.token_budget}
+        if init is not None and len(self.clip.tokenizer.encode(init.replace("_", " "))) >= n:
+            return phrase_prompts(self.clip, self.classnames, init, n, **options)  # its first n tokens learned
+        # As MaPLe and IVLP: a phrase shorter than n leaves ctx random and "X X ..." in the text.
+        text = PromptLearner(self.clip, self.classnames, n_ctx=n, **options)
         text.ctx.requires_grad_(False)
         return text
-
-    def _phrase_layout(self, init: str, n: int) -> PromptLearner:
-        """The prompt "<init phrase> <class>." with its first n tokens learned (CoOp keeps the rest frozen)."""
-        first = self.clip.tokenizer.encode(init.replace("_", " "))[:n]
-        weight = self.clip.model.token_embedding.weight
-        with torch.no_grad():
-            words = weight[torch.tensor(first, device=weight.device)].detach().float()  # [n, Wt]
-        return PromptLearner(
-            self.clip,
-            self.classnames,
-            ctx=words,
-            ctx_init=init,
-            chunk_size=self.chunk_size,
-            token_budget=self.token_budget,
-        )
 
     def _projections(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """MaPLe's Linear_l(Wt -> Wv) per vision layer, stacked: weight [dv, Wv, Wt], bias [dv, Wv]; nn.Linear's

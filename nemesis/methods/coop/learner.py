@@ -321,6 +321,19 @@ class PromptLearner(nn.Module):
         return [WHOLE_CTX]
 
 
+def phrase_prompts(clip: Backbone, classnames: list[str], phrase: str, n: int, **options) -> PromptLearner:
+    """The prompts "<phrase> <class>." with ctx the embeddings of the phrase's first n tokens, frozen (the rest
+    of the phrase stays text after them, as CoOp builds it): the text side of learners whose own prompts lie
+    elsewhere (deep prompts, prefix keys and values); `options` are `PromptLearner`'s."""
+    first = clip.tokenizer.encode(phrase.replace("_", " "))[:n]
+    weight = clip.model.token_embedding.weight
+    with torch.no_grad():
+        words = weight[torch.tensor(first, device=weight.device)].detach().float()  # [n, W]
+    prompts = PromptLearner(clip, classnames, ctx=words, ctx_init=phrase, **options)
+    prompts.ctx.requires_grad_(False)
+    return prompts
+
+
 class PromptedCLIP(nn.Module):
     """Classifies image features with the learner's prompts: logit_scale * cos(image, text)."""
 

@@ -21,7 +21,7 @@ from ...errors import NemesisError
 from ...model.clip_models import Backbone
 from ...model.text_encoder import DEFAULT_TOKEN_BUDGET
 from ...tensors import CorruptionSite, position_norms
-from ..coop.learner import PromptedCLIP, PromptLearner
+from ..coop.learner import PromptedCLIP, PromptLearner, phrase_prompts
 from . import PREFIX_PROMPT, PrefixConfig
 
 DIRECT_INIT_STD = 0.02  # a prefix learned directly starts from N(0, 0.02^2), as CoOp's context does
@@ -68,15 +68,10 @@ class PrefixLearner(nn.Module):
 
     def _text_side(self, classnames: list[str], chunk_size: int | None, token_budget: int) -> PromptLearner:
         """CoOp's layout of "a photo of a <class>.", the four words a fixed context (shared by every class)."""
-        tokens = self.clip.tokenizer.encode(PREFIX_PROMPT)
-        weight = self.clip.model.token_embedding.weight
-        with torch.no_grad():
-            words = weight[torch.tensor(tokens, device=weight.device)].detach().float()
-        text = PromptLearner(
-            self.clip, classnames, ctx=words, ctx_init=PREFIX_PROMPT, chunk_size=chunk_size, token_budget=token_budget
+        words = len(self.clip.tokenizer.encode(PREFIX_PROMPT))
+        return phrase_prompts(
+            self.clip, classnames, PREFIX_PROMPT, words, chunk_size=chunk_size, token_budget=token_budget
         )
-        text.ctx.requires_grad_(False)
-        return text
 
     def _mlp(self, generator: torch.Generator) -> nn.Sequential:
         """Linear(W, hidden) - Tanh - Linear(hidden, layers x 2 x W), nn.Linear's init drawn from `generator`."""
