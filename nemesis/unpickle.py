@@ -71,10 +71,13 @@ class _Storage:
     """A tensor storage of the archive: a flat tensor of its dtype, never reachable as a callable; when the
     caller reads only some tensors (`load_torch_file(tensors=...)`), `flat` is None until one needs it."""
 
-    def __init__(self, flat: torch.Tensor | None, dtype: torch.dtype | None = None, numel: int = 0) -> None:
+    def __init__(
+        self, flat: torch.Tensor | None, dtype: torch.dtype | None = None, numel: int = 0, member: Any = None
+    ) -> None:
         self.flat = flat
         self.dtype = flat.dtype if flat is not None else dtype
         self.numel = flat.numel() if flat is not None else numel
+        self.member = member  # the archive member `flat` is read from when it is needed
 
 
 class UnreadTensor:
@@ -498,8 +501,6 @@ def _load_torch_zip(
     loaded: dict[str, _Storage] = {}
     budget = [archive_size]  # all storages together hold at most the file's own bytes
 
-    members_of: dict[int, zipfile.ZipInfo] = {}
-
     def storage(dtype: torch.dtype, key: str, numel: int) -> _Storage:
         if key in loaded:
             if loaded[key].dtype != dtype or loaded[key].numel != numel:
@@ -515,8 +516,7 @@ def _load_torch_zip(
         if wanted is None:  # checked above: uncompressed, inside the file, of the declared size
             loaded[key] = _Storage(_read_storage(archive, info, dtype))
         else:
-            loaded[key] = _Storage(None, dtype, numel)
-            members_of[id(loaded[key])] = info
+            loaded[key] = _Storage(None, dtype, numel, member=info)
         return loaded[key]
 
     options = {"storages": storage, "inert_prefixes": inert_prefixes, "extra_globals": extra_globals}
@@ -527,7 +527,7 @@ def _load_torch_zip(
     def read(pending: _PendingTensor) -> torch.Tensor:
         held = pending.storage
         if held.flat is None:
-            held.flat = _read_storage(archive, members_of[id(held)], held.dtype)
+            held.flat = _read_storage(archive, held.member, held.dtype)
         return torch.as_strided(held.flat, pending.size, pending.stride, pending.offset)
 
     return _resolve_pending(value, wanted, read, False, {})
